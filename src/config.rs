@@ -1,0 +1,835 @@
+//! The INI configuration: raw text (rust-ini) to a typed, validated [`Config`].
+//!
+//! Every key with its default stands in one table per section below
+//! (`RELAY_KEYS`, `LISTENER_KEYS`, `PEER_KEYS`); `conf/mm4relay.ini`
+//! documents them for operators. Unknown sections and keys are errors, since
+//! a typo must not silently leave a default in force. Every error names the
+//! file, the section, the key and the bad value.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::LevelFilter;
+
+use crate::access::{AccessControl, Cidr};
+use crate::route::{Address, AddressKind, Router};
+
+/// `[relay]` keys and their defaults (`""`: no default, key optional).
+pub const RELAY_KEYS: &[(&str, &str)] = &[
+    ("hostname", ""),
+    ("spool_dir", "/var/spool/mm4relay"),
+    ("max_connections", "64"),
+    ("log_file", ""),
+    ("log_level", "info"),
+    ("retry_min", "60s"),
+    ("retry_max", "1h"),
+    ("shutdown_timeout", "30s"),
+];
+
+/// `[listener]` keys and their defaults.
+pub const LISTENER_KEYS: &[(&str, &str)] = &[
+    ("listen", "127.0.0.1:2525"),
+    ("max_sessions", "200"),
+    ("max_message_size", "2097152"),
+    ("max_recipients", "100"),
+    ("relay_from", "127.0.0.1/32"),
+    ("mm4_check", "strict"),
+    ("command_timeout", "300s"),
+    ("data_timeout", "600s"),
+];
+
+/// `[peer.NAME]` keys and their defaults.
+pub const PEER_KEYS: &[(&str, &str)] = &[
+    ("hosts", ""),
+    ("domains", ""),
+    ("prefixes", ""),
+    ("min_connections", "1"),
+    ("max_connections", "4"),
+    ("pool_size", "1000"),
+    ("local", "no"),
+    ("accept_from", ""),
+    ("connect_timeout", "30s"),
+    ("helo_timeout", "300s"),
+    ("mail_timeout", "300s"),
+    ("rcpt_timeout", "300s"),
+    ("data_timeout", "180s"),
+    ("data_done_timeout", "600s"),
+    ("keepalive", "60s"),
+];
+
+/// How strictly the MM4 content is checked at the end of DATA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mm4Check {
+    /// Everything in MM4.md and the corpus README.
+    Strict,
+    /// A known PDU type and sound MIME structure only.
+    Lenient,
+    /// No MM4 check; SMTP rules still apply.
+    Off,
+}
+
+/// `[relay]`.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Our name in greetings, EHLO and Received headers.
+    pub hostname: String,
+    /// Where the spool lives.
+    pub spool_dir: PathBuf,
+    /// The global budget of outbound connections.
+    pub max_connections: usize,
+    /// Log file; `None` logs to stderr.
+    pub log_file: Option<PathBuf>,
+    /// Log level.
+    pub log_level: LevelFilter,
+    /// First retry delay of a deferred recipient.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How long a stop waits for workers to finish the message in flight.
+    pub shutdown_timeout: Duration,
+}
+
+/// `[listener]`.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Addresses to accept SMTP on.
+    pub listen: Vec<SocketAddr>,
+    /// Most inbound sessions at once (over it: 421).
+    pub max_sessions: usize,
+    /// Largest message in octets, advertised with SIZE.
+    pub max_message_size: usize,
+    /// Most recipients per transaction.
+    pub max_recipients: usize,
+    /// The local MMSC's hosts: they may send to any routable recipient.
+    pub relay_from: Vec<Cidr>,
+    /// MM4 check at the end of DATA.
+    pub mm4_check: Mm4Check,
+    /// Longest wait for a command line.
+    pub command_timeout: Duration,
+    /// Longest time for the whole DATA phase.
+    pub data_timeout: Duration,
+}
+
+/// `[peer.NAME]`: one destination MMSC.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// The NAME of the section.
+    pub name: String,
+    /// `host:port` to connect to, tried in order.
+    pub hosts: Vec<String>,
+    /// Domains that route here (exact, or `*.suffix`).
+    pub domains: Vec<String>,
+    /// Number prefixes that route here (`+` and digits).
+    pub prefixes: Vec<String>,
+    /// Connections opened at start and kept.
+    pub min_connections: usize,
+    /// Most connections (worker threads) to this peer.
+    pub max_connections: usize,
+    /// Capacity of the message pool.
+    pub pool_size: usize,
+    /// This peer is our own MMSC.
+    pub local: bool,
+    /// This partner's hosts: they may send to local peers only.
+    pub accept_from: Vec<Cidr>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Wait for the greeting and the EHLO/HELO reply.
+    pub helo_timeout: Duration,
+    /// Wait for the MAIL reply.
+    pub mail_timeout: Duration,
+    /// Wait for each RCPT reply.
+    pub rcpt_timeout: Duration,
+    /// Wait for the DATA reply, and for each write of the message.
+    pub data_timeout: Duration,
+    /// Wait for the reply to the final dot.
+    pub data_done_timeout: Duration,
+    /// NOOP interval on an idle connection.
+    pub keepalive: Duration,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from (for messages and reload).
+    pub path: PathBuf,
+    /// `[relay]`.
+    pub relay: RelayConfig,
+    /// `[listener]`.
+    pub listener: ListenerConfig,
+    /// Every `[peer.NAME]`, in file order; a peer's id is its index here.
+    pub peers: Vec<PeerConfig>,
+    /// `[routes] default`, as a peer index.
+    pub default_peer: Option<usize>,
+    /// `[ported]`: number and peer index.
+    pub ported: Vec<(String, usize)>,
+}
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The section, without brackets (empty for file-level problems).
+    pub section: String,
+    /// The key (empty for section-level problems).
+    pub key: String,
+    /// The offending value.
+    pub value: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if !self.section.is_empty() {
+            write!(f, ": [{}]", self.section)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, " {} = {:?}", self.key, self.value)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads one section, applying defaults and remembering the location for
+/// error messages.
+struct Section<'a> {
+    file: &'a str,
+    name: String,
+    values: HashMap<String, String>,
+    keys: &'static [(&'static str, &'static str)],
+}
+
+impl Section<'_> {
+    fn err(&self, key: &str, value: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            section: self.name.clone(),
+            key: key.to_string(),
+            value: value.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn raw(&self, key: &str) -> &str {
+        let default = self.keys.iter().find(|(k, _)| *k == key).map(|(_, d)| *d);
+        debug_assert!(default.is_some(), "key {key} missing from the key table");
+        self.values
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or(default.unwrap_or(""))
+    }
+
+    fn parse<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let v = self.raw(key);
+        f(v).map_err(|p| self.err(key, v, p))
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        Some(self.raw(key).trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    fn count(&self, key: &str, min: usize) -> Result<usize, ConfigError> {
+        self.parse(key, |v| {
+            let n: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| "expected a whole number".to_string())?;
+            if n < min {
+                return Err(format!("must be at least {min}"));
+            }
+            Ok(n)
+        })
+    }
+
+    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
+        self.parse(key, parse_duration)
+    }
+
+    fn boolean(&self, key: &str) -> Result<bool, ConfigError> {
+        self.parse(key, |v| match v.trim().to_ascii_lowercase().as_str() {
+            "yes" | "true" | "on" | "1" => Ok(true),
+            "no" | "false" | "off" | "0" => Ok(false),
+            _ => Err("expected yes or no".into()),
+        })
+    }
+
+    fn list(&self, key: &str) -> Vec<String> {
+        split_list(self.raw(key))
+    }
+
+    fn cidrs(&self, key: &str) -> Result<Vec<Cidr>, ConfigError> {
+        self.parse(key, |v| {
+            split_list(v).iter().map(|c| Cidr::parse(c)).collect()
+        })
+    }
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split([',', ' ', '\t'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `7d`, or a plain number of seconds.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a duration such as 500ms, 30s, 5m, 1h or 7d".to_string())?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return Err(format!("unknown unit {unit:?}; use ms, s, m, h or d")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_level(v: &str) -> Result<LevelFilter, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| "expected off, error, warn, info, debug or trace".to_string())
+}
+
+fn resolve(v: &str) -> Result<SocketAddr, String> {
+    v.to_socket_addrs()
+        .map_err(|e| format!("{v:?} is not host:port ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{v:?} resolves to no address"))
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            section: String::new(),
+            key: String::new(),
+            value: String::new(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates INI text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let file_err = |section: &str, problem: String| ConfigError {
+            file: file.clone(),
+            section: section.to_string(),
+            key: String::new(),
+            value: String::new(),
+            problem,
+        };
+        let opts = ini::ParseOption {
+            enabled_escape: false,
+            ..Default::default()
+        };
+        let ini = ini::Ini::load_from_str_opt(text, opts)
+            .map_err(|e| file_err("", format!("line {}: {}", e.line, e.msg)))?;
+
+        let mut sections: Vec<(String, HashMap<String, String>)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (name, props) in &ini {
+            let name = name.unwrap_or("").to_string();
+            if name.is_empty() {
+                if let Some((k, v)) = props.iter().next() {
+                    return Err(ConfigError {
+                        file: file.clone(),
+                        section: String::new(),
+                        key: k.to_string(),
+                        value: v.to_string(),
+                        problem: "key outside any [section]".into(),
+                    });
+                }
+                continue;
+            }
+            if !seen.insert(name.clone()) {
+                return Err(file_err(&name, "section appears twice".into()));
+            }
+            let mut values = HashMap::new();
+            for (k, v) in props.iter() {
+                if values.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(ConfigError {
+                        file: file.clone(),
+                        section: name.clone(),
+                        key: k.to_string(),
+                        value: v.to_string(),
+                        problem: "key given twice".into(),
+                    });
+                }
+            }
+            sections.push((name, values));
+        }
+
+        let section = |name: &str,
+                       keys: &'static [(&'static str, &'static str)]|
+         -> Result<Section<'_>, ConfigError> {
+            let values = sections
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let s = Section {
+                file: &file,
+                name: name.to_string(),
+                values,
+                keys,
+            };
+            if let Some((k, v)) = s
+                .values
+                .iter()
+                .find(|(k, _)| !keys.iter().any(|(known, _)| known == k))
+            {
+                return Err(s.err(k, v, "unknown key"));
+            }
+            Ok(s)
+        };
+
+        for (name, _) in &sections {
+            let known = matches!(name.as_str(), "relay" | "listener" | "routes" | "ported")
+                || name.starts_with("peer.");
+            if !known {
+                return Err(file_err(
+                    name,
+                    "unknown section; expected relay, listener, peer.NAME, routes or ported".into(),
+                ));
+            }
+        }
+
+        let s = section("relay", RELAY_KEYS)?;
+        let relay = RelayConfig {
+            hostname: s.string("hostname").unwrap_or_else(system_hostname),
+            spool_dir: PathBuf::from(s.raw("spool_dir").trim()),
+            max_connections: s.count("max_connections", 1)?,
+            log_file: s.string("log_file").map(PathBuf::from),
+            log_level: s.parse("log_level", parse_level)?,
+            retry_min: s.duration("retry_min")?,
+            retry_max: s.duration("retry_max")?,
+            shutdown_timeout: s.duration("shutdown_timeout")?,
+        };
+        if relay.retry_max < relay.retry_min {
+            return Err(s.err(
+                "retry_max",
+                s.raw("retry_max"),
+                "must not be shorter than retry_min",
+            ));
+        }
+
+        let s = section("listener", LISTENER_KEYS)?;
+        let listener = ListenerConfig {
+            listen: s.parse("listen", |v| {
+                let list = split_list(v);
+                if list.is_empty() {
+                    return Err("needs at least one host:port".into());
+                }
+                list.iter().map(|a| resolve(a)).collect()
+            })?,
+            max_sessions: s.count("max_sessions", 1)?,
+            max_message_size: s.count("max_message_size", 1024)?,
+            max_recipients: s.count("max_recipients", 1)?,
+            relay_from: s.cidrs("relay_from")?,
+            mm4_check: s.parse("mm4_check", |v| match v.trim() {
+                "strict" => Ok(Mm4Check::Strict),
+                "lenient" => Ok(Mm4Check::Lenient),
+                "off" => Ok(Mm4Check::Off),
+                _ => Err("expected strict, lenient or off".into()),
+            })?,
+            command_timeout: s.duration("command_timeout")?,
+            data_timeout: s.duration("data_timeout")?,
+        };
+
+        let mut peers = Vec::new();
+        for (name, _) in sections.iter().filter(|(n, _)| n.starts_with("peer.")) {
+            let s = section(name, PEER_KEYS)?;
+            let peer_name = name["peer.".len()..].to_string();
+            if peer_name.is_empty()
+                || !peer_name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(file_err(
+                    name,
+                    "peer name must be letters, digits, - or _".into(),
+                ));
+            }
+            let hosts = s.list("hosts");
+            if hosts.is_empty() {
+                return Err(s.err("hosts", "", "a peer needs at least one host:port"));
+            }
+            for h in &hosts {
+                if h.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return Err(s.err("hosts", s.raw("hosts"), format!("{h:?} is not host:port")));
+                }
+            }
+            let prefixes = s.list("prefixes");
+            for p in &prefixes {
+                let ok =
+                    p.len() > 1 && p.starts_with('+') && p[1..].bytes().all(|b| b.is_ascii_digit());
+                if !ok {
+                    return Err(s.err(
+                        "prefixes",
+                        s.raw("prefixes"),
+                        format!("{p:?} is not + and digits"),
+                    ));
+                }
+            }
+            let domains = s.list("domains");
+            for d in &domains {
+                let bare = d.strip_prefix("*.").unwrap_or(d);
+                if Address::parse_envelope(&format!("x@{bare}")).is_err() {
+                    return Err(s.err(
+                        "domains",
+                        s.raw("domains"),
+                        format!("{d:?} is not a domain or *.suffix"),
+                    ));
+                }
+            }
+            let peer = PeerConfig {
+                name: peer_name,
+                hosts,
+                domains,
+                prefixes,
+                min_connections: s.count("min_connections", 0)?,
+                max_connections: s.count("max_connections", 1)?,
+                pool_size: s.count("pool_size", 1)?,
+                local: s.boolean("local")?,
+                accept_from: s.cidrs("accept_from")?,
+                connect_timeout: s.duration("connect_timeout")?,
+                helo_timeout: s.duration("helo_timeout")?,
+                mail_timeout: s.duration("mail_timeout")?,
+                rcpt_timeout: s.duration("rcpt_timeout")?,
+                data_timeout: s.duration("data_timeout")?,
+                data_done_timeout: s.duration("data_done_timeout")?,
+                keepalive: s.duration("keepalive")?,
+            };
+            if peer.min_connections > peer.max_connections {
+                return Err(s.err(
+                    "min_connections",
+                    s.raw("min_connections"),
+                    "must not exceed max_connections",
+                ));
+            }
+            peers.push(peer);
+        }
+        if peers.is_empty() {
+            return Err(file_err(
+                "",
+                "no [peer.NAME] section: nothing to deliver to".into(),
+            ));
+        }
+        let min_sum: usize = peers.iter().map(|p| p.min_connections).sum();
+        if min_sum > relay.max_connections {
+            let s = section("relay", RELAY_KEYS)?;
+            return Err(s.err(
+                "max_connections",
+                s.raw("max_connections"),
+                format!("the peers' min_connections add up to {min_sum}, over this budget"),
+            ));
+        }
+        let peer_index = |n: &str| peers.iter().position(|p| p.name == n);
+
+        // Two peers claiming the same domain or prefix is a routing conflict.
+        let mut claimed: HashMap<String, &str> = HashMap::new();
+        for p in &peers {
+            for key in p
+                .domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .chain(p.prefixes.iter().cloned())
+            {
+                if let Some(other) = claimed.insert(key.clone(), &p.name) {
+                    let s = section(&format!("peer.{}", p.name), PEER_KEYS)?;
+                    let k = if key.starts_with('+') {
+                        "prefixes"
+                    } else {
+                        "domains"
+                    };
+                    return Err(s.err(
+                        k,
+                        s.raw(k),
+                        format!("{key} is already routed to peer {other}"),
+                    ));
+                }
+            }
+        }
+
+        let routes = sections
+            .iter()
+            .find(|(n, _)| n == "routes")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let loc = |section: &str, key: &str, value: &str, problem: String| ConfigError {
+            file: file.clone(),
+            section: section.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            problem,
+        };
+        let mut default_peer = None;
+        for (k, v) in &routes {
+            if k != "default" {
+                return Err(loc("routes", k, v, "unknown key; only default".into()));
+            }
+            default_peer = Some(
+                peer_index(v.trim())
+                    .ok_or_else(|| loc("routes", k, v, format!("no peer named {v:?}")))?,
+            );
+        }
+        let mut ported = Vec::new();
+        let ported_section = sections
+            .iter()
+            .find(|(n, _)| n == "ported")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let mut ported_keys: Vec<_> = ported_section.into_iter().collect();
+        ported_keys.sort();
+        for (k, v) in ported_keys {
+            let number = match Address::parse(&format!("{k}/TYPE=PLMN")).map(|a| a.kind) {
+                Ok(AddressKind::Plmn(n)) => n,
+                _ => {
+                    return Err(loc(
+                        "ported",
+                        &k,
+                        &v,
+                        "key must be a number, + and digits".into(),
+                    ));
+                }
+            };
+            let peer = peer_index(v.trim())
+                .ok_or_else(|| loc("ported", &k, &v, format!("no peer named {v:?}")))?;
+            ported.push((number, peer));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            relay,
+            listener,
+            peers,
+            default_peer,
+            ported,
+        })
+    }
+
+    /// The routing table this configuration describes.
+    pub fn router(&self) -> Router {
+        let mut r = Router::new();
+        for (id, p) in self.peers.iter().enumerate() {
+            p.domains.iter().for_each(|d| r.add_domain(d, id));
+            p.prefixes.iter().for_each(|x| r.add_prefix(x, id));
+        }
+        for (number, peer) in &self.ported {
+            r.add_ported(number, *peer);
+        }
+        if let Some(d) = self.default_peer {
+            r.set_default(d);
+        }
+        r
+    }
+
+    /// The relay-control table this configuration describes.
+    pub fn access_control(&self) -> AccessControl {
+        let accept: Vec<_> = self.peers.iter().map(|p| p.accept_from.clone()).collect();
+        AccessControl::new(
+            self.listener.relay_from.clone(),
+            &accept,
+            self.peers.iter().map(|p| p.local).collect(),
+        )
+    }
+
+    /// A human-readable summary of peers and routes, for `mm4relay check`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "relay {}: listen {}, budget {} connections, mm4_check {:?}\n",
+            self.relay.hostname,
+            self.listener
+                .listen
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            self.relay.max_connections,
+            self.listener.mm4_check
+        ));
+        out.push_str(&format!(
+            "{:<12} {:<6} {:>4} {:>4} {:>6}  hosts / domains / prefixes / accept_from\n",
+            "peer", "local", "min", "max", "pool"
+        ));
+        for p in &self.peers {
+            out.push_str(&format!(
+                "{:<12} {:<6} {:>4} {:>4} {:>6}  {} / {} / {} / {}\n",
+                p.name,
+                if p.local { "yes" } else { "no" },
+                p.min_connections,
+                p.max_connections,
+                p.pool_size,
+                p.hosts.join(","),
+                p.domains.join(","),
+                p.prefixes.join(","),
+                p.accept_from
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ));
+        }
+        for (n, peer) in &self.ported {
+            out.push_str(&format!("ported {n} -> {}\n", self.peers[*peer].name));
+        }
+        out.push_str(&format!(
+            "default -> {}\n",
+            self.default_peer
+                .map_or("(none: unroutable recipients get 550 5.1.2)", |d| &self
+                    .peers[d]
+                    .name)
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+[relay]
+hostname = relay.test
+max_connections = 10
+
+[listener]
+listen = 127.0.0.1:0
+relay_from = 127.0.0.1/32, 10.0.0.0/8
+
+[peer.A]
+hosts = 127.0.0.1:2600
+domains = mms.mnc010.mcc001.gprs
+prefixes = +447700900
+local = yes
+
+[peer.B]
+hosts = 127.0.0.1:2601, 127.0.0.2:2601
+domains = mms.mnc020.mcc001.gprs, *.example.org
+prefixes = +1202555
+accept_from = 127.0.0.2
+max_connections = 8
+
+[routes]
+default = B
+
+[ported]
++12025550177 = A
+";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.ini"))
+    }
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[1].hosts.len(), 2);
+        assert_eq!(c.peers[1].max_connections, 8);
+        assert_eq!(c.peers[0].pool_size, 1000);
+        assert_eq!(c.listener.max_message_size, 2_097_152);
+        assert_eq!(c.default_peer, Some(1));
+        assert_eq!(c.ported, vec![("+12025550177".to_string(), 0)]);
+        let r = c.router();
+        let a = Address::parse_envelope("+12025550177/TYPE=PLMN@x.gprs").unwrap();
+        assert_eq!(r.route(&a), Some(0));
+        assert!(c.describe().contains("ported +12025550177 -> A"));
+    }
+
+    #[test]
+    fn errors_name_file_section_key_value() {
+        let cases = [
+            (
+                GOOD.replace("max_connections = 8", "max_connections = eight"),
+                "[peer.B] max_connections = \"eight\"",
+            ),
+            (
+                GOOD.replace("local = yes", "local = maybe"),
+                "[peer.A] local = \"maybe\"",
+            ),
+            (
+                GOOD.replace("default = B", "default = Z"),
+                "[routes] default = \"Z\"",
+            ),
+            (
+                GOOD.replace("+12025550177 = A", "+1202OO = A"),
+                "[ported] +1202OO = \"A\"",
+            ),
+            (
+                GOOD.replace("relay_from = 127.0.0.1/32", "relay_from = 127.0.0.1/99"),
+                "[listener] relay_from",
+            ),
+            (
+                GOOD.replace("hostname", "hostnme"),
+                "[relay] hostnme = \"relay.test\": unknown key",
+            ),
+            (
+                GOOD.replace("prefixes = +1202555", "prefixes = +447700900"),
+                "+447700900 is already routed",
+            ),
+            (
+                GOOD.replace("hosts = 127.0.0.1:2600", "hosts = nowhere"),
+                "[peer.A] hosts",
+            ),
+            (
+                GOOD.replace("[routes]", "[rotes]"),
+                "[rotes]: unknown section",
+            ),
+            (
+                GOOD.replace("max_connections = 10", "max_connections = 1"),
+                "[relay] max_connections = \"1\"",
+            ),
+            (
+                GOOD.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:http-nope"),
+                "[listener] listen",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("test.ini: "), "{err}");
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! mm4relay: the MM4 interface of an MMS centre.
+//!
+//! Messages arrive over SMTP (`listener`), are checked as MM4 PDUs (`mm4`),
+//! routed per recipient (`route`, `access`), split into one job per
+//! destination peer and put into that peer's message pool (`queue`). Each
+//! peer's own workers deliver them over long-lived SMTP connections
+//! (`peer`). `relay` builds and owns all of it; `smtp` is the protocol with
+//! no I/O.
+
+pub mod access;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod message;
+pub mod mm4;
+pub mod peer;
+pub mod queue;
+pub mod relay;
+pub mod route;
+pub mod sim;
+pub mod smtp;

@@ -1,0 +1,400 @@
+//! Inbound SMTP: accept loops, one thread per session (at most
+//! `max_sessions`), timeouts, and the relay's answers to RCPT and to the
+//! end of DATA.
+//!
+//! - RCPT: parse the address (553 5.1.3), route it (550 5.1.2), apply
+//!   relay control (550 5.7.1).
+//! - End of DATA: the MM4 check (554), then the message gets its queue ID
+//!   and `Received:` line and is split into one job per destination peer.
+//!
+//! Stop: the accept loops end; idle sessions get 421 and are closed; a
+//! session receiving DATA finishes that message, then gets 421.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+
+use crate::access::{AccessControl, ClientClass};
+use crate::config::{Config, Mm4Check};
+use crate::message::{IdSource, Job, Message, received_header};
+use crate::mm4;
+use crate::queue::Queue;
+use crate::route::{Address, PeerId, Router};
+use crate::smtp::Reply;
+use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
+
+/// What every session shares: the tables it decides with and the queue.
+pub struct Inbound {
+    session: SessionConfig,
+    router: Router,
+    access: AccessControl,
+    peer_names: Vec<String>,
+    mm4_check: Mm4Check,
+    command_timeout: Duration,
+    data_timeout: Duration,
+    ids: IdSource,
+    queue: Arc<Queue>,
+}
+
+impl Inbound {
+    /// Builds the shared part from the configuration.
+    pub fn new(config: &Config, queue: Arc<Queue>) -> Inbound {
+        let l = &config.listener;
+        Inbound {
+            session: SessionConfig {
+                hostname: config.relay.hostname.clone(),
+                max_message_size: l.max_message_size,
+                max_recipients: l.max_recipients,
+            },
+            router: config.router(),
+            access: config.access_control(),
+            peer_names: config.peers.iter().map(|p| p.name.clone()).collect(),
+            mm4_check: l.mm4_check,
+            command_timeout: l.command_timeout,
+            data_timeout: l.data_timeout,
+            ids: IdSource::new(),
+            queue,
+        }
+    }
+}
+
+/// The handler one session asks: relay control, MM4 check, queueing.
+struct RelayHandler {
+    inbound: Arc<Inbound>,
+    client_ip: IpAddr,
+    class: ClientClass,
+}
+
+impl Handler for RelayHandler {
+    type Route = PeerId;
+
+    fn rcpt(&mut self, _from: &str, rcpt: &str) -> Result<PeerId, Reply> {
+        let addr = Address::parse_envelope(rcpt)
+            .map_err(|e| Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")))?;
+        let peer = self.inbound.router.route(&addr).ok_or_else(|| {
+            Reply::new(550, format!("5.1.2 <{rcpt}>: no route to this recipient"))
+        })?;
+        if !self.inbound.access.may_send(self.class, peer) {
+            info!(
+                "relay denied: client=[{}] class={:?} to=<{rcpt}> peer={}",
+                self.client_ip, self.class, self.inbound.peer_names[peer]
+            );
+            return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
+        }
+        Ok(peer)
+    }
+
+    fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
+        let inbound = &self.inbound;
+        let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
+        let info = match mm4::check(&data, &rcpts, inbound.mm4_check) {
+            Ok(info) => info,
+            Err(e) => {
+                info!(
+                    "rejected: client=[{}] from=<{}> rcpts={} reason=\"{}\"",
+                    self.client_ip,
+                    env.from,
+                    rcpts.len(),
+                    e.reason
+                );
+                return Reply::new(554, e.to_string());
+            }
+        };
+        let id = inbound.ids.next_id();
+        let trace = received_header(
+            &env.helo,
+            &self.client_ip.to_string(),
+            &inbound.session.hostname,
+            &id,
+            SystemTime::now(),
+        );
+        let mut full = Vec::with_capacity(trace.len() + data.len());
+        full.extend_from_slice(trace.as_bytes());
+        full.extend_from_slice(&data);
+        let mut by_peer: Vec<(PeerId, Vec<String>)> = Vec::new();
+        for (rcpt, peer) in env.rcpts {
+            match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, list)) => list.push(rcpt),
+                None => by_peer.push((peer, vec![rcpt])),
+            }
+        }
+        let split: Vec<String> = by_peer
+            .iter()
+            .map(|(p, r)| format!("{}({})", inbound.peer_names[*p], r.len()))
+            .collect();
+        info!(
+            "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}",
+            self.client_ip,
+            env.from,
+            full.len(),
+            info.pdu.map_or("-", |p| p.name()),
+            info.message_id.as_deref().unwrap_or("-"),
+            info.transaction_id.as_deref().unwrap_or("-"),
+            split.join("+"),
+        );
+        let message = Arc::new(Message {
+            id: id.clone(),
+            from: env.from,
+            body_type: env.params.body,
+            data: full,
+            info,
+            accepted: Instant::now(),
+        });
+        for (peer, rcpts) in by_peer {
+            inbound.queue.submit(Job {
+                message: message.clone(),
+                peer,
+                rcpts,
+                attempts: 0,
+            });
+        }
+        Reply::new(250, format!("2.0.0 queued as {id}"))
+    }
+}
+
+/// A live session as the listener sees it, so a stop can reach it.
+struct Slot {
+    stream: TcpStream,
+    in_data: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    /// Set at stop: sessions close after the transaction in progress.
+    stopping: AtomicBool,
+    live: Mutex<HashMap<u64, Slot>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    count: AtomicUsize,
+    next: AtomicU64,
+}
+
+/// The running listener: accept threads and the sessions they started.
+pub struct Listener {
+    addrs: Vec<SocketAddr>,
+    accept_threads: Vec<JoinHandle<()>>,
+    sessions: Arc<Sessions>,
+}
+
+impl Listener {
+    /// Binds every address and starts accepting.
+    pub fn start(
+        listen: &[SocketAddr],
+        max_sessions: usize,
+        inbound: Arc<Inbound>,
+    ) -> io::Result<Listener> {
+        let sessions = Arc::new(Sessions::default());
+        let mut addrs = Vec::new();
+        let mut accept_threads = Vec::new();
+        for addr in listen {
+            let l = TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let local = l.local_addr()?;
+            info!("listening on {local}");
+            addrs.push(local);
+            let (sessions, inbound) = (sessions.clone(), inbound.clone());
+            accept_threads.push(
+                thread::Builder::new()
+                    .name(format!("accept-{local}"))
+                    .spawn(move || accept_loop(&l, &sessions, &inbound, max_sessions))?,
+            );
+        }
+        Ok(Listener {
+            addrs,
+            accept_threads,
+            sessions,
+        })
+    }
+
+    /// The bound addresses (with the real port when 0 was asked for).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Sessions open now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.count.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting, closes idle sessions, waits for busy ones.
+    pub fn stop(self) {
+        self.sessions.stopping.store(true, Ordering::Release);
+        for addr in &self.addrs {
+            // Wake the blocked accept() with a connection to ourselves.
+            let target = match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => {
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+                }
+                IpAddr::V6(ip) if ip.is_unspecified() => {
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+                }
+                _ => *addr,
+            };
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+        }
+        for t in self.accept_threads {
+            let _ = t.join();
+        }
+        for slot in self.sessions.live.lock().values() {
+            if !slot.in_data.load(Ordering::Acquire) {
+                let _ = (&slot.stream).write_all(b"421 4.3.2 shutting down\r\n");
+                let _ = slot.stream.shutdown(Shutdown::Both);
+            }
+        }
+        let handles = std::mem::take(&mut *self.sessions.handles.lock());
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn accept_loop(
+    l: &TcpListener,
+    sessions: &Arc<Sessions>,
+    inbound: &Arc<Inbound>,
+    max_sessions: usize,
+) {
+    for conn in l.incoming() {
+        if sessions.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                // Out of descriptors or similar: do not spin.
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        sessions.handles.lock().retain(|h| !h.is_finished());
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
+        };
+        if sessions.count.load(Ordering::Acquire) >= max_sessions {
+            warn!(
+                "session limit {max_sessions} reached: refusing [{}]",
+                peer.ip()
+            );
+            let _ = stream.write_all(b"421 4.3.2 too many sessions, try again later\r\n");
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let id = sessions.next.fetch_add(1, Ordering::Relaxed);
+        let in_data = Arc::new(AtomicBool::new(false));
+        sessions.count.fetch_add(1, Ordering::AcqRel);
+        sessions.live.lock().insert(
+            id,
+            Slot {
+                stream: clone,
+                in_data: in_data.clone(),
+            },
+        );
+        let (sessions2, inbound2) = (sessions.clone(), inbound.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("session-{id}"))
+            .spawn(move || {
+                if let Err(e) = serve(stream, peer, &inbound2, &in_data, &sessions2.stopping) {
+                    debug!("session [{}] ended: {e}", peer.ip());
+                }
+                sessions2.live.lock().remove(&id);
+                sessions2.count.fetch_sub(1, Ordering::AcqRel);
+            });
+        match spawned {
+            Ok(h) => sessions.handles.lock().push(h),
+            Err(e) => {
+                warn!("cannot start a session thread: {e}");
+                sessions.live.lock().remove(&id);
+                sessions.count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Drives one session over its socket until QUIT, a timeout, EOF or stop.
+fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    inbound: &Arc<Inbound>,
+    in_data: &AtomicBool,
+    stopping: &AtomicBool,
+) -> io::Result<()> {
+    let ip = peer.ip().to_canonical();
+    let class = inbound.access.classify(ip);
+    debug!("session from [{ip}] class={class:?}");
+    let mut handler = RelayHandler {
+        inbound: inbound.clone(),
+        client_ip: ip,
+        class,
+    };
+    let mut session: Session<PeerId> = Session::new(inbound.session.clone());
+    let mut out = Vec::with_capacity(1024);
+    session.greeting().write_to(&mut out);
+    stream.write_all(&out)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut data_deadline: Option<Instant> = None;
+    loop {
+        let timeout = match data_deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    stream.write_all(b"421 4.4.2 DATA took too long, closing\r\n")?;
+                    return Ok(());
+                }
+                left.min(inbound.command_timeout)
+            }
+            None => inbound.command_timeout,
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let why: &[u8] = if data_deadline.is_some() {
+                    b"421 4.4.2 timeout receiving DATA, closing\r\n"
+                } else {
+                    b"421 4.4.2 timeout waiting for a command, closing\r\n"
+                };
+                stream.write_all(why)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        out.clear();
+        let progress = session.feed(&buf, &mut handler, &mut out);
+        buf.drain(..progress.consumed);
+        if !out.is_empty() {
+            stream.write_all(&out)?;
+        }
+        if progress.close {
+            return Ok(());
+        }
+        let receiving = session.in_data();
+        in_data.store(receiving, Ordering::Release);
+        data_deadline = match (receiving, data_deadline) {
+            (true, None) => Some(Instant::now() + inbound.data_timeout),
+            (true, d) => d,
+            (false, _) => None,
+        };
+        if stopping.load(Ordering::Acquire) && !receiving {
+            stream.write_all(b"421 4.3.2 shutting down\r\n")?;
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The `mm4relay` command: parse arguments, load the configuration, set up
+//! logging, and hand over to `relay` (or `demo`). Exit codes: 0 success,
+//! 1 runtime failure, 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use log::LevelFilter;
+use mm4relay::config::Config;
+use mm4relay::demo::{self, DemoOptions};
+use mm4relay::relay;
+use simplelog::{ConfigBuilder, WriteLogger};
+
+const USAGE: &str = "\
+mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
+
+USAGE:
+    mm4relay run -c FILE        run in the foreground until SIGTERM/SIGINT
+    mm4relay check -c FILE      validate FILE, print the peers and the routing table
+    mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
+    mm4relay --version | --help
+
+DEMO OPTIONS:
+    --messages N    messages to send (default 3000)
+    --sessions N    parallel inbound SMTP sessions (default 8)
+    --slow-ms N     delay of the slow peer per message, ms (default 20)
+
+The configuration keys and their defaults are documented in conf/mm4relay.ini.
+";
+
+enum Cmd {
+    Run(PathBuf),
+    Check(PathBuf),
+    Demo(DemoOptions),
+    Help,
+    Version,
+}
+
+fn parse_args(args: &[String]) -> Result<Cmd, String> {
+    let Some(cmd) = args.first() else {
+        return Err("no command given".into());
+    };
+    let rest = &args[1..];
+    let config_path = || -> Result<PathBuf, String> {
+        match rest {
+            [flag, path] if flag == "-c" || flag == "--config" => Ok(PathBuf::from(path)),
+            _ => Err(format!("{cmd} needs -c FILE")),
+        }
+    };
+    match cmd.as_str() {
+        "run" => config_path().map(Cmd::Run),
+        "check" => config_path().map(Cmd::Check),
+        "demo" => {
+            let mut opts = DemoOptions::default();
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| format!("{flag} needs a number, not {value:?}"))?;
+                match flag.as_str() {
+                    "--messages" => opts.messages = n as usize,
+                    "--sessions" => opts.sessions = (n as usize).max(1),
+                    "--slow-ms" => opts.slow_delay = Duration::from_millis(n),
+                    _ => return Err(format!("unknown demo option {flag}")),
+                }
+            }
+            Ok(Cmd::Demo(opts))
+        }
+        "-h" | "--help" | "help" => Ok(Cmd::Help),
+        "-V" | "--version" => Ok(Cmd::Version),
+        other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+fn init_logging(level: LevelFilter, file: Option<&PathBuf>) -> Result<(), String> {
+    let config = ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Off)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    let result = match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            WriteLogger::init(level, config, f)
+        }
+        None => WriteLogger::init(level, config, std::io::stderr()),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mm4relay: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match cmd {
+        Cmd::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Cmd::Version => {
+            println!("mm4relay {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Check(path) => match Config::load(&path) {
+            Ok(c) => {
+                print!("{}", c.describe());
+                println!("{}: OK", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mm4relay: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run(path) => {
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mm4relay: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Err(e) = init_logging(config.relay.log_level, config.relay.log_file.as_ref()) {
+                eprintln!("mm4relay: {e}");
+                return ExitCode::from(2);
+            }
+            match relay::run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    eprintln!("mm4relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Demo(opts) => {
+            if let Err(e) = init_logging(LevelFilter::Warn, None) {
+                eprintln!("mm4relay: {e}");
+            }
+            match demo::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mm4relay demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

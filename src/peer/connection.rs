@@ -1,0 +1,287 @@
+//! One blocking SMTP client connection: connect, greet, EHLO, then any
+//! number of transactions, kept open between them. The protocol decisions
+//! are `smtp::client`'s; this file only moves octets and applies timeouts.
+//!
+//! A connection that saw an I/O error, a timeout, a malformed reply or a
+//! 421 is never reused: the caller drops it and opens another.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::config::PeerConfig;
+use crate::smtp::Reply;
+use crate::smtp::client::{Capabilities, Expect, Refusal, Step, Transaction};
+use crate::smtp::codec::dot_stuff;
+use crate::smtp::command::BodyType;
+use crate::smtp::reply::ReplyError;
+
+/// Timeouts per SMTP phase, after Postfix's `smtp_*_timeout` names.
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// Greeting and EHLO/HELO reply; also RSET, NOOP and QUIT.
+    pub helo: Duration,
+    /// MAIL reply.
+    pub mail: Duration,
+    /// Each RCPT reply.
+    pub rcpt: Duration,
+    /// DATA reply and each write of the message.
+    pub data: Duration,
+    /// Reply to the final dot.
+    pub data_done: Duration,
+}
+
+impl Timeouts {
+    /// The timeouts a peer's configuration names.
+    pub fn of(p: &PeerConfig) -> Timeouts {
+        Timeouts {
+            connect: p.connect_timeout,
+            helo: p.helo_timeout,
+            mail: p.mail_timeout,
+            rcpt: p.rcpt_timeout,
+            data: p.data_timeout,
+            data_done: p.data_done_timeout,
+        }
+    }
+}
+
+/// Why a connection failed; every one of these closes it.
+#[derive(Debug)]
+pub enum ConnError {
+    /// No address of any host would connect.
+    Connect(String),
+    /// The peer greeted with something other than 220, or refused EHLO and HELO.
+    Greeting(Reply),
+    /// A read or write failed or timed out.
+    Io(io::Error),
+    /// The peer closed the connection.
+    Closed,
+    /// The peer sent something that is not a reply.
+    Protocol(ReplyError),
+    /// The peer said 421: it is closing the channel.
+    ServiceClosing(Reply),
+}
+
+impl fmt::Display for ConnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnError::Connect(e) => write!(f, "connect failed: {e}"),
+            ConnError::Greeting(r) => write!(f, "refused at greeting: {r}"),
+            ConnError::Io(e) if is_timeout(e) => write!(f, "timed out: {e}"),
+            ConnError::Io(e) => write!(f, "I/O error: {e}"),
+            ConnError::Closed => f.write_str("connection closed by peer"),
+            ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ConnError::ServiceClosing(r) => write!(f, "peer closing: {r}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+impl From<io::Error> for ConnError {
+    fn from(e: io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// What one delivery attempt over a live connection gave.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The reply that decided each recipient, in order.
+    Replies(Vec<Reply>),
+    /// The message cannot go to this peer at all (too big, needs 8BITMIME).
+    Refused(Refusal),
+}
+
+/// An open SMTP client connection.
+pub struct Connection {
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    caps: Capabilities,
+    timeouts: Timeouts,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+}
+
+impl Connection {
+    /// Connects to the first host that answers, reads the greeting and
+    /// sends EHLO (HELO if EHLO is refused).
+    pub fn open(
+        hosts: &[String],
+        helo_name: &str,
+        timeouts: &Timeouts,
+    ) -> Result<Connection, ConnError> {
+        let mut errors = Vec::new();
+        for host in hosts {
+            let addrs = match host.to_socket_addrs() {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(format!("{host}: {e}"));
+                    continue;
+                }
+            };
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, timeouts.connect) {
+                    Ok(stream) => {
+                        return Connection::greet(stream, addr, helo_name, timeouts.clone());
+                    }
+                    Err(e) => errors.push(format!("{addr}: {e}")),
+                }
+            }
+        }
+        Err(ConnError::Connect(errors.join("; ")))
+    }
+
+    fn greet(
+        stream: TcpStream,
+        peer_addr: SocketAddr,
+        helo_name: &str,
+        timeouts: Timeouts,
+    ) -> Result<Connection, ConnError> {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(timeouts.data))?;
+        let mut c = Connection {
+            stream,
+            peer_addr,
+            caps: Capabilities::default(),
+            timeouts,
+            rbuf: Vec::with_capacity(4096),
+            wbuf: Vec::with_capacity(8192),
+        };
+        let helo_timeout = c.timeouts.helo;
+        let greeting = c.read_reply(helo_timeout)?;
+        if greeting.code != 220 {
+            return Err(ConnError::Greeting(greeting));
+        }
+        c.write(format!("EHLO {helo_name}\r\n").as_bytes())?;
+        let ehlo = c.read_reply(helo_timeout)?;
+        if ehlo.is_positive() {
+            c.caps = Capabilities::from_ehlo(&ehlo);
+            return Ok(c);
+        }
+        c.write(format!("HELO {helo_name}\r\n").as_bytes())?;
+        let helo = c.read_reply(helo_timeout)?;
+        if !helo.is_positive() {
+            return Err(ConnError::Greeting(helo));
+        }
+        Ok(c)
+    }
+
+    /// The address this connection reached.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// A handle on the socket, so a stop can cut a stuck connection.
+    pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
+    /// Runs one transaction. An `Err` means the connection is unusable and
+    /// nothing is known about the recipients (they must be retried).
+    pub fn deliver(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        data: &[u8],
+        body: BodyType,
+    ) -> Result<Delivery, ConnError> {
+        let (mut t, first) =
+            match Transaction::start(&self.caps, from, rcpts, data.len() as u64, body) {
+                Ok(x) => x,
+                Err(refusal) => return Ok(Delivery::Refused(refusal)),
+            };
+        self.write(&first)?;
+        loop {
+            let timeout = match t.expecting() {
+                Expect::Mail => self.timeouts.mail,
+                Expect::Rcpt(_) => self.timeouts.rcpt,
+                Expect::Data | Expect::EmptyData => self.timeouts.data,
+                Expect::Final | Expect::Done => self.timeouts.data_done,
+            };
+            let reply = self.read_reply(timeout)?;
+            if reply.code == 421 {
+                return Err(ConnError::ServiceClosing(reply));
+            }
+            match t.on_reply(reply) {
+                Step::Send(bytes) => self.write(&bytes)?,
+                Step::Read => {}
+                Step::SendBody => {
+                    let mut buf = std::mem::take(&mut self.wbuf);
+                    buf.clear();
+                    dot_stuff(data, &mut buf);
+                    let r = self.write(&buf);
+                    self.wbuf = buf;
+                    r?;
+                }
+                Step::Done => break,
+            }
+        }
+        if t.needs_reset() {
+            self.command("RSET\r\n")?;
+        }
+        Ok(Delivery::Replies(
+            t.outcomes()
+                .iter()
+                .map(|o| o.clone().expect("transaction done"))
+                .collect(),
+        ))
+    }
+
+    /// Sends NOOP to keep an idle connection open and prove it is alive.
+    pub fn noop(&mut self) -> Result<(), ConnError> {
+        self.command("NOOP\r\n")
+    }
+
+    /// Sends QUIT, waits briefly for the reply, and closes.
+    pub fn quit(mut self) {
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
+        if self.stream.write_all(b"QUIT\r\n").is_ok() {
+            let mut buf = [0u8; 512];
+            let _ = self.stream.read(&mut buf);
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn command(&mut self, line: &str) -> Result<(), ConnError> {
+        self.write(line.as_bytes())?;
+        let reply = self.read_reply(self.timeouts.helo)?;
+        if reply.is_positive() {
+            Ok(())
+        } else {
+            Err(ConnError::ServiceClosing(reply))
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    fn read_reply(&mut self, timeout: Duration) -> Result<Reply, ConnError> {
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        loop {
+            if let Some((reply, used)) = Reply::parse(&self.rbuf).map_err(ConnError::Protocol)? {
+                self.rbuf.drain(..used);
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! One destination MMSC: its message pool (a bounded channel), its sub-pool
+//! of worker threads (each owning at most one long-lived SMTP connection
+//! to this peer and nobody else), and its counters.
+//!
+//! All `max_connections` workers exist from the start; the first
+//! `min_connections` connect at once, the others when work arrives. Every
+//! open connection holds one slot of the relay's global connection budget.
+
+mod connection;
+mod worker;
+
+pub use connection::{ConnError, Connection, Delivery, Timeouts};
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::config::PeerConfig;
+use crate::message::Job;
+use crate::queue::Queue;
+
+/// The global budget of outbound connections (`[relay] max_connections`).
+#[derive(Debug)]
+pub struct Budget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `max` connections.
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            max,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one slot if any is free.
+    pub fn try_acquire(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.max).then_some(u + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a slot back.
+    pub fn release(&self) {
+        self.used.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Slots in use.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Counters of one peer; recipients are counted, not messages.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Recipients delivered (2xx).
+    pub sent: AtomicU64,
+    /// Recipient attempts deferred (4xx or connection trouble).
+    pub deferred: AtomicU64,
+    /// Recipients failed (5xx).
+    pub failed: AtomicU64,
+    /// TCP connections opened since start.
+    pub connections_opened: AtomicU64,
+    /// Connections open now.
+    pub connections_open: AtomicUsize,
+    /// Workers busy with a message now.
+    pub busy: AtomicUsize,
+    /// The last error seen, for status output.
+    pub last_error: Mutex<String>,
+}
+
+/// A point-in-time copy of a peer's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    /// Peer name.
+    pub name: String,
+    /// Recipients delivered.
+    pub sent: u64,
+    /// Recipient attempts deferred.
+    pub deferred: u64,
+    /// Recipients failed.
+    pub failed: u64,
+    /// Connections opened since start.
+    pub connections_opened: u64,
+    /// Connections open now.
+    pub connections_open: usize,
+    /// Workers busy now.
+    pub busy: usize,
+    /// Jobs in the pool now.
+    pub pool_depth: usize,
+    /// Jobs waiting for room in the pool.
+    pub overflow: usize,
+    /// The last error seen.
+    pub last_error: String,
+}
+
+/// What the workers of one peer share.
+struct Shared {
+    id: usize,
+    cfg: PeerConfig,
+    timeouts: Timeouts,
+    helo_name: String,
+    stats: PeerStats,
+    /// Each worker's socket, so a stop can cut stuck I/O.
+    streams: Mutex<Vec<Option<TcpStream>>>,
+}
+
+/// One destination and its running workers.
+pub struct Peer {
+    shared: Arc<Shared>,
+    jobs: Receiver<Job>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// What every worker of every peer needs from the relay.
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// Our name for EHLO.
+    pub helo_name: String,
+    /// Where deferred jobs go.
+    pub queue: Arc<Queue>,
+    /// The global connection budget.
+    pub budget: Arc<Budget>,
+    /// Closed when the relay stops.
+    pub stop: Receiver<()>,
+    /// Dropped by each worker when it ends, so the relay can wait for all.
+    pub done: Sender<()>,
+}
+
+impl Peer {
+    /// Starts the workers of peer `id`, taking jobs from `jobs`.
+    pub fn start(
+        id: usize,
+        cfg: PeerConfig,
+        jobs: Receiver<Job>,
+        ctx: &WorkerContext,
+    ) -> std::io::Result<Peer> {
+        let shared = Arc::new(Shared {
+            id,
+            timeouts: Timeouts::of(&cfg),
+            helo_name: ctx.helo_name.clone(),
+            streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
+            stats: PeerStats::default(),
+            cfg,
+        });
+        let mut workers = Vec::new();
+        for index in 0..shared.cfg.max_connections {
+            let w = worker::Worker::new(index, shared.clone(), jobs.clone(), ctx.clone());
+            let handle = thread::Builder::new()
+                .name(format!("peer-{}-{index}", shared.cfg.name))
+                .spawn(move || w.run())?;
+            workers.push(handle);
+        }
+        Ok(Peer {
+            shared,
+            jobs,
+            workers,
+        })
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.shared.cfg.name
+    }
+
+    /// The peer's counters now.
+    pub fn snapshot(&self, queue: &Queue) -> PeerSnapshot {
+        let s = &self.shared.stats;
+        PeerSnapshot {
+            name: self.shared.cfg.name.clone(),
+            sent: s.sent.load(Ordering::Relaxed),
+            deferred: s.deferred.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            connections_opened: s.connections_opened.load(Ordering::Relaxed),
+            connections_open: s.connections_open.load(Ordering::Relaxed),
+            busy: s.busy.load(Ordering::Relaxed),
+            pool_depth: self.jobs.len(),
+            overflow: queue.overflow_len(self.shared.id),
+            last_error: s.last_error.lock().clone(),
+        }
+    }
+
+    /// Cuts every open connection, so workers stuck in I/O give up now.
+    pub fn cut_connections(&self) {
+        for s in self.shared.streams.lock().iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Waits for the workers (after the stop channel closed); returns how
+    /// many jobs were left in the pool.
+    pub fn join(self) -> usize {
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.jobs.len()
+    }
+}

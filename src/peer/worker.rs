@@ -1,0 +1,291 @@
+//! One worker of a peer's sub-pool: takes jobs from the peer's pool and
+//! delivers them over its own connection, which it keeps open between
+//! messages (NOOP while idle), reopens with backoff when it breaks, and
+//! closes with QUIT at the stop.
+//!
+//! Outcome policy per recipient: 2xx sent; 5xx failed; 4xx, or any
+//! connection trouble before the final reply, deferred and retried later.
+//! A message in flight when a connection breaks is never dropped.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, select};
+use log::{info, warn};
+
+use super::connection::{ConnError, Connection, Delivery};
+use super::{Shared, WorkerContext};
+use crate::message::Job;
+use crate::smtp::Reply;
+use crate::smtp::client::Refusal;
+
+/// First wait after a failed connect; doubles up to the maximum.
+const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a worker holding a job looks for a free budget slot.
+const BUDGET_POLL: Duration = Duration::from_millis(20);
+
+pub(super) struct Worker {
+    index: usize,
+    peer: Arc<Shared>,
+    jobs: Receiver<Job>,
+    ctx: WorkerContext,
+    conn: Option<Connection>,
+    backoff: Duration,
+}
+
+impl Worker {
+    pub(super) fn new(
+        index: usize,
+        peer: Arc<Shared>,
+        jobs: Receiver<Job>,
+        ctx: WorkerContext,
+    ) -> Worker {
+        Worker {
+            index,
+            peer,
+            jobs,
+            ctx,
+            conn: None,
+            backoff: CONNECT_BACKOFF_MIN,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        if self.index < self.peer.cfg.min_connections && self.ctx.budget.try_acquire() {
+            if let Err(e) = self.connect() {
+                warn!(
+                    "peer={} worker={} initial connect failed: {e}",
+                    self.peer.cfg.name, self.index
+                );
+            }
+        }
+        let keepalive = self.peer.cfg.keepalive;
+        loop {
+            select! {
+                recv(self.ctx.stop) -> _ => break,
+                recv(self.jobs) -> job => match job {
+                    Ok(job) => self.handle(job),
+                    Err(_) => break,
+                },
+                default(keepalive) => self.keepalive(),
+            }
+        }
+        if let Some(c) = self.conn.take() {
+            c.quit();
+            self.closed();
+        }
+    }
+
+    /// Waits `d` unless the relay stops first; true if it stopped.
+    fn pause(&self, d: Duration) -> bool {
+        select! {
+            recv(self.ctx.stop) -> _ => true,
+            default(d) => false,
+        }
+    }
+
+    fn keepalive(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            if let Err(e) = c.noop() {
+                info!(
+                    "peer={} worker={} idle connection lost: {e}",
+                    self.peer.cfg.name, self.index
+                );
+                self.drop_connection();
+            }
+        }
+    }
+
+    /// Opens a connection; the caller holds a budget slot, which this
+    /// releases on failure.
+    fn connect(&mut self) -> Result<(), ConnError> {
+        let p = &self.peer;
+        match Connection::open(&p.cfg.hosts, &p.helo_name, &p.timeouts) {
+            Ok(c) => {
+                p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+                p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+                p.streams.lock()[self.index] = c.try_clone_stream().ok();
+                self.conn = Some(c);
+                self.backoff = CONNECT_BACKOFF_MIN;
+                Ok(())
+            }
+            Err(e) => {
+                self.ctx.budget.release();
+                *p.stats.last_error.lock() = e.to_string();
+                Err(e)
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        if self.conn.take().is_some() {
+            self.closed();
+        }
+    }
+
+    fn closed(&mut self) {
+        self.peer.streams.lock()[self.index] = None;
+        self.peer
+            .stats
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+        self.ctx.budget.release();
+    }
+
+    fn handle(&mut self, job: Job) {
+        let stats = &self.peer.stats;
+        stats.busy.fetch_add(1, Ordering::Relaxed);
+        self.attempt(job);
+        self.peer.stats.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn attempt(&mut self, mut job: Job) {
+        job.attempts += 1;
+        if self.conn.is_none() {
+            while !self.ctx.budget.try_acquire() {
+                if self.pause(BUDGET_POLL) {
+                    self.defer(job, "relay stopping before a connection slot was free");
+                    return;
+                }
+            }
+            if let Err(e) = self.connect() {
+                warn!(
+                    "peer={} worker={} connect failed: {e}",
+                    self.peer.cfg.name, self.index
+                );
+                self.defer(job, &e.to_string());
+                self.pause(self.backoff);
+                self.backoff = (self.backoff * 2).min(CONNECT_BACKOFF_MAX);
+                return;
+            }
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let msg = job.message.clone();
+        match conn.deliver(&msg.from, &job.rcpts, &msg.data, msg.body_type) {
+            Ok(Delivery::Replies(replies)) => self.dispose(job, replies),
+            Ok(Delivery::Refused(refusal)) => {
+                let reply = match refusal {
+                    Refusal::TooBig { size, limit } => Reply::new(
+                        552,
+                        format!("5.3.4 message of {size} octets over the peer's SIZE {limit}"),
+                    ),
+                    Refusal::No8BitMime => Reply::new(554, "5.6.3 peer does not offer 8BITMIME"),
+                };
+                let replies = vec![reply; job.rcpts.len()];
+                self.dispose(job, replies);
+            }
+            Err(e) => {
+                *self.peer.stats.last_error.lock() = e.to_string();
+                self.drop_connection();
+                let reason = match e {
+                    ConnError::ServiceClosing(r) => r.to_string(),
+                    other => other.to_string(),
+                };
+                self.defer(job, &reason);
+            }
+        }
+    }
+
+    /// Splits recipients by the class of their reply: logs each group,
+    /// counts them, and queues the deferred ones again.
+    fn dispose(&mut self, job: Job, replies: Vec<Reply>) {
+        let mut deferred = Vec::new();
+        let mut groups: Vec<(&'static str, &Reply, Vec<String>)> = Vec::new();
+        for (rcpt, reply) in job.rcpts.iter().zip(&replies) {
+            let status = if reply.is_positive() {
+                "sent"
+            } else if reply.is_transient() {
+                deferred.push(rcpt.clone());
+                continue;
+            } else {
+                "failed"
+            };
+            match groups
+                .iter_mut()
+                .find(|(s, r, _)| *s == status && *r == reply)
+            {
+                Some(g) => g.2.push(rcpt.clone()),
+                None => groups.push((status, reply, vec![rcpt.clone()])),
+            }
+        }
+        let stats = &self.peer.stats;
+        for (status, reply, rcpts) in &groups {
+            let counter = if *status == "sent" {
+                &stats.sent
+            } else {
+                &stats.failed
+            };
+            counter.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+            log_disposition(
+                &job,
+                &self.peer.cfg.name,
+                rcpts,
+                status,
+                &reply.to_string(),
+                None,
+            );
+        }
+        if !deferred.is_empty() {
+            let reply = job
+                .rcpts
+                .iter()
+                .zip(&replies)
+                .find(|(_, r)| r.is_transient())
+                .map(|(_, r)| r.to_string())
+                .unwrap_or_default();
+            let retry = Job {
+                rcpts: deferred,
+                ..job
+            };
+            self.defer(retry, &reply);
+        }
+    }
+
+    fn defer(&self, job: Job, reason: &str) {
+        self.peer
+            .stats
+            .deferred
+            .fetch_add(job.rcpts.len() as u64, Ordering::Relaxed);
+        let delay = self.ctx.queue.defer(job.clone());
+        log_disposition(
+            &job,
+            &self.peer.cfg.name,
+            &job.rcpts,
+            "deferred",
+            reason,
+            Some(delay),
+        );
+    }
+}
+
+/// The one log line per outcome, in `key=value` form for grep.
+fn log_disposition(
+    job: &Job,
+    peer: &str,
+    rcpts: &[String],
+    status: &str,
+    reply: &str,
+    retry: Option<Duration>,
+) {
+    let m = &job.message;
+    let to: Vec<String> = rcpts.iter().map(|r| format!("<{r}>")).collect();
+    let retry = retry
+        .map(|d| format!(" retry_in={}s", d.as_secs_f64()))
+        .unwrap_or_default();
+    info!(
+        "{} peer={} from=<{}> to={} mid={} tid={} status={} attempts={} delay={:.3}s{} reply=\"{}\"",
+        m.id,
+        peer,
+        m.from,
+        to.join(","),
+        m.info.message_id.as_deref().unwrap_or("-"),
+        m.info.transaction_id.as_deref().unwrap_or("-"),
+        status,
+        job.attempts,
+        Instant::now().duration_since(m.accepted).as_secs_f64(),
+        retry,
+        reply.replace('"', "'"),
+    );
+}

@@ -1,0 +1,245 @@
+//! The way into the peers' pools, and the queue manager thread that holds
+//! every job that cannot be in a pool right now:
+//!
+//! - **overflow**: the peer's pool was full. Jobs wait here in arrival
+//!   order and enter the pool as room appears; while a peer has overflow,
+//!   new jobs for it queue behind, so order is kept.
+//! - **deferred**: a delivery attempt failed temporarily. The job waits
+//!   until its retry time (exponential backoff between `retry_min` and
+//!   `retry_max`), then enters the pool again.
+//!
+//! Both live in memory for now; the durable spool will keep them on disk.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
+
+use crate::message::Job;
+
+/// How long a session waits for room in a pool before handing the job to
+/// the queue manager; a little backpressure on clients faster than the peer.
+const SUBMIT_WAIT: Duration = Duration::from_millis(50);
+/// How often the manager retries full pools while it holds overflow.
+const OVERFLOW_POLL: Duration = Duration::from_millis(5);
+/// Longest sleep of the manager when nothing is due.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Exponential backoff for deferred jobs.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Delay after the first failed attempt.
+    pub min: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// Delay before the next try after `attempts` failed attempts.
+    pub fn delay(&self, attempts: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.min.saturating_mul(factor).min(self.max)
+    }
+}
+
+enum Event {
+    Overflow(Job),
+    Defer(Job, Instant),
+}
+
+/// The shared entrance to the pools, used by sessions and workers.
+pub struct Queue {
+    pools: Vec<Sender<Job>>,
+    overflow: Vec<AtomicUsize>,
+    events: Sender<Event>,
+    retry: RetryPolicy,
+}
+
+impl Queue {
+    /// Puts a new job in its peer's pool, or behind the peer's overflow.
+    pub fn submit(&self, job: Job) {
+        let peer = job.peer;
+        let job = if self.overflow[peer].load(Ordering::Acquire) == 0 {
+            match self.pools[peer].send_timeout(job, SUBMIT_WAIT) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(job) | SendTimeoutError::Disconnected(job)) => job,
+            }
+        } else {
+            job
+        };
+        self.overflow[peer].fetch_add(1, Ordering::AcqRel);
+        // The manager outlives every session and worker, so this cannot fail.
+        let _ = self.events.send(Event::Overflow(job));
+    }
+
+    /// Schedules a job whose attempt failed temporarily; returns the delay.
+    pub fn defer(&self, job: Job) -> Duration {
+        let delay = self.retry.delay(job.attempts);
+        let _ = self.events.send(Event::Defer(job, Instant::now() + delay));
+        delay
+    }
+
+    /// Jobs waiting in overflow for `peer`.
+    pub fn overflow_len(&self, peer: usize) -> usize {
+        self.overflow[peer].load(Ordering::Acquire)
+    }
+}
+
+struct Deferred {
+    due: Instant,
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for Deferred {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Deferred {}
+impl PartialOrd for Deferred {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Deferred {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+/// The queue manager thread and its stop switch.
+pub struct QueueManager {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<usize>>,
+}
+
+impl QueueManager {
+    /// Starts the manager for these pools; returns it with the shared entrance.
+    pub fn start(
+        pools: Vec<Sender<Job>>,
+        retry: RetryPolicy,
+    ) -> std::io::Result<(QueueManager, std::sync::Arc<Queue>)> {
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let queue = std::sync::Arc::new(Queue {
+            overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
+            pools,
+            events: events_tx,
+            retry,
+        });
+        let q = queue.clone();
+        let handle = thread::Builder::new()
+            .name("qmgr".into())
+            .spawn(move || manage(&q, &events_rx, &stop_rx))?;
+        Ok((
+            QueueManager {
+                stop: Some(stop_tx),
+                handle: Some(handle),
+            },
+            queue,
+        ))
+    }
+
+    /// Stops the manager; returns how many jobs it still held.
+    pub fn stop(mut self) -> usize {
+        self.stop.take();
+        self.handle.take().map_or(0, |h| h.join().unwrap_or(0))
+    }
+}
+
+impl Drop for QueueManager {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn manage(queue: &Queue, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
+    let mut overflow: Vec<VecDeque<Job>> = queue.pools.iter().map(|_| VecDeque::new()).collect();
+    let mut deferred: BinaryHeap<Reverse<Deferred>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    loop {
+        let now = Instant::now();
+        let wait = if overflow.iter().any(|o| !o.is_empty()) {
+            OVERFLOW_POLL
+        } else {
+            deferred
+                .peek()
+                .map_or(IDLE_TICK, |Reverse(d)| d.due.saturating_duration_since(now))
+                .min(IDLE_TICK)
+        };
+        select! {
+            recv(events) -> ev => match ev {
+                Ok(Event::Overflow(job)) => overflow[job.peer].push_back(job),
+                Ok(Event::Defer(job, due)) => {
+                    seq += 1;
+                    deferred.push(Reverse(Deferred { due, seq, job }));
+                }
+                Err(_) => break,
+            },
+            recv(stop) -> _ => break,
+            default(wait) => {}
+        }
+        // Drain whatever else arrived before doing the work.
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                Event::Overflow(job) => overflow[job.peer].push_back(job),
+                Event::Defer(job, due) => {
+                    seq += 1;
+                    deferred.push(Reverse(Deferred { due, seq, job }));
+                }
+            }
+        }
+        let now = Instant::now();
+        while deferred.peek().is_some_and(|Reverse(d)| d.due <= now) {
+            let Reverse(d) = deferred.pop().expect("peeked");
+            let peer = d.job.peer;
+            if let Err(e) = queue.pools[peer].try_send(d.job) {
+                // Pool full: wait with the overflow; counted apart from
+                // new jobs, which need not queue behind a retry.
+                overflow[peer].push_back(e.into_inner());
+                queue.overflow[peer].fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        for (peer, q) in overflow.iter_mut().enumerate() {
+            while let Some(job) = q.pop_front() {
+                match queue.pools[peer].try_send(job) {
+                    Ok(()) => {
+                        queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Err(e) => {
+                        q.push_front(e.into_inner());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    overflow.iter().map(VecDeque::len).sum::<usize>() + deferred.len() + events.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy {
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(3600),
+        };
+        assert_eq!(p.delay(1), Duration::from_secs(60));
+        assert_eq!(p.delay(2), Duration::from_secs(120));
+        assert_eq!(p.delay(6), Duration::from_secs(1920));
+        assert_eq!(p.delay(7), Duration::from_secs(3600));
+        assert_eq!(p.delay(200), Duration::from_secs(3600));
+    }
+}

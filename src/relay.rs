@@ -1,0 +1,173 @@
+//! The owner of everything that runs. The whole flow, in start order:
+//!
+//! 1. one bounded channel per peer: the peer's **message pool**;
+//! 2. the **queue manager** (`queue`): overflow and deferred jobs;
+//! 3. per peer, its **sub-pool** of workers (`peer`), each with one
+//!    long-lived SMTP connection, taking jobs from that peer's pool only;
+//! 4. the **listener**: sessions route and check each message, split it by
+//!    peer and submit one job per peer through the queue.
+//!
+//! Stop runs the other way: the listener first (no new messages), then the
+//! workers (each finishes the message in flight, bounded by
+//! `shutdown_timeout`, then QUITs), then the queue manager.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{info, warn};
+
+use crate::config::Config;
+use crate::listener::{Inbound, Listener};
+use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
+use crate::queue::{Queue, QueueManager, RetryPolicy};
+
+/// A running relay.
+pub struct Relay {
+    listener: Option<Listener>,
+    peers: Vec<Peer>,
+    qmgr: Option<QueueManager>,
+    queue: Arc<Queue>,
+    stop: Option<Sender<()>>,
+    done: Receiver<()>,
+    shutdown_timeout: Duration,
+}
+
+/// What a stop left behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StopReport {
+    /// Jobs that were still queued in memory (not yet delivered).
+    pub undelivered: usize,
+}
+
+impl Relay {
+    /// Builds and starts everything the configuration describes.
+    pub fn start(config: &Config) -> io::Result<Relay> {
+        let (senders, receivers): (Vec<_>, Vec<_>) = config
+            .peers
+            .iter()
+            .map(|p| crossbeam_channel::bounded(p.pool_size))
+            .unzip();
+        let retry = RetryPolicy {
+            min: config.relay.retry_min,
+            max: config.relay.retry_max,
+        };
+        let (qmgr, queue) = QueueManager::start(senders, retry)?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(0);
+        let mut relay = Relay {
+            listener: None,
+            peers: Vec::new(),
+            qmgr: Some(qmgr),
+            queue: queue.clone(),
+            stop: Some(stop_tx),
+            done: done_rx,
+            shutdown_timeout: config.relay.shutdown_timeout,
+        };
+        let ctx = WorkerContext {
+            helo_name: config.relay.hostname.clone(),
+            queue: queue.clone(),
+            budget: Arc::new(Budget::new(config.relay.max_connections)),
+            stop: stop_rx,
+            done: done_tx,
+        };
+        for (id, (cfg, jobs)) in config.peers.iter().zip(receivers).enumerate() {
+            match Peer::start(id, cfg.clone(), jobs, &ctx) {
+                Ok(p) => relay.peers.push(p),
+                Err(e) => {
+                    drop(ctx);
+                    relay.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        drop(ctx);
+        let inbound = Arc::new(Inbound::new(config, queue));
+        match Listener::start(
+            &config.listener.listen,
+            config.listener.max_sessions,
+            inbound,
+        ) {
+            Ok(l) => relay.listener = Some(l),
+            Err(e) => {
+                relay.shutdown();
+                return Err(e);
+            }
+        }
+        info!(
+            "mm4relay {} started: {} peers, budget {} connections",
+            env!("CARGO_PKG_VERSION"),
+            relay.peers.len(),
+            config.relay.max_connections
+        );
+        Ok(relay)
+    }
+
+    /// The addresses the listener is bound to.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listener
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.local_addrs().to_vec())
+    }
+
+    /// Counters of every peer, in configuration order.
+    pub fn peer_snapshots(&self) -> Vec<PeerSnapshot> {
+        self.peers.iter().map(|p| p.snapshot(&self.queue)).collect()
+    }
+
+    /// Inbound sessions open now.
+    pub fn session_count(&self) -> usize {
+        self.listener.as_ref().map_or(0, Listener::session_count)
+    }
+
+    /// Stops everything in order and joins every thread.
+    pub fn shutdown(mut self) -> StopReport {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> StopReport {
+        if let Some(l) = self.listener.take() {
+            l.stop();
+        }
+        // Closing the stop channel tells every worker; each drops its `done`
+        // sender when it ends, so the channel disconnects when all have.
+        self.stop.take();
+        let timeout = self.shutdown_timeout;
+        if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
+            warn!("workers still busy after {timeout:?}: cutting their connections");
+            self.peers.iter().for_each(Peer::cut_connections);
+        }
+        let mut undelivered: usize = self.peers.drain(..).map(Peer::join).sum();
+        undelivered += self.qmgr.take().map_or(0, QueueManager::stop);
+        if undelivered > 0 {
+            warn!(
+                "stopped with {undelivered} jobs undelivered (in-memory queue, not kept across restarts)"
+            );
+        } else {
+            info!("stopped; nothing left to deliver");
+        }
+        StopReport { undelivered }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.stop.is_some() || self.listener.is_some() {
+            self.stop_all();
+        }
+    }
+}
+
+/// Runs the relay in the foreground until SIGTERM or SIGINT.
+pub fn run(config: &Config) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let relay = Relay::start(config)?;
+    if let Some(sig) = signals.forever().next() {
+        info!("signal {sig} received: stopping");
+    }
+    relay.shutdown();
+    Ok(())
+}

@@ -1,0 +1,346 @@
+//! MMS addresses and the routing table: which peer a recipient belongs to.
+//!
+//! Address forms (MM4.md §3): `+E164/TYPE=PLMN@domain`, `a.b.c.d/TYPE=IPv4@domain`,
+//! `ipv6/TYPE=IPv6@domain`, or a plain mailbox `local@domain`.
+//!
+//! Routing policy, first match wins:
+//! - a PLMN number: its ported-number override, then the longest number
+//!   prefix, then the domain, then the default peer;
+//! - anything else: the domain (exact, then the longest `*.suffix`), then
+//!   the default peer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// Index of a peer in the relay's peer list.
+pub type PeerId = usize;
+
+/// Longest E.164 number (ITU-T E.164 §6).
+const MAX_E164_DIGITS: usize = 15;
+
+/// What kind of address the local part holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressKind {
+    /// A phone number, normalised to `+` and digits.
+    Plmn(String),
+    /// `/TYPE=IPv4`.
+    Ipv4(Ipv4Addr),
+    /// `/TYPE=IPv6`.
+    Ipv6(Ipv6Addr),
+    /// An ordinary mailbox (system mailbox, e-mail user).
+    Mailbox,
+}
+
+/// A parsed MMS address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    /// The local part, without surrounding quotes.
+    pub local: String,
+    /// The domain in lower case; empty when the address had none (headers only).
+    pub domain: String,
+    /// What the local part names.
+    pub kind: AddressKind,
+}
+
+/// Why an address cannot be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressError(pub &'static str);
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for AddressError {}
+
+impl Address {
+    /// Parses an envelope address (RCPT/MAIL path); the domain is required.
+    pub fn parse_envelope(s: &str) -> Result<Address, AddressError> {
+        let a = Address::parse(s)?;
+        if a.domain.is_empty() {
+            return Err(AddressError("address needs a domain"));
+        }
+        Ok(a)
+    }
+
+    /// Parses an address as found in a header: `@domain` may be missing.
+    pub fn parse(s: &str) -> Result<Address, AddressError> {
+        let s = s.trim();
+        let (local, domain) = match s.rfind('@') {
+            Some(i) if !s[i..].contains('"') => (&s[..i], &s[i + 1..]),
+            _ => (s, ""),
+        };
+        if !domain.is_empty() && !valid_domain(domain) {
+            return Err(AddressError("bad domain"));
+        }
+        if s.contains('@') && domain.is_empty() {
+            return Err(AddressError("empty domain"));
+        }
+        let local = local
+            .strip_prefix('"')
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap_or(local);
+        if local.is_empty() {
+            return Err(AddressError("empty local part"));
+        }
+        let kind = match find_ci(local, "/TYPE=") {
+            None => AddressKind::Mailbox,
+            Some(i) => {
+                let (value, ty) = (&local[..i], &local[i + 6..]);
+                if ty.eq_ignore_ascii_case("PLMN") {
+                    AddressKind::Plmn(normalise_number(value)?)
+                } else if ty.eq_ignore_ascii_case("IPv4") {
+                    AddressKind::Ipv4(
+                        value
+                            .parse()
+                            .map_err(|_| AddressError("bad IPv4 address"))?,
+                    )
+                } else if ty.eq_ignore_ascii_case("IPv6") {
+                    AddressKind::Ipv6(
+                        value
+                            .parse()
+                            .map_err(|_| AddressError("bad IPv6 address"))?,
+                    )
+                } else {
+                    return Err(AddressError("unknown /TYPE"));
+                }
+            }
+        };
+        Ok(Address {
+            local: local.to_string(),
+            domain: domain.to_ascii_lowercase(),
+            kind,
+        })
+    }
+
+    /// True if a header address names the same recipient as this envelope
+    /// address: same number, or same mailbox; the header may omit the domain.
+    pub fn same_recipient(&self, header: &Address) -> bool {
+        let same_domain = header.domain.is_empty() || header.domain == self.domain;
+        match (&self.kind, &header.kind) {
+            (AddressKind::Plmn(a), AddressKind::Plmn(b)) => a == b && same_domain,
+            _ => self.local.eq_ignore_ascii_case(&header.local) && same_domain,
+        }
+    }
+}
+
+fn find_ci(haystack: &str, needle: &str) -> Option<usize> {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// `+4477...` or `004477...` becomes `+4477...`; anything else is refused:
+/// national forms cannot be routed without a numbering plan.
+fn normalise_number(s: &str) -> Result<String, AddressError> {
+    let digits = s
+        .strip_prefix('+')
+        .or_else(|| s.strip_prefix("00"))
+        .ok_or(AddressError("PLMN number must be international (+CC...)"))?;
+    if digits.is_empty()
+        || digits.len() > MAX_E164_DIGITS
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(AddressError("PLMN number must be + and 1 to 15 digits"));
+    }
+    Ok(format!("+{digits}"))
+}
+
+fn valid_domain(d: &str) -> bool {
+    if let Some(lit) = d.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return lit.parse::<Ipv4Addr>().is_ok()
+            || lit
+                .strip_prefix("IPv6:")
+                .is_some_and(|v6| v6.parse::<Ipv6Addr>().is_ok());
+    }
+    d.len() <= 255
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The routing table, built once from the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct Router {
+    ported: HashMap<String, PeerId>,
+    prefixes: HashMap<String, PeerId>,
+    longest_prefix: usize,
+    domains: HashMap<String, PeerId>,
+    /// `(".suffix", peer)`, longest suffix first.
+    suffixes: Vec<(String, PeerId)>,
+    default: Option<PeerId>,
+}
+
+impl Router {
+    /// An empty table.
+    pub fn new() -> Router {
+        Router::default()
+    }
+
+    /// Routes a number (`+` and digits) to `peer` ahead of any prefix.
+    pub fn add_ported(&mut self, number: &str, peer: PeerId) {
+        self.ported.insert(number.to_string(), peer);
+    }
+
+    /// Routes numbers starting with `prefix` (`+` and digits) to `peer`.
+    pub fn add_prefix(&mut self, prefix: &str, peer: PeerId) {
+        self.longest_prefix = self.longest_prefix.max(prefix.len());
+        self.prefixes.insert(prefix.to_string(), peer);
+    }
+
+    /// Routes a domain (exact, or `*.suffix` for its subdomains) to `peer`.
+    pub fn add_domain(&mut self, pattern: &str, peer: PeerId) {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.strip_prefix('*') {
+            Some(suffix) => {
+                self.suffixes.push((suffix.to_string(), peer));
+                self.suffixes
+                    .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+            }
+            None => {
+                self.domains.insert(pattern, peer);
+            }
+        }
+    }
+
+    /// Sends everything no other rule matches to `peer`.
+    pub fn set_default(&mut self, peer: PeerId) {
+        self.default = Some(peer);
+    }
+
+    /// The peer for `addr`, if any rule matches.
+    pub fn route(&self, addr: &Address) -> Option<PeerId> {
+        if let AddressKind::Plmn(number) = &addr.kind {
+            if let Some(&p) = self.ported.get(number) {
+                return Some(p);
+            }
+            let longest = self.longest_prefix.min(number.len());
+            for len in (2..=longest).rev() {
+                if let Some(&p) = self.prefixes.get(&number[..len]) {
+                    return Some(p);
+                }
+            }
+        }
+        self.route_domain(&addr.domain).or(self.default)
+    }
+
+    fn route_domain(&self, domain: &str) -> Option<PeerId> {
+        if let Some(&p) = self.domains.get(domain) {
+            return Some(p);
+        }
+        self.suffixes
+            .iter()
+            .find(|(suffix, _)| domain.len() > suffix.len() && domain.ends_with(suffix.as_str()))
+            .map(|&(_, p)| p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_address_forms() {
+        let a = Address::parse_envelope("+447700900123/TYPE=PLMN@MMS.mnc010.mcc001.gprs").unwrap();
+        assert_eq!(a.kind, AddressKind::Plmn("+447700900123".into()));
+        assert_eq!(a.domain, "mms.mnc010.mcc001.gprs");
+        let a = Address::parse_envelope("0061491570156/type=plmn@x.gprs").unwrap();
+        assert_eq!(a.kind, AddressKind::Plmn("+61491570156".into()));
+        let a = Address::parse_envelope("198.51.100.23/TYPE=IPv4@x.gprs").unwrap();
+        assert_eq!(a.kind, AddressKind::Ipv4(Ipv4Addr::new(198, 51, 100, 23)));
+        let a = Address::parse_envelope("\"2001:db8::1/TYPE=IPv6\"@x.gprs").unwrap();
+        assert!(matches!(a.kind, AddressKind::Ipv6(_)));
+        let a = Address::parse_envelope("MMSC-OUT@mms.mnc456.mcc999.gprs").unwrap();
+        assert_eq!(a.kind, AddressKind::Mailbox);
+        assert_eq!(
+            Address::parse("+447700900123/TYPE=PLMN").unwrap().domain,
+            ""
+        );
+    }
+
+    #[test]
+    fn refuses_bad_addresses() {
+        for bad in [
+            "+4477OO900123/TYPE=PLMN@x.gprs",
+            "447700900123/TYPE=PLMN@x.gprs",
+            "+1234567890123456/TYPE=PLMN@x.gprs",
+            "1.2.3/TYPE=IPv4@x.gprs",
+            "+44/TYPE=FAX@x.gprs",
+            "user@",
+            "@x.gprs",
+            "user@bad_domain",
+            "user",
+        ] {
+            assert!(Address::parse_envelope(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn router() -> Router {
+        let mut r = Router::new();
+        r.add_domain("mms.mnc010.mcc001.gprs", 0);
+        r.add_prefix("+447700900", 0);
+        r.add_domain("mms.mnc020.mcc001.gprs", 1);
+        r.add_prefix("+1202555", 1);
+        r.add_domain("*.mcc999.gprs", 2);
+        r.add_prefix("+61491570", 2);
+        r.add_ported("+12025550177", 2);
+        r
+    }
+
+    fn route(r: &Router, s: &str) -> Option<PeerId> {
+        r.route(&Address::parse_envelope(s).unwrap())
+    }
+
+    #[test]
+    fn routes_by_override_prefix_domain_default() {
+        let mut r = router();
+        assert_eq!(
+            route(&r, "+12025550177/TYPE=PLMN@mms.mnc020.mcc001.gprs"),
+            Some(2)
+        );
+        assert_eq!(
+            route(&r, "+12025550142/TYPE=PLMN@mms.mnc010.mcc001.gprs"),
+            Some(1)
+        );
+        assert_eq!(
+            route(&r, "+99955501234/TYPE=PLMN@mms.mnc020.mcc001.gprs"),
+            Some(1)
+        );
+        assert_eq!(route(&r, "MMSC-OUT@mms.mnc456.mcc999.gprs"), Some(2));
+        assert_eq!(route(&r, "x@mcc999.gprs"), None);
+        assert_eq!(
+            route(&r, "198.51.100.23/TYPE=IPv4@MMS.mnc020.mcc001.gprs"),
+            Some(1)
+        );
+        assert_eq!(
+            route(&r, "+99955501234/TYPE=PLMN@mms.mnc099.mcc998.gprs"),
+            None
+        );
+        r.set_default(0);
+        assert_eq!(
+            route(&r, "+99955501234/TYPE=PLMN@mms.mnc099.mcc998.gprs"),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn header_matching() {
+        let rcpt =
+            Address::parse_envelope("+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs").unwrap();
+        assert!(rcpt.same_recipient(&Address::parse("+447700900123/TYPE=PLMN").unwrap()));
+        assert!(rcpt.same_recipient(
+            &Address::parse("+447700900123/TYPE=PLMN@MMS.mnc010.mcc001.gprs").unwrap()
+        ));
+        assert!(!rcpt.same_recipient(&Address::parse("+447700900999/TYPE=PLMN").unwrap()));
+        let sys = Address::parse_envelope("mm4gw@mms.mnc010.mcc001.gprs").unwrap();
+        assert!(sys.same_recipient(&Address::parse("MM4GW@mms.mnc010.mcc001.gprs").unwrap()));
+        assert!(!sys.same_recipient(&Address::parse("mm4gw@other.gprs").unwrap()));
+    }
+}

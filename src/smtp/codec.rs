@@ -1,0 +1,291 @@
+//! Line framing and the DATA transparency procedure (RFC 5321 §4.5.2).
+//!
+//! Inbound, [`DataDecoder`] removes dot-stuffing and finds the end of data.
+//! Only `CRLF . CRLF` ends it: a bare LF or CR anywhere, alone or around a
+//! dot (`LF.LF`, `CRLF.LF`, `LF.CRLF`), is a fault that rejects the message
+//! but never ends the data early. That closes the SMTP smuggling hole where
+//! two servers disagree on where a message ends.
+//!
+//! Outbound, [`dot_stuff`] doubles every leading dot and adds the end marker.
+
+use std::fmt;
+
+/// Longest text line (RFC 5321 §4.5.3.1.6): 998 octets plus CRLF.
+pub const MAX_TEXT_LINE: usize = 998;
+
+/// Why a message received in DATA cannot be accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFault {
+    /// An LF not preceded by CR.
+    BareLf,
+    /// A CR not followed by LF.
+    BareCr,
+    /// A NUL octet.
+    Nul,
+    /// A line longer than 998 octets.
+    LineTooLong,
+    /// More octets than the size limit.
+    TooBig,
+}
+
+impl fmt::Display for DataFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataFault::BareLf => "bare LF in message data",
+            DataFault::BareCr => "bare CR in message data",
+            DataFault::Nul => "NUL octet in message data",
+            DataFault::LineTooLong => "line longer than 998 octets",
+            DataFault::TooBig => "message exceeds the size limit",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (after CRLF, or at the start of DATA).
+    LineStart,
+    /// A dot at the start of a line.
+    Dot,
+    /// `CRLF . CR`: one LF more ends the data.
+    DotCr,
+    /// Inside a line.
+    InLine,
+    /// A CR inside a line; LF must follow.
+    Cr,
+}
+
+/// Incremental DATA reader: feed it what the socket gives, in any pieces.
+#[derive(Debug)]
+pub struct DataDecoder {
+    state: State,
+    line_len: usize,
+    max_size: usize,
+    out: Vec<u8>,
+    fault: Option<DataFault>,
+}
+
+impl DataDecoder {
+    /// A decoder that refuses messages over `max_size` octets (after
+    /// unstuffing) without holding more than that in memory.
+    pub fn new(max_size: usize) -> DataDecoder {
+        DataDecoder {
+            state: State::LineStart,
+            line_len: 0,
+            max_size,
+            out: Vec::with_capacity(max_size.min(16 * 1024)),
+            fault: None,
+        }
+    }
+
+    /// Takes bytes of the DATA stream. Returns `Some(n)` when the end
+    /// marker was found and ends at `input[n - 1]` (later bytes belong to the
+    /// next command), or `None` when all of `input` was taken.
+    pub fn feed(&mut self, input: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::InLine {
+                // Fast path: copy up to the next octet that needs a decision.
+                let run = input[i..]
+                    .iter()
+                    .position(|&b| b == b'\r' || b == b'\n' || b == 0)
+                    .unwrap_or(input.len() - i);
+                self.push(&input[i..i + run]);
+                i += run;
+                if i == input.len() {
+                    break;
+                }
+            }
+            let b = input[i];
+            i += 1;
+            match (self.state, b) {
+                (State::LineStart, b'.') => self.state = State::Dot,
+                (State::Dot, b'\r') => self.state = State::DotCr,
+                (State::DotCr, b'\n') => return Some(i),
+                (State::DotCr, _) => {
+                    // `CRLF . CR x`: the line was ".", then a bare CR.
+                    self.fail(DataFault::BareCr);
+                    self.state = State::InLine;
+                    i -= 1;
+                }
+                (State::LineStart | State::InLine, b'\r') => self.state = State::Cr,
+                (State::Cr, b'\n') => {
+                    self.push(b"\r\n");
+                    self.line_len = 0;
+                    self.state = State::LineStart;
+                }
+                (State::Cr, _) => {
+                    self.fail(DataFault::BareCr);
+                    self.state = State::InLine;
+                    i -= 1;
+                }
+                (_, b'\n') => {
+                    // Bare LF: fault, and stay inside the line so that no
+                    // dot after it can end the data.
+                    self.fail(DataFault::BareLf);
+                    self.state = State::InLine;
+                }
+                (_, 0) => {
+                    self.fail(DataFault::Nul);
+                    self.state = State::InLine;
+                }
+                // A leading dot is dropped (unstuffing); the octet after it
+                // is ordinary text.
+                (State::LineStart | State::Dot | State::InLine, _) => {
+                    self.push(&[b]);
+                    self.state = State::InLine;
+                }
+            }
+        }
+        None
+    }
+
+    /// The message once the end marker was seen, or the first fault.
+    pub fn finish(self) -> Result<Vec<u8>, DataFault> {
+        match self.fault {
+            Some(f) => Err(f),
+            None => Ok(self.out),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes != b"\r\n" {
+            self.line_len += bytes.len();
+            if self.line_len > MAX_TEXT_LINE {
+                self.fail(DataFault::LineTooLong);
+            }
+        }
+        if self.fault.is_some() {
+            return;
+        }
+        if self.out.len() + bytes.len() > self.max_size {
+            self.fail(DataFault::TooBig);
+            return;
+        }
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn fail(&mut self, fault: DataFault) {
+        if self.fault.is_none() {
+            self.fault = Some(fault);
+            // Nothing more will be used; give the memory back.
+            self.out = Vec::new();
+        }
+    }
+}
+
+/// Appends `data` dot-stuffed, with a final CRLF if it lacks one, and the
+/// `.` CRLF end marker.
+pub fn dot_stuff(data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(data.len() + 16);
+    let mut rest = data;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            out.push(b'.');
+        }
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |p| p + 1);
+        out.extend_from_slice(&rest[..end]);
+        rest = &rest[end..];
+    }
+    if !data.is_empty() && !data.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_in_pieces(wire: &[u8], cut: usize) -> (Option<usize>, Result<Vec<u8>, DataFault>) {
+        let mut d = DataDecoder::new(1 << 20);
+        let mut end = d.feed(&wire[..cut]);
+        if end.is_none() {
+            end = d.feed(&wire[cut..]).map(|n| n + cut);
+        }
+        (end, d.finish())
+    }
+
+    #[test]
+    fn unstuffs_and_finds_end_at_every_cut() {
+        let wire = b"a\r\n..b\r\n.\r\nMAIL";
+        for cut in 0..=wire.len() {
+            let (end, body) = decode_in_pieces(wire, cut);
+            assert_eq!(end, Some(wire.len() - 4), "cut {cut}");
+            assert_eq!(body.unwrap(), b"a\r\n.b\r\n", "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn stuff_then_decode_is_identity() {
+        let bodies: [&[u8]; 5] = [
+            b"",
+            b".\r\n",
+            b"..\r\n.QUIT\r\nMAIL FROM:<x>\r\n.\r\n",
+            b"x\r\n.y",
+            b"line\r\n\r\n",
+        ];
+        for body in bodies {
+            let mut wire = Vec::new();
+            dot_stuff(body, &mut wire);
+            for cut in 0..=wire.len() {
+                let (end, got) = decode_in_pieces(&wire, cut);
+                assert_eq!(end, Some(wire.len()));
+                let mut want = body.to_vec();
+                if !want.is_empty() && !want.ends_with(b"\r\n") {
+                    want.extend_from_slice(b"\r\n");
+                }
+                assert_eq!(got.unwrap(), want, "body {body:?} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn smuggling_sequences_do_not_end_data() {
+        for evil in [
+            &b"a\n.\nMAIL"[..],
+            b"a\r\n.\nMAIL",
+            b"a\n.\r\nMAIL",
+            b"a\r.\r\nMAIL",
+        ] {
+            let mut d = DataDecoder::new(1 << 20);
+            assert_eq!(d.feed(evil), None, "{evil:?}");
+            assert_eq!(d.feed(b"\r\n.\r\n"), Some(5));
+            assert!(d.finish().is_err());
+        }
+    }
+
+    #[test]
+    fn reports_faults() {
+        let cases: [(&[u8], DataFault); 4] = [
+            (b"a\0b\r\n.\r\n", DataFault::Nul),
+            (b"a\nb\r\n.\r\n", DataFault::BareLf),
+            (b"a\rb\r\n.\r\n", DataFault::BareCr),
+            (b"0123456789\r\n.\r\n", DataFault::TooBig),
+        ];
+        for (wire, fault) in cases {
+            let mut d = DataDecoder::new(8);
+            assert_eq!(d.feed(wire), Some(wire.len()));
+            assert_eq!(d.finish(), Err(fault));
+        }
+        let mut long = vec![b'x'; MAX_TEXT_LINE + 1];
+        long.extend_from_slice(b"\r\n.\r\n");
+        let mut d = DataDecoder::new(1 << 20);
+        assert_eq!(d.feed(&long), Some(long.len()));
+        assert_eq!(d.finish(), Err(DataFault::LineTooLong));
+        let mut ok = vec![b'x'; MAX_TEXT_LINE];
+        ok.extend_from_slice(b"\r\n.\r\n");
+        let mut d = DataDecoder::new(1 << 20);
+        assert_eq!(d.feed(&ok), Some(ok.len()));
+        assert!(d.finish().is_ok());
+    }
+
+    #[test]
+    fn stuffs() {
+        let mut out = Vec::new();
+        dot_stuff(b".a\r\nb\r\n.\r\n", &mut out);
+        assert_eq!(out, b"..a\r\nb\r\n..\r\n.\r\n");
+    }
+}

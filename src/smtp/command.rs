@@ -1,0 +1,340 @@
+//! SMTP commands (RFC 5321 §4.1): parsed from one line on the server side,
+//! formatted on the client side. Extensions honoured: SIZE (RFC 1870) and
+//! 8BITMIME (RFC 6152); PIPELINING needs nothing at this level.
+
+use std::fmt;
+
+use super::reply::Reply;
+
+/// The body type declared with `MAIL FROM: ... BODY=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyType {
+    /// No BODY parameter or `BODY=7BIT`.
+    #[default]
+    SevenBit,
+    /// `BODY=8BITMIME`.
+    EightBitMime,
+}
+
+/// ESMTP parameters of MAIL FROM that we support.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailParams {
+    /// The size the client declares with `SIZE=`.
+    pub size: Option<u64>,
+    /// The body type declared with `BODY=`.
+    pub body: BodyType,
+}
+
+/// One command a client may send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `EHLO domain`.
+    Ehlo(String),
+    /// `HELO domain`.
+    Helo(String),
+    /// `MAIL FROM:<path> params`; the path without brackets, `""` for `<>`.
+    Mail {
+        /// Reverse path, without angle brackets.
+        from: String,
+        /// Parameters after the path.
+        params: MailParams,
+    },
+    /// `RCPT TO:<path>`; the path without brackets.
+    Rcpt(String),
+    /// `DATA`.
+    Data,
+    /// `RSET`.
+    Rset,
+    /// `NOOP`.
+    Noop,
+    /// `QUIT`.
+    Quit,
+    /// `VRFY`: we never verify (252).
+    Vrfy,
+    /// `HELP`.
+    Help,
+}
+
+/// Why a line is not a command we accept; each maps to one reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandError {
+    /// Unknown verb (500 5.5.2).
+    Unrecognized,
+    /// Known verb with bad arguments (501 5.5.4), and what is wrong.
+    Syntax(&'static str),
+    /// An ESMTP parameter we do not offer (555 5.5.4).
+    UnsupportedParameter(String),
+}
+
+impl CommandError {
+    /// The reply the server sends for this error.
+    pub fn reply(&self) -> Reply {
+        match self {
+            CommandError::Unrecognized => Reply::new(500, "5.5.2 command not recognized"),
+            CommandError::Syntax(what) => Reply::new(501, format!("5.5.4 syntax error: {what}")),
+            CommandError::UnsupportedParameter(p) => {
+                Reply::new(555, format!("5.5.4 unsupported parameter {p}"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.reply())
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl Command {
+    /// Parses one command line, without its CRLF.
+    pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
+        let line =
+            std::str::from_utf8(line).map_err(|_| CommandError::Syntax("non-ASCII octets"))?;
+        if !line.is_ascii() {
+            return Err(CommandError::Syntax("non-ASCII octets"));
+        }
+        let (verb, rest) = match line.find(' ') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, ""),
+        };
+        let verb = verb.to_ascii_uppercase();
+        let no_args = |cmd: Command| {
+            if rest.trim().is_empty() {
+                Ok(cmd)
+            } else {
+                Err(CommandError::Syntax("no arguments expected"))
+            }
+        };
+        match verb.as_str() {
+            "EHLO" | "HELO" => {
+                let domain = rest.trim();
+                if domain.is_empty() || domain.contains(' ') {
+                    return Err(CommandError::Syntax("EHLO/HELO needs one domain"));
+                }
+                Ok(if verb == "EHLO" {
+                    Command::Ehlo(domain.to_string())
+                } else {
+                    Command::Helo(domain.to_string())
+                })
+            }
+            "MAIL" => {
+                let args = strip_prefix_ci(rest, "FROM:")
+                    .ok_or(CommandError::Syntax("expected MAIL FROM:<address>"))?;
+                let (from, params) = split_path(args)?;
+                Ok(Command::Mail {
+                    from,
+                    params: parse_mail_params(params)?,
+                })
+            }
+            "RCPT" => {
+                let args = strip_prefix_ci(rest, "TO:")
+                    .ok_or(CommandError::Syntax("expected RCPT TO:<address>"))?;
+                let (to, params) = split_path(args)?;
+                if let Some(p) = params.split_whitespace().next() {
+                    return Err(CommandError::UnsupportedParameter(p.to_string()));
+                }
+                if to.is_empty() {
+                    return Err(CommandError::Syntax("empty recipient"));
+                }
+                Ok(Command::Rcpt(to))
+            }
+            "DATA" => no_args(Command::Data),
+            "RSET" => no_args(Command::Rset),
+            "QUIT" => no_args(Command::Quit),
+            // NOOP and HELP may carry an argument, which is ignored.
+            "NOOP" => Ok(Command::Noop),
+            "HELP" => Ok(Command::Help),
+            "VRFY" => Ok(Command::Vrfy),
+            _ => Err(CommandError::Unrecognized),
+        }
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Splits `<path> params` into the address inside the brackets and the rest.
+/// A source route (`<@a,@b:user@d>`) is dropped as RFC 5321 §4.1.1.3 allows.
+fn split_path(args: &str) -> Result<(String, &str), CommandError> {
+    // Some clients put a space after the colon; tolerate that one deviation.
+    let args = args.trim_start();
+    let body = args
+        .strip_prefix('<')
+        .ok_or(CommandError::Syntax("address must be in <>"))?;
+    // Find the closing bracket outside any quoted local part.
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut end = None;
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => {
+                end = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let end = end.ok_or(CommandError::Syntax("unterminated <address>"))?;
+    let mut path = &body[..end];
+    if path.starts_with('@') {
+        path = path
+            .split_once(':')
+            .ok_or(CommandError::Syntax("bad source route"))?
+            .1;
+    }
+    let rest = &body[end + 1..];
+    if !rest.is_empty() && !rest.starts_with(' ') {
+        return Err(CommandError::Syntax("garbage after address"));
+    }
+    Ok((path.to_string(), rest))
+}
+
+fn parse_mail_params(params: &str) -> Result<MailParams, CommandError> {
+    let mut out = MailParams::default();
+    for p in params.split_whitespace() {
+        let (key, value) = p.split_once('=').unwrap_or((p, ""));
+        if key.eq_ignore_ascii_case("SIZE") {
+            let size = value
+                .parse()
+                .map_err(|_| CommandError::Syntax("SIZE needs a number"))?;
+            out.size = Some(size);
+        } else if key.eq_ignore_ascii_case("BODY") {
+            out.body = if value.eq_ignore_ascii_case("8BITMIME") {
+                BodyType::EightBitMime
+            } else if value.eq_ignore_ascii_case("7BIT") {
+                BodyType::SevenBit
+            } else {
+                return Err(CommandError::UnsupportedParameter(p.to_string()));
+            };
+        } else {
+            return Err(CommandError::UnsupportedParameter(p.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Client side: the MAIL FROM line with the parameters the peer offered.
+pub fn format_mail(from: &str, size: Option<u64>, body: BodyType) -> String {
+    let mut s = format!("MAIL FROM:<{from}>");
+    if let Some(n) = size {
+        s.push_str(&format!(" SIZE={n}"));
+    }
+    if body == BodyType::EightBitMime {
+        s.push_str(" BODY=8BITMIME");
+    }
+    s.push_str("\r\n");
+    s
+}
+
+/// Client side: the RCPT TO line.
+pub fn format_rcpt(to: &str) -> String {
+    format!("RCPT TO:<{to}>\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mail_with_params() {
+        let c = Command::parse(
+            b"mail from:<+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs> SIZE=2048 BODY=8BITMIME",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Command::Mail {
+                from: "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs".into(),
+                params: MailParams {
+                    size: Some(2048),
+                    body: BodyType::EightBitMime
+                }
+            }
+        );
+        assert_eq!(
+            Command::parse(b"MAIL FROM:<>").unwrap(),
+            Command::Mail {
+                from: String::new(),
+                params: MailParams::default()
+            }
+        );
+        assert_eq!(
+            Command::parse(b"MAIL FROM: <a@b>").unwrap(),
+            Command::Mail {
+                from: "a@b".into(),
+                params: MailParams::default()
+            }
+        );
+    }
+
+    #[test]
+    fn parses_rcpt_quoted_and_routed() {
+        assert_eq!(
+            Command::parse(b"RCPT TO:<\"a>b\"@x>").unwrap(),
+            Command::Rcpt("\"a>b\"@x".into())
+        );
+        assert_eq!(
+            Command::parse(b"RCPT TO:<@relay.example:u@d>").unwrap(),
+            Command::Rcpt("u@d".into())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_lines() {
+        assert_eq!(Command::parse(b"FOO"), Err(CommandError::Unrecognized));
+        assert!(matches!(
+            Command::parse(b"MAIL TO:<a@b>"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse(b"RCPT TO:a@b"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse(b"RCPT TO:<a@b"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse(b"RCPT TO:<>"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse(b"DATA now"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse(b"MAIL FROM:<a@b> SIZE=x"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert!(matches!(
+            Command::parse("EHLO é".as_bytes()),
+            Err(CommandError::Syntax(_))
+        ));
+        assert_eq!(
+            Command::parse(b"MAIL FROM:<a@b> SMTPUTF8"),
+            Err(CommandError::UnsupportedParameter("SMTPUTF8".into()))
+        );
+        assert_eq!(Command::parse(b"EHLO").unwrap_err().reply().code, 501);
+    }
+
+    #[test]
+    fn formats_client_commands() {
+        assert_eq!(
+            format_mail("a@b", Some(10), BodyType::EightBitMime),
+            "MAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\n"
+        );
+        assert_eq!(
+            format_mail("", None, BodyType::SevenBit),
+            "MAIL FROM:<>\r\n"
+        );
+        assert_eq!(format_rcpt("x@y"), "RCPT TO:<x@y>\r\n");
+    }
+}

@@ -1,0 +1,414 @@
+//! The server side of one SMTP session as a state machine: bytes in,
+//! replies out, no sockets.
+//!
+//! ```text
+//!  greeting ─► Fresh ─EHLO/HELO─► Ready ─MAIL─► Mail ─RCPT─► Mail(+rcpts)
+//!                                   ▲                              │ DATA (354)
+//!                                   └── 250/5xx at end of data ◄── Data
+//! ```
+//!
+//! Decisions that need the rest of the relay (routing and relay control at
+//! RCPT, the MM4 check and queueing at the end of DATA) are asked of a
+//! [`Handler`], so the protocol can be tested with byte strings alone.
+//! Commands may be pipelined (RFC 2920): [`Session::feed`] answers every
+//! complete command in its input and the caller sends the replies when it
+//! has no more input to give.
+
+use super::codec::{DataDecoder, DataFault};
+use super::command::{Command, MailParams};
+use super::reply::Reply;
+
+/// Longest command line we read, CRLF included (RFC 5321 says 512; leave
+/// room for long addresses and parameters).
+pub const MAX_COMMAND_LINE: usize = 1024;
+
+/// The envelope of one transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope<R> {
+    /// The name the client gave in EHLO/HELO.
+    pub helo: String,
+    /// The reverse path (`""` for the null sender).
+    pub from: String,
+    /// The MAIL FROM parameters.
+    pub params: MailParams,
+    /// Accepted recipients with what the handler said of each.
+    pub rcpts: Vec<(String, R)>,
+}
+
+/// The relay's side of the decisions a session needs.
+pub trait Handler {
+    /// What the handler remembers of an accepted recipient (its route).
+    type Route;
+    /// Decides on one RCPT: a route, or the reply that refuses it.
+    fn rcpt(&mut self, from: &str, rcpt: &str) -> Result<Self::Route, Reply>;
+    /// Takes a complete message and answers the end of DATA.
+    fn message(&mut self, envelope: Envelope<Self::Route>, data: Vec<u8>) -> Reply;
+}
+
+/// Limits and names a session works with.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Our host name, in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Largest message in octets, advertised with SIZE.
+    pub max_message_size: usize,
+    /// Most recipients in one transaction.
+    pub max_recipients: usize,
+}
+
+/// How much of the input [`Session::feed`] used and whether to hang up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Octets of the input that were used; the rest is an incomplete line.
+    pub consumed: usize,
+    /// The session is over: send the replies, then close.
+    pub close: bool,
+}
+
+enum Phase {
+    Commands,
+    /// Skipping the rest of an over-long command line.
+    Discarding,
+    Data(Box<DataDecoder>),
+    Closed,
+}
+
+/// One SMTP server session.
+pub struct Session<R> {
+    cfg: SessionConfig,
+    phase: Phase,
+    helo: Option<String>,
+    envelope: Option<Envelope<R>>,
+}
+
+impl<R> Session<R> {
+    /// A new session, before the greeting.
+    pub fn new(cfg: SessionConfig) -> Session<R> {
+        Session {
+            cfg,
+            phase: Phase::Commands,
+            helo: None,
+            envelope: None,
+        }
+    }
+
+    /// The 220 greeting to send when the client connects.
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, format!("{} ESMTP mm4relay", self.cfg.hostname))
+    }
+
+    /// True while a transaction is open (MAIL given, not yet finished).
+    pub fn in_transaction(&self) -> bool {
+        self.envelope.is_some()
+    }
+
+    /// True while message data is being received.
+    pub fn in_data(&self) -> bool {
+        matches!(self.phase, Phase::Data(_))
+    }
+
+    /// Processes every complete command or data line in `input`, appending
+    /// replies to `out`.
+    pub fn feed<H: Handler<Route = R>>(
+        &mut self,
+        input: &[u8],
+        handler: &mut H,
+        out: &mut Vec<u8>,
+    ) -> Progress {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match &mut self.phase {
+                Phase::Closed => {
+                    return Progress {
+                        consumed: input.len(),
+                        close: true,
+                    };
+                }
+                Phase::Data(decoder) => match decoder.feed(rest) {
+                    None => {
+                        return Progress {
+                            consumed: input.len(),
+                            close: false,
+                        };
+                    }
+                    Some(n) => {
+                        pos += n;
+                        let Phase::Data(decoder) =
+                            std::mem::replace(&mut self.phase, Phase::Commands)
+                        else {
+                            unreachable!("matched Data above")
+                        };
+                        let reply = self.end_of_data(decoder.finish(), handler);
+                        reply.write_to(out);
+                    }
+                },
+                Phase::Discarding => match rest.iter().position(|&b| b == b'\n') {
+                    None => {
+                        return Progress {
+                            consumed: input.len(),
+                            close: false,
+                        };
+                    }
+                    Some(n) => {
+                        pos += n + 1;
+                        self.phase = Phase::Commands;
+                    }
+                },
+                Phase::Commands => {
+                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() >= MAX_COMMAND_LINE {
+                            Reply::new(500, "5.5.2 line too long").write_to(out);
+                            self.phase = Phase::Discarding;
+                            continue;
+                        }
+                        return Progress {
+                            consumed: pos,
+                            close: false,
+                        };
+                    };
+                    pos += nl + 1;
+                    let reply = if nl + 1 > MAX_COMMAND_LINE {
+                        Reply::new(500, "5.5.2 line too long")
+                    } else if nl == 0 || rest[nl - 1] != b'\r' {
+                        Reply::new(500, "5.5.2 lines must end with CRLF")
+                    } else {
+                        match Command::parse(&rest[..nl - 1]) {
+                            Ok(cmd) => self.command(cmd, handler),
+                            Err(e) => e.reply(),
+                        }
+                    };
+                    reply.write_to(out);
+                }
+            }
+        }
+    }
+
+    fn command<H: Handler<Route = R>>(&mut self, cmd: Command, handler: &mut H) -> Reply {
+        match cmd {
+            Command::Ehlo(domain) => {
+                self.helo = Some(domain);
+                self.envelope = None;
+                Reply {
+                    code: 250,
+                    lines: vec![
+                        self.cfg.hostname.clone(),
+                        "PIPELINING".into(),
+                        format!("SIZE {}", self.cfg.max_message_size),
+                        "8BITMIME".into(),
+                        "ENHANCEDSTATUSCODES".into(),
+                    ],
+                }
+            }
+            Command::Helo(domain) => {
+                self.helo = Some(domain);
+                self.envelope = None;
+                Reply::new(250, self.cfg.hostname.clone())
+            }
+            Command::Mail { from, params } => {
+                let Some(helo) = &self.helo else {
+                    return Reply::new(503, "5.5.1 send EHLO first");
+                };
+                if self.envelope.is_some() {
+                    return Reply::new(503, "5.5.1 nested MAIL command");
+                }
+                if params
+                    .size
+                    .is_some_and(|s| s > self.cfg.max_message_size as u64)
+                {
+                    return Reply::new(552, "5.3.4 message size exceeds fixed limit");
+                }
+                self.envelope = Some(Envelope {
+                    helo: helo.clone(),
+                    from,
+                    params,
+                    rcpts: Vec::new(),
+                });
+                Reply::new(250, "2.1.0 sender ok")
+            }
+            Command::Rcpt(to) => {
+                let Some(env) = &mut self.envelope else {
+                    return Reply::new(503, "5.5.1 need MAIL before RCPT");
+                };
+                if env.rcpts.len() >= self.cfg.max_recipients {
+                    return Reply::new(452, "4.5.3 too many recipients");
+                }
+                match handler.rcpt(&env.from, &to) {
+                    Ok(route) => {
+                        env.rcpts.push((to, route));
+                        Reply::new(250, "2.1.5 recipient ok")
+                    }
+                    Err(reply) => reply,
+                }
+            }
+            Command::Data => match &self.envelope {
+                None => Reply::new(503, "5.5.1 need MAIL before DATA"),
+                Some(env) if env.rcpts.is_empty() => {
+                    self.envelope = None;
+                    Reply::new(554, "5.5.1 no valid recipients")
+                }
+                Some(_) => {
+                    self.phase = Phase::Data(Box::new(DataDecoder::new(self.cfg.max_message_size)));
+                    Reply::new(354, "end data with <CR><LF>.<CR><LF>")
+                }
+            },
+            Command::Rset => {
+                self.envelope = None;
+                Reply::new(250, "2.0.0 reset")
+            }
+            Command::Noop => Reply::new(250, "2.0.0 ok"),
+            Command::Vrfy => Reply::new(252, "2.5.0 cannot VRFY user, but will accept message"),
+            Command::Help => Reply::new(214, "2.0.0 see RFC 5321"),
+            Command::Quit => {
+                self.phase = Phase::Closed;
+                self.envelope = None;
+                Reply::new(
+                    221,
+                    format!("2.0.0 {} closing connection", self.cfg.hostname),
+                )
+            }
+        }
+    }
+
+    fn end_of_data<H: Handler<Route = R>>(
+        &mut self,
+        data: Result<Vec<u8>, DataFault>,
+        handler: &mut H,
+    ) -> Reply {
+        let env = self.envelope.take().expect("DATA phase has an envelope");
+        match data {
+            Ok(data) => handler.message(env, data),
+            Err(DataFault::TooBig) => Reply::new(552, "5.3.4 message size exceeds fixed limit"),
+            Err(fault) => Reply::new(554, format!("5.6.0 {fault}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Routes `*@ok` to 1, refuses everything else; keeps what it got.
+    #[derive(Default)]
+    struct Recorder {
+        messages: Vec<(Envelope<u8>, Vec<u8>)>,
+    }
+
+    impl Handler for Recorder {
+        type Route = u8;
+        fn rcpt(&mut self, _from: &str, rcpt: &str) -> Result<u8, Reply> {
+            if rcpt.ends_with("@ok") {
+                Ok(1)
+            } else {
+                Err(Reply::new(550, "5.1.2 unroutable"))
+            }
+        }
+        fn message(&mut self, envelope: Envelope<u8>, data: Vec<u8>) -> Reply {
+            self.messages.push((envelope, data));
+            Reply::new(250, "2.0.0 queued")
+        }
+    }
+
+    fn session() -> Session<u8> {
+        Session::new(SessionConfig {
+            hostname: "relay.test".into(),
+            max_message_size: 100,
+            max_recipients: 2,
+        })
+    }
+
+    /// Feeds `input` in two pieces cut at `cut`, as a listener would.
+    fn run(input: &[u8], cut: usize) -> (String, Recorder, bool) {
+        let mut s = session();
+        let mut h = Recorder::default();
+        let mut out = Vec::new();
+        let mut buf = input[..cut].to_vec();
+        let p = s.feed(&buf, &mut h, &mut out);
+        buf.drain(..p.consumed);
+        buf.extend_from_slice(&input[cut..]);
+        let p = s.feed(&buf, &mut h, &mut out);
+        (String::from_utf8(out).unwrap(), h, p.close)
+    }
+
+    fn codes(replies: &str) -> Vec<&str> {
+        replies
+            .lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_transaction_at_every_cut() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@b> SIZE=20\r\nRCPT TO:<x@ok>\r\nRCPT TO:<y@no>\r\nDATA\r\nhi\r\n..dot\r\n.\r\nQUIT\r\n";
+        for cut in 0..=input.len() {
+            let (out, h, close) = run(input, cut);
+            assert_eq!(
+                codes(&out),
+                ["250", "250", "250", "550", "354", "250", "221"],
+                "cut {cut}"
+            );
+            assert!(close);
+            assert_eq!(h.messages.len(), 1);
+            let (env, data) = &h.messages[0];
+            assert_eq!(env.rcpts, vec![("x@ok".to_string(), 1)]);
+            assert_eq!(data, b"hi\r\n.dot\r\n");
+        }
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let (out, h, _) = run(b"MAIL FROM:<a@b>\r\nHELO c\r\nRCPT TO:<x@ok>\r\nDATA\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nDATA\r\n", 0);
+        assert_eq!(
+            codes(&out),
+            ["503", "250", "503", "503", "250", "503", "554"]
+        );
+        assert!(h.messages.is_empty());
+    }
+
+    #[test]
+    fn size_and_recipient_limits() {
+        let (out, _, _) = run(
+            b"EHLO c\r\nMAIL FROM:<a@b> SIZE=101\r\nRCPT TO:<x@ok>\r\n",
+            0,
+        );
+        assert_eq!(codes(&out), ["250", "552", "503"]);
+        let (out, _, _) = run(
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nRCPT TO:<y@ok>\r\nRCPT TO:<z@ok>\r\n",
+            0,
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "250", "452"]);
+        let mut big = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\n".to_vec();
+        big.extend_from_slice(&[b'x'; 150]);
+        big.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let (out, h, _) = run(&big, 0);
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "552", "250"]);
+        assert!(h.messages.is_empty());
+    }
+
+    #[test]
+    fn bare_lf_and_long_lines() {
+        let (out, _, _) = run(b"EHLO c\nNOOP\r\n", 0);
+        assert_eq!(codes(&out), ["500", "250"]);
+        let mut long = vec![b'N'; MAX_COMMAND_LINE + 10];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        for cut in [0, 10, MAX_COMMAND_LINE, long.len()] {
+            let (out, _, _) = run(&long, cut);
+            assert_eq!(codes(&out), ["500", "250"], "cut {cut}");
+        }
+        let (out, h, _) =
+            run(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\nx\n.\nMAIL FROM:<e@f>\r\n.\r\n", 0);
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "554"]);
+        assert!(out.contains("bare LF"));
+        assert!(h.messages.is_empty());
+    }
+
+    #[test]
+    fn advertises_extensions() {
+        let (out, _, _) = run(b"EHLO c\r\nVRFY x\r\nRSET\r\nNOOP\r\n", 0);
+        for ext in ["PIPELINING", "SIZE 100", "8BITMIME", "ENHANCEDSTATUSCODES"] {
+            assert!(out.contains(ext), "{ext} missing in {out}");
+        }
+        assert_eq!(codes(&out), ["250", "252", "250", "250"]);
+    }
+}
