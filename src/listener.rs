@@ -76,6 +76,14 @@ impl Handler for RelayHandler {
     type Route = PeerId;
 
     fn rcpt(&mut self, _from: &str, rcpt: &str) -> Result<PeerId, Reply> {
+        if self.class == ClientClass::Unknown {
+            // Say nothing about routes to a stranger.
+            info!(
+                "relay denied: client=[{}] is not a known MMSC, to=<{rcpt}>",
+                self.client_ip
+            );
+            return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
+        }
         let addr = Address::parse_envelope(rcpt)
             .map_err(|e| Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")))?;
         let peer = self.inbound.router.route(&addr).ok_or_else(|| {

@@ -1,0 +1,145 @@
+//! The real `mm4relay` binary: configuration errors, `check`, and a clean
+//! stop on SIGTERM with nothing in flight lost.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mm4relay::sim::{SimPeer, forward_req};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("mm4relay.ini");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_names_file_section_key_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[listener]\nlisten = 127.0.0.1:0\n[peer.A]\nhosts = 127.0.0.1:1\nmax_connections = lots\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: [peer.A] max_connections = \"lots\": expected a whole number",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_prints_peers_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &Profile::default().ini(["127.0.0.1:1".parse().unwrap(); 3]),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ported +12025550177 -> C"), "{text}");
+    assert!(text.contains("+1202555"), "{text}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = Command::new(BIN).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn sigterm_stops_cleanly_after_delivering() {
+    let sims = [
+        SimPeer::start(true).unwrap(),
+        SimPeer::start(true).unwrap(),
+        SimPeer::start(true).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()]),
+    );
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            log.read_line(&mut line).unwrap() > 0,
+            "relay exited before listening"
+        );
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    let mut c = Client::connect(LOCAL, addr);
+    let reply = send_message(
+        &mut c,
+        "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs",
+        &[rcpt],
+        &forward_req(7, rcpt, 800),
+    );
+    assert_eq!(reply.code, 250);
+    assert!(sims[1].wait_for_recipients(1, DEADLINE));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The open session is told the relay is going away, then closed.
+    assert_eq!(c.reply().code, 421);
+    assert!(c.closed());
+    let end = Instant::now() + DEADLINE;
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            child.kill().unwrap();
+            panic!("relay did not stop after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let rest: Vec<String> = log.lines().map(Result::unwrap).collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("status=sent") && l.contains("mid=M00000007")),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("nothing left to deliver")),
+        "{rest:?}"
+    );
+}

@@ -1,0 +1,272 @@
+//! Delivery behaviour over loopback: routing and splitting, persistent
+//! connections, relay control, and how faults at one peer are handled.
+
+use std::sync::Arc;
+
+use mm4relay::sim::{Fault, Outgoing, forward_req, send_load};
+
+use crate::support::*;
+
+const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+const TO_C: &str = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
+/// Ported: B's prefix and domain, but routed to C.
+const TO_PORTED: &str = "+12025550177/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+
+fn load(rcpts: &[&str], n: usize) -> Arc<Vec<Outgoing>> {
+    Arc::new(
+        (0..n)
+            .map(|i| {
+                let rcpt = rcpts[i % rcpts.len()].to_string();
+                Outgoing {
+                    from: FROM.into(),
+                    data: forward_req(i, &rcpt, 2048),
+                    rcpts: vec![rcpt],
+                }
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn splits_by_peer_and_keeps_the_body_byte_identical() {
+    let mut h = Harness::start();
+    let body = fixture("forward_split.eml");
+    let mut c = h.client(LOCAL);
+    let reply = send_message(&mut c, FROM, &[TO_A, TO_B, TO_PORTED, TO_C], &body);
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(reply.text().contains("queued as"));
+    for (i, want) in [1, 1, 2].into_iter().enumerate() {
+        assert!(h.sims[i].wait_for_recipients(want, DEADLINE), "peer {i}");
+    }
+    let expected: [&[&str]; 3] = [&[TO_A], &[TO_B], &[TO_PORTED, TO_C]];
+    for (i, sim) in h.sims.iter().enumerate() {
+        let got = sim.received();
+        assert_eq!(got.len(), 1, "peer {i}: one transaction per peer");
+        assert_eq!(
+            got[0].rcpts, expected[i],
+            "peer {i} got another peer's recipients"
+        );
+        assert_eq!(got[0].from, FROM);
+        assert_eq!(
+            strip_trace(&got[0].data),
+            body.as_slice(),
+            "peer {i}: body changed"
+        );
+    }
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+#[test]
+fn many_messages_use_few_persistent_connections() {
+    let mut h = Harness::with(Profile {
+        max_connections: [2, 3, 2],
+        ..Profile::default()
+    });
+    let n = 600;
+    let report = send_load(h.addr, 6, load(&[TO_B], n));
+    assert_eq!(report.accepted, n);
+    assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
+    // The sink counts before it answers: wait for the relay to hear the 250s.
+    wait_until("B's sent counter", || h.peer(1).sent == n as u64);
+    h.stop_relay();
+    let b = &h.sims[1];
+    assert!(
+        b.connections() <= 3,
+        "{} connections to B for {n} messages",
+        b.connections()
+    );
+    assert!(b.max_open() <= 3);
+    // The idle peers hold exactly their pre-established min_connections.
+    assert_eq!(h.sims[0].connections(), 1);
+    assert_eq!(h.sims[2].connections(), 1);
+}
+
+#[test]
+fn relay_control_and_address_checks_at_rcpt() {
+    let h = Harness::start();
+    let expect = |client: &str, rcpt: &str, code: u16, status: &str| {
+        let mut c = h.client(client);
+        assert_eq!(c.cmd("EHLO t").code, 250);
+        assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        assert_eq!(
+            (r.code, &r.text()[..5]),
+            (code, status),
+            "{client} -> {rcpt}: {r}"
+        );
+    };
+    expect(LOCAL, TO_C, 250, "2.1.5");
+    expect(
+        LOCAL,
+        "+99955501234/TYPE=PLMN@mms.mnc099.mcc998.gprs",
+        550,
+        "5.1.2",
+    );
+    expect(LOCAL, "user@example.org", 550, "5.1.2");
+    expect(
+        LOCAL,
+        "+4477OO900123/TYPE=PLMN@mms.mnc010.mcc001.gprs",
+        553,
+        "5.1.3",
+    );
+    expect(PARTNER_B, TO_A, 250, "2.1.5");
+    expect(PARTNER_B, TO_C, 550, "5.7.1");
+    expect(PARTNER_B, TO_B, 550, "5.7.1");
+    expect(PARTNER_C, "mm4gw@mms.mnc010.mcc001.gprs", 250, "2.1.5");
+    expect(UNKNOWN, TO_A, 550, "5.7.1");
+}
+
+#[test]
+fn a_report_from_a_partner_reaches_the_local_mmsc() {
+    let h = Harness::start();
+    let mut c = h.client(PARTNER_B);
+    let reply = send_message(
+        &mut c,
+        "mm4@mms.mnc020.mcc001.gprs",
+        &[FROM],
+        &fixture("delivery_report.eml"),
+    );
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    // The same report to another recipient than its To header is refused.
+    let reply = send_message(
+        &mut c,
+        "mm4@mms.mnc020.mcc001.gprs",
+        &[TO_A],
+        &fixture("delivery_report.eml"),
+    );
+    assert_eq!(reply.code, 554, "{reply}");
+}
+
+#[test]
+fn smuggled_commands_in_data_are_refused_once() {
+    let mut h = Harness::start();
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}>")).code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(&fixture("smuggling_raw.eml"));
+    c.send(b"\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 554, "{r}");
+    assert!(r.text().contains("bare LF"), "{r}");
+    assert_eq!(c.cmd("NOOP").code, 250, "a smuggled command was answered");
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[1].messages() + h.sims[0].messages(), 0);
+}
+
+#[test]
+fn temporary_failures_are_retried_until_the_peer_recovers() {
+    let mut h = Harness::start();
+    h.sims[1].set_fault(Fault::TempFail);
+    let n = 20;
+    assert_eq!(send_load(h.addr, 2, load(&[TO_B], n)).accepted, n);
+    wait_until("20 deferrals at B", || h.peer(1).deferred >= n as u64);
+    assert_eq!(h.sims[1].recipients(), 0);
+    h.sims[1].set_fault(Fault::None);
+    assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[1].recipients(), n as u64, "delivered twice");
+}
+
+#[test]
+fn a_connection_lost_after_data_defers_and_retries() {
+    let mut h = Harness::start();
+    h.sims[1].set_fault(Fault::DropAfterData);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500)).code,
+        250
+    );
+    wait_until("a deferral at B", || h.peer(1).deferred >= 1);
+    h.sims[1].set_fault(Fault::None);
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+#[test]
+fn a_permanent_failure_is_not_retried() {
+    let mut h = Harness::start();
+    h.sims[1].set_fault(Fault::PermFail);
+    let mut c = h.client(LOCAL);
+    for i in 0..3 {
+        assert_eq!(
+            send_message(&mut c, FROM, &[TO_B], &forward_req(i, TO_B, 500)).code,
+            250
+        );
+    }
+    wait_until("3 failures at B", || h.peer(1).failed == 3);
+    assert_eq!(h.peer(1).deferred, 0, "a 5xx was retried");
+    assert_eq!(h.sims[1].recipients(), 0);
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+#[test]
+fn a_peer_answering_421_is_retried_on_a_new_connection() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::Busy);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(1, TO_C, 500)).code,
+        250
+    );
+    wait_until("a deferral at C", || h.peer(2).deferred >= 1);
+    assert!(
+        h.peer(2).last_error.contains("421"),
+        "{}",
+        h.peer(2).last_error
+    );
+    h.sims[2].set_fault(Fault::None);
+    assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+#[test]
+fn a_dead_peer_does_not_hold_up_the_others() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::NoGreeting);
+    let per_peer = 100;
+    let report = send_load(h.addr, 6, load(&[TO_A, TO_B, TO_C], 3 * per_peer));
+    assert_eq!(
+        report.accepted,
+        3 * per_peer,
+        "accepting must not wait for C"
+    );
+    assert!(h.sims[0].wait_for_recipients(per_peer as u64, DEADLINE));
+    assert!(h.sims[1].wait_for_recipients(per_peer as u64, DEADLINE));
+    wait_until("C's greeting to time out", || {
+        h.peer(2).last_error.contains("timed out")
+    });
+    assert_eq!(h.sims[2].recipients(), 0);
+    assert_eq!(h.peer(2).sent, 0);
+    // Everything for C is still held by the relay, nothing was dropped.
+    let stop = h.stop_relay();
+    assert_eq!(
+        stop.undelivered, per_peer,
+        "C's messages must all still be queued"
+    );
+}
+
+#[test]
+fn sessions_over_the_limit_get_421() {
+    let h = Harness::with(Profile {
+        extra_listener: "max_sessions = 2".into(),
+        ..Profile::default()
+    });
+    let _a = h.client(LOCAL);
+    let _b = h.client(LOCAL);
+    let socket = std::net::TcpStream::connect(h.addr).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).unwrap();
+    assert!(line.starts_with("421 4.3.2"), "{line}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests over loopback: the relay in-process with simulated
+//! peers, and the real binary for the command line and signals.
+
+mod binary;
+mod corpus;
+mod delivery;
+mod support;

@@ -1,0 +1,233 @@
+//! Test support: the corpus profile relay with three simulated peers, a
+//! scripted SMTP client that can connect from any 127.0.0.x address, the
+//! one helper that finds the shared MM4 corpus, and polling with deadlines.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mm4relay::config::Config;
+use mm4relay::peer::PeerSnapshot;
+use mm4relay::relay::{Relay, StopReport};
+use mm4relay::sim::SimPeer;
+use mm4relay::smtp::Reply;
+use mm4relay::smtp::codec::dot_stuff;
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Client addresses of the corpus profile.
+pub const LOCAL: &str = "127.0.0.1";
+pub const PARTNER_B: &str = "127.0.0.2";
+pub const PARTNER_C: &str = "127.0.0.3";
+pub const UNKNOWN: &str = "127.0.0.9";
+
+/// The shared corpus (`../shared/mm4-corpus` or `$MM4_CORPUS`), if present.
+pub fn corpus_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("MM4_CORPUS") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/mm4-corpus"),
+    };
+    dir.join("README.md").is_file().then_some(dir)
+}
+
+/// Our own fixtures under `tests/data`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Polls `cond` until it holds or [`DEADLINE`] passes.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The routing profile of the corpus README, with tunable peer settings.
+pub struct Profile {
+    pub max_connections: [usize; 3],
+    pub min_connections: [usize; 3],
+    pub extra_relay: String,
+    pub extra_listener: String,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            max_connections: [4, 4, 4],
+            min_connections: [1, 1, 1],
+            extra_relay: String::new(),
+            extra_listener: String::new(),
+        }
+    }
+}
+
+impl Profile {
+    /// The INI text for peers at `addrs` (A, B, C).
+    pub fn ini(&self, addrs: [SocketAddr; 3]) -> String {
+        format!(
+            "[relay]\nhostname = relay.test\nmax_connections = 32\nretry_min = 100ms\nretry_max = 400ms\n\
+             shutdown_timeout = 5s\n{}\n\
+             [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
+             max_recipients = 100\nmm4_check = strict\n{}\n\
+             [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
+             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\n\n\
+             [peer.B]\nhosts = {}\ndomains = mms.mnc020.mcc001.gprs\nprefixes = +1202555\naccept_from = {PARTNER_B}\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n\n\
+             [peer.C]\nhosts = {}\ndomains = mms.mnc456.mcc999.gprs\nprefixes = +61491570\naccept_from = {PARTNER_C}\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n\n\
+             [ported]\n+12025550177 = C\n",
+            self.extra_relay,
+            self.extra_listener,
+            addrs[0],
+            self.min_connections[0],
+            self.max_connections[0],
+            addrs[1],
+            self.min_connections[1],
+            self.max_connections[1],
+            addrs[2],
+            self.min_connections[2],
+            self.max_connections[2],
+        )
+    }
+}
+
+/// A relay with peers A (local), B and C as simulated MMSCs.
+pub struct Harness {
+    pub relay: Option<Relay>,
+    pub sims: [SimPeer; 3],
+    pub addr: SocketAddr,
+}
+
+impl Harness {
+    pub fn start() -> Harness {
+        Harness::with(Profile::default())
+    }
+
+    pub fn with(profile: Profile) -> Harness {
+        let sims = [
+            SimPeer::start(true).unwrap(),
+            SimPeer::start(true).unwrap(),
+            SimPeer::start(true).unwrap(),
+        ];
+        let ini = profile.ini([sims[0].addr(), sims[1].addr(), sims[2].addr()]);
+        let config = Config::parse(&ini, Path::new("test.ini")).unwrap();
+        let relay = Relay::start(&config).unwrap();
+        let addr = relay.local_addrs()[0];
+        Harness {
+            relay: Some(relay),
+            sims,
+            addr,
+        }
+    }
+
+    pub fn peer(&self, i: usize) -> PeerSnapshot {
+        self.relay.as_ref().unwrap().peer_snapshots()[i].clone()
+    }
+
+    /// Stops the relay (joining all its threads) and reports leftovers.
+    pub fn stop_relay(&mut self) -> StopReport {
+        self.relay.take().map(Relay::shutdown).unwrap_or_default()
+    }
+
+    pub fn client(&self, from_ip: &str) -> Client {
+        Client::connect(from_ip, self.addr)
+    }
+}
+
+/// A scripted SMTP client, one command at a time.
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects to `target` from the loopback address `from_ip`.
+    pub fn connect(from_ip: &str, target: SocketAddr) -> Client {
+        let ip: IpAddr = from_ip.parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+        socket.connect(&target.into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+        };
+        let greeting = c.reply();
+        assert_eq!(greeting.code, 220, "{greeting}");
+        c
+    }
+
+    /// Reads one reply.
+    pub fn reply(&mut self) -> Reply {
+        loop {
+            if let Some((r, n)) = Reply::parse(&self.buf).unwrap() {
+                self.buf.drain(..n);
+                return r;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).expect("reply from relay");
+            assert!(n > 0, "relay closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends one line (CRLF added) and reads the reply.
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends message data dot-stuffed with the end marker; reads the reply.
+    pub fn data(&mut self, body: &[u8]) -> Reply {
+        let mut wire = Vec::new();
+        dot_stuff(body, &mut wire);
+        self.send(&wire);
+        self.reply()
+    }
+
+    /// True if the relay closed the connection (after a 421, say).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A whole transaction: EHLO, MAIL, RCPTs, DATA, body. Panics unless
+/// everything is accepted; returns the final reply.
+pub fn send_message(client: &mut Client, from: &str, rcpts: &[&str], body: &[u8]) -> Reply {
+    assert_eq!(client.cmd("EHLO client.test").code, 250);
+    assert_eq!(client.cmd(&format!("MAIL FROM:<{from}>")).code, 250);
+    for r in rcpts {
+        let reply = client.cmd(&format!("RCPT TO:<{r}>"));
+        assert_eq!(reply.code, 250, "RCPT {r}: {reply}");
+    }
+    assert_eq!(client.cmd("DATA").code, 354);
+    client.data(body)
+}
+
+/// The data a peer received, without the `Received:` line the relay added.
+pub fn strip_trace(data: &[u8]) -> &[u8] {
+    assert!(data.starts_with(b"Received: "), "no trace header first");
+    let mut pos = 0;
+    loop {
+        let end = data[pos..].iter().position(|&b| b == b'\n').unwrap() + pos + 1;
+        pos = end;
+        if !matches!(data.get(pos), Some(b' ' | b'\t')) {
+            return &data[pos..];
+        }
+    }
+}
