@@ -1,1 +1,253 @@
-fn main() {}
+//! End-to-end load bench: the real `mm4relay` binary between a load
+//! generator (16 inbound sessions) and three simulated MMSCs on loopback.
+//!
+//! Each round first sends the load straight to the simulated peers (the
+//! baseline: what the generator and sinks can do on this machine now), then
+//! through the relay, and reports the relay's throughput as a ratio of the
+//! baseline measured in the same round. Also reported: TCP connections the
+//! relay opened per peer, and the relay's peak RSS (VmHWM).
+//!
+//! `cargo bench --bench e2e`; `E2E_MESSAGES` (default 20000), `E2E_ROUNDS`
+//! (default 3), `E2E_SESSIONS` (default 16), `E2E_SIZE` (default 2048) and
+//! `E2E_LOG_LEVEL` (default info: one log line per disposition, as in
+//! production).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mm4relay::sim::{Outgoing, SimPeer, forward_req, send_load};
+
+const PEERS: [(&str, &str, &str, bool); 3] = [
+    ("A", "mms.mnc010.mcc001.gprs", "+447700900", true),
+    ("B", "mms.mnc020.mcc001.gprs", "+1202555", false),
+    ("C", "mms.mnc456.mcc999.gprs", "+61491570", false),
+];
+const MAX_CONNECTIONS: usize = 4;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn messages(n: usize, size: usize) -> Vec<Vec<Outgoing>> {
+    let mut per_peer = vec![Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..n {
+        let (_, domain, prefix, _) = PEERS[i % 3];
+        let rcpt = format!("{prefix}{:04}/TYPE=PLMN@{domain}", i % 10_000);
+        per_peer[i % 3].push(Outgoing {
+            from: "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs".into(),
+            data: forward_req(i, &rcpt, size),
+            rcpts: vec![rcpt],
+        });
+    }
+    per_peer
+}
+
+fn wait_delivered(sims: &[SimPeer; 3], want: [u64; 3], limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    sims.iter()
+        .zip(want)
+        .all(|(s, w)| s.wait_for_recipients(w, end.saturating_duration_since(Instant::now())))
+}
+
+/// Sends straight to the sinks: sessions split over the three peers.
+fn baseline(sims: &[SimPeer; 3], per_peer: &[Vec<Outgoing>], sessions: usize) -> Duration {
+    let start = Instant::now();
+    let handles: Vec<_> = sims
+        .iter()
+        .zip(per_peer)
+        .enumerate()
+        .map(|(i, (sim, msgs))| {
+            let share = sessions / 3 + usize::from(i < sessions % 3);
+            let (addr, msgs) = (sim.addr(), Arc::new(msgs.clone()));
+            thread::spawn(move || send_load(addr, share, msgs))
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.refused, 0, "baseline refused messages");
+    }
+    start.elapsed()
+}
+
+fn config(
+    sims: &[SimPeer; 3],
+    dir: &std::path::Path,
+    listen: SocketAddr,
+    log_level: &str,
+) -> String {
+    let mut ini = format!(
+        "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\n\
+         [listener]\nlisten = {listen}\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
+        dir.join("mm4relay.log").display()
+    );
+    for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
+        ini.push_str(&format!(
+            "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\nlocal = {}\n\
+             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\n\n",
+            sim.addr(),
+            if *local { "yes" } else { "no" }
+        ));
+    }
+    ini
+}
+
+/// The relay as a child process; killed if the bench fails half-way.
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    fn start(config_path: &std::path::Path, addr: SocketAddr) -> RelayProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_mm4relay"))
+            .args(["run", "-c"])
+            .arg(config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mm4relay");
+        let relay = RelayProcess(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < end,
+                "relay did not start listening on {addr}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        relay
+    }
+
+    /// Peak resident set size (VmHWM) so far.
+    fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait for the drain; returns whether it exited 0.
+    fn stop(mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn main() {
+    // `cargo test --benches` runs benches with --bench absent: stay quick.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e: run with `cargo bench --bench e2e`");
+        return;
+    }
+    let n = env_or("E2E_MESSAGES", 20_000);
+    let rounds = env_or("E2E_ROUNDS", 3);
+    let sessions = env_or("E2E_SESSIONS", 16);
+    let size = env_or("E2E_SIZE", 2048);
+    let log_level = std::env::var("E2E_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let per_peer = messages(n, size);
+    let all: Arc<Vec<Outgoing>> =
+        Arc::new((0..n).map(|i| per_peer[i % 3][i / 3].clone()).collect());
+    let want: Vec<u64> = per_peer.iter().map(|m| m.len() as u64).collect();
+    println!(
+        "e2e: {n} MM4_forward.REQ of {size} octets, {sessions} inbound sessions, 3 peers, {rounds} rounds, log {log_level}"
+    );
+    println!(
+        "{:>5} {:>12} {:>12} {:>12} {:>8} {:>22} {:>12}",
+        "round",
+        "direct msg/s",
+        "accept msg/s",
+        "relay msg/s",
+        "ratio",
+        "connections A/B/C",
+        "peak RSS"
+    );
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let sims = [
+            SimPeer::start(false).unwrap(),
+            SimPeer::start(false).unwrap(),
+            SimPeer::start(false).unwrap(),
+        ];
+        let direct = baseline(&sims, &per_peer, sessions);
+        let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
+        let conns_before: Vec<u64> = sims.iter().map(SimPeer::connections).collect();
+
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("mm4relay.ini");
+        let addr = free_addr();
+        std::fs::write(&config_path, config(&sims, dir.path(), addr, &log_level)).unwrap();
+        let relay = RelayProcess::start(&config_path, addr);
+        let start = Instant::now();
+        let report = send_load(addr, sessions, all.clone());
+        let targets = [base[0] + want[0], base[1] + want[1], base[2] + want[2]];
+        let delivered = wait_delivered(&sims, targets, Duration::from_secs(300));
+        let relay_time = start.elapsed();
+        let rss = relay.peak_rss_kib();
+        assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
+        assert_eq!(
+            report.accepted, n,
+            "relay refused {} messages",
+            report.refused
+        );
+        assert!(delivered, "relay did not deliver everything");
+
+        let conns: Vec<u64> = sims
+            .iter()
+            .zip(&conns_before)
+            .map(|(s, b)| s.connections() - b)
+            .collect();
+        let direct_rate = n as f64 / direct.as_secs_f64();
+        let relay_rate = n as f64 / relay_time.as_secs_f64();
+        let ratio = relay_rate / direct_rate;
+        ratios.push(ratio);
+        println!(
+            "{round:>5} {direct_rate:>12.0} {:>12.0} {relay_rate:>12.0} {ratio:>8.2} {:>22} {:>9} KiB",
+            n as f64 / report.elapsed.as_secs_f64(),
+            format!(
+                "{}/{}/{} (max {MAX_CONNECTIONS})",
+                conns[0], conns[1], conns[2]
+            ),
+            rss
+        );
+        for s in sims {
+            s.stop();
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
+}

@@ -11,6 +11,7 @@ pub mod access;
 pub mod config;
 pub mod demo;
 pub mod listener;
+pub mod logging;
 pub mod message;
 pub mod mm4;
 pub mod peer;

@@ -336,6 +336,7 @@ fn serve(
     in_data: &AtomicBool,
     stopping: &AtomicBool,
 ) -> io::Result<()> {
+    stream.set_nodelay(true)?;
     let ip = peer.ip().to_canonical();
     let class = inbound.access.classify(ip);
     debug!("session from [{ip}] class={class:?}");
@@ -351,6 +352,7 @@ fn serve(
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut data_deadline: Option<Instant> = None;
+    let mut read_timeout = Duration::ZERO;
     loop {
         let timeout = match data_deadline {
             Some(deadline) => {
@@ -363,7 +365,17 @@ fn serve(
             }
             None => inbound.command_timeout,
         };
-        stream.set_read_timeout(Some(timeout))?;
+        // A setsockopt per read would cost as much as the read: set on change.
+        // Inside DATA the time left shrinks with every read: whole seconds.
+        let timeout = if timeout > Duration::from_secs(1) {
+            Duration::from_secs(timeout.as_secs())
+        } else {
+            timeout.max(Duration::from_millis(1))
+        };
+        if timeout != read_timeout {
+            stream.set_read_timeout(Some(timeout))?;
+            read_timeout = timeout;
+        }
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,

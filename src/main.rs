@@ -9,8 +9,7 @@ use std::time::Duration;
 use log::LevelFilter;
 use mm4relay::config::Config;
 use mm4relay::demo::{self, DemoOptions};
-use mm4relay::relay;
-use simplelog::{ConfigBuilder, WriteLogger};
+use mm4relay::{logging, relay};
 
 const USAGE: &str = "\
 mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
@@ -74,26 +73,6 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
     }
 }
 
-fn init_logging(level: LevelFilter, file: Option<&PathBuf>) -> Result<(), String> {
-    let config = ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Off)
-        .build();
-    let result = match file {
-        Some(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            WriteLogger::init(level, config, f)
-        }
-        None => WriteLogger::init(level, config, std::io::stderr()),
-    };
-    result.map_err(|e| e.to_string())
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = match parse_args(&args) {
@@ -131,10 +110,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if let Err(e) = init_logging(config.relay.log_level, config.relay.log_file.as_ref()) {
-                eprintln!("mm4relay: {e}");
-                return ExitCode::from(2);
-            }
+            let _log = match logging::init(config.relay.log_level, config.relay.log_file.as_deref())
+            {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("mm4relay: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             match relay::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -145,9 +128,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo(opts) => {
-            if let Err(e) = init_logging(LevelFilter::Warn, None) {
-                eprintln!("mm4relay: {e}");
-            }
+            let _log =
+                logging::init(LevelFilter::Warn, None).map_err(|e| eprintln!("mm4relay: {e}"));
             match demo::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

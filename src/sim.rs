@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::peer::{Connection, Delivery, Timeouts};
+use crate::peer::{Connection, Delivery, Outbound, Timeouts};
 use crate::smtp::Reply;
 use crate::smtp::command::BodyType;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
@@ -339,6 +339,21 @@ pub struct Outgoing {
     pub data: Vec<u8>,
 }
 
+impl Outbound for &Outgoing {
+    fn from(&self) -> &str {
+        &self.from
+    }
+    fn rcpts(&self) -> &[String] {
+        &self.rcpts
+    }
+    fn data(&self) -> &[u8] {
+        &self.data
+    }
+    fn body_type(&self) -> BodyType {
+        BodyType::SevenBit
+    }
+}
+
 /// What a load run achieved.
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
@@ -380,7 +395,7 @@ pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing
                         continue;
                     };
                     let t = Instant::now();
-                    match c.deliver(&m.from, &m.rcpts, &m.data, BodyType::SevenBit) {
+                    match c.deliver(m) {
                         Ok(Delivery::Replies(r)) if r.iter().all(Reply::is_positive) => {
                             report.accepted += 1;
                             report.latencies.push(t.elapsed());

@@ -9,7 +9,7 @@
 mod connection;
 mod worker;
 
-pub use connection::{ConnError, Connection, Delivery, Timeouts};
+pub use connection::{ConnError, Connection, Delivery, Outbound, Timeouts};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;

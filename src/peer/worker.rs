@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{info, warn};
 
 use super::connection::{ConnError, Connection, Delivery};
@@ -161,11 +161,40 @@ impl Worker {
                 return;
             }
         }
-        let conn = self.conn.as_mut().expect("connected above");
-        let msg = job.message.clone();
-        match conn.deliver(&msg.from, &job.rcpts, &msg.data, msg.body_type) {
-            Ok(Delivery::Replies(replies)) => self.dispose(job, replies),
-            Ok(Delivery::Refused(refusal)) => {
+        // Chain further jobs from the pool onto this connection while they
+        // are waiting, unless the relay is stopping.
+        let mut conn = self.conn.take().expect("connected above");
+        let (jobs, stop) = (self.jobs.clone(), self.ctx.stop.clone());
+        let next = || {
+            if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+                return None;
+            }
+            jobs.try_recv().ok().map(|mut j| {
+                j.attempts += 1;
+                j
+            })
+        };
+        match conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery)) {
+            Ok(()) => self.conn = Some(conn),
+            Err((e, unknown)) => {
+                *self.peer.stats.last_error.lock() = e.to_string();
+                drop(conn);
+                self.closed();
+                let reason = match e {
+                    ConnError::ServiceClosing(r) => r.to_string(),
+                    other => other.to_string(),
+                };
+                for job in unknown {
+                    self.defer(job, &reason);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, job: Job, delivery: Delivery) {
+        let replies = match delivery {
+            Delivery::Replies(r) => r,
+            Delivery::Refused(refusal) => {
                 let reply = match refusal {
                     Refusal::TooBig { size, limit } => Reply::new(
                         552,
@@ -173,19 +202,10 @@ impl Worker {
                     ),
                     Refusal::No8BitMime => Reply::new(554, "5.6.3 peer does not offer 8BITMIME"),
                 };
-                let replies = vec![reply; job.rcpts.len()];
-                self.dispose(job, replies);
+                vec![reply; job.rcpts.len()]
             }
-            Err(e) => {
-                *self.peer.stats.last_error.lock() = e.to_string();
-                self.drop_connection();
-                let reason = match e {
-                    ConnError::ServiceClosing(r) => r.to_string(),
-                    other => other.to_string(),
-                };
-                self.defer(job, &reason);
-            }
-        }
+        };
+        self.dispose(job, replies);
     }
 
     /// Splits recipients by the class of their reply: logs each group,

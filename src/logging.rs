@@ -1,0 +1,137 @@
+//! Logging: log + simplelog for formatting, and a writer thread for the I/O.
+//!
+//! The relay logs one line per disposition, so at 10,000 messages/s logging
+//! is on the hot path. simplelog formats a record in pieces while holding
+//! its lock; if those pieces went to the file directly, every session and
+//! worker thread would queue behind write(2) calls. Here they go to a small
+//! per-logger buffer, each complete line is handed to a channel, and one
+//! thread writes whatever has piled up, every 20 ms, in one buffered write.
+//!
+//! Lines reach the file within a moment; [`LogGuard`] flushes everything
+//! and joins the writer thread when the program ends.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::LevelFilter;
+use simplelog::{ConfigBuilder, WriteLogger};
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Write everything so far, then answer on the enclosed channel.
+    Flush(Sender<()>),
+}
+
+/// The `Write` simplelog formats into: collects one line, then sends it.
+struct LineSender {
+    line: Vec<u8>,
+    tx: Sender<Msg>,
+}
+
+impl Write for LineSender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if self.line.ends_with(b"\n") {
+            let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
+            self.tx
+                .send(Msg::Line(line))
+                .map_err(|_| io::ErrorKind::BrokenPipe)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        if self.tx.send(Msg::Flush(ack_tx)).is_ok() {
+            let _ = ack_rx.recv();
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the writer thread; dropping it flushes the log and joins the thread.
+pub struct LogGuard {
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        // The logger is global and lives on, so its sender never drops:
+        // flush explicitly, then tell the thread to end.
+        log::logger().flush();
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Installs the global logger at `level`, writing to `file` (appended) or
+/// to stderr.
+pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<LogGuard, String> {
+    let out: Box<dyn Write + Send> = match file {
+        Some(path) => {
+            let f: File = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            Box::new(f)
+        }
+        None => Box::new(io::stderr()),
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+    let handle = thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || write_lines(out, &rx, &stop_rx))
+        .map_err(|e| format!("cannot start the log writer: {e}"))?;
+    let config = ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Off)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    let writer = LineSender {
+        line: Vec::with_capacity(256),
+        tx,
+    };
+    WriteLogger::init(level, config, writer).map_err(|e| e.to_string())?;
+    Ok(LogGuard {
+        stop: Some(stop_tx),
+        handle: Some(handle),
+    })
+}
+
+/// How long lines may wait before they are written. Waking the writer per
+/// line would cost a context switch per line; this costs one per tick.
+const WRITE_INTERVAL: Duration = Duration::from_millis(20);
+
+fn write_lines(out: Box<dyn Write + Send>, rx: &Receiver<Msg>, stop: &Receiver<()>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    loop {
+        let stopping = !matches!(
+            stop.recv_timeout(WRITE_INTERVAL),
+            Err(RecvTimeoutError::Timeout)
+        );
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Msg::Line(l) => {
+                    let _ = out.write_all(&l);
+                }
+                Msg::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                }
+            }
+        }
+        let _ = out.flush();
+        if stopping {
+            return;
+        }
+    }
+}
