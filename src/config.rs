@@ -825,6 +825,20 @@ default = B
     }
 
     #[test]
+    fn the_sample_config_parses_and_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mm4relay.ini");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.peers.len(), 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (key, _) in RELAY_KEYS.iter().chain(LISTENER_KEYS).chain(PEER_KEYS) {
+            let documented = text
+                .lines()
+                .any(|l| l.trim_start_matches(';').starts_with(&format!("{key} =")));
+            assert!(documented, "conf/mm4relay.ini does not document {key}");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
