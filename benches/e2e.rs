@@ -80,11 +80,14 @@ fn config(
     dir: &std::path::Path,
     listen: SocketAddr,
     log_level: &str,
+    sync: &str,
 ) -> String {
     let mut ini = format!(
-        "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\n\
+        "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
+         spool_dir = {}\nspool_sync = {sync}\n\n\
          [listener]\nlisten = {listen}\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
-        dir.join("mm4relay.log").display()
+        dir.join("mm4relay.log").display(),
+        dir.join("spool").display(),
     );
     for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
         ini.push_str(&format!(
@@ -179,6 +182,7 @@ fn main() {
     let sessions = env_or("E2E_SESSIONS", 16);
     let size = env_or("E2E_SIZE", 2048);
     let log_level = std::env::var("E2E_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let sync = std::env::var("E2E_SPOOL_SYNC").unwrap_or_else(|_| "yes".into());
     let per_peer = messages(n, size);
     let all: Arc<Vec<Outgoing>> =
         Arc::new((0..n).map(|i| per_peer[i % 3][i / 3].clone()).collect());
@@ -210,7 +214,11 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("mm4relay.ini");
         let addr = free_addr();
-        std::fs::write(&config_path, config(&sims, dir.path(), addr, &log_level)).unwrap();
+        std::fs::write(
+            &config_path,
+            config(&sims, dir.path(), addr, &log_level, &sync),
+        )
+        .unwrap();
         let relay = RelayProcess::start(&config_path, addr);
         let start = Instant::now();
         let report = send_load(addr, sessions, all.clone());

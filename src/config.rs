@@ -26,6 +26,10 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("log_level", "info"),
     ("retry_min", "60s"),
     ("retry_max", "1h"),
+    ("queue_lifetime", "72h"),
+    ("dedup_window", "10m"),
+    ("spool_max_bytes", "0"),
+    ("spool_sync", "yes"),
     ("shutdown_timeout", "30s"),
 ];
 
@@ -88,6 +92,14 @@ pub struct RelayConfig {
     pub retry_min: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// How long a message may wait in the queue before it fails.
+    pub queue_lifetime: Duration,
+    /// A message ID and recipient seen again within this window is a duplicate.
+    pub dedup_window: Duration,
+    /// Refuse new messages (452 4.3.1) when the spool holds this many bytes (0: no limit).
+    pub spool_max_bytes: u64,
+    /// Flush the spool before answering 250. Only for tests and benches.
+    pub spool_sync: bool,
     /// How long a stop waits for workers to finish the message in flight.
     pub shutdown_timeout: Duration,
 }
@@ -431,6 +443,10 @@ impl Config {
             log_level: s.parse("log_level", parse_level)?,
             retry_min: s.duration("retry_min")?,
             retry_max: s.duration("retry_max")?,
+            queue_lifetime: s.duration("queue_lifetime")?,
+            dedup_window: s.duration("dedup_window")?,
+            spool_max_bytes: s.count("spool_max_bytes", 0)? as u64,
+            spool_sync: s.boolean("spool_sync")?,
             shutdown_timeout: s.duration("shutdown_timeout")?,
         };
         if relay.retry_max < relay.retry_min {

@@ -43,10 +43,12 @@ const PEERS: [(&str, &str, &str, bool); 3] = [
 ];
 
 /// The configuration the demo runs with, as INI text.
-pub fn demo_config(sims: &[SimPeer]) -> String {
-    let mut ini = String::from(
-        "[relay]\nhostname = relay.demo.test\nmax_connections = 32\nlog_level = warn\nretry_min = 1s\nretry_max = 10s\n\n\
+pub fn demo_config(sims: &[SimPeer], spool: &Path) -> String {
+    let mut ini = format!(
+        "[relay]\nhostname = relay.demo.test\nmax_connections = 32\nlog_level = warn\nretry_min = 1s\nretry_max = 10s\n\
+         spool_dir = {}\n\n\
          [listener]\nlisten = 127.0.0.1:0\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
+        spool.display()
     );
     for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
         ini.push_str(&format!(
@@ -67,8 +69,13 @@ pub fn run(opts: &DemoOptions) -> io::Result<()> {
         SimPeer::start(false)?,
     ];
     sims[2].set_fault(Fault::Delay(opts.slow_delay));
-    let config = Config::parse(&demo_config(&sims), Path::new("(built-in demo config)"))
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    // A fresh spool of its own, removed at the end.
+    let spool = std::env::temp_dir().join(format!("mm4relay-demo-{}", std::process::id()));
+    let config = Config::parse(
+        &demo_config(&sims, &spool),
+        Path::new("(built-in demo config)"),
+    )
+    .map_err(|e| io::Error::other(e.to_string()))?;
     let relay = Relay::start(&config)?;
     let target = relay.local_addrs()[0];
 
@@ -149,5 +156,6 @@ pub fn run(opts: &DemoOptions) -> io::Result<()> {
     for sim in sims {
         sim.stop();
     }
+    std::fs::remove_dir_all(&spool)?;
     Ok(())
 }

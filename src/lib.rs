@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod config;
+pub mod date;
 pub mod demo;
 pub mod listener;
 pub mod logging;
@@ -20,3 +21,4 @@ pub mod relay;
 pub mod route;
 pub mod sim;
 pub mod smtp;
+pub mod spool;

@@ -4,13 +4,16 @@
 //!
 //! - RCPT: parse the address (553 5.1.3), route it (550 5.1.2), apply
 //!   relay control (550 5.7.1).
-//! - End of DATA: the MM4 check (554), then the message gets its queue ID
-//!   and `Received:` line and is split into one job per destination peer.
+//! - End of DATA: the MM4 check (554); recipients this message ID was
+//!   already accepted for are dropped as duplicates; the message gets its
+//!   queue ID and `Received:` line, is made durable in the spool (452/451
+//!   if that fails), and only then answered 250 and split into one job per
+//!   destination peer.
 //!
 //! Stop: the accept loops end; idle sessions get 421 and are closed; a
 //! session receiving DATA finishes that message, then gets 421.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 
 use crate::access::{AccessControl, ClientClass};
@@ -29,6 +32,7 @@ use crate::queue::Queue;
 use crate::route::{Address, PeerId, Router};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
+use crate::spool::{NewMessage, Spool, SpoolError};
 
 /// What every session shares: the tables it decides with and the queue.
 pub struct Inbound {
@@ -41,11 +45,14 @@ pub struct Inbound {
     data_timeout: Duration,
     ids: IdSource,
     queue: Arc<Queue>,
+    spool: Arc<Spool>,
+    queue_lifetime: Duration,
+    dedup: Dedup,
 }
 
 impl Inbound {
     /// Builds the shared part from the configuration.
-    pub fn new(config: &Config, queue: Arc<Queue>) -> Inbound {
+    pub fn new(config: &Config, queue: Arc<Queue>, spool: Arc<Spool>) -> Inbound {
         let l = &config.listener;
         Inbound {
             session: SessionConfig {
@@ -61,6 +68,9 @@ impl Inbound {
             data_timeout: l.data_timeout,
             ids: IdSource::new(),
             queue,
+            spool,
+            queue_lifetime: config.relay.queue_lifetime,
+            dedup: Dedup::new(config.relay.dedup_window),
         }
     }
 }
@@ -115,45 +125,113 @@ impl Handler for RelayHandler {
                 return Reply::new(554, e.to_string());
             }
         };
+        // Reports carry the Message-ID of the MM they report on, so the
+        // Message-ID alone does not name a PDU: type and transaction too.
+        let dedup_key = info.message_id.as_ref().map(|mid| {
+            let pdu = info.pdu.map_or("-", |p| p.name());
+            format!(
+                "{pdu} {mid} {}",
+                info.transaction_id.as_deref().unwrap_or("-")
+            )
+        });
+        let (fresh, dups): (Vec<_>, Vec<_>) = env
+            .rcpts
+            .into_iter()
+            .partition(|(r, _)| !inbound.dedup.seen(dedup_key.as_deref(), r));
+        if fresh.is_empty() {
+            info!(
+                "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
+                self.client_ip,
+                env.from,
+                dups.iter()
+                    .map(|(r, _)| format!("<{r}>"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                info.message_id.as_deref().unwrap_or("-"),
+                info.transaction_id.as_deref().unwrap_or("-"),
+            );
+            return Reply::new(250, "2.0.0 duplicate of a message already queued");
+        }
         let id = inbound.ids.next_id();
+        let accepted = SystemTime::now();
         let trace = received_header(
             &env.helo,
             &self.client_ip.to_string(),
             &inbound.session.hostname,
             &id,
-            SystemTime::now(),
+            accepted,
         );
         let mut full = Vec::with_capacity(trace.len() + data.len());
         full.extend_from_slice(trace.as_bytes());
         full.extend_from_slice(&data);
+        let data: Arc<[u8]> = full.into();
         let mut by_peer: Vec<(PeerId, Vec<String>)> = Vec::new();
-        for (rcpt, peer) in env.rcpts {
+        for (rcpt, peer) in fresh {
             match by_peer.iter_mut().find(|(p, _)| *p == peer) {
                 Some((_, list)) => list.push(rcpt),
                 None => by_peer.push((peer, vec![rcpt])),
             }
+        }
+        let mut expires = accepted + inbound.queue_lifetime;
+        if let Some(e) = info.expiry {
+            expires = expires.min(e.at(accepted));
+        }
+        let record = NewMessage {
+            id: id.clone(),
+            from: env.from,
+            body_type: env.params.body,
+            message_id: info.message_id.clone(),
+            transaction_id: info.transaction_id.clone(),
+            accepted,
+            expires,
+            data: data.clone(),
+            jobs: by_peer
+                .iter()
+                .map(|(p, r)| (inbound.peer_names[*p].clone(), r.clone()))
+                .collect(),
+        };
+        let from = record.from.clone();
+        let location = match inbound.spool.commit(record) {
+            Ok(loc) => loc,
+            Err(SpoolError::Full) => {
+                warn!("spool full: refusing a message from [{}]", self.client_ip);
+                return Reply::new(452, "4.3.1 insufficient system storage, try again later");
+            }
+            Err(e) => {
+                error!("{e}: refusing a message from [{}]", self.client_ip);
+                return Reply::new(451, "4.3.0 local error in processing, try again later");
+            }
+        };
+        for (_, rcpts) in &by_peer {
+            inbound.dedup.record(dedup_key.as_deref(), rcpts);
         }
         let split: Vec<String> = by_peer
             .iter()
             .map(|(p, r)| format!("{}({})", inbound.peer_names[*p], r.len()))
             .collect();
         info!(
-            "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}",
+            "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}{}",
             self.client_ip,
-            env.from,
-            full.len(),
+            from,
+            data.len(),
             info.pdu.map_or("-", |p| p.name()),
             info.message_id.as_deref().unwrap_or("-"),
             info.transaction_id.as_deref().unwrap_or("-"),
             split.join("+"),
+            if dups.is_empty() {
+                String::new()
+            } else {
+                format!(" duplicates={}", dups.len())
+            },
         );
         let message = Arc::new(Message {
             id: id.clone(),
-            from: env.from,
+            from,
             body_type: env.params.body,
-            data: full,
             info,
-            accepted: Instant::now(),
+            accepted,
+            expires,
+            location,
         });
         for (peer, rcpts) in by_peer {
             inbound.queue.submit(Job {
@@ -161,9 +239,67 @@ impl Handler for RelayHandler {
                 peer,
                 rcpts,
                 attempts: 0,
+                data: Some(data.clone()),
             });
         }
         Reply::new(250, format!("2.0.0 queued as {id}"))
+    }
+}
+
+/// When each (PDU key, recipient) was accepted, and the same in time order
+/// for pruning.
+type Seen = (
+    HashMap<(String, String), Instant>,
+    VecDeque<(Instant, String, String)>,
+);
+
+/// Recently accepted (PDU, recipient) pairs, the PDU named by its type,
+/// X-Mms-Message-ID and X-Mms-Transaction-ID, so a sender that retries
+/// after losing our 250 does not make the peer receive it twice.
+struct Dedup {
+    window: Duration,
+    seen: Mutex<Seen>,
+}
+
+impl Dedup {
+    fn new(window: Duration) -> Dedup {
+        Dedup {
+            window,
+            seen: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    /// True if the PDU `key` was accepted for `rcpt` within the window.
+    fn seen(&self, key: Option<&str>, rcpt: &str) -> bool {
+        let Some(mid) = key.filter(|_| !self.window.is_zero()) else {
+            return false;
+        };
+        let mut guard = self.seen.lock();
+        let (map, order) = &mut *guard;
+        let now = Instant::now();
+        while let Some((t, m, r)) = order.front() {
+            if now.duration_since(*t) < self.window {
+                break;
+            }
+            if map.get(&(m.clone(), r.clone())) == Some(t) {
+                map.remove(&(m.clone(), r.clone()));
+            }
+            order.pop_front();
+        }
+        map.contains_key(&(mid.to_string(), rcpt.to_string()))
+    }
+
+    fn record(&self, key: Option<&str>, rcpts: &[String]) {
+        let Some(mid) = key.filter(|_| !self.window.is_zero()) else {
+            return;
+        };
+        let mut guard = self.seen.lock();
+        let (map, order) = &mut *guard;
+        let now = Instant::now();
+        for r in rcpts {
+            map.insert((mid.to_string(), r.clone()), now);
+            order.push_back((now, mid.to_string(), r.clone()));
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! An accepted message and the jobs made from it: one job per destination
-//! peer, carrying only that peer's recipients and sharing the message data.
+//! peer, carrying only that peer's recipients. The message data lives in
+//! the spool; a job holds it in memory only while it is in a pool or being
+//! delivered, so memory does not grow with the length of the queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::mm4::Mm4Info;
 use crate::route::PeerId;
@@ -19,12 +21,28 @@ pub struct Message {
     pub from: String,
     /// Body type to declare to peers (8BITMIME when received with it).
     pub body_type: BodyType,
-    /// The message data: our `Received:` line, then the octets as received.
-    pub data: Vec<u8>,
-    /// IDs for the logs.
+    /// IDs for the logs and duplicate suppression.
     pub info: Mm4Info,
-    /// When it was accepted, for the delay in log lines.
-    pub accepted: Instant,
+    /// When it was accepted (wall clock: it survives restarts).
+    pub accepted: SystemTime,
+    /// After this it is failed instead of retried.
+    pub expires: SystemTime,
+    /// Where the data (our `Received:` line, then the octets as received)
+    /// is in the spool.
+    pub location: Location,
+}
+
+/// Where a message's data is kept in the spool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Segment number.
+    pub segment: u64,
+    /// Offset in the segment's data file.
+    pub offset: u64,
+    /// Length in octets.
+    pub len: u32,
+    /// CRC-32 of the data, checked when it is read back.
+    pub crc: u32,
 }
 
 /// Work for one peer: deliver `message` to `rcpts`.
@@ -38,6 +56,9 @@ pub struct Job {
     pub rcpts: Vec<String>,
     /// Delivery attempts made so far.
     pub attempts: u32,
+    /// The message data while the job is in a pool or in flight; `None`
+    /// while it waits in the queue manager (read back from the spool).
+    pub data: Option<Arc<[u8]>>,
 }
 
 /// Makes queue IDs: seconds since the epoch at start, then a counter, in
@@ -83,53 +104,13 @@ pub fn received_header(
 ) -> String {
     format!(
         "Received: from {helo} ([{client_ip}])\r\n\tby {hostname} (mm4relay) with ESMTP id {id};\r\n\t{}\r\n",
-        rfc5322_date(now)
-    )
-}
-
-/// A date such as `Thu, 26 Nov 2026 03:26:51 +0000`, in UTC.
-pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
-        WEEKDAYS[(days % 7) as usize],
-        day,
-        MONTHS[(month - 1) as usize],
-        year,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        crate::date::format(now)
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn formats_dates() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_663_611);
-        assert_eq!(rfc5322_date(t), "Thu, 26 Nov 2026 03:26:51 +0000");
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
-    }
 
     #[test]
     fn ids_are_unique_and_ordered() {

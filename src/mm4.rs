@@ -103,6 +103,34 @@ pub struct Mm4Info {
     pub message_id: Option<String>,
     /// `X-Mms-Transaction-ID`, unquoted.
     pub transaction_id: Option<String>,
+    /// `X-Mms-Expiry`, when it parses.
+    pub expiry: Option<Expiry>,
+}
+
+/// `X-Mms-Expiry`: an RFC 2822 date, or (seen in the wild) seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// This long after acceptance.
+    Relative(std::time::Duration),
+    /// At this time.
+    Absolute(std::time::SystemTime),
+}
+
+impl Expiry {
+    fn parse(v: &str) -> Option<Expiry> {
+        match v.trim().parse::<u64>() {
+            Ok(secs) => Some(Expiry::Relative(std::time::Duration::from_secs(secs))),
+            Err(_) => crate::date::parse(v).map(Expiry::Absolute),
+        }
+    }
+
+    /// The moment it expires, for a message accepted at `accepted`.
+    pub fn at(self, accepted: std::time::SystemTime) -> std::time::SystemTime {
+        match self {
+            Expiry::Relative(d) => accepted + d,
+            Expiry::Absolute(t) => t,
+        }
+    }
 }
 
 /// Why a message was refused: becomes the reply at the end of DATA.
@@ -278,6 +306,7 @@ fn info(fields: &[Field<'_>], pdu: Option<Pdu>) -> Mm4Info {
         pdu: pdu.or_else(|| find(fields, "X-Mms-Message-Type").and_then(|f| Pdu::parse(&f.text()))),
         message_id: text("X-Mms-Message-ID"),
         transaction_id: text("X-Mms-Transaction-ID"),
+        expiry: text("X-Mms-Expiry").and_then(|v| Expiry::parse(&v)),
     }
 }
 
@@ -523,6 +552,21 @@ mod tests {
         assert_eq!(info.pdu, Some(Pdu::ForwardReq));
         assert_eq!(info.transaction_id.as_deref(), Some("t-1"));
         assert_eq!(info.message_id.as_deref(), Some("m-1"));
+        assert_eq!(info.expiry, None);
+        let relative =
+            strict(&REQ.replace("From:", "X-Mms-Expiry: 600\r\nFrom:"), &[RCPT]).unwrap();
+        assert_eq!(
+            relative.expiry,
+            Some(Expiry::Relative(std::time::Duration::from_secs(600)))
+        );
+        let absolute = REQ.replace(
+            "From:",
+            "X-Mms-Expiry: Tue, 18 Mar 2025 10:00:00 +0000\r\nFrom:",
+        );
+        assert!(matches!(
+            strict(&absolute, &[RCPT]).unwrap().expiry,
+            Some(Expiry::Absolute(_))
+        ));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   until its retry time (exponential backoff between `retry_min` and
 //!   `retry_max`), then enters the pool again.
 //!
-//! Both live in memory for now; the durable spool will keep them on disk.
+//! The spool is the durable record of all of them; what is held here is
+//! the schedule. A parked job drops its copy of the message data, and gets
+//! it back from the spool when it enters a pool, so memory is bounded by
+//! the pools, not by the length of the queue.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -16,9 +19,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
+use log::error;
 
 use crate::message::Job;
+use crate::spool::Spool;
 
 /// How long a session waits for room in a pool before handing the job to
 /// the queue manager; a little backpressure on clients faster than the peer.
@@ -52,6 +60,15 @@ enum Event {
     Defer(Job, Instant),
 }
 
+/// Turns a wall-clock time (as kept in the spool) into an `Instant`.
+fn instant_of(t: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    match t.duration_since(now) {
+        Ok(ahead) => Instant::now() + ahead,
+        Err(_) => Instant::now(),
+    }
+}
+
 /// The shared entrance to the pools, used by sessions and workers.
 pub struct Queue {
     pools: Vec<Sender<Job>>,
@@ -77,11 +94,15 @@ impl Queue {
         let _ = self.events.send(Event::Overflow(job));
     }
 
-    /// Schedules a job whose attempt failed temporarily; returns the delay.
-    pub fn defer(&self, job: Job) -> Duration {
-        let delay = self.retry.delay(job.attempts);
-        let _ = self.events.send(Event::Defer(job, Instant::now() + delay));
-        delay
+    /// The delay before the next attempt of a job that failed temporarily.
+    pub fn retry_delay(&self, attempts: u32) -> Duration {
+        self.retry.delay(attempts)
+    }
+
+    /// Parks a job until `at` (wall clock), then puts it in its pool.
+    pub fn schedule(&self, mut job: Job, at: SystemTime) {
+        job.data = None;
+        let _ = self.events.send(Event::Defer(job, instant_of(at)));
     }
 
     /// Jobs waiting in overflow for `peer`.
@@ -120,14 +141,16 @@ pub struct QueueManager {
 }
 
 impl QueueManager {
-    /// Starts the manager for these pools; returns it with the shared entrance.
+    /// Starts the manager for these pools; returns it with the shared
+    /// entrance. Parked jobs get their data back from `spool`.
     pub fn start(
         pools: Vec<Sender<Job>>,
         retry: RetryPolicy,
-    ) -> std::io::Result<(QueueManager, std::sync::Arc<Queue>)> {
+        spool: Arc<Spool>,
+    ) -> std::io::Result<(QueueManager, Arc<Queue>)> {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
-        let queue = std::sync::Arc::new(Queue {
+        let queue = Arc::new(Queue {
             overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             pools,
             events: events_tx,
@@ -136,7 +159,7 @@ impl QueueManager {
         let q = queue.clone();
         let handle = thread::Builder::new()
             .name("qmgr".into())
-            .spawn(move || manage(&q, &events_rx, &stop_rx))?;
+            .spawn(move || manage(&q, &spool, &events_rx, &stop_rx))?;
         Ok((
             QueueManager {
                 stop: Some(stop_tx),
@@ -162,10 +185,28 @@ impl Drop for QueueManager {
     }
 }
 
-fn manage(queue: &Queue, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
+fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
     let mut overflow: Vec<VecDeque<Job>> = queue.pools.iter().map(|_| VecDeque::new()).collect();
     let mut deferred: BinaryHeap<Reverse<Deferred>> = BinaryHeap::new();
     let mut seq = 0u64;
+    let take = |ev: Event,
+                overflow: &mut Vec<VecDeque<Job>>,
+                deferred: &mut BinaryHeap<Reverse<Deferred>>,
+                seq: &mut u64| match ev {
+        Event::Overflow(mut job) => {
+            job.data = None;
+            overflow[job.peer].push_back(job);
+        }
+        Event::Defer(mut job, due) => {
+            job.data = None;
+            *seq += 1;
+            deferred.push(Reverse(Deferred {
+                due,
+                seq: *seq,
+                job,
+            }));
+        }
+    };
     loop {
         let now = Instant::now();
         let wait = if overflow.iter().any(|o| !o.is_empty()) {
@@ -178,44 +219,45 @@ fn manage(queue: &Queue, events: &Receiver<Event>, stop: &Receiver<()>) -> usize
         };
         select! {
             recv(events) -> ev => match ev {
-                Ok(Event::Overflow(job)) => overflow[job.peer].push_back(job),
-                Ok(Event::Defer(job, due)) => {
-                    seq += 1;
-                    deferred.push(Reverse(Deferred { due, seq, job }));
-                }
+                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut seq),
                 Err(_) => break,
             },
             recv(stop) -> _ => break,
             default(wait) => {}
         }
-        // Drain whatever else arrived before doing the work.
+        // Take whatever else arrived before doing the work.
         while let Ok(ev) = events.try_recv() {
-            match ev {
-                Event::Overflow(job) => overflow[job.peer].push_back(job),
-                Event::Defer(job, due) => {
-                    seq += 1;
-                    deferred.push(Reverse(Deferred { due, seq, job }));
-                }
-            }
+            take(ev, &mut overflow, &mut deferred, &mut seq);
         }
         let now = Instant::now();
         while deferred.peek().is_some_and(|Reverse(d)| d.due <= now) {
             let Reverse(d) = deferred.pop().expect("peeked");
-            let peer = d.job.peer;
-            if let Err(e) = queue.pools[peer].try_send(d.job) {
-                // Pool full: wait with the overflow; counted apart from
-                // new jobs, which need not queue behind a retry.
-                overflow[peer].push_back(e.into_inner());
-                queue.overflow[peer].fetch_add(1, Ordering::AcqRel);
-            }
+            // Due retries queue behind the overflow; counted apart from new
+            // jobs, which need not wait behind a retry.
+            queue.overflow[d.job.peer].fetch_add(1, Ordering::AcqRel);
+            overflow[d.job.peer].push_back(d.job);
         }
         for (peer, q) in overflow.iter_mut().enumerate() {
-            while let Some(job) = q.pop_front() {
+            while let Some(mut job) = q.pop_front() {
+                if job.data.is_none() {
+                    match spool.read(&job.message.location) {
+                        Ok(d) => job.data = Some(d.into()),
+                        Err(e) => {
+                            error!(
+                                "{} cannot read its data back from the spool: {e}; left in the spool",
+                                job.message.id
+                            );
+                            queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
+                    }
+                }
                 match queue.pools[peer].try_send(job) {
                     Ok(()) => {
                         queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
                     }
                     Err(e) => {
+                        // Keep the data: it is the next to go in.
                         q.push_front(e.into_inner());
                         break;
                     }

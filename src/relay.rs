@@ -1,15 +1,18 @@
 //! The owner of everything that runs. The whole flow, in start order:
 //!
+//! 0. the **spool** (`spool`) is opened and replayed: what was accepted and
+//!    not yet delivered before the last stop or crash is queued again;
 //! 1. one bounded channel per peer: the peer's **message pool**;
 //! 2. the **queue manager** (`queue`): overflow and deferred jobs;
 //! 3. per peer, its **sub-pool** of workers (`peer`), each with one
 //!    long-lived SMTP connection, taking jobs from that peer's pool only;
-//! 4. the **listener**: sessions route and check each message, split it by
-//!    peer and submit one job per peer through the queue.
+//! 4. the **listener**: sessions route and check each message, make it
+//!    durable in the spool, answer 250, and submit one job per peer.
 //!
 //! Stop runs the other way: the listener first (no new messages), then the
 //! workers (each finishes the message in flight, bounded by
-//! `shutdown_timeout`, then QUITs), then the queue manager.
+//! `shutdown_timeout`, then QUITs), then the queue manager, then the spool.
+//! Whatever was not delivered stays in the spool for the next start.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +24,11 @@ use log::{info, warn};
 
 use crate::config::Config;
 use crate::listener::{Inbound, Listener};
+use crate::message::{Job, Message};
+use crate::mm4::Mm4Info;
 use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
+use crate::spool::{Recovered, Spool, SpoolOptions};
 
 /// A running relay.
 pub struct Relay {
@@ -33,12 +39,13 @@ pub struct Relay {
     stop: Option<Sender<()>>,
     done: Receiver<()>,
     shutdown_timeout: Duration,
+    spool: Option<Arc<Spool>>,
 }
 
 /// What a stop left behind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StopReport {
-    /// Jobs that were still queued in memory (not yet delivered).
+    /// Jobs not yet delivered (they stay in the spool).
     pub undelivered: usize,
 }
 
@@ -54,7 +61,19 @@ impl Relay {
             min: config.relay.retry_min,
             max: config.relay.retry_max,
         };
-        let (qmgr, queue) = QueueManager::start(senders, retry)?;
+        let (spool, recovered) = Spool::open(&SpoolOptions {
+            dir: config.relay.spool_dir.clone(),
+            sync: config.relay.spool_sync,
+            max_bytes: config.relay.spool_max_bytes,
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("spool {}: {e}", config.relay.spool_dir.display()),
+            )
+        })?;
+        let spool = Arc::new(spool);
+        let (qmgr, queue) = QueueManager::start(senders, retry, spool.clone())?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
@@ -65,10 +84,13 @@ impl Relay {
             stop: Some(stop_tx),
             done: done_rx,
             shutdown_timeout: config.relay.shutdown_timeout,
+            spool: Some(spool.clone()),
         };
+        requeue(config, &queue, recovered);
         let ctx = WorkerContext {
             helo_name: config.relay.hostname.clone(),
             queue: queue.clone(),
+            spool: spool.clone(),
             budget: Arc::new(Budget::new(config.relay.max_connections)),
             stop: stop_rx,
             done: done_tx,
@@ -84,7 +106,7 @@ impl Relay {
             }
         }
         drop(ctx);
-        let inbound = Arc::new(Inbound::new(config, queue));
+        let inbound = Arc::new(Inbound::new(config, queue, spool));
         match Listener::start(
             &config.listener.listen,
             config.listener.max_sessions,
@@ -141,10 +163,14 @@ impl Relay {
         }
         let mut undelivered: usize = self.peers.drain(..).map(Peer::join).sum();
         undelivered += self.qmgr.take().map_or(0, QueueManager::stop);
+        if let Some(spool) = self.spool.take() {
+            match Arc::try_unwrap(spool) {
+                Ok(s) => s.close(),
+                Err(_) => warn!("spool still in use at stop; it closes when released"),
+            }
+        }
         if undelivered > 0 {
-            warn!(
-                "stopped with {undelivered} jobs undelivered (in-memory queue, not kept across restarts)"
-            );
+            info!("stopped; {undelivered} jobs left in the spool for the next start");
         } else {
             info!("stopped; nothing left to deliver");
         }
@@ -156,6 +182,46 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if self.stop.is_some() || self.listener.is_some() {
             self.stop_all();
+        }
+    }
+}
+
+/// Queues again what the spool recovered, each job at its next-attempt time.
+fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
+    for r in recovered {
+        let m = r.message;
+        let message = Arc::new(Message {
+            id: m.id,
+            from: m.from,
+            body_type: m.body_type,
+            info: Mm4Info {
+                pdu: None,
+                message_id: m.message_id,
+                transaction_id: m.transaction_id,
+                expiry: None,
+            },
+            accepted: m.accepted,
+            expires: m.expires,
+            location: r.location,
+        });
+        for j in r.jobs {
+            let Some(peer) = config.peers.iter().position(|p| p.name == j.peer) else {
+                warn!(
+                    "{}: peer {} is not configured; its {} recipients stay in the spool",
+                    message.id,
+                    j.peer,
+                    j.rcpts.len()
+                );
+                continue;
+            };
+            let job = Job {
+                message: message.clone(),
+                peer,
+                rcpts: j.rcpts,
+                attempts: j.attempts,
+                data: None,
+            };
+            queue.schedule(job, j.next);
         }
     }
 }

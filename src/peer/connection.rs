@@ -119,7 +119,10 @@ impl Outbound for Job {
         &self.rcpts
     }
     fn data(&self) -> &[u8] {
-        &self.message.data
+        // Jobs enter a pool only with their data (see `queue`).
+        self.data
+            .as_deref()
+            .expect("a job in a pool carries its data")
     }
     fn body_type(&self) -> BodyType {
         self.message.body_type

@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use crate::config::PeerConfig;
 use crate::message::Job;
 use crate::queue::Queue;
+use crate::spool::Spool;
 
 /// The global budget of outbound connections (`[relay] max_connections`).
 #[derive(Debug)]
@@ -128,6 +129,8 @@ pub struct WorkerContext {
     pub helo_name: String,
     /// Where deferred jobs go.
     pub queue: Arc<Queue>,
+    /// Where outcomes are recorded.
+    pub spool: Arc<Spool>,
     /// The global connection budget.
     pub budget: Arc<Budget>,
     /// Closed when the relay stops.

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{info, warn};
@@ -143,6 +143,14 @@ impl Worker {
 
     fn attempt(&mut self, mut job: Job) {
         job.attempts += 1;
+        // Expiry bounds the retries: the first attempt is always made (the
+        // receiving MMSC enforces X-Mms-Expiry towards its subscriber).
+        if job.attempts > 1 && SystemTime::now() >= job.message.expires {
+            let reply = Reply::new(554, "5.4.7 delivery time expired");
+            let replies = vec![reply; job.rcpts.len()];
+            self.dispose(job, replies);
+            return;
+        }
         if self.conn.is_none() {
             while !self.ctx.budget.try_acquire() {
                 if self.pause(BUDGET_POLL) {
@@ -238,6 +246,9 @@ impl Worker {
                 &stats.failed
             };
             counter.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+            self.ctx
+                .spool
+                .done(&job.message.id, &self.peer.cfg.name, rcpts);
             log_disposition(
                 &job,
                 &self.peer.cfg.name,
@@ -268,15 +279,14 @@ impl Worker {
             .stats
             .deferred
             .fetch_add(job.rcpts.len() as u64, Ordering::Relaxed);
-        let delay = self.ctx.queue.defer(job.clone());
-        log_disposition(
-            &job,
-            &self.peer.cfg.name,
-            &job.rcpts,
-            "deferred",
-            reason,
-            Some(delay),
-        );
+        let delay = self.ctx.queue.retry_delay(job.attempts);
+        let at = SystemTime::now() + delay;
+        let name = &self.peer.cfg.name;
+        self.ctx
+            .spool
+            .retry(&job.message.id, name, &job.rcpts, job.attempts, at);
+        log_disposition(&job, name, &job.rcpts, "deferred", reason, Some(delay));
+        self.ctx.queue.schedule(job, at);
     }
 }
 
@@ -304,7 +314,10 @@ fn log_disposition(
         m.info.transaction_id.as_deref().unwrap_or("-"),
         status,
         job.attempts,
-        Instant::now().duration_since(m.accepted).as_secs_f64(),
+        SystemTime::now()
+            .duration_since(m.accepted)
+            .unwrap_or_default()
+            .as_secs_f64(),
         retry,
         reply.replace('"', "'"),
     );

@@ -45,7 +45,7 @@ fn check_prints_peers_and_routes() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
-        &Profile::default().ini(["127.0.0.1:1".parse().unwrap(); 3]),
+        &Profile::default().ini(["127.0.0.1:1".parse().unwrap(); 3], dir.path()),
     );
     let out = Command::new(BIN)
         .args(["check", "-c"])
@@ -81,7 +81,10 @@ fn sigterm_stops_cleanly_after_delivering() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
-        &Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()]),
+        &Profile::default().ini(
+            [sims[0].addr(), sims[1].addr(), sims[2].addr()],
+            &dir.path().join("spool"),
+        ),
     );
     let mut child = Command::new(BIN)
         .args(["run", "-c"])

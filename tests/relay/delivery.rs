@@ -270,3 +270,99 @@ fn sessions_over_the_limit_get_421() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).unwrap();
     assert!(line.starts_with("421 4.3.2"), "{line}");
 }
+
+#[test]
+fn queued_messages_survive_a_restart_and_the_spool_drains() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let n = 30;
+    assert_eq!(send_load(h.addr, 3, load(&[TO_C], n)).accepted, n);
+    wait_until("every message to C deferred once", || {
+        h.peer(2).deferred >= n as u64
+    });
+    let stop = h.restart();
+    assert_eq!(
+        stop.undelivered, n,
+        "all of C's messages must wait in the spool"
+    );
+    assert!(h.spool_bytes() > (n * 2048) as u64);
+    h.sims[2].set_fault(Fault::None);
+    assert!(h.sims[2].wait_for_recipients(n as u64, DEADLINE));
+    wait_until("the spool to drain", || h.spool_bytes() < 4096);
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[2].recipients(), n as u64, "delivered twice");
+    // Each message arrived once and whole.
+    let mut tids: Vec<String> = h.sims[2]
+        .received()
+        .iter()
+        .map(|r| {
+            let text = String::from_utf8_lossy(strip_trace(&r.data)).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("X-Mms-Transaction-ID"))
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    tids.sort();
+    tids.dedup();
+    assert_eq!(tids.len(), n);
+}
+
+#[test]
+fn a_resent_message_is_acknowledged_but_not_delivered_twice() {
+    let mut h = Harness::start();
+    let body = forward_req(42, TO_B, 600);
+    let mut c = h.client(LOCAL);
+    assert!(
+        send_message(&mut c, FROM, &[TO_B], &body)
+            .text()
+            .contains("queued as")
+    );
+    let again = send_message(&mut c, FROM, &[TO_B], &body);
+    assert_eq!(again.code, 250);
+    assert!(again.text().contains("duplicate"), "{again}");
+    // A new recipient of the same PDU is not a duplicate.
+    let other = "+12025550199/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    assert!(
+        send_message(&mut c, FROM, &[TO_B, other], &body)
+            .text()
+            .contains("queued as")
+    );
+    assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[1].recipients(), 2);
+}
+
+#[test]
+fn a_full_spool_refuses_with_452_and_still_delivers() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        extra_relay: "spool_max_bytes = 20000".into(),
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let mut accepted = 0;
+    let reply = loop {
+        let r = send_message(&mut c, FROM, &[TO_C], &forward_req(accepted, TO_C, 2048));
+        if r.code != 250 {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 50, "spool_max_bytes is not enforced");
+    };
+    assert_eq!((reply.code, &reply.text()[..5]), (452, "4.3.1"), "{reply}");
+    assert!(accepted >= 5);
+    h.sims[2].set_fault(Fault::None);
+    assert!(h.sims[2].wait_for_recipients(accepted as u64, DEADLINE));
+    // Room again: accepted with no restart.
+    wait_until("the spool to drain", || h.spool_bytes() < 4096);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(999, TO_C, 2048)).code,
+        250
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+}

@@ -70,11 +70,11 @@ impl Default for Profile {
 }
 
 impl Profile {
-    /// The INI text for peers at `addrs` (A, B, C).
-    pub fn ini(&self, addrs: [SocketAddr; 3]) -> String {
+    /// The INI text for peers at `addrs` (A, B, C), spooling in `spool`.
+    pub fn ini(&self, addrs: [SocketAddr; 3], spool: &Path) -> String {
         format!(
             "[relay]\nhostname = relay.test\nmax_connections = 32\nretry_min = 100ms\nretry_max = 400ms\n\
-             shutdown_timeout = 5s\n{}\n\
+             shutdown_timeout = 5s\nspool_dir = {}\n{}\n\
              [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
              max_recipients = 100\nmm4_check = strict\n{}\n\
              [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
@@ -84,6 +84,7 @@ impl Profile {
              [peer.C]\nhosts = {}\ndomains = mms.mnc456.mcc999.gprs\nprefixes = +61491570\naccept_from = {PARTNER_C}\n\
              min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n\n\
              [ported]\n+12025550177 = C\n",
+            spool.display(),
             self.extra_relay,
             self.extra_listener,
             addrs[0],
@@ -104,6 +105,9 @@ pub struct Harness {
     pub relay: Option<Relay>,
     pub sims: [SimPeer; 3],
     pub addr: SocketAddr,
+    /// The spool directory, kept for restarts and removed at the end.
+    pub spool: tempfile::TempDir,
+    config: Config,
 }
 
 impl Harness {
@@ -117,7 +121,11 @@ impl Harness {
             SimPeer::start(true).unwrap(),
             SimPeer::start(true).unwrap(),
         ];
-        let ini = profile.ini([sims[0].addr(), sims[1].addr(), sims[2].addr()]);
+        let spool = tempfile::tempdir().unwrap();
+        let ini = profile.ini(
+            [sims[0].addr(), sims[1].addr(), sims[2].addr()],
+            spool.path(),
+        );
         let config = Config::parse(&ini, Path::new("test.ini")).unwrap();
         let relay = Relay::start(&config).unwrap();
         let addr = relay.local_addrs()[0];
@@ -125,7 +133,26 @@ impl Harness {
             relay: Some(relay),
             sims,
             addr,
+            spool,
+            config,
         }
+    }
+
+    /// Stops the relay and starts a new one on the same spool.
+    pub fn restart(&mut self) -> StopReport {
+        let report = self.stop_relay();
+        let relay = Relay::start(&self.config).unwrap();
+        self.addr = relay.local_addrs()[0];
+        self.relay = Some(relay);
+        report
+    }
+
+    /// Bytes in the spool directory now.
+    pub fn spool_bytes(&self) -> u64 {
+        std::fs::read_dir(self.spool.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
     }
 
     pub fn peer(&self, i: usize) -> PeerSnapshot {

@@ -1,0 +1,1084 @@
+//! The durable spool: nothing that got a 250 is ever lost.
+//!
+//! # Files
+//! The spool is a series of numbered segments, each two files:
+//! - `NNNNNNNNNNNNNNNN.dat`: message data, appended back to back;
+//! - `NNNNNNNNNNNNNNNN.idx`: a journal of small records, each
+//!   `length:u32 crc32:u32 payload`, little-endian, the CRC over the payload:
+//!   - `M` a message: queue ID, envelope, IDs, times, where its data is in
+//!     the `.dat` file (offset, length, CRC), and its jobs (peer, recipients);
+//!   - `D` recipients of a message done at a peer (sent, failed or expired);
+//!   - `R` recipients deferred: attempts so far and the next attempt time.
+//!
+//! # Group commit
+//! One writer thread owns the files. Sessions hand it messages and wait;
+//! it takes everything that has piled up, appends the data, `fdatasync`s the
+//! `.dat`, appends the records, `fdatasync`s the `.idx`, and only then
+//! wakes every waiting session, which answers 250. One pair of flushes
+//! covers the whole batch. `D` and `R` records need no wait: losing one in
+//! a crash only means a retry (at least once), so they ride along with the
+//! next flush.
+//!
+//! # Recovery
+//! At start every `.idx` is read (never the `.dat`), replaying `M`, `D` and
+//! `R` in order; a record that is short or fails its CRC ends the journal
+//! there (a torn tail from a crash) and the file is truncated to the last
+//! good record. Messages with recipients left are queued again with their
+//! attempts and next-attempt time. New records always go to a new segment.
+//!
+//! # Clean-up
+//! A segment is deleted once every message in it is done and no record in
+//! it speaks of a message in a segment that still exists (else a crash
+//! could bring that message back). The active segment rolls over at
+//! [`SEGMENT_SIZE`], or when the spool drains, so an idle spool is near
+//! zero bytes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, info, warn};
+
+use crate::message::Location;
+use crate::smtp::command::BodyType;
+
+/// The active segment's data file rolls over past this size.
+pub const SEGMENT_SIZE: u64 = 16 << 20;
+/// Most messages in one group commit.
+const MAX_BATCH: usize = 512;
+/// Longest record we accept when reading a journal back.
+const MAX_RECORD: usize = 16 << 20;
+
+/// Spool settings.
+#[derive(Clone, Debug)]
+pub struct SpoolOptions {
+    /// The directory (created 0700 if missing).
+    pub dir: PathBuf,
+    /// Flush to disk before acknowledging. Only tests and benches turn it off.
+    pub sync: bool,
+    /// Refuse new messages beyond this many bytes on disk (0: no limit).
+    pub max_bytes: u64,
+}
+
+/// A message to make durable.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    /// Queue ID.
+    pub id: String,
+    /// Envelope sender.
+    pub from: String,
+    /// BODY= of the inbound transaction.
+    pub body_type: BodyType,
+    /// X-Mms-Message-ID, if any.
+    pub message_id: Option<String>,
+    /// X-Mms-Transaction-ID, if any.
+    pub transaction_id: Option<String>,
+    /// When it was accepted.
+    pub accepted: SystemTime,
+    /// When it expires.
+    pub expires: SystemTime,
+    /// The data.
+    pub data: Arc<[u8]>,
+    /// Per destination peer (by name), its recipients.
+    pub jobs: Vec<(String, Vec<String>)>,
+}
+
+/// A job found in the spool at start.
+#[derive(Clone, Debug)]
+pub struct RecoveredJob {
+    /// Peer name.
+    pub peer: String,
+    /// Recipients still to do.
+    pub rcpts: Vec<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Next attempt.
+    pub next: SystemTime,
+}
+
+/// A message found in the spool at start, with what is left to do.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    /// The message as it was accepted (its data stays on disk).
+    pub message: NewMessage,
+    /// Where its data is.
+    pub location: Location,
+    /// What is left.
+    pub jobs: Vec<RecoveredJob>,
+}
+
+/// Why a message could not be made durable.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// `max_bytes` reached or the disk is full (452 4.3.1).
+    Full,
+    /// Any other write or flush failure (451 4.3.0).
+    Io(io::Error),
+    /// The spool is stopping.
+    Closed,
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolError::Full => f.write_str("spool full"),
+            SpoolError::Io(e) => write!(f, "spool write failed: {e}"),
+            SpoolError::Closed => f.write_str("spool closed"),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+enum Request {
+    Commit(Box<NewMessage>, Sender<Result<Location, SpoolError>>),
+    Done {
+        id: String,
+        peer: String,
+        rcpts: Vec<String>,
+    },
+    Retry {
+        id: String,
+        peer: String,
+        rcpts: Vec<String>,
+        attempts: u32,
+        next: SystemTime,
+    },
+}
+
+/// The spool: a handle on the writer thread.
+pub struct Spool {
+    dir: PathBuf,
+    tx: Option<Sender<Request>>,
+    handle: Option<JoinHandle<()>>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool, recovers what it holds, and starts the
+    /// writer thread.
+    pub fn open(opts: &SpoolOptions) -> io::Result<(Spool, Vec<Recovered>)> {
+        fs::create_dir_all(&opts.dir)?;
+        fs::set_permissions(&opts.dir, fs::Permissions::from_mode(0o700))?;
+        let (state, recovered) = recover(&opts.dir)?;
+        let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
+        let mut writer = Writer::start(opts.clone(), state, bytes.clone())?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(&rx))?;
+        Ok((
+            Spool {
+                dir: opts.dir.clone(),
+                tx: Some(tx),
+                handle: Some(handle),
+                bytes,
+            },
+            recovered,
+        ))
+    }
+
+    /// Makes a message durable; returns when it is on disk (or failed).
+    pub fn commit(&self, msg: NewMessage) -> Result<Location, SpoolError> {
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        let tx = self.tx.as_ref().ok_or(SpoolError::Closed)?;
+        tx.send(Request::Commit(Box::new(msg), ack_tx))
+            .map_err(|_| SpoolError::Closed)?;
+        ack_rx.recv().unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// Records that these recipients are done (sent, failed or expired).
+    pub fn done(&self, id: &str, peer: &str, rcpts: &[String]) {
+        self.send(Request::Done {
+            id: id.to_string(),
+            peer: peer.to_string(),
+            rcpts: rcpts.to_vec(),
+        });
+    }
+
+    /// Records a deferral: attempts so far and when to try next.
+    pub fn retry(&self, id: &str, peer: &str, rcpts: &[String], attempts: u32, next: SystemTime) {
+        self.send(Request::Retry {
+            id: id.to_string(),
+            peer: peer.to_string(),
+            rcpts: rcpts.to_vec(),
+            attempts,
+            next,
+        });
+    }
+
+    fn send(&self, r: Request) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// Reads a message's data back and checks its CRC.
+    pub fn read(&self, loc: &Location) -> io::Result<Vec<u8>> {
+        let f = File::open(self.dir.join(segment_name(loc.segment, "dat")))?;
+        let mut buf = vec![0u8; loc.len as usize];
+        f.read_exact_at(&mut buf, loc.offset)?;
+        if crc32fast::hash(&buf) != loc.crc {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "spooled data fails its CRC",
+            ));
+        }
+        Ok(buf)
+    }
+
+    /// Bytes the spool occupies on disk now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Flushes what is pending and stops the writer.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn segment_name(n: u64, ext: &str) -> String {
+    format!("{n:016}.{ext}")
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+// ---- record encoding -------------------------------------------------------
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
+    fn strs(&mut self, v: &[String]) {
+        self.u16(v.len().min(u16::MAX as usize) as u16);
+        v.iter().take(u16::MAX as usize).for_each(|s| self.str(s));
+    }
+}
+
+/// Frames a payload as `len crc payload` onto `out`.
+fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(256));
+    e.u8(b'M');
+    e.str(&m.id);
+    e.u64(unix_ms(m.accepted));
+    e.u64(unix_ms(m.expires));
+    e.u8(u8::from(m.body_type == BodyType::EightBitMime));
+    e.u64(loc.segment);
+    e.u64(loc.offset);
+    e.u32(loc.len);
+    e.u32(loc.crc);
+    e.str(&m.from);
+    e.str(m.message_id.as_deref().unwrap_or(""));
+    e.str(m.transaction_id.as_deref().unwrap_or(""));
+    e.u16(m.jobs.len() as u16);
+    for (peer, rcpts) in &m.jobs {
+        e.str(peer);
+        e.strs(rcpts);
+    }
+    e.0
+}
+
+fn encode_mark(r: &Request) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(128));
+    match r {
+        Request::Done { id, peer, rcpts } => {
+            e.u8(b'D');
+            e.str(id);
+            e.str(peer);
+            e.strs(rcpts);
+        }
+        Request::Retry {
+            id,
+            peer,
+            rcpts,
+            attempts,
+            next,
+        } => {
+            e.u8(b'R');
+            e.str(id);
+            e.str(peer);
+            e.strs(rcpts);
+            e.u32(*attempts);
+            e.u64(unix_ms(*next));
+        }
+        Request::Commit(..) => unreachable!("messages are encoded by encode_message"),
+    }
+    e.0
+}
+
+struct Dec<'a>(&'a [u8]);
+
+impl Dec<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = self.u16()? as usize;
+        self.take(n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+    fn strs(&mut self) -> Option<Vec<String>> {
+        let n = self.u16()? as usize;
+        (0..n).map(|_| self.str()).collect()
+    }
+}
+
+enum Record {
+    Message(Box<NewMessage>, Location),
+    Done {
+        id: String,
+        peer: String,
+        rcpts: Vec<String>,
+    },
+    Retry {
+        id: String,
+        peer: String,
+        rcpts: Vec<String>,
+        attempts: u32,
+        next: SystemTime,
+    },
+}
+
+fn decode(payload: &[u8]) -> Option<Record> {
+    let mut d = Dec(payload);
+    match d.u8()? {
+        b'M' => {
+            let id = d.str()?;
+            let accepted = from_unix_ms(d.u64()?);
+            let expires = from_unix_ms(d.u64()?);
+            let body_type = if d.u8()? == 1 {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            };
+            let loc = Location {
+                segment: d.u64()?,
+                offset: d.u64()?,
+                len: d.u32()?,
+                crc: d.u32()?,
+            };
+            let from = d.str()?;
+            let message_id = Some(d.str()?).filter(|s| !s.is_empty());
+            let transaction_id = Some(d.str()?).filter(|s| !s.is_empty());
+            let njobs = d.u16()? as usize;
+            let jobs = (0..njobs)
+                .map(|_| Some((d.str()?, d.strs()?)))
+                .collect::<Option<Vec<_>>>()?;
+            let m = NewMessage {
+                id,
+                from,
+                body_type,
+                message_id,
+                transaction_id,
+                accepted,
+                expires,
+                data: Arc::from(&[][..]),
+                jobs,
+            };
+            Some(Record::Message(Box::new(m), loc))
+        }
+        b'D' => Some(Record::Done {
+            id: d.str()?,
+            peer: d.str()?,
+            rcpts: d.strs()?,
+        }),
+        b'R' => Some(Record::Retry {
+            id: d.str()?,
+            peer: d.str()?,
+            rcpts: d.strs()?,
+            attempts: d.u32()?,
+            next: from_unix_ms(d.u64()?),
+        }),
+        _ => None,
+    }
+}
+
+/// Reads framed records from `data`; returns them with the length of the
+/// good prefix (a torn or corrupt record ends it).
+fn read_records(data: &[u8]) -> (Vec<Record>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while data.len() - pos >= 8 {
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        if len > MAX_RECORD || data.len() - pos - 8 < len {
+            break;
+        }
+        let payload = &data[pos + 8..pos + 8 + len];
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        match decode(payload) {
+            Some(r) => out.push(r),
+            None => break,
+        }
+        pos += 8 + len;
+    }
+    (out, pos)
+}
+
+// ---- state shared by recovery and the writer --------------------------------
+
+#[derive(Default)]
+struct Segment {
+    /// Messages in this segment with recipients left.
+    live: usize,
+    /// Bytes of both files.
+    bytes: u64,
+    /// Segments whose messages this segment's records speak of.
+    refs: HashSet<u64>,
+}
+
+struct Live {
+    segment: u64,
+    remaining: usize,
+}
+
+#[derive(Default)]
+struct State {
+    segments: BTreeMap<u64, Segment>,
+    messages: HashMap<String, Live>,
+}
+
+impl State {
+    fn total_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
+    }
+
+    fn add_message(&mut self, id: &str, segment: u64, rcpts: usize) {
+        if rcpts == 0 {
+            return;
+        }
+        self.segments.entry(segment).or_default().live += 1;
+        self.messages.insert(
+            id.to_string(),
+            Live {
+                segment,
+                remaining: rcpts,
+            },
+        );
+    }
+
+    /// Applies a record that lives in `segment` and concerns message `id`.
+    fn note_ref(&mut self, segment: u64, id: &str) {
+        if let Some(m) = self.messages.get(id) {
+            if m.segment != segment {
+                let target = m.segment;
+                self.segments
+                    .entry(segment)
+                    .or_default()
+                    .refs
+                    .insert(target);
+            }
+        }
+    }
+
+    fn mark_done(&mut self, id: &str, n: usize) {
+        let Some(m) = self.messages.get_mut(id) else {
+            return;
+        };
+        m.remaining = m.remaining.saturating_sub(n);
+        if m.remaining == 0 {
+            let seg = m.segment;
+            self.messages.remove(id);
+            if let Some(s) = self.segments.get_mut(&seg) {
+                s.live -= 1;
+            }
+        }
+    }
+
+    /// Segments that may go now (never `active`).
+    fn deletable(&self, active: u64) -> Vec<u64> {
+        let mut gone: HashSet<u64> = HashSet::new();
+        loop {
+            let before = gone.len();
+            for (&n, s) in &self.segments {
+                if n == active || gone.contains(&n) || s.live > 0 {
+                    continue;
+                }
+                let pinned = s
+                    .refs
+                    .iter()
+                    .any(|r| *r != n && self.segments.contains_key(r) && !gone.contains(r));
+                if !pinned {
+                    gone.insert(n);
+                }
+            }
+            if gone.len() == before {
+                break;
+            }
+        }
+        gone.into_iter().collect()
+    }
+}
+
+fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
+    let started = std::time::Instant::now();
+    let mut numbers: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".idx")?.parse().ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+
+    struct Pending {
+        message: NewMessage,
+        location: Location,
+        /// Per (peer, rcpt): attempts and next attempt.
+        left: Vec<(String, String, u32, SystemTime)>,
+    }
+    let mut state = State::default();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut records = 0usize;
+    for &n in &numbers {
+        let idx_path = dir.join(segment_name(n, "idx"));
+        let mut data = Vec::new();
+        BufReader::new(File::open(&idx_path)?).read_to_end(&mut data)?;
+        let (recs, good) = read_records(&data);
+        if good < data.len() {
+            warn!(
+                "spool: {}: dropping {} bytes of torn or corrupt journal after offset {good}",
+                idx_path.display(),
+                data.len() - good
+            );
+            OpenOptions::new()
+                .write(true)
+                .open(&idx_path)?
+                .set_len(good as u64)?;
+        }
+        let dat_len = fs::metadata(dir.join(segment_name(n, "dat"))).map_or(0, |m| m.len());
+        state.segments.entry(n).or_default().bytes = good as u64 + dat_len;
+        records += recs.len();
+        for r in recs {
+            match r {
+                Record::Message(m, loc) => {
+                    if loc.offset + loc.len as u64 > dat_len {
+                        error!(
+                            "spool: message {} has no data in segment {n}; dropped",
+                            m.id
+                        );
+                        continue;
+                    }
+                    let total: usize = m.jobs.iter().map(|(_, r)| r.len()).sum();
+                    state.add_message(&m.id, n, total);
+                    let left = m
+                        .jobs
+                        .iter()
+                        .flat_map(|(p, rs)| {
+                            rs.iter()
+                                .map(move |r| (p.clone(), r.clone(), 0, UNIX_EPOCH))
+                        })
+                        .collect();
+                    order.push(m.id.clone());
+                    pending.insert(
+                        m.id.clone(),
+                        Pending {
+                            message: *m,
+                            location: loc,
+                            left,
+                        },
+                    );
+                }
+                Record::Done { id, peer, rcpts } => {
+                    state.note_ref(n, &id);
+                    if let Some(p) = pending.get_mut(&id) {
+                        let before = p.left.len();
+                        p.left
+                            .retain(|(pp, r, _, _)| !(pp == &peer && rcpts.contains(r)));
+                        state.mark_done(&id, before - p.left.len());
+                    }
+                }
+                Record::Retry {
+                    id,
+                    peer,
+                    rcpts,
+                    attempts,
+                    next,
+                } => {
+                    state.note_ref(n, &id);
+                    if let Some(p) = pending.get_mut(&id) {
+                        for l in p
+                            .left
+                            .iter_mut()
+                            .filter(|l| l.0 == peer && rcpts.contains(&l.1))
+                        {
+                            l.2 = attempts;
+                            l.3 = next;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut recovered = Vec::new();
+    for id in order {
+        let Some(p) = pending.remove(&id) else {
+            continue;
+        };
+        if p.left.is_empty() {
+            continue;
+        }
+        let mut jobs: Vec<RecoveredJob> = Vec::new();
+        for (peer, rcpt, attempts, next) in p.left {
+            match jobs
+                .iter_mut()
+                .find(|j| j.peer == peer && j.attempts == attempts && j.next == next)
+            {
+                Some(j) => j.rcpts.push(rcpt),
+                None => jobs.push(RecoveredJob {
+                    peer,
+                    rcpts: vec![rcpt],
+                    attempts,
+                    next,
+                }),
+            }
+        }
+        recovered.push(Recovered {
+            message: p.message,
+            location: p.location,
+            jobs,
+        });
+    }
+    info!(
+        "spool: recovered {} messages ({} jobs) from {} segments, {records} records, in {:.3}s",
+        recovered.len(),
+        recovered.iter().map(|r| r.jobs.len()).sum::<usize>(),
+        numbers.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((state, recovered))
+}
+
+// ---- the writer thread -------------------------------------------------------
+
+struct Active {
+    number: u64,
+    idx: File,
+    dat: File,
+    idx_len: u64,
+    dat_len: u64,
+}
+
+struct Writer {
+    opts: SpoolOptions,
+    state: State,
+    active: Active,
+    bytes: Arc<AtomicU64>,
+}
+
+fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
+    let open = |ext| {
+        OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .open(dir.join(segment_name(number, ext)))
+    };
+    let dat = open("dat")?;
+    let idx = open("idx")?;
+    // The new names must survive a crash before anything in them is acknowledged.
+    File::open(dir)?.sync_all()?;
+    Ok(Active {
+        number,
+        idx,
+        dat,
+        idx_len: 0,
+        dat_len: 0,
+    })
+}
+
+impl Writer {
+    fn start(opts: SpoolOptions, mut state: State, bytes: Arc<AtomicU64>) -> io::Result<Writer> {
+        let number = state.segments.keys().next_back().map_or(1, |n| n + 1);
+        let active = open_segment(&opts.dir, number)?;
+        state.segments.insert(number, Segment::default());
+        let mut w = Writer {
+            opts,
+            state,
+            active,
+            bytes,
+        };
+        w.collect();
+        Ok(w)
+    }
+
+    fn run(&mut self, rx: &Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(batch);
+        }
+        if let Err(e) = self.active.idx.sync_data() {
+            error!("spool: final flush failed: {e}");
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<Request>) {
+        let mut dat = Vec::new();
+        let mut idx = Vec::new();
+        let mut commits = Vec::new();
+        let mut marks = Vec::new();
+        let limit = self.opts.max_bytes;
+        for r in batch {
+            match r {
+                Request::Commit(m, ack) => {
+                    let used =
+                        self.bytes.load(Ordering::Acquire) + dat.len() as u64 + idx.len() as u64;
+                    if limit > 0 && used + m.data.len() as u64 > limit {
+                        let _ = ack.send(Err(SpoolError::Full));
+                        continue;
+                    }
+                    let loc = Location {
+                        segment: self.active.number,
+                        offset: self.active.dat_len + dat.len() as u64,
+                        len: m.data.len() as u32,
+                        crc: crc32fast::hash(&m.data),
+                    };
+                    dat.extend_from_slice(&m.data);
+                    frame(&mut idx, &encode_message(&m, &loc));
+                    commits.push((m, loc, ack));
+                }
+                mark => {
+                    frame(&mut idx, &encode_mark(&mark));
+                    marks.push(mark);
+                }
+            }
+        }
+        let result = self.append(&dat, &idx, !commits.is_empty());
+        let mut acks = Vec::with_capacity(commits.len());
+        match result {
+            Ok(()) => {
+                for (m, loc, ack) in commits {
+                    let total = m.jobs.iter().map(|(_, r)| r.len()).sum();
+                    self.state.add_message(&m.id, loc.segment, total);
+                    acks.push((ack, Ok(loc)));
+                }
+                for mark in marks {
+                    let (Request::Done { id, rcpts, .. } | Request::Retry { id, rcpts, .. }) =
+                        &mark
+                    else {
+                        continue;
+                    };
+                    self.state.note_ref(self.active.number, id);
+                    if let Request::Done { .. } = mark {
+                        self.state.mark_done(id, rcpts.len());
+                    }
+                }
+            }
+            Err(e) => {
+                error!("spool: write to segment {} failed: {e}", self.active.number);
+                let full = e.raw_os_error() == Some(28); // ENOSPC
+                for (_, _, ack) in commits {
+                    let err = if full {
+                        SpoolError::Full
+                    } else {
+                        SpoolError::Io(io::Error::new(e.kind(), e.to_string()))
+                    };
+                    acks.push((ack, Err(err)));
+                }
+            }
+        }
+        // Clean up before answering, so that what a caller sees next
+        // (bytes(), the files) already reflects this batch.
+        self.collect();
+        for (ack, result) in acks {
+            let _ = ack.send(result);
+        }
+    }
+
+    /// Appends and (when `flush`) makes durable; on failure, cuts both
+    /// files back to their last good length.
+    fn append(&mut self, dat: &[u8], idx: &[u8], flush: bool) -> io::Result<()> {
+        let a = &mut self.active;
+        let r = (|| {
+            if !dat.is_empty() {
+                a.dat.write_all(dat)?;
+                if flush && self.opts.sync {
+                    a.dat.sync_data()?;
+                }
+            }
+            a.idx.write_all(idx)?;
+            if flush && self.opts.sync {
+                a.idx.sync_data()?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                a.dat_len += dat.len() as u64;
+                a.idx_len += idx.len() as u64;
+                let seg = self.state.segments.entry(a.number).or_default();
+                seg.bytes = a.dat_len + a.idx_len;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = a.dat.set_len(a.dat_len);
+                let _ = a.idx.set_len(a.idx_len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes segments nothing needs; rolls the active one over when it is
+    /// large or when the whole spool has drained.
+    fn collect(&mut self) {
+        let active = self.active.number;
+        let drained = self.state.messages.is_empty() && self.active.dat_len > 0;
+        if self.active.dat_len >= SEGMENT_SIZE || drained {
+            match open_segment(&self.opts.dir, active + 1) {
+                Ok(next) => {
+                    if let Err(e) = self.active.idx.sync_data() {
+                        error!("spool: flush of segment {active} failed: {e}");
+                    }
+                    self.active = next;
+                    self.state.segments.insert(active + 1, Segment::default());
+                }
+                Err(e) => error!("spool: cannot open segment {}: {e}", active + 1),
+            }
+        }
+        for n in self.state.deletable(self.active.number) {
+            for ext in ["idx", "dat"] {
+                let path = self.opts.dir.join(segment_name(n, ext));
+                if let Err(e) = fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        warn!("spool: cannot remove {}: {e}", path.display());
+                    }
+                }
+            }
+            self.state.segments.remove(&n);
+        }
+        self.bytes
+            .store(self.state.total_bytes(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> SpoolOptions {
+        SpoolOptions {
+            dir: dir.to_path_buf(),
+            sync: true,
+            max_bytes: 0,
+        }
+    }
+
+    fn msg(id: &str, rcpts: &[(&str, &[&str])]) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            from: "a@b".into(),
+            body_type: BodyType::SevenBit,
+            message_id: Some(format!("mid-{id}")),
+            transaction_id: None,
+            accepted: UNIX_EPOCH + Duration::from_secs(1000),
+            expires: UNIX_EPOCH + Duration::from_secs(9000),
+            data: Arc::from(format!("data of {id}\r\n").into_bytes()),
+            jobs: rcpts
+                .iter()
+                .map(|(p, r)| (p.to_string(), r.iter().map(|s| s.to_string()).collect()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn recovers_what_is_not_done_with_its_retry_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, rec) = Spool::open(&opts(dir.path())).unwrap();
+        assert!(rec.is_empty());
+        let l1 = spool
+            .commit(msg("m1", &[("A", &["x", "y"]), ("B", &["z"])]))
+            .unwrap();
+        spool.commit(msg("m2", &[("A", &["w"])])).unwrap();
+        assert_eq!(spool.read(&l1).unwrap(), b"data of m1\r\n");
+        spool.done("m1", "A", &["x".into()]);
+        spool.retry(
+            "m1",
+            "B",
+            &["z".into()],
+            3,
+            UNIX_EPOCH + Duration::from_secs(5000),
+        );
+        spool.done("m2", "A", &["w".into()]);
+        spool.close();
+
+        let (spool, rec) = Spool::open(&opts(dir.path())).unwrap();
+        assert_eq!(rec.len(), 1);
+        let r = &rec[0];
+        assert_eq!(r.message.id, "m1");
+        assert_eq!(r.message.message_id.as_deref(), Some("mid-m1"));
+        let mut jobs: Vec<_> = r
+            .jobs
+            .iter()
+            .map(|j| (j.peer.as_str(), j.rcpts.clone(), j.attempts))
+            .collect();
+        jobs.sort();
+        assert_eq!(
+            jobs,
+            vec![
+                ("A", vec!["y".to_string()], 0),
+                ("B", vec!["z".to_string()], 3)
+            ]
+        );
+        assert_eq!(spool.read(&r.location).unwrap(), b"data of m1\r\n");
+        spool.close();
+    }
+
+    #[test]
+    fn a_torn_tail_is_dropped_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
+        spool.commit(msg("m1", &[("A", &["x"])])).unwrap();
+        spool.commit(msg("m2", &[("A", &["y"])])).unwrap();
+        spool.close();
+        let idx = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "idx") && fs::metadata(p).unwrap().len() > 0
+            })
+            .unwrap();
+        let len = fs::metadata(&idx).unwrap().len();
+        // Tear the last record, then corrupt: both end the journal there.
+        OpenOptions::new()
+            .write(true)
+            .open(&idx)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let (spool, rec) = Spool::open(&opts(dir.path())).unwrap();
+        assert_eq!(
+            rec.iter()
+                .map(|r| r.message.id.as_str())
+                .collect::<Vec<_>>(),
+            ["m1"]
+        );
+        spool.close();
+        let mut bytes = fs::read(&idx).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&idx, bytes).unwrap();
+        let (spool, rec) = Spool::open(&opts(dir.path())).unwrap();
+        assert!(
+            rec.is_empty(),
+            "a record failing its CRC must not be delivered"
+        );
+        spool.close();
+    }
+
+    #[test]
+    fn a_drained_spool_shrinks_to_near_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
+        for i in 0..50 {
+            let mut m = msg(&format!("m{i}"), &[("A", &["x"])]);
+            m.data = Arc::from(vec![b'x'; 10_000]);
+            spool.commit(m).unwrap();
+        }
+        assert!(spool.bytes() > 500_000);
+        for i in 0..50 {
+            spool.done(&format!("m{i}"), "A", &["x".into()]);
+        }
+        // A commit is a barrier: every mark sent before it is applied.
+        spool.commit(msg("last", &[("A", &["x"])])).unwrap();
+        spool.done("last", "A", &["x".into()]);
+        spool.commit(msg("probe", &[])).unwrap();
+        assert!(spool.bytes() < 200, "{} bytes left", spool.bytes());
+        spool.close();
+        let (_, rec) = Spool::open(&opts(dir.path())).unwrap();
+        assert!(rec.is_empty());
+    }
+
+    #[test]
+    fn refuses_past_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = SpoolOptions {
+            max_bytes: 100,
+            ..opts(dir.path())
+        };
+        let (spool, _) = Spool::open(&o).unwrap();
+        let mut big = msg("big", &[("A", &["x"])]);
+        big.data = Arc::from(vec![b'x'; 200]);
+        assert!(matches!(spool.commit(big), Err(SpoolError::Full)));
+        assert!(spool.commit(msg("small", &[("A", &["x"])])).is_ok());
+    }
+}
