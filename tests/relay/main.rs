@@ -3,5 +3,6 @@
 
 mod binary;
 mod corpus;
+mod crash;
 mod delivery;
 mod support;
