@@ -10,7 +10,8 @@
 //! `cargo bench --bench e2e`; `E2E_MESSAGES` (default 20000), `E2E_ROUNDS`
 //! (default 3), `E2E_SESSIONS` (default 16), `E2E_SIZE` (default 2048) and
 //! `E2E_LOG_LEVEL` (default info: one log line per disposition, as in
-//! production).
+//! production), `E2E_SPOOL_SYNC` (default yes; no measures the cost of
+//! flushing).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -163,6 +164,27 @@ impl Drop for RelayProcess {
     }
 }
 
+/// p50/p99 of the inbound transaction time (MAIL to the 250 after the
+/// final dot), an upper bound on the end-of-DATA-to-250 latency.
+fn percentiles(mut l: Vec<Duration>) -> String {
+    if l.is_empty() {
+        return "-".into();
+    }
+    l.sort();
+    let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    format!("{:.2}/{:.2}", p(0.5), p(0.99))
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// A loopback address with a port that was free a moment ago.
 fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -244,13 +266,18 @@ fn main() {
         let ratio = relay_rate / direct_rate;
         ratios.push(ratio);
         println!(
-            "{round:>5} {direct_rate:>12.0} {:>12.0} {relay_rate:>12.0} {ratio:>8.2} {:>22} {:>9} KiB",
+            "{round:>5} {direct_rate:>12.0} {:>12.0} {relay_rate:>12.0} {ratio:>8.2} {:>22} {:>9} KiB {:>16}",
             n as f64 / report.elapsed.as_secs_f64(),
             format!(
                 "{}/{}/{} (max {MAX_CONNECTIONS})",
                 conns[0], conns[1], conns[2]
             ),
-            rss
+            rss,
+            percentiles(report.latencies),
+        );
+        println!(
+            "      spool after the drain: {} bytes",
+            dir_bytes(&dir.path().join("spool"))
         );
         for s in sims {
             s.stop();

@@ -52,6 +52,8 @@ use crate::smtp::command::BodyType;
 
 /// The active segment's data file rolls over past this size.
 pub const SEGMENT_SIZE: u64 = 16 << 20;
+/// How long done and retry records may wait for a write of their own.
+const MARK_INTERVAL: Duration = Duration::from_millis(10);
 /// Most messages in one group commit.
 const MAX_BATCH: usize = 512;
 /// Longest record we accept when reading a journal back.
@@ -158,6 +160,7 @@ enum Request {
 pub struct Spool {
     dir: PathBuf,
     tx: Option<Sender<Request>>,
+    marks: Option<Sender<Request>>,
     handle: Option<JoinHandle<()>>,
     bytes: Arc<AtomicU64>,
 }
@@ -172,13 +175,15 @@ impl Spool {
         let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
         let mut writer = Writer::start(opts.clone(), state, bytes.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (marks_tx, marks_rx) = crossbeam_channel::unbounded();
         let handle = thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(&rx))?;
+            .spawn(move || writer.run(&rx, &marks_rx))?;
         Ok((
             Spool {
                 dir: opts.dir.clone(),
                 tx: Some(tx),
+                marks: Some(marks_tx),
                 handle: Some(handle),
                 bytes,
             },
@@ -216,7 +221,7 @@ impl Spool {
     }
 
     fn send(&self, r: Request) {
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = &self.marks {
             let _ = tx.send(r);
         }
     }
@@ -247,6 +252,7 @@ impl Spool {
 
     fn shut(&mut self) {
         self.tx.take();
+        self.marks.take();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -776,16 +782,35 @@ impl Writer {
         Ok(w)
     }
 
-    fn run(&mut self, rx: &Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+    /// Wakes for commits, which sessions wait for; marks, which nobody
+    /// waits for, are picked up then or every [`MARK_INTERVAL`], so a
+    /// delivery does not cost the writer a wake-up of its own.
+    fn run(&mut self, commits: &Receiver<Request>, marks: &Receiver<Request>) {
+        loop {
+            let mut batch = Vec::new();
+            let open = crossbeam_channel::select! {
+                recv(commits) -> c => match c {
+                    Ok(c) => {
+                        batch.push(c);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                default(MARK_INTERVAL) => true,
+            };
             while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
+                match commits.try_recv() {
                     Ok(r) => batch.push(r),
                     Err(_) => break,
                 }
             }
-            self.write_batch(batch);
+            batch.extend(marks.try_iter());
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+            if !open {
+                break;
+            }
         }
         if let Err(e) = self.active.idx.sync_data() {
             error!("spool: final flush failed: {e}");

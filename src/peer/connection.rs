@@ -64,6 +64,9 @@ pub enum ConnError {
     Protocol(ReplyError),
     /// The peer said 421: it is closing the channel.
     ServiceClosing(Reply),
+    /// The connection failed after the final dot, before its reply: the
+    /// peer may have taken the message, so the retry may duplicate it.
+    AfterFinalDot(Box<ConnError>),
 }
 
 impl fmt::Display for ConnError {
@@ -76,6 +79,12 @@ impl fmt::Display for ConnError {
             ConnError::Closed => f.write_str("connection closed by peer"),
             ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
             ConnError::ServiceClosing(r) => write!(f, "peer closing: {r}"),
+            ConnError::AfterFinalDot(e) => {
+                write!(
+                    f,
+                    "{e} after the final dot, before the reply: possible duplicate"
+                )
+            }
         }
     }
 }
@@ -280,6 +289,12 @@ impl Connection {
                         return Err((ConnError::ServiceClosing(r), unknown(item, chained)));
                     }
                     Ok(r) => r,
+                    Err(e) if t.expecting() == Expect::Final => {
+                        return Err((
+                            ConnError::AfterFinalDot(Box::new(e)),
+                            unknown(item, chained),
+                        ));
+                    }
                     Err(e) => return Err((e, unknown(item, chained))),
                 };
                 let sent = match t.on_reply(reply) {

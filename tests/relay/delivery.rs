@@ -182,6 +182,8 @@ fn a_connection_lost_after_data_defers_and_retries() {
         250
     );
     wait_until("a deferral at B", || h.peer(1).deferred >= 1);
+    let error = h.peer(1).last_error;
+    assert!(error.contains("possible duplicate"), "{error}");
     h.sims[1].set_fault(Fault::None);
     assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
     assert_eq!(h.stop_relay().undelivered, 0);
