@@ -30,6 +30,8 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("dedup_window", "10m"),
     ("spool_max_bytes", "0"),
     ("spool_sync", "yes"),
+    ("notify_failures", "yes"),
+    ("failed_retention", "7d"),
     ("shutdown_timeout", "30s"),
 ];
 
@@ -100,6 +102,10 @@ pub struct RelayConfig {
     pub spool_max_bytes: u64,
     /// Flush the spool before answering 250. Only for tests and benches.
     pub spool_sync: bool,
+    /// Send a delivery status notification to the sender of a failed message.
+    pub notify_failures: bool,
+    /// How long failed messages stay in the failed area.
+    pub failed_retention: Duration,
     /// How long a stop waits for workers to finish the message in flight.
     pub shutdown_timeout: Duration,
 }
@@ -447,6 +453,8 @@ impl Config {
             dedup_window: s.duration("dedup_window")?,
             spool_max_bytes: s.count("spool_max_bytes", 0)? as u64,
             spool_sync: s.boolean("spool_sync")?,
+            notify_failures: s.boolean("notify_failures")?,
+            failed_retention: s.duration("failed_retention")?,
             shutdown_timeout: s.duration("shutdown_timeout")?,
         };
         if relay.retry_max < relay.retry_min {

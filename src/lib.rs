@@ -8,6 +8,7 @@
 //! no I/O.
 
 pub mod access;
+pub mod bounce;
 pub mod config;
 pub mod date;
 pub mod demo;

@@ -43,7 +43,7 @@ pub struct Inbound {
     mm4_check: Mm4Check,
     command_timeout: Duration,
     data_timeout: Duration,
-    ids: IdSource,
+    ids: Arc<IdSource>,
     queue: Arc<Queue>,
     spool: Arc<Spool>,
     queue_lifetime: Duration,
@@ -52,7 +52,12 @@ pub struct Inbound {
 
 impl Inbound {
     /// Builds the shared part from the configuration.
-    pub fn new(config: &Config, queue: Arc<Queue>, spool: Arc<Spool>) -> Inbound {
+    pub fn new(
+        config: &Config,
+        ids: Arc<IdSource>,
+        queue: Arc<Queue>,
+        spool: Arc<Spool>,
+    ) -> Inbound {
         let l = &config.listener;
         Inbound {
             session: SessionConfig {
@@ -66,7 +71,7 @@ impl Inbound {
             mm4_check: l.mm4_check,
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,
-            ids: IdSource::new(),
+            ids,
             queue,
             spool,
             queue_lifetime: config.relay.queue_lifetime,

@@ -22,9 +22,10 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
+use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::listener::{Inbound, Listener};
-use crate::message::{Job, Message};
+use crate::message::{IdSource, Job, Message};
 use crate::mm4::Mm4Info;
 use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
@@ -87,7 +88,15 @@ impl Relay {
             spool: Some(spool.clone()),
         };
         requeue(config, &queue, recovered);
+        let ids = Arc::new(IdSource::new());
+        let bounce = Arc::new(Bounce::new(
+            config,
+            ids.clone(),
+            spool.clone(),
+            queue.clone(),
+        )?);
         let ctx = WorkerContext {
+            bounce,
             helo_name: config.relay.hostname.clone(),
             queue: queue.clone(),
             spool: spool.clone(),
@@ -106,7 +115,7 @@ impl Relay {
             }
         }
         drop(ctx);
-        let inbound = Arc::new(Inbound::new(config, queue, spool));
+        let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
         match Listener::start(
             &config.listener.listen,
             config.listener.max_sessions,

@@ -19,6 +19,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use crate::bounce::Bounce;
 use crate::config::PeerConfig;
 use crate::message::Job;
 use crate::queue::Queue;
@@ -131,6 +132,8 @@ pub struct WorkerContext {
     pub queue: Arc<Queue>,
     /// Where outcomes are recorded.
     pub spool: Arc<Spool>,
+    /// Where failures are reported.
+    pub bounce: Arc<Bounce>,
     /// The global connection budget.
     pub budget: Arc<Budget>,
     /// Closed when the relay stops.

@@ -249,6 +249,11 @@ impl Worker {
             self.ctx
                 .spool
                 .done(&job.message.id, &self.peer.cfg.name, rcpts);
+            if *status == "failed" {
+                self.ctx
+                    .bounce
+                    .failed(&job, &self.peer.cfg.name, rcpts, reply);
+            }
             log_disposition(
                 &job,
                 &self.peer.cfg.name,

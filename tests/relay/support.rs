@@ -147,11 +147,13 @@ impl Harness {
         report
     }
 
-    /// Bytes in the spool directory now.
+    /// Bytes of the spool's segment files now (the failed area apart).
     pub fn spool_bytes(&self) -> u64 {
         std::fs::read_dir(self.spool.path())
             .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
+            .map(|e| e.unwrap().metadata().unwrap())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
             .sum()
     }
 
