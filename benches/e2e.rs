@@ -179,8 +179,28 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
                 .map(|m| m.len())
                 .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The number of the newest spool segment: how many were used.
+fn last_segment(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .into_string()
+                    .ok()?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0)
         })
         .unwrap_or(0)
 }
@@ -276,8 +296,9 @@ fn main() {
             percentiles(report.latencies),
         );
         println!(
-            "      spool after the drain: {} bytes",
-            dir_bytes(&dir.path().join("spool"))
+            "      spool after the drain: {} bytes; segments used: {}",
+            dir_bytes(&dir.path().join("spool")),
+            last_segment(&dir.path().join("spool"))
         );
         for s in sims {
             s.stop();

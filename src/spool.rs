@@ -1,30 +1,30 @@
 //! The durable spool: nothing that got a 250 is ever lost.
 //!
 //! # Files
-//! The spool is a series of numbered segments, each two files:
-//! - `NNNNNNNNNNNNNNNN.dat`: message data, appended back to back;
-//! - `NNNNNNNNNNNNNNNN.idx`: a journal of small records, each
-//!   `length:u32 crc32:u32 payload`, little-endian, the CRC over the payload:
-//!   - `M` a message: queue ID, envelope, IDs, times, where its data is in
-//!     the `.dat` file (offset, length, CRC), and its jobs (peer, recipients);
-//!   - `D` recipients of a message done at a peer (sent, failed or expired);
-//!   - `R` recipients deferred: attempts so far and the next attempt time.
+//! The spool is a series of numbered segments, `NNNNNNNNNNNNNNNN.log`,
+//! each a journal of records `length:u32 crc32:u32 payload` (little-endian,
+//! the CRC over the payload):
+//! - `M` a message: where its data is (segment, offset, length, CRC of the
+//!   data alone), queue ID, envelope, IDs, times, its jobs (peer,
+//!   recipients), then the data itself;
+//! - `D` recipients of a message done at a peer (sent, failed or expired);
+//! - `R` recipients deferred: attempts so far and the next attempt time.
 //!
 //! # Group commit
 //! One writer thread owns the files. Sessions hand it messages and wait;
-//! it takes everything that has piled up, appends the data, `fdatasync`s the
-//! `.dat`, appends the records, `fdatasync`s the `.idx`, and only then
-//! wakes every waiting session, which answers 250. One pair of flushes
-//! covers the whole batch. `D` and `R` records need no wait: losing one in
-//! a crash only means a retry (at least once), so they ride along with the
-//! next flush.
+//! it takes everything that has piled up, appends it in one write, issues
+//! one `fdatasync`, and only then wakes every waiting session, which
+//! answers 250. One flush covers the whole batch. `D` and `R` records need
+//! no wait: losing one in a crash only means a retry (at least once), so
+//! they ride along with the next flush.
 //!
 //! # Recovery
-//! At start every `.idx` is read (never the `.dat`), replaying `M`, `D` and
-//! `R` in order; a record that is short or fails its CRC ends the journal
-//! there (a torn tail from a crash) and the file is truncated to the last
-//! good record. Messages with recipients left are queued again with their
-//! attempts and next-attempt time. New records always go to a new segment.
+//! At start every segment is read, replaying `M`, `D` and `R` in order
+//! (message data is checked by the record CRC but not copied); a record
+//! that is short or fails its CRC ends the journal there (a torn tail from
+//! a crash) and the file is truncated to the last good record. Messages
+//! with recipients left are queued again with their attempts and
+//! next-attempt time. New records always go to a new segment.
 //!
 //! # Clean-up
 //! A segment is deleted once every message in it is done and no record in
@@ -140,8 +140,33 @@ impl fmt::Display for SpoolError {
 
 impl std::error::Error for SpoolError {}
 
+/// Where the writer leaves a commit's outcome, and the session to wake. A
+/// parked thread costs no CPU while it waits, where a channel would spin.
+struct Ack {
+    slot: Arc<parking_lot::Mutex<Option<Result<Location, SpoolError>>>>,
+    waiter: thread::Thread,
+    sent: bool,
+}
+
+impl Ack {
+    fn send(mut self, r: Result<Location, SpoolError>) {
+        *self.slot.lock() = Some(r);
+        self.sent = true;
+        self.waiter.unpark();
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if !self.sent {
+            *self.slot.lock() = Some(Err(SpoolError::Closed));
+            self.waiter.unpark();
+        }
+    }
+}
+
 enum Request {
-    Commit(Box<NewMessage>, Sender<Result<Location, SpoolError>>),
+    Commit(Box<NewMessage>, Ack),
     Done {
         id: String,
         peer: String,
@@ -193,11 +218,21 @@ impl Spool {
 
     /// Makes a message durable; returns when it is on disk (or failed).
     pub fn commit(&self, msg: NewMessage) -> Result<Location, SpoolError> {
-        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        let slot = Arc::new(parking_lot::Mutex::new(None));
+        let ack = Ack {
+            slot: slot.clone(),
+            waiter: thread::current(),
+            sent: false,
+        };
         let tx = self.tx.as_ref().ok_or(SpoolError::Closed)?;
-        tx.send(Request::Commit(Box::new(msg), ack_tx))
+        tx.send(Request::Commit(Box::new(msg), ack))
             .map_err(|_| SpoolError::Closed)?;
-        ack_rx.recv().unwrap_or(Err(SpoolError::Closed))
+        loop {
+            if let Some(r) = slot.lock().take() {
+                return r;
+            }
+            thread::park();
+        }
     }
 
     /// Records that these recipients are done (sent, failed or expired).
@@ -228,7 +263,7 @@ impl Spool {
 
     /// Reads a message's data back and checks its CRC.
     pub fn read(&self, loc: &Location) -> io::Result<Vec<u8>> {
-        let f = File::open(self.dir.join(segment_name(loc.segment, "dat")))?;
+        let f = File::open(self.dir.join(segment_name(loc.segment)))?;
         let mut buf = vec![0u8; loc.len as usize];
         f.read_exact_at(&mut buf, loc.offset)?;
         if crc32fast::hash(&buf) != loc.crc {
@@ -265,8 +300,8 @@ impl Drop for Spool {
     }
 }
 
-fn segment_name(n: u64, ext: &str) -> String {
-    format!("{n:016}.{ext}")
+fn segment_name(n: u64) -> String {
+    format!("{n:016}.log")
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -306,24 +341,33 @@ impl Enc {
     }
 }
 
-/// Frames a payload as `len crc payload` onto `out`.
-fn frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
+/// Frames the payload `head` + `tail` as `len crc payload` onto `out`.
+fn frame_parts(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head);
+    crc.update(tail);
+    out.extend_from_slice(&((head.len() + tail.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(tail);
 }
 
+/// Where the data offset sits in an `M` record's payload (after the type
+/// octet and the segment number), so it can be filled in once known.
+const M_OFFSET_AT: usize = 9;
+
+/// The `M` record's payload without the data that follows it.
 fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(256));
     e.u8(b'M');
-    e.str(&m.id);
-    e.u64(unix_ms(m.accepted));
-    e.u64(unix_ms(m.expires));
-    e.u8(u8::from(m.body_type == BodyType::EightBitMime));
     e.u64(loc.segment);
     e.u64(loc.offset);
     e.u32(loc.len);
     e.u32(loc.crc);
+    e.str(&m.id);
+    e.u64(unix_ms(m.accepted));
+    e.u64(unix_ms(m.expires));
+    e.u8(u8::from(m.body_type == BodyType::EightBitMime));
     e.str(&m.from);
     e.str(m.message_id.as_deref().unwrap_or(""));
     e.str(m.transaction_id.as_deref().unwrap_or(""));
@@ -419,6 +463,12 @@ fn decode(payload: &[u8]) -> Option<Record> {
     let mut d = Dec(payload);
     match d.u8()? {
         b'M' => {
+            let loc = Location {
+                segment: d.u64()?,
+                offset: d.u64()?,
+                len: d.u32()?,
+                crc: d.u32()?,
+            };
             let id = d.str()?;
             let accepted = from_unix_ms(d.u64()?);
             let expires = from_unix_ms(d.u64()?);
@@ -427,12 +477,6 @@ fn decode(payload: &[u8]) -> Option<Record> {
             } else {
                 BodyType::SevenBit
             };
-            let loc = Location {
-                segment: d.u64()?,
-                offset: d.u64()?,
-                len: d.u32()?,
-                crc: d.u32()?,
-            };
             let from = d.str()?;
             let message_id = Some(d.str()?).filter(|s| !s.is_empty());
             let transaction_id = Some(d.str()?).filter(|s| !s.is_empty());
@@ -440,6 +484,10 @@ fn decode(payload: &[u8]) -> Option<Record> {
             let jobs = (0..njobs)
                 .map(|_| Some((d.str()?, d.strs()?)))
                 .collect::<Option<Vec<_>>>()?;
+            // The data is what is left of the payload.
+            if d.0.len() != loc.len as usize {
+                return None;
+            }
             let m = NewMessage {
                 id,
                 from,
@@ -594,7 +642,7 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            name.strip_suffix(".idx")?.parse().ok()
+            name.strip_suffix(".log")?.parse().ok()
         })
         .collect();
     numbers.sort_unstable();
@@ -610,7 +658,7 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
     let mut order: Vec<String> = Vec::new();
     let mut records = 0usize;
     for &n in &numbers {
-        let idx_path = dir.join(segment_name(n, "idx"));
+        let idx_path = dir.join(segment_name(n));
         let mut data = Vec::new();
         BufReader::new(File::open(&idx_path)?).read_to_end(&mut data)?;
         let (recs, good) = read_records(&data);
@@ -625,15 +673,14 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
                 .open(&idx_path)?
                 .set_len(good as u64)?;
         }
-        let dat_len = fs::metadata(dir.join(segment_name(n, "dat"))).map_or(0, |m| m.len());
-        state.segments.entry(n).or_default().bytes = good as u64 + dat_len;
+        state.segments.entry(n).or_default().bytes = good as u64;
         records += recs.len();
         for r in recs {
             match r {
                 Record::Message(m, loc) => {
-                    if loc.offset + loc.len as u64 > dat_len {
+                    if loc.segment != n || loc.offset + loc.len as u64 > good as u64 {
                         error!(
-                            "spool: message {} has no data in segment {n}; dropped",
+                            "spool: message {} points outside segment {n}; dropped",
                             m.id
                         );
                         continue;
@@ -732,10 +779,10 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
 
 struct Active {
     number: u64,
-    idx: File,
-    dat: File,
-    idx_len: u64,
-    dat_len: u64,
+    file: File,
+    len: u64,
+    /// Octets of message data in it (a drained spool rolls over if any).
+    data: u64,
 }
 
 struct Writer {
@@ -746,24 +793,19 @@ struct Writer {
 }
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
-    let open = |ext| {
-        OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .append(true)
-            .mode(0o600)
-            .open(dir.join(segment_name(number, ext)))
-    };
-    let dat = open("dat")?;
-    let idx = open("idx")?;
-    // The new names must survive a crash before anything in them is acknowledged.
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.join(segment_name(number)))?;
+    // The new name must survive a crash before anything in it is acknowledged.
     File::open(dir)?.sync_all()?;
     Ok(Active {
         number,
-        idx,
-        dat,
-        idx_len: 0,
-        dat_len: 0,
+        file,
+        len: 0,
+        data: 0,
     })
 }
 
@@ -812,43 +854,46 @@ impl Writer {
                 break;
             }
         }
-        if let Err(e) = self.active.idx.sync_data() {
+        if let Err(e) = self.active.file.sync_data() {
             error!("spool: final flush failed: {e}");
         }
     }
 
     fn write_batch(&mut self, batch: Vec<Request>) {
-        let mut dat = Vec::new();
-        let mut idx = Vec::new();
+        let mut buf = Vec::new();
+        let mut data_octets = 0u64;
         let mut commits = Vec::new();
         let mut marks = Vec::new();
         let limit = self.opts.max_bytes;
         for r in batch {
             match r {
                 Request::Commit(m, ack) => {
-                    let used =
-                        self.bytes.load(Ordering::Acquire) + dat.len() as u64 + idx.len() as u64;
+                    let used = self.bytes.load(Ordering::Acquire) + buf.len() as u64;
                     if limit > 0 && used + m.data.len() as u64 > limit {
-                        let _ = ack.send(Err(SpoolError::Full));
+                        ack.send(Err(SpoolError::Full));
                         continue;
                     }
-                    let loc = Location {
+                    let mut loc = Location {
                         segment: self.active.number,
-                        offset: self.active.dat_len + dat.len() as u64,
+                        offset: 0,
                         len: m.data.len() as u32,
                         crc: crc32fast::hash(&m.data),
                     };
-                    dat.extend_from_slice(&m.data);
-                    frame(&mut idx, &encode_message(&m, &loc));
+                    let mut head = encode_message(&m, &loc);
+                    // The data follows the frame header and this head.
+                    loc.offset = self.active.len + buf.len() as u64 + 8 + head.len() as u64;
+                    head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
+                    frame_parts(&mut buf, &head, &m.data);
+                    data_octets += m.data.len() as u64;
                     commits.push((m, loc, ack));
                 }
                 mark => {
-                    frame(&mut idx, &encode_mark(&mark));
+                    frame_parts(&mut buf, &encode_mark(&mark), &[]);
                     marks.push(mark);
                 }
             }
         }
-        let result = self.append(&dat, &idx, !commits.is_empty());
+        let result = self.append(&buf, data_octets, !commits.is_empty());
         let mut acks = Vec::with_capacity(commits.len());
         match result {
             Ok(()) => {
@@ -886,38 +931,27 @@ impl Writer {
         // (bytes(), the files) already reflects this batch.
         self.collect();
         for (ack, result) in acks {
-            let _ = ack.send(result);
+            ack.send(result);
         }
     }
 
-    /// Appends and (when `flush`) makes durable; on failure, cuts both
-    /// files back to their last good length.
-    fn append(&mut self, dat: &[u8], idx: &[u8], flush: bool) -> io::Result<()> {
+    /// Appends and (when `flush`) makes durable; on failure, cuts the
+    /// file back to its last good length.
+    fn append(&mut self, buf: &[u8], data_octets: u64, flush: bool) -> io::Result<()> {
         let a = &mut self.active;
-        let r = (|| {
-            if !dat.is_empty() {
-                a.dat.write_all(dat)?;
-                if flush && self.opts.sync {
-                    a.dat.sync_data()?;
-                }
-            }
-            a.idx.write_all(idx)?;
-            if flush && self.opts.sync {
-                a.idx.sync_data()?;
-            }
-            Ok(())
-        })();
+        let mut r = a.file.write_all(buf);
+        if r.is_ok() && flush && self.opts.sync {
+            r = a.file.sync_data();
+        }
         match r {
             Ok(()) => {
-                a.dat_len += dat.len() as u64;
-                a.idx_len += idx.len() as u64;
-                let seg = self.state.segments.entry(a.number).or_default();
-                seg.bytes = a.dat_len + a.idx_len;
+                a.len += buf.len() as u64;
+                a.data += data_octets;
+                self.state.segments.entry(a.number).or_default().bytes = a.len;
                 Ok(())
             }
             Err(e) => {
-                let _ = a.dat.set_len(a.dat_len);
-                let _ = a.idx.set_len(a.idx_len);
+                let _ = a.file.set_len(a.len);
                 Err(e)
             }
         }
@@ -927,11 +961,11 @@ impl Writer {
     /// large or when the whole spool has drained.
     fn collect(&mut self) {
         let active = self.active.number;
-        let drained = self.state.messages.is_empty() && self.active.dat_len > 0;
-        if self.active.dat_len >= SEGMENT_SIZE || drained {
+        let drained = self.state.messages.is_empty() && self.active.data > 0;
+        if self.active.len >= SEGMENT_SIZE || drained {
             match open_segment(&self.opts.dir, active + 1) {
                 Ok(next) => {
-                    if let Err(e) = self.active.idx.sync_data() {
+                    if let Err(e) = self.active.file.sync_data() {
                         error!("spool: flush of segment {active} failed: {e}");
                     }
                     self.active = next;
@@ -941,12 +975,10 @@ impl Writer {
             }
         }
         for n in self.state.deletable(self.active.number) {
-            for ext in ["idx", "dat"] {
-                let path = self.opts.dir.join(segment_name(n, ext));
-                if let Err(e) = fs::remove_file(&path) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        warn!("spool: cannot remove {}: {e}", path.display());
-                    }
+            let path = self.opts.dir.join(segment_name(n));
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!("spool: cannot remove {}: {e}", path.display());
                 }
             }
             self.state.segments.remove(&n);
@@ -1039,7 +1071,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| {
-                p.extension().is_some_and(|e| e == "idx") && fs::metadata(p).unwrap().len() > 0
+                p.extension().is_some_and(|e| e == "log") && fs::metadata(p).unwrap().len() > 0
             })
             .unwrap();
         let len = fs::metadata(&idx).unwrap().len();
