@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -647,30 +647,38 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
         .collect();
     numbers.sort_unstable();
 
+    /// A recipient still to do: indexes into its message's jobs.
+    struct Left {
+        job: usize,
+        rcpt: usize,
+        attempts: u32,
+        next: SystemTime,
+    }
     struct Pending {
         message: NewMessage,
         location: Location,
-        /// Per (peer, rcpt): attempts and next attempt.
-        left: Vec<(String, String, u32, SystemTime)>,
+        left: Vec<Left>,
     }
     let mut state = State::default();
-    let mut pending: HashMap<String, Pending> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
     let mut records = 0usize;
+    // One buffer for every segment: no fresh pages per segment.
+    let mut data = Vec::new();
     for &n in &numbers {
-        let idx_path = dir.join(segment_name(n));
-        let mut data = Vec::new();
-        BufReader::new(File::open(&idx_path)?).read_to_end(&mut data)?;
+        let path = dir.join(segment_name(n));
+        data.clear();
+        File::open(&path)?.read_to_end(&mut data)?;
         let (recs, good) = read_records(&data);
         if good < data.len() {
             warn!(
                 "spool: {}: dropping {} bytes of torn or corrupt journal after offset {good}",
-                idx_path.display(),
+                path.display(),
                 data.len() - good
             );
             OpenOptions::new()
                 .write(true)
-                .open(&idx_path)?
+                .open(&path)?
                 .set_len(good as u64)?;
         }
         state.segments.entry(n).or_default().bytes = good as u64;
@@ -690,27 +698,31 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
                     let left = m
                         .jobs
                         .iter()
-                        .flat_map(|(p, rs)| {
-                            rs.iter()
-                                .map(move |r| (p.clone(), r.clone(), 0, UNIX_EPOCH))
+                        .enumerate()
+                        .flat_map(|(job, (_, rs))| {
+                            (0..rs.len()).map(move |rcpt| Left {
+                                job,
+                                rcpt,
+                                attempts: 0,
+                                next: UNIX_EPOCH,
+                            })
                         })
                         .collect();
-                    order.push(m.id.clone());
-                    pending.insert(
-                        m.id.clone(),
-                        Pending {
-                            message: *m,
-                            location: loc,
-                            left,
-                        },
-                    );
+                    index.insert(m.id.clone(), pending.len());
+                    pending.push(Pending {
+                        message: *m,
+                        location: loc,
+                        left,
+                    });
                 }
                 Record::Done { id, peer, rcpts } => {
                     state.note_ref(n, &id);
-                    if let Some(p) = pending.get_mut(&id) {
+                    if let Some(p) = index.get(&id).map(|&i| &mut pending[i]) {
+                        let jobs = &p.message.jobs;
                         let before = p.left.len();
-                        p.left
-                            .retain(|(pp, r, _, _)| !(pp == &peer && rcpts.contains(r)));
+                        p.left.retain(|l| {
+                            !(jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]))
+                        });
                         state.mark_done(&id, before - p.left.len());
                     }
                 }
@@ -722,40 +734,39 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
                     next,
                 } => {
                     state.note_ref(n, &id);
-                    if let Some(p) = pending.get_mut(&id) {
-                        for l in p
-                            .left
-                            .iter_mut()
-                            .filter(|l| l.0 == peer && rcpts.contains(&l.1))
-                        {
-                            l.2 = attempts;
-                            l.3 = next;
+                    if let Some(p) = index.get(&id).map(|&i| &mut pending[i]) {
+                        let jobs = &p.message.jobs;
+                        for l in p.left.iter_mut() {
+                            if jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]) {
+                                l.attempts = attempts;
+                                l.next = next;
+                            }
                         }
                     }
                 }
             }
         }
     }
+    drop(index);
     let mut recovered = Vec::new();
-    for id in order {
-        let Some(p) = pending.remove(&id) else {
-            continue;
-        };
+    for p in pending {
         if p.left.is_empty() {
             continue;
         }
         let mut jobs: Vec<RecoveredJob> = Vec::new();
-        for (peer, rcpt, attempts, next) in p.left {
+        for l in &p.left {
+            let (peer, rcpts) = &p.message.jobs[l.job];
+            let rcpt = rcpts[l.rcpt].clone();
             match jobs
                 .iter_mut()
-                .find(|j| j.peer == peer && j.attempts == attempts && j.next == next)
+                .find(|j| &j.peer == peer && j.attempts == l.attempts && j.next == l.next)
             {
                 Some(j) => j.rcpts.push(rcpt),
                 None => jobs.push(RecoveredJob {
-                    peer,
+                    peer: peer.clone(),
                     rcpts: vec![rcpt],
-                    attempts,
-                    next,
+                    attempts: l.attempts,
+                    next: l.next,
                 }),
             }
         }

@@ -435,3 +435,26 @@ fn a_failed_message_is_kept_and_its_sender_notified() {
             .all(|f| f.contains("X-Mm4relay-Peer: B") && f.contains("X-Mms-Message-Type"))
     );
 }
+
+#[test]
+fn a_message_past_its_lifetime_fails_instead_of_retrying() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        extra_relay: "queue_lifetime = 300ms".into(),
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(3, TO_C, 600)).code,
+        250
+    );
+    wait_until("the message to expire at C", || h.peer(2).failed == 1);
+    assert!(h.peer(2).deferred >= 1, "it was retried before it expired");
+    // The sender hears of it.
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    let dsn = String::from_utf8_lossy(&h.sims[0].received()[0].data).into_owned();
+    assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[2].recipients(), 0);
+}
