@@ -167,18 +167,17 @@ impl Drop for Ack {
 
 enum Request {
     Commit(Box<NewMessage>, Ack),
-    Done {
-        id: String,
-        peer: String,
-        rcpts: Vec<String>,
-    },
-    Retry {
-        id: String,
-        peer: String,
-        rcpts: Vec<String>,
-        attempts: u32,
-        next: SystemTime,
-    },
+    Mark(Mark),
+}
+
+/// What happened to some recipients of a message at a peer.
+struct Mark {
+    id: String,
+    peer: String,
+    rcpts: Vec<String>,
+    /// `None`: done (sent, failed or expired); else deferred with its
+    /// attempts so far and the next attempt.
+    retry: Option<(u32, SystemTime)>,
 }
 
 /// The spool: a handle on the writer thread.
@@ -237,27 +236,22 @@ impl Spool {
 
     /// Records that these recipients are done (sent, failed or expired).
     pub fn done(&self, id: &str, peer: &str, rcpts: &[String]) {
-        self.send(Request::Done {
-            id: id.to_string(),
-            peer: peer.to_string(),
-            rcpts: rcpts.to_vec(),
-        });
+        self.mark(id, peer, rcpts, None);
     }
 
     /// Records a deferral: attempts so far and when to try next.
     pub fn retry(&self, id: &str, peer: &str, rcpts: &[String], attempts: u32, next: SystemTime) {
-        self.send(Request::Retry {
-            id: id.to_string(),
-            peer: peer.to_string(),
-            rcpts: rcpts.to_vec(),
-            attempts,
-            next,
-        });
+        self.mark(id, peer, rcpts, Some((attempts, next)));
     }
 
-    fn send(&self, r: Request) {
+    fn mark(&self, id: &str, peer: &str, rcpts: &[String], retry: Option<(u32, SystemTime)>) {
         if let Some(tx) = &self.marks {
-            let _ = tx.send(r);
+            let _ = tx.send(Request::Mark(Mark {
+                id: id.to_string(),
+                peer: peer.to_string(),
+                rcpts: rcpts.to_vec(),
+                retry,
+            }));
         }
     }
 
@@ -379,30 +373,15 @@ fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
     e.0
 }
 
-fn encode_mark(r: &Request) -> Vec<u8> {
+fn encode_mark(m: &Mark) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(128));
-    match r {
-        Request::Done { id, peer, rcpts } => {
-            e.u8(b'D');
-            e.str(id);
-            e.str(peer);
-            e.strs(rcpts);
-        }
-        Request::Retry {
-            id,
-            peer,
-            rcpts,
-            attempts,
-            next,
-        } => {
-            e.u8(b'R');
-            e.str(id);
-            e.str(peer);
-            e.strs(rcpts);
-            e.u32(*attempts);
-            e.u64(unix_ms(*next));
-        }
-        Request::Commit(..) => unreachable!("messages are encoded by encode_message"),
+    e.u8(if m.retry.is_some() { b'R' } else { b'D' });
+    e.str(&m.id);
+    e.str(&m.peer);
+    e.strs(&m.rcpts);
+    if let Some((attempts, next)) = m.retry {
+        e.u32(attempts);
+        e.u64(unix_ms(next));
     }
     e.0
 }
@@ -445,18 +424,7 @@ impl Dec<'_> {
 
 enum Record {
     Message(Box<NewMessage>, Location),
-    Done {
-        id: String,
-        peer: String,
-        rcpts: Vec<String>,
-    },
-    Retry {
-        id: String,
-        peer: String,
-        rcpts: Vec<String>,
-        attempts: u32,
-        next: SystemTime,
-    },
+    Mark(Mark),
 }
 
 fn decode(payload: &[u8]) -> Option<Record> {
@@ -501,18 +469,19 @@ fn decode(payload: &[u8]) -> Option<Record> {
             };
             Some(Record::Message(Box::new(m), loc))
         }
-        b'D' => Some(Record::Done {
-            id: d.str()?,
-            peer: d.str()?,
-            rcpts: d.strs()?,
-        }),
-        b'R' => Some(Record::Retry {
-            id: d.str()?,
-            peer: d.str()?,
-            rcpts: d.strs()?,
-            attempts: d.u32()?,
-            next: from_unix_ms(d.u64()?),
-        }),
+        kind @ (b'D' | b'R') => {
+            let (id, peer, rcpts) = (d.str()?, d.str()?, d.strs()?);
+            let retry = match kind {
+                b'R' => Some((d.u32()?, from_unix_ms(d.u64()?))),
+                _ => None,
+            };
+            Some(Record::Mark(Mark {
+                id,
+                peer,
+                rcpts,
+                retry,
+            }))
+        }
         _ => None,
     }
 }
@@ -715,29 +684,27 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
                         left,
                     });
                 }
-                Record::Done { id, peer, rcpts } => {
-                    state.note_ref(n, &id);
-                    if let Some(p) = index.get(&id).map(|&i| &mut pending[i]) {
-                        let jobs = &p.message.jobs;
-                        let before = p.left.len();
-                        p.left.retain(|l| {
-                            !(jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]))
-                        });
-                        state.mark_done(&id, before - p.left.len());
-                    }
-                }
-                Record::Retry {
+                Record::Mark(Mark {
                     id,
                     peer,
                     rcpts,
-                    attempts,
-                    next,
-                } => {
+                    retry,
+                }) => {
                     state.note_ref(n, &id);
-                    if let Some(p) = index.get(&id).map(|&i| &mut pending[i]) {
-                        let jobs = &p.message.jobs;
-                        for l in p.left.iter_mut() {
-                            if jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]) {
+                    let Some(p) = index.get(&id).map(|&i| &mut pending[i]) else {
+                        continue;
+                    };
+                    let jobs = &p.message.jobs;
+                    let hit =
+                        |l: &Left| jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]);
+                    match retry {
+                        None => {
+                            let before = p.left.len();
+                            p.left.retain(|l| !hit(l));
+                            state.mark_done(&id, before - p.left.len());
+                        }
+                        Some((attempts, next)) => {
+                            for l in p.left.iter_mut().filter(|l| hit(l)) {
                                 l.attempts = attempts;
                                 l.next = next;
                             }
@@ -898,7 +865,7 @@ impl Writer {
                     data_octets += m.data.len() as u64;
                     commits.push((m, loc, ack));
                 }
-                mark => {
+                Request::Mark(mark) => {
                     frame_parts(&mut buf, &encode_mark(&mark), &[]);
                     marks.push(mark);
                 }
@@ -914,14 +881,9 @@ impl Writer {
                     acks.push((ack, Ok(loc)));
                 }
                 for mark in marks {
-                    let (Request::Done { id, rcpts, .. } | Request::Retry { id, rcpts, .. }) =
-                        &mark
-                    else {
-                        continue;
-                    };
-                    self.state.note_ref(self.active.number, id);
-                    if let Request::Done { .. } = mark {
-                        self.state.mark_done(id, rcpts.len());
+                    self.state.note_ref(self.active.number, &mark.id);
+                    if mark.retry.is_none() {
+                        self.state.mark_done(&mark.id, mark.rcpts.len());
                     }
                 }
             }
