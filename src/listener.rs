@@ -366,11 +366,6 @@ impl Listener {
         &self.addrs
     }
 
-    /// Sessions open now.
-    pub fn session_count(&self) -> usize {
-        self.sessions.count.load(Ordering::Acquire)
-    }
-
     /// Stops accepting, closes idle sessions, waits for busy ones.
     pub fn stop(self) {
         self.sessions.stopping.store(true, Ordering::Release);

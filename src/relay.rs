@@ -148,11 +148,6 @@ impl Relay {
         self.peers.iter().map(|p| p.snapshot(&self.queue)).collect()
     }
 
-    /// Inbound sessions open now.
-    pub fn session_count(&self) -> usize {
-        self.listener.as_ref().map_or(0, Listener::session_count)
-    }
-
     /// Stops everything in order and joins every thread.
     pub fn shutdown(mut self) -> StopReport {
         self.stop_all()

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::config::PeerConfig;
@@ -150,7 +150,6 @@ pub enum Delivery {
 /// An open SMTP client connection.
 pub struct Connection {
     stream: TcpStream,
-    peer_addr: SocketAddr,
     caps: Capabilities,
     timeouts: Timeouts,
     rbuf: Vec<u8>,
@@ -179,7 +178,7 @@ impl Connection {
             for addr in addrs {
                 match TcpStream::connect_timeout(&addr, timeouts.connect) {
                     Ok(stream) => {
-                        return Connection::greet(stream, addr, helo_name, timeouts.clone());
+                        return Connection::greet(stream, helo_name, timeouts.clone());
                     }
                     Err(e) => errors.push(format!("{addr}: {e}")),
                 }
@@ -190,7 +189,6 @@ impl Connection {
 
     fn greet(
         stream: TcpStream,
-        peer_addr: SocketAddr,
         helo_name: &str,
         timeouts: Timeouts,
     ) -> Result<Connection, ConnError> {
@@ -198,7 +196,6 @@ impl Connection {
         stream.set_write_timeout(Some(timeouts.data))?;
         let mut c = Connection {
             stream,
-            peer_addr,
             caps: Capabilities::default(),
             timeouts,
             rbuf: Vec::with_capacity(4096),
@@ -222,11 +219,6 @@ impl Connection {
             return Err(ConnError::Greeting(helo));
         }
         Ok(c)
-    }
-
-    /// The address this connection reached.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer_addr
     }
 
     /// A handle on the socket, so a stop can cut a stuck connection.

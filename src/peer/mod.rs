@@ -54,11 +54,6 @@ impl Budget {
     pub fn release(&self) {
         self.used.fetch_sub(1, Ordering::AcqRel);
     }
-
-    /// Slots in use.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
-    }
 }
 
 /// Counters of one peer; recipients are counted, not messages.
@@ -171,11 +166,6 @@ impl Peer {
             jobs,
             workers,
         })
-    }
-
-    /// The peer's name.
-    pub fn name(&self) -> &str {
-        &self.shared.cfg.name
     }
 
     /// The peer's counters now.

@@ -97,11 +97,6 @@ impl<R> Session<R> {
         Reply::new(220, format!("{} ESMTP mm4relay", self.cfg.hostname))
     }
 
-    /// True while a transaction is open (MAIL given, not yet finished).
-    pub fn in_transaction(&self) -> bool {
-        self.envelope.is_some()
-    }
-
     /// True while message data is being received.
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data(_))
