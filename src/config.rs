@@ -64,6 +64,9 @@ pub const PEER_KEYS: &[(&str, &str)] = &[
     ("data_timeout", "180s"),
     ("data_done_timeout", "600s"),
     ("keepalive", "60s"),
+    ("max_rate", "0"),
+    ("max_messages_per_connection", "0"),
+    ("max_connection_age", "1h"),
 ];
 
 /// How strictly the MM4 content is checked at the end of DATA.
@@ -166,6 +169,12 @@ pub struct PeerConfig {
     pub data_done_timeout: Duration,
     /// NOOP interval on an idle connection.
     pub keepalive: Duration,
+    /// Messages per second to this peer, all workers together (0: no limit).
+    pub max_rate: u32,
+    /// A connection is closed and reopened after this many messages (0: never).
+    pub max_messages_per_connection: u32,
+    /// A connection is closed and reopened once this old (0: never).
+    pub max_connection_age: Duration,
 }
 
 /// The whole configuration.
@@ -554,6 +563,9 @@ impl Config {
                 data_timeout: s.duration("data_timeout")?,
                 data_done_timeout: s.duration("data_done_timeout")?,
                 keepalive: s.duration("keepalive")?,
+                max_rate: s.count("max_rate", 0)? as u32,
+                max_messages_per_connection: s.count("max_messages_per_connection", 0)? as u32,
+                max_connection_age: s.duration("max_connection_age")?,
             };
             if peer.min_connections > peer.max_connections {
                 return Err(s.err(

@@ -40,7 +40,7 @@ pub enum Fault {
 }
 
 /// One message as a simulated peer received it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Received {
     /// Envelope sender.
     pub from: String,
@@ -50,6 +50,8 @@ pub struct Received {
     pub data: Vec<u8>,
     /// True if MAIL FROM said BODY=8BITMIME.
     pub eight_bit: bool,
+    /// When it was accepted.
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -246,6 +248,7 @@ impl Handler for SimHandler<'_> {
                 rcpts: env.rcpts.iter().map(|(r, _)| r.clone()).collect(),
                 data,
                 eight_bit: env.params.body == BodyType::EightBitMime,
+                at: Instant::now(),
             });
         }
         c.messages.fetch_add(1, Ordering::AcqRel);

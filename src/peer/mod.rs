@@ -15,6 +15,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -100,6 +101,40 @@ pub struct PeerSnapshot {
     pub last_error: String,
 }
 
+/// A token bucket shared by a peer's workers (`max_rate`). Tokens may go
+/// negative: a worker reserves its token and waits out the debt, so the
+/// rate holds however many workers ask at once.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    /// Tokens now, and when that was computed.
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> TokenBucket {
+        TokenBucket {
+            rate: f64::from(rate),
+            // A one-second burst at most.
+            state: Mutex::new((f64::from(rate), Instant::now())),
+        }
+    }
+
+    /// Takes a token; returns how long to wait before using it.
+    fn reserve(&self) -> Duration {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.rate.max(1.0)) - 1.0;
+        s.1 = now;
+        if s.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-s.0 / self.rate)
+        }
+    }
+}
+
 /// What the workers of one peer share.
 struct Shared {
     id: usize,
@@ -107,6 +142,8 @@ struct Shared {
     timeouts: Timeouts,
     helo_name: String,
     stats: PeerStats,
+    /// `max_rate`, when set.
+    rate: Option<TokenBucket>,
     /// Each worker's socket, so a stop can cut stuck I/O.
     streams: Mutex<Vec<Option<TcpStream>>>,
 }
@@ -151,6 +188,7 @@ impl Peer {
             helo_name: ctx.helo_name.clone(),
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
+            rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             cfg,
         });
         let mut workers = Vec::new();
@@ -199,5 +237,23 @@ impl Peer {
             let _ = w.join();
         }
         self.jobs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_spaces_tokens_at_the_rate() {
+        let b = TokenBucket::new(10);
+        // The burst: ten tokens at once, then one every 100 ms.
+        for _ in 0..10 {
+            assert_eq!(b.reserve(), Duration::ZERO);
+        }
+        let waits: Vec<u128> = (0..3).map(|_| b.reserve().as_millis()).collect();
+        for (w, want) in waits.iter().zip([100, 200, 300]) {
+            assert!((want - 5..=want).contains(w), "{waits:?}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{info, warn};
@@ -32,6 +32,9 @@ pub(super) struct Worker {
     jobs: Receiver<Job>,
     ctx: WorkerContext,
     conn: Option<Connection>,
+    /// When the open connection was made, and how many messages it took.
+    conn_since: Instant,
+    conn_messages: u32,
     backoff: Duration,
 }
 
@@ -48,6 +51,8 @@ impl Worker {
             jobs,
             ctx,
             conn: None,
+            conn_since: Instant::now(),
+            conn_messages: 0,
             backoff: CONNECT_BACKOFF_MIN,
         }
     }
@@ -108,6 +113,8 @@ impl Worker {
                 p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
                 p.streams.lock()[self.index] = c.try_clone_stream().ok();
                 self.conn = Some(c);
+                self.conn_since = Instant::now();
+                self.conn_messages = 0;
                 self.backoff = CONNECT_BACKOFF_MIN;
                 Ok(())
             }
@@ -117,6 +124,17 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+
+    /// True if the open connection reached max_messages_per_connection or
+    /// max_connection_age.
+    fn worn_out(&self) -> bool {
+        let cfg = &self.peer.cfg;
+        self.conn.is_some()
+            && ((cfg.max_messages_per_connection > 0
+                && self.conn_messages >= cfg.max_messages_per_connection)
+                || (!cfg.max_connection_age.is_zero()
+                    && self.conn_since.elapsed() >= cfg.max_connection_age))
     }
 
     fn drop_connection(&mut self) {
@@ -151,6 +169,13 @@ impl Worker {
             self.dispose(job, replies);
             return;
         }
+        if self.worn_out() {
+            // max_messages_per_connection or max_connection_age: start afresh.
+            if let Some(c) = self.conn.take() {
+                c.quit();
+                self.closed();
+            }
+        }
         if self.conn.is_none() {
             while !self.ctx.budget.try_acquire() {
                 if self.pause(BUDGET_POLL) {
@@ -169,20 +194,36 @@ impl Worker {
                 return;
             }
         }
+        if let Some(bucket) = &self.peer.rate {
+            let wait = bucket.reserve();
+            if !wait.is_zero() && self.pause(wait) {
+                self.defer(job, "relay stopping while rate-limited");
+                return;
+            }
+        }
         // Chain further jobs from the pool onto this connection while they
-        // are waiting, unless the relay is stopping.
+        // are waiting, unless the relay is stopping, the peer is
+        // rate-limited (each message waits for its token), or the
+        // connection has carried its share.
         let mut conn = self.conn.take().expect("connected above");
         let (jobs, stop) = (self.jobs.clone(), self.ctx.stop.clone());
+        let limit = self.peer.cfg.max_messages_per_connection;
+        let chain = self.peer.rate.is_none();
+        let taken = std::cell::Cell::new(self.conn_messages + 1);
         let next = || {
-            if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+            let full = limit > 0 && taken.get() >= limit;
+            if !chain || full || matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 return None;
             }
             jobs.try_recv().ok().map(|mut j| {
+                taken.set(taken.get() + 1);
                 j.attempts += 1;
                 j
             })
         };
-        match conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery)) {
+        let result = conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery));
+        self.conn_messages = taken.get();
+        match result {
             Ok(()) => self.conn = Some(conn),
             Err((e, unknown)) => {
                 *self.peer.stats.last_error.lock() = e.to_string();

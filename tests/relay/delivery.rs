@@ -458,3 +458,49 @@ fn a_message_past_its_lifetime_fails_instead_of_retrying() {
     assert_eq!(h.stop_relay().undelivered, 0);
     assert_eq!(h.sims[2].recipients(), 0);
 }
+
+#[test]
+fn a_connection_is_recycled_after_max_messages() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 1],
+        max_connections: [4, 1, 4],
+        extra_peer: ["", "max_messages_per_connection = 10", ""],
+        ..Profile::default()
+    });
+    let n = 50;
+    assert_eq!(send_load(h.addr, 2, load(&[TO_B], n)).accepted, n);
+    assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
+    h.stop_relay();
+    // One worker, ten messages a connection: five connections, all used up.
+    assert_eq!(
+        h.sims[1].connections(),
+        5,
+        "{} connections",
+        h.sims[1].connections()
+    );
+    assert_eq!(h.sims[1].max_open(), 1);
+}
+
+#[test]
+fn max_rate_caps_the_delivery_rate() {
+    let mut h = Harness::with(Profile {
+        max_connections: [4, 4, 4],
+        extra_peer: ["", "max_rate = 40", ""],
+        ..Profile::default()
+    });
+    let n = 120;
+    assert_eq!(send_load(h.addr, 4, load(&[TO_B], n)).accepted, n);
+    assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
+    h.stop_relay();
+    let got = h.sims[1].received();
+    let span = got
+        .last()
+        .unwrap()
+        .at
+        .duration_since(got[0].at)
+        .as_secs_f64();
+    // A burst of 40, then 40 a second: the other 80 need two seconds at least.
+    let rate = (n - 40) as f64 / span;
+    eprintln!("max_rate = 40: {n} messages over {span:.2}s, {rate:.1}/s after the burst");
+    assert!(rate <= 40.0 * 1.1, "{rate:.1} msgs/s over max_rate 40");
+}

@@ -56,6 +56,8 @@ pub struct Profile {
     pub min_connections: [usize; 3],
     pub extra_relay: String,
     pub extra_listener: String,
+    /// More lines for the sections of A, B and C.
+    pub extra_peer: [&'static str; 3],
 }
 
 impl Default for Profile {
@@ -65,6 +67,7 @@ impl Default for Profile {
             min_connections: [1, 1, 1],
             extra_relay: String::new(),
             extra_listener: String::new(),
+            extra_peer: [""; 3],
         }
     }
 }
@@ -78,11 +81,11 @@ impl Profile {
              [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
              max_recipients = 100\nmm4_check = strict\n{}\n\
              [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
-             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\n\n\
+             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\n{}\n\n\
              [peer.B]\nhosts = {}\ndomains = mms.mnc020.mcc001.gprs\nprefixes = +1202555\naccept_from = {PARTNER_B}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n{}\n\n\
              [peer.C]\nhosts = {}\ndomains = mms.mnc456.mcc999.gprs\nprefixes = +61491570\naccept_from = {PARTNER_C}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n{}\n\n\
              [ported]\n+12025550177 = C\n",
             spool.display(),
             self.extra_relay,
@@ -90,12 +93,15 @@ impl Profile {
             addrs[0],
             self.min_connections[0],
             self.max_connections[0],
+            self.extra_peer[0],
             addrs[1],
             self.min_connections[1],
             self.max_connections[1],
+            self.extra_peer[1],
             addrs[2],
             self.min_connections[2],
             self.max_connections[2],
+            self.extra_peer[2],
         )
     }
 }
