@@ -33,6 +33,8 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("notify_failures", "yes"),
     ("failed_retention", "7d"),
     ("shutdown_timeout", "30s"),
+    ("balance_interval", "500ms"),
+    ("stats_interval", "60s"),
 ];
 
 /// `[listener]` keys and their defaults.
@@ -67,6 +69,9 @@ pub const PEER_KEYS: &[(&str, &str)] = &[
     ("max_rate", "0"),
     ("max_messages_per_connection", "0"),
     ("max_connection_age", "1h"),
+    ("idle_timeout", "60s"),
+    ("probe_min", "1s"),
+    ("probe_max", "60s"),
 ];
 
 /// How strictly the MM4 content is checked at the end of DATA.
@@ -111,6 +116,10 @@ pub struct RelayConfig {
     pub failed_retention: Duration,
     /// How long a stop waits for workers to finish the message in flight.
     pub shutdown_timeout: Duration,
+    /// How often the balancer moves connection allowance between peers.
+    pub balance_interval: Duration,
+    /// How often a per-peer statistics line is logged.
+    pub stats_interval: Duration,
 }
 
 /// `[listener]`.
@@ -175,6 +184,12 @@ pub struct PeerConfig {
     pub max_messages_per_connection: u32,
     /// A connection is closed and reopened once this old (0: never).
     pub max_connection_age: Duration,
+    /// A peer with nothing to do this long falls back to min_connections.
+    pub idle_timeout: Duration,
+    /// First wait between probes of an unhealthy peer; doubles up to probe_max.
+    pub probe_min: Duration,
+    /// Longest wait between probes.
+    pub probe_max: Duration,
 }
 
 /// The whole configuration.
@@ -465,7 +480,16 @@ impl Config {
             notify_failures: s.boolean("notify_failures")?,
             failed_retention: s.duration("failed_retention")?,
             shutdown_timeout: s.duration("shutdown_timeout")?,
+            balance_interval: s.duration("balance_interval")?,
+            stats_interval: s.duration("stats_interval")?,
         };
+        if relay.balance_interval.is_zero() {
+            return Err(s.err(
+                "balance_interval",
+                s.raw("balance_interval"),
+                "must be more than zero",
+            ));
+        }
         if relay.retry_max < relay.retry_min {
             return Err(s.err(
                 "retry_max",
@@ -566,6 +590,9 @@ impl Config {
                 max_rate: s.count("max_rate", 0)? as u32,
                 max_messages_per_connection: s.count("max_messages_per_connection", 0)? as u32,
                 max_connection_age: s.duration("max_connection_age")?,
+                idle_timeout: s.duration("idle_timeout")?,
+                probe_min: s.duration("probe_min")?,
+                probe_max: s.duration("probe_max")?,
             };
             if peer.min_connections > peer.max_connections {
                 return Err(s.err(

@@ -8,6 +8,7 @@
 //! no I/O.
 
 pub mod access;
+pub mod balancer;
 pub mod bounce;
 pub mod config;
 pub mod date;

@@ -5,8 +5,11 @@
 //! 1. one bounded channel per peer: the peer's **message pool**;
 //! 2. the **queue manager** (`queue`): overflow and deferred jobs;
 //! 3. per peer, its **sub-pool** of workers (`peer`), each with one
-//!    long-lived SMTP connection, taking jobs from that peer's pool only;
-//! 4. the **listener**: sessions route and check each message, make it
+//!    long-lived SMTP connection, taking jobs from that peer's pool only,
+//!    as many at once as the peer's allowance says;
+//! 4. the **balancer** (`balancer`): moves connection allowance between
+//!    peers as their traffic changes, within the global budget;
+//! 5. the **listener**: sessions route and check each message, make it
 //!    durable in the spool, answer 250, and submit one job per peer.
 //!
 //! Stop runs the other way: the listener first (no new messages), then the
@@ -22,6 +25,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
+use crate::balancer::Balancer;
 use crate::bounce::Bounce;
 use crate::config::Config;
 use crate::listener::{Inbound, Listener};
@@ -34,6 +38,7 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 /// A running relay.
 pub struct Relay {
     listener: Option<Listener>,
+    balancer: Option<Balancer>,
     peers: Vec<Peer>,
     qmgr: Option<QueueManager>,
     queue: Arc<Queue>,
@@ -79,6 +84,7 @@ impl Relay {
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
             listener: None,
+            balancer: None,
             peers: Vec::new(),
             qmgr: Some(qmgr),
             queue: queue.clone(),
@@ -115,6 +121,14 @@ impl Relay {
             }
         }
         drop(ctx);
+        let views = relay.peers.iter().map(|p| p.view().clone()).collect();
+        relay.balancer = Some(Balancer::start(
+            views,
+            queue.clone(),
+            config.relay.max_connections,
+            config.relay.balance_interval,
+            config.relay.stats_interval,
+        )?);
         let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
         match Listener::start(
             &config.listener.listen,
@@ -145,7 +159,10 @@ impl Relay {
 
     /// Counters of every peer, in configuration order.
     pub fn peer_snapshots(&self) -> Vec<PeerSnapshot> {
-        self.peers.iter().map(|p| p.snapshot(&self.queue)).collect()
+        self.peers
+            .iter()
+            .map(|p| p.view().snapshot(&self.queue))
+            .collect()
     }
 
     /// Stops everything in order and joins every thread.
@@ -157,13 +174,16 @@ impl Relay {
         if let Some(l) = self.listener.take() {
             l.stop();
         }
+        if let Some(b) = self.balancer.take() {
+            b.stop();
+        }
         // Closing the stop channel tells every worker; each drops its `done`
         // sender when it ends, so the channel disconnects when all have.
         self.stop.take();
         let timeout = self.shutdown_timeout;
         if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
             warn!("workers still busy after {timeout:?}: cutting their connections");
-            self.peers.iter().for_each(Peer::cut_connections);
+            self.peers.iter().for_each(|p| p.view().cut_connections());
         }
         let mut undelivered: usize = self.peers.drain(..).map(Peer::join).sum();
         undelivered += self.qmgr.take().map_or(0, QueueManager::stop);

@@ -71,6 +71,7 @@ struct Shared {
     counters: Counters,
     stopping: AtomicBool,
     conns: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    group: Option<Arc<Gauge>>,
 }
 
 /// A simulated destination MMSC listening on loopback.
@@ -84,11 +85,12 @@ impl SimPeer {
     /// Starts a sink on `127.0.0.1` at a free port. With `keep`, every
     /// message is kept for inspection; without, only counted.
     pub fn start(keep: bool) -> io::Result<SimPeer> {
-        SimPeer::start_on("127.0.0.1:0".parse().expect("literal address"), keep)
+        SimPeer::start_in(keep, None)
     }
 
-    /// Starts a sink on `addr`.
-    pub fn start_on(addr: SocketAddr, keep: bool) -> io::Result<SimPeer> {
+    /// Starts a sink whose open connections also count in `group`.
+    pub fn start_in(keep: bool, group: Option<Arc<Gauge>>) -> io::Result<SimPeer> {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let l = TcpListener::bind(addr)?;
         let addr = l.local_addr()?;
         let shared = Arc::new(Shared {
@@ -99,6 +101,7 @@ impl SimPeer {
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            group,
         });
         let s = shared.clone();
         let accept = thread::Builder::new()
@@ -201,14 +204,11 @@ fn sim_accept(l: &TcpListener, shared: &Arc<Shared>) {
         let Ok(clone) = stream.try_clone() else {
             continue;
         };
-        let c = &shared.counters;
-        c.connections.fetch_add(1, Ordering::AcqRel);
-        let open = c.open.fetch_add(1, Ordering::AcqRel) + 1;
-        c.max_open.fetch_max(open, Ordering::AcqRel);
+        shared.counters.connections.fetch_add(1, Ordering::AcqRel);
+        let open = Open::new(shared);
         let s = shared.clone();
         let handle = thread::spawn(move || {
-            let _ = sim_serve(stream, &s);
-            s.counters.open.fetch_sub(1, Ordering::AcqRel);
+            let _ = sim_serve(stream, &s, open);
         });
         let mut conns = shared.conns.lock();
         conns.retain(|(_, h)| !h.is_finished());
@@ -260,7 +260,55 @@ impl Handler for SimHandler<'_> {
     }
 }
 
-fn sim_serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+/// One open connection, counted at the peer and in its group until it
+/// closes; QUIT uncounts it before the 221 goes out, so a client that
+/// reopens right after never sees two.
+struct Open(Option<Arc<Shared>>);
+
+impl Open {
+    fn new(shared: &Arc<Shared>) -> Open {
+        let c = &shared.counters;
+        let open = c.open.fetch_add(1, Ordering::AcqRel) + 1;
+        c.max_open.fetch_max(open, Ordering::AcqRel);
+        if let Some(g) = &shared.group {
+            let open = g.open.fetch_add(1, Ordering::AcqRel) + 1;
+            g.max.fetch_max(open, Ordering::AcqRel);
+        }
+        Open(Some(shared.clone()))
+    }
+
+    fn close(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.counters.open.fetch_sub(1, Ordering::AcqRel);
+            if let Some(g) = &shared.group {
+                g.open.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Open connections counted across several simulated peers.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    open: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Gauge {
+    /// The most connections that were open at once across the group.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+}
+
+fn sim_serve(mut stream: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
+    let mut open = open;
     stream.set_nodelay(true)?;
     match *shared.fault.lock() {
         Fault::Busy => {
@@ -300,6 +348,9 @@ fn sim_serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         buf.drain(..p.consumed);
         if handler.drop_now {
             return stream.shutdown(Shutdown::Both);
+        }
+        if p.close {
+            open.close();
         }
         stream.write_all(&out)?;
         if p.close {

@@ -7,9 +7,11 @@
 //! open connection holds one slot of the relay's global connection budget.
 
 mod connection;
+mod control;
 mod worker;
 
 pub use connection::{ConnError, Connection, Delivery, Outbound, Timeouts};
+pub use control::{Change, Control};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
@@ -97,6 +99,10 @@ pub struct PeerSnapshot {
     pub pool_depth: usize,
     /// Jobs waiting for room in the pool.
     pub overflow: usize,
+    /// Workers that may hold a connection now.
+    pub allowance: usize,
+    /// False while the peer is isolated and probed.
+    pub healthy: bool,
     /// The last error seen.
     pub last_error: String,
 }
@@ -144,15 +150,24 @@ struct Shared {
     stats: PeerStats,
     /// `max_rate`, when set.
     rate: Option<TokenBucket>,
+    /// Health and allowance.
+    control: Control,
     /// Each worker's socket, so a stop can cut stuck I/O.
     streams: Mutex<Vec<Option<TcpStream>>>,
 }
 
 /// One destination and its running workers.
 pub struct Peer {
+    view: PeerView,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// A handle on a peer's state for the balancer and status: counters,
+/// health, allowance, pool depth. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerView {
     shared: Arc<Shared>,
     jobs: Receiver<Job>,
-    workers: Vec<JoinHandle<()>>,
 }
 
 /// What every worker of every peer needs from the relay.
@@ -189,6 +204,7 @@ impl Peer {
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
             rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
+            control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
             cfg,
         });
         let mut workers = Vec::new();
@@ -200,12 +216,27 @@ impl Peer {
             workers.push(handle);
         }
         Ok(Peer {
-            shared,
-            jobs,
+            view: PeerView { shared, jobs },
             workers,
         })
     }
 
+    /// A handle on this peer's state.
+    pub fn view(&self) -> &PeerView {
+        &self.view
+    }
+
+    /// Waits for the workers (after the stop channel closed); returns how
+    /// many jobs were left in the pool.
+    pub fn join(self) -> usize {
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.view.jobs.len()
+    }
+}
+
+impl PeerView {
     /// The peer's counters now.
     pub fn snapshot(&self, queue: &Queue) -> PeerSnapshot {
         let s = &self.shared.stats;
@@ -219,8 +250,20 @@ impl Peer {
             busy: s.busy.load(Ordering::Relaxed),
             pool_depth: self.jobs.len(),
             overflow: queue.overflow_len(self.shared.id),
+            allowance: self.shared.control.allowance(),
+            healthy: self.shared.control.healthy(),
             last_error: s.last_error.lock().clone(),
         }
+    }
+
+    /// The peer's configuration.
+    pub fn config(&self) -> &PeerConfig {
+        &self.shared.cfg
+    }
+
+    /// The peer's health and allowance.
+    pub fn control(&self) -> &Control {
+        &self.shared.control
     }
 
     /// Cuts every open connection, so workers stuck in I/O give up now.
@@ -228,15 +271,6 @@ impl Peer {
         for s in self.shared.streams.lock().iter().flatten() {
             let _ = s.shutdown(Shutdown::Both);
         }
-    }
-
-    /// Waits for the workers (after the stop channel closed); returns how
-    /// many jobs were left in the pool.
-    pub fn join(self) -> usize {
-        for w in self.workers {
-            let _ = w.join();
-        }
-        self.jobs.len()
     }
 }
 

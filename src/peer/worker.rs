@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{info, warn};
 
 use super::connection::{ConnError, Connection, Delivery};
-use super::{Shared, WorkerContext};
+use super::{Change, Shared, WorkerContext};
 use crate::message::Job;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
@@ -25,6 +25,8 @@ const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often a worker holding a job looks for a free budget slot.
 const BUDGET_POLL: Duration = Duration::from_millis(20);
+/// How often an idle or parked worker looks at its allowance and keepalive.
+const IDLE_TICK: Duration = Duration::from_millis(200);
 
 pub(super) struct Worker {
     index: usize,
@@ -35,6 +37,8 @@ pub(super) struct Worker {
     /// When the open connection was made, and how many messages it took.
     conn_since: Instant,
     conn_messages: u32,
+    /// Last traffic on the connection, for keepalive.
+    last_used: Instant,
     backoff: Duration,
 }
 
@@ -53,12 +57,13 @@ impl Worker {
             conn: None,
             conn_since: Instant::now(),
             conn_messages: 0,
+            last_used: Instant::now(),
             backoff: CONNECT_BACKOFF_MIN,
         }
     }
 
     pub(super) fn run(mut self) {
-        if self.index < self.peer.cfg.min_connections && self.ctx.budget.try_acquire() {
+        if self.index < self.peer.control.allowance() && self.ctx.budget.try_acquire() {
             if let Err(e) = self.connect() {
                 warn!(
                     "peer={} worker={} initial connect failed: {e}",
@@ -66,15 +71,34 @@ impl Worker {
                 );
             }
         }
-        let keepalive = self.peer.cfg.keepalive;
         loop {
+            let control = &self.peer.control;
+            if self.index >= control.allowance() {
+                // Above the allowance: give the connection back and wait.
+                if let Some(c) = self.conn.take() {
+                    c.quit();
+                    self.closed();
+                }
+                if self.pause(IDLE_TICK) {
+                    break;
+                }
+                continue;
+            }
+            // An isolated peer: nothing is taken until the next probe.
+            let probe = control.probe_wait();
+            if !probe.is_zero() {
+                if self.pause(probe.min(IDLE_TICK)) {
+                    break;
+                }
+                continue;
+            }
             select! {
                 recv(self.ctx.stop) -> _ => break,
                 recv(self.jobs) -> job => match job {
                     Ok(job) => self.handle(job),
                     Err(_) => break,
                 },
-                default(keepalive) => self.keepalive(),
+                default(IDLE_TICK) => self.keepalive(),
             }
         }
         if let Some(c) = self.conn.take() {
@@ -92,6 +116,10 @@ impl Worker {
     }
 
     fn keepalive(&mut self) {
+        if self.last_used.elapsed() < self.peer.cfg.keepalive {
+            return;
+        }
+        self.last_used = Instant::now();
         if let Some(c) = self.conn.as_mut() {
             if let Err(e) = c.noop() {
                 info!(
@@ -114,6 +142,7 @@ impl Worker {
                 p.streams.lock()[self.index] = c.try_clone_stream().ok();
                 self.conn = Some(c);
                 self.conn_since = Instant::now();
+                self.last_used = Instant::now();
                 self.conn_messages = 0;
                 self.backoff = CONNECT_BACKOFF_MIN;
                 Ok(())
@@ -121,8 +150,21 @@ impl Worker {
             Err(e) => {
                 self.ctx.budget.release();
                 *p.stats.last_error.lock() = e.to_string();
+                self.report(p.control.connection_failed(), &e.to_string());
                 Err(e)
             }
+        }
+    }
+
+    /// Logs a change of the peer's health.
+    fn report(&self, change: Change, why: &str) {
+        let name = &self.peer.cfg.name;
+        match change {
+            Change::Failed => warn!(
+                "peer={name} unhealthy after \"{why}\": one probing connection, the rest stays queued"
+            ),
+            Change::Recovered => info!("peer={name} recovered: connections grow back from one"),
+            Change::None => {}
         }
     }
 
@@ -229,6 +271,7 @@ impl Worker {
                 *self.peer.stats.last_error.lock() = e.to_string();
                 drop(conn);
                 self.closed();
+                self.report(self.peer.control.connection_failed(), &e.to_string());
                 let reason = match e {
                     ConnError::ServiceClosing(r) => r.to_string(),
                     other => other.to_string(),
@@ -241,8 +284,18 @@ impl Worker {
     }
 
     fn finish(&mut self, job: Job, delivery: Delivery) {
+        self.last_used = Instant::now();
         let replies = match delivery {
-            Delivery::Replies(r) => r,
+            Delivery::Replies(r) => {
+                let control = &self.peer.control;
+                let change = if r.iter().all(Reply::is_transient) {
+                    control.transient()
+                } else {
+                    control.answered()
+                };
+                self.report(change, &r[0].to_string());
+                r
+            }
             Delivery::Refused(refusal) => {
                 let reply = match refusal {
                     Refusal::TooBig { size, limit } => Reply::new(

@@ -2,6 +2,7 @@
 //! connections, relay control, and how faults at one peer are handled.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mm4relay::sim::{Fault, Outgoing, forward_req, send_load};
 
@@ -164,7 +165,10 @@ fn temporary_failures_are_retried_until_the_peer_recovers() {
     h.sims[1].set_fault(Fault::TempFail);
     let n = 20;
     assert_eq!(send_load(h.addr, 2, load(&[TO_B], n)).accepted, n);
-    wait_until("20 deferrals at B", || h.peer(1).deferred >= n as u64);
+    // Ten transactions with only 4xx isolate the peer: one probe at a time.
+    wait_until("B to be isolated", || !h.peer(1).healthy);
+    assert_eq!(h.peer(1).allowance, 1);
+    assert!(h.peer(1).deferred >= 10);
     assert_eq!(h.sims[1].recipients(), 0);
     h.sims[1].set_fault(Fault::None);
     assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
@@ -503,4 +507,52 @@ fn max_rate_caps_the_delivery_rate() {
     let rate = (n - 40) as f64 / span;
     eprintln!("max_rate = 40: {n} messages over {span:.2}s, {rate:.1}/s after the burst");
     assert!(rate <= 40.0 * 1.1, "{rate:.1} msgs/s over max_rate 40");
+}
+
+#[test]
+fn allowance_grows_with_backlog_and_falls_back_when_idle() {
+    let mut h = Harness::with(Profile {
+        extra_peer: ["", "idle_timeout = 300ms", ""],
+        ..Profile::default()
+    });
+    h.sims[1].set_fault(Fault::Delay(Duration::from_millis(20)));
+    assert_eq!(h.peer(1).allowance, 1, "starts at min_connections");
+    let n = 120;
+    assert_eq!(send_load(h.addr, 8, load(&[TO_B], n)).accepted, n);
+    wait_until("B to reach its max under backlog", || {
+        h.peer(1).allowance == 4
+    });
+    assert!(h.sims[1].wait_for_recipients(n as u64, DEADLINE));
+    wait_until("B to fall back to its min when idle", || {
+        h.peer(1).allowance == 1
+    });
+    h.stop_relay();
+    assert!(h.sims[1].max_open() <= 4);
+    assert!(h.sims[1].max_open() >= 3, "the extra connections were used");
+}
+
+#[test]
+fn the_budget_caps_connections_across_all_peers() {
+    let mut h = Harness::with(Profile {
+        budget: 5,
+        ..Profile::default()
+    });
+    for sim in &h.sims {
+        sim.set_fault(Fault::Delay(Duration::from_millis(5)));
+    }
+    let n = 240;
+    assert_eq!(
+        send_load(h.addr, 8, load(&[TO_A, TO_B, TO_C], n)).accepted,
+        n
+    );
+    for sim in &h.sims {
+        assert!(sim.wait_for_recipients(n as u64 / 3, DEADLINE));
+    }
+    h.stop_relay();
+    assert!(
+        h.gauge.max() <= 5,
+        "{} connections open at once over a budget of 5",
+        h.gauge.max()
+    );
+    assert!(h.gauge.max() >= 4, "the budget above the mins was used");
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use mm4relay::config::Config;
 use mm4relay::peer::PeerSnapshot;
 use mm4relay::relay::{Relay, StopReport};
-use mm4relay::sim::SimPeer;
+use std::sync::Arc;
+
+use mm4relay::sim::{Gauge, SimPeer};
 use mm4relay::smtp::Reply;
 use mm4relay::smtp::codec::dot_stuff;
 
@@ -52,6 +54,8 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The routing profile of the corpus README, with tunable peer settings.
 pub struct Profile {
+    /// `[relay] max_connections`, the global budget.
+    pub budget: usize,
     pub max_connections: [usize; 3],
     pub min_connections: [usize; 3],
     pub extra_relay: String,
@@ -63,6 +67,7 @@ pub struct Profile {
 impl Default for Profile {
     fn default() -> Self {
         Profile {
+            budget: 32,
             max_connections: [4, 4, 4],
             min_connections: [1, 1, 1],
             extra_relay: String::new(),
@@ -76,17 +81,20 @@ impl Profile {
     /// The INI text for peers at `addrs` (A, B, C), spooling in `spool`.
     pub fn ini(&self, addrs: [SocketAddr; 3], spool: &Path) -> String {
         format!(
-            "[relay]\nhostname = relay.test\nmax_connections = 32\nretry_min = 100ms\nretry_max = 400ms\n\
-             shutdown_timeout = 5s\nspool_dir = {}\n{}\n\
+            "[relay]\nhostname = relay.test\nmax_connections = {}\nretry_min = 100ms\nretry_max = 400ms\n\
+             shutdown_timeout = 5s\nbalance_interval = 50ms\nspool_dir = {}\n{}\n\
              [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
              max_recipients = 100\nmm4_check = strict\n{}\n\
              [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
-             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\n{}\n\n\
+             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\nprobe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
              [peer.B]\nhosts = {}\ndomains = mms.mnc020.mcc001.gprs\nprefixes = +1202555\naccept_from = {PARTNER_B}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n{}\n\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n\
+             probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
              [peer.C]\nhosts = {}\ndomains = mms.mnc456.mcc999.gprs\nprefixes = +61491570\naccept_from = {PARTNER_C}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n{}\n\n\
+             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n\
+             probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
              [ported]\n+12025550177 = C\n",
+            self.budget,
             spool.display(),
             self.extra_relay,
             self.extra_listener,
@@ -113,6 +121,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     /// The spool directory, kept for restarts and removed at the end.
     pub spool: tempfile::TempDir,
+    /// Connections open at once across the three peers.
+    pub gauge: Arc<Gauge>,
     config: Config,
 }
 
@@ -122,10 +132,11 @@ impl Harness {
     }
 
     pub fn with(profile: Profile) -> Harness {
+        let gauge = Arc::new(Gauge::default());
         let sims = [
-            SimPeer::start(true).unwrap(),
-            SimPeer::start(true).unwrap(),
-            SimPeer::start(true).unwrap(),
+            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
+            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
+            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
         ];
         let spool = tempfile::tempdir().unwrap();
         let ini = profile.ini(
@@ -140,6 +151,7 @@ impl Harness {
             sims,
             addr,
             spool,
+            gauge,
             config,
         }
     }

@@ -1,0 +1,303 @@
+//! Connections follow traffic. Every `balance_interval` the balancer looks
+//! at each peer's demand (jobs in its pool and overflow, plus busy workers)
+//! and sets its allowance, the number of its workers that may hold a
+//! connection, within the global budget `[relay] max_connections`:
+//!
+//! - a healthy peer with more demand than allowance grows: doubling per
+//!   tick (slow start), one per tick right after a recovery, never past its
+//!   `max_connections` nor past its demand;
+//! - a peer with no demand for its `idle_timeout` falls back to its
+//!   `min_connections`;
+//! - every healthy peer keeps its min (so a big backlog elsewhere never
+//!   starves its trickle); an unhealthy peer keeps one probing connection;
+//! - the sum of allowances never exceeds the budget: growth comes from free
+//!   budget, and from idle peers above their min, handed out one connection
+//!   at a time in turn.
+//!
+//! Workers above their allowance finish their message, QUIT and park. Every
+//! change is logged with its reason, and a statistics line per peer every
+//! `stats_interval`.
+
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::info;
+
+use crate::peer::PeerView;
+use crate::queue::Queue;
+
+/// What the balancer knows of one peer at a tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    /// `min_connections`.
+    pub min: usize,
+    /// `max_connections`.
+    pub max: usize,
+    /// The allowance now.
+    pub allowance: usize,
+    /// Jobs waiting plus workers busy.
+    pub demand: usize,
+    /// False while isolated and probed.
+    pub healthy: bool,
+    /// Just recovered: grow by one, not by doubling.
+    pub recovering: bool,
+    /// No demand for at least its `idle_timeout`.
+    pub idle: bool,
+}
+
+/// The allowances for the next tick.
+pub fn plan(loads: &[Load], budget: usize) -> Vec<usize> {
+    let floor: Vec<usize> = loads
+        .iter()
+        .map(|l| if l.healthy { l.min } else { 1 })
+        .collect();
+    let want: Vec<usize> = loads
+        .iter()
+        .zip(&floor)
+        .map(|(l, &floor)| {
+            if !l.healthy {
+                return 1;
+            }
+            let target = if l.demand > l.allowance {
+                let step = if l.recovering { 1 } else { l.allowance.max(1) };
+                (l.allowance + step).min(l.demand)
+            } else if l.idle {
+                floor
+            } else {
+                l.allowance
+            };
+            target.clamp(floor, l.max.max(floor))
+        })
+        .collect();
+    if want.iter().sum::<usize>() <= budget {
+        return want;
+    }
+    // Over budget: everybody gets its floor, then the rest one at a time
+    // in turn, first to peers keeping what they hold, then to growth.
+    let mut give: Vec<usize> = floor.clone();
+    let mut left = budget.saturating_sub(give.iter().sum());
+    let keep: Vec<usize> = loads
+        .iter()
+        .zip(&want)
+        .map(|(l, &w)| w.min(l.allowance))
+        .collect();
+    for limit in [&keep, &want] {
+        let mut progress = true;
+        while left > 0 && progress {
+            progress = false;
+            for i in 0..give.len() {
+                if left > 0 && give[i] < limit[i] {
+                    give[i] += 1;
+                    left -= 1;
+                    progress = true;
+                }
+            }
+        }
+    }
+    give
+}
+
+/// The balancer thread.
+pub struct Balancer {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Balancer {
+    /// Starts balancing `peers` within `budget`.
+    pub fn start(
+        peers: Vec<PeerView>,
+        queue: Arc<Queue>,
+        budget: usize,
+        interval: Duration,
+        stats_interval: Duration,
+    ) -> std::io::Result<Balancer> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let handle = thread::Builder::new()
+            .name("balancer".into())
+            .spawn(move || run(&peers, &queue, budget, interval, stats_interval, &stop_rx))?;
+        Ok(Balancer {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn run(
+    peers: &[PeerView],
+    queue: &Queue,
+    budget: usize,
+    interval: Duration,
+    stats_every: Duration,
+    stop: &Receiver<()>,
+) {
+    let mut last_busy: Vec<Instant> = peers.iter().map(|_| Instant::now()).collect();
+    let mut last_stats = Instant::now();
+    loop {
+        match stop.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let now = Instant::now();
+        let snapshots: Vec<_> = peers.iter().map(|p| p.snapshot(queue)).collect();
+        let loads: Vec<Load> = peers
+            .iter()
+            .zip(&snapshots)
+            .zip(&mut last_busy)
+            .map(|((p, s), busy_at)| {
+                let demand = s.pool_depth + s.overflow + s.busy;
+                if demand > 0 {
+                    *busy_at = now;
+                }
+                Load {
+                    min: p.config().min_connections,
+                    max: p.config().max_connections,
+                    allowance: s.allowance,
+                    demand,
+                    healthy: s.healthy,
+                    recovering: false,
+                    idle: now.duration_since(*busy_at) >= p.config().idle_timeout,
+                }
+            })
+            .collect();
+        // Recovery is consumed only when it could matter, so a recovered
+        // peer grows by one on its next tick with demand.
+        let loads: Vec<Load> = loads
+            .into_iter()
+            .zip(peers)
+            .map(|(l, p)| Load {
+                recovering: l.demand > l.allowance && p.control().take_recovering(),
+                ..l
+            })
+            .collect();
+        let next = plan(&loads, budget);
+        for ((p, l), &n) in peers.iter().zip(&loads).zip(&next) {
+            if n != l.allowance {
+                let why = if !l.healthy {
+                    "unhealthy: one probing connection".to_string()
+                } else if n > l.allowance {
+                    format!("demand {}", l.demand)
+                } else if l.idle {
+                    "idle".to_string()
+                } else {
+                    "budget needed elsewhere".to_string()
+                };
+                info!(
+                    "peer={} allowance {} -> {n} ({why})",
+                    p.config().name,
+                    l.allowance
+                );
+                p.control().set_allowance(n);
+            }
+        }
+        if !stats_every.is_zero() && now.duration_since(last_stats) >= stats_every {
+            last_stats = now;
+            for s in &snapshots {
+                info!(
+                    "stats peer={} health={} allowance={} open={} busy={} pool={} overflow={} \
+                     sent={} deferred={} failed={} last_error=\"{}\"",
+                    s.name,
+                    if s.healthy { "ok" } else { "probing" },
+                    s.allowance,
+                    s.connections_open,
+                    s.busy,
+                    s.pool_depth,
+                    s.overflow,
+                    s.sent,
+                    s.deferred,
+                    s.failed,
+                    s.last_error.replace('"', "'"),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(min: usize, max: usize, allowance: usize, demand: usize) -> Load {
+        Load {
+            min,
+            max,
+            allowance,
+            demand,
+            healthy: true,
+            recovering: false,
+            idle: false,
+        }
+    }
+
+    #[test]
+    fn grows_by_doubling_up_to_demand_and_max() {
+        assert_eq!(plan(&[load(1, 8, 1, 100)], 64), [2]);
+        assert_eq!(plan(&[load(1, 8, 2, 100)], 64), [4]);
+        assert_eq!(plan(&[load(1, 8, 4, 100)], 64), [8]);
+        assert_eq!(plan(&[load(1, 8, 8, 100)], 64), [8]);
+        assert_eq!(plan(&[load(1, 8, 4, 5)], 64), [5]);
+        let recovering = Load {
+            recovering: true,
+            ..load(1, 8, 1, 100)
+        };
+        assert_eq!(plan(&[recovering], 64), [2]);
+    }
+
+    #[test]
+    fn idle_peers_fall_back_to_min_and_busy_ones_keep() {
+        let idle = Load {
+            idle: true,
+            ..load(2, 8, 8, 0)
+        };
+        assert_eq!(plan(&[idle], 64), [2]);
+        assert_eq!(plan(&[load(2, 8, 8, 0)], 64), [8], "not idle long enough");
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded_and_every_min_is_kept() {
+        // A has a huge backlog, B a trickle, C is down.
+        let down = Load {
+            healthy: false,
+            ..load(2, 8, 8, 50)
+        };
+        let loads = [load(1, 16, 8, 100_000), load(2, 8, 2, 1), down];
+        let next = plan(&loads, 10);
+        assert_eq!(next.iter().sum::<usize>(), 10);
+        assert_eq!(next[1], 2, "B keeps its min");
+        assert_eq!(next[2], 1, "C probes with one");
+        assert_eq!(next[0], 7);
+        // Idle peers above their min give way to demand.
+        let idle = Load {
+            idle: true,
+            ..load(1, 8, 6, 0)
+        };
+        assert_eq!(plan(&[load(1, 8, 4, 100), idle], 8), [7, 1]);
+    }
+
+    #[test]
+    fn holders_keep_before_others_grow() {
+        // Both want more than the budget allows: each keeps what it holds.
+        let next = plan(&[load(1, 16, 6, 1000), load(1, 16, 2, 1000)], 8);
+        assert_eq!(next, [6, 2]);
+    }
+}
