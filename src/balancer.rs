@@ -11,8 +11,9 @@
 //! - every healthy peer keeps its min (so a big backlog elsewhere never
 //!   starves its trickle); an unhealthy peer keeps one probing connection;
 //! - the sum of allowances never exceeds the budget: growth comes from free
-//!   budget, and from idle peers above their min, handed out one connection
-//!   at a time in turn.
+//!   budget, and from peers with nothing to do above their min (at once,
+//!   before their idle_timeout), handed out one connection at a time in
+//!   turn.
 //!
 //! Workers above their allowance finish their message, QUIT and park. Every
 //! change is logged with its reason, and a statistics line per peer every
@@ -75,15 +76,23 @@ pub fn plan(loads: &[Load], budget: usize) -> Vec<usize> {
         return want;
     }
     // Over budget: everybody gets its floor, then the rest one at a time
-    // in turn, first to peers keeping what they hold, then to growth.
+    // in turn: first to busy peers keeping what they hold, then to busy
+    // peers growing, and only then to idle peers keeping theirs.
     let mut give: Vec<usize> = floor.clone();
     let mut left = budget.saturating_sub(give.iter().sum());
     let keep: Vec<usize> = loads
         .iter()
         .zip(&want)
-        .map(|(l, &w)| w.min(l.allowance))
+        .zip(&floor)
+        .map(|((l, &w), &f)| if l.demand > 0 { w.min(l.allowance) } else { f })
         .collect();
-    for limit in [&keep, &want] {
+    let need: Vec<usize> = loads
+        .iter()
+        .zip(&want)
+        .zip(&floor)
+        .map(|((l, &w), &f)| if l.demand > 0 { w } else { f })
+        .collect();
+    for limit in [&keep, &need, &want] {
         let mut progress = true;
         while left > 0 && progress {
             progress = false;
@@ -286,12 +295,9 @@ mod tests {
         assert_eq!(next[1], 2, "B keeps its min");
         assert_eq!(next[2], 1, "C probes with one");
         assert_eq!(next[0], 7);
-        // Idle peers above their min give way to demand.
-        let idle = Load {
-            idle: true,
-            ..load(1, 8, 6, 0)
-        };
-        assert_eq!(plan(&[load(1, 8, 4, 100), idle], 8), [7, 1]);
+        // Peers with nothing to do give way to demand at once, before
+        // their idle_timeout.
+        assert_eq!(plan(&[load(1, 8, 4, 100), load(1, 8, 6, 0)], 8), [7, 1]);
     }
 
     #[test]
