@@ -224,7 +224,7 @@ fn run(
             for s in &snapshots {
                 info!(
                     "stats peer={} health={} allowance={} open={} busy={} pool={} overflow={} \
-                     sent={} deferred={} failed={} last_error=\"{}\"",
+                     waiting_retry={} sent={} deferred={} failed={} last_error=\"{}\"",
                     s.name,
                     if s.healthy { "ok" } else { "probing" },
                     s.allowance,
@@ -232,6 +232,7 @@ fn run(
                     s.busy,
                     s.pool_depth,
                     s.overflow,
+                    s.waiting_retry,
                     s.sent,
                     s.deferred,
                     s.failed,

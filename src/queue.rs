@@ -73,6 +73,8 @@ fn instant_of(t: SystemTime) -> Instant {
 pub struct Queue {
     pools: Vec<Sender<Job>>,
     overflow: Vec<AtomicUsize>,
+    /// Jobs per peer waiting for their retry time.
+    deferred: Vec<AtomicUsize>,
     events: Sender<Event>,
     retry: RetryPolicy,
 }
@@ -102,12 +104,18 @@ impl Queue {
     /// Parks a job until `at` (wall clock), then puts it in its pool.
     pub fn schedule(&self, mut job: Job, at: SystemTime) {
         job.data = None;
+        self.deferred[job.peer].fetch_add(1, Ordering::AcqRel);
         let _ = self.events.send(Event::Defer(job, instant_of(at)));
     }
 
     /// Jobs waiting in overflow for `peer`.
     pub fn overflow_len(&self, peer: usize) -> usize {
         self.overflow[peer].load(Ordering::Acquire)
+    }
+
+    /// Jobs for `peer` waiting for their retry time.
+    pub fn deferred_len(&self, peer: usize) -> usize {
+        self.deferred[peer].load(Ordering::Acquire)
     }
 }
 
@@ -152,6 +160,7 @@ impl QueueManager {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let queue = Arc::new(Queue {
             overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
+            deferred: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             pools,
             events: events_tx,
             retry,
@@ -232,6 +241,7 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         let now = Instant::now();
         while deferred.peek().is_some_and(|Reverse(d)| d.due <= now) {
             let Reverse(d) = deferred.pop().expect("peeked");
+            queue.deferred[d.job.peer].fetch_sub(1, Ordering::AcqRel);
             // Due retries queue behind the overflow; counted apart from new
             // jobs, which need not wait behind a retry.
             queue.overflow[d.job.peer].fetch_add(1, Ordering::AcqRel);

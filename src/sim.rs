@@ -442,7 +442,7 @@ pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing
                 for m in messages.iter().skip(s).step_by(sessions) {
                     if conn.is_none() {
                         conn =
-                            Connection::open(&[target.to_string()], "loadgen.test", &timeouts).ok();
+                            Connection::open(&target.to_string(), "loadgen.test", &timeouts).ok();
                     }
                     let Some(c) = conn.as_mut() else {
                         report.refused += 1;

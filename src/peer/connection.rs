@@ -159,29 +159,17 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the first host that answers, reads the greeting and
-    /// sends EHLO (HELO if EHLO is refused).
-    pub fn open(
-        hosts: &[String],
-        helo_name: &str,
-        timeouts: &Timeouts,
-    ) -> Result<Connection, ConnError> {
+    /// Connects to `host` (`name:port`; each address it resolves to in
+    /// turn), reads the greeting and sends EHLO (HELO if EHLO is refused).
+    pub fn open(host: &str, helo_name: &str, timeouts: &Timeouts) -> Result<Connection, ConnError> {
+        let addrs = host
+            .to_socket_addrs()
+            .map_err(|e| ConnError::Connect(format!("{host}: {e}")))?;
         let mut errors = Vec::new();
-        for host in hosts {
-            let addrs = match host.to_socket_addrs() {
-                Ok(a) => a,
-                Err(e) => {
-                    errors.push(format!("{host}: {e}"));
-                    continue;
-                }
-            };
-            for addr in addrs {
-                match TcpStream::connect_timeout(&addr, timeouts.connect) {
-                    Ok(stream) => {
-                        return Connection::greet(stream, helo_name, timeouts.clone());
-                    }
-                    Err(e) => errors.push(format!("{addr}: {e}")),
-                }
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeouts.connect) {
+                Ok(stream) => return Connection::greet(stream, helo_name, timeouts.clone()),
+                Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
         Err(ConnError::Connect(errors.join("; ")))

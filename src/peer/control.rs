@@ -201,3 +201,79 @@ mod tests {
         assert_eq!(c.transient(), Change::Failed);
     }
 }
+
+/// The hosts of a peer, each marked down on its own when it fails, so the
+/// next connection tries the working ones first (in configured order) and
+/// the failed ones last, soonest retry first.
+#[derive(Debug)]
+pub struct Hosts {
+    names: Vec<String>,
+    /// Per host: down until, and the current backoff.
+    down: Mutex<Vec<Option<(Instant, Duration)>>>,
+    min: Duration,
+    max: Duration,
+}
+
+impl Hosts {
+    /// All of `names` up; a failed host waits `min`, doubling to `max`.
+    pub fn new(names: Vec<String>, min: Duration, max: Duration) -> Hosts {
+        let down = Mutex::new(vec![None; names.len()]);
+        Hosts {
+            names,
+            down,
+            min,
+            max,
+        }
+    }
+
+    /// The order to try the hosts in now, as indexes.
+    pub fn order(&self) -> Vec<usize> {
+        let down = self.down.lock();
+        let now = Instant::now();
+        let mut order: Vec<usize> = (0..self.names.len()).collect();
+        order.sort_by_key(|&i| match down[i] {
+            Some((until, _)) if until > now => (1, until),
+            _ => (0, now),
+        });
+        order
+    }
+
+    /// The name of host `i`.
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    /// Host `i` answered.
+    pub fn up(&self, i: usize) {
+        self.down.lock()[i] = None;
+    }
+
+    /// Host `i` failed.
+    pub fn failed(&self, i: usize) {
+        let mut down = self.down.lock();
+        let backoff = down[i].map_or(self.min, |(_, b)| (b * 2).min(self.max));
+        down[i] = Some((Instant::now() + backoff, backoff));
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn failed_hosts_go_last_until_they_answer() {
+        let h = Hosts::new(
+            vec!["a:25".into(), "b:25".into(), "c:25".into()],
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+        );
+        assert_eq!(h.order(), [0, 1, 2]);
+        h.failed(0);
+        assert_eq!(h.order(), [1, 2, 0]);
+        h.failed(1);
+        assert_eq!(h.order(), [2, 0, 1]);
+        h.up(0);
+        assert_eq!(h.order(), [0, 2, 1]);
+        assert_eq!(h.name(1), "b:25");
+    }
+}

@@ -11,7 +11,7 @@ mod control;
 mod worker;
 
 pub use connection::{ConnError, Connection, Delivery, Outbound, Timeouts};
-pub use control::{Change, Control};
+pub use control::{Change, Control, Hosts};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
@@ -99,6 +99,8 @@ pub struct PeerSnapshot {
     pub pool_depth: usize,
     /// Jobs waiting for room in the pool.
     pub overflow: usize,
+    /// Jobs waiting for their retry time.
+    pub waiting_retry: usize,
     /// Workers that may hold a connection now.
     pub allowance: usize,
     /// False while the peer is isolated and probed.
@@ -152,6 +154,8 @@ struct Shared {
     rate: Option<TokenBucket>,
     /// Health and allowance.
     control: Control,
+    /// The peer's hosts, each with its own failure mark.
+    hosts: Hosts,
     /// Each worker's socket, so a stop can cut stuck I/O.
     streams: Mutex<Vec<Option<TcpStream>>>,
 }
@@ -205,6 +209,7 @@ impl Peer {
             stats: PeerStats::default(),
             rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
+            hosts: Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max),
             cfg,
         });
         let mut workers = Vec::new();
@@ -250,6 +255,7 @@ impl PeerView {
             busy: s.busy.load(Ordering::Relaxed),
             pool_depth: self.jobs.len(),
             overflow: queue.overflow_len(self.shared.id),
+            waiting_retry: queue.deferred_len(self.shared.id),
             allowance: self.shared.control.allowance(),
             healthy: self.shared.control.healthy(),
             last_error: s.last_error.lock().clone(),

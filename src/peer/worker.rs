@@ -134,26 +134,35 @@ impl Worker {
     /// Opens a connection; the caller holds a budget slot, which this
     /// releases on failure.
     fn connect(&mut self) -> Result<(), ConnError> {
-        let p = &self.peer;
-        match Connection::open(&p.cfg.hosts, &p.helo_name, &p.timeouts) {
-            Ok(c) => {
-                p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
-                p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-                p.streams.lock()[self.index] = c.try_clone_stream().ok();
-                self.conn = Some(c);
-                self.conn_since = Instant::now();
-                self.last_used = Instant::now();
-                self.conn_messages = 0;
-                self.backoff = CONNECT_BACKOFF_MIN;
-                Ok(())
-            }
-            Err(e) => {
-                self.ctx.budget.release();
-                *p.stats.last_error.lock() = e.to_string();
-                self.report(p.control.connection_failed(), &e.to_string());
-                Err(e)
+        let p = self.peer.clone();
+        let mut last = None;
+        for i in p.hosts.order() {
+            let host = p.hosts.name(i);
+            match Connection::open(host, &p.helo_name, &p.timeouts) {
+                Ok(c) => {
+                    p.hosts.up(i);
+                    p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+                    p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+                    p.streams.lock()[self.index] = c.try_clone_stream().ok();
+                    self.conn = Some(c);
+                    self.conn_since = Instant::now();
+                    self.last_used = Instant::now();
+                    self.conn_messages = 0;
+                    self.backoff = CONNECT_BACKOFF_MIN;
+                    return Ok(());
+                }
+                Err(e) => {
+                    info!("peer={} host={host} failed: {e}", p.cfg.name);
+                    p.hosts.failed(i);
+                    last = Some(e);
+                }
             }
         }
+        let e = last.unwrap_or_else(|| ConnError::Connect("no hosts".into()));
+        self.ctx.budget.release();
+        *p.stats.last_error.lock() = e.to_string();
+        self.report(p.control.connection_failed(), &e.to_string());
+        Err(e)
     }
 
     /// Logs a change of the peer's health.

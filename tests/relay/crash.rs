@@ -165,7 +165,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
                             }
                             guard.unwrap()
                         };
-                        conn = Connection::open(&[addr.to_string()], "crash.test", &timeouts).ok();
+                        conn = Connection::open(&addr.to_string(), "crash.test", &timeouts).ok();
                     }
                     let Some(c) = conn.as_mut() else { continue };
                     match c.deliver(&message) {

@@ -556,3 +556,39 @@ fn the_budget_caps_connections_across_all_peers() {
     );
     assert!(h.gauge.max() >= 4, "the budget above the mins was used");
 }
+
+#[test]
+fn a_silent_host_is_marked_down_and_the_next_host_takes_over() {
+    use mm4relay::config::Config;
+    use mm4relay::relay::Relay;
+    use mm4relay::sim::SimPeer;
+    let silent = SimPeer::start(false).unwrap();
+    silent.set_fault(Fault::NoGreeting);
+    let good = SimPeer::start(true).unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let ini = format!(
+        "[relay]\nhostname = relay.test\nspool_dir = {}\nbalance_interval = 50ms\n\
+         [listener]\nlisten = 127.0.0.1:0\n\
+         [peer.B]\nhosts = {}, {}\ndomains = mms.mnc020.mcc001.gprs\nmin_connections = 0\nmax_connections = 1\n\
+         helo_timeout = 500ms\nprobe_min = 30s\nprobe_max = 60s\nmax_messages_per_connection = 5\n",
+        spool.path().display(),
+        silent.addr(),
+        good.addr()
+    );
+    let relay = Relay::start(&Config::parse(&ini, std::path::Path::new("t.ini")).unwrap()).unwrap();
+    let n = 20;
+    assert_eq!(
+        send_load(relay.local_addrs()[0], 2, load(&[TO_B], n)).accepted,
+        n
+    );
+    assert!(good.wait_for_recipients(n as u64, DEADLINE));
+    let snap = relay.peer_snapshots()[0].clone();
+    assert_eq!(relay.shutdown().undelivered, 0);
+    // Four reconnects (five messages a connection), one try of the silent host.
+    assert_eq!(silent.connections(), 1, "a host marked down is tried last");
+    assert_eq!(good.connections(), 4);
+    assert!(
+        snap.healthy,
+        "one silent host of two does not make the peer unhealthy"
+    );
+}
