@@ -30,8 +30,8 @@
 //! A segment is deleted once every message in it is done and no record in
 //! it speaks of a message in a segment that still exists (else a crash
 //! could bring that message back). The active segment rolls over at
-//! [`SEGMENT_SIZE`], or when the spool drains, so an idle spool is near
-//! zero bytes.
+//! [`SEGMENT_SIZE`]; when nothing is live any more it is emptied in place,
+//! so an idle spool is near zero bytes, even on a disk that is full.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -768,6 +768,10 @@ struct Writer {
     state: State,
     active: Active,
     bytes: Arc<AtomicU64>,
+    /// Done/retry records a failed write could not store; written with the
+    /// next batch. They are applied in memory at once, so that a full
+    /// disk can still free the segments whose messages are all done.
+    unwritten: Vec<Mark>,
 }
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
@@ -797,6 +801,7 @@ impl Writer {
             state,
             active,
             bytes,
+            unwritten: Vec::new(),
         };
         w.collect();
         Ok(w)
@@ -841,7 +846,10 @@ impl Writer {
         let mut buf = Vec::new();
         let mut data_octets = 0u64;
         let mut commits = Vec::new();
-        let mut marks = Vec::new();
+        let mut marks = std::mem::take(&mut self.unwritten);
+        for mark in &marks {
+            frame_parts(&mut buf, &encode_mark(mark), &[]);
+        }
         let limit = self.opts.max_bytes;
         for r in batch {
             match r {
@@ -898,6 +906,16 @@ impl Writer {
                     };
                     acks.push((ack, Err(err)));
                 }
+                // Deliveries go on; what they record is kept for the next
+                // write and counted now, so done segments can still go.
+                for mark in marks {
+                    if mark.retry.is_none() {
+                        self.state.mark_done(&mark.id, mark.rcpts.len());
+                    }
+                    if self.state.messages.contains_key(&mark.id) {
+                        self.unwritten.push(mark);
+                    }
+                }
             }
         }
         // Clean up before answering, so that what a caller sees next
@@ -934,8 +952,7 @@ impl Writer {
     /// large or when the whole spool has drained.
     fn collect(&mut self) {
         let active = self.active.number;
-        let drained = self.state.messages.is_empty() && self.active.data > 0;
-        if self.active.len >= SEGMENT_SIZE || drained {
+        if self.active.len >= SEGMENT_SIZE {
             match open_segment(&self.opts.dir, active + 1) {
                 Ok(next) => {
                     if let Err(e) = self.active.file.sync_data() {
@@ -955,6 +972,21 @@ impl Writer {
                 }
             }
             self.state.segments.remove(&n);
+        }
+        if self.state.messages.is_empty() && self.active.data > 0 {
+            // Nothing is live anywhere: empty the active segment in place
+            // (no new file needed, so this works on a full disk too).
+            self.unwritten.clear();
+            match self.active.file.set_len(0) {
+                Ok(()) => {
+                    self.active.len = 0;
+                    self.active.data = 0;
+                    self.state
+                        .segments
+                        .insert(self.active.number, Segment::default());
+                }
+                Err(e) => error!("spool: cannot empty segment {}: {e}", self.active.number),
+            }
         }
         self.bytes
             .store(self.state.total_bytes(), Ordering::Release);

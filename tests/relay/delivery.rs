@@ -592,3 +592,41 @@ fn a_silent_host_is_marked_down_and_the_next_host_takes_over() {
         "one silent host of two does not make the peer unhealthy"
     );
 }
+
+#[test]
+fn a_full_disk_refuses_with_452_and_accepts_again_when_space_returns() {
+    if !Tmpfs::available() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        spool_tmpfs_kib: Some(96),
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let mut accepted = 0;
+    let reply = loop {
+        let r = send_message(&mut c, FROM, &[TO_C], &forward_req(accepted, TO_C, 2048));
+        if r.code != 250 {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 200, "the disk never filled");
+    };
+    assert_eq!((reply.code, &reply.text()[..5]), (452, "4.3.1"), "{reply}");
+    assert!(accepted >= 10, "only {accepted} accepted");
+    h.sims[2].set_fault(Fault::None);
+    assert!(
+        h.sims[2].wait_for_recipients(accepted as u64, DEADLINE),
+        "accepted messages are still delivered"
+    );
+    wait_until("space to return", || h.spool_bytes() < 4096);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(999, TO_C, 2048)).code,
+        250
+    );
+    assert!(h.sims[2].wait_for_recipients(accepted as u64 + 1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}

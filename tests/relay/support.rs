@@ -62,6 +62,8 @@ pub struct Profile {
     pub extra_listener: String,
     /// More lines for the sections of A, B and C.
     pub extra_peer: [&'static str; 3],
+    /// Put the spool on a tmpfs of this many KiB (needs root).
+    pub spool_tmpfs_kib: Option<u64>,
 }
 
 impl Default for Profile {
@@ -73,6 +75,7 @@ impl Default for Profile {
             extra_relay: String::new(),
             extra_listener: String::new(),
             extra_peer: [""; 3],
+            spool_tmpfs_kib: None,
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct Harness {
     pub relay: Option<Relay>,
     pub sims: [SimPeer; 3],
     pub addr: SocketAddr,
+    /// A tmpfs mounted on the spool directory, unmounted before it goes.
+    _mount: Option<Tmpfs>,
     /// The spool directory, kept for restarts and removed at the end.
     pub spool: tempfile::TempDir,
     /// Connections open at once across the three peers.
@@ -139,6 +144,9 @@ impl Harness {
             SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
         ];
         let spool = tempfile::tempdir().unwrap();
+        let mount = profile
+            .spool_tmpfs_kib
+            .map(|kib| Tmpfs::mount(spool.path(), kib).expect("mount a tmpfs"));
         let ini = profile.ini(
             [sims[0].addr(), sims[1].addr(), sims[2].addr()],
             spool.path(),
@@ -150,6 +158,7 @@ impl Harness {
             relay: Some(relay),
             sims,
             addr,
+            _mount: mount,
             spool,
             gauge,
             config,
@@ -186,6 +195,40 @@ impl Harness {
 
     pub fn client(&self, from_ip: &str) -> Client {
         Client::connect(from_ip, self.addr)
+    }
+}
+
+/// A tmpfs mounted for a test; unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `kib` KiB on `dir`, if this process may.
+    pub fn mount(dir: &Path, kib: u64) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    /// True if a tmpfs can be mounted here (root with mount(8)).
+    pub fn available() -> bool {
+        let probe = tempfile::tempdir().unwrap();
+        Tmpfs::mount(probe.path(), 64).is_some()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
 
