@@ -56,7 +56,15 @@ impl Write for LineSender {
 /// Keeps the writer thread; dropping it flushes the log and joins the thread.
 pub struct LogGuard {
     stop: Option<Sender<()>>,
+    reopen: Sender<()>,
     handle: Option<JoinHandle<()>>,
+}
+
+impl LogGuard {
+    /// Reopens the log file (after logrotate moved it); no-op on stderr.
+    pub fn reopen(&self) {
+        let _ = self.reopen.try_send(());
+    }
 }
 
 impl Drop for LogGuard {
@@ -75,21 +83,16 @@ impl Drop for LogGuard {
 /// to stderr.
 pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<LogGuard, String> {
     let out: Box<dyn Write + Send> = match file {
-        Some(path) => {
-            let f: File = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
-            Box::new(f)
-        }
+        Some(path) => Box::new(open(path)?),
         None => Box::new(io::stderr()),
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+    let (reopen_tx, reopen_rx) = crossbeam_channel::bounded(1);
+    let path = file.map(Path::to_path_buf);
     let handle = thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || write_lines(out, &rx, &stop_rx))
+        .spawn(move || write_lines(out, path.as_deref(), &rx, &stop_rx, &reopen_rx))
         .map_err(|e| format!("cannot start the log writer: {e}"))?;
     let config = ConfigBuilder::new()
         .set_time_format_rfc3339()
@@ -103,17 +106,41 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<LogGuard, String>
     WriteLogger::init(level, config, writer).map_err(|e| e.to_string())?;
     Ok(LogGuard {
         stop: Some(stop_tx),
+        reopen: reopen_tx,
         handle: Some(handle),
     })
+}
+
+fn open(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
 }
 
 /// How long lines may wait before they are written. Waking the writer per
 /// line would cost a context switch per line; this costs one per tick.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
-fn write_lines(out: Box<dyn Write + Send>, rx: &Receiver<Msg>, stop: &Receiver<()>) {
+fn write_lines(
+    out: Box<dyn Write + Send>,
+    path: Option<&Path>,
+    rx: &Receiver<Msg>,
+    stop: &Receiver<()>,
+    reopen: &Receiver<()>,
+) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     loop {
+        if let (Ok(()), Some(path)) = (reopen.try_recv(), path) {
+            let _ = out.flush();
+            match open(path) {
+                Ok(f) => out = BufWriter::with_capacity(64 * 1024, Box::new(f)),
+                Err(e) => {
+                    let _ = writeln!(out, "{e}; still writing to the old file");
+                }
+            }
+        }
         let stopping = !matches!(
             stop.recv_timeout(WRITE_INTERVAL),
             Err(RecvTimeoutError::Timeout)

@@ -15,7 +15,9 @@ const USAGE: &str = "\
 mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
 
 USAGE:
-    mm4relay run -c FILE        run in the foreground until SIGTERM/SIGINT
+    mm4relay run -c FILE [--pidfile PATH]
+                                run in the foreground until SIGTERM/SIGINT;
+                                SIGHUP reopens the log file
     mm4relay check -c FILE      validate FILE, print the peers and the routing table
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
@@ -29,7 +31,7 @@ The configuration keys and their defaults are documented in conf/mm4relay.ini.
 ";
 
 enum Cmd {
-    Run(PathBuf),
+    Run(PathBuf, Option<PathBuf>),
     Check(PathBuf),
     Demo(DemoOptions),
     Help,
@@ -41,15 +43,21 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
         return Err("no command given".into());
     };
     let rest = &args[1..];
-    let config_path = || -> Result<PathBuf, String> {
+    let config_path = |rest: &[String]| -> Result<PathBuf, String> {
         match rest {
             [flag, path] if flag == "-c" || flag == "--config" => Ok(PathBuf::from(path)),
             _ => Err(format!("{cmd} needs -c FILE")),
         }
     };
     match cmd.as_str() {
-        "run" => config_path().map(Cmd::Run),
-        "check" => config_path().map(Cmd::Check),
+        "run" => match rest {
+            [c, file, p, pid] if p == "--pidfile" => Ok(Cmd::Run(
+                config_path(&[c.clone(), file.clone()])?,
+                Some(PathBuf::from(pid)),
+            )),
+            _ => Ok(Cmd::Run(config_path(rest)?, None)),
+        },
+        "check" => config_path(rest).map(Cmd::Check),
         "demo" => {
             let mut opts = DemoOptions::default();
             let mut it = rest.iter();
@@ -70,6 +78,23 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
         "-h" | "--help" | "help" => Ok(Cmd::Help),
         "-V" | "--version" => Ok(Cmd::Version),
         other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// The pid file: written at start, removed at exit.
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn create(path: PathBuf) -> Result<Pidfile, String> {
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(Pidfile(path))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -102,7 +127,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Run(path) => {
+        Cmd::Run(path, pidfile) => {
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -110,15 +135,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let _log = match logging::init(config.relay.log_level, config.relay.log_file.as_deref())
-            {
-                Ok(guard) => guard,
+            let log_guard =
+                match logging::init(config.relay.log_level, config.relay.log_file.as_deref()) {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        eprintln!("mm4relay: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+            let _pid = match pidfile.map(Pidfile::create).transpose() {
+                Ok(p) => p,
                 Err(e) => {
+                    log::error!("{e}");
                     eprintln!("mm4relay: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::FAILURE;
                 }
             };
-            match relay::run(&config) {
+            match relay::run(&config, || log_guard.reopen()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -250,13 +250,20 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
     }
 }
 
-/// Runs the relay in the foreground until SIGTERM or SIGINT.
-pub fn run(config: &Config) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// Runs the relay in the foreground until SIGTERM or SIGINT; on SIGHUP
+/// calls `on_hup` (main reopens the log file there).
+pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let relay = Relay::start(config)?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            info!("SIGHUP: reopening the log file (configuration reload is not implemented yet)");
+            on_hup();
+            continue;
+        }
         info!("signal {sig} received: stopping");
+        break;
     }
     relay.shutdown();
     Ok(())

@@ -11,6 +11,29 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
 
+/// The relay as a child process, killed if the test fails half-way.
+struct Running(std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     let path = dir.path().join("mm4relay.ini");
     std::fs::write(&path, text).unwrap();
@@ -86,12 +109,14 @@ fn sigterm_stops_cleanly_after_delivering() {
             &dir.path().join("spool"),
         ),
     );
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut log = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     let addr = loop {
@@ -145,4 +170,152 @@ fn sigterm_stops_cleanly_after_delivering() {
         rest.iter().any(|l| l.contains("nothing left to deliver")),
         "{rest:?}"
     );
+}
+
+#[test]
+fn pidfile_and_sighup_reopening_the_log() {
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mm4relay.log");
+    let ini = Profile::default().ini(
+        [sims[0].addr(), sims[1].addr(), sims[2].addr()],
+        &dir.path().join("spool"),
+    );
+    let path = write_config(
+        &dir,
+        &ini.replace(
+            "[relay]\n",
+            &format!("[relay]\nlog_file = {}\n", log.display()),
+        ),
+    );
+    let pidfile = dir.path().join("mm4relay.pid");
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .spawn()
+            .unwrap(),
+    );
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_until("the relay to listen", || {
+        read(&log).contains("listening on")
+    });
+    assert_eq!(read(&pidfile).trim(), child.id().to_string());
+    let addr: std::net::SocketAddr = read(&log)
+        .lines()
+        .find_map(|l| l.split("listening on ").nth(1))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // logrotate moves the file away, then sends SIGHUP.
+    let rotated = dir.path().join("mm4relay.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("a new log file", || log.exists());
+    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    let mut c = Client::connect(LOCAL, addr);
+    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    assert_eq!(
+        send_message(&mut c, from, &[rcpt], &forward_req(5, rcpt, 500)).code,
+        250
+    );
+    wait_until("the new file to get the new lines", || {
+        read(&log).contains("status=sent")
+    });
+    assert!(
+        read(&rotated).contains("SIGHUP"),
+        "the old file ends with the reopen notice"
+    );
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let end = Instant::now() + DEADLINE;
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "relay did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(exit.success());
+    assert!(!pidfile.exists(), "the pid file is removed at exit");
+}
+
+#[test]
+fn init_script_start_status_reload_stop() {
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mm4relay.log");
+    let ini = Profile::default().ini(
+        [sims[0].addr(), sims[1].addr(), sims[2].addr()],
+        &dir.path().join("spool"),
+    );
+    let config = write_config(
+        &dir,
+        &ini.replace(
+            "[relay]\n",
+            &format!("[relay]\nlog_file = {}\n", log.display()),
+        ),
+    );
+    let pidfile = dir.path().join("mm4relay.pid");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/init.d/mm4relay");
+    let run = |action: &str| {
+        Command::new("sh")
+            .arg(script)
+            .arg(action)
+            .env("DAEMON", BIN)
+            .env("CONFIG", &config)
+            .env("PIDFILE", &pidfile)
+            .env("STOP_TIMEOUT", "20")
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    /// Kills the daemon if the test fails before `stop`.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(&self.0) {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(pidfile.clone());
+    assert_eq!(run("status"), Some(3), "not running yet");
+    assert_eq!(run("start"), Some(0));
+    assert_eq!(run("status"), Some(0));
+    assert_eq!(run("reload"), Some(0));
+    wait_until("the reload to reach the daemon", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("SIGHUP")
+    });
+    assert_eq!(run("stop"), Some(0));
+    assert_eq!(run("status"), Some(3));
+    assert!(!pidfile.exists());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
 }
