@@ -50,7 +50,7 @@ fn setup(budget: usize, min: usize, max: usize, keep: [bool; 3]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let mut ini = format!(
         "[relay]\nhostname = relay.bench\nmax_connections = {budget}\nlog_level = warn\nretry_min = 1s\n\
-         spool_dir = {}\nbalance_interval = {}ms\n\n[listener]\nlisten = 127.0.0.1:0\nmax_sessions = 64\n\n",
+         spool_dir = {}\ncontrol_socket =\nbalance_interval = {}ms\n\n[listener]\nlisten = 127.0.0.1:0\nmax_sessions = 64\n\n",
         dir.path().join("spool").display(),
         INTERVAL.as_millis()
     );

@@ -85,7 +85,7 @@ fn config(
 ) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
-         spool_dir = {}\nspool_sync = {sync}\n\n\
+         spool_dir = {}\ncontrol_socket =\nspool_sync = {sync}\n\n\
          [listener]\nlisten = {listen}\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
         dir.join("mm4relay.log").display(),
         dir.join("spool").display(),

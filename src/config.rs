@@ -33,6 +33,7 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("notify_failures", "yes"),
     ("failed_retention", "7d"),
     ("shutdown_timeout", "30s"),
+    ("control_socket", "/run/mm4relay.sock"),
     ("balance_interval", "500ms"),
     ("stats_interval", "60s"),
 ];
@@ -116,6 +117,8 @@ pub struct RelayConfig {
     pub failed_retention: Duration,
     /// How long a stop waits for workers to finish the message in flight.
     pub shutdown_timeout: Duration,
+    /// The Unix socket `mm4relay status` talks to (`None`: off).
+    pub control_socket: Option<PathBuf>,
     /// How often the balancer moves connection allowance between peers.
     pub balance_interval: Duration,
     /// How often a per-peer statistics line is logged.
@@ -480,6 +483,7 @@ impl Config {
             notify_failures: s.boolean("notify_failures")?,
             failed_retention: s.duration("failed_retention")?,
             shutdown_timeout: s.duration("shutdown_timeout")?,
+            control_socket: s.string("control_socket").map(PathBuf::from),
             balance_interval: s.duration("balance_interval")?,
             stats_interval: s.duration("stats_interval")?,
         };

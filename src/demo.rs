@@ -46,7 +46,7 @@ const PEERS: [(&str, &str, &str, bool); 3] = [
 pub fn demo_config(sims: &[SimPeer], spool: &Path) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.demo.test\nmax_connections = 32\nlog_level = warn\nretry_min = 1s\nretry_max = 10s\n\
-         spool_dir = {}\n\n\
+         spool_dir = {}\ncontrol_socket =\n\n\
          [listener]\nlisten = 127.0.0.1:0\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
         spool.display()
     );

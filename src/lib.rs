@@ -11,6 +11,7 @@ pub mod access;
 pub mod balancer;
 pub mod bounce;
 pub mod config;
+pub mod control;
 pub mod date;
 pub mod demo;
 pub mod listener;

@@ -19,6 +19,10 @@ USAGE:
                                 run in the foreground until SIGTERM/SIGINT;
                                 SIGHUP reopens the log file
     mm4relay check -c FILE      validate FILE, print the peers and the routing table
+    mm4relay status [-c FILE | --socket PATH] [--json]
+                                per-peer health, allowance, connections, queues and
+                                totals of the running relay (socket from FILE's
+                                [relay] control_socket, default /run/mm4relay.sock)
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
 
@@ -33,6 +37,7 @@ The configuration keys and their defaults are documented in conf/mm4relay.ini.
 enum Cmd {
     Run(PathBuf, Option<PathBuf>),
     Check(PathBuf),
+    Status { socket: PathBuf, json: bool },
     Demo(DemoOptions),
     Help,
     Version,
@@ -58,6 +63,26 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             _ => Ok(Cmd::Run(config_path(rest)?, None)),
         },
         "check" => config_path(rest).map(Cmd::Check),
+        "status" => {
+            let mut socket = PathBuf::from("/run/mm4relay.sock");
+            let mut json = false;
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                match flag.as_str() {
+                    "--json" => json = true,
+                    "--socket" => socket = PathBuf::from(it.next().ok_or("--socket needs a path")?),
+                    "-c" | "--config" => {
+                        let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
+                        let config = Config::load(&file).map_err(|e| e.to_string())?;
+                        socket = config.relay.control_socket.ok_or_else(|| {
+                            format!("{}: [relay] control_socket is off", file.display())
+                        })?;
+                    }
+                    other => return Err(format!("unknown status option {other}")),
+                }
+            }
+            Ok(Cmd::Status { socket, json })
+        }
         "demo" => {
             let mut opts = DemoOptions::default();
             let mut it = rest.iter();
@@ -115,6 +140,20 @@ fn main() -> ExitCode {
         Cmd::Version => {
             println!("mm4relay {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Cmd::Status { socket, json } => {
+            let command = if json { "status json" } else { "status" };
+            match mm4relay::control::request(&socket, command) {
+                Ok(answer) => {
+                    print!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mm4relay: {e}");
+                    // LSB: program is not running.
+                    ExitCode::from(3)
+                }
+            }
         }
         Cmd::Check(path) => match Config::load(&path) {
             Ok(c) => {

@@ -28,6 +28,7 @@ use log::{info, warn};
 use crate::balancer::Balancer;
 use crate::bounce::Bounce;
 use crate::config::Config;
+use crate::control::{ControlSocket, Sources};
 use crate::listener::{Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
 use crate::mm4::Mm4Info;
@@ -38,6 +39,7 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 /// A running relay.
 pub struct Relay {
     listener: Option<Listener>,
+    control: Option<ControlSocket>,
     balancer: Option<Balancer>,
     peers: Vec<Peer>,
     qmgr: Option<QueueManager>,
@@ -84,6 +86,7 @@ impl Relay {
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
             listener: None,
+            control: None,
             balancer: None,
             peers: Vec::new(),
             qmgr: Some(qmgr),
@@ -129,6 +132,14 @@ impl Relay {
             config.relay.balance_interval,
             config.relay.stats_interval,
         )?);
+        if let Some(path) = &config.relay.control_socket {
+            let sources = Sources {
+                peers: relay.peers.iter().map(|p| p.view().clone()).collect(),
+                queue: queue.clone(),
+                spool: spool.clone(),
+            };
+            relay.control = Some(ControlSocket::start(path, sources)?);
+        }
         let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
         match Listener::start(
             &config.listener.listen,
@@ -171,6 +182,9 @@ impl Relay {
     }
 
     fn stop_all(&mut self) -> StopReport {
+        if let Some(c) = self.control.take() {
+            c.stop();
+        }
         if let Some(l) = self.listener.take() {
             l.stop();
         }

@@ -319,3 +319,83 @@ fn init_script_start_status_reload_stop() {
     assert!(!pidfile.exists());
     assert!(std::fs::read_to_string(&log).unwrap().contains("stopped"));
 }
+
+#[test]
+fn status_over_the_control_socket() {
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    sims[2].set_fault(mm4relay::sim::Fault::TempFail);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let path = write_config(
+        &dir,
+        &Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool),
+    );
+    let socket = spool.join("control.sock");
+    let status = |args: &[&str]| Command::new(BIN).arg("status").args(args).output().unwrap();
+
+    let down = status(&["--socket", socket.to_str().unwrap()]);
+    assert_eq!(down.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("mm4relay is not running"));
+
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr: std::net::SocketAddr = loop {
+        line.clear();
+        assert!(
+            log.read_line(&mut line).unwrap() > 0,
+            "relay exited before listening"
+        );
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    let drain = std::thread::spawn(move || log.lines().count());
+    let rcpt = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
+    let mut c = Client::connect(LOCAL, addr);
+    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    assert_eq!(
+        send_message(&mut c, from, &[rcpt], &forward_req(1, rcpt, 500)).code,
+        250
+    );
+
+    let text =
+        || String::from_utf8_lossy(&status(&["-c", path.to_str().unwrap()]).stdout).into_owned();
+    wait_until("C's deferral in the status", || {
+        text()
+            .lines()
+            .any(|l| l.starts_with("C ") && l.split_whitespace().nth(8).is_some_and(|d| d != "0"))
+    });
+    let table = text();
+    assert!(table.starts_with("peer"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("A ")) && table.contains("spool: "),
+        "{table}"
+    );
+    let json =
+        String::from_utf8_lossy(&status(&["--socket", socket.to_str().unwrap(), "--json"]).stdout)
+            .into_owned();
+    assert!(json.starts_with("{\"peers\":[{\"name\":\"A\""), "{json}");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    drain.join().unwrap();
+    assert!(!socket.exists(), "the socket is removed at exit");
+}

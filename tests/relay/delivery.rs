@@ -580,7 +580,7 @@ fn a_silent_host_is_marked_down_and_the_next_host_takes_over() {
     let good = SimPeer::start(true).unwrap();
     let spool = tempfile::tempdir().unwrap();
     let ini = format!(
-        "[relay]\nhostname = relay.test\nspool_dir = {}\nbalance_interval = 50ms\n\
+        "[relay]\nhostname = relay.test\nspool_dir = {}\nbalance_interval = 50ms\ncontrol_socket =\n\
          [listener]\nlisten = 127.0.0.1:0\n\
          [peer.B]\nhosts = {}, {}\ndomains = mms.mnc020.mcc001.gprs\nmin_connections = 0\nmax_connections = 1\n\
          helo_timeout = 500ms\nprobe_min = 30s\nprobe_max = 60s\nmax_messages_per_connection = 5\n",

@@ -85,7 +85,7 @@ impl Profile {
     pub fn ini(&self, addrs: [SocketAddr; 3], spool: &Path) -> String {
         format!(
             "[relay]\nhostname = relay.test\nmax_connections = {}\nretry_min = 100ms\nretry_max = 400ms\n\
-             shutdown_timeout = 5s\nbalance_interval = 50ms\nspool_dir = {}\n{}\n\
+             shutdown_timeout = 5s\nbalance_interval = 50ms\nspool_dir = {}\ncontrol_socket = {}/control.sock\n{}\n\
              [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
              max_recipients = 100\nmm4_check = strict\n{}\n\
              [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
@@ -98,6 +98,7 @@ impl Profile {
              probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
              [ported]\n+12025550177 = C\n",
             self.budget,
+            spool.display(),
             spool.display(),
             self.extra_relay,
             self.extra_listener,

@@ -1,0 +1,252 @@
+//! The control socket: a Unix socket (`[relay] control_socket`, mode 0600)
+//! on which the running relay answers one command per connection, and the
+//! client side used by `mm4relay status`.
+//!
+//! Protocol: the client sends one line (`status` or `status json`), the
+//! relay answers with text and closes.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::peer::{PeerSnapshot, PeerView};
+use crate::queue::Queue;
+use crate::spool::Spool;
+
+/// Longest command line accepted on the socket.
+const MAX_COMMAND: u64 = 256;
+
+/// What the control thread reads its answers from.
+pub struct Sources {
+    /// Every peer.
+    pub peers: Vec<PeerView>,
+    /// For pool, overflow and retry counts.
+    pub queue: Arc<Queue>,
+    /// For the spool's size.
+    pub spool: Arc<Spool>,
+}
+
+/// The running control socket.
+pub struct ControlSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ControlSocket {
+    /// Binds `path` (replacing a stale socket) with mode 0600 and serves it.
+    pub fn start(path: &Path, sources: Sources) -> io::Result<ControlSocket> {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{}: another mm4relay is running", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+        })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        info!("control socket at {}", path.display());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(&listener, &sources, &flag))?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops serving and removes the socket.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        let Some(h) = self.handle.take() else { return };
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocked accept().
+        let _ = UnixStream::connect(&self.path);
+        let _ = h.join();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn serve(listener: &UnixListener, sources: &Sources, stop: &AtomicBool) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(stream) = conn else { continue };
+        if let Err(e) = answer(stream, sources) {
+            warn!("control socket: {e}");
+        }
+    }
+}
+
+fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_COMMAND)).read_line(&mut line)?;
+    let snapshots: Vec<PeerSnapshot> = sources
+        .peers
+        .iter()
+        .map(|p| p.snapshot(&sources.queue))
+        .collect();
+    let reply = match line.trim() {
+        "status" => status_text(&snapshots, sources.spool.bytes()),
+        "status json" => status_json(&snapshots, sources.spool.bytes()),
+        other => format!("error: unknown command {other:?}; try status or status json\n"),
+    };
+    (&stream).write_all(reply.as_bytes())
+}
+
+/// The per-peer table of `mm4relay status`.
+pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
+    let mut out = format!(
+        "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>9} {:>9} {:>7}  last error\n",
+        "peer",
+        "health",
+        "allow",
+        "open/busy",
+        "pool",
+        "overflow",
+        "waiting",
+        "sent",
+        "deferred",
+        "failed"
+    );
+    for p in peers {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>9} {:>9} {:>7}  {}",
+            p.name,
+            if p.healthy { "ok" } else { "probing" },
+            p.allowance,
+            format!("{}/{}", p.connections_open, p.busy),
+            p.pool_depth,
+            p.overflow,
+            p.waiting_retry,
+            p.sent,
+            p.deferred,
+            p.failed,
+            p.last_error
+        );
+    }
+    let _ = writeln!(out, "spool: {spool_bytes} bytes");
+    out
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The same as JSON, for scripts.
+pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
+    let items: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{{\"name\":{},\"healthy\":{},\"allowance\":{},\"connections_open\":{},\"busy\":{},\
+                 \"pool_depth\":{},\"overflow\":{},\"waiting_retry\":{},\"sent\":{},\"deferred\":{},\
+                 \"failed\":{},\"connections_opened\":{},\"last_error\":{}}}",
+                json_str(&p.name),
+                p.healthy,
+                p.allowance,
+                p.connections_open,
+                p.busy,
+                p.pool_depth,
+                p.overflow,
+                p.waiting_retry,
+                p.sent,
+                p.deferred,
+                p.failed,
+                p.connections_opened,
+                json_str(&p.last_error)
+            )
+        })
+        .collect();
+    format!(
+        "{{\"peers\":[{}],\"spool_bytes\":{spool_bytes}}}\n",
+        items.join(",")
+    )
+}
+
+/// Sends `command` to the relay listening on `path` and returns its answer.
+pub fn request(path: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "mm4relay is not running (no control socket at {}: {e})",
+                path.display()
+            ),
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_text_and_json() {
+        let p = PeerSnapshot {
+            name: "B".into(),
+            sent: 7,
+            healthy: false,
+            allowance: 1,
+            last_error: "said \"no\"".into(),
+            ..PeerSnapshot::default()
+        };
+        let text = status_text(std::slice::from_ref(&p), 42);
+        assert!(text.contains("B          probing"), "{text}");
+        assert!(text.ends_with("spool: 42 bytes\n"));
+        let json = status_json(&[p], 42);
+        assert!(
+            json.contains("\"name\":\"B\",\"healthy\":false,\"allowance\":1"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"last_error\":\"said \\\"no\\\"\""),
+            "{json}"
+        );
+        assert!(json.trim_end().ends_with("\"spool_bytes\":42}"));
+    }
+}
