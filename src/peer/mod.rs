@@ -2,9 +2,11 @@
 //! of worker threads (each owning at most one long-lived SMTP connection
 //! to this peer and nobody else), and its counters.
 //!
-//! All `max_connections` workers exist from the start; the first
-//! `min_connections` connect at once, the others when work arrives. Every
-//! open connection holds one slot of the relay's global connection budget.
+//! All `max_connections` workers exist from the start. The peer's allowance
+//! (set by the balancer, see `control`) says how many may hold a
+//! connection now: those connect at start (`min_connections`) or when work
+//! arrives, the others park. Every open connection also holds one slot of
+//! the relay's global budget, a hard cap while allowances move.
 
 mod connection;
 mod control;
