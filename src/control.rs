@@ -111,10 +111,17 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         .iter()
         .map(|p| p.snapshot(&sources.queue))
         .collect();
-    let reply = match line.trim() {
-        "status" => status_text(&snapshots, sources.spool.bytes()),
-        "status json" => status_json(&snapshots, sources.spool.bytes()),
-        other => format!("error: unknown command {other:?}; try status or status json\n"),
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let reply = match words.as_slice() {
+        ["status"] => status_text(&snapshots, sources.spool.bytes()),
+        ["status", "json"] => status_json(&snapshots, sources.spool.bytes()),
+        ["queue", "age"] => queue_age(sources),
+        ["queue", "list"] => queue_list(sources, None),
+        ["queue", "list", peer] => queue_list(sources, Some(peer)),
+        _ => format!(
+            "error: unknown command {:?}; try status, status json, queue age, queue list [PEER]\n",
+            line.trim()
+        ),
     };
     (&stream).write_all(reply.as_bytes())
 }
@@ -152,6 +159,79 @@ pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
         );
     }
     let _ = writeln!(out, "spool: {spool_bytes} bytes");
+    out
+}
+
+/// Upper bounds of the age buckets of `queue age` (as qshape's).
+const AGE_BUCKETS: [(u64, &str); 8] = [
+    (300, "5m"),
+    (600, "10m"),
+    (1200, "20m"),
+    (2400, "40m"),
+    (4800, "80m"),
+    (9600, "160m"),
+    (19200, "320m"),
+    (38400, "640m"),
+];
+
+/// Messages queued per peer by age, like Postfix's qshape.
+fn queue_age(sources: &Sources) -> String {
+    let limits: Vec<Duration> = AGE_BUCKETS
+        .iter()
+        .map(|(s, _)| Duration::from_secs(*s))
+        .collect();
+    let mut out = format!("{:<10} {:>7}", "peer", "total");
+    for (_, name) in AGE_BUCKETS {
+        let _ = write!(out, " {:>6}", format!("<{name}"));
+    }
+    out.push_str("   older\n");
+    for (i, p) in sources.peers.iter().enumerate() {
+        let counts = sources.queue.ages(i, &limits);
+        let _ = write!(
+            out,
+            "{:<10} {:>7}",
+            p.config().name,
+            counts.iter().sum::<usize>()
+        );
+        for c in &counts {
+            let _ = write!(out, " {c:>6}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Queued messages, oldest first, for one peer or all.
+fn queue_list(sources: &Sources, only: Option<&str>) -> String {
+    let mut out = String::new();
+    let now = std::time::SystemTime::now();
+    let mut any = false;
+    for (i, p) in sources.peers.iter().enumerate() {
+        let name = &p.config().name;
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        any = true;
+        for q in sources.queue.list(i) {
+            let age = now.duration_since(q.accepted).unwrap_or_default().as_secs();
+            let _ = writeln!(
+                out,
+                "{} peer={name} age={age}s attempts={} from=<{}> to={} last_reply=\"{}\"",
+                q.id,
+                q.attempts,
+                q.from,
+                q.rcpts
+                    .iter()
+                    .map(|r| format!("<{r}>"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                q.last_reply.replace('"', "'")
+            );
+        }
+    }
+    if !any {
+        return format!("error: no peer named {:?}\n", only.unwrap_or(""));
+    }
     out
 }
 

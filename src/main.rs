@@ -23,6 +23,11 @@ USAGE:
                                 per-peer health, allowance, connections, queues and
                                 totals of the running relay (socket from FILE's
                                 [relay] control_socket, default /run/mm4relay.sock)
+    mm4relay queue age [-c FILE | --socket PATH]
+                                queued messages per peer by age (like qshape)
+    mm4relay queue list [PEER] [-c FILE | --socket PATH]
+                                queued messages, oldest first: id, age, attempts,
+                                sender, recipients, last reply
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
 
@@ -38,6 +43,7 @@ enum Cmd {
     Run(PathBuf, Option<PathBuf>),
     Check(PathBuf),
     Status { socket: PathBuf, json: bool },
+    Queue { socket: PathBuf, command: String },
     Demo(DemoOptions),
     Help,
     Version,
@@ -63,13 +69,14 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             _ => Ok(Cmd::Run(config_path(rest)?, None)),
         },
         "check" => config_path(rest).map(Cmd::Check),
-        "status" => {
+        "status" | "queue" => {
             let mut socket = PathBuf::from("/run/mm4relay.sock");
             let mut json = false;
+            let mut words = Vec::new();
             let mut it = rest.iter();
-            while let Some(flag) = it.next() {
-                match flag.as_str() {
-                    "--json" => json = true,
+            while let Some(arg) = it.next() {
+                match arg.as_str() {
+                    "--json" if cmd == "status" => json = true,
                     "--socket" => socket = PathBuf::from(it.next().ok_or("--socket needs a path")?),
                     "-c" | "--config" => {
                         let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
@@ -78,10 +85,24 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
                             format!("{}: [relay] control_socket is off", file.display())
                         })?;
                     }
-                    other => return Err(format!("unknown status option {other}")),
+                    word if cmd == "queue" && !word.starts_with('-') => {
+                        words.push(word.to_string())
+                    }
+                    other => return Err(format!("unknown {cmd} option {other}")),
                 }
             }
-            Ok(Cmd::Status { socket, json })
+            if cmd == "status" {
+                return Ok(Cmd::Status { socket, json });
+            }
+            match words.first().map(String::as_str) {
+                Some("age") if words.len() == 1 => {}
+                Some("list") if words.len() <= 2 => {}
+                _ => return Err("queue needs age, or list [PEER]".into()),
+            }
+            Ok(Cmd::Queue {
+                socket,
+                command: format!("queue {}", words.join(" ")),
+            })
         }
         "demo" => {
             let mut opts = DemoOptions::default();
@@ -103,6 +124,25 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
         "-h" | "--help" | "help" => Ok(Cmd::Help),
         "-V" | "--version" => Ok(Cmd::Version),
         other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// Sends a command to the running relay and prints its answer; exit 3
+/// (LSB: not running) when nothing answers, 1 when the relay says error.
+fn ask(socket: &std::path::Path, command: &str) -> ExitCode {
+    match mm4relay::control::request(socket, command) {
+        Ok(answer) if answer.starts_with("error:") => {
+            eprint!("mm4relay: {answer}");
+            ExitCode::FAILURE
+        }
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mm4relay: {e}");
+            ExitCode::from(3)
+        }
     }
 }
 
@@ -143,18 +183,9 @@ fn main() -> ExitCode {
         }
         Cmd::Status { socket, json } => {
             let command = if json { "status json" } else { "status" };
-            match mm4relay::control::request(&socket, command) {
-                Ok(answer) => {
-                    print!("{answer}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("mm4relay: {e}");
-                    // LSB: program is not running.
-                    ExitCode::from(3)
-                }
-            }
+            ask(&socket, command)
         }
+        Cmd::Queue { socket, command } => ask(&socket, &command),
         Cmd::Check(path) => match Config::load(&path) {
             Ok(c) => {
                 print!("{}", c.describe());

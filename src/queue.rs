@@ -69,8 +69,27 @@ fn instant_of(t: SystemTime) -> Instant {
     }
 }
 
+/// One queued message at one peer, for `mm4relay queue`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    /// Queue ID (IDs sort by acceptance time).
+    pub id: String,
+    /// Envelope sender.
+    pub from: String,
+    /// Recipients at this peer still to do.
+    pub rcpts: Vec<String>,
+    /// When the message was accepted.
+    pub accepted: SystemTime,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last reply or error, if any attempt was made.
+    pub last_reply: String,
+}
+
 /// The shared entrance to the pools, used by sessions and workers.
 pub struct Queue {
+    /// Per peer, what is queued, by queue ID.
+    tracked: Vec<parking_lot::Mutex<std::collections::BTreeMap<String, Queued>>>,
     pools: Vec<Sender<Job>>,
     overflow: Vec<AtomicUsize>,
     /// Jobs per peer waiting for their retry time.
@@ -82,6 +101,7 @@ pub struct Queue {
 impl Queue {
     /// Puts a new job in its peer's pool, or behind the peer's overflow.
     pub fn submit(&self, job: Job) {
+        self.track(&job, 0, "");
         let peer = job.peer;
         let job = if self.overflow[peer].load(Ordering::Acquire) == 0 {
             match self.pools[peer].send_timeout(job, SUBMIT_WAIT) {
@@ -101,8 +121,66 @@ impl Queue {
         self.retry.delay(attempts)
     }
 
+    /// Queues a job found in the spool at start, due at `at`.
+    pub fn recover(&self, job: Job, at: SystemTime) {
+        self.track(&job, job.attempts, "");
+        self.schedule(job, at);
+    }
+
+    /// Parks a job whose attempt failed with `reply` until `at`.
+    pub fn defer(&self, job: Job, reply: &str, at: SystemTime) {
+        if let Some(q) = self.tracked[job.peer].lock().get_mut(&job.message.id) {
+            q.attempts = job.attempts;
+            q.last_reply = reply.to_string();
+        }
+        self.schedule(job, at);
+    }
+
+    /// Forgets recipients that are done (sent, failed or expired).
+    pub fn done(&self, peer: usize, id: &str, rcpts: &[String]) {
+        let mut tracked = self.tracked[peer].lock();
+        if let Some(q) = tracked.get_mut(id) {
+            q.rcpts.retain(|r| !rcpts.contains(r));
+            if q.rcpts.is_empty() {
+                tracked.remove(id);
+            }
+        }
+    }
+
+    /// What is queued for `peer`, oldest first.
+    pub fn list(&self, peer: usize) -> Vec<Queued> {
+        self.tracked[peer].lock().values().cloned().collect()
+    }
+
+    /// How many messages queued for `peer` are younger than each of
+    /// `limits`, as counts per bucket (the last bucket: older than all).
+    pub fn ages(&self, peer: usize, limits: &[Duration]) -> Vec<usize> {
+        let mut counts = vec![0; limits.len() + 1];
+        let now = SystemTime::now();
+        for q in self.tracked[peer].lock().values() {
+            let age = now.duration_since(q.accepted).unwrap_or_default();
+            let bucket = limits.iter().position(|l| age < *l).unwrap_or(limits.len());
+            counts[bucket] += 1;
+        }
+        counts
+    }
+
+    fn track(&self, job: &Job, attempts: u32, reply: &str) {
+        let m = &job.message;
+        let mut tracked = self.tracked[job.peer].lock();
+        let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
+            id: m.id.clone(),
+            from: m.from.clone(),
+            rcpts: Vec::new(),
+            accepted: m.accepted,
+            attempts,
+            last_reply: reply.to_string(),
+        });
+        q.rcpts.extend(job.rcpts.iter().cloned());
+    }
+
     /// Parks a job until `at` (wall clock), then puts it in its pool.
-    pub fn schedule(&self, mut job: Job, at: SystemTime) {
+    fn schedule(&self, mut job: Job, at: SystemTime) {
         job.data = None;
         self.deferred[job.peer].fetch_add(1, Ordering::AcqRel);
         let _ = self.events.send(Event::Defer(job, instant_of(at)));
@@ -159,6 +237,7 @@ impl QueueManager {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let queue = Arc::new(Queue {
+            tracked: pools.iter().map(|_| Default::default()).collect(),
             overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             deferred: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             pools,

@@ -259,7 +259,7 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
                 attempts: j.attempts,
                 data: None,
             };
-            queue.schedule(job, j.next);
+            queue.recover(job, j.next);
         }
     }
 }

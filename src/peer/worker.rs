@@ -352,6 +352,7 @@ impl Worker {
             self.ctx
                 .spool
                 .done(&job.message.id, &self.peer.cfg.name, rcpts);
+            self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
                 self.ctx
                     .bounce
@@ -394,7 +395,7 @@ impl Worker {
             .spool
             .retry(&job.message.id, name, &job.rcpts, job.attempts, at);
         log_disposition(&job, name, &job.rcpts, "deferred", reason, Some(delay));
-        self.ctx.queue.schedule(job, at);
+        self.ctx.queue.defer(job, reason, at);
     }
 }
 
