@@ -11,7 +11,8 @@
 //! (default 3), `E2E_SESSIONS` (default 16), `E2E_SIZE` (default 2048) and
 //! `E2E_LOG_LEVEL` (default info: one log line per disposition, as in
 //! production), `E2E_SPOOL_SYNC` (default yes; no measures the cost of
-//! flushing).
+//! flushing). `E2E_DOWN=1` instead runs the load with peer C down and
+//! prints `mm4relay status` and `mm4relay queue age` meanwhile.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -85,15 +86,16 @@ fn config(
 ) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
-         spool_dir = {}\ncontrol_socket =\nspool_sync = {sync}\n\n\
+         spool_dir = {}\ncontrol_socket = {}\nspool_sync = {sync}\n\n\
          [listener]\nlisten = {listen}\nrelay_from = 127.0.0.1/32\nmax_sessions = 64\n\n",
         dir.join("mm4relay.log").display(),
         dir.join("spool").display(),
+        dir.join("control.sock").display(),
     );
     for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
         ini.push_str(&format!(
             "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\nlocal = {}\n\
-             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\n\n",
+             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n\n",
             sim.addr(),
             if *local { "yes" } else { "no" }
         ));
@@ -213,10 +215,56 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// `E2E_DOWN=1`: the same load with peer C never greeting; prints what
+/// `mm4relay status` and `mm4relay queue age` say once A and B are done.
+fn down_run(n: usize, sessions: usize, size: usize) {
+    let sims = [0, 1, 2].map(|_| SimPeer::start(false).unwrap());
+    sims[2].set_fault(mm4relay::sim::Fault::NoGreeting);
+    let per_peer = messages(n, size);
+    let all: Arc<Vec<Outgoing>> =
+        Arc::new((0..n).map(|i| per_peer[i % 3][i / 3].clone()).collect());
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("mm4relay.ini");
+    let addr = free_addr();
+    std::fs::write(&config_path, config(&sims, dir.path(), addr, "info", "yes")).unwrap();
+    let relay = RelayProcess::start(&config_path, addr);
+    let report = send_load(addr, sessions, all);
+    let targets = [per_peer[0].len() as u64, per_peer[1].len() as u64];
+    for (sim, want) in sims.iter().zip(targets) {
+        assert!(sim.wait_for_recipients(want, Duration::from_secs(300)));
+    }
+    // Let C fail its connects and be isolated before looking.
+    thread::sleep(Duration::from_secs(8));
+    let socket = dir.path().join("control.sock");
+    for args in [&["status"][..], &["queue", "age"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mm4relay"))
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        println!(
+            "$ mm4relay {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    println!("accepted {} of {n}; A and B done, C down", report.accepted);
+    assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
+}
+
 fn main() {
     // `cargo test --benches` runs benches with --bench absent: stay quick.
     if !std::env::args().any(|a| a == "--bench") {
         println!("e2e: run with `cargo bench --bench e2e`");
+        return;
+    }
+    if std::env::var_os("E2E_DOWN").is_some() {
+        down_run(
+            env_or("E2E_MESSAGES", 20_000),
+            env_or("E2E_SESSIONS", 16),
+            env_or("E2E_SIZE", 2048),
+        );
         return;
     }
     let n = env_or("E2E_MESSAGES", 20_000);

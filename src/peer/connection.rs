@@ -74,7 +74,7 @@ impl fmt::Display for ConnError {
         match self {
             ConnError::Connect(e) => write!(f, "connect failed: {e}"),
             ConnError::Greeting(r) => write!(f, "refused at greeting: {r}"),
-            ConnError::Io(e) if is_timeout(e) => write!(f, "timed out: {e}"),
+            ConnError::Io(e) if is_timeout(e) => f.write_str("timed out waiting for the peer"),
             ConnError::Io(e) => write!(f, "I/O error: {e}"),
             ConnError::Closed => f.write_str("connection closed by peer"),
             ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
