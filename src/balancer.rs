@@ -46,20 +46,26 @@ pub struct Load {
     pub recovering: bool,
     /// No demand for at least its `idle_timeout`.
     pub idle: bool,
+    /// Held by an operator: no connections at all.
+    pub held: bool,
 }
 
 /// The allowances for the next tick.
 pub fn plan(loads: &[Load], budget: usize) -> Vec<usize> {
     let floor: Vec<usize> = loads
         .iter()
-        .map(|l| if l.healthy { l.min } else { 1 })
+        .map(|l| match (l.held, l.healthy) {
+            (true, _) => 0,
+            (false, true) => l.min,
+            (false, false) => 1,
+        })
         .collect();
     let want: Vec<usize> = loads
         .iter()
         .zip(&floor)
         .map(|(l, &floor)| {
-            if !l.healthy {
-                return 1;
+            if l.held || !l.healthy {
+                return floor;
             }
             let target = if l.demand > l.allowance {
                 let step = if l.recovering { 1 } else { l.allowance.max(1) };
@@ -186,6 +192,7 @@ fn run(
                     healthy: s.healthy,
                     recovering: false,
                     idle: now.duration_since(*busy_at) >= p.config().idle_timeout,
+                    held: p.control().held(),
                 }
             })
             .collect();
@@ -202,7 +209,9 @@ fn run(
         let next = plan(&loads, budget);
         for ((p, l), &n) in peers.iter().zip(&loads).zip(&next) {
             if n != l.allowance {
-                let why = if !l.healthy {
+                let why = if l.held {
+                    "held by an operator".to_string()
+                } else if !l.healthy {
                     "unhealthy: one probing connection".to_string()
                 } else if n > l.allowance {
                     format!("demand {}", l.demand)
@@ -256,7 +265,17 @@ mod tests {
             healthy: true,
             recovering: false,
             idle: false,
+            held: false,
         }
+    }
+
+    #[test]
+    fn a_held_peer_gets_nothing() {
+        let held = Load {
+            held: true,
+            ..load(2, 8, 4, 100)
+        };
+        assert_eq!(plan(&[held, load(1, 8, 1, 100)], 64), [0, 2]);
     }
 
     #[test]

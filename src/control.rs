@@ -118,8 +118,12 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["queue", "age"] => queue_age(sources),
         ["queue", "list"] => queue_list(sources, None),
         ["queue", "list", peer] => queue_list(sources, Some(peer)),
+        ["queue", "retry", what] => queue_retry(sources, what),
+        ["queue", "hold", peer] => hold(sources, peer, true),
+        ["queue", "release", peer] => hold(sources, peer, false),
         _ => format!(
-            "error: unknown command {:?}; try status, status json, queue age, queue list [PEER]\n",
+            "error: unknown command {:?}; try status, status json, queue age, queue list [PEER], \
+             queue retry ID|PEER|all, queue hold PEER, queue release PEER\n",
             line.trim()
         ),
     };
@@ -199,6 +203,47 @@ fn queue_age(sources: &Sources) -> String {
         out.push('\n');
     }
     out
+}
+
+fn peer_index(sources: &Sources, name: &str) -> Option<usize> {
+    sources.peers.iter().position(|p| p.config().name == name)
+}
+
+/// Makes deferred messages due now: one message, one peer's, or all.
+fn queue_retry(sources: &Sources, what: &str) -> String {
+    if what == "all" {
+        sources.queue.retry_now(None, None);
+        info!("control: retry of everything deferred requested");
+        return "retrying all deferred messages now\n".into();
+    }
+    if let Some(i) = peer_index(sources, what) {
+        sources.queue.retry_now(Some(i), None);
+        info!("control: retry of peer {what} requested");
+        return format!("retrying the deferred messages of {what} now\n");
+    }
+    let known =
+        (0..sources.peers.len()).any(|i| sources.queue.list(i).iter().any(|q| q.id == what));
+    if !known {
+        return format!("error: {what:?} is neither a peer nor a queued message\n");
+    }
+    sources.queue.retry_now(None, Some(what));
+    info!("control: retry of {what} requested");
+    format!("retrying {what} now\n")
+}
+
+/// Holds a peer (keeps its queue, sends nothing) or releases it.
+fn hold(sources: &Sources, name: &str, held: bool) -> String {
+    let Some(i) = peer_index(sources, name) else {
+        return format!("error: no peer named {name:?}\n");
+    };
+    sources.peers[i].control().set_held(held);
+    let what = if held {
+        "held: it keeps its queue and sends nothing"
+    } else {
+        "released"
+    };
+    info!("control: peer={name} {what}");
+    format!("{name} {what}\n")
 }
 
 /// Queued messages, oldest first, for one peer or all.

@@ -28,6 +28,10 @@ USAGE:
     mm4relay queue list [PEER] [-c FILE | --socket PATH]
                                 queued messages, oldest first: id, age, attempts,
                                 sender, recipients, last reply
+    mm4relay queue retry ID|PEER|all [-c FILE | --socket PATH]
+                                try deferred messages now
+    mm4relay queue hold PEER | release PEER [-c FILE | --socket PATH]
+                                a held peer keeps its queue and sends nothing
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
 
@@ -94,10 +98,14 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             if cmd == "status" {
                 return Ok(Cmd::Status { socket, json });
             }
-            match words.first().map(String::as_str) {
-                Some("age") if words.len() == 1 => {}
-                Some("list") if words.len() <= 2 => {}
-                _ => return Err("queue needs age, or list [PEER]".into()),
+            match (words.first().map(String::as_str), words.len()) {
+                (Some("age"), 1) | (Some("list"), 1 | 2) => {}
+                (Some("retry" | "hold" | "release"), 2) => {}
+                _ => {
+                    return Err(
+                        "queue needs age, list [PEER], retry ID|PEER|all, hold PEER or release PEER".into(),
+                    );
+                }
             }
             Ok(Cmd::Queue {
                 socket,

@@ -58,6 +58,8 @@ impl RetryPolicy {
 enum Event {
     Overflow(Job),
     Defer(Job, Instant),
+    /// Make deferred jobs due now: of one peer, or one message, or all.
+    RetryNow(Option<usize>, Option<String>),
 }
 
 /// Turns a wall-clock time (as kept in the spool) into an `Instant`.
@@ -134,6 +136,14 @@ impl Queue {
             q.last_reply = reply.to_string();
         }
         self.schedule(job, at);
+    }
+
+    /// Makes deferred jobs due now: those of `peer`, or of message `id`,
+    /// or all when both are `None`.
+    pub fn retry_now(&self, peer: Option<usize>, id: Option<&str>) {
+        let _ = self
+            .events
+            .send(Event::RetryNow(peer, id.map(str::to_string)));
     }
 
     /// Forgets recipients that are done (sent, failed or expired).
@@ -284,6 +294,18 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         Event::Overflow(mut job) => {
             job.data = None;
             overflow[job.peer].push_back(job);
+        }
+        Event::RetryNow(peer, id) => {
+            let now = Instant::now();
+            let all = std::mem::take(deferred).into_vec();
+            for Reverse(mut d) in all {
+                let hit = peer.is_none_or(|p| p == d.job.peer)
+                    && id.as_ref().is_none_or(|i| *i == d.job.message.id);
+                if hit {
+                    d.due = now;
+                }
+                deferred.push(Reverse(d));
+            }
         }
         Event::Defer(mut job, due) => {
             job.data = None;

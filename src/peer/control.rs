@@ -37,6 +37,8 @@ struct Health {
 #[derive(Debug)]
 pub struct Control {
     allowance: AtomicUsize,
+    /// An operator's hold: the peer keeps its queue and sends nothing.
+    held: std::sync::atomic::AtomicBool,
     health: Mutex<Health>,
     probe_min: Duration,
     probe_max: Duration,
@@ -58,6 +60,7 @@ impl Control {
     pub fn new(allowance: usize, probe_min: Duration, probe_max: Duration) -> Control {
         Control {
             allowance: AtomicUsize::new(allowance),
+            held: std::sync::atomic::AtomicBool::new(false),
             health: Mutex::new(Health {
                 healthy: true,
                 connection_failures: 0,
@@ -79,6 +82,19 @@ impl Control {
     /// Sets the allowance (the balancer's call).
     pub fn set_allowance(&self, n: usize) {
         self.allowance.store(n, Ordering::Release);
+    }
+
+    /// Holds the peer (`queue hold`): no connections until released.
+    pub fn set_held(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
+        if held {
+            self.allowance.store(0, Ordering::Release);
+        }
+    }
+
+    /// True while an operator holds the peer.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
     /// True unless the peer is being probed.

@@ -621,3 +621,34 @@ fn a_full_disk_refuses_with_452_and_accepts_again_when_space_returns() {
         10,
     );
 }
+
+#[test]
+fn an_operator_can_hold_release_and_retry() {
+    let mut h = Harness::with(Profile {
+        retry_min_ms: 3_600_000,
+        ..Profile::default()
+    });
+    // Hold B: its messages stay queued and no connection is used.
+    assert!(h.control("queue hold B").contains("held"));
+    wait_until("B's allowance to drop to 0", || h.peer(1).allowance == 0);
+    assert_eq!(send_load(h.addr, 2, load(&[TO_B], 5)).accepted, 5);
+    wait_until("B's messages to wait", || h.peer(1).pool_depth == 5);
+    assert_eq!(h.peer(1).connections_open, 0);
+    assert_eq!(h.sims[1].recipients(), 0);
+    assert!(h.control("queue release B").contains("released"));
+    assert!(h.sims[1].wait_for_recipients(5, DEADLINE));
+
+    // A deferral an hour away, retried now by the operator.
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(1, TO_C, 500)).code,
+        250
+    );
+    wait_until("C's deferral", || h.peer(2).waiting_retry == 1);
+    h.sims[2].set_fault(Fault::None);
+    assert!(h.control("queue retry C").contains("retrying"));
+    assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
+    assert!(h.control("queue retry nobody").starts_with("error:"));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}

@@ -56,6 +56,8 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct Profile {
     /// `[relay] max_connections`, the global budget.
     pub budget: usize,
+    /// `[relay] retry_min` (and four times it for retry_max).
+    pub retry_min_ms: u64,
     pub max_connections: [usize; 3],
     pub min_connections: [usize; 3],
     pub extra_relay: String,
@@ -70,6 +72,7 @@ impl Default for Profile {
     fn default() -> Self {
         Profile {
             budget: 32,
+            retry_min_ms: 100,
             max_connections: [4, 4, 4],
             min_connections: [1, 1, 1],
             extra_relay: String::new(),
@@ -84,7 +87,7 @@ impl Profile {
     /// The INI text for peers at `addrs` (A, B, C), spooling in `spool`.
     pub fn ini(&self, addrs: [SocketAddr; 3], spool: &Path) -> String {
         format!(
-            "[relay]\nhostname = relay.test\nmax_connections = {}\nretry_min = 100ms\nretry_max = 400ms\n\
+            "[relay]\nhostname = relay.test\nmax_connections = {}\nretry_min = {}ms\nretry_max = {}ms\n\
              shutdown_timeout = 5s\nbalance_interval = 50ms\nspool_dir = {}\ncontrol_socket = {}/control.sock\n{}\n\
              [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
              max_recipients = 100\nmm4_check = strict\n{}\n\
@@ -98,6 +101,8 @@ impl Profile {
              probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
              [ported]\n+12025550177 = C\n",
             self.budget,
+            self.retry_min_ms,
+            self.retry_min_ms * 4,
             spool.display(),
             spool.display(),
             self.extra_relay,
@@ -173,6 +178,11 @@ impl Harness {
         self.addr = relay.local_addrs()[0];
         self.relay = Some(relay);
         report
+    }
+
+    /// Asks the relay's control socket.
+    pub fn control(&self, command: &str) -> String {
+        mm4relay::control::request(&self.spool.path().join("control.sock"), command).unwrap()
     }
 
     /// Bytes of the spool's segment files now (the failed area apart).
