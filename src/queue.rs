@@ -113,7 +113,17 @@ impl Queue {
         } else {
             job
         };
-        self.overflow[peer].fetch_add(1, Ordering::AcqRel);
+        self.overflow(job);
+    }
+
+    /// Hands back a job a worker took but may not send (its peer was held
+    /// meanwhile): it waits with the overflow.
+    pub fn put_back(&self, job: Job) {
+        self.overflow(job);
+    }
+
+    fn overflow(&self, job: Job) {
+        self.overflow[job.peer].fetch_add(1, Ordering::AcqRel);
         // The manager outlives every session and worker, so this cannot fail.
         let _ = self.events.send(Event::Overflow(job));
     }

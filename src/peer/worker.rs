@@ -95,6 +95,8 @@ impl Worker {
             select! {
                 recv(self.ctx.stop) -> _ => break,
                 recv(self.jobs) -> job => match job {
+                    // The allowance may have dropped while this worker waited.
+                    Ok(job) if self.index >= self.peer.control.allowance() => self.ctx.queue.put_back(job),
                     Ok(job) => self.handle(job),
                     Err(_) => break,
                 },

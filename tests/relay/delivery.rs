@@ -630,9 +630,13 @@ fn an_operator_can_hold_release_and_retry() {
     });
     // Hold B: its messages stay queued and no connection is used.
     assert!(h.control("queue hold B").contains("held"));
-    wait_until("B's allowance to drop to 0", || h.peer(1).allowance == 0);
+    wait_until("B's connection to close", || {
+        h.peer(1).connections_open == 0
+    });
     assert_eq!(send_load(h.addr, 2, load(&[TO_B], 5)).accepted, 5);
-    wait_until("B's messages to wait", || h.peer(1).pool_depth == 5);
+    wait_until("B's messages to wait", || {
+        h.peer(1).pool_depth + h.peer(1).overflow == 5
+    });
     assert_eq!(h.peer(1).connections_open, 0);
     assert_eq!(h.sims[1].recipients(), 0);
     assert!(h.control("queue release B").contains("released"));
