@@ -120,10 +120,13 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["queue", "list", peer] => queue_list(sources, Some(peer)),
         ["queue", "retry", what] => queue_retry(sources, what),
         ["queue", "hold", peer] => hold(sources, peer, true),
+        ["queue", "show", id] => queue_show(sources, id),
+        ["queue", "delete", id, reason @ ..] => queue_delete(sources, id, &reason.join(" ")),
         ["queue", "release", peer] => hold(sources, peer, false),
         _ => format!(
             "error: unknown command {:?}; try status, status json, queue age, queue list [PEER], \
-             queue retry ID|PEER|all, queue hold PEER, queue release PEER\n",
+             queue show ID, queue retry ID|PEER|all, queue hold PEER, queue release PEER, \
+             queue delete ID [REASON]\n",
             line.trim()
         ),
     };
@@ -221,14 +224,98 @@ fn queue_retry(sources: &Sources, what: &str) -> String {
         info!("control: retry of peer {what} requested");
         return format!("retrying the deferred messages of {what} now\n");
     }
-    let known =
-        (0..sources.peers.len()).any(|i| sources.queue.list(i).iter().any(|q| q.id == what));
+    let known = (0..sources.peers.len())
+        .any(|i| sources.queue.list(i).iter().any(|q| q.message.id == what));
     if !known {
         return format!("error: {what:?} is neither a peer nor a queued message\n");
     }
     sources.queue.retry_now(None, Some(what));
     info!("control: retry of {what} requested");
     format!("retrying {what} now\n")
+}
+
+/// Everything known of one queued message: envelope, state per peer, and
+/// its header section as spooled.
+fn queue_show(sources: &Sources, id: &str) -> String {
+    let mut out = String::new();
+    let mut message = None;
+    for (i, p) in sources.peers.iter().enumerate() {
+        for q in sources
+            .queue
+            .list(i)
+            .into_iter()
+            .filter(|q| q.message.id == id)
+        {
+            let _ = writeln!(
+                out,
+                "peer={} to={} attempts={} last_reply=\"{}\"",
+                p.config().name,
+                q.rcpts
+                    .iter()
+                    .map(|r| format!("<{r}>"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                q.attempts,
+                q.last_reply.replace('"', "'")
+            );
+            message = Some(q.message);
+        }
+    }
+    let Some(m) = message else {
+        return format!("error: no queued message {id:?}\n");
+    };
+    let mut head = format!(
+        "id={} from=<{}> accepted=\"{}\" expires=\"{}\" mid={} tid={}\n",
+        m.id,
+        m.from,
+        crate::date::format(m.accepted),
+        crate::date::format(m.expires),
+        m.info.message_id.as_deref().unwrap_or("-"),
+        m.info.transaction_id.as_deref().unwrap_or("-"),
+    );
+    head.push_str(&out);
+    head.push('\n');
+    match sources.spool.read(&m.location) {
+        Ok(data) => {
+            let end = data
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(data.len(), |p| p + 2);
+            head.push_str(&String::from_utf8_lossy(&data[..end]).replace("\r\n", "\n"));
+        }
+        Err(e) => {
+            let _ = writeln!(head, "(data unreadable: {e})");
+        }
+    }
+    head
+}
+
+/// Deletes a queued message for good: it is recorded done in the spool
+/// for every peer that still had recipients, and logged with the reason.
+fn queue_delete(sources: &Sources, id: &str, reason: &str) -> String {
+    let removed = sources.queue.delete(id);
+    if removed.is_empty() {
+        return format!("error: no queued message {id:?}\n");
+    }
+    let reason = if reason.is_empty() {
+        "no reason given"
+    } else {
+        reason
+    };
+    for (peer, rcpts) in &removed {
+        let name = &sources.peers[*peer].config().name;
+        sources.spool.done(id, name, rcpts);
+        info!(
+            "{id} peer={name} to={} status=deleted reason=\"{}\"",
+            rcpts
+                .iter()
+                .map(|r| format!("<{r}>"))
+                .collect::<Vec<_>>()
+                .join(","),
+            reason.replace('"', "'")
+        );
+    }
+    format!("{id} deleted\n")
 }
 
 /// Holds a peer (keeps its queue, sends nothing) or releases it.
@@ -258,13 +345,16 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
         }
         any = true;
         for q in sources.queue.list(i) {
-            let age = now.duration_since(q.accepted).unwrap_or_default().as_secs();
+            let age = now
+                .duration_since(q.message.accepted)
+                .unwrap_or_default()
+                .as_secs();
             let _ = writeln!(
                 out,
                 "{} peer={name} age={age}s attempts={} from=<{}> to={} last_reply=\"{}\"",
-                q.id,
+                q.message.id,
                 q.attempts,
-                q.from,
+                q.message.from,
                 q.rcpts
                     .iter()
                     .map(|r| format!("<{r}>"))

@@ -32,6 +32,10 @@ USAGE:
                                 try deferred messages now
     mm4relay queue hold PEER | release PEER [-c FILE | --socket PATH]
                                 a held peer keeps its queue and sends nothing
+    mm4relay queue show ID [-c FILE | --socket PATH]
+                                envelope, state per peer and headers of a message
+    mm4relay queue delete ID [REASON...] [-c FILE | --socket PATH]
+                                remove a message for good (logged with the reason)
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
 
@@ -100,10 +104,13 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             }
             match (words.first().map(String::as_str), words.len()) {
                 (Some("age"), 1) | (Some("list"), 1 | 2) => {}
-                (Some("retry" | "hold" | "release"), 2) => {}
+                (Some("retry" | "hold" | "release" | "show"), 2) => {}
+                (Some("delete"), n) if n >= 2 => {}
                 _ => {
                     return Err(
-                        "queue needs age, list [PEER], retry ID|PEER|all, hold PEER or release PEER".into(),
+                        "queue needs age, list [PEER], show ID, retry ID|PEER|all, hold PEER, \
+                         release PEER or delete ID [REASON]"
+                            .into(),
                     );
                 }
             }

@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
 use log::error;
 
-use crate::message::Job;
+use crate::message::{Job, Message};
 use crate::spool::Spool;
 
 /// How long a session waits for room in a pool before handing the job to
@@ -72,16 +72,12 @@ fn instant_of(t: SystemTime) -> Instant {
 }
 
 /// One queued message at one peer, for `mm4relay queue`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Queued {
-    /// Queue ID (IDs sort by acceptance time).
-    pub id: String,
-    /// Envelope sender.
-    pub from: String,
+    /// The message (ID, sender, acceptance time, where its data is).
+    pub message: Arc<Message>,
     /// Recipients at this peer still to do.
     pub rcpts: Vec<String>,
-    /// When the message was accepted.
-    pub accepted: SystemTime,
     /// Attempts made.
     pub attempts: u32,
     /// The last reply or error, if any attempt was made.
@@ -90,6 +86,8 @@ pub struct Queued {
 
 /// The shared entrance to the pools, used by sessions and workers.
 pub struct Queue {
+    /// Messages deleted by an operator, whose jobs are dropped on sight.
+    deleted: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Per peer, what is queued, by queue ID.
     tracked: Vec<parking_lot::Mutex<std::collections::BTreeMap<String, Queued>>>,
     pools: Vec<Sender<Job>>,
@@ -167,6 +165,27 @@ impl Queue {
         }
     }
 
+    /// Deletes a message from the queue (an operator's `queue delete`):
+    /// returns, per peer, the recipients it still had. Jobs of it still in
+    /// a pool are dropped when a worker or the manager meets them.
+    pub fn delete(&self, id: &str) -> Vec<(usize, Vec<String>)> {
+        let removed: Vec<(usize, Vec<String>)> = self
+            .tracked
+            .iter()
+            .enumerate()
+            .filter_map(|(peer, t)| t.lock().remove(id).map(|q| (peer, q.rcpts)))
+            .collect();
+        if !removed.is_empty() {
+            self.deleted.lock().insert(id.to_string());
+        }
+        removed
+    }
+
+    /// True if an operator deleted this message.
+    pub fn is_deleted(&self, id: &str) -> bool {
+        self.deleted.lock().contains(id)
+    }
+
     /// What is queued for `peer`, oldest first.
     pub fn list(&self, peer: usize) -> Vec<Queued> {
         self.tracked[peer].lock().values().cloned().collect()
@@ -178,7 +197,7 @@ impl Queue {
         let mut counts = vec![0; limits.len() + 1];
         let now = SystemTime::now();
         for q in self.tracked[peer].lock().values() {
-            let age = now.duration_since(q.accepted).unwrap_or_default();
+            let age = now.duration_since(q.message.accepted).unwrap_or_default();
             let bucket = limits.iter().position(|l| age < *l).unwrap_or(limits.len());
             counts[bucket] += 1;
         }
@@ -189,10 +208,8 @@ impl Queue {
         let m = &job.message;
         let mut tracked = self.tracked[job.peer].lock();
         let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
-            id: m.id.clone(),
-            from: m.from.clone(),
+            message: m.clone(),
             rcpts: Vec::new(),
-            accepted: m.accepted,
             attempts,
             last_reply: reply.to_string(),
         });
@@ -257,6 +274,7 @@ impl QueueManager {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let queue = Arc::new(Queue {
+            deleted: Default::default(),
             tracked: pools.iter().map(|_| Default::default()).collect(),
             overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             deferred: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
@@ -360,6 +378,10 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         }
         for (peer, q) in overflow.iter_mut().enumerate() {
             while let Some(mut job) = q.pop_front() {
+                if queue.is_deleted(&job.message.id) {
+                    queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
                 if job.data.is_none() {
                     match spool.read(&job.message.location) {
                         Ok(d) => job.data = Some(d.into()),

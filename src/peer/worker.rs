@@ -213,6 +213,9 @@ impl Worker {
     }
 
     fn attempt(&mut self, mut job: Job) {
+        if self.ctx.queue.is_deleted(&job.message.id) {
+            return;
+        }
         job.attempts += 1;
         // Expiry bounds the retries: the first attempt is always made (the
         // receiving MMSC enforces X-Mms-Expiry towards its subscriber).

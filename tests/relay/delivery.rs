@@ -639,8 +639,26 @@ fn an_operator_can_hold_release_and_retry() {
     });
     assert_eq!(h.peer(1).connections_open, 0);
     assert_eq!(h.sims[1].recipients(), 0);
+    // Look at one of them, then delete it.
+    let list = h.control("queue list B");
+    assert_eq!(list.lines().count(), 5, "{list}");
+    let id = list.split_whitespace().next().unwrap().to_string();
+    let show = h.control(&format!("queue show {id}"));
+    assert!(
+        show.contains(&format!("id={id}")) && show.contains("peer=B"),
+        "{show}"
+    );
+    assert!(
+        show.contains("X-Mms-Message-Type: MM4_forward.REQ"),
+        "{show}"
+    );
+    assert!(
+        h.control(&format!("queue delete {id} sent in error"))
+            .contains("deleted")
+    );
+    assert!(h.control(&format!("queue show {id}")).starts_with("error:"));
     assert!(h.control("queue release B").contains("released"));
-    assert!(h.sims[1].wait_for_recipients(5, DEADLINE));
+    assert!(h.sims[1].wait_for_recipients(4, DEADLINE));
 
     // A deferral an hour away, retried now by the operator.
     h.sims[2].set_fault(Fault::TempFail);
@@ -655,4 +673,5 @@ fn an_operator_can_hold_release_and_retry() {
     assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
     assert!(h.control("queue retry nobody").starts_with("error:"));
     assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[1].recipients(), 4, "the deleted message was sent");
 }
