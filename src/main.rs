@@ -62,6 +62,9 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
         return Err("no command given".into());
     };
     let rest = &args[1..];
+    if rest.iter().any(|a| a == "--help" || a == "-h") {
+        return Ok(Cmd::Help);
+    }
     let config_path = |rest: &[String]| -> Result<PathBuf, String> {
         match rest {
             [flag, path] if flag == "-c" || flag == "--config" => Ok(PathBuf::from(path)),
@@ -193,7 +196,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Version => {
-            println!("mm4relay {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "mm4relay {} ({} {}; spool, balancer, control socket; TLS not built in this release)",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
             ExitCode::SUCCESS
         }
         Cmd::Status { socket, json } => {

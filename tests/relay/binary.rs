@@ -90,8 +90,24 @@ fn usage_errors_exit_2() {
     let out = Command::new(BIN).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
-    let out = Command::new(BIN).arg("--help").output().unwrap();
-    assert!(out.status.success());
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["queue", "-h"],
+        &["status", "--help"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("mm4relay queue list"),
+            "{args:?}"
+        );
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with(concat!("mm4relay ", env!("CARGO_PKG_VERSION")))
+    );
 }
 
 #[test]
