@@ -34,6 +34,7 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("failed_retention", "7d"),
     ("shutdown_timeout", "30s"),
     ("control_socket", "/run/mm4relay.sock"),
+    ("metrics_listen", ""),
     ("balance_interval", "500ms"),
     ("stats_interval", "60s"),
 ];
@@ -119,6 +120,8 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// The Unix socket `mm4relay status` talks to (`None`: off).
     pub control_socket: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
     /// How often the balancer moves connection allowance between peers.
     pub balance_interval: Duration,
     /// How often a per-peer statistics line is logged.
@@ -484,6 +487,10 @@ impl Config {
             failed_retention: s.duration("failed_retention")?,
             shutdown_timeout: s.duration("shutdown_timeout")?,
             control_socket: s.string("control_socket").map(PathBuf::from),
+            metrics_listen: match s.string("metrics_listen") {
+                Some(_) => Some(s.parse("metrics_listen", resolve)?),
+                None => None,
+            },
             balance_interval: s.duration("balance_interval")?,
             stats_interval: s.duration("stats_interval")?,
         };

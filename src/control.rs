@@ -24,7 +24,8 @@ use crate::spool::Spool;
 /// Longest command line accepted on the socket.
 const MAX_COMMAND: u64 = 256;
 
-/// What the control thread reads its answers from.
+/// What the control thread (and the metrics) read their answers from.
+#[derive(Clone)]
 pub struct Sources {
     /// Every peer.
     pub peers: Vec<PeerView>,

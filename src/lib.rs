@@ -17,6 +17,7 @@ pub mod demo;
 pub mod listener;
 pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod mm4;
 pub mod peer;
 pub mod queue;

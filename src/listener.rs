@@ -34,6 +34,29 @@ use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
 use crate::spool::{NewMessage, Spool, SpoolError};
 
+/// Inbound counters, for the metrics.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    /// Sessions open now.
+    pub sessions_open: AtomicUsize,
+    /// Sessions accepted since start.
+    pub sessions_total: AtomicU64,
+    /// Messages answered 250 and queued.
+    pub accepted: AtomicU64,
+    /// Messages answered 250 as duplicates, not queued again.
+    pub duplicates: AtomicU64,
+    /// Messages refused by the MM4 check or SMTP data rules.
+    pub rejected_content: AtomicU64,
+    /// Messages refused because the spool was full or failed.
+    pub rejected_spool: AtomicU64,
+    /// Recipients refused: bad address syntax.
+    pub rcpt_bad_address: AtomicU64,
+    /// Recipients refused: no route.
+    pub rcpt_unroutable: AtomicU64,
+    /// Recipients refused: relaying denied.
+    pub rcpt_relay_denied: AtomicU64,
+}
+
 /// What every session shares: the tables it decides with and the queue.
 pub struct Inbound {
     session: SessionConfig,
@@ -48,9 +71,15 @@ pub struct Inbound {
     spool: Arc<Spool>,
     queue_lifetime: Duration,
     dedup: Dedup,
+    stats: Arc<InboundStats>,
 }
 
 impl Inbound {
+    /// The inbound counters.
+    pub fn stats(&self) -> Arc<InboundStats> {
+        self.stats.clone()
+    }
+
     /// Builds the shared part from the configuration.
     pub fn new(
         config: &Config,
@@ -76,6 +105,7 @@ impl Inbound {
             spool,
             queue_lifetime: config.relay.queue_lifetime,
             dedup: Dedup::new(config.relay.dedup_window),
+            stats: Arc::default(),
         }
     }
 }
@@ -91,20 +121,26 @@ impl Handler for RelayHandler {
     type Route = PeerId;
 
     fn rcpt(&mut self, _from: &str, rcpt: &str) -> Result<PeerId, Reply> {
+        let stats = &self.inbound.stats;
         if self.class == ClientClass::Unknown {
             // Say nothing about routes to a stranger.
+            stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
             info!(
                 "relay denied: client=[{}] is not a known MMSC, to=<{rcpt}>",
                 self.client_ip
             );
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
-        let addr = Address::parse_envelope(rcpt)
-            .map_err(|e| Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")))?;
+        let addr = Address::parse_envelope(rcpt).map_err(|e| {
+            stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
+            Reply::new(553, format!("5.1.3 <{rcpt}>: {e}"))
+        })?;
         let peer = self.inbound.router.route(&addr).ok_or_else(|| {
+            stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
             Reply::new(550, format!("5.1.2 <{rcpt}>: no route to this recipient"))
         })?;
         if !self.inbound.access.may_send(self.class, peer) {
+            stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
             info!(
                 "relay denied: client=[{}] class={:?} to=<{rcpt}> peer={}",
                 self.client_ip, self.class, self.inbound.peer_names[peer]
@@ -127,6 +163,10 @@ impl Handler for RelayHandler {
                     rcpts.len(),
                     e.reason
                 );
+                inbound
+                    .stats
+                    .rejected_content
+                    .fetch_add(1, Ordering::Relaxed);
                 return Reply::new(554, e.to_string());
             }
         };
@@ -155,6 +195,7 @@ impl Handler for RelayHandler {
                 info.message_id.as_deref().unwrap_or("-"),
                 info.transaction_id.as_deref().unwrap_or("-"),
             );
+            inbound.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Reply::new(250, "2.0.0 duplicate of a message already queued");
         }
         let id = inbound.ids.next_id();
@@ -199,10 +240,12 @@ impl Handler for RelayHandler {
         let location = match inbound.spool.commit(record) {
             Ok(loc) => loc,
             Err(SpoolError::Full) => {
+                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
                 warn!("spool full: refusing a message from [{}]", self.client_ip);
                 return Reply::new(452, "4.3.1 insufficient system storage, try again later");
             }
             Err(e) => {
+                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
                 error!("{e}: refusing a message from [{}]", self.client_ip);
                 return Reply::new(451, "4.3.0 local error in processing, try again later");
             }
@@ -247,6 +290,7 @@ impl Handler for RelayHandler {
                 data: Some(data.clone()),
             });
         }
+        inbound.stats.accepted.fetch_add(1, Ordering::Relaxed);
         Reply::new(250, format!("2.0.0 queued as {id}"))
     }
 }
@@ -314,13 +358,13 @@ struct Slot {
     in_data: Arc<AtomicBool>,
 }
 
-#[derive(Default)]
 struct Sessions {
     /// Set at stop: sessions close after the transaction in progress.
     stopping: AtomicBool,
     live: Mutex<HashMap<u64, Slot>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
-    count: AtomicUsize,
+    /// The inbound counters (sessions open is the limit's count).
+    stats: Arc<InboundStats>,
     next: AtomicU64,
 }
 
@@ -338,7 +382,13 @@ impl Listener {
         max_sessions: usize,
         inbound: Arc<Inbound>,
     ) -> io::Result<Listener> {
-        let sessions = Arc::new(Sessions::default());
+        let sessions = Arc::new(Sessions {
+            stopping: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            handles: Mutex::new(Vec::new()),
+            stats: inbound.stats(),
+            next: AtomicU64::new(0),
+        });
         let mut addrs = Vec::new();
         let mut accept_threads = Vec::new();
         for addr in listen {
@@ -421,7 +471,7 @@ fn accept_loop(
         let Ok(peer) = stream.peer_addr() else {
             continue;
         };
-        if sessions.count.load(Ordering::Acquire) >= max_sessions {
+        if sessions.stats.sessions_open.load(Ordering::Acquire) >= max_sessions {
             warn!(
                 "session limit {max_sessions} reached: refusing [{}]",
                 peer.ip()
@@ -435,7 +485,11 @@ fn accept_loop(
         };
         let id = sessions.next.fetch_add(1, Ordering::Relaxed);
         let in_data = Arc::new(AtomicBool::new(false));
-        sessions.count.fetch_add(1, Ordering::AcqRel);
+        sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
+        sessions
+            .stats
+            .sessions_total
+            .fetch_add(1, Ordering::Relaxed);
         sessions.live.lock().insert(
             id,
             Slot {
@@ -451,14 +505,14 @@ fn accept_loop(
                     debug!("session [{}] ended: {e}", peer.ip());
                 }
                 sessions2.live.lock().remove(&id);
-                sessions2.count.fetch_sub(1, Ordering::AcqRel);
+                sessions2.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
             });
         match spawned {
             Ok(h) => sessions.handles.lock().push(h),
             Err(e) => {
                 warn!("cannot start a session thread: {e}");
                 sessions.live.lock().remove(&id);
-                sessions.count.fetch_sub(1, Ordering::AcqRel);
+                sessions.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }

@@ -186,6 +186,11 @@ impl Queue {
         self.deleted.lock().contains(id)
     }
 
+    /// How many messages are queued for `peer`.
+    pub fn queued_len(&self, peer: usize) -> usize {
+        self.tracked[peer].lock().len()
+    }
+
     /// What is queued for `peer`, oldest first.
     pub fn list(&self, peer: usize) -> Vec<Queued> {
         self.tracked[peer].lock().values().cloned().collect()

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::control::{ControlSocket, Sources};
 use crate::listener::{Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
+use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
 use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
@@ -40,6 +41,7 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 pub struct Relay {
     listener: Option<Listener>,
     control: Option<ControlSocket>,
+    metrics: Option<MetricsServer>,
     balancer: Option<Balancer>,
     peers: Vec<Peer>,
     qmgr: Option<QueueManager>,
@@ -87,6 +89,7 @@ impl Relay {
         let mut relay = Relay {
             listener: None,
             control: None,
+            metrics: None,
             balancer: None,
             peers: Vec::new(),
             qmgr: Some(qmgr),
@@ -132,15 +135,18 @@ impl Relay {
             config.relay.balance_interval,
             config.relay.stats_interval,
         )?);
-        if let Some(path) = &config.relay.control_socket {
-            let sources = Sources {
-                peers: relay.peers.iter().map(|p| p.view().clone()).collect(),
-                queue: queue.clone(),
-                spool: spool.clone(),
-            };
-            relay.control = Some(ControlSocket::start(path, sources)?);
-        }
+        let sources = Sources {
+            peers: relay.peers.iter().map(|p| p.view().clone()).collect(),
+            queue: queue.clone(),
+            spool: spool.clone(),
+        };
         let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
+        if let Some(path) = &config.relay.control_socket {
+            relay.control = Some(ControlSocket::start(path, sources.clone())?);
+        }
+        if let Some(addr) = config.relay.metrics_listen {
+            relay.metrics = Some(MetricsServer::start(addr, sources, inbound.stats())?);
+        }
         match Listener::start(
             &config.listener.listen,
             config.listener.max_sessions,
@@ -168,6 +174,11 @@ impl Relay {
             .map_or_else(Vec::new, |l| l.local_addrs().to_vec())
     }
 
+    /// Where the metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Counters of every peer, in configuration order.
     pub fn peer_snapshots(&self) -> Vec<PeerSnapshot> {
         self.peers
@@ -184,6 +195,9 @@ impl Relay {
     fn stop_all(&mut self) -> StopReport {
         if let Some(c) = self.control.take() {
             c.stop();
+        }
+        if let Some(m) = self.metrics.take() {
+            m.stop();
         }
         if let Some(l) = self.listener.take() {
             l.stop();

@@ -61,6 +61,38 @@ impl Budget {
     }
 }
 
+/// Upper bounds, in seconds, of the delivery-delay histogram buckets.
+pub const DELAY_BUCKETS: [f64; 8] = [0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0];
+
+/// Delivery delay (acceptance to the peer's 250) of delivered recipients.
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    /// Cumulative counts per bucket of [`DELAY_BUCKETS`], then +Inf.
+    buckets: [AtomicU64; 9],
+    sum_micros: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Records `n` recipients delivered after `delay`.
+    pub fn observe(&self, delay: Duration, n: u64) {
+        let secs = delay.as_secs_f64();
+        for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i].fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.buckets[8].fetch_add(n, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(n * delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts (the last is the total) and the sum in seconds.
+    pub fn read(&self) -> ([u64; 9], f64) {
+        let counts = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        (counts, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+}
+
 /// Counters of one peer; recipients are counted, not messages.
 #[derive(Debug, Default)]
 pub struct PeerStats {
@@ -78,6 +110,8 @@ pub struct PeerStats {
     pub busy: AtomicUsize,
     /// The last error seen, for status output.
     pub last_error: Mutex<String>,
+    /// Delivery delays of delivered recipients.
+    pub delay: DelayHistogram,
 }
 
 /// A point-in-time copy of a peer's counters.
@@ -272,6 +306,11 @@ impl PeerView {
     /// The peer's health and allowance.
     pub fn control(&self) -> &Control {
         &self.shared.control
+    }
+
+    /// The peer's counters themselves (for the metrics' histogram).
+    pub fn stats(&self) -> &PeerStats {
+        &self.shared.stats
     }
 
     /// Cuts every open connection, so workers stuck in I/O give up now.

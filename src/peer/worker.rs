@@ -354,6 +354,12 @@ impl Worker {
                 &stats.failed
             };
             counter.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+            if *status == "sent" {
+                let delay = SystemTime::now()
+                    .duration_since(job.message.accepted)
+                    .unwrap_or_default();
+                stats.delay.observe(delay, rcpts.len() as u64);
+            }
             self.ctx
                 .spool
                 .done(&job.message.id, &self.peer.cfg.name, rcpts);

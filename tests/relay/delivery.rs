@@ -675,3 +675,80 @@ fn an_operator_can_hold_release_and_retry() {
     assert_eq!(h.stop_relay().undelivered, 0);
     assert_eq!(h.sims[1].recipients(), 4, "the deleted message was sent");
 }
+
+#[test]
+fn metrics_are_scraped_over_http() {
+    use std::io::{Read, Write};
+    let mut h = Harness::with(Profile {
+        extra_relay: "metrics_listen = 127.0.0.1:0".into(),
+        ..Profile::default()
+    });
+    let addr = h
+        .relay
+        .as_ref()
+        .unwrap()
+        .metrics_addr()
+        .expect("metrics on");
+    assert_eq!(send_load(h.addr, 2, load(&[TO_B], 3)).accepted, 3);
+    assert!(h.sims[1].wait_for_recipients(3, DEADLINE));
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd("RCPT TO:<nobody@example.org>").code, 550);
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
+        line.unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    wait_until("the sent counter to reach 3", || {
+        value(
+            &scrape(),
+            "mm4relay_recipients_total{peer=\"B\",outcome=\"sent\"}",
+        ) == 3.0
+    });
+    let text = scrape();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert_eq!(value(&text, "mm4relay_messages_accepted_total"), 3.0);
+    assert_eq!(
+        value(
+            &text,
+            "mm4relay_recipients_rejected_total{reason=\"unroutable\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&text, "mm4relay_delivery_delay_seconds_count{peer=\"B\"}"),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "mm4relay_delivery_delay_seconds_bucket{peer=\"B\",le=\"+Inf\"}"
+        ),
+        3.0
+    );
+    assert_eq!(value(&text, "mm4relay_peer_healthy{peer=\"A\"}"), 1.0);
+    // The load's sessions are closing; the scripted client stays.
+    wait_until("one session open", || {
+        value(&scrape(), "mm4relay_sessions_open") == 1.0
+    });
+    assert!(text.contains("# TYPE mm4relay_delivery_delay_seconds histogram"));
+    h.stop_relay();
+}

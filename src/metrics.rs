@@ -1,0 +1,312 @@
+//! Prometheus metrics over HTTP (`[relay] metrics_listen`, off when
+//! empty): `GET /metrics` answers the text exposition format.
+//!
+//! Per peer: recipients by outcome, connections opened, a histogram of
+//! delivery delay, and gauges for pool depth, overflow, jobs waiting for a
+//! retry, allowance, open and busy connections, health. Inbound: sessions,
+//! messages accepted, duplicates, refusals by reason. Spool: bytes and
+//! queued messages. tiny_http serves it: no hand-written HTTP parser.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::{self, JoinHandle};
+
+use log::info;
+
+use crate::control::Sources;
+use crate::listener::InboundStats;
+use crate::peer::{DELAY_BUCKETS, PeerSnapshot};
+
+/// The metrics HTTP server and its thread.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` and serves `/metrics`.
+    pub fn start(
+        addr: SocketAddr,
+        sources: Sources,
+        inbound: Arc<InboundStats>,
+    ) -> io::Result<MetricsServer> {
+        let server = tiny_http::Server::http(addr)
+            .map_err(|e| io::Error::other(format!("metrics_listen {addr}: {e}")))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| io::Error::other("metrics server has no IP address"))?;
+        info!("metrics at http://{addr}/metrics");
+        let server = Arc::new(server);
+        let s = server.clone();
+        let handle = thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for request in s.incoming_requests() {
+                    let response = if request.url() == "/metrics" {
+                        let header = tiny_http::Header::from_bytes(
+                            &b"Content-Type"[..],
+                            &b"text/plain; version=0.0.4"[..],
+                        )
+                        .expect("a valid static header");
+                        tiny_http::Response::from_string(render(&sources, &inbound))
+                            .with_header(header)
+                    } else {
+                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                    };
+                    let _ = request.respond(response);
+                }
+            })?;
+        Ok(MetricsServer {
+            server,
+            addr,
+            handle: Some(handle),
+        })
+    }
+
+    /// Where it listens (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and joins the thread.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        self.server.unblock();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// A per-peer gauge: name, help text, and how to read it off a snapshot.
+type Gauge = (&'static str, &'static str, fn(&PeerSnapshot) -> usize);
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// The exposition text.
+pub fn render(sources: &Sources, inbound: &InboundStats) -> String {
+    let mut out = String::with_capacity(4096);
+    let peers: Vec<_> = sources
+        .peers
+        .iter()
+        .map(|p| (p, p.snapshot(&sources.queue)))
+        .collect();
+    family(
+        &mut out,
+        "mm4relay_recipients_total",
+        "counter",
+        "Recipients by outcome at each peer.",
+    );
+    for (_, s) in &peers {
+        for (outcome, n) in [
+            ("sent", s.sent),
+            ("deferred", s.deferred),
+            ("failed", s.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "mm4relay_recipients_total{{peer=\"{}\",outcome=\"{outcome}\"}} {n}",
+                s.name
+            );
+        }
+    }
+    family(
+        &mut out,
+        "mm4relay_connections_opened_total",
+        "counter",
+        "SMTP connections opened to each peer.",
+    );
+    for (_, s) in &peers {
+        let _ = writeln!(
+            out,
+            "mm4relay_connections_opened_total{{peer=\"{}\"}} {}",
+            s.name, s.connections_opened
+        );
+    }
+    let gauges: [Gauge; 7] = [
+        ("mm4relay_pool_depth", "Jobs in the peer's pool.", |s| {
+            s.pool_depth
+        }),
+        (
+            "mm4relay_overflow",
+            "Jobs waiting for room in the pool.",
+            |s| s.overflow,
+        ),
+        (
+            "mm4relay_waiting_retry",
+            "Jobs waiting for their retry time.",
+            |s| s.waiting_retry,
+        ),
+        (
+            "mm4relay_allowance",
+            "Workers that may hold a connection.",
+            |s| s.allowance,
+        ),
+        ("mm4relay_connections_open", "Connections open now.", |s| {
+            s.connections_open
+        }),
+        (
+            "mm4relay_connections_busy",
+            "Connections delivering now.",
+            |s| s.busy,
+        ),
+        (
+            "mm4relay_peer_healthy",
+            "1 when healthy, 0 while isolated and probed.",
+            |s| usize::from(s.healthy),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        family(&mut out, name, "gauge", help);
+        for (_, s) in &peers {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", s.name, get(s));
+        }
+    }
+    family(
+        &mut out,
+        "mm4relay_delivery_delay_seconds",
+        "histogram",
+        "Acceptance to the peer's 250, per delivered recipient.",
+    );
+    for (p, s) in &peers {
+        let (counts, sum) = p.stats().delay.read();
+        for (bound, n) in DELAY_BUCKETS.iter().zip(counts) {
+            let _ = writeln!(
+                out,
+                "mm4relay_delivery_delay_seconds_bucket{{peer=\"{}\",le=\"{bound}\"}} {n}",
+                s.name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "mm4relay_delivery_delay_seconds_bucket{{peer=\"{}\",le=\"+Inf\"}} {}",
+            s.name, counts[8]
+        );
+        let _ = writeln!(
+            out,
+            "mm4relay_delivery_delay_seconds_sum{{peer=\"{}\"}} {sum}",
+            s.name
+        );
+        let _ = writeln!(
+            out,
+            "mm4relay_delivery_delay_seconds_count{{peer=\"{}\"}} {}",
+            s.name, counts[8]
+        );
+    }
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    family(
+        &mut out,
+        "mm4relay_sessions_open",
+        "gauge",
+        "Inbound SMTP sessions open now.",
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_sessions_open {}",
+        inbound.sessions_open.load(Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "mm4relay_sessions_total",
+        "counter",
+        "Inbound SMTP sessions since start.",
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_sessions_total {}",
+        load(&inbound.sessions_total)
+    );
+    family(
+        &mut out,
+        "mm4relay_messages_accepted_total",
+        "counter",
+        "Messages answered 250 and queued.",
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_messages_accepted_total {}",
+        load(&inbound.accepted)
+    );
+    family(
+        &mut out,
+        "mm4relay_messages_duplicate_total",
+        "counter",
+        "Messages answered 250 as duplicates.",
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_messages_duplicate_total {}",
+        load(&inbound.duplicates)
+    );
+    family(
+        &mut out,
+        "mm4relay_messages_rejected_total",
+        "counter",
+        "Messages refused at the end of DATA, by reason.",
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_messages_rejected_total{{reason=\"content\"}} {}",
+        load(&inbound.rejected_content)
+    );
+    let _ = writeln!(
+        out,
+        "mm4relay_messages_rejected_total{{reason=\"spool\"}} {}",
+        load(&inbound.rejected_spool)
+    );
+    family(
+        &mut out,
+        "mm4relay_recipients_rejected_total",
+        "counter",
+        "Recipients refused at RCPT, by reason.",
+    );
+    for (reason, a) in [
+        ("bad_address", &inbound.rcpt_bad_address),
+        ("unroutable", &inbound.rcpt_unroutable),
+        ("relay_denied", &inbound.rcpt_relay_denied),
+    ] {
+        let _ = writeln!(
+            out,
+            "mm4relay_recipients_rejected_total{{reason=\"{reason}\"}} {}",
+            load(a)
+        );
+    }
+    family(
+        &mut out,
+        "mm4relay_spool_bytes",
+        "gauge",
+        "Bytes the spool occupies on disk.",
+    );
+    let _ = writeln!(out, "mm4relay_spool_bytes {}", sources.spool.bytes());
+    family(
+        &mut out,
+        "mm4relay_queued_messages",
+        "gauge",
+        "Messages queued at each peer.",
+    );
+    for (i, (_, s)) in peers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "mm4relay_queued_messages{{peer=\"{}\"}} {}",
+            s.name,
+            sources.queue.queued_len(i)
+        );
+    }
+    out
+}
