@@ -20,6 +20,8 @@ use crate::route::{Address, AddressKind, Router};
 /// `[relay]` keys and their defaults (`""`: no default, key optional).
 pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("hostname", ""),
+    ("user", ""),
+    ("group", ""),
     ("spool_dir", "/var/spool/mm4relay"),
     ("max_connections", "64"),
     ("log_file", ""),
@@ -92,6 +94,10 @@ pub enum Mm4Check {
 pub struct RelayConfig {
     /// Our name in greetings, EHLO and Received headers.
     pub hostname: String,
+    /// Run as this user once the ports are bound (`None`: stay as started).
+    pub user: Option<String>,
+    /// With `user`: this group instead of the user's own.
+    pub group: Option<String>,
     /// Where the spool lives.
     pub spool_dir: PathBuf,
     /// The global budget of outbound connections.
@@ -473,6 +479,8 @@ impl Config {
         let s = section("relay", RELAY_KEYS)?;
         let relay = RelayConfig {
             hostname: s.string("hostname").unwrap_or_else(system_hostname),
+            user: s.string("user"),
+            group: s.string("group"),
             spool_dir: PathBuf::from(s.raw("spool_dir").trim()),
             max_connections: s.count("max_connections", 1)?,
             log_file: s.string("log_file").map(PathBuf::from),

@@ -20,6 +20,7 @@ pub mod message;
 pub mod metrics;
 pub mod mm4;
 pub mod peer;
+pub mod privilege;
 pub mod queue;
 pub mod relay;
 pub mod route;

@@ -376,9 +376,21 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds every address and starts accepting.
+    /// Binds every address (before privileges are dropped, so that ports
+    /// below 1024 work).
+    pub fn bind(listen: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+        listen
+            .iter()
+            .map(|addr| {
+                TcpListener::bind(addr)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Starts accepting on listeners from [`Listener::bind`].
     pub fn start(
-        listen: &[SocketAddr],
+        listeners: Vec<TcpListener>,
         max_sessions: usize,
         inbound: Arc<Inbound>,
     ) -> io::Result<Listener> {
@@ -391,9 +403,7 @@ impl Listener {
         });
         let mut addrs = Vec::new();
         let mut accept_threads = Vec::new();
-        for addr in listen {
-            let l = TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        for l in listeners {
             let local = l.local_addr()?;
             info!("listening on {local}");
             addrs.push(local);

@@ -34,6 +34,7 @@ use crate::message::{IdSource, Job, Message};
 use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
 use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
+use crate::privilege;
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Recovered, Spool, SpoolOptions};
 
@@ -71,6 +72,12 @@ impl Relay {
             min: config.relay.retry_min,
             max: config.relay.retry_max,
         };
+        // Ports first, as root if need be; then become the configured user
+        // before anything touches the spool.
+        let listeners = Listener::bind(&config.listener.listen)?;
+        if let Some(user) = &config.relay.user {
+            privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
+        }
         let (spool, recovered) = Spool::open(&SpoolOptions {
             dir: config.relay.spool_dir.clone(),
             sync: config.relay.spool_sync,
@@ -147,11 +154,7 @@ impl Relay {
         if let Some(addr) = config.relay.metrics_listen {
             relay.metrics = Some(MetricsServer::start(addr, sources, inbound.stats())?);
         }
-        match Listener::start(
-            &config.listener.listen,
-            config.listener.max_sessions,
-            inbound,
-        ) {
+        match Listener::start(listeners, config.listener.max_sessions, inbound) {
             Ok(l) => relay.listener = Some(l),
             Err(e) => {
                 relay.shutdown();

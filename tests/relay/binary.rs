@@ -415,3 +415,96 @@ fn status_over_the_control_socket() {
     drain.join().unwrap();
     assert!(!socket.exists(), "the socket is removed at exit");
 }
+
+/// The effective uid of this process, from /proc.
+fn my_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn root_is_dropped_before_the_spool_is_touched() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if my_uid() != Some(0) {
+        eprintln!("skipped: needs root to drop privileges");
+        return;
+    }
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = dir.path().join("spool");
+    let ini = Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool);
+    let path = write_config(&dir, &ini.replace("[relay]\n", "[relay]\nuser = nobody\n"));
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut early = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        line.clear();
+        assert!(
+            log.read_line(&mut line).unwrap() > 0,
+            "relay exited before listening"
+        );
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.trim().parse().unwrap();
+        }
+        early.push(line.clone());
+    };
+    let drain = std::thread::spawn(move || log.lines().map_while(Result::ok).collect::<Vec<_>>());
+    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    let mut c = Client::connect(LOCAL, addr);
+    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    assert_eq!(
+        send_message(&mut c, from, &[rcpt], &forward_req(3, rcpt, 500)).code,
+        250
+    );
+    assert!(sims[1].wait_for_recipients(1, DEADLINE));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        uid.split_whitespace().all(|u| u == "65534"),
+        "still root: Uid:{uid}"
+    );
+    assert_eq!(std::fs::metadata(&spool).unwrap().uid(), 65534);
+    for e in std::fs::read_dir(&spool).unwrap() {
+        assert_eq!(
+            e.unwrap().metadata().unwrap().uid(),
+            65534,
+            "a spool file not owned by the relay user"
+        );
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    drain.join().unwrap();
+    assert!(
+        early.iter().any(|l| l.contains("running as user nobody")),
+        "{early:?}"
+    );
+}
