@@ -25,6 +25,9 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("spool_dir", "/var/spool/mm4relay"),
     ("max_connections", "64"),
     ("log_file", ""),
+    ("log_target", ""),
+    ("syslog_facility", "mail"),
+    ("syslog_socket", "/dev/log"),
     ("log_level", "info"),
     ("retry_min", "60s"),
     ("retry_max", "1h"),
@@ -102,8 +105,8 @@ pub struct RelayConfig {
     pub spool_dir: PathBuf,
     /// The global budget of outbound connections.
     pub max_connections: usize,
-    /// Log file; `None` logs to stderr.
-    pub log_file: Option<PathBuf>,
+    /// Where the log goes.
+    pub log_target: crate::logging::Target,
     /// Log level.
     pub log_level: LevelFilter,
     /// First retry delay of a deferred recipient.
@@ -483,7 +486,23 @@ impl Config {
             group: s.string("group"),
             spool_dir: PathBuf::from(s.raw("spool_dir").trim()),
             max_connections: s.count("max_connections", 1)?,
-            log_file: s.string("log_file").map(PathBuf::from),
+            log_target: {
+                let file = s.string("log_file").map(PathBuf::from);
+                match (s.raw("log_target").trim(), file) {
+                    ("syslog", _) => crate::logging::Target::Syslog {
+                        facility: s.raw("syslog_facility").trim().to_string(),
+                        socket: PathBuf::from(s.raw("syslog_socket").trim()),
+                    },
+                    ("stderr", _) | ("", None) => crate::logging::Target::Stderr,
+                    ("file" | "", Some(f)) => crate::logging::Target::File(f),
+                    ("file", None) => {
+                        return Err(s.err("log_target", "file", "needs log_file"));
+                    }
+                    (other, _) => {
+                        return Err(s.err("log_target", other, "expected file, stderr or syslog"));
+                    }
+                }
+            },
             log_level: s.parse("log_level", parse_level)?,
             retry_min: s.duration("retry_min")?,
             retry_max: s.duration("retry_max")?,

@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -79,12 +79,71 @@ impl Drop for LogGuard {
     }
 }
 
-/// Installs the global logger at `level`, writing to `file` (appended) or
-/// to stderr.
-pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<LogGuard, String> {
-    let out: Box<dyn Write + Send> = match file {
-        Some(path) => Box::new(open(path)?),
-        None => Box::new(io::stderr()),
+/// Where log lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Standard error.
+    Stderr,
+    /// A file, appended, reopened on SIGHUP.
+    File(PathBuf),
+    /// The local syslog daemon.
+    Syslog {
+        /// Facility name (mail, daemon, local0…).
+        facility: String,
+        /// Its socket, normally /dev/log.
+        socket: PathBuf,
+    },
+}
+
+/// Sends each line to syslog as one message, at the severity simplelog
+/// wrote into it, without simplelog's own time stamp.
+struct SyslogWriter(syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>);
+
+impl Write for SyslogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for line in String::from_utf8_lossy(buf)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            let text = line.split_once("] ").map_or(line, |(_, t)| t).to_string();
+            let sent = if line.contains("[ERROR]") {
+                self.0.err(text)
+            } else if line.contains("[WARN]") {
+                self.0.warning(text)
+            } else {
+                self.0.info(text)
+            };
+            sent.map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn syslog_writer(facility: &str, socket: &Path) -> Result<SyslogWriter, String> {
+    let facility: syslog::Facility = facility
+        .parse()
+        .map_err(|_| format!("unknown syslog facility {facility:?}"))?;
+    let formatter = syslog::Formatter3164 {
+        facility,
+        hostname: None,
+        process: "mm4relay".into(),
+        pid: std::process::id(),
+    };
+    syslog::unix_custom(formatter, socket)
+        .map(SyslogWriter)
+        .map_err(|e| format!("cannot reach syslog at {}: {e}", socket.display()))
+}
+
+/// Installs the global logger at `level`, writing to `target`.
+pub fn init(level: LevelFilter, target: &Target) -> Result<LogGuard, String> {
+    let (out, file): (Box<dyn Write + Send>, Option<&Path>) = match target {
+        Target::File(path) => (Box::new(open(path)?), Some(path)),
+        Target::Stderr => (Box::new(io::stderr()), None),
+        Target::Syslog { facility, socket } => (Box::new(syslog_writer(facility, socket)?), None),
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);

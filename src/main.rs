@@ -228,14 +228,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let log_guard =
-                match logging::init(config.relay.log_level, config.relay.log_file.as_deref()) {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        eprintln!("mm4relay: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
+            let log_guard = match logging::init(config.relay.log_level, &config.relay.log_target) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("mm4relay: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let _pid = match pidfile.map(Pidfile::create).transpose() {
                 Ok(p) => p,
                 Err(e) => {
@@ -254,8 +253,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo(opts) => {
-            let _log =
-                logging::init(LevelFilter::Warn, None).map_err(|e| eprintln!("mm4relay: {e}"));
+            let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr)
+                .map_err(|e| eprintln!("mm4relay: {e}"));
             match demo::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -508,3 +508,64 @@ fn root_is_dropped_before_the_spool_is_touched() {
         "{early:?}"
     );
 }
+
+#[test]
+fn logging_to_syslog() {
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("log.sock");
+    let syslogd = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    syslogd.set_read_timeout(Some(DEADLINE)).unwrap();
+    let ini = Profile::default().ini(
+        [sims[0].addr(), sims[1].addr(), sims[2].addr()],
+        &dir.path().join("spool"),
+    );
+    let ini = ini.replace(
+        "[relay]\n",
+        &format!(
+            "[relay]\nlog_target = syslog\nsyslog_facility = mail\nsyslog_socket = {}\n",
+            socket.display()
+        ),
+    );
+    let path = write_config(&dir, &ini);
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 4096];
+    let listening = loop {
+        let n = syslogd.recv(&mut buf).expect("a syslog message");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("listening on") {
+            break msg;
+        }
+    };
+    // mail (2) * 8 + info (6) = 22, tagged with the program and its pid.
+    assert!(listening.starts_with("<22>"), "{listening}");
+    assert!(
+        listening.contains(&format!(
+            "mm4relay[{}]: listening on 127.0.0.1:",
+            child.id()
+        )),
+        "{listening}"
+    );
+    assert!(
+        !listening.contains("[INFO]"),
+        "simplelog's own level and time are not repeated: {listening}"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}
