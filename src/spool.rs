@@ -837,6 +837,10 @@ impl Writer {
                 break;
             }
         }
+        if !self.unwritten.is_empty() {
+            // One last try for records a full disk refused earlier.
+            self.write_batch(Vec::new());
+        }
         if let Err(e) = self.active.file.sync_data() {
             error!("spool: final flush failed: {e}");
         }
