@@ -116,6 +116,12 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
     let reply = match words.as_slice() {
         ["status"] => status_text(&snapshots, sources.spool.bytes()),
         ["status", "json"] => status_json(&snapshots, sources.spool.bytes()),
+        ["reload"] => {
+            // The main thread reloads on SIGHUP; send it one.
+            // SAFETY: kill(2) on our own pid with a handled signal.
+            unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+            "reload requested: the log says whether it applied\n".into()
+        }
         ["queue", "age"] => queue_age(sources),
         ["queue", "list"] => queue_list(sources, None),
         ["queue", "list", peer] => queue_list(sources, Some(peer)),
@@ -125,7 +131,7 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["queue", "delete", id, reason @ ..] => queue_delete(sources, id, &reason.join(" ")),
         ["queue", "release", peer] => hold(sources, peer, false),
         _ => format!(
-            "error: unknown command {:?}; try status, status json, queue age, queue list [PEER], \
+            "error: unknown command {:?}; try status, status json, reload, queue age, queue list [PEER], \
              queue show ID, queue retry ID|PEER|all, queue hold PEER, queue release PEER, \
              queue delete ID [REASON]\n",
             line.trim()

@@ -22,7 +22,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::access::{AccessControl, ClientClass};
 use crate::config::{Config, Mm4Check};
@@ -57,8 +57,8 @@ pub struct InboundStats {
     pub rcpt_relay_denied: AtomicU64,
 }
 
-/// What every session shares: the tables it decides with and the queue.
-pub struct Inbound {
+/// What sessions decide with; replaced whole by a configuration reload.
+struct Tables {
     session: SessionConfig,
     router: Router,
     access: AccessControl,
@@ -66,10 +66,35 @@ pub struct Inbound {
     mm4_check: Mm4Check,
     command_timeout: Duration,
     data_timeout: Duration,
+    queue_lifetime: Duration,
+}
+
+impl Tables {
+    fn new(config: &Config) -> Tables {
+        let l = &config.listener;
+        Tables {
+            session: SessionConfig {
+                hostname: config.relay.hostname.clone(),
+                max_message_size: l.max_message_size,
+                max_recipients: l.max_recipients,
+            },
+            router: config.router(),
+            access: config.access_control(),
+            peer_names: config.peers.iter().map(|p| p.name.clone()).collect(),
+            mm4_check: l.mm4_check,
+            command_timeout: l.command_timeout,
+            data_timeout: l.data_timeout,
+            queue_lifetime: config.relay.queue_lifetime,
+        }
+    }
+}
+
+/// What every session shares: the tables it decides with and the queue.
+pub struct Inbound {
+    tables: RwLock<Arc<Tables>>,
     ids: Arc<IdSource>,
     queue: Arc<Queue>,
     spool: Arc<Spool>,
-    queue_lifetime: Duration,
     dedup: Dedup,
     stats: Arc<InboundStats>,
 }
@@ -87,26 +112,25 @@ impl Inbound {
         queue: Arc<Queue>,
         spool: Arc<Spool>,
     ) -> Inbound {
-        let l = &config.listener;
         Inbound {
-            session: SessionConfig {
-                hostname: config.relay.hostname.clone(),
-                max_message_size: l.max_message_size,
-                max_recipients: l.max_recipients,
-            },
-            router: config.router(),
-            access: config.access_control(),
-            peer_names: config.peers.iter().map(|p| p.name.clone()).collect(),
-            mm4_check: l.mm4_check,
-            command_timeout: l.command_timeout,
-            data_timeout: l.data_timeout,
+            tables: RwLock::new(Arc::new(Tables::new(config))),
             ids,
             queue,
             spool,
-            queue_lifetime: config.relay.queue_lifetime,
             dedup: Dedup::new(config.relay.dedup_window),
             stats: Arc::default(),
         }
+    }
+
+    /// Applies a reloaded configuration: routes, relay control, the MM4
+    /// check, timeouts and the queue lifetime at once; session limits for
+    /// sessions that start from now on.
+    pub fn reload(&self, config: &Config) {
+        *self.tables.write() = Arc::new(Tables::new(config));
+    }
+
+    fn tables(&self) -> Arc<Tables> {
+        self.tables.read().clone()
     }
 }
 
@@ -135,15 +159,16 @@ impl Handler for RelayHandler {
             stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
             Reply::new(553, format!("5.1.3 <{rcpt}>: {e}"))
         })?;
-        let peer = self.inbound.router.route(&addr).ok_or_else(|| {
+        let tables = self.inbound.tables();
+        let peer = tables.router.route(&addr).ok_or_else(|| {
             stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
             Reply::new(550, format!("5.1.2 <{rcpt}>: no route to this recipient"))
         })?;
-        if !self.inbound.access.may_send(self.class, peer) {
+        if !tables.access.may_send(self.class, peer) {
             stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
             info!(
                 "relay denied: client=[{}] class={:?} to=<{rcpt}> peer={}",
-                self.client_ip, self.class, self.inbound.peer_names[peer]
+                self.client_ip, self.class, tables.peer_names[peer]
             );
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
@@ -153,7 +178,8 @@ impl Handler for RelayHandler {
     fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
         let inbound = &self.inbound;
         let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
-        let info = match mm4::check(&data, &rcpts, inbound.mm4_check) {
+        let tables = inbound.tables();
+        let info = match mm4::check(&data, &rcpts, tables.mm4_check) {
             Ok(info) => info,
             Err(e) => {
                 info!(
@@ -203,7 +229,7 @@ impl Handler for RelayHandler {
         let trace = received_header(
             &env.helo,
             &self.client_ip.to_string(),
-            &inbound.session.hostname,
+            &tables.session.hostname,
             &id,
             accepted,
         );
@@ -218,7 +244,7 @@ impl Handler for RelayHandler {
                 None => by_peer.push((peer, vec![rcpt])),
             }
         }
-        let mut expires = accepted + inbound.queue_lifetime;
+        let mut expires = accepted + tables.queue_lifetime;
         if let Some(e) = info.expiry {
             expires = expires.min(e.at(accepted));
         }
@@ -233,7 +259,7 @@ impl Handler for RelayHandler {
             data: data.clone(),
             jobs: by_peer
                 .iter()
-                .map(|(p, r)| (inbound.peer_names[*p].clone(), r.clone()))
+                .map(|(p, r)| (tables.peer_names[*p].clone(), r.clone()))
                 .collect(),
         };
         let from = record.from.clone();
@@ -255,7 +281,7 @@ impl Handler for RelayHandler {
         }
         let split: Vec<String> = by_peer
             .iter()
-            .map(|(p, r)| format!("{}({})", inbound.peer_names[*p], r.len()))
+            .map(|(p, r)| format!("{}({})", tables.peer_names[*p], r.len()))
             .collect();
         info!(
             "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}{}",
@@ -538,14 +564,15 @@ fn serve(
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let ip = peer.ip().to_canonical();
-    let class = inbound.access.classify(ip);
+    let tables = inbound.tables();
+    let class = tables.access.classify(ip);
     debug!("session from [{ip}] class={class:?}");
     let mut handler = RelayHandler {
         inbound: inbound.clone(),
         client_ip: ip,
         class,
     };
-    let mut session: Session<PeerId> = Session::new(inbound.session.clone());
+    let mut session: Session<PeerId> = Session::new(tables.session.clone());
     let mut out = Vec::with_capacity(1024);
     session.greeting().write_to(&mut out);
     stream.write_all(&out)?;
@@ -561,9 +588,9 @@ fn serve(
                     stream.write_all(b"421 4.4.2 DATA took too long, closing\r\n")?;
                     return Ok(());
                 }
-                left.min(inbound.command_timeout)
+                left.min(tables.command_timeout)
             }
-            None => inbound.command_timeout,
+            None => tables.command_timeout,
         };
         // A setsockopt per read would cost as much as the read: set on change.
         // Inside DATA the time left shrinks with every read: whole seconds.
@@ -608,7 +635,7 @@ fn serve(
         let receiving = session.in_data();
         in_data.store(receiving, Ordering::Release);
         data_deadline = match (receiving, data_deadline) {
-            (true, None) => Some(Instant::now() + inbound.data_timeout),
+            (true, None) => Some(Instant::now() + tables.data_timeout),
             (true, d) => d,
             (false, _) => None,
         };

@@ -23,6 +23,8 @@ USAGE:
                                 per-peer health, allowance, connections, queues and
                                 totals of the running relay (socket from FILE's
                                 [relay] control_socket, default /run/mm4relay.sock)
+    mm4relay reload [-c FILE | --socket PATH]
+                                re-read the configuration (as SIGHUP does)
     mm4relay queue age [-c FILE | --socket PATH]
                                 queued messages per peer by age (like qshape)
     mm4relay queue list [PEER] [-c FILE | --socket PATH]
@@ -51,7 +53,7 @@ enum Cmd {
     Run(PathBuf, Option<PathBuf>),
     Check(PathBuf),
     Status { socket: PathBuf, json: bool },
-    Queue { socket: PathBuf, command: String },
+    Ask { socket: PathBuf, command: String },
     Demo(DemoOptions),
     Help,
     Version,
@@ -80,7 +82,7 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             _ => Ok(Cmd::Run(config_path(rest)?, None)),
         },
         "check" => config_path(rest).map(Cmd::Check),
-        "status" | "queue" => {
+        "status" | "queue" | "reload" => {
             let mut socket = PathBuf::from("/run/mm4relay.sock");
             let mut json = false;
             let mut words = Vec::new();
@@ -105,6 +107,12 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
             if cmd == "status" {
                 return Ok(Cmd::Status { socket, json });
             }
+            if cmd == "reload" {
+                return Ok(Cmd::Ask {
+                    socket,
+                    command: "reload".into(),
+                });
+            }
             match (words.first().map(String::as_str), words.len()) {
                 (Some("age"), 1) | (Some("list"), 1 | 2) => {}
                 (Some("retry" | "hold" | "release" | "show"), 2) => {}
@@ -117,7 +125,7 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
                     );
                 }
             }
-            Ok(Cmd::Queue {
+            Ok(Cmd::Ask {
                 socket,
                 command: format!("queue {}", words.join(" ")),
             })
@@ -208,7 +216,7 @@ fn main() -> ExitCode {
             let command = if json { "status json" } else { "status" };
             ask(&socket, command)
         }
-        Cmd::Queue { socket, command } => ask(&socket, &command),
+        Cmd::Ask { socket, command } => ask(&socket, &command),
         Cmd::Check(path) => match Config::load(&path) {
             Ok(c) => {
                 print!("{}", c.describe());

@@ -41,6 +41,7 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 /// A running relay.
 pub struct Relay {
     listener: Option<Listener>,
+    inbound: Option<Arc<Inbound>>,
     control: Option<ControlSocket>,
     metrics: Option<MetricsServer>,
     balancer: Option<Balancer>,
@@ -50,6 +51,8 @@ pub struct Relay {
     stop: Option<Sender<()>>,
     done: Receiver<()>,
     shutdown_timeout: Duration,
+    /// The configuration in force (reload compares against it).
+    config: Config,
     spool: Option<Arc<Spool>>,
 }
 
@@ -95,6 +98,7 @@ impl Relay {
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
             listener: None,
+            inbound: None,
             control: None,
             metrics: None,
             balancer: None,
@@ -104,6 +108,7 @@ impl Relay {
             stop: Some(stop_tx),
             done: done_rx,
             shutdown_timeout: config.relay.shutdown_timeout,
+            config: config.clone(),
             spool: Some(spool.clone()),
         };
         requeue(config, &queue, recovered);
@@ -148,6 +153,7 @@ impl Relay {
             spool: spool.clone(),
         };
         let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
+        relay.inbound = Some(inbound.clone());
         if let Some(path) = &config.relay.control_socket {
             relay.control = Some(ControlSocket::start(path, sources.clone())?);
         }
@@ -175,6 +181,28 @@ impl Relay {
         self.listener
             .as_ref()
             .map_or_else(Vec::new, |l| l.local_addrs().to_vec())
+    }
+
+    /// Applies a new configuration to the running relay: routes, relay
+    /// control, the MM4 check, timeouts and limits. What needs a restart
+    /// (other peers, other listen addresses) is refused, and then nothing
+    /// changes.
+    pub fn reload(&self, new: &Config) -> Result<(), String> {
+        let names = |c: &Config| c.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        if names(new) != names(&self.config) {
+            return Err(format!(
+                "peers {:?} -> {:?}: adding or removing peers needs a restart",
+                names(&self.config),
+                names(new)
+            ));
+        }
+        if new.listener.listen != self.config.listener.listen {
+            return Err("other listen addresses need a restart".into());
+        }
+        if let Some(inbound) = &self.inbound {
+            inbound.reload(new);
+        }
+        Ok(())
     }
 
     /// Where the metrics are served, when they are.
@@ -281,16 +309,33 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
     }
 }
 
-/// Runs the relay in the foreground until SIGTERM or SIGINT; on SIGHUP
-/// calls `on_hup` (main reopens the log file there).
+/// Runs the relay in the foreground until SIGTERM or SIGINT. SIGHUP
+/// calls `on_hup` (main reopens the log file there) and reloads the
+/// configuration file; a file that does not validate, or a change that
+/// needs a restart, is refused and the old configuration stays.
 pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let relay = Relay::start(config)?;
+    let mut relay = Relay::start(config)?;
     for sig in signals.forever() {
         if sig == SIGHUP {
-            info!("SIGHUP: reopening the log file (configuration reload is not implemented yet)");
+            info!(
+                "SIGHUP: reopening the log file and reloading {}",
+                config.path.display()
+            );
             on_hup();
+            match Config::load(&config.path)
+                .map_err(|e| e.to_string())
+                .and_then(|new| {
+                    relay.reload(&new)?;
+                    Ok(new)
+                }) {
+                Ok(new) => {
+                    info!("configuration reloaded");
+                    relay.config = new;
+                }
+                Err(e) => log::error!("reload refused, the old configuration stays: {e}"),
+            }
             continue;
         }
         info!("signal {sig} received: stopping");

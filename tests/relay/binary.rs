@@ -569,3 +569,79 @@ fn logging_to_syslog() {
     );
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn reload_refuses_a_broken_file_and_applies_a_good_one() {
+    let sims = [
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+        SimPeer::start(false).unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mm4relay.log");
+    let spool = dir.path().join("spool");
+    let ini = Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool);
+    let ini = ini.replace(
+        "[relay]\n",
+        &format!("[relay]\nlog_file = {}\n", log.display()),
+    );
+    let path = write_config(&dir, &ini);
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .spawn()
+            .unwrap(),
+    );
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the relay to listen", || read().contains("listening on"));
+    let reload = || {
+        let out = Command::new(BIN)
+            .args(["reload", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        &path,
+        ini.replace("max_connections = 4", "max_connections = lots"),
+    )
+    .unwrap();
+    // reload -c would read the socket path from the broken file: name it.
+    let out = Command::new(BIN)
+        .args(["reload", "--socket"])
+        .arg(spool.join("control.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_until("the broken file to be refused", || {
+        read().contains("reload refused")
+    });
+    assert!(
+        read().contains("[peer.A] max_connections = \"lots\""),
+        "{}",
+        read()
+    );
+    std::fs::write(
+        &path,
+        ini.replace("mm4_check = strict", "mm4_check = lenient"),
+    )
+    .unwrap();
+    reload();
+    wait_until("the good file to apply", || {
+        read().contains("configuration reloaded")
+    });
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}

@@ -752,3 +752,39 @@ fn metrics_are_scraped_over_http() {
     assert!(text.contains("# TYPE mm4relay_delivery_delay_seconds histogram"));
     h.stop_relay();
 }
+
+#[test]
+fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
+    let mut h = Harness::start();
+    let rcpt = "ops@example.org";
+    let rcpt_reply = |h: &Harness| {
+        let mut c = h.client(LOCAL);
+        assert_eq!(c.cmd("EHLO t").code, 250);
+        assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+        c.cmd(&format!("RCPT TO:<{rcpt}>")).code
+    };
+    assert_eq!(rcpt_reply(&h), 550);
+    let ini = h.ini();
+    // Removing a peer needs a restart: refused, nothing changes.
+    let without_c = ini.split("[peer.C]").next().unwrap().to_string() + "[ported]\n";
+    let err = h.reload(&without_c).unwrap_err();
+    assert!(err.contains("restart"), "{err}");
+    // A new domain for B applies at once, to sessions already open too.
+    let mut open = h.client(LOCAL);
+    assert_eq!(open.cmd("EHLO t").code, 250);
+    assert_eq!(open.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    let wider = ini.replace(
+        "domains = mms.mnc020.mcc001.gprs",
+        "domains = mms.mnc020.mcc001.gprs, example.org",
+    );
+    h.reload(&wider).unwrap();
+    assert_eq!(open.cmd(&format!("RCPT TO:<{rcpt}>")).code, 250);
+    assert_eq!(rcpt_reply(&h), 250);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[rcpt], &forward_req(9, rcpt, 500)).code,
+        250
+    );
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}

@@ -157,6 +157,7 @@ impl Harness {
             [sims[0].addr(), sims[1].addr(), sims[2].addr()],
             spool.path(),
         );
+        std::fs::write(spool.path().join("test.ini"), &ini).unwrap();
         let config = Config::parse(&ini, Path::new("test.ini")).unwrap();
         let relay = Relay::start(&config).unwrap();
         let addr = relay.local_addrs()[0];
@@ -169,6 +170,17 @@ impl Harness {
             gauge,
             config,
         }
+    }
+
+    /// The configuration text the relay started with.
+    pub fn ini(&self) -> String {
+        std::fs::read_to_string(self.spool.path().join("test.ini")).unwrap()
+    }
+
+    /// Reloads the running relay with `ini`.
+    pub fn reload(&mut self, ini: &str) -> Result<(), String> {
+        let config = Config::parse(ini, Path::new("test.ini")).map_err(|e| e.to_string())?;
+        self.relay.as_ref().unwrap().reload(&config)
     }
 
     /// Stops the relay and starts a new one on the same spool.
