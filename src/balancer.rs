@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::info;
 
-use crate::peer::PeerView;
+use crate::peer::{Budget, PeerView};
 use crate::queue::Queue;
 
 /// What the balancer knows of one peer at a tick.
@@ -125,14 +125,14 @@ impl Balancer {
     pub fn start(
         peers: Vec<PeerView>,
         queue: Arc<Queue>,
-        budget: usize,
+        budget: Arc<Budget>,
         interval: Duration,
         stats_interval: Duration,
     ) -> std::io::Result<Balancer> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let handle = thread::Builder::new()
             .name("balancer".into())
-            .spawn(move || run(&peers, &queue, budget, interval, stats_interval, &stop_rx))?;
+            .spawn(move || run(&peers, &queue, &budget, interval, stats_interval, &stop_rx))?;
         Ok(Balancer {
             stop: Some(stop_tx),
             handle: Some(handle),
@@ -161,7 +161,7 @@ impl Drop for Balancer {
 fn run(
     peers: &[PeerView],
     queue: &Queue,
-    budget: usize,
+    budget: &Budget,
     interval: Duration,
     stats_every: Duration,
     stop: &Receiver<()>,
@@ -185,13 +185,13 @@ fn run(
                     *busy_at = now;
                 }
                 Load {
-                    min: p.config().min_connections,
-                    max: p.config().max_connections,
+                    min: p.settings().cfg.min_connections,
+                    max: p.settings().cfg.max_connections,
                     allowance: s.allowance,
                     demand,
                     healthy: s.healthy,
                     recovering: false,
-                    idle: now.duration_since(*busy_at) >= p.config().idle_timeout,
+                    idle: now.duration_since(*busy_at) >= p.settings().cfg.idle_timeout,
                     held: p.control().held(),
                 }
             })
@@ -206,7 +206,7 @@ fn run(
                 ..l
             })
             .collect();
-        let next = plan(&loads, budget);
+        let next = plan(&loads, budget.max());
         for ((p, l), &n) in peers.iter().zip(&loads).zip(&next) {
             if n != l.allowance {
                 let why = if l.held {
@@ -220,11 +220,7 @@ fn run(
                 } else {
                     "budget needed elsewhere".to_string()
                 };
-                info!(
-                    "peer={} allowance {} -> {n} ({why})",
-                    p.config().name,
-                    l.allowance
-                );
+                info!("peer={} allowance {} -> {n} ({why})", p.name(), l.allowance);
                 p.control().set_allowance(n);
             }
         }

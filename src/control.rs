@@ -201,12 +201,7 @@ fn queue_age(sources: &Sources) -> String {
     out.push_str("   older\n");
     for (i, p) in sources.peers.iter().enumerate() {
         let counts = sources.queue.ages(i, &limits);
-        let _ = write!(
-            out,
-            "{:<10} {:>7}",
-            p.config().name,
-            counts.iter().sum::<usize>()
-        );
+        let _ = write!(out, "{:<10} {:>7}", p.name(), counts.iter().sum::<usize>());
         for c in &counts {
             let _ = write!(out, " {c:>6}");
         }
@@ -216,7 +211,7 @@ fn queue_age(sources: &Sources) -> String {
 }
 
 fn peer_index(sources: &Sources, name: &str) -> Option<usize> {
-    sources.peers.iter().position(|p| p.config().name == name)
+    sources.peers.iter().position(|p| p.name() == name)
 }
 
 /// Makes deferred messages due now: one message, one peer's, or all.
@@ -256,7 +251,7 @@ fn queue_show(sources: &Sources, id: &str) -> String {
             let _ = writeln!(
                 out,
                 "peer={} to={} attempts={} last_reply=\"{}\"",
-                p.config().name,
+                p.name(),
                 q.rcpts
                     .iter()
                     .map(|r| format!("<{r}>"))
@@ -310,7 +305,7 @@ fn queue_delete(sources: &Sources, id: &str, reason: &str) -> String {
         reason
     };
     for (peer, rcpts) in &removed {
-        let name = &sources.peers[*peer].config().name;
+        let name = sources.peers[*peer].name();
         sources.spool.done(id, name, rcpts);
         info!(
             "{id} peer={name} to={} status=deleted reason=\"{}\"",
@@ -346,7 +341,7 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
     let now = std::time::SystemTime::now();
     let mut any = false;
     for (i, p) in sources.peers.iter().enumerate() {
-        let name = &p.config().name;
+        let name = p.name();
         if only.is_some_and(|o| o != name) {
             continue;
         }

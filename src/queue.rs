@@ -95,7 +95,7 @@ pub struct Queue {
     /// Jobs per peer waiting for their retry time.
     deferred: Vec<AtomicUsize>,
     events: Sender<Event>,
-    retry: RetryPolicy,
+    retry: parking_lot::Mutex<RetryPolicy>,
 }
 
 impl Queue {
@@ -128,7 +128,12 @@ impl Queue {
 
     /// The delay before the next attempt of a job that failed temporarily.
     pub fn retry_delay(&self, attempts: u32) -> Duration {
-        self.retry.delay(attempts)
+        self.retry.lock().delay(attempts)
+    }
+
+    /// Changes the retry schedule (a reload) for deferrals from now on.
+    pub fn set_retry(&self, retry: RetryPolicy) {
+        *self.retry.lock() = retry;
     }
 
     /// Queues a job found in the spool at start, due at `at`.
@@ -285,7 +290,7 @@ impl QueueManager {
             deferred: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
             pools,
             events: events_tx,
-            retry,
+            retry: parking_lot::Mutex::new(retry),
         });
         let q = queue.clone();
         let handle = thread::Builder::new()

@@ -42,6 +42,7 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 pub struct Relay {
     listener: Option<Listener>,
     inbound: Option<Arc<Inbound>>,
+    budget: Option<Arc<Budget>>,
     control: Option<ControlSocket>,
     metrics: Option<MetricsServer>,
     balancer: Option<Balancer>,
@@ -99,6 +100,7 @@ impl Relay {
         let mut relay = Relay {
             listener: None,
             inbound: None,
+            budget: None,
             control: None,
             metrics: None,
             balancer: None,
@@ -119,12 +121,14 @@ impl Relay {
             spool.clone(),
             queue.clone(),
         )?);
+        let budget = Arc::new(Budget::new(config.relay.max_connections));
+        relay.budget = Some(budget.clone());
         let ctx = WorkerContext {
             bounce,
             helo_name: config.relay.hostname.clone(),
             queue: queue.clone(),
             spool: spool.clone(),
-            budget: Arc::new(Budget::new(config.relay.max_connections)),
+            budget: budget.clone(),
             stop: stop_rx,
             done: done_tx,
         };
@@ -143,7 +147,7 @@ impl Relay {
         relay.balancer = Some(Balancer::start(
             views,
             queue.clone(),
-            config.relay.max_connections,
+            budget,
             config.relay.balance_interval,
             config.relay.stats_interval,
         )?);
@@ -199,8 +203,46 @@ impl Relay {
         if new.listener.listen != self.config.listener.listen {
             return Err("other listen addresses need a restart".into());
         }
+        for (p, cfg) in self.peers.iter().zip(&new.peers) {
+            p.view().check_reload(cfg)?;
+        }
+        // Nothing below can fail: apply it all.
         if let Some(inbound) = &self.inbound {
             inbound.reload(new);
+        }
+        for (p, cfg) in self.peers.iter().zip(&new.peers) {
+            p.view().reload(cfg.clone());
+        }
+        if let Some(b) = &self.budget {
+            b.set_max(new.relay.max_connections);
+        }
+        self.queue.set_retry(RetryPolicy {
+            min: new.relay.retry_min,
+            max: new.relay.retry_max,
+        });
+        let (old, r) = (&self.config.relay, &new.relay);
+        let restart_only = [
+            ("spool_dir", old.spool_dir != r.spool_dir),
+            ("spool_sync", old.spool_sync != r.spool_sync),
+            ("control_socket", old.control_socket != r.control_socket),
+            ("metrics_listen", old.metrics_listen != r.metrics_listen),
+            ("log_target", old.log_target != r.log_target),
+            ("user/group", old.user != r.user || old.group != r.group),
+            (
+                "balance_interval",
+                old.balance_interval != r.balance_interval,
+            ),
+            ("stats_interval", old.stats_interval != r.stats_interval),
+            ("dedup_window", old.dedup_window != r.dedup_window),
+            (
+                "max_sessions",
+                self.config.listener.max_sessions != new.listener.max_sessions,
+            ),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                warn!("reload: the new {key} applies at the next restart");
+            }
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::bounce::Bounce;
 use crate::config::PeerConfig;
@@ -33,7 +33,7 @@ use crate::spool::Spool;
 /// The global budget of outbound connections (`[relay] max_connections`).
 #[derive(Debug)]
 pub struct Budget {
-    max: usize,
+    max: AtomicUsize,
     used: AtomicUsize,
 }
 
@@ -41,7 +41,7 @@ impl Budget {
     /// A budget of `max` connections.
     pub fn new(max: usize) -> Budget {
         Budget {
-            max,
+            max: AtomicUsize::new(max),
             used: AtomicUsize::new(0),
         }
     }
@@ -50,9 +50,20 @@ impl Budget {
     pub fn try_acquire(&self) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u < self.max).then_some(u + 1)
+                (u < self.max()).then_some(u + 1)
             })
             .is_ok()
+    }
+
+    /// The budget now.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// Changes the budget (a reload); connections over it close as their
+    /// workers finish.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     /// Gives a slot back.
@@ -179,21 +190,50 @@ impl TokenBucket {
     }
 }
 
+/// A peer's settings as the configuration gives them; replaced whole by a
+/// reload.
+pub struct Settings {
+    /// The `[peer.NAME]` section.
+    pub cfg: PeerConfig,
+    timeouts: Timeouts,
+    /// `max_rate`, when set.
+    rate: Option<TokenBucket>,
+    /// The peer's hosts, each with its own failure mark.
+    hosts: Arc<Hosts>,
+}
+
+impl Settings {
+    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Settings {
+        Settings {
+            timeouts: Timeouts::of(&cfg),
+            rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
+            hosts: hosts.unwrap_or_else(|| {
+                Arc::new(Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max))
+            }),
+            cfg,
+        }
+    }
+}
+
 /// What the workers of one peer share.
 struct Shared {
     id: usize,
-    cfg: PeerConfig,
-    timeouts: Timeouts,
+    name: String,
+    /// How many worker threads exist (`max_connections` at start).
+    workers: usize,
+    settings: RwLock<Arc<Settings>>,
     helo_name: String,
     stats: PeerStats,
-    /// `max_rate`, when set.
-    rate: Option<TokenBucket>,
     /// Health and allowance.
     control: Control,
-    /// The peer's hosts, each with its own failure mark.
-    hosts: Hosts,
     /// Each worker's socket, so a stop can cut stuck I/O.
     streams: Mutex<Vec<Option<TcpStream>>>,
+}
+
+impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.read().clone()
+    }
 }
 
 /// One destination and its running workers.
@@ -239,20 +279,19 @@ impl Peer {
     ) -> std::io::Result<Peer> {
         let shared = Arc::new(Shared {
             id,
-            timeouts: Timeouts::of(&cfg),
+            name: cfg.name.clone(),
+            workers: cfg.max_connections,
             helo_name: ctx.helo_name.clone(),
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
-            rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
-            hosts: Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max),
-            cfg,
+            settings: RwLock::new(Arc::new(Settings::new(cfg, None))),
         });
         let mut workers = Vec::new();
-        for index in 0..shared.cfg.max_connections {
+        for index in 0..shared.workers {
             let w = worker::Worker::new(index, shared.clone(), jobs.clone(), ctx.clone());
             let handle = thread::Builder::new()
-                .name(format!("peer-{}-{index}", shared.cfg.name))
+                .name(format!("peer-{}-{index}", shared.name))
                 .spawn(move || w.run())?;
             workers.push(handle);
         }
@@ -282,7 +321,7 @@ impl PeerView {
     pub fn snapshot(&self, queue: &Queue) -> PeerSnapshot {
         let s = &self.shared.stats;
         PeerSnapshot {
-            name: self.shared.cfg.name.clone(),
+            name: self.shared.name.clone(),
             sent: s.sent.load(Ordering::Relaxed),
             deferred: s.deferred.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
@@ -298,9 +337,40 @@ impl PeerView {
         }
     }
 
-    /// The peer's configuration.
-    pub fn config(&self) -> &PeerConfig {
-        &self.shared.cfg
+    /// The peer's settings now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.shared.settings()
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Checks that `cfg` can replace this peer's settings without a
+    /// restart.
+    pub fn check_reload(&self, cfg: &PeerConfig) -> Result<(), String> {
+        if cfg.max_connections > self.shared.workers {
+            return Err(format!(
+                "peer {}: max_connections {} over the {} workers started: needs a restart",
+                self.shared.name, cfg.max_connections, self.shared.workers
+            ));
+        }
+        if cfg.pool_size != self.shared.settings().cfg.pool_size {
+            return Err(format!(
+                "peer {}: a new pool_size needs a restart",
+                self.shared.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replaces this peer's settings (after [`PeerView::check_reload`]).
+    /// Host failure marks are kept when the host list did not change.
+    pub fn reload(&self, cfg: PeerConfig) {
+        let old = self.shared.settings();
+        let hosts = (old.cfg.hosts == cfg.hosts).then(|| old.hosts.clone());
+        *self.shared.settings.write() = Arc::new(Settings::new(cfg, hosts));
     }
 
     /// The peer's health and allowance.

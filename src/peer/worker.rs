@@ -67,7 +67,7 @@ impl Worker {
             if let Err(e) = self.connect() {
                 warn!(
                     "peer={} worker={} initial connect failed: {e}",
-                    self.peer.cfg.name, self.index
+                    self.peer.name, self.index
                 );
             }
         }
@@ -118,7 +118,7 @@ impl Worker {
     }
 
     fn keepalive(&mut self) {
-        if self.last_used.elapsed() < self.peer.cfg.keepalive {
+        if self.last_used.elapsed() < self.peer.settings().cfg.keepalive {
             return;
         }
         self.last_used = Instant::now();
@@ -126,7 +126,7 @@ impl Worker {
             if let Err(e) = c.noop() {
                 info!(
                     "peer={} worker={} idle connection lost: {e}",
-                    self.peer.cfg.name, self.index
+                    self.peer.name, self.index
                 );
                 self.drop_connection();
             }
@@ -137,12 +137,14 @@ impl Worker {
     /// releases on failure.
     fn connect(&mut self) -> Result<(), ConnError> {
         let p = self.peer.clone();
+        let settings = p.settings();
+        let hosts = &settings.hosts;
         let mut last = None;
-        for i in p.hosts.order() {
-            let host = p.hosts.name(i);
-            match Connection::open(host, &p.helo_name, &p.timeouts) {
+        for i in hosts.order() {
+            let host = hosts.name(i);
+            match Connection::open(host, &p.helo_name, &settings.timeouts) {
                 Ok(c) => {
-                    p.hosts.up(i);
+                    hosts.up(i);
                     p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
                     p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
                     p.streams.lock()[self.index] = c.try_clone_stream().ok();
@@ -154,8 +156,8 @@ impl Worker {
                     return Ok(());
                 }
                 Err(e) => {
-                    info!("peer={} host={host} failed: {e}", p.cfg.name);
-                    p.hosts.failed(i);
+                    info!("peer={} host={host} failed: {e}", p.name);
+                    hosts.failed(i);
                     last = Some(e);
                 }
             }
@@ -169,7 +171,7 @@ impl Worker {
 
     /// Logs a change of the peer's health.
     fn report(&self, change: Change, why: &str) {
-        let name = &self.peer.cfg.name;
+        let name = &self.peer.name;
         match change {
             Change::Failed => warn!(
                 "peer={name} unhealthy after \"{why}\": one probing connection, the rest stays queued"
@@ -182,7 +184,8 @@ impl Worker {
     /// True if the open connection reached max_messages_per_connection or
     /// max_connection_age.
     fn worn_out(&self) -> bool {
-        let cfg = &self.peer.cfg;
+        let settings = self.peer.settings();
+        let cfg = &settings.cfg;
         self.conn.is_some()
             && ((cfg.max_messages_per_connection > 0
                 && self.conn_messages >= cfg.max_messages_per_connection)
@@ -242,7 +245,7 @@ impl Worker {
             if let Err(e) = self.connect() {
                 warn!(
                     "peer={} worker={} connect failed: {e}",
-                    self.peer.cfg.name, self.index
+                    self.peer.name, self.index
                 );
                 self.defer(job, &e.to_string());
                 self.pause(self.backoff);
@@ -250,7 +253,8 @@ impl Worker {
                 return;
             }
         }
-        if let Some(bucket) = &self.peer.rate {
+        let settings = self.peer.settings();
+        if let Some(bucket) = &settings.rate {
             let wait = bucket.reserve();
             if !wait.is_zero() && self.pause(wait) {
                 self.defer(job, "relay stopping while rate-limited");
@@ -263,8 +267,8 @@ impl Worker {
         // connection has carried its share.
         let mut conn = self.conn.take().expect("connected above");
         let (jobs, stop) = (self.jobs.clone(), self.ctx.stop.clone());
-        let limit = self.peer.cfg.max_messages_per_connection;
-        let chain = self.peer.rate.is_none();
+        let limit = settings.cfg.max_messages_per_connection;
+        let chain = settings.rate.is_none();
         let taken = std::cell::Cell::new(self.conn_messages + 1);
         let next = || {
             let full = limit > 0 && taken.get() >= limit;
@@ -360,18 +364,14 @@ impl Worker {
                     .unwrap_or_default();
                 stats.delay.observe(delay, rcpts.len() as u64);
             }
-            self.ctx
-                .spool
-                .done(&job.message.id, &self.peer.cfg.name, rcpts);
+            self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
-                self.ctx
-                    .bounce
-                    .failed(&job, &self.peer.cfg.name, rcpts, reply);
+                self.ctx.bounce.failed(&job, &self.peer.name, rcpts, reply);
             }
             log_disposition(
                 &job,
-                &self.peer.cfg.name,
+                &self.peer.name,
                 rcpts,
                 status,
                 &reply.to_string(),
@@ -401,7 +401,7 @@ impl Worker {
             .fetch_add(job.rcpts.len() as u64, Ordering::Relaxed);
         let delay = self.ctx.queue.retry_delay(job.attempts);
         let at = SystemTime::now() + delay;
-        let name = &self.peer.cfg.name;
+        let name = &self.peer.name;
         self.ctx
             .spool
             .retry(&job.message.id, name, &job.rcpts, job.attempts, at);

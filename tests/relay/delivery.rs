@@ -786,5 +786,22 @@ fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
         250
     );
     assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+
+    // Per-peer settings: B down to one connection applies; more workers
+    // than were started would need a restart.
+    let (head, b) = wider.split_once("[peer.B]").unwrap();
+    let with_b = |max: &str| {
+        format!(
+            "{head}[peer.B]{}",
+            b.replacen("max_connections = 4", max, 1)
+        )
+    };
+    let err = h.reload(&with_b("max_connections = 9")).unwrap_err();
+    assert!(err.contains("restart"), "{err}");
+    h.reload(&with_b("max_connections = 1")).unwrap();
+    h.sims[1].set_fault(Fault::Delay(Duration::from_millis(10)));
+    assert_eq!(send_load(h.addr, 4, load(&[TO_B], 40)).accepted, 40);
+    assert!(h.sims[1].wait_for_recipients(41, DEADLINE));
+    assert_eq!(h.peer(1).allowance, 1, "B stays at its new max of one");
     assert_eq!(h.stop_relay().undelivered, 0);
 }
