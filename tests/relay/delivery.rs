@@ -805,3 +805,34 @@ fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
     assert_eq!(h.peer(1).allowance, 1, "B stays at its new max of one");
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+#[test]
+fn reloads_under_load_lose_and_duplicate_nothing() {
+    let mut h = Harness::start();
+    let n = 600;
+    let addr = h.addr;
+    let load = std::thread::spawn(move || send_load(addr, 6, load(&[TO_A, TO_B, TO_C], n)));
+    let ini = h.ini();
+    let mut reloads = 0;
+    while !load.is_finished() && reloads < 50 {
+        // Alternate two valid files (A's keepalive differs).
+        let next = if reloads % 2 == 0 {
+            ini.replacen("keepalive = 5s", "keepalive = 6s", 1)
+        } else {
+            ini.clone()
+        };
+        h.reload(&next).unwrap();
+        reloads += 1;
+    }
+    let report = load.join().unwrap();
+    assert_eq!(report.accepted, n);
+    let each = (n / 3) as u64;
+    for sim in &h.sims {
+        assert!(sim.wait_for_recipients(each, DEADLINE));
+    }
+    assert_eq!(h.stop_relay().undelivered, 0);
+    let got: Vec<u64> = h.sims.iter().map(|s| s.recipients()).collect();
+    eprintln!("{reloads} reloads under load: sent {n}, received {got:?}");
+    assert_eq!(got, [each; 3], "lost or duplicated across reloads");
+    assert!(reloads > 0);
+}
