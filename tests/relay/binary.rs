@@ -1,8 +1,11 @@
-//! The real `mm4relay` binary: configuration errors, `check`, and a clean
-//! stop on SIGTERM with nothing in flight lost.
+//! The real `mm4relay` binary: configuration errors, `check`, signals,
+//! the control socket, the init script, privileges and syslog.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mm4relay::sim::{SimPeer, forward_req};
@@ -10,20 +13,97 @@ use mm4relay::sim::{SimPeer, forward_req};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
+const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("mm4relay.ini");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Three simulated MMSCs and a directory holding the corpus profile's
+/// configuration (`relay_extra` added to `[relay]`) and the spool.
+struct Setup {
+    sims: [SimPeer; 3],
+    dir: tempfile::TempDir,
+    spool: PathBuf,
+    ini: String,
+    path: PathBuf,
+}
+
+fn setup(keep: bool, relay_extra: &str) -> Setup {
+    let sims = [0, 1, 2].map(|_| SimPeer::start(keep).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let ini = Profile::default()
+        .ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool)
+        .replace("[relay]\n", &format!("[relay]\n{relay_extra}"));
+    let path = write_config(&dir, &ini);
+    Setup {
+        sims,
+        dir,
+        spool,
+        ini,
+        path,
+    }
+}
 
 /// The relay as a child process, killed if the test fails half-way.
 struct Running(std::process::Child);
 
-impl std::ops::Deref for Running {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
+impl Running {
+    /// Starts `mm4relay run -c path` plus `args`; stderr is piped when the
+    /// test reads the log from it.
+    fn start(path: &std::path::Path, args: &[&std::ffi::OsStr], pipe_stderr: bool) -> Running {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-c"]).arg(path).args(args);
+        if pipe_stderr {
+            cmd.stderr(Stdio::piped());
+        }
+        Running(cmd.spawn().unwrap())
     }
-}
 
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
+    /// Reads the piped log up to "listening on": the address, the lines
+    /// before it, and a thread collecting the rest until the relay exits.
+    fn listening(&mut self) -> (SocketAddr, Vec<String>, JoinHandle<Vec<String>>) {
+        let mut log = BufReader::new(self.0.stderr.take().unwrap());
+        let mut early = Vec::new();
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            assert!(
+                log.read_line(&mut line).unwrap() > 0,
+                "relay exited before listening"
+            );
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.trim().parse().unwrap();
+            }
+            early.push(line.clone());
+        };
+        let rest = std::thread::spawn(move || log.lines().map_while(Result::ok).collect());
+        (addr, early, rest)
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits (within the test deadline) for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < end, "relay did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -34,10 +114,14 @@ impl Drop for Running {
     }
 }
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
-    let path = dir.path().join("mm4relay.ini");
-    std::fs::write(&path, text).unwrap();
-    path
+/// Sends one MM4_forward.REQ to `rcpt` through the relay at `addr`.
+fn send_one(addr: SocketAddr, rcpt: &str, seq: usize) -> Client {
+    let mut c = Client::connect(LOCAL, addr);
+    assert_eq!(
+        send_message(&mut c, FROM, &[rcpt], &forward_req(seq, rcpt, 500)).code,
+        250
+    );
+    c
 }
 
 #[test]
@@ -112,71 +196,19 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn sigterm_stops_cleanly_after_delivering() {
-    let sims = [
-        SimPeer::start(true).unwrap(),
-        SimPeer::start(true).unwrap(),
-        SimPeer::start(true).unwrap(),
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &Profile::default().ini(
-            [sims[0].addr(), sims[1].addr(), sims[2].addr()],
-            &dir.path().join("spool"),
-        ),
-    );
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut log = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            log.read_line(&mut line).unwrap() > 0,
-            "relay exited before listening"
-        );
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
-    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-    let mut c = Client::connect(LOCAL, addr);
-    let reply = send_message(
-        &mut c,
-        "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs",
-        &[rcpt],
-        &forward_req(7, rcpt, 800),
-    );
-    assert_eq!(reply.code, 250);
-    assert!(sims[1].wait_for_recipients(1, DEADLINE));
+    let s = setup(true, "");
+    let mut child = Running::start(&s.path, &[], true);
+    let (addr, _, rest) = child.listening();
+    let mut c = send_one(addr, TO_B, 7);
+    assert!(s.sims[1].wait_for_recipients(1, DEADLINE));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    child.signal("-TERM");
     // The open session is told the relay is going away, then closed.
     assert_eq!(c.reply().code, 421);
     assert!(c.closed());
-    let end = Instant::now() + DEADLINE;
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            child.kill().unwrap();
-            panic!("relay did not stop after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let exit = child.terminate();
     assert!(exit.success(), "exit status {exit}");
-    let rest: Vec<String> = log.lines().map(Result::unwrap).collect();
+    let rest = rest.join().unwrap();
     assert!(
         rest.iter()
             .any(|l| l.contains("status=sent") && l.contains("mid=M00000007")),
@@ -190,40 +222,17 @@ fn sigterm_stops_cleanly_after_delivering() {
 
 #[test]
 fn pidfile_and_sighup_reopening_the_log() {
-    let sims = [
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("mm4relay.log");
-    let ini = Profile::default().ini(
-        [sims[0].addr(), sims[1].addr(), sims[2].addr()],
-        &dir.path().join("spool"),
-    );
-    let path = write_config(
-        &dir,
-        &ini.replace(
-            "[relay]\n",
-            &format!("[relay]\nlog_file = {}\n", log.display()),
-        ),
-    );
-    let pidfile = dir.path().join("mm4relay.pid");
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .spawn()
-            .unwrap(),
-    );
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mm4relay.log");
+    let s = setup(false, &format!("log_file = {}\n", log.display()));
+    let pidfile = s.dir.path().join("mm4relay.pid");
+    let mut child = Running::start(&s.path, &["--pidfile".as_ref(), pidfile.as_os_str()], false);
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_until("the relay to listen", || {
         read(&log).contains("listening on")
     });
-    assert_eq!(read(&pidfile).trim(), child.id().to_string());
-    let addr: std::net::SocketAddr = read(&log)
+    assert_eq!(read(&pidfile).trim(), child.0.id().to_string());
+    let addr: SocketAddr = read(&log)
         .lines()
         .find_map(|l| l.split("listening on ").nth(1))
         .unwrap()
@@ -232,23 +241,11 @@ fn pidfile_and_sighup_reopening_the_log() {
         .unwrap();
 
     // logrotate moves the file away, then sends SIGHUP.
-    let rotated = dir.path().join("mm4relay.log.1");
+    let rotated = logs.path().join("mm4relay.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    child.signal("-HUP");
     wait_until("a new log file", || log.exists());
-    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-    let mut c = Client::connect(LOCAL, addr);
-    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-    assert_eq!(
-        send_message(&mut c, from, &[rcpt], &forward_req(5, rcpt, 500)).code,
-        250
-    );
+    send_one(addr, TO_B, 5);
     wait_until("the new file to get the new lines", || {
         read(&log).contains("status=sent")
     });
@@ -257,22 +254,7 @@ fn pidfile_and_sighup_reopening_the_log() {
         "the old file ends with the reopen notice"
     );
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let end = Instant::now() + DEADLINE;
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "relay did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(exit.success());
+    assert!(child.terminate().success());
     assert!(!pidfile.exists(), "the pid file is removed at exit");
 }
 
@@ -337,57 +319,23 @@ fn init_script_start_status_reload_stop() {
 }
 
 #[test]
-fn status_over_the_control_socket() {
-    let sims = [
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-    ];
-    sims[2].set_fault(mm4relay::sim::Fault::TempFail);
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let path = write_config(
-        &dir,
-        &Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool),
-    );
-    let socket = spool.join("control.sock");
+fn status_and_queue_over_the_control_socket() {
+    let s = setup(false, "");
+    s.sims[2].set_fault(mm4relay::sim::Fault::TempFail);
+    let socket = s.spool.join("control.sock");
     let status = |args: &[&str]| Command::new(BIN).arg("status").args(args).output().unwrap();
 
     let down = status(&["--socket", socket.to_str().unwrap()]);
     assert_eq!(down.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&down.stderr).contains("mm4relay is not running"));
 
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut log = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr: std::net::SocketAddr = loop {
-        line.clear();
-        assert!(
-            log.read_line(&mut line).unwrap() > 0,
-            "relay exited before listening"
-        );
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-    };
-    let drain = std::thread::spawn(move || log.lines().count());
+    let mut child = Running::start(&s.path, &[], true);
+    let (addr, _, rest) = child.listening();
     let rcpt = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
-    let mut c = Client::connect(LOCAL, addr);
-    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-    assert_eq!(
-        send_message(&mut c, from, &[rcpt], &forward_req(1, rcpt, 500)).code,
-        250
-    );
+    send_one(addr, rcpt, 1);
 
     let text =
-        || String::from_utf8_lossy(&status(&["-c", path.to_str().unwrap()]).stdout).into_owned();
+        || String::from_utf8_lossy(&status(&["-c", s.path.to_str().unwrap()]).stdout).into_owned();
     wait_until("C's deferral in the status", || {
         text()
             .lines()
@@ -404,15 +352,52 @@ fn status_over_the_control_socket() {
             .into_owned();
     assert!(json.starts_with("{\"peers\":[{\"name\":\"A\""), "{json}");
 
+    let queue = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("queue")
+            .args(args)
+            .args(["--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The deferral reaches the counters a moment before the queue listing.
+    wait_until("C's deferral in the queue listing", || {
+        queue(&["list", "C"]).1.contains("last_reply=\"451")
+    });
+    let (code, list, _) = queue(&["list", "C"]);
+    assert_eq!(code, Some(0));
+    let entry = list.lines().next().unwrap_or_default();
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
+        entry.contains("peer=C") && entry.contains(&format!("to=<{rcpt}>")),
+        "{list}"
     );
-    assert!(child.wait().unwrap().success());
-    drain.join().unwrap();
+    assert!(!entry.contains("attempts=0"), "{list}");
+    let (_, all, _) = queue(&["list"]);
+    assert_eq!(all.lines().count(), 1, "only C has anything queued: {all}");
+    let (code, age, _) = queue(&["age"]);
+    assert_eq!(code, Some(0));
+    let c_row: Vec<&str> = age
+        .lines()
+        .find(|l| l.starts_with("C "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        (c_row[1], c_row[2]),
+        ("1", "1"),
+        "C: one message, younger than 5 minutes: {age}"
+    );
+    let (code, _, err) = queue(&["list", "Z"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no peer named"), "{err}");
+
+    assert!(child.terminate().success());
+    rest.join().unwrap();
     assert!(!socket.exists(), "the socket is removed at exit");
 }
 
@@ -435,48 +420,13 @@ fn root_is_dropped_before_the_spool_is_touched() {
         eprintln!("skipped: needs root to drop privileges");
         return;
     }
-    let sims = [
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let spool = dir.path().join("spool");
-    let ini = Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool);
-    let path = write_config(&dir, &ini.replace("[relay]\n", "[relay]\nuser = nobody\n"));
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut log = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let mut early = Vec::new();
-    let addr: std::net::SocketAddr = loop {
-        line.clear();
-        assert!(
-            log.read_line(&mut line).unwrap() > 0,
-            "relay exited before listening"
-        );
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().parse().unwrap();
-        }
-        early.push(line.clone());
-    };
-    let drain = std::thread::spawn(move || log.lines().map_while(Result::ok).collect::<Vec<_>>());
-    let rcpt = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-    let mut c = Client::connect(LOCAL, addr);
-    let from = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-    assert_eq!(
-        send_message(&mut c, from, &[rcpt], &forward_req(3, rcpt, 500)).code,
-        250
-    );
-    assert!(sims[1].wait_for_recipients(1, DEADLINE));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let s = setup(false, "user = nobody\n");
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = Running::start(&s.path, &[], true);
+    let (addr, early, rest) = child.listening();
+    send_one(addr, TO_B, 3);
+    assert!(s.sims[1].wait_for_recipients(1, DEADLINE));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
     let uid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -486,23 +436,16 @@ fn root_is_dropped_before_the_spool_is_touched() {
         uid.split_whitespace().all(|u| u == "65534"),
         "still root: Uid:{uid}"
     );
-    assert_eq!(std::fs::metadata(&spool).unwrap().uid(), 65534);
-    for e in std::fs::read_dir(&spool).unwrap() {
+    assert_eq!(std::fs::metadata(&s.spool).unwrap().uid(), 65534);
+    for e in std::fs::read_dir(&s.spool).unwrap() {
         assert_eq!(
             e.unwrap().metadata().unwrap().uid(),
             65534,
             "a spool file not owned by the relay user"
         );
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
-    drain.join().unwrap();
+    assert!(child.terminate().success());
+    rest.join().unwrap();
     assert!(
         early.iter().any(|l| l.contains("running as user nobody")),
         "{early:?}"
@@ -511,34 +454,18 @@ fn root_is_dropped_before_the_spool_is_touched() {
 
 #[test]
 fn logging_to_syslog() {
-    let sims = [
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("log.sock");
+    let logs = tempfile::tempdir().unwrap();
+    let socket = logs.path().join("log.sock");
     let syslogd = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
     syslogd.set_read_timeout(Some(DEADLINE)).unwrap();
-    let ini = Profile::default().ini(
-        [sims[0].addr(), sims[1].addr(), sims[2].addr()],
-        &dir.path().join("spool"),
-    );
-    let ini = ini.replace(
-        "[relay]\n",
+    let s = setup(
+        false,
         &format!(
-            "[relay]\nlog_target = syslog\nsyslog_facility = mail\nsyslog_socket = {}\n",
+            "log_target = syslog\nsyslog_facility = mail\nsyslog_socket = {}\n",
             socket.display()
         ),
     );
-    let path = write_config(&dir, &ini);
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Running::start(&s.path, &[], false);
     let mut buf = [0u8; 4096];
     let listening = loop {
         let n = syslogd.recv(&mut buf).expect("a syslog message");
@@ -552,7 +479,7 @@ fn logging_to_syslog() {
     assert!(
         listening.contains(&format!(
             "mm4relay[{}]: listening on 127.0.0.1:",
-            child.id()
+            child.0.id()
         )),
         "{listening}"
     );
@@ -560,62 +487,27 @@ fn logging_to_syslog() {
         !listening.contains("[INFO]"),
         "simplelog's own level and time are not repeated: {listening}"
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
 }
 
 #[test]
 fn reload_refuses_a_broken_file_and_applies_a_good_one() {
-    let sims = [
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-        SimPeer::start(false).unwrap(),
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("mm4relay.log");
-    let spool = dir.path().join("spool");
-    let ini = Profile::default().ini([sims[0].addr(), sims[1].addr(), sims[2].addr()], &spool);
-    let ini = ini.replace(
-        "[relay]\n",
-        &format!("[relay]\nlog_file = {}\n", log.display()),
-    );
-    let path = write_config(&dir, &ini);
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&path)
-            .spawn()
-            .unwrap(),
-    );
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mm4relay.log");
+    let s = setup(false, &format!("log_file = {}\n", log.display()));
+    let mut child = Running::start(&s.path, &[], false);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until("the relay to listen", || read().contains("listening on"));
-    let reload = || {
-        let out = Command::new(BIN)
-            .args(["reload", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     std::fs::write(
-        &path,
-        ini.replace("max_connections = 4", "max_connections = lots"),
+        &s.path,
+        s.ini
+            .replace("max_connections = 4", "max_connections = lots"),
     )
     .unwrap();
     // reload -c would read the socket path from the broken file: name it.
     let out = Command::new(BIN)
         .args(["reload", "--socket"])
-        .arg(spool.join("control.sock"))
+        .arg(s.spool.join("control.sock"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -628,20 +520,22 @@ fn reload_refuses_a_broken_file_and_applies_a_good_one() {
         read()
     );
     std::fs::write(
-        &path,
-        ini.replace("mm4_check = strict", "mm4_check = lenient"),
+        &s.path,
+        s.ini.replace("mm4_check = strict", "mm4_check = lenient"),
     )
     .unwrap();
-    reload();
+    let out = Command::new(BIN)
+        .args(["reload", "-c"])
+        .arg(&s.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until("the good file to apply", || {
         read().contains("configuration reloaded")
     });
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
 }
