@@ -1,18 +1,14 @@
 //! The real `mm4relay` binary: configuration errors, `check`, signals,
 //! the control socket, the init script, privileges and syslog.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use mm4relay::sim::{SimPeer, forward_req};
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
 const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
 const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 
@@ -46,71 +42,6 @@ fn setup(keep: bool, relay_extra: &str) -> Setup {
         spool,
         ini,
         path,
-    }
-}
-
-/// The relay as a child process, killed if the test fails half-way.
-struct Running(std::process::Child);
-
-impl Running {
-    /// Starts `mm4relay run -c path` plus `args`; stderr is piped when the
-    /// test reads the log from it.
-    fn start(path: &std::path::Path, args: &[&std::ffi::OsStr], pipe_stderr: bool) -> Running {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["run", "-c"]).arg(path).args(args);
-        if pipe_stderr {
-            cmd.stderr(Stdio::piped());
-        }
-        Running(cmd.spawn().unwrap())
-    }
-
-    /// Reads the piped log up to "listening on": the address, the lines
-    /// before it, and a thread collecting the rest until the relay exits.
-    fn listening(&mut self) -> (SocketAddr, Vec<String>, JoinHandle<Vec<String>>) {
-        let mut log = BufReader::new(self.0.stderr.take().unwrap());
-        let mut early = Vec::new();
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            assert!(
-                log.read_line(&mut line).unwrap() > 0,
-                "relay exited before listening"
-            );
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.trim().parse().unwrap();
-            }
-            early.push(line.clone());
-        };
-        let rest = std::thread::spawn(move || log.lines().map_while(Result::ok).collect());
-        (addr, early, rest)
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then waits (within the test deadline) for the exit.
-    fn terminate(&mut self) -> ExitStatus {
-        self.signal("-TERM");
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < end, "relay did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -5,12 +5,10 @@
 //! duplicates are counted and bounded by what was in flight at the kills.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mm4relay::peer::{Connection, Delivery, Timeouts};
@@ -19,72 +17,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
 const SENDERS: usize = 8;
 const KILLS: usize = 3;
-
-/// The relay as a child process, its log drained by a thread.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-    log: Option<JoinHandle<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(config: &std::path::Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("relay exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.trim().parse().unwrap();
-            }
-        };
-        let log = thread::spawn(move || lines.map_while(Result::ok).collect());
-        Proc {
-            child,
-            addr,
-            log: Some(log),
-        }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.log.take().unwrap().join().unwrap();
-    }
-
-    fn term(mut self) -> (bool, Vec<String>) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let end = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < end, "relay did not stop on SIGTERM");
-            thread::sleep(Duration::from_millis(10));
-        };
-        (status.success(), self.log.take().unwrap().join().unwrap())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Where the relay listens now; `None` while it is down.
 type Current = (Mutex<Option<SocketAddr>>, Condvar);
@@ -187,8 +121,9 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     let mut rng = seed;
     eprintln!("crash test seed {seed}");
     for _ in 0..KILLS {
-        let relay = Proc::start(&config);
-        *current.0.lock() = Some(relay.addr);
+        let mut relay = Running::start(&config, &[], true);
+        let (addr, _, log) = relay.listening();
+        *current.0.lock() = Some(addr);
         current.1.notify_all();
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
@@ -197,10 +132,12 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
         // Not synchronisation: this picks the moment of the kill.
         thread::sleep(run_for);
         *current.0.lock() = None;
-        relay.kill9();
+        drop(relay); // SIGKILL
+        log.join().unwrap();
     }
-    let relay = Proc::start(&config);
-    *current.0.lock() = Some(relay.addr);
+    let mut relay = Running::start(&config, &[], true);
+    let (addr, _, log) = relay.listening();
+    *current.0.lock() = Some(addr);
     current.1.notify_all();
     // Some load on the last run too, then no more.
     wait_until("traffic after the last restart", || relay_took_some(&sims));
@@ -220,7 +157,8 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
             .collect();
         want.is_subset(&got)
     });
-    let (clean, log) = relay.term();
+    let clean = relay.terminate().success();
+    let log = log.join().unwrap();
     assert!(clean, "relay did not exit 0: {log:?}");
 
     let mut arrivals: HashMap<String, usize> = HashMap::new();

@@ -2,10 +2,11 @@
 //! scripted SMTP client that can connect from any 127.0.0.x address, the
 //! one helper that finds the shared MM4 corpus, and polling with deadlines.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::thread;
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use mm4relay::config::Config;
@@ -252,6 +253,74 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The real binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mm4relay");
+
+/// The relay as a child process, killed if the test fails half-way.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    /// Starts `mm4relay run -c path` plus `args`; stderr is piped when the
+    /// test reads the log from it.
+    pub fn start(path: &std::path::Path, args: &[&std::ffi::OsStr], pipe_stderr: bool) -> Running {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-c"]).arg(path).args(args);
+        if pipe_stderr {
+            cmd.stderr(Stdio::piped());
+        }
+        Running(cmd.spawn().unwrap())
+    }
+
+    /// Reads the piped log up to "listening on": the address, the lines
+    /// before it, and a thread collecting the rest until the relay exits.
+    pub fn listening(&mut self) -> (SocketAddr, Vec<String>, JoinHandle<Vec<String>>) {
+        let mut log = BufReader::new(self.0.stderr.take().unwrap());
+        let mut early = Vec::new();
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            assert!(
+                log.read_line(&mut line).unwrap() > 0,
+                "relay exited before listening"
+            );
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.trim().parse().unwrap();
+            }
+            early.push(line.clone());
+        };
+        let rest = std::thread::spawn(move || log.lines().map_while(Result::ok).collect());
+        (addr, early, rest)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits (within the test deadline) for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < end, "relay did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
