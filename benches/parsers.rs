@@ -43,7 +43,8 @@ fn smtp(c: &mut Criterion) {
         })
     });
     g.bench_function("mm4_check_2k", |b| {
-        b.iter(|| mm4::check(black_box(&msg), &[RCPT], Mm4Check::Strict))
+        let limits = mm4::Limits::default();
+        b.iter(|| mm4::check(black_box(&msg), &[RCPT], Mm4Check::Strict, &limits))
     });
     g.finish();
 }

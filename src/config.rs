@@ -54,7 +54,24 @@ pub const LISTENER_KEYS: &[(&str, &str)] = &[
     ("mm4_check", "strict"),
     ("command_timeout", "300s"),
     ("data_timeout", "600s"),
+    ("session_timeout", "1h"),
+    ("listen_tls", ""),
+    ("tls_cert", ""),
+    ("tls_key", ""),
+    ("tls_pkcs12", ""),
+    ("tls_pkcs12_password", ""),
+    ("tls_required_from", ""),
+    ("auth_plaintext", "no"),
+    ("max_bad_commands", "10"),
+    ("max_sessions_per_ip", "20"),
+    ("connection_rate_per_ip", "10"),
+    ("max_header_fields", "1000"),
+    ("max_header_size", "65536"),
+    ("max_mime_depth", "10"),
 ];
+
+/// `[auth]` keys besides the user entries (`NAME = PEER:PASSWORD`).
+pub const AUTH_KEYS: &[(&str, &str)] = &[("users_file", "")];
 
 /// `[peer.NAME]` keys and their defaults.
 pub const PEER_KEYS: &[(&str, &str)] = &[
@@ -79,7 +96,87 @@ pub const PEER_KEYS: &[(&str, &str)] = &[
     ("idle_timeout", "60s"),
     ("probe_min", "1s"),
     ("probe_max", "60s"),
+    ("tls", "opportunistic"),
+    ("tls_verify", "yes"),
+    ("tls_ca_file", ""),
+    ("tls_server_name", ""),
+    ("tls_client_cert", ""),
+    ("tls_client_key", ""),
+    ("tls_client_pkcs12", ""),
+    ("tls_client_pkcs12_password", ""),
+    ("auth_user", ""),
+    ("auth_password", ""),
+    ("auth_plaintext", "no"),
 ];
+
+/// A password or other secret: never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True if `other` is this secret, compared in constant time.
+    pub fn matches(&self, other: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            diff |= (*x ^ b.get(i).copied().unwrap_or(!*x)) as usize;
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A certificate with its private key, loaded and checked at parse time.
+#[derive(Clone)]
+pub struct TlsIdentity(pub native_tls::Identity);
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsIdentity")
+    }
+}
+
+/// CA certificates to trust, loaded at parse time.
+#[derive(Clone)]
+pub struct TlsRoots(pub Vec<native_tls::Certificate>);
+
+impl fmt::Debug for TlsRoots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsRoots({})", self.0.len())
+    }
+}
+
+/// Outbound TLS to one peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Never STARTTLS.
+    Off,
+    /// STARTTLS when offered; plain text (logged) when not or when it fails.
+    Opportunistic,
+    /// STARTTLS or no delivery: never plain text.
+    Required,
+}
+
+/// A partner account for inbound AUTH.
+#[derive(Clone, Debug)]
+pub struct AuthUser {
+    /// The user name.
+    pub name: String,
+    /// The partner peer it stands for (index into `Config::peers`).
+    pub peer: usize,
+    /// Its password.
+    pub password: Secret,
+}
 
 /// How strictly the MM4 content is checked at the end of DATA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +253,28 @@ pub struct ListenerConfig {
     pub command_timeout: Duration,
     /// Longest time for the whole DATA phase.
     pub data_timeout: Duration,
+    /// Longest time for a whole session (ends after the transaction in progress).
+    pub session_timeout: Duration,
+    /// Addresses to accept SMTP on with TLS from the first octet.
+    pub listen_tls: Vec<SocketAddr>,
+    /// Our certificate: STARTTLS is offered when set.
+    pub tls_identity: Option<TlsIdentity>,
+    /// Clients that must STARTTLS before MAIL.
+    pub tls_required_from: Vec<Cidr>,
+    /// Offer AUTH before TLS too.
+    pub auth_plaintext: bool,
+    /// Bad commands before 421 (0: no limit).
+    pub max_bad_commands: usize,
+    /// Sessions at once from one address, local MMSC hosts excepted (0: no limit).
+    pub max_sessions_per_ip: usize,
+    /// New connections per second from one address, local MMSC hosts excepted (0: no limit).
+    pub connection_rate_per_ip: u32,
+    /// Most header fields in a message.
+    pub max_header_fields: usize,
+    /// Largest header section in octets.
+    pub max_header_size: usize,
+    /// Deepest MIME nesting.
+    pub max_mime_depth: usize,
 }
 
 /// `[peer.NAME]`: one destination MMSC.
@@ -205,6 +324,20 @@ pub struct PeerConfig {
     pub probe_min: Duration,
     /// Longest wait between probes.
     pub probe_max: Duration,
+    /// STARTTLS to this peer.
+    pub tls: TlsMode,
+    /// Check the peer's certificate and name.
+    pub tls_verify: bool,
+    /// Extra CA certificates to trust for this peer.
+    pub tls_ca: Option<TlsRoots>,
+    /// The name to check the certificate against (default: the host's name).
+    pub tls_server_name: Option<String>,
+    /// Our client certificate, for mutual TLS.
+    pub tls_client_identity: Option<TlsIdentity>,
+    /// AUTH to this peer: user and password.
+    pub auth: Option<(String, Secret)>,
+    /// Allow AUTH without TLS.
+    pub auth_plaintext: bool,
 }
 
 /// The whole configuration.
@@ -222,6 +355,11 @@ pub struct Config {
     pub default_peer: Option<usize>,
     /// `[ported]`: number and peer index.
     pub ported: Vec<(String, usize)>,
+    /// `[auth]`: partner accounts for inbound AUTH.
+    pub auth_users: Vec<AuthUser>,
+    /// Problems worth a warning that do not stop the relay (secrets
+    /// readable by others).
+    pub warnings: Vec<String>,
 }
 
 /// A configuration error: where it is and what is wrong.
@@ -325,11 +463,116 @@ impl Section<'_> {
         split_list(self.raw(key))
     }
 
+    fn secret(&self, key: &str) -> Option<Secret> {
+        let v = self.raw(key).trim();
+        (!v.is_empty()).then(|| Secret(v.to_string()))
+    }
+
+    fn read_file(&self, key: &str) -> Result<Option<(PathBuf, Vec<u8>)>, ConfigError> {
+        let Some(path) = self.string(key) else {
+            return Ok(None);
+        };
+        let bytes =
+            std::fs::read(&path).map_err(|e| self.err(key, &path, format!("cannot read: {e}")))?;
+        Ok(Some((PathBuf::from(path), bytes)))
+    }
+
+    /// A certificate and key from PEM files (`cert`, `key`) or a PKCS#12
+    /// file and its password (`p12`, `p12_password`). Key files readable by
+    /// others add a warning.
+    fn identity(
+        &self,
+        [cert, key, p12, p12_password]: [&str; 4],
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<TlsIdentity>, ConfigError> {
+        let pem = (self.read_file(cert)?, self.read_file(key)?);
+        let pkcs12 = self.read_file(p12)?;
+        let (path, identity) = match (pem, pkcs12) {
+            ((None, None), None) => return Ok(None),
+            ((Some(_), Some(_)), Some(_)) => {
+                return Err(self.err(
+                    p12,
+                    self.raw(p12),
+                    format!("give {cert}/{key} or {p12}, not both"),
+                ));
+            }
+            ((Some(_), None), _) => return Err(self.err(key, "", format!("{cert} needs {key}"))),
+            ((None, Some(_)), _) => return Err(self.err(cert, "", format!("{key} needs {cert}"))),
+            ((Some((_, c)), Some((kp, k))), None) => {
+                let id = native_tls::Identity::from_pkcs8(&c, &k).map_err(|e| {
+                    self.err(
+                        key,
+                        self.raw(key),
+                        format!("not a usable PEM certificate and key: {e}"),
+                    )
+                })?;
+                (kp, id)
+            }
+            ((None, None), Some((pp, der))) => {
+                let password = self.raw(p12_password).trim();
+                let id = native_tls::Identity::from_pkcs12(&der, password).map_err(|e| {
+                    self.err(
+                        p12,
+                        self.raw(p12),
+                        format!("not a usable PKCS#12 file with {p12_password}: {e}"),
+                    )
+                })?;
+                (pp, id)
+            }
+        };
+        if let Some(w) = readable_by_others(&path) {
+            warnings.push(format!(
+                "{}: [{}] {}: {w}",
+                self.file,
+                self.name,
+                path.display()
+            ));
+        }
+        Ok(Some(TlsIdentity(identity)))
+    }
+
     fn cidrs(&self, key: &str) -> Result<Vec<Cidr>, ConfigError> {
         self.parse(key, |v| {
             split_list(v).iter().map(|c| Cidr::parse(c)).collect()
         })
     }
+}
+
+/// A warning if `path` holds a secret that users other than its owner
+/// and group may read.
+fn readable_by_others(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "holds secrets and is readable by every user (mode {:o}); chmod o-r it",
+            mode & 0o777
+        )
+    })
+}
+
+/// `[auth]` entries: `NAME = PEER:PASSWORD`, from the section or from the
+/// users file (one `NAME:PEER:PASSWORD` a line; `#` comments).
+fn parse_auth_user(
+    name: &str,
+    value: &str,
+    peer_index: impl Fn(&str) -> Option<usize>,
+) -> Result<AuthUser, String> {
+    let (peer, password) = value
+        .split_once(':')
+        .ok_or_else(|| "expected PEER:PASSWORD".to_string())?;
+    let peer = peer_index(peer.trim()).ok_or_else(|| format!("no peer named {:?}", peer.trim()))?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err("a user name is one word".into());
+    }
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    Ok(AuthUser {
+        name: name.to_string(),
+        peer,
+        password: Secret(password.to_string()),
+    })
 }
 
 fn split_list(v: &str) -> Vec<String> {
@@ -390,7 +633,16 @@ impl Config {
             value: String::new(),
             problem: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        let secrets = !config.auth_users.is_empty()
+            || config.peers.iter().any(|p| p.auth.is_some())
+            || text.contains("pkcs12_password");
+        if secrets {
+            if let Some(w) = readable_by_others(path) {
+                config.warnings.push(format!("{}: {w}", path.display()));
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates INI text; `path` names it in errors.
@@ -469,12 +721,15 @@ impl Config {
         };
 
         for (name, _) in &sections {
-            let known = matches!(name.as_str(), "relay" | "listener" | "routes" | "ported")
-                || name.starts_with("peer.");
+            let known = matches!(
+                name.as_str(),
+                "relay" | "listener" | "routes" | "ported" | "auth"
+            ) || name.starts_with("peer.");
             if !known {
                 return Err(file_err(
                     name,
-                    "unknown section; expected relay, listener, peer.NAME, routes or ported".into(),
+                    "unknown section; expected relay, listener, peer.NAME, routes, ported or auth"
+                        .into(),
                 ));
             }
         }
@@ -536,7 +791,11 @@ impl Config {
             ));
         }
 
+        let mut warnings = Vec::new();
         let s = section("listener", LISTENER_KEYS)?;
+        let listen_list = |v: &str| -> Result<Vec<SocketAddr>, String> {
+            split_list(v).iter().map(|a| resolve(a)).collect()
+        };
         let listener = ListenerConfig {
             listen: s.parse("listen", |v| {
                 let list = split_list(v);
@@ -557,7 +816,32 @@ impl Config {
             })?,
             command_timeout: s.duration("command_timeout")?,
             data_timeout: s.duration("data_timeout")?,
+            session_timeout: s.duration("session_timeout")?,
+            listen_tls: s.parse("listen_tls", listen_list)?,
+            tls_identity: s.identity(
+                ["tls_cert", "tls_key", "tls_pkcs12", "tls_pkcs12_password"],
+                &mut warnings,
+            )?,
+            tls_required_from: s.cidrs("tls_required_from")?,
+            auth_plaintext: s.boolean("auth_plaintext")?,
+            max_bad_commands: s.count("max_bad_commands", 0)?,
+            max_sessions_per_ip: s.count("max_sessions_per_ip", 0)?,
+            connection_rate_per_ip: s.count("connection_rate_per_ip", 0)? as u32,
+            max_header_fields: s.count("max_header_fields", 16)?,
+            max_header_size: s.count("max_header_size", 1024)?,
+            max_mime_depth: s.count("max_mime_depth", 1)?,
         };
+        if listener.tls_identity.is_none() {
+            for key in ["listen_tls", "tls_required_from"] {
+                if !s.raw(key).trim().is_empty() {
+                    return Err(s.err(
+                        key,
+                        s.raw(key),
+                        "needs tls_cert and tls_key, or tls_pkcs12",
+                    ));
+                }
+            }
+        }
 
         let mut peers = Vec::new();
         for (name, _) in sections.iter().filter(|(n, _)| n.starts_with("peer.")) {
@@ -631,6 +915,49 @@ impl Config {
                 idle_timeout: s.duration("idle_timeout")?,
                 probe_min: s.duration("probe_min")?,
                 probe_max: s.duration("probe_max")?,
+                tls: s.parse("tls", |v| match v.trim() {
+                    "off" => Ok(TlsMode::Off),
+                    "opportunistic" => Ok(TlsMode::Opportunistic),
+                    "required" => Ok(TlsMode::Required),
+                    _ => Err("expected off, opportunistic or required".into()),
+                })?,
+                tls_verify: s.boolean("tls_verify")?,
+                tls_ca: match s.read_file("tls_ca_file")? {
+                    None => None,
+                    Some((_, pem)) => Some(TlsRoots(
+                        native_tls::Certificate::stack_from_pem(&pem)
+                            .ok()
+                            .filter(|c| !c.is_empty())
+                            .ok_or_else(|| {
+                                s.err(
+                                    "tls_ca_file",
+                                    s.raw("tls_ca_file"),
+                                    "holds no PEM certificate",
+                                )
+                            })?,
+                    )),
+                },
+                tls_server_name: s.string("tls_server_name"),
+                tls_client_identity: s.identity(
+                    [
+                        "tls_client_cert",
+                        "tls_client_key",
+                        "tls_client_pkcs12",
+                        "tls_client_pkcs12_password",
+                    ],
+                    &mut warnings,
+                )?,
+                auth: match (s.string("auth_user"), s.secret("auth_password")) {
+                    (None, None) => None,
+                    (Some(u), Some(p)) => Some((u, p)),
+                    (Some(_), None) => {
+                        return Err(s.err("auth_password", "", "auth_user needs auth_password"));
+                    }
+                    (None, Some(_)) => {
+                        return Err(s.err("auth_user", "", "auth_password needs auth_user"));
+                    }
+                },
+                auth_plaintext: s.boolean("auth_plaintext")?,
             };
             if peer.min_connections > peer.max_connections {
                 return Err(s.err(
@@ -730,6 +1057,47 @@ impl Config {
             ported.push((number, peer));
         }
 
+        let mut auth_users = Vec::new();
+        let auth = sections
+            .iter()
+            .find(|(n, _)| n == "auth")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let mut auth_keys: Vec<_> = auth.into_iter().collect();
+        auth_keys.sort();
+        for (k, v) in auth_keys {
+            if AUTH_KEYS.iter().any(|(n, _)| *n == k) {
+                let text = std::fs::read_to_string(v.trim())
+                    .map_err(|e| loc("auth", &k, &v, format!("cannot read: {e}")))?;
+                if let Some(w) = readable_by_others(Path::new(v.trim())) {
+                    warnings.push(format!("{}: {w}", v.trim()));
+                }
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let (name, rest) = line.split_once(':').unwrap_or((line, ""));
+                    let user = parse_auth_user(name.trim(), rest, peer_index)
+                        .map_err(|p| loc("auth", &k, &v, format!("line {}: {p}", n + 1)))?;
+                    auth_users.push(user);
+                }
+            } else {
+                let user = parse_auth_user(&k, v.trim(), peer_index)
+                    .map_err(|p| loc("auth", &k, "(hidden)", p))?;
+                auth_users.push(user);
+            }
+        }
+        let mut names = HashSet::new();
+        if let Some(dup) = auth_users.iter().find(|u| !names.insert(u.name.clone())) {
+            return Err(loc(
+                "auth",
+                &dup.name,
+                "(hidden)",
+                "user given twice".into(),
+            ));
+        }
+
         Ok(Config {
             path: path.to_path_buf(),
             relay,
@@ -737,6 +1105,8 @@ impl Config {
             peers,
             default_peer,
             ported,
+            auth_users,
+            warnings,
         })
     }
 
@@ -931,7 +1301,12 @@ default = B
         let c = Config::load(&path).unwrap();
         assert_eq!(c.peers.len(), 2);
         let text = std::fs::read_to_string(&path).unwrap();
-        for (key, _) in RELAY_KEYS.iter().chain(LISTENER_KEYS).chain(PEER_KEYS) {
+        for (key, _) in RELAY_KEYS
+            .iter()
+            .chain(LISTENER_KEYS)
+            .chain(PEER_KEYS)
+            .chain(AUTH_KEYS)
+        {
             let documented = text
                 .lines()
                 .any(|l| l.trim_start_matches(';').starts_with(&format!("{key} =")));

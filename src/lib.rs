@@ -27,3 +27,4 @@ pub mod route;
 pub mod sim;
 pub mod smtp;
 pub mod spool;
+pub mod tls;

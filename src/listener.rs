@@ -24,8 +24,10 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{debug, error, info, warn};
 use parking_lot::{Mutex, RwLock};
 
-use crate::access::{AccessControl, ClientClass};
-use crate::config::{Config, Mm4Check};
+use native_tls::TlsAcceptor;
+
+use crate::access::{AccessControl, Cidr, ClientClass};
+use crate::config::{AuthUser, Config, Mm4Check};
 use crate::message::{IdSource, Job, Message, received_header};
 use crate::mm4;
 use crate::queue::Queue;
@@ -33,6 +35,7 @@ use crate::route::{Address, PeerId, Router};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
 use crate::spool::{NewMessage, Spool, SpoolError};
+use crate::tls::{self, Stream};
 
 /// Inbound counters, for the metrics.
 #[derive(Debug, Default)]
@@ -55,6 +58,12 @@ pub struct InboundStats {
     pub rcpt_unroutable: AtomicU64,
     /// Recipients refused: relaying denied.
     pub rcpt_relay_denied: AtomicU64,
+    /// Connections refused by the per-address session or rate limits.
+    pub refused_per_ip: AtomicU64,
+    /// Sessions that started TLS (STARTTLS or implicit).
+    pub tls_sessions: AtomicU64,
+    /// AUTH attempts that failed.
+    pub auth_failures: AtomicU64,
 }
 
 /// What sessions decide with; replaced whole by a configuration reload.
@@ -66,17 +75,31 @@ struct Tables {
     mm4_check: Mm4Check,
     command_timeout: Duration,
     data_timeout: Duration,
+    session_timeout: Duration,
     queue_lifetime: Duration,
+    limits: mm4::Limits,
+    tls: Option<TlsAcceptor>,
+    tls_required_from: Vec<Cidr>,
+    auth_users: Vec<AuthUser>,
+    max_sessions_per_ip: usize,
+    connection_rate_per_ip: u32,
 }
 
 impl Tables {
-    fn new(config: &Config) -> Tables {
+    fn new(config: &Config) -> io::Result<Tables> {
         let l = &config.listener;
-        Tables {
+        let tls = tls::acceptor(l).map_err(|e| {
+            io::Error::other(format!("{}: [listener] TLS: {e}", config.path.display()))
+        })?;
+        Ok(Tables {
             session: SessionConfig {
                 hostname: config.relay.hostname.clone(),
                 max_message_size: l.max_message_size,
                 max_recipients: l.max_recipients,
+                starttls: tls.is_some(),
+                auth: !config.auth_users.is_empty(),
+                auth_plaintext: l.auth_plaintext,
+                max_bad_commands: l.max_bad_commands,
             },
             router: config.router(),
             access: config.access_control(),
@@ -84,8 +107,19 @@ impl Tables {
             mm4_check: l.mm4_check,
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,
+            session_timeout: l.session_timeout,
             queue_lifetime: config.relay.queue_lifetime,
-        }
+            limits: mm4::Limits {
+                max_header_fields: l.max_header_fields,
+                max_header_size: l.max_header_size,
+                max_mime_depth: l.max_mime_depth,
+            },
+            tls,
+            tls_required_from: l.tls_required_from.clone(),
+            auth_users: config.auth_users.clone(),
+            max_sessions_per_ip: l.max_sessions_per_ip,
+            connection_rate_per_ip: l.connection_rate_per_ip,
+        })
     }
 }
 
@@ -111,22 +145,30 @@ impl Inbound {
         ids: Arc<IdSource>,
         queue: Arc<Queue>,
         spool: Arc<Spool>,
-    ) -> Inbound {
-        Inbound {
-            tables: RwLock::new(Arc::new(Tables::new(config))),
+    ) -> io::Result<Inbound> {
+        Ok(Inbound {
+            tables: RwLock::new(Arc::new(Tables::new(config)?)),
             ids,
             queue,
             spool,
             dedup: Dedup::new(config.relay.dedup_window),
             stats: Arc::default(),
-        }
+        })
+    }
+
+    /// Checks what `new` and `reload` build (the TLS server side) without
+    /// applying anything.
+    pub fn validate(config: &Config) -> Result<(), String> {
+        Tables::new(config).map(drop).map_err(|e| e.to_string())
     }
 
     /// Applies a reloaded configuration: routes, relay control, the MM4
-    /// check, timeouts and the queue lifetime at once; session limits for
-    /// sessions that start from now on.
-    pub fn reload(&self, config: &Config) {
-        *self.tables.write() = Arc::new(Tables::new(config));
+    /// check, timeouts, limits, the certificate, the AUTH users and the
+    /// queue lifetime at once; session limits for sessions that start from
+    /// now on.
+    pub fn reload(&self, config: &Config) -> io::Result<()> {
+        *self.tables.write() = Arc::new(Tables::new(config)?);
+        Ok(())
     }
 
     fn tables(&self) -> Arc<Tables> {
@@ -175,11 +217,39 @@ impl Handler for RelayHandler {
         Ok(peer)
     }
 
+    fn auth(&mut self, user: &str, password: &str) -> bool {
+        let tables = self.inbound.tables();
+        let found = tables
+            .auth_users
+            .iter()
+            .find(|u| u.name == user && u.password.matches(password));
+        match found {
+            Some(u) => {
+                info!(
+                    "auth ok: client=[{}] user={user} peer={}",
+                    self.client_ip, tables.peer_names[u.peer]
+                );
+                if self.class != ClientClass::Local {
+                    self.class = ClientClass::Partner(u.peer);
+                }
+                true
+            }
+            None => {
+                self.inbound
+                    .stats
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!("auth failed: client=[{}] user={user:?}", self.client_ip);
+                false
+            }
+        }
+    }
+
     fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
         let inbound = &self.inbound;
         let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
         let tables = inbound.tables();
-        let info = match mm4::check(&data, &rcpts, tables.mm4_check) {
+        let info = match mm4::check(&data, &rcpts, tables.mm4_check, &tables.limits) {
             Ok(info) => info,
             Err(e) => {
                 info!(
@@ -382,6 +452,16 @@ impl Dedup {
 struct Slot {
     stream: TcpStream,
     in_data: Arc<AtomicBool>,
+    /// A TLS session cannot be told 421 through the raw socket.
+    tls: Arc<AtomicBool>,
+}
+
+/// What one client address is doing, for the per-address limits.
+struct PerIp {
+    open: usize,
+    /// Connection tokens left (refilled at the configured rate) and when.
+    tokens: f64,
+    refilled: Instant,
 }
 
 struct Sessions {
@@ -389,9 +469,51 @@ struct Sessions {
     stopping: AtomicBool,
     live: Mutex<HashMap<u64, Slot>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Sessions and connection rate per client address (local MMSC
+    /// hosts are not counted).
+    per_ip: Mutex<HashMap<IpAddr, PerIp>>,
     /// The inbound counters (sessions open is the limit's count).
     stats: Arc<InboundStats>,
     next: AtomicU64,
+}
+
+impl Sessions {
+    /// Counts a new connection from `ip` against its limits; the reason
+    /// when it is over one.
+    fn admit(&self, ip: IpAddr, max_open: usize, rate: u32) -> Result<(), &'static str> {
+        let mut map = self.per_ip.lock();
+        let now = Instant::now();
+        if map.len() > 4096 {
+            map.retain(|_, e| {
+                e.open > 0 || now.duration_since(e.refilled) < Duration::from_secs(10)
+            });
+        }
+        let e = map.entry(ip).or_insert(PerIp {
+            open: 0,
+            tokens: f64::from(rate),
+            refilled: now,
+        });
+        if rate > 0 {
+            let rate = f64::from(rate);
+            e.tokens = (e.tokens + now.duration_since(e.refilled).as_secs_f64() * rate).min(rate);
+            e.refilled = now;
+            if e.tokens < 1.0 {
+                return Err("too many connections per second from this address");
+            }
+            e.tokens -= 1.0;
+        }
+        if max_open > 0 && e.open >= max_open {
+            return Err("too many sessions from this address");
+        }
+        e.open += 1;
+        Ok(())
+    }
+
+    fn release(&self, ip: IpAddr) {
+        if let Some(e) = self.per_ip.lock().get_mut(&ip) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
 }
 
 /// The running listener: accept threads and the sessions they started.
@@ -401,22 +523,36 @@ pub struct Listener {
     sessions: Arc<Sessions>,
 }
 
+/// A bound socket and whether it speaks TLS from the first octet.
+pub struct Bound {
+    listener: TcpListener,
+    implicit_tls: bool,
+}
+
 impl Listener {
-    /// Binds every address (before privileges are dropped, so that ports
-    /// below 1024 work).
-    pub fn bind(listen: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
-        listen
-            .iter()
-            .map(|addr| {
-                TcpListener::bind(addr)
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    /// Binds every address, plain (`listen`) and implicit TLS
+    /// (`listen_tls`), before privileges are dropped, so that ports below
+    /// 1024 work.
+    pub fn bind(listen: &[SocketAddr], listen_tls: &[SocketAddr]) -> io::Result<Vec<Bound>> {
+        let plain = listen.iter().map(|a| (a, false));
+        let implicit = listen_tls.iter().map(|a| (a, true));
+        plain
+            .chain(implicit)
+            .map(|(addr, implicit_tls)| {
+                let listener = TcpListener::bind(addr).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+                Ok(Bound {
+                    listener,
+                    implicit_tls,
+                })
             })
             .collect()
     }
 
-    /// Starts accepting on listeners from [`Listener::bind`].
+    /// Starts accepting on sockets from [`Listener::bind`].
     pub fn start(
-        listeners: Vec<TcpListener>,
+        bound: Vec<Bound>,
         max_sessions: usize,
         inbound: Arc<Inbound>,
     ) -> io::Result<Listener> {
@@ -424,20 +560,24 @@ impl Listener {
             stopping: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             handles: Mutex::new(Vec::new()),
+            per_ip: Mutex::new(HashMap::new()),
             stats: inbound.stats(),
             next: AtomicU64::new(0),
         });
         let mut addrs = Vec::new();
         let mut accept_threads = Vec::new();
-        for l in listeners {
-            let local = l.local_addr()?;
-            info!("listening on {local}");
+        for b in bound {
+            let local = b.listener.local_addr()?;
+            info!(
+                "listening on {local}{}",
+                if b.implicit_tls { " (TLS)" } else { "" }
+            );
             addrs.push(local);
             let (sessions, inbound) = (sessions.clone(), inbound.clone());
             accept_threads.push(
                 thread::Builder::new()
                     .name(format!("accept-{local}"))
-                    .spawn(move || accept_loop(&l, &sessions, &inbound, max_sessions))?,
+                    .spawn(move || accept_loop(&b, &sessions, &inbound, max_sessions))?,
             );
         }
         Ok(Listener {
@@ -447,7 +587,8 @@ impl Listener {
         })
     }
 
-    /// The bound addresses (with the real port when 0 was asked for).
+    /// The bound addresses (with the real port when 0 was asked for),
+    /// plain ones first, then implicit-TLS ones.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
@@ -473,7 +614,9 @@ impl Listener {
         }
         for slot in self.sessions.live.lock().values() {
             if !slot.in_data.load(Ordering::Acquire) {
-                let _ = (&slot.stream).write_all(b"421 4.3.2 shutting down\r\n");
+                if !slot.tls.load(Ordering::Acquire) {
+                    let _ = (&slot.stream).write_all(b"421 4.3.2 shutting down\r\n");
+                }
                 let _ = slot.stream.shutdown(Shutdown::Both);
             }
         }
@@ -484,17 +627,18 @@ impl Listener {
     }
 }
 
-fn accept_loop(
-    l: &TcpListener,
-    sessions: &Arc<Sessions>,
-    inbound: &Arc<Inbound>,
-    max_sessions: usize,
-) {
-    for conn in l.incoming() {
+/// Answers a connection over a limit with 421 and closes it.
+fn refuse(mut stream: TcpStream, status: &str, why: &str) {
+    let _ = stream.write_all(format!("421 {status} {why}, try again later\r\n").as_bytes());
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_sessions: usize) {
+    for conn in b.listener.incoming() {
         if sessions.stopping.load(Ordering::Acquire) {
             break;
         }
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 warn!("accept failed: {e}");
@@ -507,20 +651,38 @@ fn accept_loop(
         let Ok(peer) = stream.peer_addr() else {
             continue;
         };
+        let ip = peer.ip().to_canonical();
         if sessions.stats.sessions_open.load(Ordering::Acquire) >= max_sessions {
-            warn!(
-                "session limit {max_sessions} reached: refusing [{}]",
-                peer.ip()
-            );
-            let _ = stream.write_all(b"421 4.3.2 too many sessions, try again later\r\n");
-            let _ = stream.shutdown(Shutdown::Both);
+            warn!("session limit {max_sessions} reached: refusing [{ip}]");
+            refuse(stream, "4.3.2", "too many sessions");
             continue;
         }
+        let tables = inbound.tables();
+        let counted = tables.access.classify(ip) != ClientClass::Local;
+        if counted {
+            if let Err(why) = sessions.admit(
+                ip,
+                tables.max_sessions_per_ip,
+                tables.connection_rate_per_ip,
+            ) {
+                sessions
+                    .stats
+                    .refused_per_ip
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!("refusing [{ip}]: {why}");
+                refuse(stream, "4.7.0", why);
+                continue;
+            }
+        }
         let Ok(clone) = stream.try_clone() else {
+            if counted {
+                sessions.release(ip);
+            }
             continue;
         };
         let id = sessions.next.fetch_add(1, Ordering::Relaxed);
         let in_data = Arc::new(AtomicBool::new(false));
+        let tls = Arc::new(AtomicBool::new(b.implicit_tls));
         sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
         sessions
             .stats
@@ -531,38 +693,66 @@ fn accept_loop(
             Slot {
                 stream: clone,
                 in_data: in_data.clone(),
+                tls: tls.clone(),
             },
         );
         let (sessions2, inbound2) = (sessions.clone(), inbound.clone());
+        let implicit_tls = b.implicit_tls;
+        let ended = move || {
+            sessions2.live.lock().remove(&id);
+            if counted {
+                sessions2.release(ip);
+            }
+            sessions2.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
+        };
+        let state = SessionState {
+            in_data,
+            tls,
+            stopping: sessions.clone(),
+        };
         let spawned = thread::Builder::new()
             .name(format!("session-{id}"))
             .spawn(move || {
-                if let Err(e) = serve(stream, peer, &inbound2, &in_data, &sessions2.stopping) {
+                if let Err(e) = serve(stream, peer, &inbound2, implicit_tls, &state) {
                     debug!("session [{}] ended: {e}", peer.ip());
                 }
-                sessions2.live.lock().remove(&id);
-                sessions2.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
+                ended();
             });
         match spawned {
             Ok(h) => sessions.handles.lock().push(h),
             Err(e) => {
                 warn!("cannot start a session thread: {e}");
                 sessions.live.lock().remove(&id);
+                if counted {
+                    sessions.release(ip);
+                }
                 sessions.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
 }
 
+/// What a session shares with the listener.
+struct SessionState {
+    in_data: Arc<AtomicBool>,
+    tls: Arc<AtomicBool>,
+    stopping: Arc<Sessions>,
+}
+
 /// Drives one session over its socket until QUIT, a timeout, EOF or stop.
+///
+/// Deadlines, against slow clients: a command line must be complete within
+/// `command_timeout` of the previous one, the whole DATA phase within
+/// `data_timeout`, and the session within `session_timeout` (checked
+/// between transactions). Each ends the session with a 421.
 fn serve(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     inbound: &Arc<Inbound>,
-    in_data: &AtomicBool,
-    stopping: &AtomicBool,
+    implicit_tls: bool,
+    state: &SessionState,
 ) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
     let ip = peer.ip().to_canonical();
     let tables = inbound.tables();
     let class = tables.access.classify(ip);
@@ -573,52 +763,66 @@ fn serve(
         class,
     };
     let mut session: Session<PeerId> = Session::new(tables.session.clone());
+    session.require_tls(tables.tls_required_from.iter().any(|c| c.contains(ip)));
+    let started = Instant::now();
+    let mut stream = Stream::Plain(tcp);
+    if implicit_tls {
+        stream = start_tls(stream, &tables, ip)?;
+        inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+        session.tls_started();
+    }
     let mut out = Vec::with_capacity(1024);
     session.greeting().write_to(&mut out);
     stream.write_all(&out)?;
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
-    let mut data_deadline: Option<Instant> = None;
+    let mut deadline = started + tables.command_timeout;
+    let session_deadline =
+        (!tables.session_timeout.is_zero()).then(|| started + tables.session_timeout);
     let mut read_timeout = Duration::ZERO;
     loop {
-        let timeout = match data_deadline {
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    stream.write_all(b"421 4.4.2 DATA took too long, closing\r\n")?;
-                    return Ok(());
-                }
-                left.min(tables.command_timeout)
-            }
-            None => tables.command_timeout,
+        let receiving = session.in_data();
+        let now = Instant::now();
+        if !receiving && session_deadline.is_some_and(|d| now >= d) {
+            stream.write_all(b"421 4.4.2 session time limit reached, closing\r\n")?;
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            let why: &[u8] = if receiving {
+                b"421 4.4.2 timeout receiving DATA, closing\r\n"
+            } else {
+                b"421 4.4.2 timeout waiting for a command, closing\r\n"
+            };
+            stream.write_all(why)?;
+            return Ok(());
+        }
+        let left = match session_deadline {
+            Some(d) if !receiving => left.min(d.saturating_duration_since(now)),
+            _ => left,
         };
-        // A setsockopt per read would cost as much as the read: set on change.
-        // Inside DATA the time left shrinks with every read: whole seconds.
-        let timeout = if timeout > Duration::from_secs(1) {
-            Duration::from_secs(timeout.as_secs())
+        // A setsockopt per read would cost as much as the read: set on
+        // change, in whole seconds while more than one is left.
+        let timeout = if left > Duration::from_secs(1) {
+            Duration::from_secs(left.as_secs())
         } else {
-            timeout.max(Duration::from_millis(1))
+            left.max(Duration::from_millis(1))
         };
         if timeout != read_timeout {
-            stream.set_read_timeout(Some(timeout))?;
+            stream.tcp().set_read_timeout(Some(timeout))?;
             read_timeout = timeout;
         }
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
+            // The deadlines above decide what a timeout means.
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let why: &[u8] = if data_deadline.is_some() {
-                    b"421 4.4.2 timeout receiving DATA, closing\r\n"
-                } else {
-                    b"421 4.4.2 timeout waiting for a command, closing\r\n"
-                };
-                stream.write_all(why)?;
-                return Ok(());
+                continue;
             }
             Err(e) => return Err(e),
         };
@@ -632,16 +836,41 @@ fn serve(
         if progress.close {
             return Ok(());
         }
-        let receiving = session.in_data();
-        in_data.store(receiving, Ordering::Release);
-        data_deadline = match (receiving, data_deadline) {
-            (true, None) => Some(Instant::now() + tables.data_timeout),
-            (true, d) => d,
-            (false, _) => None,
-        };
-        if stopping.load(Ordering::Acquire) && !receiving {
+        if progress.starttls {
+            // Anything pipelined after STARTTLS was dropped by the session.
+            buf.clear();
+            stream = start_tls(stream, &tables, ip)?;
+            state.tls.store(true, Ordering::Release);
+            inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+            session.tls_started();
+        }
+        let now_receiving = session.in_data();
+        state.in_data.store(now_receiving, Ordering::Release);
+        if now_receiving && !receiving {
+            deadline = Instant::now() + tables.data_timeout;
+        } else if !now_receiving && (receiving || progress.consumed > 0) {
+            deadline = Instant::now() + tables.command_timeout;
+        }
+        if state.stopping.stopping.load(Ordering::Acquire) && !now_receiving {
             stream.write_all(b"421 4.3.2 shutting down\r\n")?;
             return Ok(());
         }
     }
+}
+
+/// The server TLS handshake, bounded by the command timeout.
+fn start_tls(stream: Stream, tables: &Tables, ip: IpAddr) -> io::Result<Stream> {
+    let acceptor = tables
+        .tls
+        .as_ref()
+        .ok_or_else(|| io::Error::other("TLS asked for without a certificate"))?;
+    stream
+        .tcp()
+        .set_read_timeout(Some(tables.command_timeout.max(Duration::from_millis(1))))?;
+    let stream = stream.accept(acceptor).map_err(|e| {
+        info!("TLS failed: client=[{ip}] {e}");
+        io::Error::other(e.to_string())
+    })?;
+    debug!("TLS started: client=[{ip}]");
+    Ok(stream)
 }

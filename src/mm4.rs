@@ -23,8 +23,62 @@ use std::fmt;
 use crate::config::Mm4Check;
 use crate::route::Address;
 
-/// Most nested multiparts (corpus README).
-pub const MAX_MIME_DEPTH: usize = 10;
+/// Bounds on a message's structure that hold in every check mode, so a
+/// hostile message costs bounded work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most header fields in the top-level header section.
+    pub max_header_fields: usize,
+    /// Largest top-level header section, in octets.
+    pub max_header_size: usize,
+    /// Most nested multiparts.
+    pub max_mime_depth: usize,
+}
+
+impl Default for Limits {
+    /// 1000 fields, 64 KiB, 10 levels (corpus README for the depth).
+    fn default() -> Limits {
+        Limits {
+            max_header_fields: 1000,
+            max_header_size: 64 * 1024,
+            max_mime_depth: 10,
+        }
+    }
+}
+
+/// Refuses a header section with too many fields or too many octets,
+/// looking no further than the limits.
+pub fn check_limits(data: &[u8], limits: &Limits) -> Result<(), Mm4Error> {
+    let mut fields = 0;
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = data[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |p| pos + p + 1);
+        let line = &data[pos..end];
+        if line == b"\r\n" || line == b"\n" {
+            return Ok(());
+        }
+        if !matches!(line[0], b' ' | b'\t') {
+            fields += 1;
+        }
+        if fields > limits.max_header_fields {
+            return Err(Mm4Error {
+                status: "5.3.4",
+                reason: format!("more than {} header fields", limits.max_header_fields),
+            });
+        }
+        if end > limits.max_header_size {
+            return Err(Mm4Error {
+                status: "5.3.4",
+                reason: format!("header section over {} octets", limits.max_header_size),
+            });
+        }
+        pos = end;
+    }
+    Ok(())
+}
 /// Highest `X-Mms-Forward-Counter` before we call it a loop.
 pub const MAX_FORWARD_COUNTER: u32 = 10;
 
@@ -255,7 +309,13 @@ fn count(fields: &[Field<'_>], name: &str) -> usize {
 }
 
 /// Checks a message received for `rcpts` and reads its IDs.
-pub fn check(data: &[u8], rcpts: &[&str], mode: Mm4Check) -> Result<Mm4Info, Mm4Error> {
+pub fn check(
+    data: &[u8],
+    rcpts: &[&str],
+    mode: Mm4Check,
+    limits: &Limits,
+) -> Result<Mm4Info, Mm4Error> {
+    check_limits(data, limits)?;
     let parsed = parse_header(data);
     if mode == Mm4Check::Off {
         let fields = parsed.map(|(f, _)| f).unwrap_or_default();
@@ -293,7 +353,7 @@ pub fn check(data: &[u8], rcpts: &[&str], mode: Mm4Check) -> Result<Mm4Info, Mm4
             });
         }
     }
-    check_mime(&fields, &data[body_start..], 0)?;
+    check_mime(&fields, &data[body_start..], 0, limits.max_mime_depth)?;
     if strict && pdu == Pdu::ForwardReq && body_start >= data.len() {
         return Err(Mm4Error::format("MM4_forward.REQ without a body"));
     }
@@ -477,8 +537,13 @@ fn split_params(value: &str) -> Vec<String> {
 }
 
 /// Checks that every multipart has a boundary, at least one part and its
-/// closing delimiter, no deeper than [`MAX_MIME_DEPTH`].
-fn check_mime(fields: &[Field<'_>], body: &[u8], depth: usize) -> Result<(), Mm4Error> {
+/// closing delimiter, no deeper than `max_depth`.
+fn check_mime(
+    fields: &[Field<'_>],
+    body: &[u8],
+    depth: usize,
+    max_depth: usize,
+) -> Result<(), Mm4Error> {
     let Some(ct) = find(fields, "Content-Type") else {
         return Ok(());
     };
@@ -486,9 +551,9 @@ fn check_mime(fields: &[Field<'_>], body: &[u8], depth: usize) -> Result<(), Mm4
     if !media.starts_with("multipart/") {
         return Ok(());
     }
-    if depth >= MAX_MIME_DEPTH {
+    if depth >= max_depth {
         return Err(Mm4Error::format(format!(
-            "MIME nesting deeper than {MAX_MIME_DEPTH}"
+            "MIME nesting deeper than {max_depth}"
         )));
     }
     let boundary = boundary
@@ -510,7 +575,7 @@ fn check_mime(fields: &[Field<'_>], body: &[u8], depth: usize) -> Result<(), Mm4
                 if let Some(start) = part_start {
                     // The CRLF before the delimiter belongs to the delimiter.
                     let part_end = pos.saturating_sub(2).max(start);
-                    check_part(&body[start..part_end], depth)?;
+                    check_part(&body[start..part_end], depth, max_depth)?;
                 }
                 if closing {
                     return Ok(());
@@ -526,9 +591,9 @@ fn check_mime(fields: &[Field<'_>], body: &[u8], depth: usize) -> Result<(), Mm4
     }))
 }
 
-fn check_part(part: &[u8], depth: usize) -> Result<(), Mm4Error> {
+fn check_part(part: &[u8], depth: usize, max_depth: usize) -> Result<(), Mm4Error> {
     let (fields, body_start) = parse_header(part)?;
-    check_mime(&fields, &part[body_start..], depth + 1)
+    check_mime(&fields, &part[body_start..], depth + 1, max_depth)
 }
 
 #[cfg(test)]
@@ -543,7 +608,7 @@ mod tests {
     const RCPT: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 
     fn strict(msg: &str, rcpts: &[&str]) -> Result<Mm4Info, Mm4Error> {
-        check(msg.as_bytes(), rcpts, Mm4Check::Strict)
+        check(msg.as_bytes(), rcpts, Mm4Check::Strict, &Limits::default())
     }
 
     #[test]
@@ -609,10 +674,26 @@ mod tests {
     #[test]
     fn lenient_and_off() {
         let eight_bit = REQ.replace("From:", "Subject: caf\u{e9}\r\nFrom:");
-        assert!(check(eight_bit.as_bytes(), &[RCPT], Mm4Check::Lenient).is_ok());
+        assert!(
+            check(
+                eight_bit.as_bytes(),
+                &[RCPT],
+                Mm4Check::Lenient,
+                &Limits::default()
+            )
+            .is_ok()
+        );
         let no_type = REQ.replace("X-Mms-Message-Type: MM4_forward.REQ\r\n", "");
-        assert!(check(no_type.as_bytes(), &[RCPT], Mm4Check::Lenient).is_err());
-        let info = check(b"garbage", &[RCPT], Mm4Check::Off).unwrap();
+        assert!(
+            check(
+                no_type.as_bytes(),
+                &[RCPT],
+                Mm4Check::Lenient,
+                &Limits::default()
+            )
+            .is_err()
+        );
+        let info = check(b"garbage", &[RCPT], Mm4Check::Off, &Limits::default()).unwrap();
         assert_eq!(info.pdu, None);
     }
 
@@ -626,7 +707,15 @@ mod tests {
         assert!(strict(report, &[ok]).is_ok());
         assert!(strict(report, &[other]).is_err());
         assert!(strict(report, &[ok, ok]).is_err());
-        assert!(check(report.as_bytes(), &[other], Mm4Check::Lenient).is_ok());
+        assert!(
+            check(
+                report.as_bytes(),
+                &[other],
+                Mm4Check::Lenient,
+                &Limits::default()
+            )
+            .is_ok()
+        );
         let bad_status = report.replace("Retrieved", "Delivered");
         assert!(
             strict(&bad_status, &[ok])
@@ -661,5 +750,33 @@ mod tests {
     fn splits_address_lists() {
         assert_eq!(split_addresses("\"A, B\" <a@b>, c@d"), vec!["a@b", "c@d"]);
         assert_eq!(split_addresses(""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn header_limits_hold_in_every_mode() {
+        let limits = Limits {
+            max_header_fields: 5,
+            max_header_size: 1024,
+            max_mime_depth: 10,
+        };
+        let mut many = String::new();
+        for i in 0..6 {
+            many.push_str(&format!("X-H{i}: v\r\n  folded\r\n"));
+        }
+        many.push_str("\r\nbody\r\n");
+        let big = format!("Subject: {}\r\n\r\n", "x".repeat(2000));
+        for mode in [Mm4Check::Strict, Mm4Check::Lenient, Mm4Check::Off] {
+            let e = check(many.as_bytes(), &[RCPT], mode, &limits).unwrap_err();
+            assert!(e.to_string().contains("more than 5 header fields"), "{e}");
+            let e = check(big.as_bytes(), &[RCPT], mode, &limits).unwrap_err();
+            assert!(
+                e.to_string().starts_with("5.3.4 header section over 1024"),
+                "{e}"
+            );
+        }
+        // Five fields with continuation lines, and a big body, are fine.
+        let five: String = many.lines().take(10).map(|l| format!("{l}\r\n")).collect();
+        let ok = format!("{five}\r\n{}", "y".repeat(5000));
+        assert!(check_limits(ok.as_bytes(), &limits).is_ok());
     }
 }

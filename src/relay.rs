@@ -78,7 +78,8 @@ impl Relay {
         };
         // Ports first, as root if need be; then become the configured user
         // before anything touches the spool.
-        let listeners = Listener::bind(&config.listener.listen)?;
+        Inbound::validate(config).map_err(io::Error::other)?;
+        let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
         if let Some(user) = &config.relay.user {
             privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
         }
@@ -156,7 +157,13 @@ impl Relay {
             queue: queue.clone(),
             spool: spool.clone(),
         };
-        let inbound = Arc::new(Inbound::new(config, ids, queue, spool));
+        let inbound = match Inbound::new(config, ids, queue, spool) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                relay.shutdown();
+                return Err(e);
+            }
+        };
         relay.inbound = Some(inbound.clone());
         if let Some(path) = &config.relay.control_socket {
             relay.control = Some(ControlSocket::start(path, sources.clone())?);
@@ -200,15 +207,21 @@ impl Relay {
                 names(new)
             ));
         }
-        if new.listener.listen != self.config.listener.listen {
+        if new.listener.listen != self.config.listener.listen
+            || new.listener.listen_tls != self.config.listener.listen_tls
+        {
             return Err("other listen addresses need a restart".into());
         }
+        Inbound::validate(new)?;
         for (p, cfg) in self.peers.iter().zip(&new.peers) {
             p.view().check_reload(cfg)?;
         }
         // Nothing below can fail: apply it all.
         if let Some(inbound) = &self.inbound {
-            inbound.reload(new);
+            if let Err(e) = inbound.reload(new) {
+                // Validated above: only a file changed in between gets here.
+                warn!("reload: listener tables kept: {e}");
+            }
         }
         for (p, cfg) in self.peers.iter().zip(&new.peers) {
             p.view().reload(cfg.clone());

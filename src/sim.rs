@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use native_tls::TlsAcceptor;
 use parking_lot::{Condvar, Mutex};
 
-use crate::peer::{Connection, Delivery, Outbound, Timeouts};
+use crate::peer::{Connection, Delivery, Outbound, Security, Timeouts};
 use crate::smtp::Reply;
 use crate::smtp::command::BodyType;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
+use crate::tls::Stream;
 
 /// How a simulated peer misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,19 @@ pub struct Received {
     pub eight_bit: bool,
     /// When it was accepted.
     pub at: Instant,
+    /// True if it came over TLS.
+    pub tls: bool,
+    /// The user the sender authenticated as, if it did.
+    pub user: Option<String>,
+}
+
+/// What a simulated peer offers beyond plain SMTP.
+#[derive(Clone, Default)]
+pub struct SimSecurity {
+    /// Offer STARTTLS with this server side.
+    pub tls: Option<TlsAcceptor>,
+    /// Offer AUTH (over TLS only) with this user and password.
+    pub auth: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -72,6 +87,7 @@ struct Shared {
     stopping: AtomicBool,
     conns: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     group: Option<Arc<Gauge>>,
+    security: SimSecurity,
 }
 
 /// A simulated destination MMSC listening on loopback.
@@ -90,6 +106,15 @@ impl SimPeer {
 
     /// Starts a sink whose open connections also count in `group`.
     pub fn start_in(keep: bool, group: Option<Arc<Gauge>>) -> io::Result<SimPeer> {
+        SimPeer::start_with(keep, group, SimSecurity::default())
+    }
+
+    /// Starts a sink that also offers STARTTLS and AUTH as `security` says.
+    pub fn start_with(
+        keep: bool,
+        group: Option<Arc<Gauge>>,
+        security: SimSecurity,
+    ) -> io::Result<SimPeer> {
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let l = TcpListener::bind(addr)?;
         let addr = l.local_addr()?;
@@ -102,6 +127,7 @@ impl SimPeer {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             group,
+            security,
         });
         let s = shared.clone();
         let accept = thread::Builder::new()
@@ -219,6 +245,8 @@ fn sim_accept(l: &TcpListener, shared: &Arc<Shared>) {
 struct SimHandler<'a> {
     shared: &'a Shared,
     drop_now: bool,
+    tls: bool,
+    user: Option<String>,
 }
 
 impl Handler for SimHandler<'_> {
@@ -226,6 +254,19 @@ impl Handler for SimHandler<'_> {
 
     fn rcpt(&mut self, _from: &str, _rcpt: &str) -> Result<(), Reply> {
         Ok(())
+    }
+
+    fn auth(&mut self, user: &str, password: &str) -> bool {
+        let ok = self
+            .shared
+            .security
+            .auth
+            .as_ref()
+            .is_some_and(|(u, p)| u == user && p == password);
+        if ok {
+            self.user = Some(user.to_string());
+        }
+        ok
     }
 
     fn message(&mut self, env: Envelope<()>, data: Vec<u8>) -> Reply {
@@ -249,6 +290,8 @@ impl Handler for SimHandler<'_> {
                 data,
                 eight_bit: env.params.body == BodyType::EightBitMime,
                 at: Instant::now(),
+                tls: self.tls,
+                user: self.user.clone(),
             });
         }
         c.messages.fetch_add(1, Ordering::AcqRel);
@@ -307,9 +350,10 @@ impl Gauge {
     }
 }
 
-fn sim_serve(mut stream: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
+fn sim_serve(tcp: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
     let mut open = open;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream = Stream::Plain(tcp);
     match *shared.fault.lock() {
         Fault::Busy => {
             stream.write_all(b"421 4.3.2 simulated busy\r\n")?;
@@ -327,10 +371,16 @@ fn sim_serve(mut stream: TcpStream, shared: &Shared, open: Open) -> io::Result<(
         hostname: "sim.mmsc.test".into(),
         max_message_size: 64 << 20,
         max_recipients: 1000,
+        starttls: shared.security.tls.is_some(),
+        auth: shared.security.auth.is_some(),
+        auth_plaintext: false,
+        max_bad_commands: 0,
     });
     let mut handler = SimHandler {
         shared,
         drop_now: false,
+        tls: false,
+        user: None,
     };
     let mut out = Vec::new();
     session.greeting().write_to(&mut out);
@@ -347,7 +397,7 @@ fn sim_serve(mut stream: TcpStream, shared: &Shared, open: Open) -> io::Result<(
         let p = session.feed(&buf, &mut handler, &mut out);
         buf.drain(..p.consumed);
         if handler.drop_now {
-            return stream.shutdown(Shutdown::Both);
+            return stream.tcp().shutdown(Shutdown::Both);
         }
         if p.close {
             open.close();
@@ -355,6 +405,13 @@ fn sim_serve(mut stream: TcpStream, shared: &Shared, open: Open) -> io::Result<(
         stream.write_all(&out)?;
         if p.close {
             return Ok(());
+        }
+        if p.starttls {
+            buf.clear();
+            let acceptor = shared.security.tls.as_ref().expect("STARTTLS offered");
+            stream = stream.accept(acceptor).map_err(io::Error::other)?;
+            session.tls_started();
+            handler.tls = true;
         }
     }
 }
@@ -441,8 +498,13 @@ pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing
                 let mut conn = None;
                 for m in messages.iter().skip(s).step_by(sessions) {
                     if conn.is_none() {
-                        conn =
-                            Connection::open(&target.to_string(), "loadgen.test", &timeouts).ok();
+                        conn = Connection::open(
+                            &target.to_string(),
+                            "loadgen.test",
+                            &timeouts,
+                            &Security::plain(),
+                        )
+                        .ok();
                     }
                     let Some(c) = conn.as_mut() else {
                         report.refused += 1;

@@ -10,13 +10,18 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::config::PeerConfig;
+use base64::Engine as _;
+use log::warn;
+use native_tls::TlsConnector;
+
+use crate::config::{PeerConfig, Secret, TlsMode};
 use crate::message::Job;
 use crate::smtp::Reply;
 use crate::smtp::client::{Capabilities, Expect, Refusal, Step, Transaction};
 use crate::smtp::codec::dot_stuff;
 use crate::smtp::command::BodyType;
 use crate::smtp::reply::ReplyError;
+use crate::tls::{self, Stream, TlsError};
 
 /// Timeouts per SMTP phase, after Postfix's `smtp_*_timeout` names.
 #[derive(Clone, Debug)]
@@ -49,6 +54,51 @@ impl Timeouts {
     }
 }
 
+/// TLS and AUTH towards one peer.
+#[derive(Clone)]
+pub struct Security {
+    /// Whether to STARTTLS.
+    pub mode: TlsMode,
+    /// The client side, unless `mode` is off.
+    pub connector: Option<TlsConnector>,
+    /// The name to check the certificate against, if not the host's.
+    pub server_name: Option<String>,
+    /// AUTH user and password.
+    pub auth: Option<(String, Secret)>,
+    /// Allow AUTH without TLS.
+    pub auth_plaintext: bool,
+}
+
+impl Security {
+    /// No TLS, no AUTH.
+    pub fn plain() -> Security {
+        Security {
+            mode: TlsMode::Off,
+            connector: None,
+            server_name: None,
+            auth: None,
+            auth_plaintext: false,
+        }
+    }
+
+    /// What a peer's configuration asks for.
+    pub fn of(p: &PeerConfig) -> Result<Security, TlsError> {
+        Ok(Security {
+            mode: p.tls,
+            connector: tls::connector(p)?,
+            server_name: p.tls_server_name.clone(),
+            auth: p.auth.clone(),
+            auth_plaintext: p.auth_plaintext,
+        })
+    }
+}
+
+/// The host part of `host:port`, without IPv6 brackets.
+fn host_name(host: &str) -> &str {
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    name.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Why a connection failed; every one of these closes it.
 #[derive(Debug)]
 pub enum ConnError {
@@ -67,6 +117,11 @@ pub enum ConnError {
     /// The connection failed after the final dot, before its reply: the
     /// peer may have taken the message, so the retry may duplicate it.
     AfterFinalDot(Box<ConnError>),
+    /// TLS was required and could not be had (not offered, refused, or
+    /// the handshake or certificate check failed).
+    Tls(String),
+    /// AUTH was configured and failed or could not be attempted.
+    Auth(String),
 }
 
 impl fmt::Display for ConnError {
@@ -79,6 +134,8 @@ impl fmt::Display for ConnError {
             ConnError::Closed => f.write_str("connection closed by peer"),
             ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
             ConnError::ServiceClosing(r) => write!(f, "peer closing: {r}"),
+            ConnError::Tls(e) => write!(f, "TLS: {e}"),
+            ConnError::Auth(e) => write!(f, "AUTH: {e}"),
             ConnError::AfterFinalDot(e) => {
                 write!(
                     f,
@@ -149,7 +206,7 @@ pub enum Delivery {
 
 /// An open SMTP client connection.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     caps: Capabilities,
     timeouts: Timeouts,
     rbuf: Vec<u8>,
@@ -160,19 +217,148 @@ pub struct Connection {
 
 impl Connection {
     /// Connects to `host` (`name:port`; each address it resolves to in
-    /// turn), reads the greeting and sends EHLO (HELO if EHLO is refused).
-    pub fn open(host: &str, helo_name: &str, timeouts: &Timeouts) -> Result<Connection, ConnError> {
+    /// turn), reads the greeting, sends EHLO (HELO if EHLO is refused),
+    /// then STARTTLS and AUTH as `security` says. Opportunistic TLS whose
+    /// handshake fails is logged and the connection opened again in plain
+    /// text; required TLS never falls back.
+    pub fn open(
+        host: &str,
+        helo_name: &str,
+        timeouts: &Timeouts,
+        security: &Security,
+    ) -> Result<Connection, ConnError> {
+        match Connection::open_once(host, helo_name, timeouts, security) {
+            Err(ConnError::Tls(e)) if security.mode == TlsMode::Opportunistic => {
+                warn!("host={host} {e}: opportunistic TLS, falling back to plain text");
+                let plain = Security {
+                    mode: TlsMode::Off,
+                    ..security.clone()
+                };
+                Connection::open_once(host, helo_name, timeouts, &plain)
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(
+        host: &str,
+        helo_name: &str,
+        timeouts: &Timeouts,
+        security: &Security,
+    ) -> Result<Connection, ConnError> {
         let addrs = host
             .to_socket_addrs()
             .map_err(|e| ConnError::Connect(format!("{host}: {e}")))?;
         let mut errors = Vec::new();
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
-                Ok(stream) => return Connection::greet(stream, helo_name, timeouts.clone()),
+                Ok(stream) => {
+                    let mut c = Connection::greet(stream, helo_name, timeouts.clone())?;
+                    c.secure(host, helo_name, security)?;
+                    return Ok(c);
+                }
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
         Err(ConnError::Connect(errors.join("; ")))
+    }
+
+    /// STARTTLS and AUTH on a greeted connection.
+    fn secure(
+        &mut self,
+        host: &str,
+        helo_name: &str,
+        security: &Security,
+    ) -> Result<(), ConnError> {
+        if let (Some(connector), true) = (&security.connector, security.mode != TlsMode::Off) {
+            if self.caps.starttls {
+                let reply = self.exchange(b"STARTTLS\r\n")?;
+                if reply.code == 220 {
+                    self.start_tls(
+                        connector,
+                        security.server_name.as_deref().unwrap_or(host_name(host)),
+                    )?;
+                    self.ehlo(helo_name)?;
+                } else if security.mode == TlsMode::Required {
+                    return Err(ConnError::Tls(format!("STARTTLS refused: {reply}")));
+                } else {
+                    warn!("host={host} STARTTLS refused ({reply}): opportunistic TLS, plain text");
+                }
+            } else if security.mode == TlsMode::Required {
+                return Err(ConnError::Tls("the peer does not offer STARTTLS".into()));
+            }
+        }
+        if let Some((user, password)) = &security.auth {
+            if !self.stream.is_tls() && !security.auth_plaintext {
+                return Err(ConnError::Auth(
+                    "no TLS on this connection, and auth_plaintext is no".into(),
+                ));
+            }
+            self.authenticate(user, password.expose())?;
+        }
+        Ok(())
+    }
+
+    fn start_tls(&mut self, connector: &TlsConnector, name: &str) -> Result<(), ConnError> {
+        if !self.rbuf.is_empty() {
+            // Octets after the 220 would be injected into the TLS session.
+            return Err(ConnError::Tls("data after the STARTTLS reply".into()));
+        }
+        let placeholder = Stream::Plain(self.stream.tcp().try_clone()?);
+        let stream = std::mem::replace(&mut self.stream, placeholder);
+        self.stream
+            .tcp()
+            .set_read_timeout(Some(self.timeouts.helo.max(Duration::from_millis(1))))?;
+        self.read_timeout = Duration::ZERO;
+        self.stream = stream
+            .connect(connector, name)
+            .map_err(|e| ConnError::Tls(format!("{e} (certificate name checked: {name})")))?;
+        Ok(())
+    }
+
+    /// AUTH PLAIN if offered, else AUTH LOGIN. The credentials are never
+    /// logged, nor put in an error.
+    fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ConnError> {
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let offered = |m: &str| self.caps.auth.iter().any(|a| a == m);
+        let reply = if offered("PLAIN") {
+            let token = b64(format!("\0{user}\0{password}").as_bytes());
+            self.exchange(format!("AUTH PLAIN {token}\r\n").as_bytes())?
+        } else if offered("LOGIN") {
+            let mut reply = self.exchange(b"AUTH LOGIN\r\n")?;
+            for answer in [user, password] {
+                if reply.code != 334 {
+                    break;
+                }
+                reply = self.exchange(format!("{}\r\n", b64(answer.as_bytes())).as_bytes())?;
+            }
+            reply
+        } else {
+            return Err(ConnError::Auth(format!(
+                "the peer offers no AUTH PLAIN or LOGIN (offers: {})",
+                self.caps.auth.join(" ")
+            )));
+        };
+        if reply.code == 235 {
+            Ok(())
+        } else {
+            Err(ConnError::Auth(format!("refused: {reply}")))
+        }
+    }
+
+    /// Sends one command and reads its reply, whatever it is.
+    fn exchange(&mut self, line: &[u8]) -> Result<Reply, ConnError> {
+        self.write(line)?;
+        self.read_reply(self.timeouts.helo)
+    }
+
+    fn ehlo(&mut self, helo_name: &str) -> Result<(), ConnError> {
+        let ehlo = self.exchange(format!("EHLO {helo_name}\r\n").as_bytes())?;
+        if !ehlo.is_positive() {
+            return Err(ConnError::Greeting(ehlo));
+        }
+        self.caps = Capabilities::from_ehlo(&ehlo);
+        Ok(())
     }
 
     fn greet(
@@ -183,7 +369,7 @@ impl Connection {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(timeouts.data))?;
         let mut c = Connection {
-            stream,
+            stream: Stream::Plain(stream),
             caps: Capabilities::default(),
             timeouts,
             rbuf: Vec::with_capacity(4096),
@@ -211,7 +397,7 @@ impl Connection {
 
     /// A handle on the socket, so a stop can cut a stuck connection.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
-        self.stream.try_clone()
+        self.stream.tcp().try_clone()
     }
 
     /// Runs one transaction. An `Err` means the connection is unusable and
@@ -350,13 +536,16 @@ impl Connection {
     }
 
     /// Sends QUIT, waits briefly for the reply, and closes.
-    pub fn quit(self) {
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
-        if (&self.stream).write_all(b"QUIT\r\n").is_ok() {
+    pub fn quit(mut self) {
+        let _ = self
+            .stream
+            .tcp()
+            .set_read_timeout(Some(Duration::from_secs(2)));
+        if self.stream.write_all(b"QUIT\r\n").is_ok() {
             let mut buf = [0u8; 512];
-            let _ = (&self.stream).read(&mut buf);
+            let _ = self.stream.read(&mut buf);
         }
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
 
     fn command(&mut self, line: &str) -> Result<(), ConnError> {
@@ -377,7 +566,7 @@ impl Connection {
     fn read_reply(&mut self, timeout: Duration) -> Result<Reply, ConnError> {
         let timeout = timeout.max(Duration::from_millis(1));
         if timeout != self.read_timeout {
-            self.stream.set_read_timeout(Some(timeout))?;
+            self.stream.tcp().set_read_timeout(Some(timeout))?;
             self.read_timeout = timeout;
         }
         loop {

@@ -12,7 +12,7 @@ mod connection;
 mod control;
 mod worker;
 
-pub use connection::{ConnError, Connection, Delivery, Outbound, Timeouts};
+pub use connection::{ConnError, Connection, Delivery, Outbound, Security, Timeouts};
 pub use control::{Change, Control, Hosts};
 
 use std::net::{Shutdown, TcpStream};
@@ -200,18 +200,23 @@ pub struct Settings {
     rate: Option<TokenBucket>,
     /// The peer's hosts, each with its own failure mark.
     hosts: Arc<Hosts>,
+    /// TLS and AUTH.
+    security: Security,
 }
 
 impl Settings {
-    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Settings {
-        Settings {
+    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Result<Settings, String> {
+        let security =
+            Security::of(&cfg).map_err(|e| format!("peer {}: TLS client: {e}", cfg.name))?;
+        Ok(Settings {
+            security,
             timeouts: Timeouts::of(&cfg),
             rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             hosts: hosts.unwrap_or_else(|| {
                 Arc::new(Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max))
             }),
             cfg,
-        }
+        })
     }
 }
 
@@ -285,7 +290,9 @@ impl Peer {
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
-            settings: RwLock::new(Arc::new(Settings::new(cfg, None))),
+            settings: RwLock::new(Arc::new(
+                Settings::new(cfg, None).map_err(std::io::Error::other)?,
+            )),
         });
         let mut workers = Vec::new();
         for index in 0..shared.workers {
@@ -362,6 +369,7 @@ impl PeerView {
                 self.shared.name
             ));
         }
+        Security::of(cfg).map_err(|e| format!("peer {}: TLS client: {e}", self.shared.name))?;
         Ok(())
     }
 
@@ -370,7 +378,11 @@ impl PeerView {
     pub fn reload(&self, cfg: PeerConfig) {
         let old = self.shared.settings();
         let hosts = (old.cfg.hosts == cfg.hosts).then(|| old.hosts.clone());
-        *self.shared.settings.write() = Arc::new(Settings::new(cfg, hosts));
+        match Settings::new(cfg, hosts) {
+            Ok(s) => *self.shared.settings.write() = Arc::new(s),
+            // check_reload built the same: only a changed file gets here.
+            Err(e) => log::warn!("reload: {e}; old settings kept"),
+        }
     }
 
     /// The peer's health and allowance.

@@ -142,7 +142,7 @@ impl Worker {
         let mut last = None;
         for i in hosts.order() {
             let host = hosts.name(i);
-            match Connection::open(host, &p.helo_name, &settings.timeouts) {
+            match Connection::open(host, &p.helo_name, &settings.timeouts, &settings.security) {
                 Ok(c) => {
                     hosts.up(i);
                     p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);

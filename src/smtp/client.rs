@@ -24,6 +24,10 @@ pub struct Capabilities {
     pub size: Option<u64>,
     /// 8BITMIME (RFC 6152).
     pub eight_bit_mime: bool,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
+    /// AUTH mechanisms offered (RFC 4954), upper case.
+    pub auth: Vec<String>,
 }
 
 impl Capabilities {
@@ -37,6 +41,8 @@ impl Capabilities {
                 "PIPELINING" => caps.pipelining = true,
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "STARTTLS" => caps.starttls = true,
+                "AUTH" => caps.auth = words.map(str::to_ascii_uppercase).collect(),
                 _ => {}
             }
         }
@@ -244,6 +250,7 @@ mod tests {
             pipelining,
             size: Some(1000),
             eight_bit_mime: true,
+            ..Capabilities::default()
         }
     }
 
@@ -271,6 +278,8 @@ mod tests {
                 "pipelining".into(),
                 "SIZE 2048".into(),
                 "8BITMIME".into(),
+                "STARTTLS".into(),
+                "AUTH login Plain".into(),
             ],
         };
         assert_eq!(
@@ -278,7 +287,9 @@ mod tests {
             Capabilities {
                 pipelining: true,
                 size: Some(2048),
-                eight_bit_mime: true
+                eight_bit_mime: true,
+                starttls: true,
+                auth: vec!["LOGIN".into(), "PLAIN".into()],
             }
         );
     }

@@ -53,6 +53,16 @@ pub enum Command {
     Vrfy,
     /// `HELP`.
     Help,
+    /// `STARTTLS` (RFC 3207).
+    StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954); the mechanism in
+    /// upper case.
+    Auth {
+        /// `PLAIN`, `LOGIN` or whatever the client named.
+        mechanism: String,
+        /// The base64 initial response, if given (`=` is an empty one).
+        initial: Option<String>,
+    },
 }
 
 /// Why a line is not a command we accept; each maps to one reply.
@@ -147,6 +157,21 @@ impl Command {
             "NOOP" => Ok(Command::Noop),
             "HELP" => Ok(Command::Help),
             "VRFY" => Ok(Command::Vrfy),
+            "STARTTLS" => no_args(Command::StartTls),
+            "AUTH" => {
+                let mut words = rest.split_whitespace();
+                let mechanism = words
+                    .next()
+                    .ok_or(CommandError::Syntax("AUTH needs a mechanism"))?
+                    .to_ascii_uppercase();
+                let initial = words.next().map(str::to_string);
+                if words.next().is_some() {
+                    return Err(CommandError::Syntax(
+                        "AUTH takes a mechanism and one response",
+                    ));
+                }
+                Ok(Command::Auth { mechanism, initial })
+            }
             _ => Err(CommandError::Unrecognized),
         }
     }

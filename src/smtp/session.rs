@@ -43,6 +43,8 @@ pub trait Handler {
     fn rcpt(&mut self, from: &str, rcpt: &str) -> Result<Self::Route, Reply>;
     /// Takes a complete message and answers the end of DATA.
     fn message(&mut self, envelope: Envelope<Self::Route>, data: Vec<u8>) -> Reply;
+    /// Checks AUTH credentials; true if they are good.
+    fn auth(&mut self, user: &str, password: &str) -> bool;
 }
 
 /// Limits and names a session works with.
@@ -54,6 +56,19 @@ pub struct SessionConfig {
     pub max_message_size: usize,
     /// Most recipients in one transaction.
     pub max_recipients: usize,
+    /// Offer STARTTLS (the listener has a certificate).
+    pub starttls: bool,
+    /// Offer AUTH PLAIN and LOGIN (there are users to check against).
+    pub auth: bool,
+    /// Offer AUTH before TLS too.
+    pub auth_plaintext: bool,
+    /// After this many bad commands: 421 and close (0: no limit).
+    pub max_bad_commands: usize,
+}
+
+/// Replies that count as a bad command towards `max_bad_commands`.
+fn is_bad_command(code: u16) -> bool {
+    matches!(code, 500..=504 | 530 | 535 | 538 | 555)
 }
 
 /// How much of the input [`Session::feed`] used and whether to hang up.
@@ -63,6 +78,29 @@ pub struct Progress {
     pub consumed: usize,
     /// The session is over: send the replies, then close.
     pub close: bool,
+    /// STARTTLS was accepted: send the replies, then start TLS. Input after
+    /// the command was consumed and must be dropped (RFC 3207 §6).
+    pub starttls: bool,
+}
+
+impl Progress {
+    fn more(consumed: usize) -> Progress {
+        Progress {
+            consumed,
+            close: false,
+            starttls: false,
+        }
+    }
+}
+
+/// Where an AUTH exchange stands, between 334 challenges.
+enum AuthStep {
+    /// AUTH PLAIN without an initial response: waiting for it.
+    Plain,
+    /// AUTH LOGIN: waiting for the user name.
+    LoginUser,
+    /// AUTH LOGIN: waiting for the password of this user.
+    LoginPassword(String),
 }
 
 enum Phase {
@@ -70,6 +108,8 @@ enum Phase {
     /// Skipping the rest of an over-long command line.
     Discarding,
     Data(Box<DataDecoder>),
+    /// Inside an AUTH exchange: the next line is a base64 response.
+    Auth(AuthStep),
     Closed,
 }
 
@@ -79,6 +119,10 @@ pub struct Session<R> {
     phase: Phase,
     helo: Option<String>,
     envelope: Option<Envelope<R>>,
+    tls: bool,
+    tls_required: bool,
+    user: Option<String>,
+    bad_commands: usize,
 }
 
 impl<R> Session<R> {
@@ -89,7 +133,32 @@ impl<R> Session<R> {
             phase: Phase::Commands,
             helo: None,
             envelope: None,
+            tls: false,
+            tls_required: false,
+            user: None,
+            bad_commands: 0,
         }
+    }
+
+    /// This client must start TLS before MAIL (530 5.7.0 otherwise).
+    pub fn require_tls(&mut self, required: bool) {
+        self.tls_required = required;
+    }
+
+    /// TLS is now running: the client must greet again (RFC 3207 §4.2).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.envelope = None;
+    }
+
+    /// The user this session authenticated as, if it did.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.cfg.auth && (self.tls || self.cfg.auth_plaintext)
     }
 
     /// The 220 greeting to send when the client connects.
@@ -118,14 +187,12 @@ impl<R> Session<R> {
                     return Progress {
                         consumed: input.len(),
                         close: true,
+                        starttls: false,
                     };
                 }
                 Phase::Data(decoder) => match decoder.feed(rest) {
                     None => {
-                        return Progress {
-                            consumed: input.len(),
-                            close: false,
-                        };
+                        return Progress::more(input.len());
                     }
                     Some(n) => {
                         pos += n;
@@ -140,10 +207,7 @@ impl<R> Session<R> {
                 },
                 Phase::Discarding => match rest.iter().position(|&b| b == b'\n') {
                     None => {
-                        return Progress {
-                            consumed: input.len(),
-                            close: false,
-                        };
+                        return Progress::more(input.len());
                     }
                     Some(n) => {
                         pos += n + 1;
@@ -157,25 +221,172 @@ impl<R> Session<R> {
                             self.phase = Phase::Discarding;
                             continue;
                         }
-                        return Progress {
-                            consumed: pos,
-                            close: false,
-                        };
+                        return Progress::more(pos);
                     };
                     pos += nl + 1;
+                    let mut starttls = false;
                     let reply = if nl + 1 > MAX_COMMAND_LINE {
                         Reply::new(500, "5.5.2 line too long")
                     } else if nl == 0 || rest[nl - 1] != b'\r' {
                         Reply::new(500, "5.5.2 lines must end with CRLF")
                     } else {
                         match Command::parse(&rest[..nl - 1]) {
+                            Ok(Command::StartTls) => {
+                                let reply = self.starttls();
+                                starttls = reply.code == 220;
+                                reply
+                            }
                             Ok(cmd) => self.command(cmd, handler),
                             Err(e) => e.reply(),
                         }
                     };
-                    reply.write_to(out);
+                    self.answer(reply, out);
+                    if starttls {
+                        return Progress {
+                            consumed: input.len(),
+                            close: false,
+                            starttls: true,
+                        };
+                    }
+                }
+                Phase::Auth(_) => {
+                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                        if rest.len() >= MAX_COMMAND_LINE {
+                            self.phase = Phase::Discarding;
+                            self.answer(Reply::new(500, "5.5.2 line too long"), out);
+                            continue;
+                        }
+                        return Progress::more(pos);
+                    };
+                    pos += nl + 1;
+                    let line = &rest[..nl];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    let Phase::Auth(step) = std::mem::replace(&mut self.phase, Phase::Commands)
+                    else {
+                        unreachable!("matched Auth above")
+                    };
+                    let reply = self.auth_step(step, line, handler);
+                    self.answer(reply, out);
                 }
             }
+        }
+    }
+
+    /// Writes a reply; counts bad commands and closes after too many.
+    fn answer(&mut self, reply: Reply, out: &mut Vec<u8>) {
+        reply.write_to(out);
+        if is_bad_command(reply.code) {
+            self.bad_commands += 1;
+            let max = self.cfg.max_bad_commands;
+            if max > 0 && self.bad_commands >= max {
+                Reply::new(421, "4.7.0 too many bad commands, closing").write_to(out);
+                self.phase = Phase::Closed;
+            }
+        }
+    }
+
+    fn starttls(&mut self) -> Reply {
+        if !self.cfg.starttls {
+            Reply::new(502, "5.5.1 STARTTLS not offered")
+        } else if self.tls {
+            Reply::new(503, "5.5.1 TLS already active")
+        } else if self.envelope.is_some() {
+            Reply::new(503, "5.5.1 STARTTLS inside a transaction")
+        } else {
+            Reply::new(220, "2.0.0 ready to start TLS")
+        }
+    }
+
+    fn auth_start<H: Handler<Route = R>>(
+        &mut self,
+        mechanism: &str,
+        initial: Option<String>,
+        handler: &mut H,
+    ) -> Reply {
+        if !self.cfg.auth {
+            return Reply::new(502, "5.5.1 AUTH not offered");
+        }
+        if !self.auth_offered() {
+            return Reply::new(538, "5.7.11 encryption required for authentication");
+        }
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1 send EHLO first");
+        }
+        if self.user.is_some() {
+            return Reply::new(503, "5.5.1 already authenticated");
+        }
+        if self.envelope.is_some() {
+            return Reply::new(503, "5.5.1 AUTH inside a transaction");
+        }
+        match (mechanism, initial) {
+            ("PLAIN", Some(response)) => {
+                self.auth_step(AuthStep::Plain, response.as_bytes(), handler)
+            }
+            ("PLAIN", None) => {
+                self.phase = Phase::Auth(AuthStep::Plain);
+                Reply::new(334, "")
+            }
+            ("LOGIN", Some(response)) => {
+                self.auth_step(AuthStep::LoginUser, response.as_bytes(), handler)
+            }
+            ("LOGIN", None) => {
+                self.phase = Phase::Auth(AuthStep::LoginUser);
+                Reply::new(334, "VXNlcm5hbWU6")
+            }
+            _ => Reply::new(504, "5.5.4 mechanism not supported; PLAIN or LOGIN"),
+        }
+    }
+
+    /// One base64 response of an AUTH exchange.
+    fn auth_step<H: Handler<Route = R>>(
+        &mut self,
+        step: AuthStep,
+        line: &[u8],
+        handler: &mut H,
+    ) -> Reply {
+        use base64::Engine as _;
+        if line == b"*" {
+            return Reply::new(501, "5.7.0 authentication cancelled");
+        }
+        let decoded = if line == b"=" {
+            Ok(Vec::new())
+        } else {
+            base64::engine::general_purpose::STANDARD.decode(line)
+        };
+        let Ok(decoded) = decoded else {
+            return Reply::new(501, "5.5.2 cannot decode the response");
+        };
+        let (user, password) = match step {
+            AuthStep::Plain => {
+                let mut parts = decoded.split(|&b| b == 0);
+                let (Some(authz), Some(user), Some(password), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return Reply::new(501, "5.5.2 malformed PLAIN response");
+                };
+                if !authz.is_empty() && authz != user {
+                    return Reply::new(535, "5.7.8 authentication credentials invalid");
+                }
+                (user.to_vec(), password.to_vec())
+            }
+            AuthStep::LoginUser => {
+                let Ok(user) = String::from_utf8(decoded) else {
+                    return Reply::new(501, "5.5.2 user name is not UTF-8");
+                };
+                self.phase = Phase::Auth(AuthStep::LoginPassword(user));
+                return Reply::new(334, "UGFzc3dvcmQ6");
+            }
+            AuthStep::LoginPassword(user) => (user.into_bytes(), decoded),
+        };
+        let (Ok(user), Ok(password)) = (String::from_utf8(user), String::from_utf8(password))
+        else {
+            return Reply::new(535, "5.7.8 authentication credentials invalid");
+        };
+        if handler.auth(&user, &password) {
+            self.user = Some(user);
+            Reply::new(235, "2.7.0 authentication successful")
+        } else {
+            Reply::new(535, "5.7.8 authentication credentials invalid")
         }
     }
 
@@ -184,16 +395,20 @@ impl<R> Session<R> {
             Command::Ehlo(domain) => {
                 self.helo = Some(domain);
                 self.envelope = None;
-                Reply {
-                    code: 250,
-                    lines: vec![
-                        self.cfg.hostname.clone(),
-                        "PIPELINING".into(),
-                        format!("SIZE {}", self.cfg.max_message_size),
-                        "8BITMIME".into(),
-                        "ENHANCEDSTATUSCODES".into(),
-                    ],
+                let mut lines = vec![
+                    self.cfg.hostname.clone(),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", self.cfg.max_message_size),
+                    "8BITMIME".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                ];
+                if self.cfg.starttls && !self.tls {
+                    lines.push("STARTTLS".into());
                 }
+                if self.auth_offered() && self.user.is_none() {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                }
+                Reply { code: 250, lines }
             }
             Command::Helo(domain) => {
                 self.helo = Some(domain);
@@ -206,6 +421,9 @@ impl<R> Session<R> {
                 };
                 if self.envelope.is_some() {
                     return Reply::new(503, "5.5.1 nested MAIL command");
+                }
+                if self.tls_required && !self.tls {
+                    return Reply::new(530, "5.7.0 must issue a STARTTLS command first");
                 }
                 if params
                     .size
@@ -254,6 +472,8 @@ impl<R> Session<R> {
             Command::Noop => Reply::new(250, "2.0.0 ok"),
             Command::Vrfy => Reply::new(252, "2.5.0 cannot VRFY user, but will accept message"),
             Command::Help => Reply::new(214, "2.0.0 see RFC 5321"),
+            Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial, handler),
             Command::Quit => {
                 self.phase = Phase::Closed;
                 self.envelope = None;
@@ -302,6 +522,9 @@ mod tests {
             self.messages.push((envelope, data));
             Reply::new(250, "2.0.0 queued")
         }
+        fn auth(&mut self, user: &str, password: &str) -> bool {
+            user == "bob" && password == "secret"
+        }
     }
 
     fn session() -> Session<u8> {
@@ -309,6 +532,10 @@ mod tests {
             hostname: "relay.test".into(),
             max_message_size: 100,
             max_recipients: 2,
+            starttls: false,
+            auth: false,
+            auth_plaintext: false,
+            max_bad_commands: 0,
         })
     }
 
@@ -396,6 +623,99 @@ mod tests {
         assert_eq!(codes(&out), ["250", "250", "250", "354", "554"]);
         assert!(out.contains("bare LF"));
         assert!(h.messages.is_empty());
+    }
+
+    fn secure_session(plaintext: bool, max_bad: usize) -> Session<u8> {
+        Session::new(SessionConfig {
+            starttls: true,
+            auth: true,
+            auth_plaintext: plaintext,
+            max_bad_commands: max_bad,
+            ..session().cfg
+        })
+    }
+
+    fn feed_all(s: &mut Session<u8>, h: &mut Recorder, input: &[u8]) -> (String, Progress) {
+        let mut out = Vec::new();
+        let p = s.feed(input, h, &mut out);
+        (String::from_utf8(out).unwrap(), p)
+    }
+
+    #[test]
+    fn starttls_drops_pipelined_input_and_resets() {
+        let mut s = secure_session(false, 0);
+        s.require_tls(true);
+        let mut h = Recorder::default();
+        let (out, p) = feed_all(&mut s, &mut h, b"EHLO c\r\nMAIL FROM:<a@b>\r\n");
+        assert!(out.contains("STARTTLS") && !out.contains("AUTH"), "{out}");
+        assert_eq!(codes(&out), ["250", "530"]);
+        assert!(!p.starttls);
+        // Commands after STARTTLS in the same packet must not be obeyed.
+        let input = b"STARTTLS\r\nMAIL FROM:<evil@x>\r\n";
+        let (out, p) = feed_all(&mut s, &mut h, input);
+        assert_eq!(codes(&out), ["220"]);
+        assert!(p.starttls && !p.close);
+        assert_eq!(p.consumed, input.len());
+        s.tls_started();
+        let (out, _) = feed_all(
+            &mut s,
+            &mut h,
+            b"MAIL FROM:<a@b>\r\nEHLO c\r\nSTARTTLS\r\nMAIL FROM:<a@b>\r\n",
+        );
+        assert_eq!(codes(&out), ["503", "250", "503", "250"]);
+        assert!(
+            !out.contains("STARTTLS\r\n") && out.contains("AUTH PLAIN LOGIN"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn auth_plain_and_login() {
+        let mut s = secure_session(true, 0);
+        let mut h = Recorder::default();
+        // \0bob\0secret, then the LOGIN exchange after a failure.
+        let (out, _) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nAUTH PLAIN AGJvYgB3cm9uZw==\r\nAUTH CRAM-MD5\r\nAUTH LOGIN\r\nYm9i\r\nc2VjcmV0\r\nAUTH PLAIN\r\n",
+        );
+        assert_eq!(
+            codes(&out),
+            ["250", "535", "504", "334", "334", "235", "503"]
+        );
+        assert_eq!(s.user(), Some("bob"));
+        let mut s = secure_session(true, 0);
+        let (out, _) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nAUTH PLAIN\r\nAGJvYgBzZWNyZXQ=\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "334", "235"]);
+        let mut s = secure_session(true, 0);
+        let (out, _) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nAUTH LOGIN\r\n*\r\nAUTH PLAIN !!!\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "334", "501", "501"]);
+        assert_eq!(s.user(), None);
+        // Not before TLS unless allowed.
+        let mut s = secure_session(false, 0);
+        let (out, _) = feed_all(&mut s, &mut h, b"EHLO c\r\nAUTH PLAIN AGJvYgBzZWNyZXQ=\r\n");
+        assert_eq!(codes(&out), ["250", "538"]);
+    }
+
+    #[test]
+    fn too_many_bad_commands_close_with_421() {
+        let mut s = secure_session(false, 3);
+        let mut h = Recorder::default();
+        let (out, p) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nFOO\r\nRCPT TO:<x@ok>\r\nNOOP\r\nBAR\r\nNOOP\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "500", "503", "250", "500", "421"]);
+        assert!(p.close);
     }
 
     #[test]

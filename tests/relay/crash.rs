@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mm4relay::peer::{Connection, Delivery, Timeouts};
+use mm4relay::peer::{Connection, Delivery, Security, Timeouts};
 use mm4relay::sim::{Outgoing, SimPeer, forward_req};
 use parking_lot::{Condvar, Mutex};
 
@@ -99,7 +99,13 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
                             }
                             guard.unwrap()
                         };
-                        conn = Connection::open(&addr.to_string(), "crash.test", &timeouts).ok();
+                        conn = Connection::open(
+                            &addr.to_string(),
+                            "crash.test",
+                            &timeouts,
+                            &Security::plain(),
+                        )
+                        .ok();
                     }
                     let Some(c) = conn.as_mut() else { continue };
                     match c.deliver(&message) {
