@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{info, warn};
 
 use super::connection::{ConnError, Connection, Delivery};
-use super::{Change, Shared, WorkerContext};
+use super::{Change, Settings, Shared, WorkerContext};
 use crate::message::Job;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
@@ -34,6 +34,9 @@ pub(super) struct Worker {
     jobs: Receiver<Job>,
     ctx: WorkerContext,
     conn: Option<Connection>,
+    /// The settings the open connection was made with: a reload replaces
+    /// them, and the connection is then reopened before its next message.
+    conn_settings: Option<Arc<Settings>>,
     /// When the open connection was made, and how many messages it took.
     conn_since: Instant,
     conn_messages: u32,
@@ -55,6 +58,7 @@ impl Worker {
             jobs,
             ctx,
             conn: None,
+            conn_settings: None,
             conn_since: Instant::now(),
             conn_messages: 0,
             last_used: Instant::now(),
@@ -149,6 +153,7 @@ impl Worker {
                     p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
                     p.streams.lock()[self.index] = c.try_clone_stream().ok();
                     self.conn = Some(c);
+                    self.conn_settings = Some(settings.clone());
                     self.conn_since = Instant::now();
                     self.last_used = Instant::now();
                     self.conn_messages = 0;
@@ -182,13 +187,18 @@ impl Worker {
     }
 
     /// True if the open connection reached max_messages_per_connection or
-    /// max_connection_age.
+    /// max_connection_age, or was made before a reload.
     fn worn_out(&self) -> bool {
         let settings = self.peer.settings();
         let cfg = &settings.cfg;
+        let reloaded = self
+            .conn_settings
+            .as_ref()
+            .is_some_and(|s| !Arc::ptr_eq(s, &settings));
         self.conn.is_some()
-            && ((cfg.max_messages_per_connection > 0
-                && self.conn_messages >= cfg.max_messages_per_connection)
+            && (reloaded
+                || (cfg.max_messages_per_connection > 0
+                    && self.conn_messages >= cfg.max_messages_per_connection)
                 || (!cfg.max_connection_age.is_zero()
                     && self.conn_since.elapsed() >= cfg.max_connection_age))
     }
@@ -229,7 +239,8 @@ impl Worker {
             return;
         }
         if self.worn_out() {
-            // max_messages_per_connection or max_connection_age: start afresh.
+            // max_messages_per_connection, max_connection_age or a
+            // reload (new hosts, TLS, AUTH): start afresh.
             if let Some(c) = self.conn.take() {
                 c.quit();
                 self.closed();

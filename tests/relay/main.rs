@@ -5,4 +5,6 @@ mod binary;
 mod corpus;
 mod crash;
 mod delivery;
+mod pki;
+mod security;
 mod support;

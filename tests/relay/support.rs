@@ -14,9 +14,10 @@ use mm4relay::peer::PeerSnapshot;
 use mm4relay::relay::{Relay, StopReport};
 use std::sync::Arc;
 
-use mm4relay::sim::{Gauge, SimPeer};
+use mm4relay::sim::{Gauge, SimPeer, SimSecurity};
 use mm4relay::smtp::Reply;
 use mm4relay::smtp::codec::dot_stuff;
+use mm4relay::tls::Stream;
 
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -67,6 +68,8 @@ pub struct Profile {
     pub extra_peer: [&'static str; 3],
     /// Put the spool on a tmpfs of this many KiB (needs root).
     pub spool_tmpfs_kib: Option<u64>,
+    /// What the simulated A, B and C offer: STARTTLS, AUTH.
+    pub sim_security: [SimSecurity; 3],
 }
 
 impl Default for Profile {
@@ -80,6 +83,7 @@ impl Default for Profile {
             extra_listener: String::new(),
             extra_peer: [""; 3],
             spool_tmpfs_kib: None,
+            sim_security: Default::default(),
         }
     }
 }
@@ -145,11 +149,10 @@ impl Harness {
 
     pub fn with(profile: Profile) -> Harness {
         let gauge = Arc::new(Gauge::default());
-        let sims = [
-            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
-            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
-            SimPeer::start_in(true, Some(gauge.clone())).unwrap(),
-        ];
+        let sims = profile
+            .sim_security
+            .clone()
+            .map(|sec| SimPeer::start_with(true, Some(gauge.clone()), sec).unwrap());
         let spool = tempfile::tempdir().unwrap();
         let mount = profile
             .spool_tmpfs_kib
@@ -326,20 +329,40 @@ impl Drop for Running {
 
 /// A scripted SMTP client, one command at a time.
 pub struct Client {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
+}
+
+/// A TCP connection to `target` from the loopback address `from_ip`.
+pub fn tcp_from(from_ip: &str, target: SocketAddr) -> TcpStream {
+    let ip: IpAddr = from_ip.parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+    socket.connect(&target.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
 }
 
 impl Client {
     /// Connects to `target` from the loopback address `from_ip`.
     pub fn connect(from_ip: &str, target: SocketAddr) -> Client {
-        let ip: IpAddr = from_ip.parse().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.bind(&SocketAddr::new(ip, 0).into()).unwrap();
-        socket.connect(&target.into()).unwrap();
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        Client::greeted(Stream::Plain(tcp_from(from_ip, target)))
+    }
+
+    /// Connects to an implicit-TLS listener, checking the name `localhost`.
+    pub fn connect_tls(
+        from_ip: &str,
+        target: SocketAddr,
+        connector: &native_tls::TlsConnector,
+    ) -> Client {
+        let stream = Stream::Plain(tcp_from(from_ip, target))
+            .connect(connector, "localhost")
+            .unwrap();
+        Client::greeted(stream)
+    }
+
+    fn greeted(stream: Stream) -> Client {
         let mut c = Client {
             stream,
             buf: Vec::new(),
@@ -347,6 +370,16 @@ impl Client {
         let greeting = c.reply();
         assert_eq!(greeting.code, 220, "{greeting}");
         c
+    }
+
+    /// STARTTLS (after EHLO) and the handshake, checking `localhost`.
+    pub fn starttls(&mut self, connector: &native_tls::TlsConnector) {
+        let reply = self.cmd("STARTTLS");
+        assert_eq!(reply.code, 220, "{reply}");
+        assert!(self.buf.is_empty());
+        let placeholder = Stream::Plain(self.stream.tcp().try_clone().unwrap());
+        let plain = std::mem::replace(&mut self.stream, placeholder);
+        self.stream = plain.connect(connector, "localhost").unwrap();
     }
 
     /// Reads one reply.
@@ -361,6 +394,26 @@ impl Client {
             assert!(n > 0, "relay closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// A reply if one is already there or arrives within 10 ms.
+    pub fn try_reply(&mut self) -> Option<Reply> {
+        let tcp = self.stream.tcp();
+        tcp.set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        let got = match Reply::parse(&self.buf).unwrap() {
+            Some(_) => true,
+            None => match self.stream.read(&mut chunk) {
+                Ok(n) if n > 0 => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    true
+                }
+                _ => false,
+            },
+        };
+        self.stream.tcp().set_read_timeout(Some(DEADLINE)).unwrap();
+        got.then(|| self.reply())
     }
 
     /// Sends one line (CRLF added) and reads the reply.
