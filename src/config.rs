@@ -1315,6 +1315,76 @@ default = B
     }
 
     #[test]
+    fn secrets_stay_hidden_and_readable_files_warn() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.ini");
+        let text = format!(
+            "{GOOD}\n[auth]\npartner-b = B:hunter2\n[peer.C]\nhosts = 127.0.0.1:1\nauth_user = u\nauth_password = pw-out\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let mode = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o644);
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("readable by every user"));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw-out"),
+            "{shown}"
+        );
+        assert!(c.auth_users[0].password.matches("hunter2"));
+        assert!(!c.auth_users[0].password.matches("hunter"));
+        mode(0o640);
+        assert!(Config::load(&path).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn tls_and_auth_errors_name_the_key() {
+        let cases = [
+            (
+                "[listener]\ntls_cert = /nonexistent/cert.pem\n",
+                "listener",
+                "tls_cert",
+                "cannot read",
+            ),
+            (
+                "[listener]\nlisten_tls = 127.0.0.1:0\n",
+                "listener",
+                "listen_tls",
+                "needs tls_cert",
+            ),
+            (
+                "[peer.A]\ntls = sometimes\n",
+                "peer.A",
+                "tls",
+                "expected off",
+            ),
+            (
+                "[peer.A]\nauth_user = x\n",
+                "peer.A",
+                "auth_password",
+                "needs auth_password",
+            ),
+            ("[auth]\nbob = Z:pw\n", "auth", "bob", "no peer named"),
+            ("[auth]\nbob = B\n", "auth", "bob", "PEER:PASSWORD"),
+        ];
+        for (extra, section, key, problem) in cases {
+            // Merge the extra keys into the section GOOD already has.
+            let (head, keys) = extra.split_once('\n').unwrap();
+            let text = if GOOD.contains(head) {
+                GOOD.replacen(&format!("{head}\n"), &format!("{head}\n{keys}"), 1)
+            } else {
+                format!("{GOOD}\n{extra}")
+            };
+            let e = parse(&text).unwrap_err();
+            assert_eq!((e.section.as_str(), e.key.as_str()), (section, key), "{e}");
+            assert!(e.problem.contains(problem), "{e}");
+            assert!(!e.to_string().contains("pw"), "{e}");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));

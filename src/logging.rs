@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -171,9 +172,11 @@ pub fn init(level: LevelFilter, target: &Target) -> Result<LogGuard, String> {
 }
 
 fn open(path: &Path) -> Result<File, String> {
+    // Owner and group (the adm group of logrotate) only.
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
         .open(path)
         .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
 }

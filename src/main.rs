@@ -220,6 +220,9 @@ fn main() -> ExitCode {
         Cmd::Check(path) => match Config::load(&path) {
             Ok(c) => {
                 print!("{}", c.describe());
+                for w in &c.warnings {
+                    println!("warning: {w}");
+                }
                 println!("{}: OK", path.display());
                 ExitCode::SUCCESS
             }
@@ -243,6 +246,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            for w in &config.warnings {
+                log::warn!("{w}");
+            }
             let _pid = match pidfile.map(Pidfile::create).transpose() {
                 Ok(p) => p,
                 Err(e) => {

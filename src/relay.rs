@@ -387,6 +387,9 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
                 }) {
                 Ok(new) => {
                     info!("configuration reloaded");
+                    for w in &new.warnings {
+                        warn!("{w}");
+                    }
                     relay.config = new;
                 }
                 Err(e) => log::error!("reload refused, the old configuration stays: {e}"),

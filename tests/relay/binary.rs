@@ -185,6 +185,22 @@ fn pidfile_and_sighup_reopening_the_log() {
         "the old file ends with the reopen notice"
     );
 
+    // Nothing in the spool or the log is readable by other users.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&log), 0o640, "log file");
+    assert_eq!(mode(&s.spool), 0o700, "spool directory");
+    assert_eq!(mode(&s.spool.join("failed")), 0o700, "failed area");
+    let files: Vec<_> = std::fs::read_dir(&s.spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        assert_eq!(mode(&f) & 0o077, 0, "{} is readable by others", f.display());
+    }
+
     assert!(child.terminate().success());
     assert!(!pidfile.exists(), "the pid file is removed at exit");
 }
