@@ -11,8 +11,11 @@
 //! (default 3), `E2E_SESSIONS` (default 16), `E2E_SIZE` (default 2048) and
 //! `E2E_LOG_LEVEL` (default info: one log line per disposition, as in
 //! production), `E2E_SPOOL_SYNC` (default yes; no measures the cost of
-//! flushing). `E2E_DOWN=1` instead runs the load with peer C down and
-//! prints `mm4relay status` and `mm4relay queue age` meanwhile.
+//! flushing). `E2E_TLS=1` adds a run per round with STARTTLS (TLS 1.2+,
+//! verified certificates from a CA the bench makes) to every peer, and
+//! reports its throughput as a ratio of the plain run of the same round.
+//! `E2E_DOWN=1` instead runs the load with peer C down and prints
+//! `mm4relay status` and `mm4relay queue age` meanwhile.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +23,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mm4relay::sim::{Outgoing, SimPeer, forward_req, send_load};
+use mm4relay::sim::{LoadReport, Outgoing, SimPeer, SimSecurity, forward_req, send_load};
+
+#[path = "../tests/relay/pki.rs"]
+#[allow(dead_code)]
+mod pki;
 
 const PEERS: [(&str, &str, &str, bool); 3] = [
     ("A", "mms.mnc010.mcc001.gprs", "+447700900", true),
@@ -83,6 +90,7 @@ fn config(
     listen: SocketAddr,
     log_level: &str,
     sync: &str,
+    tls: Option<&pki::Pki>,
 ) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
@@ -95,12 +103,83 @@ fn config(
     for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
         ini.push_str(&format!(
             "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\nlocal = {}\n\
-             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n\n",
+             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n{}\n",
             sim.addr(),
-            if *local { "yes" } else { "no" }
+            if *local { "yes" } else { "no" },
+            tls.map_or("tls = off\n".to_string(), |p| format!(
+                "tls = required\ntls_ca_file = {}\ntls_server_name = localhost\n",
+                p.ca.display()
+            )),
         ));
     }
     ini
+}
+
+/// What one run through the relay gave.
+struct Run {
+    elapsed: Duration,
+    report: LoadReport,
+    conns: String,
+    rss: u64,
+    spool: String,
+}
+
+/// Starts the relay in front of `sims`, sends `all`, waits for every
+/// message at its peer, and stops the relay.
+fn relay_run(
+    sims: &[SimPeer; 3],
+    all: &Arc<Vec<Outgoing>>,
+    want: &[u64],
+    sessions: usize,
+    log_level: &str,
+    sync: &str,
+    tls: Option<&pki::Pki>,
+) -> Run {
+    let n = all.len();
+    let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
+    let conns_before: Vec<u64> = sims.iter().map(SimPeer::connections).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("mm4relay.ini");
+    let addr = free_addr();
+    std::fs::write(
+        &config_path,
+        config(sims, dir.path(), addr, log_level, sync, tls),
+    )
+    .unwrap();
+    let relay = RelayProcess::start(&config_path, addr);
+    let start = Instant::now();
+    let report = send_load(addr, sessions, all.clone());
+    let targets = [base[0] + want[0], base[1] + want[1], base[2] + want[2]];
+    let delivered = wait_delivered(sims, targets, Duration::from_secs(300));
+    let relay_time = start.elapsed();
+    let rss = relay.peak_rss_kib();
+    assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
+    assert_eq!(
+        report.accepted, n,
+        "relay refused {} messages",
+        report.refused
+    );
+    assert!(delivered, "relay did not deliver everything");
+
+    let conns: Vec<u64> = sims
+        .iter()
+        .zip(&conns_before)
+        .map(|(s, b)| s.connections() - b)
+        .collect();
+    Run {
+        elapsed: relay_time,
+        report,
+        conns: format!(
+            "{}/{}/{} (max {MAX_CONNECTIONS})",
+            conns[0], conns[1], conns[2]
+        ),
+        rss,
+        spool: format!(
+            "spool after the drain: {} bytes; segments used: {}",
+            dir_bytes(&dir.path().join("spool")),
+            last_segment(&dir.path().join("spool"))
+        ),
+    }
 }
 
 /// The relay as a child process; killed if the bench fails half-way.
@@ -226,7 +305,11 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("mm4relay.ini");
     let addr = free_addr();
-    std::fs::write(&config_path, config(&sims, dir.path(), addr, "info", "yes")).unwrap();
+    std::fs::write(
+        &config_path,
+        config(&sims, dir.path(), addr, "info", "yes", None),
+    )
+    .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
     let report = send_load(addr, sessions, all);
     let targets = [per_peer[0].len() as u64, per_peer[1].len() as u64];
@@ -291,6 +374,8 @@ fn main() {
         "peak RSS"
     );
     let mut ratios = Vec::new();
+    let mut tls_ratios = Vec::new();
+    let pki = std::env::var_os("E2E_TLS").map(|_| pki::Pki::new());
     for round in 1..=rounds {
         let sims = [
             SimPeer::start(false).unwrap(),
@@ -298,60 +383,59 @@ fn main() {
             SimPeer::start(false).unwrap(),
         ];
         let direct = baseline(&sims, &per_peer, sessions);
-        let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
-        let conns_before: Vec<u64> = sims.iter().map(SimPeer::connections).collect();
 
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("mm4relay.ini");
-        let addr = free_addr();
-        std::fs::write(
-            &config_path,
-            config(&sims, dir.path(), addr, &log_level, &sync),
-        )
-        .unwrap();
-        let relay = RelayProcess::start(&config_path, addr);
-        let start = Instant::now();
-        let report = send_load(addr, sessions, all.clone());
-        let targets = [base[0] + want[0], base[1] + want[1], base[2] + want[2]];
-        let delivered = wait_delivered(&sims, targets, Duration::from_secs(300));
-        let relay_time = start.elapsed();
-        let rss = relay.peak_rss_kib();
-        assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
-        assert_eq!(
-            report.accepted, n,
-            "relay refused {} messages",
-            report.refused
-        );
-        assert!(delivered, "relay did not deliver everything");
-
-        let conns: Vec<u64> = sims
-            .iter()
-            .zip(&conns_before)
-            .map(|(s, b)| s.connections() - b)
-            .collect();
+        let run = relay_run(&sims, &all, &want, sessions, &log_level, &sync, None);
         let direct_rate = n as f64 / direct.as_secs_f64();
-        let relay_rate = n as f64 / relay_time.as_secs_f64();
+        let relay_rate = n as f64 / run.elapsed.as_secs_f64();
         let ratio = relay_rate / direct_rate;
         ratios.push(ratio);
         println!(
             "{round:>5} {direct_rate:>12.0} {:>12.0} {relay_rate:>12.0} {ratio:>8.2} {:>22} {:>9} KiB {:>16}",
-            n as f64 / report.elapsed.as_secs_f64(),
-            format!(
-                "{}/{}/{} (max {MAX_CONNECTIONS})",
-                conns[0], conns[1], conns[2]
-            ),
-            rss,
-            percentiles(report.latencies),
+            n as f64 / run.report.elapsed.as_secs_f64(),
+            run.conns,
+            run.rss,
+            percentiles(run.report.latencies),
         );
-        println!(
-            "      spool after the drain: {} bytes; segments used: {}",
-            dir_bytes(&dir.path().join("spool")),
-            last_segment(&dir.path().join("spool"))
-        );
+        println!("      {}", run.spool);
         for s in sims {
             s.stop();
+        }
+        if let Some(p) = &pki {
+            let sims = [0, 1, 2].map(|_| {
+                let sec = SimSecurity {
+                    tls: Some(p.server.acceptor()),
+                    auth: None,
+                };
+                SimPeer::start_with(false, None, sec).unwrap()
+            });
+            let tls = relay_run(&sims, &all, &want, sessions, &log_level, &sync, Some(p));
+            let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
+            tls_ratios.push(tls_rate / relay_rate);
+            println!(
+                "  TLS {:>12} {:>12.0} {tls_rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: TLS / plain relay)",
+                "",
+                n as f64 / tls.report.elapsed.as_secs_f64(),
+                tls_rate / relay_rate,
+                tls.conns,
+                tls.rss,
+                percentiles(tls.report.latencies),
+            );
+            for s in sims {
+                assert!(
+                    s.received().iter().all(|m| m.tls) && s.messages() > 0,
+                    "a TLS-run message came in plain text"
+                );
+                s.stop();
+            }
         }
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
+    if !tls_ratios.is_empty() {
+        tls_ratios.sort_by(f64::total_cmp);
+        println!(
+            "median ratio TLS relay / plain relay: {:.2}",
+            tls_ratios[tls_ratios.len() / 2]
+        );
+    }
 }
