@@ -1,6 +1,7 @@
 #!/bin/sh
 # Runs every fuzz target for SECONDS each (default 300), one after the
-# other, starting from the seeds, and prints the last status line of each.
+# other, starting from the seeds (and the shared MM4 corpus for mm4_check,
+# when it is there), and prints the last status line of each.
 # Needs cargo-fuzz (cargo install cargo-fuzz); on a stable toolchain,
 # RUSTC_BOOTSTRAP=1 lets it pass the sanitizer flags.
 set -eu
@@ -8,9 +9,15 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${1:-300}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
+SHARED=../../shared/mm4-corpus
 for t in smtp_server smtp_client mm4_check address_route config_parse; do
     mkdir -p "corpus/$t"
-    cargo fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
+    extra=""
+    if [ "$t" = mm4_check ] && [ -d "$SHARED" ]; then
+        extra="$SHARED/valid $SHARED/invalid"
+    fi
+    # shellcheck disable=SC2086
+    cargo fuzz run -O "$t" "corpus/$t" "seeds/$t" $extra -- \
         -max_total_time="$SECONDS_EACH" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 2>"$t.log" || { echo "$t: FAILED, see fuzz/$t.log"; continue; }
     echo "$t: $(grep -E '^#[0-9]+' "$t.log" | tail -1)"
