@@ -20,13 +20,14 @@
 //! `stats_interval`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::info;
 
-use crate::peer::{Budget, PeerView};
+use crate::peer::{Budget, PeerViews};
 use crate::queue::Queue;
 
 /// What the balancer knows of one peer at a tick.
@@ -123,7 +124,7 @@ pub struct Balancer {
 impl Balancer {
     /// Starts balancing `peers` within `budget`.
     pub fn start(
-        peers: Vec<PeerView>,
+        peers: PeerViews,
         queue: Arc<Queue>,
         budget: Arc<Budget>,
         interval: Duration,
@@ -159,14 +160,15 @@ impl Drop for Balancer {
 }
 
 fn run(
-    peers: &[PeerView],
+    views: &PeerViews,
     queue: &Queue,
     budget: &Budget,
     interval: Duration,
     stats_every: Duration,
     stop: &Receiver<()>,
 ) {
-    let mut last_busy: Vec<Instant> = peers.iter().map(|_| Instant::now()).collect();
+    let mut last_busy: Vec<Instant> = Vec::new();
+    let mut last_sent: Vec<(Instant, u64)> = Vec::new();
     let mut last_stats = Instant::now();
     loop {
         match stop.recv_timeout(interval) {
@@ -174,7 +176,22 @@ fn run(
             _ => return,
         }
         let now = Instant::now();
+        // A reload may have added peers since the last tick.
+        let peers = views.list();
+        last_busy.resize(peers.len(), now);
+        last_sent.resize(peers.len(), (now, 0));
         let snapshots: Vec<_> = peers.iter().map(|p| p.snapshot(queue)).collect();
+        for ((p, s), (at, sent)) in peers.iter().zip(&snapshots).zip(&mut last_sent) {
+            let secs = now.duration_since(*at).as_secs_f64();
+            if secs > 0.0 {
+                let rate = s.sent.saturating_sub(*sent) as f64 / secs;
+                p.stats()
+                    .rate_milli
+                    .store((rate * 1000.0) as u64, Ordering::Relaxed);
+            }
+            *at = now;
+            *sent = s.sent;
+        }
         let loads: Vec<Load> = peers
             .iter()
             .zip(&snapshots)
@@ -192,7 +209,7 @@ fn run(
                     healthy: s.healthy,
                     recovering: false,
                     idle: now.duration_since(*busy_at) >= p.settings().cfg.idle_timeout,
-                    held: p.control().held(),
+                    held: p.control().held() || p.control().removed(),
                 }
             })
             .collect();
@@ -200,7 +217,7 @@ fn run(
         // peer grows by one on its next tick with demand.
         let loads: Vec<Load> = loads
             .into_iter()
-            .zip(peers)
+            .zip(&peers)
             .map(|(l, p)| Load {
                 recovering: l.demand > l.allowance && p.control().take_recovering(),
                 ..l
@@ -209,7 +226,9 @@ fn run(
         let next = plan(&loads, budget.max());
         for ((p, l), &n) in peers.iter().zip(&loads).zip(&next) {
             if n != l.allowance {
-                let why = if l.held {
+                let why = if p.control().removed() {
+                    "removed by a reload".to_string()
+                } else if l.held {
                     "held by an operator".to_string()
                 } else if !l.healthy {
                     "unhealthy: one probing connection".to_string()

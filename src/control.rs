@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::peer::{PeerSnapshot, PeerView};
+use crate::listener::InboundStats;
+use crate::peer::{PeerSnapshot, PeerViews};
 use crate::queue::Queue;
 use crate::spool::Spool;
 
@@ -28,7 +29,9 @@ const MAX_COMMAND: u64 = 256;
 #[derive(Clone)]
 pub struct Sources {
     /// Every peer.
-    pub peers: Vec<PeerView>,
+    pub peers: PeerViews,
+    /// The listener's counters.
+    pub inbound: Arc<InboundStats>,
     /// For pool, overflow and retry counts.
     pub queue: Arc<Queue>,
     /// For the spool's size.
@@ -109,13 +112,14 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
     BufReader::new((&stream).take(MAX_COMMAND)).read_line(&mut line)?;
     let snapshots: Vec<PeerSnapshot> = sources
         .peers
+        .list()
         .iter()
         .map(|p| p.snapshot(&sources.queue))
         .collect();
     let words: Vec<&str> = line.split_whitespace().collect();
     let reply = match words.as_slice() {
-        ["status"] => status_text(&snapshots, sources.spool.bytes()),
-        ["status", "json"] => status_json(&snapshots, sources.spool.bytes()),
+        ["status"] => status_text(&snapshots, sources.spool.bytes(), &sources.inbound),
+        ["status", "json"] => status_json(&snapshots, sources.spool.bytes(), &sources.inbound),
         ["reload"] => {
             // The main thread reloads on SIGHUP; send it one.
             // SAFETY: kill(2) on our own pid with a handled signal.
@@ -132,7 +136,7 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["queue", "release", peer] => hold(sources, peer, false),
         _ => format!(
             "error: unknown command {:?}; try status, status json, reload, queue age, queue list [PEER], \
-             queue show ID, queue retry ID|PEER|all, queue hold PEER, queue release PEER, \
+             queue show ID, queue retry ID|PEER|all, queue hold PEER|ID, queue release PEER|ID, \
              queue delete ID [REASON]\n",
             line.trim()
         ),
@@ -140,10 +144,43 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
     (&stream).write_all(reply.as_bytes())
 }
 
-/// The per-peer table of `mm4relay status`.
-pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
+/// An age as the status table shows it: 45s, 12m, 3h, 2d.
+fn short_age(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        7200..172_800 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+/// The listener's counters as `(name, value)`, for both status forms.
+fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 10] {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        (
+            "sessions_open",
+            i.sessions_open.load(Ordering::Relaxed) as u64,
+        ),
+        ("sessions_total", load(&i.sessions_total)),
+        ("tls_sessions", load(&i.tls_sessions)),
+        ("accepted", load(&i.accepted)),
+        ("duplicates", load(&i.duplicates)),
+        ("rejected_content", load(&i.rejected_content)),
+        ("rejected_spool", load(&i.rejected_spool)),
+        (
+            "rcpt_refused",
+            load(&i.rcpt_bad_address) + load(&i.rcpt_unroutable) + load(&i.rcpt_relay_denied),
+        ),
+        ("refused_per_ip", load(&i.refused_per_ip)),
+        ("auth_failures", load(&i.auth_failures)),
+    ]
+}
+
+/// The per-peer table of `mm4relay status`, then the listener's line.
+pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundStats) -> String {
     let mut out = format!(
-        "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>9} {:>9} {:>7}  last error\n",
+        "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7}  last error\n",
         "peer",
         "health",
         "allow",
@@ -151,27 +188,36 @@ pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
         "pool",
         "overflow",
         "waiting",
+        "oldest",
         "sent",
         "deferred",
-        "failed"
+        "failed",
+        "msg/s"
     );
     for p in peers {
         let _ = writeln!(
             out,
-            "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>9} {:>9} {:>7}  {}",
+            "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7.1}  {}",
             p.name,
-            if p.healthy { "ok" } else { "probing" },
+            p.state(),
             p.allowance,
             format!("{}/{}", p.connections_open, p.busy),
             p.pool_depth,
             p.overflow,
             p.waiting_retry,
+            p.oldest_secs.map_or("-".into(), short_age),
             p.sent,
             p.deferred,
             p.failed,
+            p.rate_milli as f64 / 1000.0,
             p.last_error
         );
     }
+    let counts: Vec<String> = listener_counts(inbound)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(out, "listener: {}", counts.join(" "));
     let _ = writeln!(out, "spool: {spool_bytes} bytes");
     out
 }
@@ -199,7 +245,7 @@ fn queue_age(sources: &Sources) -> String {
         let _ = write!(out, " {:>6}", format!("<{name}"));
     }
     out.push_str("   older\n");
-    for (i, p) in sources.peers.iter().enumerate() {
+    for (i, p) in sources.peers.list().iter().enumerate() {
         let counts = sources.queue.ages(i, &limits);
         let _ = write!(out, "{:<10} {:>7}", p.name(), counts.iter().sum::<usize>());
         for c in &counts {
@@ -211,7 +257,7 @@ fn queue_age(sources: &Sources) -> String {
 }
 
 fn peer_index(sources: &Sources, name: &str) -> Option<usize> {
-    sources.peers.iter().position(|p| p.name() == name)
+    sources.peers.list().iter().position(|p| p.name() == name)
 }
 
 /// Makes deferred messages due now: one message, one peer's, or all.
@@ -226,7 +272,7 @@ fn queue_retry(sources: &Sources, what: &str) -> String {
         info!("control: retry of peer {what} requested");
         return format!("retrying the deferred messages of {what} now\n");
     }
-    let known = (0..sources.peers.len())
+    let known = (0..sources.peers.list().len())
         .any(|i| sources.queue.list(i).iter().any(|q| q.message.id == what));
     if !known {
         return format!("error: {what:?} is neither a peer nor a queued message\n");
@@ -241,7 +287,7 @@ fn queue_retry(sources: &Sources, what: &str) -> String {
 fn queue_show(sources: &Sources, id: &str) -> String {
     let mut out = String::new();
     let mut message = None;
-    for (i, p) in sources.peers.iter().enumerate() {
+    for (i, p) in sources.peers.list().iter().enumerate() {
         for q in sources
             .queue
             .list(i)
@@ -305,8 +351,8 @@ fn queue_delete(sources: &Sources, id: &str, reason: &str) -> String {
         reason
     };
     for (peer, rcpts) in &removed {
-        let name = sources.peers[*peer].name();
-        sources.spool.done(id, name, rcpts);
+        let name = sources.peers.list()[*peer].name().to_string();
+        sources.spool.done(id, &name, rcpts);
         info!(
             "{id} peer={name} to={} status=deleted reason=\"{}\"",
             rcpts
@@ -321,11 +367,27 @@ fn queue_delete(sources: &Sources, id: &str, reason: &str) -> String {
 }
 
 /// Holds a peer (keeps its queue, sends nothing) or releases it.
+/// Holds or releases a peer, or one queued message.
 fn hold(sources: &Sources, name: &str, held: bool) -> String {
     let Some(i) = peer_index(sources, name) else {
-        return format!("error: no peer named {name:?}\n");
+        let done = if held {
+            sources.queue.hold(name)
+        } else {
+            sources.queue.release(name)
+        };
+        if !done {
+            let why = if held { "queued" } else { "held" };
+            return format!("error: {name:?} is neither a peer nor a {why} message\n");
+        }
+        let what = if held {
+            "held: it stays queued and is not attempted until released"
+        } else {
+            "released"
+        };
+        info!("control: message {name} {what}");
+        return format!("{name} {what}\n");
     };
-    sources.peers[i].control().set_held(held);
+    sources.peers.list()[i].control().set_held(held);
     let what = if held {
         "held: it keeps its queue and sends nothing"
     } else {
@@ -340,7 +402,7 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
     let mut out = String::new();
     let now = std::time::SystemTime::now();
     let mut any = false;
-    for (i, p) in sources.peers.iter().enumerate() {
+    for (i, p) in sources.peers.list().iter().enumerate() {
         let name = p.name();
         if only.is_some_and(|o| o != name) {
             continue;
@@ -390,14 +452,15 @@ fn json_str(s: &str) -> String {
 }
 
 /// The same as JSON, for scripts.
-pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
+pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundStats) -> String {
     let items: Vec<String> = peers
         .iter()
         .map(|p| {
             format!(
                 "{{\"name\":{},\"healthy\":{},\"allowance\":{},\"connections_open\":{},\"busy\":{},\
                  \"pool_depth\":{},\"overflow\":{},\"waiting_retry\":{},\"sent\":{},\"deferred\":{},\
-                 \"failed\":{},\"connections_opened\":{},\"last_error\":{}}}",
+                 \"failed\":{},\"connections_opened\":{},\"last_error\":{},\"state\":{},\
+                 \"oldest_secs\":{},\"msgs_per_sec\":{:.3}}}",
                 json_str(&p.name),
                 p.healthy,
                 p.allowance,
@@ -410,13 +473,21 @@ pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64) -> String {
                 p.deferred,
                 p.failed,
                 p.connections_opened,
-                json_str(&p.last_error)
+                json_str(&p.last_error),
+                json_str(p.state()),
+                p.oldest_secs.map_or("null".into(), |s| s.to_string()),
+                p.rate_milli as f64 / 1000.0
             )
         })
         .collect();
+    let listener: Vec<String> = listener_counts(inbound)
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect();
     format!(
-        "{{\"peers\":[{}],\"spool_bytes\":{spool_bytes}}}\n",
-        items.join(",")
+        "{{\"peers\":[{}],\"listener\":{{{}}},\"spool_bytes\":{spool_bytes}}}\n",
+        items.join(","),
+        listener.join(",")
     )
 }
 
@@ -452,10 +523,28 @@ mod tests {
             last_error: "said \"no\"".into(),
             ..PeerSnapshot::default()
         };
-        let text = status_text(std::slice::from_ref(&p), 42);
+        let inbound = InboundStats::default();
+        inbound.accepted.fetch_add(5, Ordering::Relaxed);
+        let text = status_text(std::slice::from_ref(&p), 42, &inbound);
         assert!(text.contains("B          probing"), "{text}");
+        assert!(
+            text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
+            "{text}"
+        );
         assert!(text.ends_with("spool: 42 bytes\n"));
-        let json = status_json(&[p], 42);
+        assert_eq!(short_age(59), "59s");
+        assert_eq!(short_age(3600), "60m");
+        assert_eq!(short_age(7200), "2h");
+        assert_eq!(short_age(3 * 86_400), "3d");
+        let json = status_json(&[p], 42, &inbound);
+        assert!(
+            json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"listener\":{\"sessions_open\":0,"),
+            "{json}"
+        );
         assert!(
             json.contains("\"name\":\"B\",\"healthy\":false,\"allowance\":1"),
             "{json}"

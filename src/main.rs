@@ -32,8 +32,10 @@ USAGE:
                                 sender, recipients, last reply
     mm4relay queue retry ID|PEER|all [-c FILE | --socket PATH]
                                 try deferred messages now
-    mm4relay queue hold PEER | release PEER [-c FILE | --socket PATH]
-                                a held peer keeps its queue and sends nothing
+    mm4relay queue hold PEER|ID | release PEER|ID [-c FILE | --socket PATH]
+                                a held peer keeps its queue and sends nothing; a
+                                held message stays queued, unattempted, until
+                                released (or the next restart)
     mm4relay queue show ID [-c FILE | --socket PATH]
                                 envelope, state per peer and headers of a message
     mm4relay queue delete ID [REASON...] [-c FILE | --socket PATH]
@@ -119,8 +121,8 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
                 (Some("delete"), n) if n >= 2 => {}
                 _ => {
                     return Err(
-                        "queue needs age, list [PEER], show ID, retry ID|PEER|all, hold PEER, \
-                         release PEER or delete ID [REASON]"
+                        "queue needs age, list [PEER], show ID, retry ID|PEER|all, hold PEER|ID, \
+                         release PEER|ID or delete ID [REASON]"
                             .into(),
                     );
                 }

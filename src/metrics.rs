@@ -17,7 +17,6 @@ use std::thread::{self, JoinHandle};
 use log::info;
 
 use crate::control::Sources;
-use crate::listener::InboundStats;
 use crate::peer::{DELAY_BUCKETS, PeerSnapshot};
 
 /// The metrics HTTP server and its thread.
@@ -29,11 +28,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Listens on `addr` and serves `/metrics`.
-    pub fn start(
-        addr: SocketAddr,
-        sources: Sources,
-        inbound: Arc<InboundStats>,
-    ) -> io::Result<MetricsServer> {
+    pub fn start(addr: SocketAddr, sources: Sources) -> io::Result<MetricsServer> {
         let server = tiny_http::Server::http(addr)
             .map_err(|e| io::Error::other(format!("metrics_listen {addr}: {e}")))?;
         let addr = server
@@ -53,8 +48,7 @@ impl MetricsServer {
                             &b"text/plain; version=0.0.4"[..],
                         )
                         .expect("a valid static header");
-                        tiny_http::Response::from_string(render(&sources, &inbound))
-                            .with_header(header)
+                        tiny_http::Response::from_string(render(&sources)).with_header(header)
                     } else {
                         tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
                     };
@@ -100,10 +94,11 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// The exposition text.
-pub fn render(sources: &Sources, inbound: &InboundStats) -> String {
+pub fn render(sources: &Sources) -> String {
+    let inbound = &sources.inbound;
     let mut out = String::with_capacity(4096);
-    let peers: Vec<_> = sources
-        .peers
+    let views = sources.peers.list();
+    let peers: Vec<_> = views
         .iter()
         .map(|p| (p, p.snapshot(&sources.queue)))
         .collect();

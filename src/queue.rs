@@ -60,6 +60,8 @@ enum Event {
     Defer(Job, Instant),
     /// Make deferred jobs due now: of one peer, or one message, or all.
     RetryNow(Option<usize>, Option<String>),
+    /// An operator released this held message.
+    Release(String),
 }
 
 /// Turns a wall-clock time (as kept in the spool) into an `Instant`.
@@ -84,27 +86,60 @@ pub struct Queued {
     pub last_reply: String,
 }
 
+/// One peer's part of the queue.
+struct PeerQueue {
+    /// What is queued, by queue ID.
+    tracked: parking_lot::Mutex<std::collections::BTreeMap<String, Queued>>,
+    pool: Sender<Job>,
+    /// Jobs waiting in the manager's overflow.
+    overflow: AtomicUsize,
+    /// Jobs waiting for their retry time.
+    deferred: AtomicUsize,
+}
+
+impl PeerQueue {
+    fn new(pool: Sender<Job>) -> Arc<PeerQueue> {
+        Arc::new(PeerQueue {
+            tracked: Default::default(),
+            pool,
+            overflow: AtomicUsize::new(0),
+            deferred: AtomicUsize::new(0),
+        })
+    }
+}
+
 /// The shared entrance to the pools, used by sessions and workers.
 pub struct Queue {
     /// Messages deleted by an operator, whose jobs are dropped on sight.
     deleted: parking_lot::Mutex<std::collections::HashSet<String>>,
-    /// Per peer, what is queued, by queue ID.
-    tracked: Vec<parking_lot::Mutex<std::collections::BTreeMap<String, Queued>>>,
-    pools: Vec<Sender<Job>>,
-    overflow: Vec<AtomicUsize>,
-    /// Jobs per peer waiting for their retry time.
-    deferred: Vec<AtomicUsize>,
+    /// Messages held by an operator: their jobs wait with the manager.
+    held: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Per peer id; peers added by a reload are appended.
+    peers: parking_lot::RwLock<Vec<Arc<PeerQueue>>>,
     events: Sender<Event>,
     retry: parking_lot::Mutex<RetryPolicy>,
 }
 
 impl Queue {
+    /// Peer `peer`'s part. Peer ids come from the router and the spool
+    /// recovery, which only know peers that were added here.
+    fn peer(&self, peer: usize) -> Arc<PeerQueue> {
+        self.peers.read()[peer].clone()
+    }
+
+    /// Adds a peer (a reload added it) with its pool; returns its id.
+    pub fn add_peer(&self, pool: Sender<Job>) -> usize {
+        let mut peers = self.peers.write();
+        peers.push(PeerQueue::new(pool));
+        peers.len() - 1
+    }
+
     /// Puts a new job in its peer's pool, or behind the peer's overflow.
     pub fn submit(&self, job: Job) {
         self.track(&job, 0, "");
-        let peer = job.peer;
-        let job = if self.overflow[peer].load(Ordering::Acquire) == 0 {
-            match self.pools[peer].send_timeout(job, SUBMIT_WAIT) {
+        let q = self.peer(job.peer);
+        let job = if q.overflow.load(Ordering::Acquire) == 0 {
+            match q.pool.send_timeout(job, SUBMIT_WAIT) {
                 Ok(()) => return,
                 Err(SendTimeoutError::Timeout(job) | SendTimeoutError::Disconnected(job)) => job,
             }
@@ -121,7 +156,7 @@ impl Queue {
     }
 
     fn overflow(&self, job: Job) {
-        self.overflow[job.peer].fetch_add(1, Ordering::AcqRel);
+        self.peer(job.peer).overflow.fetch_add(1, Ordering::AcqRel);
         // The manager outlives every session and worker, so this cannot fail.
         let _ = self.events.send(Event::Overflow(job));
     }
@@ -144,7 +179,7 @@ impl Queue {
 
     /// Parks a job whose attempt failed with `reply` until `at`.
     pub fn defer(&self, job: Job, reply: &str, at: SystemTime) {
-        if let Some(q) = self.tracked[job.peer].lock().get_mut(&job.message.id) {
+        if let Some(q) = self.peer(job.peer).tracked.lock().get_mut(&job.message.id) {
             q.attempts = job.attempts;
             q.last_reply = reply.to_string();
         }
@@ -161,7 +196,8 @@ impl Queue {
 
     /// Forgets recipients that are done (sent, failed or expired).
     pub fn done(&self, peer: usize, id: &str, rcpts: &[String]) {
-        let mut tracked = self.tracked[peer].lock();
+        let p = self.peer(peer);
+        let mut tracked = p.tracked.lock();
         if let Some(q) = tracked.get_mut(id) {
             q.rcpts.retain(|r| !rcpts.contains(r));
             if q.rcpts.is_empty() {
@@ -175,15 +211,46 @@ impl Queue {
     /// a pool are dropped when a worker or the manager meets them.
     pub fn delete(&self, id: &str) -> Vec<(usize, Vec<String>)> {
         let removed: Vec<(usize, Vec<String>)> = self
-            .tracked
+            .peers
+            .read()
             .iter()
             .enumerate()
-            .filter_map(|(peer, t)| t.lock().remove(id).map(|q| (peer, q.rcpts)))
+            .filter_map(|(peer, p)| p.tracked.lock().remove(id).map(|q| (peer, q.rcpts)))
             .collect();
         if !removed.is_empty() {
             self.deleted.lock().insert(id.to_string());
         }
         removed
+    }
+
+    /// Holds a queued message (`queue hold ID`): none of its jobs is
+    /// attempted until it is released. False if no such message is queued.
+    /// A hold lasts until the release or the next restart.
+    pub fn hold(&self, id: &str) -> bool {
+        let known = self
+            .peers
+            .read()
+            .iter()
+            .any(|p| p.tracked.lock().contains_key(id));
+        if known {
+            self.held.lock().insert(id.to_string());
+        }
+        known
+    }
+
+    /// Releases a held message; false if it was not held.
+    pub fn release(&self, id: &str) -> bool {
+        let was = self.held.lock().remove(id);
+        if was {
+            let _ = self.events.send(Event::Release(id.to_string()));
+        }
+        was
+    }
+
+    /// True if an operator holds this message.
+    pub fn is_held(&self, id: &str) -> bool {
+        let held = self.held.lock();
+        !held.is_empty() && held.contains(id)
     }
 
     /// True if an operator deleted this message.
@@ -193,12 +260,19 @@ impl Queue {
 
     /// How many messages are queued for `peer`.
     pub fn queued_len(&self, peer: usize) -> usize {
-        self.tracked[peer].lock().len()
+        self.peer(peer).tracked.lock().len()
+    }
+
+    /// When the oldest message queued for `peer` was accepted.
+    pub fn oldest(&self, peer: usize) -> Option<SystemTime> {
+        let p = self.peer(peer);
+        let tracked = p.tracked.lock();
+        tracked.values().map(|q| q.message.accepted).min()
     }
 
     /// What is queued for `peer`, oldest first.
     pub fn list(&self, peer: usize) -> Vec<Queued> {
-        self.tracked[peer].lock().values().cloned().collect()
+        self.peer(peer).tracked.lock().values().cloned().collect()
     }
 
     /// How many messages queued for `peer` are younger than each of
@@ -206,7 +280,7 @@ impl Queue {
     pub fn ages(&self, peer: usize, limits: &[Duration]) -> Vec<usize> {
         let mut counts = vec![0; limits.len() + 1];
         let now = SystemTime::now();
-        for q in self.tracked[peer].lock().values() {
+        for q in self.peer(peer).tracked.lock().values() {
             let age = now.duration_since(q.message.accepted).unwrap_or_default();
             let bucket = limits.iter().position(|l| age < *l).unwrap_or(limits.len());
             counts[bucket] += 1;
@@ -216,7 +290,8 @@ impl Queue {
 
     fn track(&self, job: &Job, attempts: u32, reply: &str) {
         let m = &job.message;
-        let mut tracked = self.tracked[job.peer].lock();
+        let p = self.peer(job.peer);
+        let mut tracked = p.tracked.lock();
         let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
             message: m.clone(),
             rcpts: Vec::new(),
@@ -229,18 +304,18 @@ impl Queue {
     /// Parks a job until `at` (wall clock), then puts it in its pool.
     fn schedule(&self, mut job: Job, at: SystemTime) {
         job.data = None;
-        self.deferred[job.peer].fetch_add(1, Ordering::AcqRel);
+        self.peer(job.peer).deferred.fetch_add(1, Ordering::AcqRel);
         let _ = self.events.send(Event::Defer(job, instant_of(at)));
     }
 
     /// Jobs waiting in overflow for `peer`.
     pub fn overflow_len(&self, peer: usize) -> usize {
-        self.overflow[peer].load(Ordering::Acquire)
+        self.peer(peer).overflow.load(Ordering::Acquire)
     }
 
     /// Jobs for `peer` waiting for their retry time.
     pub fn deferred_len(&self, peer: usize) -> usize {
-        self.deferred[peer].load(Ordering::Acquire)
+        self.peer(peer).deferred.load(Ordering::Acquire)
     }
 }
 
@@ -285,10 +360,8 @@ impl QueueManager {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let queue = Arc::new(Queue {
             deleted: Default::default(),
-            tracked: pools.iter().map(|_| Default::default()).collect(),
-            overflow: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
-            deferred: pools.iter().map(|_| AtomicUsize::new(0)).collect(),
-            pools,
+            held: Default::default(),
+            peers: parking_lot::RwLock::new(pools.into_iter().map(PeerQueue::new).collect()),
             events: events_tx,
             retry: parking_lot::Mutex::new(retry),
         });
@@ -322,15 +395,33 @@ impl Drop for QueueManager {
 }
 
 fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
-    let mut overflow: Vec<VecDeque<Job>> = queue.pools.iter().map(|_| VecDeque::new()).collect();
+    let mut overflow: Vec<VecDeque<Job>> = Vec::new();
     let mut deferred: BinaryHeap<Reverse<Deferred>> = BinaryHeap::new();
+    // Jobs of held messages, counted as waiting (deferred) meanwhile.
+    let mut parked: Vec<Job> = Vec::new();
     let mut seq = 0u64;
     let take = |ev: Event,
                 overflow: &mut Vec<VecDeque<Job>>,
                 deferred: &mut BinaryHeap<Reverse<Deferred>>,
+                parked: &mut Vec<Job>,
                 seq: &mut u64| match ev {
+        Event::Release(id) => {
+            let (go, stay): (Vec<Job>, Vec<Job>) = std::mem::take(parked)
+                .into_iter()
+                .partition(|j| j.message.id == id);
+            *parked = stay;
+            for job in go {
+                let p = queue.peer(job.peer);
+                p.deferred.fetch_sub(1, Ordering::AcqRel);
+                p.overflow.fetch_add(1, Ordering::AcqRel);
+                overflow[job.peer].push_back(job);
+            }
+        }
         Event::Overflow(mut job) => {
             job.data = None;
+            if overflow.len() <= job.peer {
+                overflow.resize_with(job.peer + 1, VecDeque::new);
+            }
             overflow[job.peer].push_back(job);
         }
         Event::RetryNow(peer, id) => {
@@ -367,7 +458,7 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         };
         select! {
             recv(events) -> ev => match ev {
-                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut seq),
+                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut parked, &mut seq),
                 Err(_) => break,
             },
             recv(stop) -> _ => break,
@@ -375,21 +466,37 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         }
         // Take whatever else arrived before doing the work.
         while let Ok(ev) = events.try_recv() {
-            take(ev, &mut overflow, &mut deferred, &mut seq);
+            take(ev, &mut overflow, &mut deferred, &mut parked, &mut seq);
         }
         let now = Instant::now();
-        while deferred.peek().is_some_and(|Reverse(d)| d.due <= now) {
-            let Reverse(d) = deferred.pop().expect("peeked");
-            queue.deferred[d.job.peer].fetch_sub(1, Ordering::AcqRel);
+        let peers = queue.peers.read().clone();
+        if overflow.len() < peers.len() {
+            overflow.resize_with(peers.len(), VecDeque::new);
+        }
+        while let Some(Reverse(d)) = deferred.pop() {
+            if d.due > now {
+                deferred.push(Reverse(d));
+                break;
+            }
+            let p = &peers[d.job.peer];
+            p.deferred.fetch_sub(1, Ordering::AcqRel);
             // Due retries queue behind the overflow; counted apart from new
             // jobs, which need not wait behind a retry.
-            queue.overflow[d.job.peer].fetch_add(1, Ordering::AcqRel);
+            p.overflow.fetch_add(1, Ordering::AcqRel);
             overflow[d.job.peer].push_back(d.job);
         }
-        for (peer, q) in overflow.iter_mut().enumerate() {
+        let mut held_now = Vec::new();
+        for (q, p) in overflow.iter_mut().zip(&peers) {
             while let Some(mut job) = q.pop_front() {
                 if queue.is_deleted(&job.message.id) {
-                    queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                    p.overflow.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+                if queue.is_held(&job.message.id) {
+                    p.overflow.fetch_sub(1, Ordering::AcqRel);
+                    p.deferred.fetch_add(1, Ordering::AcqRel);
+                    job.data = None;
+                    held_now.push(job);
                     continue;
                 }
                 if job.data.is_none() {
@@ -400,14 +507,14 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                                 "{} cannot read its data back from the spool: {e}; left in the spool",
                                 job.message.id
                             );
-                            queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                            p.overflow.fetch_sub(1, Ordering::AcqRel);
                             continue;
                         }
                     }
                 }
-                match queue.pools[peer].try_send(job) {
+                match p.pool.try_send(job) {
                     Ok(()) => {
-                        queue.overflow[peer].fetch_sub(1, Ordering::AcqRel);
+                        p.overflow.fetch_sub(1, Ordering::AcqRel);
                     }
                     Err(e) => {
                         // Keep the data: it is the next to go in.
@@ -417,8 +524,9 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                 }
             }
         }
+        parked.append(&mut held_now);
     }
-    overflow.iter().map(VecDeque::len).sum::<usize>() + deferred.len() + events.len()
+    overflow.iter().map(VecDeque::len).sum::<usize>() + deferred.len() + parked.len() + events.len()
 }
 
 #[cfg(test)]

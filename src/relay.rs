@@ -27,13 +27,13 @@ use log::{info, warn};
 
 use crate::balancer::Balancer;
 use crate::bounce::Bounce;
-use crate::config::Config;
+use crate::config::{Config, PeerConfig};
 use crate::control::{ControlSocket, Sources};
 use crate::listener::{Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
 use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
-use crate::peer::{Budget, Peer, PeerSnapshot, WorkerContext};
+use crate::peer::{Budget, Peer, PeerSnapshot, PeerViews, Security, WorkerContext};
 use crate::privilege;
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Recovered, Spool, SpoolOptions};
@@ -47,6 +47,10 @@ pub struct Relay {
     metrics: Option<MetricsServer>,
     balancer: Option<Balancer>,
     peers: Vec<Peer>,
+    /// The peers' views, shared with the balancer, control and metrics.
+    views: PeerViews,
+    /// What a peer that a reload adds is started with.
+    ctx: Option<WorkerContext>,
     qmgr: Option<QueueManager>,
     queue: Arc<Queue>,
     stop: Option<Sender<()>>,
@@ -106,6 +110,8 @@ impl Relay {
             metrics: None,
             balancer: None,
             peers: Vec::new(),
+            views: PeerViews::default(),
+            ctx: None,
             qmgr: Some(qmgr),
             queue: queue.clone(),
             stop: Some(stop_tx),
@@ -135,7 +141,10 @@ impl Relay {
         };
         for (id, (cfg, jobs)) in config.peers.iter().zip(receivers).enumerate() {
             match Peer::start(id, cfg.clone(), jobs, &ctx) {
-                Ok(p) => relay.peers.push(p),
+                Ok(p) => {
+                    relay.views.push(p.view().clone());
+                    relay.peers.push(p);
+                }
                 Err(e) => {
                     drop(ctx);
                     relay.shutdown();
@@ -143,33 +152,33 @@ impl Relay {
                 }
             }
         }
-        drop(ctx);
-        let views = relay.peers.iter().map(|p| p.view().clone()).collect();
+        relay.ctx = Some(ctx);
         relay.balancer = Some(Balancer::start(
-            views,
+            relay.views.clone(),
             queue.clone(),
             budget,
             config.relay.balance_interval,
             config.relay.stats_interval,
         )?);
-        let sources = Sources {
-            peers: relay.peers.iter().map(|p| p.view().clone()).collect(),
-            queue: queue.clone(),
-            spool: spool.clone(),
-        };
-        let inbound = match Inbound::new(config, ids, queue, spool) {
+        let inbound = match Inbound::new(config, ids, queue.clone(), spool.clone()) {
             Ok(i) => Arc::new(i),
             Err(e) => {
                 relay.shutdown();
                 return Err(e);
             }
         };
+        let sources = Sources {
+            peers: relay.views.clone(),
+            queue,
+            spool,
+            inbound: inbound.stats(),
+        };
         relay.inbound = Some(inbound.clone());
         if let Some(path) = &config.relay.control_socket {
             relay.control = Some(ControlSocket::start(path, sources.clone())?);
         }
         if let Some(addr) = config.relay.metrics_listen {
-            relay.metrics = Some(MetricsServer::start(addr, sources, inbound.stats())?);
+            relay.metrics = Some(MetricsServer::start(addr, sources)?);
         }
         match Listener::start(listeners, config.listener.max_sessions, inbound) {
             Ok(l) => relay.listener = Some(l),
@@ -195,36 +204,52 @@ impl Relay {
     }
 
     /// Applies a new configuration to the running relay: routes, relay
-    /// control, the MM4 check, timeouts and limits. What needs a restart
-    /// (other peers, other listen addresses) is refused, and then nothing
-    /// changes.
-    pub fn reload(&self, new: &Config) -> Result<(), String> {
-        let names = |c: &Config| c.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
-        if names(new) != names(&self.config) {
-            return Err(format!(
-                "peers {:?} -> {:?}: adding or removing peers needs a restart",
-                names(&self.config),
-                names(new)
-            ));
-        }
+    /// control, the MM4 check, TLS, AUTH users, timeouts and limits.
+    /// Peers new in `new` start; peers missing from it stop taking new
+    /// messages and keep their queue (status shows them `removed`) until a
+    /// reload brings them back. What needs a restart (other listen
+    /// addresses, more workers or another pool size for a running peer) is
+    /// refused, and then nothing changes.
+    pub fn reload(&mut self, new: &Config) -> Result<(), String> {
         if new.listener.listen != self.config.listener.listen
             || new.listener.listen_tls != self.config.listener.listen_tls
         {
             return Err("other listen addresses need a restart".into());
         }
-        Inbound::validate(new)?;
-        for (p, cfg) in self.peers.iter().zip(&new.peers) {
-            p.view().check_reload(cfg)?;
+        let (effective, removed, added) = self.arrange(new);
+        Inbound::validate(&effective)?;
+        for (id, p) in self.peers.iter().enumerate() {
+            if !removed.contains(&id) {
+                p.view().check_reload(&effective.peers[id])?;
+            }
         }
-        // Nothing below can fail: apply it all.
+        for cfg in &added {
+            Security::of(cfg).map_err(|e| format!("peer {}: TLS client: {e}", cfg.name))?;
+        }
+        // Peers first, so the new routes only ever name running peers.
+        for cfg in added {
+            self.add_peer(cfg).map_err(|e| e.to_string())?;
+        }
+        for (id, p) in self.peers.iter().enumerate() {
+            let view = p.view();
+            let was_removed = view.control().removed();
+            view.reload(effective.peers[id].clone());
+            view.control().set_removed(removed.contains(&id));
+            match (was_removed, removed.contains(&id)) {
+                (false, true) => warn!(
+                    "reload: peer {} removed: it takes no new messages; its {} queued stay in the spool",
+                    view.name(),
+                    self.queue.queued_len(id)
+                ),
+                (true, false) => info!("reload: peer {} is back", view.name()),
+                _ => {}
+            }
+        }
         if let Some(inbound) = &self.inbound {
-            if let Err(e) = inbound.reload(new) {
+            if let Err(e) = inbound.reload(&effective) {
                 // Validated above: only a file changed in between gets here.
                 warn!("reload: listener tables kept: {e}");
             }
-        }
-        for (p, cfg) in self.peers.iter().zip(&new.peers) {
-            p.view().reload(cfg.clone());
         }
         if let Some(b) = &self.budget {
             b.set_max(new.relay.max_connections);
@@ -257,6 +282,73 @@ impl Relay {
                 warn!("reload: the new {key} applies at the next restart");
             }
         }
+        self.config = effective;
+        Ok(())
+    }
+
+    /// `new` with its peers in the running order (peer ids never change):
+    /// running peers first, a removed one keeping its old section without
+    /// routes or partner hosts, then the peers `new` adds. Returns it with
+    /// the removed ids and the added sections.
+    fn arrange(&self, new: &Config) -> (Config, Vec<usize>, Vec<PeerConfig>) {
+        let mut peers = Vec::new();
+        let mut removed = Vec::new();
+        for (id, p) in self.peers.iter().enumerate() {
+            match new.peers.iter().find(|c| c.name == p.view().name()) {
+                Some(c) => peers.push(c.clone()),
+                None => {
+                    let mut old = self.config.peers[id].clone();
+                    old.domains.clear();
+                    old.prefixes.clear();
+                    old.accept_from.clear();
+                    peers.push(old);
+                    removed.push(id);
+                }
+            }
+        }
+        let added: Vec<PeerConfig> = new
+            .peers
+            .iter()
+            .filter(|c| !peers.iter().any(|p| p.name == c.name))
+            .cloned()
+            .collect();
+        peers.extend(added.iter().cloned());
+        let id_of = |i: usize| {
+            let name = &new.peers[i].name;
+            peers
+                .iter()
+                .position(|p| &p.name == name)
+                .expect("every peer of new is in peers")
+        };
+        let mut effective = new.clone();
+        effective.default_peer = new.default_peer.map(id_of);
+        effective.ported = new
+            .ported
+            .iter()
+            .map(|(n, i)| (n.clone(), id_of(*i)))
+            .collect();
+        for u in &mut effective.auth_users {
+            u.peer = id_of(u.peer);
+        }
+        effective.peers = peers;
+        (effective, removed, added)
+    }
+
+    /// Starts a peer a reload added, with the next id.
+    fn add_peer(&mut self, cfg: PeerConfig) -> io::Result<()> {
+        let ctx = self
+            .ctx
+            .as_ref()
+            .ok_or_else(|| io::Error::other("relay stopping"))?;
+        let id = self.peers.len();
+        let (tx, rx) = crossbeam_channel::bounded(cfg.pool_size);
+        let name = cfg.name.clone();
+        let peer = Peer::start(id, cfg, rx, ctx)?;
+        let queue_id = self.queue.add_peer(tx);
+        debug_assert_eq!(queue_id, id, "queue and peers out of step");
+        self.views.push(peer.view().clone());
+        self.peers.push(peer);
+        info!("reload: peer {name} added");
         Ok(())
     }
 
@@ -294,6 +386,7 @@ impl Relay {
         // Closing the stop channel tells every worker; each drops its `done`
         // sender when it ends, so the channel disconnects when all have.
         self.stop.take();
+        self.ctx.take();
         let timeout = self.shutdown_timeout;
         if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
             warn!("workers still busy after {timeout:?}: cutting their connections");
@@ -390,7 +483,6 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
                     for w in &new.warnings {
                         warn!("{w}");
                     }
-                    relay.config = new;
                 }
                 Err(e) => log::error!("reload refused, the old configuration stays: {e}"),
             }

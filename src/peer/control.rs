@@ -39,6 +39,8 @@ pub struct Control {
     allowance: AtomicUsize,
     /// An operator's hold: the peer keeps its queue and sends nothing.
     held: std::sync::atomic::AtomicBool,
+    /// Removed from the configuration by a reload.
+    removed: std::sync::atomic::AtomicBool,
     health: Mutex<Health>,
     probe_min: Duration,
     probe_max: Duration,
@@ -61,6 +63,7 @@ impl Control {
         Control {
             allowance: AtomicUsize::new(allowance),
             held: std::sync::atomic::AtomicBool::new(false),
+            removed: std::sync::atomic::AtomicBool::new(false),
             health: Mutex::new(Health {
                 healthy: true,
                 connection_failures: 0,
@@ -95,6 +98,20 @@ impl Control {
     /// True while an operator holds the peer.
     pub fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
+    }
+
+    /// Marks the peer removed by a reload (no connections, its queue
+    /// kept) or back in the configuration.
+    pub fn set_removed(&self, removed: bool) {
+        self.removed.store(removed, Ordering::Release);
+        if removed {
+            self.allowance.store(0, Ordering::Release);
+        }
+    }
+
+    /// True while a reload has removed the peer.
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// True unless the peer is being probed.

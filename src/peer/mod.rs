@@ -123,6 +123,9 @@ pub struct PeerStats {
     pub last_error: Mutex<String>,
     /// Delivery delays of delivered recipients.
     pub delay: DelayHistogram,
+    /// Recipients delivered per second lately, times 1000 (the balancer
+    /// measures it every tick).
+    pub rate_milli: AtomicU64,
 }
 
 /// A point-in-time copy of a peer's counters.
@@ -154,6 +157,47 @@ pub struct PeerSnapshot {
     pub healthy: bool,
     /// The last error seen.
     pub last_error: String,
+    /// Held by an operator (`queue hold`).
+    pub held: bool,
+    /// Removed from the configuration by a reload: takes no new messages,
+    /// keeps its queue.
+    pub removed: bool,
+    /// Age in seconds of the oldest message queued for it.
+    pub oldest_secs: Option<u64>,
+    /// Recipients delivered per second lately, times 1000.
+    pub rate_milli: u64,
+}
+
+impl PeerSnapshot {
+    /// One word for the status table: removed, held, probing or ok.
+    pub fn state(&self) -> &'static str {
+        if self.removed {
+            "removed"
+        } else if self.held {
+            "held"
+        } else if !self.healthy {
+            "probing"
+        } else {
+            "ok"
+        }
+    }
+}
+
+/// Every peer's view, shared by the balancer, the control socket and the
+/// metrics; a reload that adds peers appends to it.
+#[derive(Clone, Default)]
+pub struct PeerViews(Arc<RwLock<Vec<PeerView>>>);
+
+impl PeerViews {
+    /// The peers now, in id order.
+    pub fn list(&self) -> Vec<PeerView> {
+        self.0.read().clone()
+    }
+
+    /// Appends a peer; its id must be the next.
+    pub fn push(&self, view: PeerView) {
+        self.0.write().push(view);
+    }
 }
 
 /// A token bucket shared by a peer's workers (`max_rate`). Tokens may go
@@ -341,6 +385,15 @@ impl PeerView {
             allowance: self.shared.control.allowance(),
             healthy: self.shared.control.healthy(),
             last_error: s.last_error.lock().clone(),
+            held: self.shared.control.held(),
+            removed: self.shared.control.removed(),
+            oldest_secs: queue.oldest(self.shared.id).map(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .unwrap_or_default()
+                    .as_secs()
+            }),
+            rate_milli: s.rate_milli.load(Ordering::Relaxed),
         }
     }
 

@@ -229,6 +229,11 @@ impl Worker {
         if self.ctx.queue.is_deleted(&job.message.id) {
             return;
         }
+        if self.ctx.queue.is_held(&job.message.id) {
+            // Held since it entered the pool: it waits with the manager.
+            self.ctx.queue.put_back(job);
+            return;
+        }
         job.attempts += 1;
         // Expiry bounds the retries: the first attempt is always made (the
         // receiving MMSC enforces X-Mms-Expiry towards its subscriber).
@@ -277,7 +282,11 @@ impl Worker {
         // rate-limited (each message waits for its token), or the
         // connection has carried its share.
         let mut conn = self.conn.take().expect("connected above");
-        let (jobs, stop) = (self.jobs.clone(), self.ctx.stop.clone());
+        let (jobs, stop, queue) = (
+            self.jobs.clone(),
+            self.ctx.stop.clone(),
+            self.ctx.queue.clone(),
+        );
         let limit = settings.cfg.max_messages_per_connection;
         let chain = settings.rate.is_none();
         let taken = std::cell::Cell::new(self.conn_messages + 1);
@@ -286,11 +295,23 @@ impl Worker {
             if !chain || full || matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 return None;
             }
-            jobs.try_recv().ok().map(|mut j| {
+            // What needs more than a delivery (deleted, held, expired)
+            // is left to `attempt`: the chain stops there.
+            loop {
+                let mut j = jobs.try_recv().ok()?;
+                if queue.is_deleted(&j.message.id) {
+                    continue;
+                }
+                if queue.is_held(&j.message.id)
+                    || (j.attempts > 0 && SystemTime::now() >= j.message.expires)
+                {
+                    queue.put_back(j);
+                    return None;
+                }
                 taken.set(taken.get() + 1);
                 j.attempts += 1;
-                j
-            })
+                return Some(j);
+            }
         };
         let result = conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery));
         self.conn_messages = taken.get();

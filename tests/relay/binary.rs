@@ -286,10 +286,20 @@ fn status_and_queue_over_the_control_socket() {
     wait_until("C's deferral in the status", || {
         text()
             .lines()
-            .any(|l| l.starts_with("C ") && l.split_whitespace().nth(8).is_some_and(|d| d != "0"))
+            .any(|l| l.starts_with("C ") && l.split_whitespace().nth(9).is_some_and(|d| d != "0"))
     });
     let table = text();
     assert!(table.starts_with("peer"), "{table}");
+    // C's row: its message is queued, so it has an oldest age.
+    let c_row = table.lines().find(|l| l.starts_with("C ")).unwrap();
+    assert!(
+        c_row
+            .split_whitespace()
+            .nth(7)
+            .is_some_and(|a| a.ends_with('s')),
+        "{table}"
+    );
+    assert!(table.contains("listener: sessions_open="), "{table}");
     assert!(
         table.lines().any(|l| l.starts_with("A ")) && table.contains("spool: "),
         "{table}"

@@ -765,9 +765,9 @@ fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
     };
     assert_eq!(rcpt_reply(&h), 550);
     let ini = h.ini();
-    // Removing a peer needs a restart: refused, nothing changes.
-    let without_c = ini.split("[peer.C]").next().unwrap().to_string() + "[ported]\n";
-    let err = h.reload(&without_c).unwrap_err();
+    // A new listen address needs a restart: refused, nothing changes.
+    let moved = ini.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0, 127.0.0.2:0");
+    let err = h.reload(&moved).unwrap_err();
     assert!(err.contains("restart"), "{err}");
     // A new domain for B applies at once, to sessions already open too.
     let mut open = h.client(LOCAL);
@@ -835,4 +835,116 @@ fn reloads_under_load_lose_and_duplicate_nothing() {
     eprintln!("{reloads} reloads under load: sent {n}, received {got:?}");
     assert_eq!(got, [each; 3], "lost or duplicated across reloads");
     assert!(reloads > 0);
+}
+
+#[test]
+fn a_reload_adds_and_removes_peers_without_losing_their_queue() {
+    let mut h = Harness::start();
+    let ini = h.ini();
+    // D: a new partner MMSC, for a new domain.
+    let d = mm4relay::sim::SimPeer::start(true).unwrap();
+    let to_d = "+33612345678/TYPE=PLMN@mms.mnc001.mcc208.gprs";
+    let with_d = format!(
+        "{ini}\n[peer.D]\nhosts = {}\ndomains = mms.mnc001.mcc208.gprs\nmin_connections = 1\nmax_connections = 2\n",
+        d.addr()
+    );
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(
+        c.cmd(&format!("RCPT TO:<{to_d}>")).code,
+        550,
+        "no route yet"
+    );
+    assert_eq!(c.cmd("RSET").code, 250);
+    h.reload(&with_d).unwrap();
+    assert_eq!(
+        send_message(&mut c, FROM, &[to_d], &forward_req(1, to_d, 500)).code,
+        250
+    );
+    assert!(
+        d.wait_for_recipients(1, DEADLINE),
+        "the added peer delivers"
+    );
+    assert!(h.control("status").lines().any(|l| l.starts_with("D ")));
+
+    // C goes away while it is down: its queued message stays, reported.
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(2, TO_C, 500)).code,
+        250
+    );
+    wait_until("C's deferral", || h.peer(2).deferred > 0);
+    let without_c = {
+        let (head, rest) = with_d.split_once("[peer.C]").unwrap();
+        let (_, tail) = rest.split_once("[ported]").unwrap();
+        // The ported number pointed at C; it goes with it.
+        let tail = tail.replacen("+12025550177 = C\n", "", 1);
+        format!("{head}[ported]{tail}")
+    };
+    h.reload(&without_c).unwrap();
+    let status = h.control("status");
+    let c_row = status
+        .lines()
+        .find(|l| l.starts_with("C "))
+        .unwrap()
+        .to_string();
+    assert!(c_row.contains("removed"), "{status}");
+    let snap = &h.relay.as_ref().unwrap().peer_snapshots()[2];
+    assert_eq!(
+        snap.pool_depth + snap.overflow + snap.waiting_retry,
+        1,
+        "{status}"
+    );
+    assert_eq!(h.control("queue list C").lines().count(), 1, "still listed");
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(
+        c.cmd(&format!("RCPT TO:<{TO_C}>")).code,
+        550,
+        "C takes nothing new"
+    );
+    assert_eq!(c.cmd("QUIT").code, 221);
+    // C comes back, healthy: its queued message goes.
+    h.sims[2].set_fault(Fault::None);
+    h.reload(&with_d).unwrap();
+    h.control("queue retry C");
+    assert!(
+        h.sims[2].wait_for_recipients(1, DEADLINE),
+        "the kept message went"
+    );
+    assert_eq!(h.sims[2].received().len(), 1, "and only once");
+    assert_eq!(h.stop_relay().undelivered, 0);
+    d.stop();
+}
+
+#[test]
+fn a_held_message_waits_and_goes_when_released() {
+    let mut h = Harness::start();
+    h.sims[1].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
+    let id = reply.text().rsplit(' ').next().unwrap().to_string();
+    wait_until("B's deferral", || h.peer(1).deferred > 0);
+    assert!(h.control(&format!("queue hold {id}")).contains("held"));
+    assert!(h.control("queue hold NOSUCH").starts_with("error"));
+    h.sims[1].set_fault(Fault::None);
+    // Another message to B goes; the held one stays.
+    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(2, TO_B, 500));
+    assert_eq!(reply.code, 250);
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    h.control("queue retry all");
+    // The retry makes it due; being held, it is parked, not sent.
+    wait_until("the held job parked", || {
+        h.peer(1).waiting_retry == 1 && h.peer(1).overflow == 0
+    });
+    assert_eq!(h.sims[1].recipients(), 1);
+    assert!(
+        h.control(&format!("queue release {id}"))
+            .contains("released")
+    );
+    assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
 }

@@ -184,7 +184,7 @@ impl Harness {
     /// Reloads the running relay with `ini`.
     pub fn reload(&mut self, ini: &str) -> Result<(), String> {
         let config = Config::parse(ini, Path::new("test.ini")).map_err(|e| e.to_string())?;
-        self.relay.as_ref().unwrap().reload(&config)
+        self.relay.as_mut().unwrap().reload(&config)
     }
 
     /// Stops the relay and starts a new one on the same spool.
