@@ -207,10 +207,20 @@ fn main() -> ExitCode {
         }
         Cmd::Version => {
             println!(
-                "mm4relay {} ({} {}; spool, balancer, control socket; TLS not built in this release)",
+                "mm4relay {} ({} {})\n\
+                 TLS: native-tls on {} ({}), TLS 1.2 and newer\n\
+                 features: durable spool with group commit, per-peer pools and balancer, \
+                 STARTTLS and implicit TLS in, STARTTLS out, AUTH PLAIN/LOGIN both ways, \
+                 control socket, Prometheus metrics, syslog",
                 env!("CARGO_PKG_VERSION"),
                 std::env::consts::OS,
-                std::env::consts::ARCH
+                std::env::consts::ARCH,
+                openssl::version::version(),
+                if cfg!(feature = "vendored-openssl") {
+                    "built in, linked statically"
+                } else {
+                    "the system library, linked dynamically"
+                },
             );
             ExitCode::SUCCESS
         }

@@ -496,3 +496,58 @@ fn reload_refuses_a_broken_file_and_applies_a_good_one() {
     });
     assert!(child.terminate().success());
 }
+
+#[test]
+fn make_install_lays_out_a_host() {
+    if Command::new("make").arg("--version").output().is_err() {
+        eprintln!("make not found: make install not tested");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = tempfile::tempdir().unwrap();
+    let install = || {
+        let out = Command::new("make")
+            .arg("-s")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg("install")
+            .arg(format!("DESTDIR={}", root.path().display()))
+            .arg(format!("BIN={BIN}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    install();
+    let mode = |p: &str| {
+        std::fs::metadata(root.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for (path, want) in [
+        ("usr/local/sbin/mm4relay", 0o755),
+        ("etc/mm4relay/mm4relay.ini", 0o640),
+        ("etc/init.d/mm4relay", 0o755),
+        ("etc/systemd/system/mm4relay.service", 0o644),
+        ("etc/logrotate.d/mm4relay", 0o644),
+        ("var/spool/mm4relay", 0o700),
+        ("var/log/mm4relay", 0o750),
+    ] {
+        assert_eq!(mode(path), want, "{path}");
+    }
+    // A second install keeps the operator's configuration.
+    let ini = root.path().join("etc/mm4relay/mm4relay.ini");
+    std::fs::write(&ini, "# mine\n").unwrap();
+    install();
+    assert_eq!(std::fs::read_to_string(&ini).unwrap(), "# mine\n");
+    let out = Command::new(root.path().join("usr/local/sbin/mm4relay"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TLS: native-tls on OpenSSL"));
+}
