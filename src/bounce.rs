@@ -161,7 +161,7 @@ impl Bounce {
             return;
         };
         let id = self.ids.next_id();
-        let now = SystemTime::now();
+        let now = self.queue.now();
         let dsn: Arc<[u8]> = report(&self.hostname, &id, m, peer, rcpts, reply, data, now)
             .into_bytes()
             .into();

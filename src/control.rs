@@ -400,7 +400,7 @@ fn hold(sources: &Sources, name: &str, held: bool) -> String {
 /// Queued messages, oldest first, for one peer or all.
 fn queue_list(sources: &Sources, only: Option<&str>) -> String {
     let mut out = String::new();
-    let now = std::time::SystemTime::now();
+    let now = sources.queue.now();
     let mut any = false;
     for (i, p) in sources.peers.list().iter().enumerate() {
         let name = p.name();

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod balancer;
 pub mod bounce;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod date;

@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, Tc
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use parking_lot::{Mutex, RwLock};
@@ -295,7 +295,7 @@ impl Handler for RelayHandler {
             return Reply::new(250, "2.0.0 duplicate of a message already queued");
         }
         let id = inbound.ids.next_id();
-        let accepted = SystemTime::now();
+        let accepted = inbound.queue.now();
         let trace = received_header(
             &env.helo,
             &self.client_ip.to_string(),

@@ -17,7 +17,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -25,6 +25,7 @@ use std::time::SystemTime;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
 use log::error;
 
+use crate::clock::SharedClock;
 use crate::message::{Job, Message};
 use crate::spool::Spool;
 
@@ -57,20 +58,13 @@ impl RetryPolicy {
 
 enum Event {
     Overflow(Job),
-    Defer(Job, Instant),
+    Defer(Job, SystemTime),
     /// Make deferred jobs due now: of one peer, or one message, or all.
     RetryNow(Option<usize>, Option<String>),
     /// An operator released this held message.
     Release(String),
-}
-
-/// Turns a wall-clock time (as kept in the spool) into an `Instant`.
-fn instant_of(t: SystemTime) -> Instant {
-    let now = SystemTime::now();
-    match t.duration_since(now) {
-        Ok(ahead) => Instant::now() + ahead,
-        Err(_) => Instant::now(),
-    }
+    /// Answer once everything due by the clock has been moved on.
+    Sync(Sender<()>),
 }
 
 /// One queued message at one peer, for `mm4relay queue`.
@@ -118,9 +112,23 @@ pub struct Queue {
     peers: parking_lot::RwLock<Vec<Arc<PeerQueue>>>,
     events: Sender<Event>,
     retry: parking_lot::Mutex<RetryPolicy>,
+    clock: SharedClock,
 }
 
 impl Queue {
+    /// The relay's wall-clock time (acceptance, retry and expiry times).
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Returns once the manager has moved on every job due by the clock
+    /// now (for tests that move a manual clock); false if it did not
+    /// answer within `timeout`.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.events.send(Event::Sync(tx)).is_ok() && rx.recv_timeout(timeout).is_ok()
+    }
+
     /// Peer `peer`'s part. Peer ids come from the router and the spool
     /// recovery, which only know peers that were added here.
     fn peer(&self, peer: usize) -> Arc<PeerQueue> {
@@ -279,7 +287,7 @@ impl Queue {
     /// `limits`, as counts per bucket (the last bucket: older than all).
     pub fn ages(&self, peer: usize, limits: &[Duration]) -> Vec<usize> {
         let mut counts = vec![0; limits.len() + 1];
-        let now = SystemTime::now();
+        let now = self.now();
         for q in self.peer(peer).tracked.lock().values() {
             let age = now.duration_since(q.message.accepted).unwrap_or_default();
             let bucket = limits.iter().position(|l| age < *l).unwrap_or(limits.len());
@@ -305,7 +313,7 @@ impl Queue {
     fn schedule(&self, mut job: Job, at: SystemTime) {
         job.data = None;
         self.peer(job.peer).deferred.fetch_add(1, Ordering::AcqRel);
-        let _ = self.events.send(Event::Defer(job, instant_of(at)));
+        let _ = self.events.send(Event::Defer(job, at));
     }
 
     /// Jobs waiting in overflow for `peer`.
@@ -320,7 +328,7 @@ impl Queue {
 }
 
 struct Deferred {
-    due: Instant,
+    due: SystemTime,
     seq: u64,
     job: Job,
 }
@@ -355,6 +363,7 @@ impl QueueManager {
         pools: Vec<Sender<Job>>,
         retry: RetryPolicy,
         spool: Arc<Spool>,
+        clock: SharedClock,
     ) -> std::io::Result<(QueueManager, Arc<Queue>)> {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
@@ -364,6 +373,7 @@ impl QueueManager {
             peers: parking_lot::RwLock::new(pools.into_iter().map(PeerQueue::new).collect()),
             events: events_tx,
             retry: parking_lot::Mutex::new(retry),
+            clock,
         });
         let q = queue.clone();
         let handle = thread::Builder::new()
@@ -400,10 +410,13 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
     // Jobs of held messages, counted as waiting (deferred) meanwhile.
     let mut parked: Vec<Job> = Vec::new();
     let mut seq = 0u64;
+    // Sync requests, answered at the end of this pass.
+    let mut syncs: Vec<Sender<()>> = Vec::new();
     let take = |ev: Event,
                 overflow: &mut Vec<VecDeque<Job>>,
                 deferred: &mut BinaryHeap<Reverse<Deferred>>,
                 parked: &mut Vec<Job>,
+                syncs: &mut Vec<Sender<()>>,
                 seq: &mut u64| match ev {
         Event::Release(id) => {
             let (go, stay): (Vec<Job>, Vec<Job>) = std::mem::take(parked)
@@ -425,7 +438,7 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
             overflow[job.peer].push_back(job);
         }
         Event::RetryNow(peer, id) => {
-            let now = Instant::now();
+            let now = queue.now();
             let all = std::mem::take(deferred).into_vec();
             for Reverse(mut d) in all {
                 let hit = peer.is_none_or(|p| p == d.job.peer)
@@ -436,6 +449,7 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                 deferred.push(Reverse(d));
             }
         }
+        Event::Sync(answer) => syncs.push(answer),
         Event::Defer(mut job, due) => {
             job.data = None;
             *seq += 1;
@@ -447,18 +461,20 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         }
     };
     loop {
-        let now = Instant::now();
+        let now = queue.now();
         let wait = if overflow.iter().any(|o| !o.is_empty()) {
             OVERFLOW_POLL
         } else {
             deferred
                 .peek()
-                .map_or(IDLE_TICK, |Reverse(d)| d.due.saturating_duration_since(now))
+                .map_or(IDLE_TICK, |Reverse(d)| {
+                    d.due.duration_since(now).unwrap_or_default()
+                })
                 .min(IDLE_TICK)
         };
         select! {
             recv(events) -> ev => match ev {
-                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut parked, &mut seq),
+                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut parked, &mut syncs, &mut seq),
                 Err(_) => break,
             },
             recv(stop) -> _ => break,
@@ -466,9 +482,16 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         }
         // Take whatever else arrived before doing the work.
         while let Ok(ev) = events.try_recv() {
-            take(ev, &mut overflow, &mut deferred, &mut parked, &mut seq);
+            take(
+                ev,
+                &mut overflow,
+                &mut deferred,
+                &mut parked,
+                &mut syncs,
+                &mut seq,
+            );
         }
-        let now = Instant::now();
+        let now = queue.now();
         let peers = queue.peers.read().clone();
         if overflow.len() < peers.len() {
             overflow.resize_with(peers.len(), VecDeque::new);
@@ -525,6 +548,9 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
             }
         }
         parked.append(&mut held_now);
+        for answer in syncs.drain(..) {
+            let _ = answer.send(());
+        }
     }
     overflow.iter().map(VecDeque::len).sum::<usize>() + deferred.len() + parked.len() + events.len()
 }

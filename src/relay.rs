@@ -27,6 +27,7 @@ use log::{info, warn};
 
 use crate::balancer::Balancer;
 use crate::bounce::Bounce;
+use crate::clock::{self, SharedClock};
 use crate::config::{Config, PeerConfig};
 use crate::control::{ControlSocket, Sources};
 use crate::listener::{Inbound, Listener};
@@ -71,6 +72,12 @@ pub struct StopReport {
 impl Relay {
     /// Builds and starts everything the configuration describes.
     pub fn start(config: &Config) -> io::Result<Relay> {
+        Relay::start_with_clock(config, clock::system())
+    }
+
+    /// As [`Relay::start`], with `clock` for acceptance, retry and expiry
+    /// times (tests pass a clock they move by hand).
+    pub fn start_with_clock(config: &Config, clock: SharedClock) -> io::Result<Relay> {
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()
@@ -99,7 +106,7 @@ impl Relay {
             )
         })?;
         let spool = Arc::new(spool);
-        let (qmgr, queue) = QueueManager::start(senders, retry, spool.clone())?;
+        let (qmgr, queue) = QueueManager::start(senders, retry, spool.clone(), clock)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
@@ -350,6 +357,11 @@ impl Relay {
         self.peers.push(peer);
         info!("reload: peer {name} added");
         Ok(())
+    }
+
+    /// The queue: what is queued, and its clock.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
     }
 
     /// Where the metrics are served, when they are.

@@ -387,12 +387,9 @@ impl PeerView {
             last_error: s.last_error.lock().clone(),
             held: self.shared.control.held(),
             removed: self.shared.control.removed(),
-            oldest_secs: queue.oldest(self.shared.id).map(|t| {
-                std::time::SystemTime::now()
-                    .duration_since(t)
-                    .unwrap_or_default()
-                    .as_secs()
-            }),
+            oldest_secs: queue
+                .oldest(self.shared.id)
+                .map(|t| queue.now().duration_since(t).unwrap_or_default().as_secs()),
             rate_milli: s.rate_milli.load(Ordering::Relaxed),
         }
     }

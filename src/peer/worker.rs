@@ -237,7 +237,7 @@ impl Worker {
         job.attempts += 1;
         // Expiry bounds the retries: the first attempt is always made (the
         // receiving MMSC enforces X-Mms-Expiry towards its subscriber).
-        if job.attempts > 1 && SystemTime::now() >= job.message.expires {
+        if job.attempts > 1 && self.ctx.queue.now() >= job.message.expires {
             let reply = Reply::new(554, "5.4.7 delivery time expired");
             let replies = vec![reply; job.rcpts.len()];
             self.dispose(job, replies);
@@ -303,7 +303,7 @@ impl Worker {
                     continue;
                 }
                 if queue.is_held(&j.message.id)
-                    || (j.attempts > 0 && SystemTime::now() >= j.message.expires)
+                    || (j.attempts > 0 && queue.now() >= j.message.expires)
                 {
                     queue.put_back(j);
                     return None;
@@ -391,7 +391,10 @@ impl Worker {
             };
             counter.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
             if *status == "sent" {
-                let delay = SystemTime::now()
+                let delay = self
+                    .ctx
+                    .queue
+                    .now()
                     .duration_since(job.message.accepted)
                     .unwrap_or_default();
                 stats.delay.observe(delay, rcpts.len() as u64);
@@ -408,6 +411,7 @@ impl Worker {
                 status,
                 &reply.to_string(),
                 None,
+                self.ctx.queue.now(),
             );
         }
         if !deferred.is_empty() {
@@ -432,12 +436,20 @@ impl Worker {
             .deferred
             .fetch_add(job.rcpts.len() as u64, Ordering::Relaxed);
         let delay = self.ctx.queue.retry_delay(job.attempts);
-        let at = SystemTime::now() + delay;
+        let at = self.ctx.queue.now() + delay;
         let name = &self.peer.name;
         self.ctx
             .spool
             .retry(&job.message.id, name, &job.rcpts, job.attempts, at);
-        log_disposition(&job, name, &job.rcpts, "deferred", reason, Some(delay));
+        log_disposition(
+            &job,
+            name,
+            &job.rcpts,
+            "deferred",
+            reason,
+            Some(delay),
+            at - delay,
+        );
         self.ctx.queue.defer(job, reason, at);
     }
 }
@@ -450,6 +462,7 @@ fn log_disposition(
     status: &str,
     reply: &str,
     retry: Option<Duration>,
+    now: SystemTime,
 ) {
     let m = &job.message;
     let to: Vec<String> = rcpts.iter().map(|r| format!("<{r}>")).collect();
@@ -466,8 +479,7 @@ fn log_disposition(
         m.info.transaction_id.as_deref().unwrap_or("-"),
         status,
         job.attempts,
-        SystemTime::now()
-            .duration_since(m.accepted)
+        now.duration_since(m.accepted)
             .unwrap_or_default()
             .as_secs_f64(),
         retry,

@@ -948,3 +948,74 @@ fn a_held_message_waits_and_goes_when_released() {
     assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+/// The retry schedule and expiry, on a clock the test moves: no sleeping.
+/// retry_min 60s (so retry_max 240s), queue_lifetime 10m. Message 1 has
+/// only the queue lifetime; message 2 says `X-Mms-Expiry: 100` (seconds).
+#[test]
+fn retries_back_off_and_expire_on_the_relay_clock() {
+    use mm4relay::clock::ManualClock;
+    let start = std::time::SystemTime::now();
+    let clock = Arc::new(ManualClock::new(start));
+    let mut h = Harness::with_clock(
+        Profile {
+            retry_min_ms: 60_000,
+            extra_relay: "queue_lifetime = 10m\n".into(),
+            ..Profile::default()
+        },
+        clock.clone(),
+    );
+    h.sims[1].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let first = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
+    let with_expiry = String::from_utf8(forward_req(2, TO_B, 500))
+        .unwrap()
+        .replacen("From:", "X-Mms-Expiry: 100\r\nFrom:", 1);
+    let second = send_message(&mut c, FROM, &[TO_B], with_expiry.as_bytes());
+    assert_eq!((first.code, second.code), (250, 250));
+    let queue = h.relay.as_ref().unwrap().queue().clone();
+    let attempts = |h: &Harness| h.peer(1).deferred + h.peer(1).failed;
+    wait_until("the first attempts", || attempts(&h) == 2);
+
+    // Moves the clock to `at` seconds after the start, lets the manager
+    // act on it, and checks the attempts made so far.
+    let mut now = 0;
+    let mut step = |to: u64, want: u64| {
+        clock.advance(Duration::from_secs(to - now));
+        now = to;
+        assert!(queue.sync(DEADLINE), "queue manager did not answer");
+        wait_until(&format!("{want} attempts at +{to}s"), || {
+            attempts(&h) == want
+        });
+        // Nothing more happens at this time: ask the manager once more.
+        assert!(queue.sync(DEADLINE));
+        assert_eq!(attempts(&h), want, "at +{to}s");
+    };
+    step(59, 2); // first retry due at +60s
+    step(60, 4); // both retried (attempt 2); next in 120s: +180s
+    step(179, 4);
+    // +180s: message 1's attempt 3 fails again (next +420s); message 2
+    // is past its X-Mms-Expiry (+100s): failed, not attempted.
+    step(180, 6);
+    assert_eq!(h.peer(1).failed, 1);
+    step(419, 6);
+    step(420, 7); // attempt 4; next after 240s (the cap): +660s
+    step(659, 7);
+    // +660s is past the 10m queue lifetime: failed with 5.4.7.
+    step(660, 8);
+    assert_eq!(h.peer(1).failed, 2);
+    assert_eq!(h.sims[1].messages(), 0);
+    // Both failures were reported to the local sender.
+    assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
+    let dsns = h.sims[0].received();
+    assert!(
+        dsns.iter().all(|m| m.from.is_empty()),
+        "null sender on DSNs"
+    );
+    assert!(
+        dsns.iter()
+            .all(|m| String::from_utf8_lossy(&m.data).contains("5.4.7")),
+        "expiry named in the DSN"
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+}

@@ -9,6 +9,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use mm4relay::clock::SharedClock;
 use mm4relay::config::Config;
 use mm4relay::peer::PeerSnapshot;
 use mm4relay::relay::{Relay, StopReport};
@@ -140,6 +141,7 @@ pub struct Harness {
     /// Connections open at once across the three peers.
     pub gauge: Arc<Gauge>,
     config: Config,
+    clock: SharedClock,
 }
 
 impl Harness {
@@ -148,6 +150,12 @@ impl Harness {
     }
 
     pub fn with(profile: Profile) -> Harness {
+        Harness::with_clock(profile, mm4relay::clock::system())
+    }
+
+    /// A harness whose relay reads `clock` for acceptance, retry and
+    /// expiry times.
+    pub fn with_clock(profile: Profile, clock: SharedClock) -> Harness {
         let gauge = Arc::new(Gauge::default());
         let sims = profile
             .sim_security
@@ -163,9 +171,10 @@ impl Harness {
         );
         std::fs::write(spool.path().join("test.ini"), &ini).unwrap();
         let config = Config::parse(&ini, Path::new("test.ini")).unwrap();
-        let relay = Relay::start(&config).unwrap();
+        let relay = Relay::start_with_clock(&config, clock.clone()).unwrap();
         let addr = relay.local_addrs()[0];
         Harness {
+            clock,
             relay: Some(relay),
             sims,
             addr,
@@ -190,7 +199,7 @@ impl Harness {
     /// Stops the relay and starts a new one on the same spool.
     pub fn restart(&mut self) -> StopReport {
         let report = self.stop_relay();
-        let relay = Relay::start(&self.config).unwrap();
+        let relay = Relay::start_with_clock(&self.config, self.clock.clone()).unwrap();
         self.addr = relay.local_addrs()[0];
         self.relay = Some(relay);
         report
