@@ -296,7 +296,7 @@ fn queue_show(sources: &Sources, id: &str) -> String {
         {
             let _ = writeln!(
                 out,
-                "peer={} to={} attempts={} last_reply=\"{}\"",
+                "peer={} to={} attempts={} next=\"{}\" last_reply=\"{}\"",
                 p.name(),
                 q.rcpts
                     .iter()
@@ -304,8 +304,17 @@ fn queue_show(sources: &Sources, id: &str) -> String {
                     .collect::<Vec<_>>()
                     .join(","),
                 q.attempts,
+                q.next_attempt.map_or("now".into(), crate::date::format),
                 q.last_reply.replace('"', "'")
             );
+            for (at, reply) in &q.history {
+                let _ = writeln!(
+                    out,
+                    "  attempt failed at \"{}\": {}",
+                    crate::date::format(*at),
+                    reply
+                );
+            }
             message = Some(q.message);
         }
     }
@@ -313,8 +322,9 @@ fn queue_show(sources: &Sources, id: &str) -> String {
         return format!("error: no queued message {id:?}\n");
     };
     let mut head = format!(
-        "id={} from=<{}> accepted=\"{}\" expires=\"{}\" mid={} tid={}\n",
+        "id={} size={} from=<{}> accepted=\"{}\" expires=\"{}\" mid={} tid={}\n",
         m.id,
+        m.location.len,
         m.from,
         crate::date::format(m.accepted),
         crate::date::format(m.expires),
@@ -413,10 +423,16 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
                 .duration_since(q.message.accepted)
                 .unwrap_or_default()
                 .as_secs();
+            // Due times passed already are "now": the job is in the pool.
+            let next = q
+                .next_attempt
+                .and_then(|t| t.duration_since(now).ok())
+                .map_or("now".to_string(), |d| format!("+{}s", d.as_secs()));
             let _ = writeln!(
                 out,
-                "{} peer={name} age={age}s attempts={} from=<{}> to={} last_reply=\"{}\"",
+                "{} peer={name} age={age}s size={} attempts={} next={next} from=<{}> to={} last_reply=\"{}\"",
                 q.message.id,
+                q.message.location.len,
                 q.attempts,
                 q.message.from,
                 q.rcpts

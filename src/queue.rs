@@ -78,7 +78,15 @@ pub struct Queued {
     pub attempts: u32,
     /// The last reply or error, if any attempt was made.
     pub last_reply: String,
+    /// When the next attempt is due, while it waits for one.
+    pub next_attempt: Option<SystemTime>,
+    /// The failed attempts so far, oldest first (the last
+    /// [`HISTORY_LEN`]): when, and the reply or error.
+    pub history: Vec<(SystemTime, String)>,
 }
+
+/// Attempts kept in a queued message's history.
+pub const HISTORY_LEN: usize = 10;
 
 /// One peer's part of the queue.
 struct PeerQueue {
@@ -182,6 +190,9 @@ impl Queue {
     /// Queues a job found in the spool at start, due at `at`.
     pub fn recover(&self, job: Job, at: SystemTime) {
         self.track(&job, job.attempts, "");
+        if let Some(q) = self.peer(job.peer).tracked.lock().get_mut(&job.message.id) {
+            q.next_attempt = Some(at);
+        }
         self.schedule(job, at);
     }
 
@@ -190,6 +201,11 @@ impl Queue {
         if let Some(q) = self.peer(job.peer).tracked.lock().get_mut(&job.message.id) {
             q.attempts = job.attempts;
             q.last_reply = reply.to_string();
+            q.next_attempt = Some(at);
+            if q.history.len() == HISTORY_LEN {
+                q.history.remove(0);
+            }
+            q.history.push((self.now(), reply.to_string()));
         }
         self.schedule(job, at);
     }
@@ -305,6 +321,8 @@ impl Queue {
             rcpts: Vec::new(),
             attempts,
             last_reply: reply.to_string(),
+            next_attempt: None,
+            history: Vec::new(),
         });
         q.rcpts.extend(job.rcpts.iter().cloned());
     }

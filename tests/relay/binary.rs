@@ -334,6 +334,18 @@ fn status_and_queue_over_the_control_socket() {
         "{list}"
     );
     assert!(!entry.contains("attempts=0"), "{list}");
+    assert!(
+        entry.contains(" size=") && entry.contains(" next="),
+        "{list}"
+    );
+    let id = entry.split_whitespace().next().unwrap();
+    let (code, show, _) = queue(&["show", id]);
+    assert_eq!(code, Some(0));
+    assert!(show.contains("attempt failed at"), "history: {show}");
+    assert!(
+        show.contains("X-Mms-Message-Type: MM4_forward.REQ"),
+        "headers: {show}"
+    );
     let (_, all, _) = queue(&["list"]);
     assert_eq!(all.lines().count(), 1, "only C has anything queued: {all}");
     let (code, age, _) = queue(&["age"]);
