@@ -34,7 +34,7 @@ use crate::listener::{Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
 use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
-use crate::peer::{Budget, Peer, PeerSnapshot, PeerViews, Security, WorkerContext};
+use crate::peer::{Budget, Peer, PeerSnapshot, PeerViews, WorkerContext};
 use crate::privilege;
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Recovered, Spool, SpoolOptions};
@@ -229,9 +229,6 @@ impl Relay {
             if !removed.contains(&id) {
                 p.view().check_reload(&effective.peers[id])?;
             }
-        }
-        for cfg in &added {
-            Security::of(cfg).map_err(|e| format!("peer {}: TLS client: {e}", cfg.name))?;
         }
         // Peers first, so the new routes only ever name running peers.
         for cfg in added {

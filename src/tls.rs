@@ -49,11 +49,8 @@ pub fn acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, TlsError> {
     Ok(Some(acceptor))
 }
 
-/// The client side for one peer, unless its `tls` is off.
-pub fn connector(p: &PeerConfig) -> Result<Option<TlsConnector>, TlsError> {
-    if p.tls == crate::config::TlsMode::Off {
-        return Ok(None);
-    }
+/// The client side for one peer.
+pub fn connector(p: &PeerConfig) -> Result<TlsConnector, TlsError> {
     let mut b = TlsConnector::builder();
     b.min_protocol_version(Some(Protocol::Tlsv12));
     if !p.tls_verify {
@@ -66,7 +63,7 @@ pub fn connector(p: &PeerConfig) -> Result<Option<TlsConnector>, TlsError> {
     if let Some(id) = &p.tls_client_identity {
         b.identity(id.0.clone());
     }
-    Ok(Some(b.build()?))
+    Ok(b.build()?)
 }
 
 /// A connection that is plain TCP or TLS over TCP.

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -54,13 +55,21 @@ impl Timeouts {
     }
 }
 
+/// A peer's TLS client side, built on first use: building one reads the
+/// system's CA store, which takes tens of milliseconds, and a reload
+/// should not pay that for every peer.
+struct LazyConnector {
+    cfg: PeerConfig,
+    built: OnceLock<Result<TlsConnector, String>>,
+}
+
 /// TLS and AUTH towards one peer.
 #[derive(Clone)]
 pub struct Security {
     /// Whether to STARTTLS.
     pub mode: TlsMode,
     /// The client side, unless `mode` is off.
-    pub connector: Option<TlsConnector>,
+    connector: Option<Arc<LazyConnector>>,
     /// The name to check the certificate against, if not the host's.
     pub server_name: Option<String>,
     /// AUTH user and password.
@@ -81,15 +90,35 @@ impl Security {
         }
     }
 
-    /// What a peer's configuration asks for.
-    pub fn of(p: &PeerConfig) -> Result<Security, TlsError> {
-        Ok(Security {
+    /// What a peer's configuration asks for. The certificates and keys
+    /// were checked when the configuration was parsed.
+    pub fn of(p: &PeerConfig) -> Security {
+        Security {
             mode: p.tls,
-            connector: tls::connector(p)?,
+            connector: (p.tls != TlsMode::Off).then(|| {
+                Arc::new(LazyConnector {
+                    cfg: p.clone(),
+                    built: OnceLock::new(),
+                })
+            }),
             server_name: p.tls_server_name.clone(),
             auth: p.auth.clone(),
             auth_plaintext: p.auth_plaintext,
-        })
+        }
+    }
+
+    /// The TLS client side, built the first time it is needed.
+    fn connector(&self) -> Result<Option<&TlsConnector>, ConnError> {
+        let Some(lazy) = &self.connector else {
+            return Ok(None);
+        };
+        match lazy
+            .built
+            .get_or_init(|| tls::connector(&lazy.cfg).map_err(|e: TlsError| e.to_string()))
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => Err(ConnError::Tls(format!("cannot set up the TLS client: {e}"))),
+        }
     }
 }
 
@@ -270,7 +299,7 @@ impl Connection {
         helo_name: &str,
         security: &Security,
     ) -> Result<(), ConnError> {
-        if let (Some(connector), true) = (&security.connector, security.mode != TlsMode::Off) {
+        if let (Some(connector), true) = (security.connector()?, security.mode != TlsMode::Off) {
             if self.caps.starttls {
                 let reply = self.exchange(b"STARTTLS\r\n")?;
                 if reply.code == 220 {

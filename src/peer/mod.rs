@@ -249,18 +249,16 @@ pub struct Settings {
 }
 
 impl Settings {
-    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Result<Settings, String> {
-        let security =
-            Security::of(&cfg).map_err(|e| format!("peer {}: TLS client: {e}", cfg.name))?;
-        Ok(Settings {
-            security,
+    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Settings {
+        Settings {
+            security: Security::of(&cfg),
             timeouts: Timeouts::of(&cfg),
             rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             hosts: hosts.unwrap_or_else(|| {
                 Arc::new(Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max))
             }),
             cfg,
-        })
+        }
     }
 }
 
@@ -334,9 +332,7 @@ impl Peer {
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
-            settings: RwLock::new(Arc::new(
-                Settings::new(cfg, None).map_err(std::io::Error::other)?,
-            )),
+            settings: RwLock::new(Arc::new(Settings::new(cfg, None))),
         });
         let mut workers = Vec::new();
         for index in 0..shared.workers {
@@ -419,7 +415,6 @@ impl PeerView {
                 self.shared.name
             ));
         }
-        Security::of(cfg).map_err(|e| format!("peer {}: TLS client: {e}", self.shared.name))?;
         Ok(())
     }
 
@@ -428,11 +423,7 @@ impl PeerView {
     pub fn reload(&self, cfg: PeerConfig) {
         let old = self.shared.settings();
         let hosts = (old.cfg.hosts == cfg.hosts).then(|| old.hosts.clone());
-        match Settings::new(cfg, hosts) {
-            Ok(s) => *self.shared.settings.write() = Arc::new(s),
-            // check_reload built the same: only a changed file gets here.
-            Err(e) => log::warn!("reload: {e}; old settings kept"),
-        }
+        *self.shared.settings.write() = Arc::new(Settings::new(cfg, hosts));
     }
 
     /// The peer's health and allowance.
