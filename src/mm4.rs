@@ -50,13 +50,8 @@ impl Default for Limits {
 /// looking no further than the limits.
 pub fn check_limits(data: &[u8], limits: &Limits) -> Result<(), Mm4Error> {
     let mut fields = 0;
-    let mut pos = 0;
-    while pos < data.len() {
-        let end = data[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(data.len(), |p| pos + p + 1);
-        let line = &data[pos..end];
+    for (pos, line) in lines(data) {
+        let end = pos + line.len();
         if line == b"\r\n" || line == b"\n" {
             return Ok(());
         }
@@ -75,9 +70,25 @@ pub fn check_limits(data: &[u8], limits: &Limits) -> Result<(), Mm4Error> {
                 reason: format!("header section over {} octets", limits.max_header_size),
             });
         }
-        pos = end;
     }
     Ok(())
+}
+
+/// The lines of `data`, each with its offset, LF included (the last one
+/// may have none).
+fn lines(data: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let start = pos;
+        if start >= data.len() {
+            return None;
+        }
+        pos = data[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |p| start + p + 1);
+        Some((start, &data[start..pos]))
+    })
 }
 /// Highest `X-Mms-Forward-Counter` before we call it a loop.
 pub const MAX_FORWARD_COUNTER: u32 = 10;
@@ -252,14 +263,9 @@ pub fn parse_header(data: &[u8]) -> Result<(Vec<Field<'_>>, usize), Mm4Error> {
         }
     }
     let mut fields = Vec::new();
-    let mut pos = 0;
     let mut current: Open = None;
-    while pos < data.len() {
-        let end = data[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(data.len(), |p| pos + p + 1);
-        let line = &data[pos..end];
+    for (pos, line) in lines(data) {
+        let end = pos + line.len();
         let content_end = end
             - line
                 .iter()
@@ -288,7 +294,6 @@ pub fn parse_header(data: &[u8]) -> Result<(Vec<Field<'_>>, usize), Mm4Error> {
                 })?;
             current = Some((pos, pos + colon, content_end));
         }
-        pos = end;
     }
     flush(data, current, &mut fields);
     Ok((fields, data.len()))
@@ -561,13 +566,8 @@ fn check_mime(
         .ok_or_else(|| Mm4Error::format(format!("{media} without a valid boundary")))?;
     let delimiter = format!("--{boundary}");
     let mut part_start: Option<usize> = None;
-    let mut pos = 0;
-    while pos < body.len() {
-        let end = body[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(body.len(), |p| pos + p + 1);
-        let line = &body[pos..end];
+    for (pos, line) in lines(body) {
+        let end = pos + line.len();
         if let Some(rest) = line.strip_prefix(delimiter.as_bytes()) {
             let closing = rest.starts_with(b"--");
             let tail = if closing { &rest[2..] } else { rest };
@@ -583,7 +583,6 @@ fn check_mime(
                 part_start = Some(end);
             }
         }
-        pos = end;
     }
     Err(Mm4Error::format(match part_start {
         None => format!("{media} body has no part"),

@@ -119,6 +119,14 @@ fn sim_tls(pki: &Pki, auth: Option<(&str, &str)>) -> SimSecurity {
     }
 }
 
+/// A peer whose certificate is self-signed: it does not verify.
+fn sim_rogue(pki: &Pki) -> SimSecurity {
+    SimSecurity {
+        tls: Some(pki.rogue.acceptor()),
+        auth: None,
+    }
+}
+
 fn peer_lines(pki: &Pki, mode: &str) -> String {
     format!(
         "tls = {mode}\ntls_ca_file = {}\ntls_server_name = localhost\n",
@@ -142,14 +150,7 @@ fn outbound_tls_required_verified_and_opportunistic_fallback() {
     let mut h = Harness::with(Profile {
         // A: required, verified. B: opportunistic to a peer whose
         // certificate does not verify (self-signed): falls back to plain.
-        sim_security: [
-            sim_tls(&pki, None),
-            SimSecurity {
-                tls: Some(pki.rogue.acceptor()),
-                auth: None,
-            },
-            SimSecurity::default(),
-        ],
+        sim_security: [sim_tls(&pki, None), sim_rogue(&pki), SimSecurity::default()],
         extra_peer: [a, b, ""],
         ..Profile::default()
     });
@@ -174,10 +175,7 @@ fn required_tls_never_falls_back() {
         // A offers no STARTTLS; B's certificate does not verify.
         sim_security: [
             SimSecurity::default(),
-            SimSecurity {
-                tls: Some(pki.rogue.acceptor()),
-                auth: None,
-            },
+            sim_rogue(&pki),
             SimSecurity::default(),
         ],
         extra_peer: [a, b, ""],
