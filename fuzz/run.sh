@@ -1,5 +1,6 @@
 #!/bin/sh
-# Runs every fuzz target for SECONDS each (default 300), one after the
+# Runs every fuzz target (or the TARGETs named) for SECONDS each
+# (default 300), one after the
 # other, starting from the seeds (and the shared MM4 corpus for mm4_check,
 # when it is there), and prints the last status line of each.
 # Needs cargo-fuzz (cargo install cargo-fuzz); on a stable toolchain,
@@ -7,10 +8,12 @@
 set -eu
 cd "$(dirname "$0")"
 SECONDS_EACH=${1:-300}
+[ $# -gt 0 ] && shift
+TARGETS=${*:-smtp_server smtp_client mm4_check address_route config_parse}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 SHARED=../../shared/mm4-corpus
-for t in smtp_server smtp_client mm4_check address_route config_parse; do
+for t in $TARGETS; do
     mkdir -p "corpus/$t"
     extra=""
     if [ "$t" = mm4_check ] && [ -d "$SHARED" ]; then
