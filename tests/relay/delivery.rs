@@ -205,6 +205,8 @@ fn a_permanent_failure_is_not_retried() {
         );
     }
     wait_until("3 failures at B", || h.peer(1).failed == 3);
+    // The sender, at the local MMSC, hears of each: three DSNs to A.
+    assert!(h.sims[0].wait_for_recipients(3, DEADLINE));
     assert_eq!(h.peer(1).deferred, 0, "a 5xx was retried");
     assert_eq!(h.sims[1].recipients(), 0);
     assert_eq!(h.stop_relay().undelivered, 0);
