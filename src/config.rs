@@ -633,16 +633,7 @@ impl Config {
             value: String::new(),
             problem: format!("cannot read: {e}"),
         })?;
-        let mut config = Config::parse(&text, path)?;
-        let secrets = !config.auth_users.is_empty()
-            || config.peers.iter().any(|p| p.auth.is_some())
-            || text.contains("pkcs12_password");
-        if secrets {
-            if let Some(w) = readable_by_others(path) {
-                config.warnings.push(format!("{}: {w}", path.display()));
-            }
-        }
-        Ok(config)
+        Config::parse(&text, path)
     }
 
     /// Parses and validates INI text; `path` names it in errors.
@@ -792,7 +783,10 @@ impl Config {
         }
 
         let mut warnings = Vec::new();
+        // Passwords in this file: it must not be readable by everyone.
+        let mut secrets = false;
         let s = section("listener", LISTENER_KEYS)?;
+        secrets |= s.secret("tls_pkcs12_password").is_some();
         let listen_list = |v: &str| -> Result<Vec<SocketAddr>, String> {
             split_list(v).iter().map(|a| resolve(a)).collect()
         };
@@ -846,6 +840,8 @@ impl Config {
         let mut peers = Vec::new();
         for (name, _) in sections.iter().filter(|(n, _)| n.starts_with("peer.")) {
             let s = section(name, PEER_KEYS)?;
+            secrets |= s.secret("tls_client_pkcs12_password").is_some()
+                || s.secret("auth_password").is_some();
             let peer_name = name["peer.".len()..].to_string();
             if peer_name.is_empty()
                 || !peer_name
@@ -1086,6 +1082,12 @@ impl Config {
                 let user = parse_auth_user(&k, v.trim(), peer_index)
                     .map_err(|p| loc("auth", &k, "(hidden)", p))?;
                 auth_users.push(user);
+                secrets = true;
+            }
+        }
+        if secrets {
+            if let Some(w) = readable_by_others(path) {
+                warnings.push(format!("{}: {w}", path.display()));
             }
         }
         let mut names = HashSet::new();
@@ -1151,18 +1153,59 @@ impl Config {
             self.relay.max_connections,
             self.listener.mm4_check
         ));
+        let l = &self.listener;
         out.push_str(&format!(
-            "{:<12} {:<6} {:>4} {:>4} {:>6}  hosts / domains / prefixes / accept_from\n",
-            "peer", "local", "min", "max", "pool"
+            "tls in: {}{}{}; auth: {} users{}\n",
+            if l.tls_identity.is_some() {
+                "STARTTLS offered"
+            } else {
+                "off"
+            },
+            if l.listen_tls.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", implicit on {}",
+                    l.listen_tls
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            },
+            if l.tls_required_from.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", required from {}",
+                    l.tls_required_from
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            },
+            self.auth_users.len(),
+            if l.auth_plaintext {
+                ", also without TLS"
+            } else {
+                ""
+            },
+        ));
+        out.push_str(&format!(
+            "{:<12} {:<6} {:>4} {:>4} {:>6} {:<14} {:<5}  hosts / domains / prefixes / accept_from\n",
+            "peer", "local", "min", "max", "pool", "tls", "auth"
         ));
         for p in &self.peers {
             out.push_str(&format!(
-                "{:<12} {:<6} {:>4} {:>4} {:>6}  {} / {} / {} / {}\n",
+                "{:<12} {:<6} {:>4} {:>4} {:>6} {:<14} {:<5}  {} / {} / {} / {}\n",
                 p.name,
                 if p.local { "yes" } else { "no" },
                 p.min_connections,
                 p.max_connections,
                 p.pool_size,
+                format!("{:?}", p.tls).to_lowercase(),
+                if p.auth.is_some() { "yes" } else { "no" },
                 p.hosts.join(","),
                 p.domains.join(","),
                 p.prefixes.join(","),

@@ -282,6 +282,26 @@ pub fn render(sources: &Sources) -> String {
             load(a)
         );
     }
+    for (name, help, a) in [
+        (
+            "mm4relay_tls_sessions_total",
+            "Inbound sessions that started TLS.",
+            &inbound.tls_sessions,
+        ),
+        (
+            "mm4relay_auth_failures_total",
+            "Inbound AUTH attempts that failed.",
+            &inbound.auth_failures,
+        ),
+        (
+            "mm4relay_connections_refused_total",
+            "Inbound connections refused by the per-address limits.",
+            &inbound.refused_per_ip,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", load(a));
+    }
     family(
         &mut out,
         "mm4relay_spool_bytes",

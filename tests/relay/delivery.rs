@@ -747,6 +747,8 @@ fn metrics_are_scraped_over_http() {
         3.0
     );
     assert_eq!(value(&text, "mm4relay_peer_healthy{peer=\"A\"}"), 1.0);
+    assert_eq!(value(&text, "mm4relay_tls_sessions_total"), 0.0);
+    assert_eq!(value(&text, "mm4relay_connections_refused_total"), 0.0);
     // The load's sessions are closing; the scripted client stays.
     wait_until("one session open", || {
         value(&scrape(), "mm4relay_sessions_open") == 1.0

@@ -451,6 +451,11 @@ fn inbound_auth_makes_a_partner() {
         550,
         "but not through us to C"
     );
+    let status = h.control("status");
+    assert!(
+        status.contains("tls_sessions=1 ") && status.contains("auth_failures=1"),
+        "{status}"
+    );
     assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
     assert_eq!(seqs(&h, 0), [2]);
     assert_eq!(h.stop_relay().undelivered, 0);
@@ -656,6 +661,8 @@ fn per_address_limits_and_bad_commands() {
         }
     }
     assert!(rate_refused, "no connection refused by the rate limit");
+    let status = h.control("status");
+    assert!(!status.contains("refused_per_ip=0 "), "{status}");
     // Bad commands: the third one gets 421 and the socket closes.
     assert_eq!(c3.cmd("FOO").code, 500);
     assert_eq!(c3.cmd("RCPT TO:<x@y>").code, 503);
