@@ -311,15 +311,8 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     )
     .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
-    let report = send_load(addr, sessions, all);
-    let targets = [per_peer[0].len() as u64, per_peer[1].len() as u64];
-    for (sim, want) in sims.iter().zip(targets) {
-        assert!(sim.wait_for_recipients(want, Duration::from_secs(300)));
-    }
-    // Let C fail its connects and be isolated before looking.
-    thread::sleep(Duration::from_secs(8));
     let socket = dir.path().join("control.sock");
-    for args in [&["status"][..], &["queue", "age"][..]] {
+    let ask = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mm4relay"))
             .args(args)
             .arg("--socket")
@@ -331,7 +324,29 @@ fn down_run(n: usize, sessions: usize, size: usize) {
             args.join(" "),
             String::from_utf8_lossy(&out.stdout)
         );
+    };
+    let load = thread::spawn(move || send_load(addr, sessions, all));
+    // Once a second while the load runs (the balancer's rates need a
+    // tick or two), then once A and B are done.
+    let mut looked = 0;
+    while !load.is_finished() {
+        thread::sleep(Duration::from_secs(1));
+        if looked < 2 && !load.is_finished() {
+            println!("-- during the load");
+            ask(&["status"]);
+            looked += 1;
+        }
     }
+    let report = load.join().unwrap();
+    let targets = [per_peer[0].len() as u64, per_peer[1].len() as u64];
+    for (sim, want) in sims.iter().zip(targets) {
+        assert!(sim.wait_for_recipients(want, Duration::from_secs(300)));
+    }
+    // Let C fail its connects and be isolated before looking.
+    thread::sleep(Duration::from_secs(8));
+    println!("-- A and B done");
+    ask(&["status"]);
+    ask(&["queue", "age"]);
     println!("accepted {} of {n}; A and B done, C down", report.accepted);
     assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
 }
