@@ -506,6 +506,24 @@ impl Section<'_> {
                         format!("not a usable PEM certificate and key: {e}"),
                     )
                 })?;
+                // native-tls finds a key of another certificate only at the
+                // first handshake: find it now.
+                let leaf = openssl::x509::X509::from_pem(&c).map_err(|e| {
+                    self.err(cert, self.raw(cert), format!("not a PEM certificate: {e}"))
+                })?;
+                let pkey = openssl::pkey::PKey::private_key_from_pem(&k).map_err(|e| {
+                    self.err(key, self.raw(key), format!("not a PEM private key: {e}"))
+                })?;
+                if !leaf.public_key().is_ok_and(|p| p.public_eq(&pkey)) {
+                    return Err(self.err(
+                        key,
+                        self.raw(key),
+                        format!("this key does not belong to the certificate in {cert}"),
+                    ));
+                }
+                if let Some(w) = expired(&leaf) {
+                    warnings.push(format!("{}: [{}] {cert}: {w}", self.file, self.name));
+                }
                 (kp, id)
             }
             ((None, None), Some((pp, der))) => {
@@ -535,6 +553,21 @@ impl Section<'_> {
         self.parse(key, |v| {
             split_list(v).iter().map(|c| Cidr::parse(c)).collect()
         })
+    }
+}
+
+/// A warning if `cert` has expired or is not valid yet.
+fn expired(cert: &openssl::x509::X509Ref) -> Option<String> {
+    let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+    if cert.not_after() < now {
+        Some(format!("the certificate expired on {}", cert.not_after()))
+    } else if cert.not_before() > now {
+        Some(format!(
+            "the certificate is valid only from {}",
+            cert.not_before()
+        ))
+    } else {
+        None
     }
 }
 
@@ -1380,6 +1413,103 @@ default = B
         assert!(!c.auth_users[0].password.matches("hunter"));
         mode(0o640);
         assert!(Config::load(&path).unwrap().warnings.is_empty());
+    }
+
+    /// A self-signed certificate and key for `localhost`, as PEM.
+    fn self_signed() -> (
+        Vec<u8>,
+        Vec<u8>,
+        openssl::x509::X509,
+        openssl::pkey::PKey<openssl::pkey::Private>,
+    ) {
+        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, "localhost")
+            .unwrap();
+        let name = name.build();
+        let mut b = x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        let cert = b.build();
+        (
+            cert.to_pem().unwrap(),
+            key.private_key_to_pem_pkcs8().unwrap(),
+            cert,
+            key,
+        )
+    }
+
+    #[test]
+    fn tls_identities_from_pem_and_pkcs12_and_a_users_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_pem, key_pem, cert, key) = self_signed();
+        let file = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p.display().to_string()
+        };
+        let (c, k) = (file("c.pem", &cert_pem), file("k.pem", &key_pem));
+        let p12 = openssl::pkcs12::Pkcs12::builder()
+            .name("relay")
+            .pkey(&key)
+            .cert(&cert)
+            .build2("p12pass")
+            .unwrap();
+        let p12 = file("id.p12", &p12.to_der().unwrap());
+        let users = file(
+            "users",
+            b"# partner accounts\npartner-b:B:s3cret\n\nops:A:other:with:colons\n",
+        );
+        let text = GOOD
+            .replacen(
+                "relay_from = 127.0.0.1/32, 10.0.0.0/8\n",
+                &format!("relay_from = 127.0.0.1/32, 10.0.0.0/8\ntls_cert = {c}\ntls_key = {k}\n"),
+                1,
+            )
+            .replacen(
+                "max_connections = 8\n",
+                &format!(
+                    "max_connections = 8\ntls = required\ntls_client_pkcs12 = {p12}\ntls_client_pkcs12_password = p12pass\n"
+                ),
+                1,
+            )
+            + &format!("\n[auth]\nusers_file = {users}\n");
+        let c = parse(&text).unwrap();
+        assert!(c.listener.tls_identity.is_some());
+        assert!(c.peers[1].tls_client_identity.is_some());
+        assert_eq!(c.peers[1].tls, TlsMode::Required);
+        let names: Vec<_> = c
+            .auth_users
+            .iter()
+            .map(|u| (u.name.as_str(), u.peer))
+            .collect();
+        assert_eq!(names, [("partner-b", 1), ("ops", 0)]);
+        assert!(c.auth_users[1].password.matches("other:with:colons"));
+        assert!(crate::tls::acceptor(&c.listener).unwrap().is_some());
+        // A wrong PKCS#12 password is an error naming the key.
+        let bad = text.replace("p12pass", "nope");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(
+            (e.section.as_str(), e.key.as_str()),
+            ("peer.B", "tls_client_pkcs12"),
+            "{e}"
+        );
+        // A key that does not belong to the certificate.
+        let (_, other_key, _, _) = self_signed();
+        let k2 = file("k2.pem", &other_key);
+        let e = parse(&text.replace(&k, &k2)).unwrap_err();
+        assert_eq!(e.key, "tls_key", "{e}");
     }
 
     #[test]
