@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use mm4relay::config::Config;
+use mm4relay::relay::Relay;
 use mm4relay::smtp::command::BodyType;
 use mm4relay::spool::{NewMessage, Spool, SpoolOptions};
 
@@ -90,5 +92,39 @@ fn main() {
         "recovery: replayed {n} queued jobs in {:.2}s",
         took.as_secs_f64()
     );
+    drop(recovered);
     spool.close();
+
+    // The whole start: replay, then every job queued again at its peer.
+    // B's host refuses connections: nothing is delivered meanwhile.
+    let ini = format!(
+        "[relay]\nhostname = bench.test\nspool_dir = {}\ncontrol_socket =\nlog_level = error\n\
+         [listener]\nlisten = 127.0.0.1:0\n\
+         [peer.B]\nhosts = 127.0.0.1:1\ndomains = mms.mnc020.mcc001.gprs\nmin_connections = 0\n",
+        dir.path().display()
+    );
+    let config = Config::parse(&ini, std::path::Path::new("bench.ini")).unwrap();
+    let rss_before = rss_kib();
+    let start = Instant::now();
+    let relay = Relay::start(&config).unwrap();
+    let took = start.elapsed();
+    let queued = relay.queue().queued_len(0);
+    println!(
+        "recovery: relay started with {queued} messages queued again in {:.2}s; \
+         RSS grew by {:.0} MiB ({:.0} bytes per queued job)",
+        took.as_secs_f64(),
+        (rss_kib() - rss_before) as f64 / 1024.0,
+        (rss_kib() - rss_before) as f64 * 1024.0 / queued.max(1) as f64
+    );
+    relay.shutdown();
+}
+
+/// Resident set size of this process now.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
