@@ -63,20 +63,30 @@ pub struct Job {
 
 /// Makes queue IDs: seconds since the epoch at start, then a counter, in
 /// hex, so IDs sort by acceptance and do not repeat after a restart.
+///
+/// The spool keys everything by queue ID, so a restart must never reuse
+/// one that is still in it: a restart within the same second, or after
+/// the clock stepped back, starts above the highest ID the spool holds.
 #[derive(Debug)]
 pub struct IdSource {
     epoch: u64,
     next: AtomicU64,
 }
 
+/// Hex digits of the seconds part of an ID.
+const EPOCH_DIGITS: usize = 9;
+
 impl IdSource {
-    /// A source seeded with the current time.
-    pub fn new() -> IdSource {
-        let epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+    /// A source whose IDs all sort above `highest` (the highest ID the
+    /// spool holds), and above what the time `now` gives.
+    pub fn after(highest: Option<&str>, now: SystemTime) -> IdSource {
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let taken = highest
+            .and_then(|h| h.get(..EPOCH_DIGITS))
+            .and_then(|e| u64::from_str_radix(e, 16).ok())
+            .map_or(0, |e| e + 1);
         IdSource {
-            epoch,
+            epoch: now.max(taken),
             next: AtomicU64::new(0),
         }
     }
@@ -85,12 +95,6 @@ impl IdSource {
     pub fn next_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:09X}{:07X}", self.epoch, n)
-    }
-}
-
-impl Default for IdSource {
-    fn default() -> Self {
-        IdSource::new()
     }
 }
 
@@ -114,10 +118,35 @@ mod tests {
 
     #[test]
     fn ids_are_unique_and_ordered() {
-        let s = IdSource::new();
+        let s = IdSource::after(None, SystemTime::now());
         let (a, b) = (s.next_id(), s.next_id());
         assert!(a < b);
         assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn a_restart_starts_above_the_spool() {
+        // Two starts in the same second would give the same IDs, and the
+        // spool keys records by ID.
+        let first = IdSource::after(None, SystemTime::now());
+        let taken = first.next_id();
+        let second = IdSource::after(Some(&taken), SystemTime::now());
+        assert!(second.next_id() > taken);
+        // A clock far behind the spool (stepped back) changes nothing.
+        let future = "FFFFFFFF00000005";
+        assert!(
+            IdSource::after(Some(future), SystemTime::now())
+                .next_id()
+                .as_str()
+                > future
+        );
+        // Garbage in the spool's highest ID is ignored.
+        assert!(
+            IdSource::after(Some("zz"), SystemTime::now())
+                .next_id()
+                .len()
+                == 16
+        );
     }
 
     #[test]

@@ -128,7 +128,9 @@ impl Relay {
             spool: Some(spool.clone()),
         };
         requeue(config, &queue, recovered);
-        let ids = Arc::new(IdSource::new());
+        // Never an ID the spool still holds, even after a restart within
+        // the same second.
+        let ids = Arc::new(IdSource::after(spool.highest_id(), queue.now()));
         let bounce = Arc::new(Bounce::new(
             config,
             ids.clone(),

@@ -187,6 +187,7 @@ pub struct Spool {
     marks: Option<Sender<Request>>,
     handle: Option<JoinHandle<()>>,
     bytes: Arc<AtomicU64>,
+    highest_id: Option<String>,
 }
 
 impl Spool {
@@ -195,7 +196,8 @@ impl Spool {
     pub fn open(opts: &SpoolOptions) -> io::Result<(Spool, Vec<Recovered>)> {
         fs::create_dir_all(&opts.dir)?;
         fs::set_permissions(&opts.dir, fs::Permissions::from_mode(0o700))?;
-        let (state, recovered) = recover(&opts.dir)?;
+        let (mut state, recovered) = recover(&opts.dir)?;
+        let highest_id = state.highest_id.take();
         let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
         let mut writer = Writer::start(opts.clone(), state, bytes.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -210,6 +212,7 @@ impl Spool {
                 marks: Some(marks_tx),
                 handle: Some(handle),
                 bytes,
+                highest_id,
             },
             recovered,
         ))
@@ -267,6 +270,12 @@ impl Spool {
             ));
         }
         Ok(buf)
+    }
+
+    /// The highest queue ID in the spool when it was opened: new IDs must
+    /// sort above it (see `message::IdSource`).
+    pub fn highest_id(&self) -> Option<&str> {
+        self.highest_id.as_deref()
     }
 
     /// Bytes the spool occupies on disk now.
@@ -531,6 +540,8 @@ struct Live {
 struct State {
     segments: BTreeMap<u64, Segment>,
     messages: HashMap<String, Live>,
+    /// The highest queue ID recovery met, done or not.
+    highest_id: Option<String>,
 }
 
 impl State {
@@ -655,6 +666,9 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
         for r in recs {
             match r {
                 Record::Message(m, loc) => {
+                    if state.highest_id.as_ref().is_none_or(|h| m.id > *h) {
+                        state.highest_id = Some(m.id.clone());
+                    }
                     if loc.segment != n || loc.offset + loc.len as u64 > good as u64 {
                         error!(
                             "spool: message {} points outside segment {n}; dropped",

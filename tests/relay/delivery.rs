@@ -1023,3 +1023,53 @@ fn retries_back_off_and_expire_on_the_relay_clock() {
     );
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+/// The spool keys every record by queue ID. A restart within the same
+/// second (here: on a clock that stands still) must not hand out an ID a
+/// queued message still has, or the two messages' records mix at the next
+/// recovery: one is delivered twice, and the other could be marked done
+/// without being delivered.
+#[test]
+fn a_quick_restart_never_reuses_a_queued_id() {
+    use mm4relay::clock::ManualClock;
+    let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
+    let mut h = Harness::with_clock(Profile::default(), clock);
+    h.sims[2].set_fault(Fault::TempFail);
+    let queued_as = |r: &mm4relay::smtp::Reply| r.text().rsplit(' ').next().unwrap().to_string();
+    let mut c = h.client(LOCAL);
+    let first = queued_as(&send_message(
+        &mut c,
+        FROM,
+        &[TO_C],
+        &forward_req(1, TO_C, 500),
+    ));
+    wait_until("C's deferral", || h.peer(2).deferred > 0);
+    drop(c);
+    h.restart();
+    let mut c = h.client(LOCAL);
+    let second = queued_as(&send_message(
+        &mut c,
+        FROM,
+        &[TO_C],
+        &forward_req(2, TO_C, 500),
+    ));
+    assert!(second > first, "{second} reuses or precedes {first}");
+    // Both are still distinct messages after yet another restart.
+    drop(c);
+    h.restart();
+    h.sims[2].set_fault(Fault::None);
+    h.control("queue retry C");
+    assert!(h.sims[2].wait_for_recipients(2, DEADLINE));
+    let mut tids: Vec<String> = h.sims[2]
+        .received()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(&m.data).into_owned();
+            let at = text.find("X-Mms-Transaction-ID: ").unwrap() + 22;
+            text[at..at + 9].to_string()
+        })
+        .collect();
+    tids.sort();
+    assert_eq!(tids, ["T00000001", "T00000002"], "each exactly once");
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
