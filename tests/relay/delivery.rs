@@ -15,6 +15,14 @@ const TO_C: &str = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
 /// Ported: B's prefix and domain, but routed to C.
 const TO_PORTED: &str = "+12025550177/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 
+/// The reply code to `RCPT TO:<rcpt>` in a new session from the local MMSC.
+fn rcpt_code(h: &Harness, rcpt: &str) -> u16 {
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    c.cmd(&format!("RCPT TO:<{rcpt}>")).code
+}
+
 fn load(rcpts: &[&str], n: usize) -> Arc<Vec<Outgoing>> {
     Arc::new(
         (0..n)
@@ -761,13 +769,7 @@ fn metrics_are_scraped_over_http() {
 fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
     let mut h = Harness::start();
     let rcpt = "ops@example.org";
-    let rcpt_reply = |h: &Harness| {
-        let mut c = h.client(LOCAL);
-        assert_eq!(c.cmd("EHLO t").code, 250);
-        assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
-        c.cmd(&format!("RCPT TO:<{rcpt}>")).code
-    };
-    assert_eq!(rcpt_reply(&h), 550);
+    assert_eq!(rcpt_code(&h, rcpt), 550);
     let ini = h.ini();
     // A new listen address needs a restart: refused, nothing changes.
     let moved = ini.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0, 127.0.0.2:0");
@@ -783,7 +785,7 @@ fn a_reload_applies_new_routes_and_refuses_what_needs_a_restart() {
     );
     h.reload(&wider).unwrap();
     assert_eq!(open.cmd(&format!("RCPT TO:<{rcpt}>")).code, 250);
-    assert_eq!(rcpt_reply(&h), 250);
+    assert_eq!(rcpt_code(&h, rcpt), 250);
     let mut c = h.client(LOCAL);
     assert_eq!(
         send_message(&mut c, FROM, &[rcpt], &forward_req(9, rcpt, 500)).code,
@@ -852,16 +854,9 @@ fn a_reload_adds_and_removes_peers_without_losing_their_queue() {
         "{ini}\n[peer.D]\nhosts = {}\ndomains = mms.mnc001.mcc208.gprs\nmin_connections = 1\nmax_connections = 2\n",
         d.addr()
     );
-    let mut c = h.client(LOCAL);
-    assert_eq!(c.cmd("EHLO t").code, 250);
-    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
-    assert_eq!(
-        c.cmd(&format!("RCPT TO:<{to_d}>")).code,
-        550,
-        "no route yet"
-    );
-    assert_eq!(c.cmd("RSET").code, 250);
+    assert_eq!(rcpt_code(&h, to_d), 550, "no route yet");
     h.reload(&with_d).unwrap();
+    let mut c = h.client(LOCAL);
     assert_eq!(
         send_message(&mut c, FROM, &[to_d], &forward_req(1, to_d, 500)).code,
         250
@@ -902,15 +897,7 @@ fn a_reload_adds_and_removes_peers_without_losing_their_queue() {
         "{status}"
     );
     assert_eq!(h.control("queue list C").lines().count(), 1, "still listed");
-    let mut c = h.client(LOCAL);
-    assert_eq!(c.cmd("EHLO t").code, 250);
-    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
-    assert_eq!(
-        c.cmd(&format!("RCPT TO:<{TO_C}>")).code,
-        550,
-        "C takes nothing new"
-    );
-    assert_eq!(c.cmd("QUIT").code, 221);
+    assert_eq!(rcpt_code(&h, TO_C), 550, "C takes nothing new");
     // C comes back, healthy: its queued message goes.
     h.sims[2].set_fault(Fault::None);
     h.reload(&with_d).unwrap();
