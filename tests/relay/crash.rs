@@ -126,6 +126,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
         .subsec_nanos() as u64;
     let mut rng = seed;
     eprintln!("crash test seed {seed}");
+    let mut kills: Vec<Instant> = Vec::new();
     for _ in 0..KILLS {
         let mut relay = Running::start(&config, &[], true);
         let (addr, _, log) = relay.listening();
@@ -138,7 +139,8 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
         // Not synchronisation: this picks the moment of the kill.
         thread::sleep(run_for);
         *current.0.lock() = None;
-        drop(relay); // SIGKILL
+        drop(relay); // SIGKILL, and waits for the process to be gone
+        kills.push(Instant::now());
         log.join().unwrap();
     }
     let mut relay = Running::start(&config, &[], true);
@@ -168,8 +170,22 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     assert!(clean, "relay did not exit 0: {log:?}");
 
     let mut arrivals: HashMap<String, usize> = HashMap::new();
+    let mut times: HashMap<String, Vec<Instant>> = HashMap::new();
     for r in sims.iter().flat_map(|s| s.received()) {
-        *arrivals.entry(tid_of(&r.data)).or_default() += 1;
+        let tid = tid_of(&r.data);
+        *arrivals.entry(tid.clone()).or_default() += 1;
+        times.entry(tid).or_default().push(r.at);
+    }
+    // A second delivery needs a kill between the two: without a crash,
+    // nothing is sent twice.
+    for (tid, mut at) in times {
+        at.sort();
+        for pair in at.windows(2) {
+            assert!(
+                kills.iter().any(|k| pair[0] <= *k && *k <= pair[1]),
+                "{tid} arrived twice with no kill in between"
+            );
+        }
     }
     let unacked_arrived = arrivals.keys().filter(|t| !want.contains(*t)).count();
     let duplicates: usize = arrivals.values().map(|n| n - 1).sum();
