@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 
 use crate::message::Location;
@@ -52,7 +52,8 @@ use crate::smtp::command::BodyType;
 
 /// The active segment's data file rolls over past this size.
 pub const SEGMENT_SIZE: u64 = 16 << 20;
-/// How long done and retry records may wait for a write of their own.
+/// How long done and retry records may wait for a commit to take them
+/// along before they get a write of their own.
 const MARK_INTERVAL: Duration = Duration::from_millis(10);
 /// Most messages in one group commit.
 const MAX_BATCH: usize = 512;
@@ -827,6 +828,8 @@ impl Writer {
     fn run(&mut self, commits: &Receiver<Request>, marks: &Receiver<Request>) {
         loop {
             let mut batch = Vec::new();
+            // A commit is written at once. A mark first gives a commit
+            // MARK_INTERVAL to come and take it along. Idle, nothing wakes.
             let open = crossbeam_channel::select! {
                 recv(commits) -> c => match c {
                     Ok(c) => {
@@ -835,7 +838,21 @@ impl Writer {
                     }
                     Err(_) => false,
                 },
-                default(MARK_INTERVAL) => true,
+                recv(marks) -> m => match m {
+                    Ok(m) => {
+                        batch.push(m);
+                        match commits.recv_timeout(MARK_INTERVAL) {
+                            Ok(c) => {
+                                batch.push(c);
+                                true
+                            }
+                            Err(RecvTimeoutError::Timeout) => true,
+                            Err(RecvTimeoutError::Disconnected) => false,
+                        }
+                    }
+                    // Stopping: the commits channel, closed first, ends the loop.
+                    Err(_) => true,
+                },
             };
             while batch.len() < MAX_BATCH {
                 match commits.try_recv() {
