@@ -5,7 +5,8 @@
 //! its lock; if those pieces went to the file directly, every session and
 //! worker thread would queue behind write(2) calls. Here they go to a small
 //! per-logger buffer, each complete line is handed to a channel, and one
-//! thread writes whatever has piled up, every 20 ms, in one buffered write.
+//! thread writes whatever has piled up, 20 ms after the first line, in one
+//! buffered write; with nothing to log it sleeps.
 //!
 //! Lines reach the file within a moment; [`LogGuard`] flushes everything
 //! and joins the writer thread when the program ends.
@@ -194,7 +195,20 @@ fn write_lines(
 ) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     loop {
-        if let (Ok(()), Some(path)) = (reopen.try_recv(), path) {
+        // Idle, sleep until a line, a reopen or the stop.
+        let mut first = None;
+        let mut stopping = false;
+        let mut reopening = false;
+        crossbeam_channel::select! {
+            recv(stop) -> _ => stopping = true,
+            // Err: the guard is going, and its stop came first.
+            recv(reopen) -> r => reopening = r.is_ok(),
+            recv(rx) -> m => match m {
+                Ok(m) => first = Some(m),
+                Err(_) => stopping = true,
+            },
+        }
+        if let (true, Some(path)) = (reopening, path) {
             let _ = out.flush();
             match open(path) {
                 Ok(f) => out = BufWriter::with_capacity(64 * 1024, Box::new(f)),
@@ -203,11 +217,14 @@ fn write_lines(
                 }
             }
         }
-        let stopping = !matches!(
-            stop.recv_timeout(WRITE_INTERVAL),
-            Err(RecvTimeoutError::Timeout)
-        );
-        while let Ok(m) = rx.try_recv() {
+        if first.is_some() && !stopping {
+            // Let more lines pile up: one write per tick, not per line.
+            stopping = !matches!(
+                stop.recv_timeout(WRITE_INTERVAL),
+                Err(RecvTimeoutError::Timeout)
+            );
+        }
+        for m in first.into_iter().chain(rx.try_iter()) {
             match m {
                 Msg::Line(l) => {
                     let _ = out.write_all(&l);
