@@ -299,8 +299,13 @@ impl Connection {
         helo_name: &str,
         security: &Security,
     ) -> Result<(), ConnError> {
-        if let (Some(connector), true) = (security.connector()?, security.mode != TlsMode::Off) {
+        if security.mode != TlsMode::Off {
             if self.caps.starttls {
+                // Built only now: a peer that never offers STARTTLS never
+                // costs a TLS client (it reads the CA store).
+                let Some(connector) = security.connector()? else {
+                    return Err(ConnError::Tls("no TLS client for this peer".into()));
+                };
                 let reply = self.exchange(b"STARTTLS\r\n")?;
                 if reply.code == 220 {
                     self.start_tls(
