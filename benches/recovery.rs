@@ -34,6 +34,7 @@ fn main() {
         // Filling is not what is measured; the replay reads the same bytes.
         sync: false,
         max_bytes: 0,
+        dedup_window: Duration::ZERO,
     };
     let (spool, _) = Spool::open(&opts).unwrap();
     let spool = Arc::new(spool);
@@ -67,6 +68,7 @@ fn main() {
                                     i % 10_000
                                 )],
                             )],
+                            dedup_key: None,
                         })
                         .unwrap();
                 }

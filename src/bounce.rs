@@ -175,6 +175,7 @@ impl Bounce {
             expires: now + self.queue_lifetime,
             data: dsn.clone(),
             jobs: vec![(self.peers[local].0.clone(), vec![m.from.clone()])],
+            dedup_key: None,
         };
         let location = match self.spool.commit(record) {
             Ok(l) => l,

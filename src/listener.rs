@@ -146,12 +146,24 @@ impl Inbound {
         queue: Arc<Queue>,
         spool: Arc<Spool>,
     ) -> io::Result<Inbound> {
+        // What was accepted within the window before the last stop, or
+        // crash, still counts: a sender retrying after losing our 250 at
+        // a crash is the case this is for.
+        let dedup = Dedup::new(config.relay.dedup_window);
+        let mut recent = spool.take_recent();
+        recent.sort_by_key(|(_, _, at)| *at);
+        let (now, clock_now) = (Instant::now(), queue.now());
+        for (key, rcpts, accepted) in &recent {
+            let age = clock_now.duration_since(*accepted).unwrap_or_default();
+            let at = now.checked_sub(age).unwrap_or(now);
+            dedup.record_at(Some(key), rcpts, at);
+        }
         Ok(Inbound {
             tables: RwLock::new(Arc::new(Tables::new(config)?)),
             ids,
             queue,
             spool,
-            dedup: Dedup::new(config.relay.dedup_window),
+            dedup,
             stats: Arc::default(),
         })
     }
@@ -331,6 +343,7 @@ impl Handler for RelayHandler {
                 .iter()
                 .map(|(p, r)| (tables.peer_names[*p].clone(), r.clone()))
                 .collect(),
+            dedup_key: dedup_key.clone(),
         };
         let from = record.from.clone();
         let location = match inbound.spool.commit(record) {
@@ -435,12 +448,16 @@ impl Dedup {
     }
 
     fn record(&self, key: Option<&str>, rcpts: &[String]) {
+        self.record_at(key, rcpts, Instant::now());
+    }
+
+    /// Records a PDU accepted at `at`; calls come in time order.
+    fn record_at(&self, key: Option<&str>, rcpts: &[String], now: Instant) {
         let Some(mid) = key.filter(|_| !self.window.is_zero()) else {
             return;
         };
         let mut guard = self.seen.lock();
         let (map, order) = &mut *guard;
-        let now = Instant::now();
         for r in rcpts {
             map.insert((mid.to_string(), r.clone()), now);
             order.push_back((now, mid.to_string(), r.clone()));

@@ -69,6 +69,9 @@ pub struct SpoolOptions {
     pub sync: bool,
     /// Refuse new messages beyond this many bytes on disk (0: no limit).
     pub max_bytes: u64,
+    /// Messages accepted this recently are reported by
+    /// [`Spool::take_recent`] at open, for duplicate suppression.
+    pub dedup_window: Duration,
 }
 
 /// A message to make durable.
@@ -92,7 +95,13 @@ pub struct NewMessage {
     pub data: Arc<[u8]>,
     /// Per destination peer (by name), its recipients.
     pub jobs: Vec<(String, Vec<String>)>,
+    /// What names this PDU for duplicate suppression, if anything does.
+    pub dedup_key: Option<String>,
 }
+
+/// A message accepted within the dedup window before the last stop: its
+/// duplicate-suppression key, every recipient it had, and when.
+pub type RecentKey = (String, Vec<String>, SystemTime);
 
 /// A job found in the spool at start.
 #[derive(Clone, Debug)]
@@ -189,6 +198,7 @@ pub struct Spool {
     handle: Option<JoinHandle<()>>,
     bytes: Arc<AtomicU64>,
     highest_id: Option<String>,
+    recent: parking_lot::Mutex<Vec<RecentKey>>,
 }
 
 impl Spool {
@@ -197,8 +207,9 @@ impl Spool {
     pub fn open(opts: &SpoolOptions) -> io::Result<(Spool, Vec<Recovered>)> {
         fs::create_dir_all(&opts.dir)?;
         fs::set_permissions(&opts.dir, fs::Permissions::from_mode(0o700))?;
-        let (mut state, recovered) = recover(&opts.dir)?;
+        let (mut state, recovered) = recover(&opts.dir, opts.dedup_window)?;
         let highest_id = state.highest_id.take();
+        let recent = std::mem::take(&mut state.recent);
         let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
         let mut writer = Writer::start(opts.clone(), state, bytes.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -214,6 +225,7 @@ impl Spool {
                 handle: Some(handle),
                 bytes,
                 highest_id,
+                recent: parking_lot::Mutex::new(recent),
             },
             recovered,
         ))
@@ -277,6 +289,12 @@ impl Spool {
     /// sort above it (see `message::IdSource`).
     pub fn highest_id(&self) -> Option<&str> {
         self.highest_id.as_deref()
+    }
+
+    /// The keyed messages accepted within `dedup_window` before the spool
+    /// was opened, done or not (once: the list is handed over).
+    pub fn take_recent(&self) -> Vec<RecentKey> {
+        std::mem::take(&mut *self.recent.lock())
     }
 
     /// Bytes the spool occupies on disk now.
@@ -380,6 +398,11 @@ fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
         e.str(peer);
         e.strs(rcpts);
     }
+    // Optional trailing fields: a reader tells them from the data by the
+    // data's length, so records without them still read.
+    if let Some(k) = &m.dedup_key {
+        e.str(k);
+    }
     e.0
 }
 
@@ -462,6 +485,11 @@ fn decode(payload: &[u8]) -> Option<Record> {
             let jobs = (0..njobs)
                 .map(|_| Some((d.str()?, d.strs()?)))
                 .collect::<Option<Vec<_>>>()?;
+            let dedup_key = if d.0.len() > loc.len as usize {
+                Some(d.str()?)
+            } else {
+                None
+            };
             // The data is what is left of the payload.
             if d.0.len() != loc.len as usize {
                 return None;
@@ -476,6 +504,7 @@ fn decode(payload: &[u8]) -> Option<Record> {
                 expires,
                 data: Arc::from(&[][..]),
                 jobs,
+                dedup_key,
             };
             Some(Record::Message(Box::new(m), loc))
         }
@@ -543,6 +572,9 @@ struct State {
     messages: HashMap<String, Live>,
     /// The highest queue ID recovery met, done or not.
     highest_id: Option<String>,
+    /// Keyed messages recovery met that were accepted within the dedup
+    /// window, done or not.
+    recent: Vec<RecentKey>,
 }
 
 impl State {
@@ -617,7 +649,8 @@ impl State {
     }
 }
 
-fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
+fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recovered>)> {
+    let dedup_since = SystemTime::now().checked_sub(dedup_window);
     let started = std::time::Instant::now();
     let mut numbers: Vec<u64> = fs::read_dir(dir)?
         .filter_map(|e| e.ok())
@@ -669,6 +702,13 @@ fn recover(dir: &Path) -> io::Result<(State, Vec<Recovered>)> {
                 Record::Message(m, loc) => {
                     if state.highest_id.as_ref().is_none_or(|h| m.id > *h) {
                         state.highest_id = Some(m.id.clone());
+                    }
+                    if let (Some(key), Some(since)) = (&m.dedup_key, dedup_since) {
+                        if !dedup_window.is_zero() && m.accepted >= since {
+                            let rcpts =
+                                m.jobs.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
+                            state.recent.push((key.clone(), rcpts, m.accepted));
+                        }
                     }
                     if loc.segment != n || loc.offset + loc.len as u64 > good as u64 {
                         error!(
@@ -1037,6 +1077,7 @@ mod tests {
             dir: dir.to_path_buf(),
             sync: true,
             max_bytes: 0,
+            dedup_window: Duration::ZERO,
         }
     }
 
@@ -1054,7 +1095,35 @@ mod tests {
                 .iter()
                 .map(|(p, r)| (p.to_string(), r.iter().map(|s| s.to_string()).collect()))
                 .collect(),
+            dedup_key: None,
         }
+    }
+
+    #[test]
+    fn dedup_keys_of_recent_messages_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
+        let mut fresh = msg("fresh", &[("A", &["x", "y"])]);
+        fresh.accepted = SystemTime::now();
+        fresh.dedup_key = Some("MM4_forward.REQ M1 T1".into());
+        let mut old = msg("old", &[("A", &["z"])]);
+        old.dedup_key = Some("MM4_forward.REQ M0 T0".into());
+        spool.commit(fresh).unwrap();
+        spool.commit(old).unwrap();
+        spool.commit(msg("unkeyed", &[("B", &["w"])])).unwrap();
+        spool.close();
+        let window = SpoolOptions {
+            dedup_window: Duration::from_secs(600),
+            ..opts(dir.path())
+        };
+        let (spool, recovered) = Spool::open(&window).unwrap();
+        assert_eq!(recovered.len(), 3, "keys change nothing else");
+        let recent = spool.take_recent();
+        assert_eq!(recent.len(), 1, "only the one inside the window");
+        assert_eq!(recent[0].0, "MM4_forward.REQ M1 T1");
+        assert_eq!(recent[0].1, ["x", "y"]);
+        assert!(spool.take_recent().is_empty(), "handed over once");
+        spool.close();
     }
 
     #[test]

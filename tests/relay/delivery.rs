@@ -352,6 +352,52 @@ fn a_resent_message_is_acknowledged_but_not_delivered_twice() {
     assert_eq!(h.sims[1].recipients(), 2);
 }
 
+/// The likeliest moment to lose our 250 is a crash or restart: the
+/// duplicate window survives it. The message was delivered before the
+/// restart, yet its records are still in the spool (another message keeps
+/// the segment), and the resent copy is answered 250 and not delivered.
+#[test]
+fn a_message_resent_after_a_restart_is_still_a_duplicate() {
+    let mut h = Harness::start();
+    // C stays down, so the segment with B's message is not cleaned away.
+    h.sims[2].set_fault(Fault::TempFail);
+    let body = forward_req(43, TO_B, 600);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(44, TO_C, 600)).code,
+        250
+    );
+    assert!(
+        send_message(&mut c, FROM, &[TO_B], &body)
+            .text()
+            .contains("queued as")
+    );
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    drop(c);
+    h.restart();
+    let mut c = h.client(LOCAL);
+    let again = send_message(&mut c, FROM, &[TO_B], &body);
+    assert_eq!(again.code, 250);
+    assert!(again.text().contains("duplicate"), "{again}");
+    // Not a duplicate: the same PDU for a recipient it never had.
+    let other = "+12025550199/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    assert!(
+        send_message(&mut c, FROM, &[other], &body)
+            .text()
+            .contains("queued as")
+    );
+    assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
+    h.sims[2].set_fault(Fault::None);
+    h.control("queue retry C");
+    assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(
+        h.sims[1].recipients(),
+        2,
+        "B got the PDU once per recipient"
+    );
+}
+
 /// With C deferring everything, fills the spool until the relay says 452
 /// 4.3.1; then lets C recover and checks that everything accepted is
 /// delivered, the space comes back and accepting resumes with no restart.
