@@ -123,6 +123,10 @@ impl Tables {
     }
 }
 
+/// Tables built from a configuration by [`Inbound::prepare`], not yet in
+/// force.
+pub struct Prepared(Tables);
+
 /// What every session shares: the tables it decides with and the queue.
 pub struct Inbound {
     tables: RwLock<Arc<Tables>>,
@@ -139,13 +143,21 @@ impl Inbound {
         self.stats.clone()
     }
 
-    /// Builds the shared part from the configuration.
+    /// Builds what sessions decide with (the TLS server side among it)
+    /// without applying it, so a start or reload can fail before it
+    /// changes anything.
+    pub fn prepare(config: &Config) -> Result<Prepared, String> {
+        Tables::new(config).map(Prepared).map_err(|e| e.to_string())
+    }
+
+    /// Builds the shared part from prepared tables and the configuration.
     pub fn new(
+        tables: Prepared,
         config: &Config,
         ids: Arc<IdSource>,
         queue: Arc<Queue>,
         spool: Arc<Spool>,
-    ) -> io::Result<Inbound> {
+    ) -> Inbound {
         // What was accepted within the window before the last stop, or
         // crash, still counts: a sender retrying after losing our 250 at
         // a crash is the case this is for.
@@ -158,29 +170,21 @@ impl Inbound {
             let at = now.checked_sub(age).unwrap_or(now);
             dedup.record_at(Some(key), rcpts, at);
         }
-        Ok(Inbound {
-            tables: RwLock::new(Arc::new(Tables::new(config)?)),
+        Inbound {
+            tables: RwLock::new(Arc::new(tables.0)),
             ids,
             queue,
             spool,
             dedup,
             stats: Arc::default(),
-        })
+        }
     }
 
-    /// Checks what `new` and `reload` build (the TLS server side) without
-    /// applying anything.
-    pub fn validate(config: &Config) -> Result<(), String> {
-        Tables::new(config).map(drop).map_err(|e| e.to_string())
-    }
-
-    /// Applies a reloaded configuration: routes, relay control, the MM4
-    /// check, timeouts, limits, the certificate, the AUTH users and the
-    /// queue lifetime at once; session limits for sessions that start from
-    /// now on.
-    pub fn reload(&self, config: &Config) -> io::Result<()> {
-        *self.tables.write() = Arc::new(Tables::new(config)?);
-        Ok(())
+    /// Applies reloaded tables: routes, relay control, the MM4 check,
+    /// timeouts, limits, the certificate, the AUTH users and the queue
+    /// lifetime at once; session limits for sessions that start from now on.
+    pub fn reload(&self, tables: Prepared) {
+        *self.tables.write() = Arc::new(tables.0);
     }
 
     fn tables(&self) -> Arc<Tables> {

@@ -110,6 +110,24 @@ impl PeerQueue {
     }
 }
 
+/// Lists a job as queued at its peer (new, or found in the spool).
+fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) {
+    let m = &job.message;
+    let mut tracked = p.tracked.lock();
+    let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
+        message: m.clone(),
+        rcpts: Vec::new(),
+        attempts: job.attempts,
+        last_reply: String::new(),
+        next_attempt: None,
+        history: Vec::new(),
+    });
+    q.rcpts.extend(job.rcpts.iter().cloned());
+    if next_attempt.is_some() {
+        q.next_attempt = next_attempt;
+    }
+}
+
 /// The shared entrance to the pools, used by sessions and workers.
 pub struct Queue {
     /// Messages deleted by an operator, whose jobs are dropped on sight.
@@ -152,8 +170,8 @@ impl Queue {
 
     /// Puts a new job in its peer's pool, or behind the peer's overflow.
     pub fn submit(&self, job: Job) {
-        self.track(&job, 0, "");
         let q = self.peer(job.peer);
+        track(&q, &job, None);
         let job = if q.overflow.load(Ordering::Acquire) == 0 {
             match q.pool.send_timeout(job, SUBMIT_WAIT) {
                 Ok(()) => return,
@@ -189,10 +207,7 @@ impl Queue {
 
     /// Queues a job found in the spool at start, due at `at`.
     pub fn recover(&self, job: Job, at: SystemTime) {
-        self.track(&job, job.attempts, "");
-        if let Some(q) = self.peer(job.peer).tracked.lock().get_mut(&job.message.id) {
-            q.next_attempt = Some(at);
-        }
+        track(&self.peer(job.peer), &job, Some(at));
         self.schedule(job, at);
     }
 
@@ -310,21 +325,6 @@ impl Queue {
             counts[bucket] += 1;
         }
         counts
-    }
-
-    fn track(&self, job: &Job, attempts: u32, reply: &str) {
-        let m = &job.message;
-        let p = self.peer(job.peer);
-        let mut tracked = p.tracked.lock();
-        let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
-            message: m.clone(),
-            rcpts: Vec::new(),
-            attempts,
-            last_reply: reply.to_string(),
-            next_attempt: None,
-            history: Vec::new(),
-        });
-        q.rcpts.extend(job.rcpts.iter().cloned());
     }
 
     /// Parks a job until `at` (wall clock), then puts it in its pool.

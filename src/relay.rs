@@ -89,7 +89,7 @@ impl Relay {
         };
         // Ports first, as root if need be; then become the configured user
         // before anything touches the spool.
-        Inbound::validate(config).map_err(io::Error::other)?;
+        let tables = Inbound::prepare(config).map_err(io::Error::other)?;
         let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
         if let Some(user) = &config.relay.user {
             privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
@@ -170,13 +170,13 @@ impl Relay {
             config.relay.balance_interval,
             config.relay.stats_interval,
         )?);
-        let inbound = match Inbound::new(config, ids, queue.clone(), spool.clone()) {
-            Ok(i) => Arc::new(i),
-            Err(e) => {
-                relay.shutdown();
-                return Err(e);
-            }
-        };
+        let inbound = Arc::new(Inbound::new(
+            tables,
+            config,
+            ids,
+            queue.clone(),
+            spool.clone(),
+        ));
         let sources = Sources {
             peers: relay.views.clone(),
             queue,
@@ -227,7 +227,7 @@ impl Relay {
             return Err("other listen addresses need a restart".into());
         }
         let (effective, removed, added) = self.arrange(new);
-        Inbound::validate(&effective)?;
+        let tables = Inbound::prepare(&effective)?;
         for (id, p) in self.peers.iter().enumerate() {
             if !removed.contains(&id) {
                 p.view().check_reload(&effective.peers[id])?;
@@ -253,10 +253,7 @@ impl Relay {
             }
         }
         if let Some(inbound) = &self.inbound {
-            if let Err(e) = inbound.reload(&effective) {
-                // Validated above: only a file changed in between gets here.
-                warn!("reload: listener tables kept: {e}");
-            }
+            inbound.reload(tables);
         }
         if let Some(b) = &self.budget {
             b.set_max(new.relay.max_connections);

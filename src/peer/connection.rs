@@ -108,17 +108,15 @@ impl Security {
     }
 
     /// The TLS client side, built the first time it is needed.
-    fn connector(&self) -> Result<Option<&TlsConnector>, ConnError> {
-        let Some(lazy) = &self.connector else {
-            return Ok(None);
-        };
-        match lazy
-            .built
+    fn connector(&self) -> Result<&TlsConnector, ConnError> {
+        let lazy = self
+            .connector
+            .as_ref()
+            .ok_or_else(|| ConnError::Tls("no TLS client for this peer".into()))?;
+        lazy.built
             .get_or_init(|| tls::connector(&lazy.cfg).map_err(|e: TlsError| e.to_string()))
-        {
-            Ok(c) => Ok(Some(c)),
-            Err(e) => Err(ConnError::Tls(format!("cannot set up the TLS client: {e}"))),
-        }
+            .as_ref()
+            .map_err(|e| ConnError::Tls(format!("cannot set up the TLS client: {e}")))
     }
 }
 
@@ -303,9 +301,7 @@ impl Connection {
             if self.caps.starttls {
                 // Built only now: a peer that never offers STARTTLS never
                 // costs a TLS client (it reads the CA store).
-                let Some(connector) = security.connector()? else {
-                    return Err(ConnError::Tls("no TLS client for this peer".into()));
-                };
+                let connector = security.connector()?;
                 let reply = self.exchange(b"STARTTLS\r\n")?;
                 if reply.code == 220 {
                     self.start_tls(
