@@ -34,6 +34,7 @@ fn main() {
         // Filling is not what is measured; the replay reads the same bytes.
         sync: false,
         max_bytes: 0,
+        segment_size: mm4relay::spool::SEGMENT_SIZE,
         dedup_window: Duration::ZERO,
     };
     let (spool, _) = Spool::open(&opts).unwrap();

@@ -80,7 +80,7 @@ impl Bounce {
         let m = &job.message;
         let data = match &job.data {
             Some(d) => d.clone(),
-            None => match self.spool.read(&m.location) {
+            None => match self.spool.read(&m.id, &m.location) {
                 Ok(d) => d.into(),
                 Err(e) => {
                     warn!("{}: cannot read the failed message back: {e}", m.id);

@@ -34,6 +34,7 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
     ("queue_lifetime", "72h"),
     ("dedup_window", "10m"),
     ("spool_max_bytes", "0"),
+    ("spool_segment_size", "16777216"),
     ("spool_sync", "yes"),
     ("notify_failures", "yes"),
     ("failed_retention", "7d"),
@@ -216,6 +217,8 @@ pub struct RelayConfig {
     pub dedup_window: Duration,
     /// Refuse new messages (452 4.3.1) when the spool holds this many bytes (0: no limit).
     pub spool_max_bytes: u64,
+    /// The spool's journal rolls over to a new segment file past this size.
+    pub spool_segment_size: u64,
     /// Flush the spool before answering 250. Only for tests and benches.
     pub spool_sync: bool,
     /// Send a delivery status notification to the sender of a failed message.
@@ -788,6 +791,7 @@ impl Config {
             queue_lifetime: s.duration("queue_lifetime")?,
             dedup_window: s.duration("dedup_window")?,
             spool_max_bytes: s.count("spool_max_bytes", 0)? as u64,
+            spool_segment_size: s.count("spool_segment_size", 4096)? as u64,
             spool_sync: s.boolean("spool_sync")?,
             notify_failures: s.boolean("notify_failures")?,
             failed_retention: s.duration("failed_retention")?,

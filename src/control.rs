@@ -333,7 +333,7 @@ fn queue_show(sources: &Sources, id: &str) -> String {
     );
     head.push_str(&out);
     head.push('\n');
-    match sources.spool.read(&m.location) {
+    match sources.spool.read(&m.id, &m.location) {
         Ok(data) => {
             let end = data
                 .windows(4)

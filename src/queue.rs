@@ -541,7 +541,7 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                     continue;
                 }
                 if job.data.is_none() {
-                    match spool.read(&job.message.location) {
+                    match spool.read(&job.message.id, &job.message.location) {
                         Ok(d) => job.data = Some(d.into()),
                         Err(e) => {
                             error!(

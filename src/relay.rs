@@ -98,6 +98,7 @@ impl Relay {
             dir: config.relay.spool_dir.clone(),
             sync: config.relay.spool_sync,
             max_bytes: config.relay.spool_max_bytes,
+            segment_size: config.relay.spool_segment_size,
             dedup_window: config.relay.dedup_window,
         })
         .map_err(|e| {

@@ -50,8 +50,10 @@ use log::{error, info, warn};
 use crate::message::Location;
 use crate::smtp::command::BodyType;
 
-/// The active segment's data file rolls over past this size.
+/// The default size past which the active segment rolls over.
 pub const SEGMENT_SIZE: u64 = 16 << 20;
+/// Most octets one compaction step copies (one write, one flush).
+const COMPACT_CHUNK: usize = 512 << 10;
 /// How long done and retry records may wait for a commit to take them
 /// along before they get a write of their own.
 const MARK_INTERVAL: Duration = Duration::from_millis(10);
@@ -69,6 +71,8 @@ pub struct SpoolOptions {
     pub sync: bool,
     /// Refuse new messages beyond this many bytes on disk (0: no limit).
     pub max_bytes: u64,
+    /// The active segment rolls over past this size.
+    pub segment_size: u64,
     /// Messages accepted this recently are reported by
     /// [`Spool::take_recent`] at open, for duplicate suppression.
     pub dedup_window: Duration,
@@ -183,6 +187,12 @@ enum Request {
 /// What happened to some recipients of a message at a peer.
 struct Mark {
     id: String,
+    note: Note,
+}
+
+/// What happened to some recipients at a peer.
+#[derive(Clone, Debug)]
+struct Note {
     peer: String,
     rcpts: Vec<String>,
     /// `None`: done (sent, failed or expired); else deferred with its
@@ -197,6 +207,7 @@ pub struct Spool {
     marks: Option<Sender<Request>>,
     handle: Option<JoinHandle<()>>,
     bytes: Arc<AtomicU64>,
+    moved: Moved,
     highest_id: Option<String>,
     recent: parking_lot::Mutex<Vec<RecentKey>>,
 }
@@ -211,7 +222,8 @@ impl Spool {
         let highest_id = state.highest_id.take();
         let recent = std::mem::take(&mut state.recent);
         let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
-        let mut writer = Writer::start(opts.clone(), state, bytes.clone())?;
+        let moved = Moved::default();
+        let mut writer = Writer::start(opts.clone(), state, bytes.clone(), moved.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (marks_tx, marks_rx) = crossbeam_channel::unbounded();
         let handle = thread::Builder::new()
@@ -224,6 +236,7 @@ impl Spool {
                 marks: Some(marks_tx),
                 handle: Some(handle),
                 bytes,
+                moved,
                 highest_id,
                 recent: parking_lot::Mutex::new(recent),
             },
@@ -264,16 +277,30 @@ impl Spool {
         if let Some(tx) = &self.marks {
             let _ = tx.send(Request::Mark(Mark {
                 id: id.to_string(),
-                peer: peer.to_string(),
-                rcpts: rcpts.to_vec(),
-                retry,
+                note: Note {
+                    peer: peer.to_string(),
+                    rcpts: rcpts.to_vec(),
+                    retry,
+                },
             }));
         }
     }
 
-    /// Reads a message's data back and checks its CRC.
-    pub fn read(&self, loc: &Location) -> io::Result<Vec<u8>> {
-        let f = File::open(self.dir.join(segment_name(loc.segment)))?;
+    /// Reads message `id`'s data back and checks its CRC. `loc` is where
+    /// it was accepted; compaction may have copied it forward since.
+    pub fn read(&self, id: &str, loc: &Location) -> io::Result<Vec<u8>> {
+        let now = || self.moved.lock().get(id).copied().unwrap_or(*loc);
+        let mut at = now();
+        let f = match File::open(self.dir.join(segment_name(at.segment))) {
+            Ok(f) => f,
+            // Copied forward and its old segment deleted since we looked.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                at = now();
+                File::open(self.dir.join(segment_name(at.segment)))?
+            }
+            Err(e) => return Err(e),
+        };
+        let loc = &at;
         let mut buf = vec![0u8; loc.len as usize];
         f.read_exact_at(&mut buf, loc.offset)?;
         if crc32fast::hash(&buf) != loc.crc {
@@ -406,13 +433,13 @@ fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
     e.0
 }
 
-fn encode_mark(m: &Mark) -> Vec<u8> {
+fn encode_mark(id: &str, n: &Note) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(128));
-    e.u8(if m.retry.is_some() { b'R' } else { b'D' });
-    e.str(&m.id);
-    e.str(&m.peer);
-    e.strs(&m.rcpts);
-    if let Some((attempts, next)) = m.retry {
+    e.u8(if n.retry.is_some() { b'R' } else { b'D' });
+    e.str(id);
+    e.str(&n.peer);
+    e.strs(&n.rcpts);
+    if let Some((attempts, next)) = n.retry {
         e.u32(attempts);
         e.u64(unix_ms(next));
     }
@@ -516,18 +543,17 @@ fn decode(payload: &[u8]) -> Option<Record> {
             };
             Some(Record::Mark(Mark {
                 id,
-                peer,
-                rcpts,
-                retry,
+                note: Note { peer, rcpts, retry },
             }))
         }
         _ => None,
     }
 }
 
-/// Reads framed records from `data`; returns them with the length of the
-/// good prefix (a torn or corrupt record ends it).
-fn read_records(data: &[u8]) -> (Vec<Record>, usize) {
+/// Reads framed records from `data`; returns each with where its frame
+/// starts and how long it is, and the length of the good prefix (a torn or
+/// corrupt record ends it).
+fn read_records(data: &[u8]) -> (Vec<(u64, u32, Record)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0;
     while data.len() - pos >= 8 {
@@ -541,7 +567,7 @@ fn read_records(data: &[u8]) -> (Vec<Record>, usize) {
             break;
         }
         match decode(payload) {
-            Some(r) => out.push(r),
+            Some(r) => out.push((pos as u64, (8 + len) as u32, r)),
             None => break,
         }
         pos += 8 + len;
@@ -553,17 +579,32 @@ fn read_records(data: &[u8]) -> (Vec<Record>, usize) {
 
 #[derive(Default)]
 struct Segment {
-    /// Messages in this segment with recipients left.
+    /// Messages whose current copy is in this segment, with recipients left.
     live: usize,
-    /// Bytes of both files.
+    /// Bytes of their records.
+    live_bytes: u64,
+    /// Bytes of the file.
     bytes: u64,
-    /// Segments whose messages this segment's records speak of.
+    /// Segments holding records that this segment's records build on: the
+    /// messages its done and retry records speak of, the earlier copies of
+    /// the messages it holds copies of. It may not go before they do.
     refs: HashSet<u64>,
 }
 
+/// A message with recipients left.
 struct Live {
+    /// The segment of its current copy.
     segment: u64,
+    /// Where that copy's frame starts in the segment, and its length.
+    record: u64,
+    frame: u32,
+    /// Recipients left.
     remaining: usize,
+    /// What its done and retry records said since that copy was written:
+    /// what a new copy must carry.
+    notes: Vec<Note>,
+    /// Copied forward since the spool was opened (readers look it up).
+    moved: bool,
 }
 
 #[derive(Default)]
@@ -582,70 +623,100 @@ impl State {
         self.segments.values().map(|s| s.bytes).sum()
     }
 
-    fn add_message(&mut self, id: &str, segment: u64, rcpts: usize) {
+    /// Records a message's copy at `segment`; a later copy of a message
+    /// supersedes the earlier one.
+    fn add_message(&mut self, id: &str, segment: u64, record: u64, frame: u32, rcpts: usize) {
         if rcpts == 0 {
             return;
         }
-        self.segments.entry(segment).or_default().live += 1;
+        let moved = match self.messages.remove(id) {
+            Some(old) => {
+                self.forget(&old);
+                if old.segment != segment {
+                    let s = self.segments.entry(segment).or_default();
+                    s.refs.insert(old.segment);
+                }
+                old.moved
+            }
+            None => false,
+        };
+        let s = self.segments.entry(segment).or_default();
+        s.live += 1;
+        s.live_bytes += u64::from(frame);
         self.messages.insert(
             id.to_string(),
             Live {
                 segment,
+                record,
+                frame,
                 remaining: rcpts,
+                notes: Vec::new(),
+                moved,
             },
         );
     }
 
-    /// Applies a record that lives in `segment` and concerns message `id`.
-    fn note_ref(&mut self, segment: u64, id: &str) {
-        if let Some(m) = self.messages.get(id) {
-            if m.segment != segment {
-                let target = m.segment;
-                self.segments
-                    .entry(segment)
-                    .or_default()
-                    .refs
-                    .insert(target);
-            }
+    /// Takes a message's copy out of its segment's live count.
+    fn forget(&mut self, m: &Live) {
+        if let Some(s) = self.segments.get_mut(&m.segment) {
+            s.live -= 1;
+            s.live_bytes -= u64::from(m.frame);
         }
     }
 
-    fn mark_done(&mut self, id: &str, n: usize) {
-        let Some(m) = self.messages.get_mut(id) else {
-            return;
-        };
-        m.remaining = m.remaining.saturating_sub(n);
-        if m.remaining == 0 {
-            let seg = m.segment;
-            self.messages.remove(id);
-            if let Some(s) = self.segments.get_mut(&seg) {
-                s.live -= 1;
-            }
+    /// Applies a done or retry record written to `segment`, which took
+    /// `done` recipients off. Returns the message's entry when that
+    /// finished it.
+    fn apply(&mut self, segment: u64, id: &str, note: &Note, done: usize) -> Option<Live> {
+        let m = self.messages.get_mut(id)?;
+        if m.segment != segment {
+            let target = m.segment;
+            self.segments
+                .entry(segment)
+                .or_default()
+                .refs
+                .insert(target);
         }
+        if note.retry.is_some() {
+            // The latest retry of the same recipients replaces the last.
+            m.notes
+                .retain(|n| n.retry.is_none() || n.peer != note.peer || n.rcpts != note.rcpts);
+        }
+        m.notes.push(note.clone());
+        m.remaining = m.remaining.saturating_sub(done);
+        if m.remaining > 0 {
+            return None;
+        }
+        let m = self.messages.remove(id)?;
+        self.forget(&m);
+        Some(m)
     }
 
-    /// Segments that may go now (never `active`).
+    /// Segments that may go now (never `active`), in an order in which
+    /// they may go: none before a segment it builds on.
     fn deletable(&self, active: u64) -> Vec<u64> {
-        let mut gone: HashSet<u64> = HashSet::new();
+        let mut gone: Vec<u64> = Vec::new();
+        let mut set: HashSet<u64> = HashSet::new();
         loop {
             let before = gone.len();
             for (&n, s) in &self.segments {
-                if n == active || gone.contains(&n) || s.live > 0 {
+                if n == active || set.contains(&n) || s.live > 0 {
                     continue;
                 }
                 let pinned = s
                     .refs
                     .iter()
-                    .any(|r| *r != n && self.segments.contains_key(r) && !gone.contains(r));
+                    .any(|r| *r != n && self.segments.contains_key(r) && !set.contains(r));
                 if !pinned {
-                    gone.insert(n);
+                    set.insert(n);
+                    gone.push(n);
                 }
             }
             if gone.len() == before {
                 break;
             }
         }
-        gone.into_iter().collect()
+        gone
     }
 }
 
@@ -697,13 +768,15 @@ fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recover
         }
         state.segments.entry(n).or_default().bytes = good as u64;
         records += recs.len();
-        for r in recs {
+        for (record, frame, r) in recs {
             match r {
                 Record::Message(m, loc) => {
+                    // A copy made by compaction supersedes the earlier one.
+                    let earlier = index.get(&m.id).copied();
                     if state.highest_id.as_ref().is_none_or(|h| m.id > *h) {
                         state.highest_id = Some(m.id.clone());
                     }
-                    if let (Some(key), Some(since)) = (&m.dedup_key, dedup_since) {
+                    if let (None, Some(key), Some(since)) = (earlier, &m.dedup_key, dedup_since) {
                         if !dedup_window.is_zero() && m.accepted >= since {
                             let rcpts =
                                 m.jobs.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
@@ -718,7 +791,7 @@ fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recover
                         continue;
                     }
                     let total: usize = m.jobs.iter().map(|(_, r)| r.len()).sum();
-                    state.add_message(&m.id, n, total);
+                    state.add_message(&m.id, n, record, frame, total);
                     let left = m
                         .jobs
                         .iter()
@@ -732,32 +805,30 @@ fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recover
                             })
                         })
                         .collect();
-                    index.insert(m.id.clone(), pending.len());
-                    pending.push(Pending {
+                    let p = Pending {
                         message: *m,
                         location: loc,
                         left,
-                    });
+                    };
+                    match earlier {
+                        Some(i) => pending[i] = p,
+                        None => {
+                            index.insert(p.message.id.clone(), pending.len());
+                            pending.push(p);
+                        }
+                    }
                 }
-                Record::Mark(Mark {
-                    id,
-                    peer,
-                    rcpts,
-                    retry,
-                }) => {
-                    state.note_ref(n, &id);
+                Record::Mark(Mark { id, note }) => {
                     let Some(p) = index.get(&id).map(|&i| &mut pending[i]) else {
                         continue;
                     };
                     let jobs = &p.message.jobs;
-                    let hit =
-                        |l: &Left| jobs[l.job].0 == peer && rcpts.contains(&jobs[l.job].1[l.rcpt]);
-                    match retry {
-                        None => {
-                            let before = p.left.len();
-                            p.left.retain(|l| !hit(l));
-                            state.mark_done(&id, before - p.left.len());
-                        }
+                    let hit = |l: &Left| {
+                        jobs[l.job].0 == note.peer && note.rcpts.contains(&jobs[l.job].1[l.rcpt])
+                    };
+                    let before = p.left.len();
+                    match note.retry {
+                        None => p.left.retain(|l| !hit(l)),
                         Some((attempts, next)) => {
                             for l in p.left.iter_mut().filter(|l| hit(l)) {
                                 l.attempts = attempts;
@@ -765,6 +836,7 @@ fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recover
                             }
                         }
                     }
+                    state.apply(n, &id, &note, before - p.left.len());
                 }
             }
         }
@@ -814,8 +886,18 @@ struct Active {
     number: u64,
     file: File,
     len: u64,
-    /// Octets of message data in it (a drained spool rolls over if any).
-    data: u64,
+}
+
+/// Where each message copied forward since the spool opened now is.
+type Moved = Arc<parking_lot::Mutex<HashMap<String, Location>>>;
+
+/// A compaction under way: the live messages of every segment below
+/// `below` are copied forward, a few at a time, so that those segments
+/// (and the ones pinned by them) can go.
+struct Compaction {
+    below: u64,
+    /// IDs still to copy, the oldest last.
+    todo: Vec<String>,
 }
 
 struct Writer {
@@ -827,6 +909,10 @@ struct Writer {
     /// next batch. They are applied in memory at once, so that a full
     /// disk can still free the segments whose messages are all done.
     unwritten: Vec<Mark>,
+    moved: Moved,
+    compaction: Option<Compaction>,
+    /// Octets appended for new work since the last compaction ended.
+    written: u64,
 }
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
@@ -842,21 +928,37 @@ fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
         number,
         file,
         len: 0,
-        data: 0,
     })
 }
 
+/// What woke the writer.
+enum Wake {
+    Commit(Option<Request>),
+    Mark(Option<Request>),
+    /// Nothing waiting, and a compaction has work.
+    Idle,
+}
+
 impl Writer {
-    fn start(opts: SpoolOptions, mut state: State, bytes: Arc<AtomicU64>) -> io::Result<Writer> {
+    fn start(
+        opts: SpoolOptions,
+        mut state: State,
+        bytes: Arc<AtomicU64>,
+        moved: Moved,
+    ) -> io::Result<Writer> {
         let number = state.segments.keys().next_back().map_or(1, |n| n + 1);
         let active = open_segment(&opts.dir, number)?;
         state.segments.insert(number, Segment::default());
         let mut w = Writer {
+            // A spool recovered with much dead space compacts at once.
+            written: u64::MAX,
             opts,
             state,
             active,
             bytes,
             unwritten: Vec::new(),
+            moved,
+            compaction: None,
         };
         w.collect();
         Ok(w)
@@ -864,35 +966,48 @@ impl Writer {
 
     /// Wakes for commits, which sessions wait for; marks, which nobody
     /// waits for, are picked up then or every [`MARK_INTERVAL`], so a
-    /// delivery does not cost the writer a wake-up of its own.
+    /// delivery does not cost the writer a wake-up of its own. A
+    /// compaction goes on a step after each batch, and when idle.
     fn run(&mut self, commits: &Receiver<Request>, marks: &Receiver<Request>) {
         loop {
             let mut batch = Vec::new();
             // A commit is written at once. A mark first gives a commit
             // MARK_INTERVAL to come and take it along. Idle, nothing wakes.
-            let open = crossbeam_channel::select! {
-                recv(commits) -> c => match c {
-                    Ok(c) => {
-                        batch.push(c);
-                        true
-                    }
-                    Err(_) => false,
-                },
-                recv(marks) -> m => match m {
-                    Ok(m) => {
-                        batch.push(m);
-                        match commits.recv_timeout(MARK_INTERVAL) {
-                            Ok(c) => {
-                                batch.push(c);
-                                true
-                            }
-                            Err(RecvTimeoutError::Timeout) => true,
-                            Err(RecvTimeoutError::Disconnected) => false,
+            let wake = if self.compaction.is_some() {
+                crossbeam_channel::select! {
+                    recv(commits) -> c => Wake::Commit(c.ok()),
+                    recv(marks) -> m => Wake::Mark(m.ok()),
+                    default => Wake::Idle,
+                }
+            } else {
+                crossbeam_channel::select! {
+                    recv(commits) -> c => Wake::Commit(c.ok()),
+                    recv(marks) -> m => Wake::Mark(m.ok()),
+                }
+            };
+            let open = match wake {
+                Wake::Idle => {
+                    self.compact_step();
+                    continue;
+                }
+                Wake::Commit(Some(c)) => {
+                    batch.push(c);
+                    true
+                }
+                Wake::Commit(None) => false,
+                Wake::Mark(Some(m)) => {
+                    batch.push(m);
+                    match commits.recv_timeout(MARK_INTERVAL) {
+                        Ok(c) => {
+                            batch.push(c);
+                            true
                         }
+                        Err(RecvTimeoutError::Timeout) => true,
+                        Err(RecvTimeoutError::Disconnected) => false,
                     }
-                    // Stopping: the commits channel, closed first, ends the loop.
-                    Err(_) => true,
-                },
+                }
+                // Stopping: the commits channel, closed first, ends the loop.
+                Wake::Mark(None) => true,
             };
             while batch.len() < MAX_BATCH {
                 match commits.try_recv() {
@@ -907,6 +1022,7 @@ impl Writer {
             if !open {
                 break;
             }
+            self.compact_step();
         }
         if !self.unwritten.is_empty() {
             // One last try for records a full disk refused earlier.
@@ -919,11 +1035,10 @@ impl Writer {
 
     fn write_batch(&mut self, batch: Vec<Request>) {
         let mut buf = Vec::new();
-        let mut data_octets = 0u64;
         let mut commits = Vec::new();
         let mut marks = std::mem::take(&mut self.unwritten);
         for mark in &marks {
-            frame_parts(&mut buf, &encode_mark(mark), &[]);
+            frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
         }
         let limit = self.opts.max_bytes;
         for r in batch {
@@ -940,40 +1055,40 @@ impl Writer {
                         len: m.data.len() as u32,
                         crc: crc32fast::hash(&m.data),
                     };
+                    let record = self.active.len + buf.len() as u64;
                     let mut head = encode_message(&m, &loc);
                     // The data follows the frame header and this head.
-                    loc.offset = self.active.len + buf.len() as u64 + 8 + head.len() as u64;
+                    loc.offset = record + 8 + head.len() as u64;
                     head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
                     frame_parts(&mut buf, &head, &m.data);
-                    data_octets += m.data.len() as u64;
-                    commits.push((m, loc, ack));
+                    let frame = (self.active.len + buf.len() as u64 - record) as u32;
+                    commits.push((m, loc, record, frame, ack));
                 }
                 Request::Mark(mark) => {
-                    frame_parts(&mut buf, &encode_mark(&mark), &[]);
+                    frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
                     marks.push(mark);
                 }
             }
         }
-        let result = self.append(&buf, data_octets, !commits.is_empty());
+        let result = self.append(&buf, !commits.is_empty());
         let mut acks = Vec::with_capacity(commits.len());
         match result {
             Ok(()) => {
-                for (m, loc, ack) in commits {
+                self.written = self.written.saturating_add(buf.len() as u64);
+                for (m, loc, record, frame, ack) in commits {
                     let total = m.jobs.iter().map(|(_, r)| r.len()).sum();
-                    self.state.add_message(&m.id, loc.segment, total);
+                    self.state
+                        .add_message(&m.id, loc.segment, record, frame, total);
                     acks.push((ack, Ok(loc)));
                 }
                 for mark in marks {
-                    self.state.note_ref(self.active.number, &mark.id);
-                    if mark.retry.is_none() {
-                        self.state.mark_done(&mark.id, mark.rcpts.len());
-                    }
+                    self.apply(self.active.number, &mark);
                 }
             }
             Err(e) => {
                 error!("spool: write to segment {} failed: {e}", self.active.number);
                 let full = e.raw_os_error() == Some(28); // ENOSPC
-                for (_, _, ack) in commits {
+                for (_, _, _, _, ack) in commits {
                     let err = if full {
                         SpoolError::Full
                     } else {
@@ -984,8 +1099,8 @@ impl Writer {
                 // Deliveries go on; what they record is kept for the next
                 // write and counted now, so done segments can still go.
                 for mark in marks {
-                    if mark.retry.is_none() {
-                        self.state.mark_done(&mark.id, mark.rcpts.len());
+                    if mark.note.retry.is_none() {
+                        self.apply(self.active.number, &mark);
                     }
                     if self.state.messages.contains_key(&mark.id) {
                         self.unwritten.push(mark);
@@ -1001,9 +1116,23 @@ impl Writer {
         }
     }
 
+    /// Applies a done or retry record in memory.
+    fn apply(&mut self, segment: u64, mark: &Mark) {
+        let done = if mark.note.retry.is_none() {
+            mark.note.rcpts.len()
+        } else {
+            0
+        };
+        if let Some(finished) = self.state.apply(segment, &mark.id, &mark.note, done) {
+            if finished.moved {
+                self.moved.lock().remove(&mark.id);
+            }
+        }
+    }
+
     /// Appends and (when `flush`) makes durable; on failure, cuts the
     /// file back to its last good length.
-    fn append(&mut self, buf: &[u8], data_octets: u64, flush: bool) -> io::Result<()> {
+    fn append(&mut self, buf: &[u8], flush: bool) -> io::Result<()> {
         let a = &mut self.active;
         let mut r = a.file.write_all(buf);
         if r.is_ok() && flush && self.opts.sync {
@@ -1012,7 +1141,6 @@ impl Writer {
         match r {
             Ok(()) => {
                 a.len += buf.len() as u64;
-                a.data += data_octets;
                 self.state.segments.entry(a.number).or_default().bytes = a.len;
                 Ok(())
             }
@@ -1024,10 +1152,11 @@ impl Writer {
     }
 
     /// Deletes segments nothing needs; rolls the active one over when it is
-    /// large or when the whole spool has drained.
+    /// large or when the whole spool has drained; starts a compaction when
+    /// the sealed segments hold more dead octets than live ones.
     fn collect(&mut self) {
         let active = self.active.number;
-        if self.active.len >= SEGMENT_SIZE {
+        if self.active.len >= self.opts.segment_size {
             match open_segment(&self.opts.dir, active + 1) {
                 Ok(next) => {
                     if let Err(e) = self.active.file.sync_data() {
@@ -1048,14 +1177,14 @@ impl Writer {
             }
             self.state.segments.remove(&n);
         }
-        if self.state.messages.is_empty() && self.active.data > 0 {
+        if self.state.messages.is_empty() && self.active.len > 0 {
             // Nothing is live anywhere: empty the active segment in place
             // (no new file needed, so this works on a full disk too).
             self.unwritten.clear();
+            self.moved.lock().clear();
             match self.active.file.set_len(0) {
                 Ok(()) => {
                     self.active.len = 0;
-                    self.active.data = 0;
                     self.state
                         .segments
                         .insert(self.active.number, Segment::default());
@@ -1065,6 +1194,168 @@ impl Writer {
         }
         self.bytes
             .store(self.state.total_bytes(), Ordering::Release);
+        self.maybe_compact();
+    }
+
+    /// Dead octets the sealed segments may hold before a compaction.
+    fn slack(&self) -> u64 {
+        let slack = self.opts.segment_size;
+        match self.opts.max_bytes {
+            0 => slack,
+            max => slack.min(max / 4),
+        }
+    }
+
+    /// Starts a compaction when the sealed segments hold more dead octets
+    /// than live ones (and than the slack): copying the live ones forward
+    /// then frees at least as much as it writes.
+    fn maybe_compact(&mut self) {
+        let slack = self.slack();
+        if self.compaction.is_some() || self.written < slack {
+            return;
+        }
+        let below = self.active.number;
+        let (mut sealed, mut live) = (0u64, 0u64);
+        for s in self.state.segments.range(..below).map(|(_, s)| s) {
+            sealed += s.bytes;
+            live += s.live_bytes;
+        }
+        let dead = sealed - live.min(sealed);
+        if live == 0 || dead <= live.max(slack) {
+            return;
+        }
+        let mut todo: Vec<(u64, u64, &String)> = self
+            .state
+            .messages
+            .iter()
+            .filter(|(_, m)| m.segment < below)
+            .map(|(id, m)| (m.segment, m.record, id))
+            .collect();
+        todo.sort_unstable_by(|a, b| b.cmp(a));
+        info!(
+            "spool: compacting: {} messages ({live} octets) to copy out of segments below {below}, {dead} octets dead",
+            todo.len()
+        );
+        let todo = todo.into_iter().map(|(_, _, id)| id.clone()).collect();
+        self.compaction = Some(Compaction { below, todo });
+        self.written = 0;
+    }
+
+    /// Copies the next few live messages of a compaction forward, with
+    /// what is left of them, in one write and one flush.
+    fn compact_step(&mut self) {
+        let Some(mut c) = self.compaction.take() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut copies: Vec<(String, Location, u64, u32, usize, Vec<Note>)> = Vec::new();
+        let mut files: HashMap<u64, File> = HashMap::new();
+        while buf.len() < COMPACT_CHUNK {
+            let Some(id) = c.todo.pop() else { break };
+            let Some(m) = self.state.messages.get(&id).filter(|m| m.segment < c.below) else {
+                continue;
+            };
+            let start = buf.len();
+            let record = self.active.len + start as u64;
+            match self.copy(&id, m, record, &mut files, &mut buf) {
+                Ok((loc, rcpts, notes)) => {
+                    let frame = (loc.offset + u64::from(loc.len) - record) as u32;
+                    copies.push((id, loc, record, frame, rcpts, notes));
+                }
+                Err(e) => {
+                    buf.truncate(start);
+                    error!("spool: cannot copy {id} forward: {e}; left where it is");
+                }
+            }
+        }
+        drop(files);
+        if !c.todo.is_empty() {
+            self.compaction = Some(c);
+        } else {
+            info!("spool: compaction done");
+        }
+        if buf.is_empty() {
+            return;
+        }
+        if let Err(e) = self.append(&buf, true) {
+            error!("spool: compaction write failed: {e}; stopped");
+            self.compaction = None;
+            return;
+        }
+        let segment = self.active.number;
+        let mut moved = self.moved.lock();
+        for (id, loc, record, frame, rcpts, notes) in copies {
+            self.state.add_message(&id, segment, record, frame, rcpts);
+            if let Some(m) = self.state.messages.get_mut(&id) {
+                m.notes = notes;
+                m.moved = true;
+            }
+            moved.insert(id, loc);
+        }
+        drop(moved);
+        self.collect();
+    }
+
+    /// Frames onto `buf` a new copy of message `id` (currently `m`) as it
+    /// stands: its `M` record with only the recipients left, then a retry
+    /// record for each deferral. Returns the new data location, the
+    /// recipients left and the retry notes.
+    fn copy(
+        &self,
+        id: &str,
+        m: &Live,
+        record: u64,
+        files: &mut HashMap<u64, File>,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<(Location, usize, Vec<Note>)> {
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let file = match files.entry(m.segment) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(File::open(self.opts.dir.join(segment_name(m.segment)))?)
+            }
+        };
+        let mut frame = vec![0u8; m.frame as usize];
+        file.read_exact_at(&mut frame, m.record)?;
+        let (mut recs, _) = read_records(&frame);
+        let Some((_, _, Record::Message(mut msg, old))) = recs.pop() else {
+            return Err(bad("its record does not read back"));
+        };
+        if msg.id != id {
+            return Err(bad("its record names another message"));
+        }
+        let data = &frame[frame.len() - old.len as usize..];
+        let done = |peer: &str, rcpt: &String| {
+            m.notes
+                .iter()
+                .any(|n| n.retry.is_none() && n.peer == peer && n.rcpts.contains(rcpt))
+        };
+        for (peer, rcpts) in &mut msg.jobs {
+            rcpts.retain(|r| !done(peer, r));
+        }
+        msg.jobs.retain(|(_, r)| !r.is_empty());
+        let left: usize = msg.jobs.iter().map(|(_, r)| r.len()).sum();
+        if left == 0 {
+            return Err(bad("nothing left to copy"));
+        }
+        let mut loc = Location {
+            segment: self.active.number,
+            ..old
+        };
+        let mut head = encode_message(&msg, &loc);
+        loc.offset = record + 8 + head.len() as u64;
+        head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
+        frame_parts(buf, &head, data);
+        let mut notes = Vec::new();
+        for n in m.notes.iter().filter(|n| n.retry.is_some()) {
+            let mut n = n.clone();
+            n.rcpts.retain(|r| !done(&n.peer, r));
+            if !n.rcpts.is_empty() {
+                frame_parts(buf, &encode_mark(id, &n), &[]);
+                notes.push(n);
+            }
+        }
+        Ok((loc, left, notes))
     }
 }
 
@@ -1077,6 +1368,7 @@ mod tests {
             dir: dir.to_path_buf(),
             sync: true,
             max_bytes: 0,
+            segment_size: SEGMENT_SIZE,
             dedup_window: Duration::ZERO,
         }
     }
@@ -1135,7 +1427,7 @@ mod tests {
             .commit(msg("m1", &[("A", &["x", "y"]), ("B", &["z"])]))
             .unwrap();
         spool.commit(msg("m2", &[("A", &["w"])])).unwrap();
-        assert_eq!(spool.read(&l1).unwrap(), b"data of m1\r\n");
+        assert_eq!(spool.read("m1", &l1).unwrap(), b"data of m1\r\n");
         spool.done("m1", "A", &["x".into()]);
         spool.retry(
             "m1",
@@ -1165,7 +1457,7 @@ mod tests {
                 ("B", vec!["z".to_string()], 3)
             ]
         );
-        assert_eq!(spool.read(&r.location).unwrap(), b"data of m1\r\n");
+        assert_eq!(spool.read("m1", &r.location).unwrap(), b"data of m1\r\n");
         spool.close();
     }
 
@@ -1235,6 +1527,22 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_spool_whose_last_segment_holds_no_data_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&small(dir.path())).unwrap();
+        let mut m = msg("m", &[("A", &["x"])]);
+        m.data = Arc::from(vec![b'x'; 5000]);
+        // Past the segment size: what follows goes to a fresh segment.
+        spool.commit(m).unwrap();
+        spool.done("m", "A", &["x".into()]);
+        let mut probe = msg("probe", &[]);
+        probe.data = Arc::from(&[][..]);
+        spool.commit(probe).unwrap();
+        assert_eq!(spool.bytes(), 0, "only records about done work are left");
+        spool.close();
+    }
+
+    #[test]
     fn refuses_past_max_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let o = SpoolOptions {
@@ -1246,5 +1554,133 @@ mod tests {
         big.data = Arc::from(vec![b'x'; 200]);
         assert!(matches!(spool.commit(big), Err(SpoolError::Full)));
         assert!(spool.commit(msg("small", &[("A", &["x"])])).is_ok());
+    }
+
+    /// A spool where peer C is down: every 20th message also waits for C
+    /// (one of those in two has had one recipient delivered), everything
+    /// else is delivered. Returns the kept IDs with their data and where
+    /// each was first written.
+    fn down_peer_load(spool: &Spool) -> Vec<(String, Vec<u8>, Location)> {
+        let next = UNIX_EPOCH + Duration::from_secs(7777);
+        let mut kept = Vec::new();
+        for i in 0..400 {
+            let id = format!("m{i:04}");
+            let keep = i % 20 == 0;
+            let jobs: &[(&str, &[&str])] = if keep {
+                &[("A", &["a"]), ("C", &["x", "y"])]
+            } else {
+                &[("A", &["a"])]
+            };
+            let mut m = msg(&id, jobs);
+            let data = format!("data of {id} {}\r\n", "z".repeat(300)).into_bytes();
+            m.data = Arc::from(data.clone());
+            let loc = spool.commit(m).unwrap();
+            spool.done(&id, "A", &["a".into()]);
+            if keep {
+                spool.retry(&id, "C", &["x".into(), "y".into()], 2, next);
+                if i % 40 == 0 {
+                    spool.done(&id, "C", &["y".into()]);
+                }
+                kept.push((id, data, loc));
+            }
+        }
+        kept
+    }
+
+    fn check_recovered(rec: &[Recovered], kept: &[(String, Vec<u8>, Location)]) {
+        let mut ids: Vec<_> = rec.iter().map(|r| r.message.id.clone()).collect();
+        ids.sort();
+        let want: Vec<_> = kept.iter().map(|k| k.0.clone()).collect();
+        assert_eq!(ids, want, "the kept messages and only they come back");
+        for r in rec {
+            let n: usize = r.message.id[1..].parse().unwrap();
+            let rcpts: &[&str] = if n % 40 == 0 { &["x"] } else { &["x", "y"] };
+            assert_eq!(r.jobs.len(), 1, "{}: {:?}", r.message.id, r.jobs);
+            assert_eq!(r.jobs[0].peer, "C");
+            assert_eq!(r.jobs[0].rcpts, rcpts, "{}", r.message.id);
+            assert_eq!(r.jobs[0].attempts, 2, "retry state survives the copy");
+            assert_eq!(r.jobs[0].next, UNIX_EPOCH + Duration::from_secs(7777));
+            assert_eq!(r.message.message_id, Some(format!("mid-{}", r.message.id)));
+        }
+    }
+
+    fn small(dir: &Path) -> SpoolOptions {
+        SpoolOptions {
+            segment_size: 4096,
+            ..opts(dir)
+        }
+    }
+
+    #[test]
+    fn compaction_frees_segments_a_down_peer_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&small(dir.path())).unwrap();
+        let kept = down_peer_load(&spool);
+        // A commit is a barrier for marks; the next one also for the
+        // compaction step the first may have started.
+        spool.commit(msg("probe1", &[])).unwrap();
+        spool.commit(msg("probe2", &[])).unwrap();
+        let written = 400 * 350;
+        // 20 live messages of ~420 octets: the spool stays within a few
+        // times that (dead space up to the slack, the active segment).
+        assert!(
+            spool.bytes() < 40_000,
+            "{} of {written} octets still on disk",
+            spool.bytes()
+        );
+        for (id, data, loc) in &kept {
+            assert_eq!(&spool.read(id, loc).unwrap(), data, "{id} reads back");
+        }
+        spool.close();
+        let (spool, rec) = Spool::open(&small(dir.path())).unwrap();
+        check_recovered(&rec, &kept);
+        for r in &rec {
+            let (_, data, _) = kept.iter().find(|k| k.0 == r.message.id).unwrap();
+            assert_eq!(&spool.read(&r.message.id, &r.location).unwrap(), data);
+        }
+        spool.close();
+    }
+
+    #[test]
+    fn a_crash_between_copy_and_delete_recovers_each_message_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = SpoolOptions {
+            // No compaction yet: the snapshot below holds the old copies.
+            segment_size: 1 << 20,
+            ..opts(dir.path())
+        };
+        let (spool, _) = Spool::open(&o).unwrap();
+        let kept = down_peer_load(&spool);
+        spool.close();
+        let crashed = tempfile::tempdir().unwrap();
+        for e in fs::read_dir(dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            fs::copy(&p, crashed.path().join(p.file_name().unwrap())).unwrap();
+        }
+        // Reopened with small segments, the spool compacts at once.
+        let (spool, rec) = Spool::open(&small(dir.path())).unwrap();
+        check_recovered(&rec, &kept);
+        spool.commit(msg("probe", &[])).unwrap();
+        spool.close();
+        let names = |d: &Path| {
+            let mut v: Vec<_> = fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let (old, new) = (names(crashed.path()), names(dir.path()));
+        assert!(
+            !new.contains(&old[0]),
+            "the old segment went: {old:?} {new:?}"
+        );
+        // The crash: the copies are on disk, the old segment not yet gone.
+        for n in new {
+            fs::copy(dir.path().join(&n), crashed.path().join(&n)).unwrap();
+        }
+        let (spool, rec) = Spool::open(&small(crashed.path())).unwrap();
+        check_recovered(&rec, &kept);
+        spool.close();
     }
 }

@@ -3,6 +3,8 @@
 //! Every message that got 250 must arrive; a message that did not get 250
 //! may arrive only if it was in flight at a kill (committed, reply lost);
 //! duplicates are counted and bounded by what was in flight at the kills.
+//! One peer defers everything until the last run, with small segments, so
+//! compaction copies its messages forward between and across the kills.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mm4relay::peer::{Connection, Delivery, Security, Timeouts};
-use mm4relay::sim::{Outgoing, SimPeer, forward_req};
+use mm4relay::sim::{Fault, Outgoing, SimPeer, forward_req};
 use parking_lot::{Condvar, Mutex};
 
 use crate::support::*;
@@ -49,7 +51,15 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("mm4relay.ini");
-    let ini = Profile::default().ini(
+    // C defers everything until the last run, so its messages stay in
+    // segments whose other messages are done: with small segments the
+    // spool compacts (copies them forward) all through the kills.
+    sims[2].set_fault(Fault::TempFail);
+    let ini = Profile {
+        extra_relay: "spool_segment_size = 16384".into(),
+        ..Profile::default()
+    }
+    .ini(
         [sims[0].addr(), sims[1].addr(), sims[2].addr()],
         &dir.path().join("spool"),
     );
@@ -127,6 +137,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     let mut rng = seed;
     eprintln!("crash test seed {seed}");
     let mut kills: Vec<Instant> = Vec::new();
+    let mut compactions = 0;
     for _ in 0..KILLS {
         let mut relay = Running::start(&config, &[], true);
         let (addr, _, log) = relay.listening();
@@ -141,7 +152,8 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
         *current.0.lock() = None;
         drop(relay); // SIGKILL, and waits for the process to be gone
         kills.push(Instant::now());
-        log.join().unwrap();
+        let log = log.join().unwrap();
+        compactions += log.iter().filter(|l| l.contains("compacting")).count();
     }
     let mut relay = Running::start(&config, &[], true);
     let (addr, _, log) = relay.listening();
@@ -149,6 +161,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     current.1.notify_all();
     // Some load on the last run too, then no more.
     wait_until("traffic after the last restart", || relay_took_some(&sims));
+    sims[2].set_fault(Fault::None);
     stop.store(true, Ordering::Release);
     for s in senders {
         s.join().unwrap();
@@ -168,6 +181,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     let clean = relay.terminate().success();
     let log = log.join().unwrap();
     assert!(clean, "relay did not exit 0: {log:?}");
+    assert!(compactions > 0, "the killed runs never compacted");
 
     let mut arrivals: HashMap<String, usize> = HashMap::new();
     let mut times: HashMap<String, Vec<Instant>> = HashMap::new();

@@ -443,6 +443,42 @@ fn a_full_spool_refuses_with_452_and_still_delivers() {
 }
 
 #[test]
+fn a_down_peer_does_not_pin_the_space_of_what_was_delivered() {
+    // Small segments, so that nearly every one holds a message for C; a
+    // limit well under what passes through.
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        extra_relay: "spool_max_bytes = 1000000\nspool_segment_size = 32768".into(),
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let (n, to_c) = (1000, 50);
+    let mut rcpts = vec![TO_A; 19];
+    rcpts.push(TO_C);
+    // About 2.4 MB in all, 120 kB of it for C.
+    let report = send_load(h.addr, 4, load(&rcpts, n));
+    assert_eq!(
+        report.accepted, n,
+        "the spool must not fill with what A already has"
+    );
+    assert!(h.sims[0].wait_for_recipients((n - to_c) as u64, DEADLINE));
+    wait_until("C's messages to be deferred", || {
+        h.peer(2).deferred >= to_c as u64
+    });
+    // Live: C's 120 kB. Dead space is bounded by the live octets or a
+    // segment, whichever is more, plus the active segment.
+    wait_until("the space of what A has to come back", || {
+        h.spool_bytes() < 400_000
+    });
+    h.sims[2].set_fault(Fault::None);
+    assert!(h.sims[2].wait_for_recipients(to_c as u64, DEADLINE));
+    wait_until("the spool to drain", || h.spool_bytes() < 4096);
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[2].recipients(), to_c as u64, "delivered twice");
+    assert_eq!(h.sims[0].recipients(), (n - to_c) as u64, "delivered twice");
+}
+
+#[test]
 fn a_failed_message_is_kept_and_its_sender_notified() {
     use mail_parser::{MessageParser, MimeHeaders};
     let mut h = Harness::start();
