@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, Tc
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
 use parking_lot::{Mutex, RwLock};
@@ -34,7 +34,7 @@ use crate::queue::Queue;
 use crate::route::{Address, PeerId, Router};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
-use crate::spool::{NewMessage, Spool, SpoolError};
+use crate::spool::{NewMessage, RecentKey, Spool, SpoolError};
 use crate::tls::{self, Stream};
 
 /// Inbound counters, for the metrics.
@@ -177,6 +177,20 @@ impl Inbound {
             spool,
             dedup,
             stats: Arc::default(),
+        }
+    }
+
+    /// Saves the duplicate-suppression keys of the window in the spool,
+    /// so that a restart still knows them (a clean stop calls this once no
+    /// session is left).
+    pub fn save_recent(&self) {
+        if self.dedup.window.is_zero() {
+            return;
+        }
+        let keys = self.dedup.export(self.queue.now());
+        match self.spool.save_recent(&keys) {
+            Ok(()) => debug!("saved {} duplicate-suppression keys", keys.len()),
+            Err(e) => warn!("cannot save the duplicate-suppression keys: {e}"),
         }
     }
 
@@ -453,6 +467,20 @@ impl Dedup {
 
     fn record(&self, key: Option<&str>, rcpts: &[String]) {
         self.record_at(key, rcpts, Instant::now());
+    }
+
+    /// Every (key, recipient) still within the window, with when it was
+    /// accepted by the wall clock that reads `now` at this instant.
+    fn export(&self, now: SystemTime) -> Vec<RecentKey> {
+        let (map, _) = &*self.seen.lock();
+        let instant = Instant::now();
+        map.iter()
+            .filter(|(_, t)| instant.duration_since(**t) < self.window)
+            .map(|((key, rcpt), t)| {
+                let at = now.checked_sub(instant.duration_since(*t)).unwrap_or(now);
+                (key.clone(), vec![rcpt.clone()], at)
+            })
+            .collect()
     }
 
     /// Records a PDU accepted at `at`; calls come in time order.

@@ -390,6 +390,9 @@ impl Relay {
         if let Some(l) = self.listener.take() {
             l.stop();
         }
+        if let Some(i) = self.inbound.take() {
+            i.save_recent();
+        }
         if let Some(b) = self.balancer.take() {
             b.stop();
         }

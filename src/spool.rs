@@ -220,7 +220,17 @@ impl Spool {
         fs::set_permissions(&opts.dir, fs::Permissions::from_mode(0o700))?;
         let (mut state, recovered) = recover(&opts.dir, opts.dedup_window)?;
         let highest_id = state.highest_id.take();
-        let recent = std::mem::take(&mut state.recent);
+        let mut recent = std::mem::take(&mut state.recent);
+        if let Some(since) = SystemTime::now().checked_sub(opts.dedup_window) {
+            match fs::read(opts.dir.join(RECENT_FILE)) {
+                Ok(data) if !opts.dedup_window.is_zero() => {
+                    recent.extend(decode_recent(&data, since));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!("spool: cannot read the saved duplicate keys: {e}"),
+            }
+        }
         let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
         let moved = Moved::default();
         let mut writer = Writer::start(opts.clone(), state, bytes.clone(), moved.clone())?;
@@ -319,9 +329,27 @@ impl Spool {
     }
 
     /// The keyed messages accepted within `dedup_window` before the spool
-    /// was opened, done or not (once: the list is handed over).
+    /// was opened, done or not (once: the list is handed over): those the
+    /// journal holds, and those the last clean stop saved.
     pub fn take_recent(&self) -> Vec<RecentKey> {
         std::mem::take(&mut *self.recent.lock())
+    }
+
+    /// Saves duplicate-suppression keys for the next start, which reads
+    /// back those still within its window: written aside, flushed, then
+    /// renamed over the last ones.
+    pub fn save_recent(&self, keys: &[RecentKey]) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{RECENT_FILE}.tmp"));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&encode_recent(keys))?;
+        f.sync_data()?;
+        fs::rename(&tmp, self.dir.join(RECENT_FILE))?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Bytes the spool occupies on disk now.
@@ -550,29 +578,71 @@ fn decode(payload: &[u8]) -> Option<Record> {
     }
 }
 
+/// The payload of the framed record at `pos` in `data`, if it is whole
+/// and passes its CRC.
+fn frame_at(data: &[u8], pos: usize) -> Option<&[u8]> {
+    let head = data.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = data.get(pos + 8..pos + 8 + len)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
 /// Reads framed records from `data`; returns each with where its frame
 /// starts and how long it is, and the length of the good prefix (a torn or
 /// corrupt record ends it).
 fn read_records(data: &[u8]) -> (Vec<(u64, u32, Record)>, usize) {
     let mut out = Vec::new();
     let mut pos = 0;
-    while data.len() - pos >= 8 {
-        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        if len > MAX_RECORD || data.len() - pos - 8 < len {
-            break;
-        }
-        let payload = &data[pos + 8..pos + 8 + len];
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        match decode(payload) {
-            Some(r) => out.push((pos as u64, (8 + len) as u32, r)),
-            None => break,
-        }
-        pos += 8 + len;
+    while let Some(payload) = frame_at(data, pos) {
+        let Some(r) = decode(payload) else { break };
+        out.push((pos as u64, (8 + payload.len()) as u32, r));
+        pos += 8 + payload.len();
     }
     (out, pos)
+}
+
+/// Where a clean stop leaves the duplicate-suppression keys of its window,
+/// for the next start (the journal may no longer hold them).
+const RECENT_FILE: &str = "recent";
+
+fn encode_recent(keys: &[RecentKey]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, rcpts, at) in keys {
+        let mut e = Enc(Vec::with_capacity(64));
+        e.u8(b'K');
+        e.u64(unix_ms(*at));
+        e.str(key);
+        e.strs(rcpts);
+        frame_parts(&mut out, &e.0, &[]);
+    }
+    out
+}
+
+/// The keys in a recent file accepted at or after `since`.
+fn decode_recent(data: &[u8], since: SystemTime) -> Vec<RecentKey> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(payload) = frame_at(data, pos) {
+        pos += 8 + payload.len();
+        let mut d = Dec(payload);
+        let key = (|| {
+            if d.u8()? != b'K' {
+                return None;
+            }
+            let at = from_unix_ms(d.u64()?);
+            Some((d.str()?, d.strs()?, at))
+        })();
+        match key {
+            Some(k) if k.2 >= since => out.push(k),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    out
 }
 
 // ---- state shared by recovery and the writer --------------------------------
@@ -1415,6 +1485,52 @@ mod tests {
         assert_eq!(recent[0].0, "MM4_forward.REQ M1 T1");
         assert_eq!(recent[0].1, ["x", "y"]);
         assert!(spool.take_recent().is_empty(), "handed over once");
+        spool.close();
+    }
+
+    #[test]
+    fn saved_dedup_keys_come_back_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
+        let now = SystemTime::now();
+        let keys = vec![
+            ("K1".to_string(), vec!["x".to_string()], now),
+            ("K\t2 odd".to_string(), vec!["y".into(), "z".into()], now),
+            ("old".to_string(), vec!["x".to_string()], UNIX_EPOCH),
+        ];
+        spool.save_recent(&keys).unwrap();
+        spool.close();
+        let window = SpoolOptions {
+            dedup_window: Duration::from_secs(600),
+            ..opts(dir.path())
+        };
+        let (spool, _) = Spool::open(&window).unwrap();
+        let mut got: Vec<_> = spool
+            .take_recent()
+            .into_iter()
+            .map(|k| (k.0, k.1))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("K\t2 odd".to_string(), vec!["y".into(), "z".into()]),
+                ("K1".to_string(), vec!["x".to_string()]),
+            ],
+            "both inside the window, the old one not"
+        );
+        spool.close();
+        // A torn file gives what is whole and nothing else.
+        let path = dir.path().join(RECENT_FILE);
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let (spool, _) = Spool::open(&window).unwrap();
+        assert_eq!(spool.take_recent().len(), 2);
         spool.close();
     }
 

@@ -398,6 +398,28 @@ fn a_message_resent_after_a_restart_is_still_a_duplicate() {
     );
 }
 
+#[test]
+fn a_message_resent_after_a_clean_restart_is_a_duplicate_even_once_drained() {
+    let mut h = Harness::start();
+    let body = forward_req(45, TO_B, 600);
+    let mut c = h.client(LOCAL);
+    assert!(
+        send_message(&mut c, FROM, &[TO_B], &body)
+            .text()
+            .contains("queued as")
+    );
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    // Delivered and cleaned away: the journal no longer knows the message.
+    wait_until("the spool to drain", || h.spool_bytes() == 0);
+    drop(c);
+    h.restart();
+    let mut c = h.client(LOCAL);
+    let again = send_message(&mut c, FROM, &[TO_B], &body);
+    assert!(again.text().contains("duplicate"), "{again}");
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[1].recipients(), 1, "B got the PDU twice");
+}
+
 /// With C deferring everything, fills the spool until the relay says 452
 /// 4.3.1; then lets C recover and checks that everything accepted is
 /// delivered, the space comes back and accepting resumes with no restart.

@@ -214,9 +214,9 @@ impl Harness {
     pub fn spool_bytes(&self) -> u64 {
         std::fs::read_dir(self.spool.path())
             .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap())
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
             .sum()
     }
 
