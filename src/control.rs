@@ -20,7 +20,7 @@ use log::{info, warn};
 use crate::listener::InboundStats;
 use crate::peer::{PeerSnapshot, PeerViews};
 use crate::queue::Queue;
-use crate::spool::Spool;
+use crate::spool::{Holds, Spool};
 
 /// Longest command line accepted on the socket.
 const MAX_COMMAND: u64 = 256;
@@ -395,7 +395,7 @@ fn hold(sources: &Sources, name: &str, held: bool) -> String {
             "released"
         };
         info!("control: message {name} {what}");
-        return format!("{name} {what}\n");
+        return format!("{name} {what}\n{}", save_holds(sources));
     };
     sources.peers.list()[i].control().set_held(held);
     let what = if held {
@@ -404,7 +404,29 @@ fn hold(sources: &Sources, name: &str, held: bool) -> String {
         "released"
     };
     info!("control: peer={name} {what}");
-    format!("{name} {what}\n")
+    format!("{name} {what}\n{}", save_holds(sources))
+}
+
+/// Keeps every hold in the spool, so that a restart keeps them; says so
+/// when that failed (the holds apply until the next restart all the same).
+fn save_holds(sources: &Sources) -> String {
+    let holds = Holds {
+        peers: sources
+            .peers
+            .list()
+            .iter()
+            .filter(|p| p.control().held())
+            .map(|p| p.name().to_string())
+            .collect(),
+        messages: sources.queue.held_ids(),
+    };
+    match sources.spool.save_holds(&holds) {
+        Ok(()) => String::new(),
+        Err(e) => {
+            warn!("control: cannot save the holds: {e}");
+            format!("warning: not saved ({e}): a restart releases it\n")
+        }
+    }
 }
 
 /// Queued messages, oldest first, for one peer or all.

@@ -264,7 +264,7 @@ impl Queue {
 
     /// Holds a queued message (`queue hold ID`): none of its jobs is
     /// attempted until it is released. False if no such message is queued.
-    /// A hold lasts until the release or the next restart.
+    /// The relay keeps holds in the spool across restarts.
     pub fn hold(&self, id: &str) -> bool {
         let known = self
             .peers
@@ -284,6 +284,13 @@ impl Queue {
             let _ = self.events.send(Event::Release(id.to_string()));
         }
         was
+    }
+
+    /// The messages an operator holds.
+    pub fn held_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.held.lock().iter().cloned().collect();
+        ids.sort();
+        ids
     }
 
     /// True if an operator holds this message.

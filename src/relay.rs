@@ -130,6 +130,14 @@ impl Relay {
             spool: Some(spool.clone()),
         };
         requeue(config, &queue, recovered);
+        // What an operator held before the stop stays held: messages
+        // before any worker can take them, peers as they start.
+        let holds = spool.holds();
+        for id in &holds.messages {
+            if queue.hold(id) {
+                info!("message {id} held, as before the restart");
+            }
+        }
         // Never an ID the spool still holds, even after a restart within
         // the same second.
         let ids = Arc::new(IdSource::after(spool.highest_id(), queue.now()));
@@ -151,7 +159,11 @@ impl Relay {
             done: done_tx,
         };
         for (id, (cfg, jobs)) in config.peers.iter().zip(receivers).enumerate() {
-            match Peer::start(id, cfg.clone(), jobs, &ctx) {
+            let held = holds.peers.contains(&cfg.name);
+            if held {
+                info!("peer={} held, as before the restart", cfg.name);
+            }
+            match Peer::start(id, cfg.clone(), jobs, &ctx, held) {
                 Ok(p) => {
                     relay.views.push(p.view().clone());
                     relay.peers.push(p);
@@ -348,7 +360,7 @@ impl Relay {
         let id = self.peers.len();
         let (tx, rx) = crossbeam_channel::bounded(cfg.pool_size);
         let name = cfg.name.clone();
-        let peer = Peer::start(id, cfg, rx, ctx)?;
+        let peer = Peer::start(id, cfg, rx, ctx, false)?;
         let queue_id = self.queue.add_peer(tx);
         debug_assert_eq!(queue_id, id, "queue and peers out of step");
         self.views.push(peer.view().clone());

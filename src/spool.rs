@@ -210,6 +210,41 @@ pub struct Spool {
     moved: Moved,
     highest_id: Option<String>,
     recent: parking_lot::Mutex<Vec<RecentKey>>,
+    /// The operator's holds as last saved (the lock orders the saves).
+    holds: parking_lot::Mutex<Holds>,
+}
+
+/// What an operator holds: peers by name, messages by queue ID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// Held peers.
+    pub peers: Vec<String>,
+    /// Held messages.
+    pub messages: Vec<String>,
+}
+
+/// Where [`Holds`] are kept: lines `peer NAME` and `message ID`.
+const HOLDS_FILE: &str = "holds";
+
+fn read_holds(dir: &Path) -> Holds {
+    let text = match fs::read_to_string(dir.join(HOLDS_FILE)) {
+        Ok(t) => t,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!("spool: cannot read the operator's holds: {e}");
+            }
+            return Holds::default();
+        }
+    };
+    let mut holds = Holds::default();
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("peer", name)) => holds.peers.push(name.to_string()),
+            Some(("message", id)) => holds.messages.push(id.to_string()),
+            _ => warn!("spool: {HOLDS_FILE}: ignoring {line:?}"),
+        }
+    }
+    holds
 }
 
 impl Spool {
@@ -249,6 +284,7 @@ impl Spool {
                 moved,
                 highest_id,
                 recent: parking_lot::Mutex::new(recent),
+                holds: parking_lot::Mutex::new(read_holds(&opts.dir)),
             },
             recovered,
         ))
@@ -339,16 +375,43 @@ impl Spool {
     /// back those still within its window: written aside, flushed, then
     /// renamed over the last ones.
     pub fn save_recent(&self, keys: &[RecentKey]) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{RECENT_FILE}.tmp"));
+        self.replace_file(RECENT_FILE, &encode_recent(keys))
+    }
+
+    /// What an operator held at the last save (see [`Spool::save_holds`]).
+    pub fn holds(&self) -> Holds {
+        self.holds.lock().clone()
+    }
+
+    /// Keeps what an operator holds beside the journal, so that a restart
+    /// holds it again.
+    pub fn save_holds(&self, holds: &Holds) -> io::Result<()> {
+        let mut text = String::new();
+        for p in &holds.peers {
+            text.push_str(&format!("peer {p}\n"));
+        }
+        for m in &holds.messages {
+            text.push_str(&format!("message {m}\n"));
+        }
+        let mut saved = self.holds.lock();
+        self.replace_file(HOLDS_FILE, text.as_bytes())?;
+        *saved = holds.clone();
+        Ok(())
+    }
+
+    /// Writes `name` in the spool directory whole or not at all: written
+    /// aside, flushed, renamed over the old one.
+    fn replace_file(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let mut f = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&encode_recent(keys))?;
+        f.write_all(data)?;
         f.sync_data()?;
-        fs::rename(&tmp, self.dir.join(RECENT_FILE))?;
+        fs::rename(&tmp, self.dir.join(name))?;
         File::open(&self.dir)?.sync_all()
     }
 

@@ -317,12 +317,14 @@ pub struct WorkerContext {
 }
 
 impl Peer {
-    /// Starts the workers of peer `id`, taking jobs from `jobs`.
+    /// Starts the workers of peer `id`, taking jobs from `jobs`; `held`:
+    /// an operator holds it (kept from before a restart).
     pub fn start(
         id: usize,
         cfg: PeerConfig,
         jobs: Receiver<Job>,
         ctx: &WorkerContext,
+        held: bool,
     ) -> std::io::Result<Peer> {
         let shared = Arc::new(Shared {
             id,
@@ -334,6 +336,8 @@ impl Peer {
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
             settings: RwLock::new(Arc::new(Settings::new(cfg, None))),
         });
+        // Before any worker runs, so that a held peer sends nothing.
+        shared.control.set_held(held);
         let mut workers = Vec::new();
         for index in 0..shared.workers {
             let w = worker::Worker::new(index, shared.clone(), jobs.clone(), ctx.clone());

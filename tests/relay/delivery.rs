@@ -1044,6 +1044,52 @@ fn a_held_message_waits_and_goes_when_released() {
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
+#[test]
+fn holds_survive_a_restart() {
+    let mut h = Harness::start();
+    h.sims[1].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
+    let id = reply.text().rsplit(' ').next().unwrap().to_string();
+    wait_until("B's deferral", || h.peer(1).deferred > 0);
+    assert!(h.control(&format!("queue hold {id}")).contains("held"));
+    assert!(h.control("queue hold C").contains("held"));
+    drop(c);
+    h.restart();
+    assert!(h.peer(2).held, "C is held again");
+    assert!(!h.peer(0).held && !h.peer(1).held);
+    h.sims[1].set_fault(Fault::None);
+    let mut c = h.client(LOCAL);
+    for (i, to) in [(2, TO_C), (3, TO_B)] {
+        assert_eq!(
+            send_message(&mut c, FROM, &[to], &forward_req(i, to, 500)).code,
+            250
+        );
+    }
+    // B is up: the new message goes, the held one is parked when due.
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    h.control("queue retry all");
+    wait_until("the held job parked", || {
+        h.peer(1).waiting_retry == 1 && h.peer(1).overflow == 0
+    });
+    wait_until("C's message to wait", || {
+        h.peer(2).pool_depth + h.peer(2).overflow == 1
+    });
+    assert_eq!(h.peer(2).connections_open, 0);
+    assert_eq!((h.sims[1].recipients(), h.sims[2].recipients()), (1, 0));
+    assert!(
+        h.control(&format!("queue release {id}"))
+            .contains("released")
+    );
+    assert!(h.control("queue release C").contains("released"));
+    assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
+    assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
+    // Released is released for good.
+    h.restart();
+    assert!(!h.peer(2).held);
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
 /// The retry schedule and expiry, on a clock the test moves: no sleeping.
 /// retry_min 60s (so retry_max 240s), queue_lifetime 10m. Message 1 has
 /// only the queue lifetime; message 2 says `X-Mms-Expiry: 100` (seconds).
