@@ -20,7 +20,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
@@ -43,6 +43,8 @@ use crate::spool::{Recovered, Spool, SpoolOptions};
 pub struct Relay {
     listener: Option<Listener>,
     inbound: Option<Arc<Inbound>>,
+    /// Recovered jobs waiting for their peer to be configured.
+    orphans: Vec<Orphan>,
     budget: Option<Arc<Budget>>,
     control: Option<ControlSocket>,
     metrics: Option<MetricsServer>,
@@ -114,6 +116,7 @@ impl Relay {
         let mut relay = Relay {
             listener: None,
             inbound: None,
+            orphans: Vec::new(),
             budget: None,
             control: None,
             metrics: None,
@@ -129,7 +132,7 @@ impl Relay {
             config: config.clone(),
             spool: Some(spool.clone()),
         };
-        requeue(config, &queue, recovered);
+        relay.orphans = requeue(config, &queue, recovered);
         // What an operator held before the stop stays held: messages
         // before any worker can take them, peers as they start.
         let holds = spool.holds();
@@ -366,6 +369,26 @@ impl Relay {
         self.views.push(peer.view().clone());
         self.peers.push(peer);
         info!("reload: peer {name} added");
+        let (mine, rest) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition::<Vec<_>, _>(|o| o.peer == name);
+        self.orphans = rest;
+        if !mine.is_empty() {
+            info!(
+                "reload: {} jobs for {name} found in the spool at start are queued",
+                mine.len()
+            );
+        }
+        for o in mine {
+            let job = Job {
+                message: o.message,
+                peer: id,
+                rcpts: o.rcpts,
+                attempts: o.attempts,
+                data: None,
+            };
+            self.queue.recover(job, o.next);
+        }
         Ok(())
     }
 
@@ -442,8 +465,20 @@ impl Drop for Relay {
     }
 }
 
-/// Queues again what the spool recovered, each job at its next-attempt time.
-fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
+/// A recovered job whose peer is not in the configuration: it stays in
+/// the spool, and is queued when a reload adds its peer.
+struct Orphan {
+    peer: String,
+    message: Arc<Message>,
+    rcpts: Vec<String>,
+    attempts: u32,
+    next: SystemTime,
+}
+
+/// Queues again what the spool recovered, each job at its next-attempt
+/// time; returns the jobs for peers not configured.
+fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orphan> {
+    let mut orphans = Vec::new();
     for r in recovered {
         let m = r.message;
         let message = Arc::new(Message {
@@ -463,11 +498,18 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
         for j in r.jobs {
             let Some(peer) = config.peers.iter().position(|p| p.name == j.peer) else {
                 warn!(
-                    "{}: peer {} is not configured; its {} recipients stay in the spool",
+                    "{}: peer {} is not configured; its {} recipients stay in the spool until a reload adds it",
                     message.id,
                     j.peer,
                     j.rcpts.len()
                 );
+                orphans.push(Orphan {
+                    peer: j.peer,
+                    message: message.clone(),
+                    rcpts: j.rcpts,
+                    attempts: j.attempts,
+                    next: j.next,
+                });
                 continue;
             };
             let job = Job {
@@ -480,6 +522,7 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) {
             queue.recover(job, j.next);
         }
     }
+    orphans
 }
 
 /// Runs the relay in the foreground until SIGTERM or SIGINT. SIGHUP

@@ -947,6 +947,40 @@ fn reloads_under_load_lose_and_duplicate_nothing() {
     assert!(reloads > 0);
 }
 
+/// `ini` without peer C (and the ported number that pointed at it).
+fn without_c(ini: &str) -> String {
+    let (head, rest) = ini.split_once("[peer.C]").unwrap();
+    let (_, tail) = rest.split_once("[ported]").unwrap();
+    let tail = tail.replacen("+12025550177 = C\n", "", 1);
+    format!("{head}[ported]{tail}")
+}
+
+#[test]
+fn a_peer_missing_at_start_gets_its_queue_when_a_reload_adds_it() {
+    let mut h = Harness::start();
+    let ini = h.ini();
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_C], &forward_req(1, TO_C, 500)).code,
+        250
+    );
+    wait_until("C's deferral", || h.peer(2).deferred > 0);
+    drop(c);
+    // Started without C: its message stays in the spool.
+    let stop = h.restart_with(&without_c(&ini));
+    assert_eq!(stop.undelivered, 1);
+    assert_eq!(rcpt_code(&h, TO_C), 550);
+    h.sims[2].set_fault(Fault::None);
+    h.reload(&ini).unwrap();
+    assert!(
+        h.sims[2].wait_for_recipients(1, DEADLINE),
+        "the message kept in the spool goes once C is back"
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[2].recipients(), 1);
+}
+
 #[test]
 fn a_reload_adds_and_removes_peers_without_losing_their_queue() {
     let mut h = Harness::start();
@@ -979,14 +1013,7 @@ fn a_reload_adds_and_removes_peers_without_losing_their_queue() {
         250
     );
     wait_until("C's deferral", || h.peer(2).deferred > 0);
-    let without_c = {
-        let (head, rest) = with_d.split_once("[peer.C]").unwrap();
-        let (_, tail) = rest.split_once("[ported]").unwrap();
-        // The ported number pointed at C; it goes with it.
-        let tail = tail.replacen("+12025550177 = C\n", "", 1);
-        format!("{head}[ported]{tail}")
-    };
-    h.reload(&without_c).unwrap();
+    h.reload(&without_c(&with_d)).unwrap();
     let status = h.control("status");
     let c_row = status
         .lines()

@@ -205,6 +205,12 @@ impl Harness {
         report
     }
 
+    /// Stops the relay and starts a new one on the same spool with `ini`.
+    pub fn restart_with(&mut self, ini: &str) -> StopReport {
+        self.config = Config::parse(ini, Path::new("test.ini")).unwrap();
+        self.restart()
+    }
+
     /// Asks the relay's control socket.
     pub fn control(&self, command: &str) -> String {
         mm4relay::control::request(&self.spool.path().join("control.sock"), command).unwrap()
