@@ -532,6 +532,13 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
 pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // A file-size limit (ulimit -f) must fail a write, which the spool
+    // answers with 451 and leaves behind, not kill the relay.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to
+    // race with.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let mut relay = Relay::start(config)?;
     for sig in signals.forever() {
         if sig == SIGHUP {

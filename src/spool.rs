@@ -1046,6 +1046,10 @@ struct Writer {
     compaction: Option<Compaction>,
     /// Octets appended for new work since the last compaction ended.
     written: u64,
+    /// A write or flush to the active segment failed (other than for
+    /// space): new records go to a new segment, the old one's tail being
+    /// in doubt.
+    failed: bool,
 }
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
@@ -1092,6 +1096,7 @@ impl Writer {
             unwritten: Vec::new(),
             moved,
             compaction: None,
+            failed: false,
         };
         w.collect();
         Ok(w)
@@ -1220,7 +1225,7 @@ impl Writer {
             }
             Err(e) => {
                 error!("spool: write to segment {} failed: {e}", self.active.number);
-                let full = e.raw_os_error() == Some(28); // ENOSPC
+                let full = e.raw_os_error() == Some(libc::ENOSPC);
                 for (_, _, _, _, ack) in commits {
                     let err = if full {
                         SpoolError::Full
@@ -1279,19 +1284,32 @@ impl Writer {
             }
             Err(e) => {
                 let _ = a.file.set_len(a.len);
+                // A full disk may free up; anything else (EIO, EFBIG...)
+                // is left behind with the segment.
+                if e.raw_os_error() != Some(libc::ENOSPC) && a.len > 0 {
+                    self.failed = true;
+                }
                 Err(e)
             }
         }
     }
 
     /// Deletes segments nothing needs; rolls the active one over when it is
-    /// large or when the whole spool has drained; starts a compaction when
-    /// the sealed segments hold more dead octets than live ones.
+    /// large or a write to it failed, or empties it when the whole spool
+    /// has drained; starts a compaction when the sealed segments hold more
+    /// dead octets than live ones.
     fn collect(&mut self) {
         let active = self.active.number;
-        if self.active.len >= self.opts.segment_size {
+        if self.active.len >= self.opts.segment_size || self.failed {
             match open_segment(&self.opts.dir, active + 1) {
                 Ok(next) => {
+                    if self.failed {
+                        warn!(
+                            "spool: after a failed write, new records go to segment {}",
+                            active + 1
+                        );
+                        self.failed = false;
+                    }
                     if let Err(e) = self.active.file.sync_data() {
                         error!("spool: flush of segment {active} failed: {e}");
                     }

@@ -563,3 +563,78 @@ fn make_install_lays_out_a_host() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("TLS: native-tls on OpenSSL"));
 }
+
+#[test]
+fn a_failed_spool_write_gets_451_and_the_relay_goes_on() {
+    use std::os::unix::process::CommandExt;
+    let s = setup(true, "spool_segment_size = 1048576\n");
+    // B defers: what was accepted stays live in the spool meanwhile.
+    s.sims[1].set_fault(mm4relay::sim::Fault::TempFail);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-c"])
+        .arg(&s.path)
+        .stderr(std::process::Stdio::piped());
+    // No file of the relay may grow past 128 KiB (ulimit -f): a write to
+    // the first segment fails with EFBIG long before it would roll over.
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 128 << 10,
+                rlim_max: 128 << 10,
+            };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut relay = Running(cmd.spawn().unwrap());
+    let (addr, _, log) = relay.listening();
+    let mut c = Client::connect(LOCAL, addr);
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for seq in 0..200 {
+        let r = send_message(&mut c, FROM, &[TO_B], &forward_req(seq, TO_B, 2048));
+        if r.code == 250 {
+            acked.push(seq);
+            continue;
+        }
+        assert_eq!((r.code, &r.text()[..5]), (451, "4.3.0"), "{r}");
+        refused = Some(seq);
+        break;
+    }
+    let refused = refused.expect("the file size limit was never reached");
+    // The next message goes to a new segment.
+    let next = refused + 1;
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_B], &forward_req(next, TO_B, 2048)).code,
+        250
+    );
+    acked.push(next);
+    s.sims[1].set_fault(mm4relay::sim::Fault::None);
+    mm4relay::control::request(&s.spool.join("control.sock"), "queue retry B").unwrap();
+    assert!(s.sims[1].wait_for_recipients(acked.len() as u64, DEADLINE));
+    assert!(relay.terminate().success(), "the relay survived the limit");
+    let log = log.join().unwrap();
+    assert!(
+        log.iter().any(|l| l.contains("new records go to segment")),
+        "{log:?}"
+    );
+    let mut got: Vec<String> = s.sims[1]
+        .received()
+        .iter()
+        .map(|r| {
+            let text = String::from_utf8_lossy(&r.data).into_owned();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("X-Mms-Transaction-ID:"))
+                .unwrap()
+                .to_string();
+            line["X-Mms-Transaction-ID:".len()..].trim().to_string()
+        })
+        .collect();
+    got.sort();
+    let want: Vec<String> = acked.iter().map(|i| format!("T{i:08}")).collect();
+    assert_eq!(got, want, "every 250 arrived once; the 451 never did");
+}
