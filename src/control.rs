@@ -20,7 +20,7 @@ use log::{info, warn};
 use crate::listener::InboundStats;
 use crate::peer::{PeerSnapshot, PeerViews};
 use crate::queue::Queue;
-use crate::spool::{Holds, Spool};
+use crate::spool::{Holds, Spool, SpoolStats};
 
 /// Longest command line accepted on the socket.
 const MAX_COMMAND: u64 = 256;
@@ -118,8 +118,8 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         .collect();
     let words: Vec<&str> = line.split_whitespace().collect();
     let reply = match words.as_slice() {
-        ["status"] => status_text(&snapshots, sources.spool.bytes(), &sources.inbound),
-        ["status", "json"] => status_json(&snapshots, sources.spool.bytes(), &sources.inbound),
+        ["status"] => status_text(&snapshots, &sources.spool.stats(), &sources.inbound),
+        ["status", "json"] => status_json(&snapshots, &sources.spool.stats(), &sources.inbound),
         ["reload"] => {
             // The main thread reloads on SIGHUP; send it one.
             // SAFETY: kill(2) on our own pid with a handled signal.
@@ -178,7 +178,7 @@ fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 10] {
 }
 
 /// The per-peer table of `mm4relay status`, then the listener's line.
-pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundStats) -> String {
+pub fn status_text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
     let mut out = format!(
         "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7}  last error\n",
         "peer",
@@ -218,7 +218,11 @@ pub fn status_text(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundSt
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let _ = writeln!(out, "listener: {}", counts.join(" "));
-    let _ = writeln!(out, "spool: {spool_bytes} bytes");
+    let _ = writeln!(
+        out,
+        "spool: {} bytes, {} of them live, {} segments, {} compactions",
+        spool.bytes, spool.live_bytes, spool.segments, spool.compactions
+    );
     out
 }
 
@@ -490,7 +494,7 @@ fn json_str(s: &str) -> String {
 }
 
 /// The same as JSON, for scripts.
-pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundStats) -> String {
+pub fn status_json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
     let items: Vec<String> = peers
         .iter()
         .map(|p| {
@@ -523,9 +527,13 @@ pub fn status_json(peers: &[PeerSnapshot], spool_bytes: u64, inbound: &InboundSt
         .map(|(k, v)| format!("\"{k}\":{v}"))
         .collect();
     format!(
-        "{{\"peers\":[{}],\"listener\":{{{}}},\"spool_bytes\":{spool_bytes}}}\n",
+        "{{\"peers\":[{}],\"listener\":{{{}}},\"spool_bytes\":{},\"spool_live_bytes\":{},\"spool_segments\":{},\"spool_compactions\":{}}}\n",
         items.join(","),
-        listener.join(",")
+        listener.join(","),
+        spool.bytes,
+        spool.live_bytes,
+        spool.segments,
+        spool.compactions
     )
 }
 
@@ -563,18 +571,27 @@ mod tests {
         };
         let inbound = InboundStats::default();
         inbound.accepted.fetch_add(5, Ordering::Relaxed);
-        let text = status_text(std::slice::from_ref(&p), 42, &inbound);
+        let spool = SpoolStats {
+            bytes: 42,
+            live_bytes: 40,
+            segments: 1,
+            compactions: 3,
+        };
+        let text = status_text(std::slice::from_ref(&p), &spool, &inbound);
         assert!(text.contains("B          probing"), "{text}");
         assert!(
             text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
             "{text}"
         );
-        assert!(text.ends_with("spool: 42 bytes\n"));
+        assert!(
+            text.ends_with("spool: 42 bytes, 40 of them live, 1 segments, 3 compactions\n"),
+            "{text}"
+        );
         assert_eq!(short_age(59), "59s");
         assert_eq!(short_age(3600), "60m");
         assert_eq!(short_age(7200), "2h");
         assert_eq!(short_age(3 * 86_400), "3d");
-        let json = status_json(&[p], 42, &inbound);
+        let json = status_json(&[p], &spool, &inbound);
         assert!(
             json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
             "{json}"
@@ -591,6 +608,11 @@ mod tests {
             json.contains("\"last_error\":\"said \\\"no\\\"\""),
             "{json}"
         );
-        assert!(json.trim_end().ends_with("\"spool_bytes\":42}"));
+        assert!(
+            json.trim_end().ends_with(
+                "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3}"
+            ),
+            "{json}"
+        );
     }
 }

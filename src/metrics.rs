@@ -302,13 +302,36 @@ pub fn render(sources: &Sources) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", load(a));
     }
-    family(
-        &mut out,
-        "mm4relay_spool_bytes",
-        "gauge",
-        "Bytes the spool occupies on disk.",
-    );
-    let _ = writeln!(out, "mm4relay_spool_bytes {}", sources.spool.bytes());
+    let spool = sources.spool.stats();
+    for (name, kind, help, v) in [
+        (
+            "mm4relay_spool_bytes",
+            "gauge",
+            "Bytes the spool occupies on disk.",
+            spool.bytes,
+        ),
+        (
+            "mm4relay_spool_live_bytes",
+            "gauge",
+            "Bytes of spooled messages with recipients left.",
+            spool.live_bytes,
+        ),
+        (
+            "mm4relay_spool_segments",
+            "gauge",
+            "Segment files of the spool.",
+            spool.segments,
+        ),
+        (
+            "mm4relay_spool_compactions_total",
+            "counter",
+            "Compactions (live messages copied forward) since start.",
+            spool.compactions,
+        ),
+    ] {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
     family(
         &mut out,
         "mm4relay_queued_messages",

@@ -78,6 +78,28 @@ pub struct SpoolOptions {
     pub dedup_window: Duration,
 }
 
+/// What the spool holds, for `status` and the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Bytes of the segment files.
+    pub bytes: u64,
+    /// Bytes of the records of messages with recipients left.
+    pub live_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Compactions started since the spool was opened.
+    pub compactions: u64,
+}
+
+/// The writer's figures, read by any thread.
+#[derive(Default)]
+struct Gauges {
+    bytes: AtomicU64,
+    live_bytes: AtomicU64,
+    segments: AtomicU64,
+    compactions: AtomicU64,
+}
+
 /// A message to make durable.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
@@ -206,7 +228,7 @@ pub struct Spool {
     tx: Option<Sender<Request>>,
     marks: Option<Sender<Request>>,
     handle: Option<JoinHandle<()>>,
-    bytes: Arc<AtomicU64>,
+    gauges: Arc<Gauges>,
     moved: Moved,
     highest_id: Option<String>,
     recent: parking_lot::Mutex<Vec<RecentKey>>,
@@ -266,9 +288,9 @@ impl Spool {
                 Err(e) => warn!("spool: cannot read the saved duplicate keys: {e}"),
             }
         }
-        let bytes = Arc::new(AtomicU64::new(state.total_bytes()));
+        let gauges = Arc::new(Gauges::default());
         let moved = Moved::default();
-        let mut writer = Writer::start(opts.clone(), state, bytes.clone(), moved.clone())?;
+        let mut writer = Writer::start(opts.clone(), state, gauges.clone(), moved.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (marks_tx, marks_rx) = crossbeam_channel::unbounded();
         let handle = thread::Builder::new()
@@ -280,7 +302,7 @@ impl Spool {
                 tx: Some(tx),
                 marks: Some(marks_tx),
                 handle: Some(handle),
-                bytes,
+                gauges,
                 moved,
                 highest_id,
                 recent: parking_lot::Mutex::new(recent),
@@ -417,7 +439,18 @@ impl Spool {
 
     /// Bytes the spool occupies on disk now.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Acquire)
+        self.gauges.bytes.load(Ordering::Acquire)
+    }
+
+    /// Its size, what of it is live, its segments and compactions.
+    pub fn stats(&self) -> SpoolStats {
+        let g = &self.gauges;
+        SpoolStats {
+            bytes: g.bytes.load(Ordering::Acquire),
+            live_bytes: g.live_bytes.load(Ordering::Acquire),
+            segments: g.segments.load(Ordering::Acquire),
+            compactions: g.compactions.load(Ordering::Acquire),
+        }
     }
 
     /// Flushes what is pending and stops the writer.
@@ -1037,7 +1070,7 @@ struct Writer {
     opts: SpoolOptions,
     state: State,
     active: Active,
-    bytes: Arc<AtomicU64>,
+    gauges: Arc<Gauges>,
     /// Done/retry records a failed write could not store; written with the
     /// next batch. They are applied in memory at once, so that a full
     /// disk can still free the segments whose messages are all done.
@@ -1080,7 +1113,7 @@ impl Writer {
     fn start(
         opts: SpoolOptions,
         mut state: State,
-        bytes: Arc<AtomicU64>,
+        gauges: Arc<Gauges>,
         moved: Moved,
     ) -> io::Result<Writer> {
         let number = state.segments.keys().next_back().map_or(1, |n| n + 1);
@@ -1092,7 +1125,7 @@ impl Writer {
             opts,
             state,
             active,
-            bytes,
+            gauges,
             unwritten: Vec::new(),
             moved,
             compaction: None,
@@ -1182,7 +1215,7 @@ impl Writer {
         for r in batch {
             match r {
                 Request::Commit(m, ack) => {
-                    let used = self.bytes.load(Ordering::Acquire) + buf.len() as u64;
+                    let used = self.gauges.bytes.load(Ordering::Acquire) + buf.len() as u64;
                     if limit > 0 && used + m.data.len() as u64 > limit {
                         ack.send(Err(SpoolError::Full));
                         continue;
@@ -1343,8 +1376,12 @@ impl Writer {
                 Err(e) => error!("spool: cannot empty segment {}: {e}", self.active.number),
             }
         }
-        self.bytes
-            .store(self.state.total_bytes(), Ordering::Release);
+        let g = &self.gauges;
+        g.bytes.store(self.state.total_bytes(), Ordering::Release);
+        let live = self.state.segments.values().map(|s| s.live_bytes).sum();
+        g.live_bytes.store(live, Ordering::Release);
+        g.segments
+            .store(self.state.segments.len() as u64, Ordering::Release);
         self.maybe_compact();
     }
 
@@ -1390,6 +1427,7 @@ impl Writer {
         let todo = todo.into_iter().map(|(_, _, id)| id.clone()).collect();
         self.compaction = Some(Compaction { below, todo });
         self.written = 0;
+        self.gauges.compactions.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Copies the next few live messages of a compaction forward, with

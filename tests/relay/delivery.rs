@@ -492,6 +492,16 @@ fn a_down_peer_does_not_pin_the_space_of_what_was_delivered() {
     wait_until("the space of what A has to come back", || {
         h.spool_bytes() < 400_000
     });
+    // status says so: C's octets are live, and compaction ran.
+    let status = h.control("status");
+    let line = status.lines().find(|l| l.starts_with("spool: ")).unwrap();
+    let figures: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (bytes, live, compactions) = (figures[0], figures[1], figures[3]);
+    assert!(live >= (to_c * 2000) as u64 && live <= bytes, "{line}");
+    assert!(compactions > 0, "{line}");
     h.sims[2].set_fault(Fault::None);
     assert!(h.sims[2].wait_for_recipients(to_c as u64, DEADLINE));
     wait_until("the spool to drain", || h.spool_bytes() < 4096);
