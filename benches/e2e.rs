@@ -174,11 +174,15 @@ fn relay_run(
             conns[0], conns[1], conns[2]
         ),
         rss,
-        spool: format!(
-            "spool after the drain: {} bytes; segments used: {}",
-            dir_bytes(&dir.path().join("spool")),
-            last_segment(&dir.path().join("spool"))
-        ),
+        spool: {
+            let spool = dir.path().join("spool");
+            let (segments, other) = dir_bytes(&spool);
+            format!(
+                "spool after the drain: {segments} bytes of segments (used: {}); \
+                 {other} bytes of other files (the dedup keys saved at the stop)",
+                last_segment(&spool)
+            )
+        },
     }
 }
 
@@ -256,15 +260,21 @@ fn percentiles(mut l: Vec<Duration>) -> String {
     format!("{:.2}/{:.2}", p(0.5), p(0.99))
 }
 
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+/// Bytes of the segment files, and of the other files, in the spool directory.
+fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
+    let mut sizes = (0, 0);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if !m.is_file() {
+            continue;
+        }
+        if e.path().extension().is_some_and(|x| x == "log") {
+            sizes.0 += m.len();
+        } else {
+            sizes.1 += m.len();
+        }
+    }
+    sizes
 }
 
 /// The number of the newest spool segment: how many were used.

@@ -280,10 +280,15 @@ impl Spool {
         let mut recent = std::mem::take(&mut state.recent);
         if let Some(since) = SystemTime::now().checked_sub(opts.dedup_window) {
             match fs::read(opts.dir.join(RECENT_FILE)) {
-                Ok(data) if !opts.dedup_window.is_zero() => {
-                    recent.extend(decode_recent(&data, since));
+                Ok(data) => {
+                    let keys = decode_recent(&data, since);
+                    if keys.is_empty() || opts.dedup_window.is_zero() {
+                        // Nothing in it counts any more.
+                        let _ = fs::remove_file(opts.dir.join(RECENT_FILE));
+                    } else {
+                        recent.extend(keys);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => warn!("spool: cannot read the saved duplicate keys: {e}"),
             }
@@ -1651,6 +1656,11 @@ mod tests {
         let (spool, _) = Spool::open(&window).unwrap();
         assert_eq!(spool.take_recent().len(), 2);
         spool.close();
+        // Once nothing in it is inside the window, it goes.
+        let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
+        assert!(spool.take_recent().is_empty());
+        spool.close();
+        assert!(!path.exists());
     }
 
     #[test]
