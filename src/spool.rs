@@ -29,9 +29,25 @@
 //! # Clean-up
 //! A segment is deleted once every message in it is done and no record in
 //! it speaks of a message in a segment that still exists (else a crash
-//! could bring that message back). The active segment rolls over at
-//! [`SEGMENT_SIZE`]; when nothing is live any more it is emptied in place,
-//! so an idle spool is near zero bytes, even on a disk that is full.
+//! could bring that message back). The active segment rolls over at the
+//! segment size (and after a failed write); when nothing is live any more
+//! it is emptied in place, so an idle spool is near zero bytes, even on a
+//! disk that is full.
+//!
+//! # Compaction
+//! A peer that is down keeps a few messages in every segment, which would
+//! pin them all. When the sealed segments hold more dead octets than live
+//! ones, the writer copies their live messages forward, between batches:
+//! a new `M` record with only the recipients left, then an `R` record per
+//! deferral, flushed before anything relies on it. Recovery lets a later
+//! `M` record of an ID supersede the earlier one, so a crash between copy
+//! and delete brings each message back once; the copy's segment refers to
+//! the old one, so it never goes first. Readers find moved data by ID.
+//!
+//! # Side files
+//! `recent` holds the duplicate-suppression keys a clean stop saved;
+//! `holds` what an operator holds. Both are replaced whole (written aside,
+//! flushed, renamed).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
