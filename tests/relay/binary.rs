@@ -624,15 +624,7 @@ fn a_failed_spool_write_gets_451_and_the_relay_goes_on() {
     let mut got: Vec<String> = s.sims[1]
         .received()
         .iter()
-        .map(|r| {
-            let text = String::from_utf8_lossy(&r.data).into_owned();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("X-Mms-Transaction-ID:"))
-                .unwrap()
-                .to_string();
-            line["X-Mms-Transaction-ID:".len()..].trim().to_string()
-        })
+        .map(|r| tid_of(&r.data))
         .collect();
     got.sort();
     let want: Vec<String> = acked.iter().map(|i| format!("T{i:08}")).collect();

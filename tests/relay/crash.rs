@@ -33,15 +33,6 @@ fn relay_took_some(sims: &[SimPeer; 3]) -> bool {
     now > base + 100
 }
 
-fn tid_of(data: &[u8]) -> String {
-    let text = String::from_utf8_lossy(data);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("X-Mms-Transaction-ID:"))
-        .unwrap();
-    line["X-Mms-Transaction-ID:".len()..].trim().to_string()
-}
-
 #[test]
 fn kill_9_under_load_loses_nothing_that_got_250() {
     let sims = [

@@ -314,13 +314,7 @@ fn queued_messages_survive_a_restart_and_the_spool_drains() {
     let mut tids: Vec<String> = h.sims[2]
         .received()
         .iter()
-        .map(|r| {
-            let text = String::from_utf8_lossy(strip_trace(&r.data)).into_owned();
-            text.lines()
-                .find(|l| l.starts_with("X-Mms-Transaction-ID"))
-                .unwrap()
-                .to_string()
-        })
+        .map(|r| tid_of(strip_trace(&r.data)))
         .collect();
     tids.sort();
     tids.dedup();

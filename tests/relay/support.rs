@@ -481,3 +481,13 @@ pub fn strip_trace(data: &[u8]) -> &[u8] {
         }
     }
 }
+
+/// The X-Mms-Transaction-ID of a received message.
+pub fn tid_of(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("X-Mms-Transaction-ID:"))
+        .unwrap();
+    line["X-Mms-Transaction-ID:".len()..].trim().to_string()
+}
