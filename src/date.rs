@@ -60,13 +60,16 @@ pub fn parse(s: &str) -> Option<SystemTime> {
     let offset = match zone {
         "UT" | "GMT" | "Z" => 0,
         z if z.len() == 5 && (z.starts_with('+') || z.starts_with('-')) => {
-            let n: i64 = z[1..].parse().ok()?;
+            let n: i64 = z[1..].parse().ok().filter(|n| (0..=9959).contains(n))?;
             let mins = n / 100 * 60 + n % 100;
             if z.starts_with('-') { -mins } else { mins }
         }
         _ => return None,
     };
+    // Four-digit years only (RFC 5322 §3.3): no arithmetic below can
+    // overflow, whatever a sender writes.
     if !(1..=31).contains(&day)
+        || !(1000..=9999).contains(&year)
         || !(0..24).contains(&h)
         || !(0..60).contains(&m)
         || !(0..=60).contains(&sec)
@@ -109,6 +112,9 @@ mod tests {
             "32 Nov 2026 00:00:00 +0000",
             "26 Foo 2026 00:00 +0000",
             "26 Nov 2026 25:00 +0000",
+            "26 Nov 99999999999999999 00:00 +0000",
+            "26 Nov -9223372036854775808 00:00 +0000",
+            "26 Nov 2026 00:00 +9999",
         ] {
             assert_eq!(parse(bad), None, "{bad}");
         }

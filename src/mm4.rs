@@ -27,9 +27,10 @@ use crate::route::Address;
 /// hostile message costs bounded work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Most header fields in the top-level header section.
+    /// Most header fields in one header section: the message's, or a
+    /// MIME part's.
     pub max_header_fields: usize,
-    /// Largest top-level header section, in octets.
+    /// Largest header section, the message's or a MIME part's, in octets.
     pub max_header_size: usize,
     /// Most nested multiparts.
     pub max_mime_depth: usize,
@@ -189,11 +190,13 @@ impl Expiry {
         }
     }
 
-    /// The moment it expires, for a message accepted at `accepted`.
-    pub fn at(self, accepted: std::time::SystemTime) -> std::time::SystemTime {
+    /// The moment it expires, for a message accepted at `accepted`; `None`
+    /// when that lies beyond what the clock can represent (a sender's
+    /// `X-Mms-Expiry: 9999999999999999999` means "never", not a panic).
+    pub fn at(self, accepted: std::time::SystemTime) -> Option<std::time::SystemTime> {
         match self {
-            Expiry::Relative(d) => accepted + d,
-            Expiry::Absolute(t) => t,
+            Expiry::Relative(d) => accepted.checked_add(d),
+            Expiry::Absolute(t) => Some(t),
         }
     }
 }
@@ -358,7 +361,7 @@ pub fn check(
             });
         }
     }
-    check_mime(&fields, &data[body_start..], 0, limits.max_mime_depth)?;
+    check_mime(&fields, &data[body_start..], 0, limits)?;
     if strict && pdu == Pdu::ForwardReq && body_start >= data.len() {
         return Err(Mm4Error::format("MM4_forward.REQ without a body"));
     }
@@ -542,13 +545,15 @@ fn split_params(value: &str) -> Vec<String> {
 }
 
 /// Checks that every multipart has a boundary, at least one part and its
-/// closing delimiter, no deeper than `max_depth`.
+/// closing delimiter, no deeper than the limit, and every part's header
+/// section within the header limits.
 fn check_mime(
     fields: &[Field<'_>],
     body: &[u8],
     depth: usize,
-    max_depth: usize,
+    limits: &Limits,
 ) -> Result<(), Mm4Error> {
+    let max_depth = limits.max_mime_depth;
     let Some(ct) = find(fields, "Content-Type") else {
         return Ok(());
     };
@@ -575,7 +580,7 @@ fn check_mime(
                 if let Some(start) = part_start {
                     // The CRLF before the delimiter belongs to the delimiter.
                     let part_end = pos.saturating_sub(2).max(start);
-                    check_part(&body[start..part_end], depth, max_depth)?;
+                    check_part(&body[start..part_end], depth, limits)?;
                 }
                 if closing {
                     return Ok(());
@@ -590,9 +595,10 @@ fn check_mime(
     }))
 }
 
-fn check_part(part: &[u8], depth: usize, max_depth: usize) -> Result<(), Mm4Error> {
+fn check_part(part: &[u8], depth: usize, limits: &Limits) -> Result<(), Mm4Error> {
+    check_limits(part, limits)?;
     let (fields, body_start) = parse_header(part)?;
-    check_mime(&fields, &part[body_start..], depth + 1, max_depth)
+    check_mime(&fields, &part[body_start..], depth + 1, limits)
 }
 
 #[cfg(test)]
@@ -777,5 +783,48 @@ mod tests {
         let five: String = many.lines().take(10).map(|l| format!("{l}\r\n")).collect();
         let ok = format!("{five}\r\n{}", "y".repeat(5000));
         assert!(check_limits(ok.as_bytes(), &limits).is_ok());
+    }
+
+    #[test]
+    fn header_limits_hold_in_every_mime_part() {
+        let limits = Limits {
+            max_header_fields: 5,
+            max_header_size: 1024,
+            max_mime_depth: 10,
+        };
+        let part_fields: String = (0..9).map(|i| format!("X-P{i}: v\r\n")).collect();
+        let many = REQ.replace(
+            "--b1\r\nContent-Type: text/plain\r\n",
+            &format!("--b1\r\n{part_fields}"),
+        );
+        let big = REQ.replace(
+            "--b1\r\nContent-Type: text/plain\r\n",
+            &format!("--b1\r\nX-Big: {}\r\n", "x".repeat(2000)),
+        );
+        // The message's own section has 8 fields: allowed; the part's 9 not.
+        let limits = Limits {
+            max_header_fields: 8,
+            ..limits
+        };
+        for mode in [Mm4Check::Strict, Mm4Check::Lenient] {
+            let e = check(many.as_bytes(), &[RCPT], mode, &limits).unwrap_err();
+            assert!(e.to_string().contains("more than 8 header fields"), "{e}");
+            let e = check(big.as_bytes(), &[RCPT], mode, &limits).unwrap_err();
+            assert!(
+                e.to_string().starts_with("5.3.4 header section over 1024"),
+                "{e}"
+            );
+            assert!(check(REQ.as_bytes(), &[RCPT], mode, &limits).is_ok());
+        }
+    }
+
+    #[test]
+    fn an_expiry_beyond_the_clock_is_never_a_panic() {
+        let msg = REQ.replace("From:", "X-Mms-Expiry: 9999999999999999999\r\nFrom:");
+        let info = strict(&msg, &[RCPT]).unwrap();
+        let expiry = info.expiry.expect("read as relative seconds");
+        assert_eq!(expiry.at(std::time::SystemTime::now()), None);
+        let soon = Expiry::Relative(std::time::Duration::from_secs(600));
+        assert!(soon.at(std::time::SystemTime::now()).is_some());
     }
 }
