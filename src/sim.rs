@@ -375,6 +375,7 @@ fn sim_serve(tcp: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
         auth: shared.security.auth.is_some(),
         auth_plaintext: false,
         max_bad_commands: 0,
+        max_refused_recipients: 0,
     });
     let mut handler = SimHandler {
         shared,
@@ -409,7 +410,10 @@ fn sim_serve(tcp: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
         if p.starttls {
             buf.clear();
             let acceptor = shared.security.tls.as_ref().expect("STARTTLS offered");
-            stream = stream.accept(acceptor).map_err(io::Error::other)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            stream = stream
+                .accept_by(acceptor, deadline)
+                .map_err(io::Error::other)?;
             session.tls_started();
             handler.tls = true;
         }

@@ -43,6 +43,7 @@ fuzz_target!(|input: &[u8]| {
         auth: true,
         auth_plaintext: true,
         max_bad_commands: 20,
+        max_refused_recipients: 20,
     });
     let mut out = Vec::new();
     let mut buf = Vec::new();

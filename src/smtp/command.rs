@@ -74,6 +74,9 @@ pub enum CommandError {
     Syntax(&'static str),
     /// An ESMTP parameter we do not offer (555 5.5.4).
     UnsupportedParameter(String),
+    /// A control character (below 0x20, or DEL) in the line (501 5.5.2):
+    /// it would reach `Received:`, the logs and operators' terminals.
+    ControlCharacter,
 }
 
 impl CommandError {
@@ -84,6 +87,9 @@ impl CommandError {
             CommandError::Syntax(what) => Reply::new(501, format!("5.5.4 syntax error: {what}")),
             CommandError::UnsupportedParameter(p) => {
                 Reply::new(555, format!("5.5.4 unsupported parameter {p}"))
+            }
+            CommandError::ControlCharacter => {
+                Reply::new(501, "5.5.2 control characters are not allowed in commands")
             }
         }
     }
@@ -97,6 +103,10 @@ impl fmt::Display for CommandError {
 
 impl std::error::Error for CommandError {}
 
+/// Longest EHLO/HELO domain (RFC 1035's limit on a name; an address
+/// literal is shorter still).
+pub const MAX_DOMAIN: usize = 255;
+
 impl Command {
     /// Parses one command line, without its CRLF.
     pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
@@ -104,6 +114,9 @@ impl Command {
             std::str::from_utf8(line).map_err(|_| CommandError::Syntax("non-ASCII octets"))?;
         if !line.is_ascii() {
             return Err(CommandError::Syntax("non-ASCII octets"));
+        }
+        if line.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(CommandError::ControlCharacter);
         }
         let (verb, rest) = match line.find(' ') {
             Some(i) => (&line[..i], &line[i + 1..]),
@@ -122,6 +135,10 @@ impl Command {
                 let domain = rest.trim();
                 if domain.is_empty() || domain.contains(' ') {
                     return Err(CommandError::Syntax("EHLO/HELO needs one domain"));
+                }
+                // It is copied into the Received: line of every message.
+                if domain.len() > MAX_DOMAIN {
+                    return Err(CommandError::Syntax("EHLO/HELO domain over 255 octets"));
                 }
                 Ok(if verb == "EHLO" {
                     Command::Ehlo(domain.to_string())
@@ -348,6 +365,33 @@ mod tests {
             Err(CommandError::UnsupportedParameter("SMTPUTF8".into()))
         );
         assert_eq!(Command::parse(b"EHLO").unwrap_err().reply().code, 501);
+    }
+
+    #[test]
+    fn refuses_control_characters_and_long_helo_names() {
+        for line in [
+            &b"EHLO a\rb"[..],
+            b"HELO a\x1b[2Jb",
+            b"MAIL FROM:<a\x00@b>",
+            b"MAIL FROM:<a@b>\tSIZE=1",
+            b"RCPT TO:<x@y\rBcc: z@w>",
+            b"RCPT TO:<x@y\x7f>",
+            b"NOOP \x07",
+        ] {
+            let err = Command::parse(line).unwrap_err();
+            assert_eq!(err, CommandError::ControlCharacter, "{line:?}");
+            assert_eq!(
+                err.reply().to_string(),
+                "501 5.5.2 control characters are not allowed in commands"
+            );
+        }
+        let long = format!("EHLO {}", "a".repeat(MAX_DOMAIN + 1));
+        assert_eq!(
+            Command::parse(long.as_bytes()).unwrap_err().reply().code,
+            501
+        );
+        let ok = format!("EHLO {}", "a".repeat(MAX_DOMAIN));
+        assert!(Command::parse(ok.as_bytes()).is_ok());
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct SessionConfig {
     pub auth_plaintext: bool,
     /// After this many bad commands: 421 and close (0: no limit).
     pub max_bad_commands: usize,
+    /// After this many recipients refused with 5xx since the last message
+    /// accepted: 421 and close (0: no limit). Bounds what a client may
+    /// probe, and log, per session.
+    pub max_refused_recipients: usize,
 }
 
 /// Replies that count as a bad command towards `max_bad_commands`.
@@ -81,16 +85,10 @@ pub struct Progress {
     /// STARTTLS was accepted: send the replies, then start TLS. Input after
     /// the command was consumed and must be dropped (RFC 3207 §6).
     pub starttls: bool,
-}
-
-impl Progress {
-    fn more(consumed: usize) -> Progress {
-        Progress {
-            consumed,
-            close: false,
-            starttls: false,
-        }
-    }
+    /// At least one line ended (a command, an AUTH response, the end of an
+    /// over-long line or of the data): what restarts the command deadline.
+    /// Octets of a line still open do not.
+    pub line_ended: bool,
 }
 
 /// Where an AUTH exchange stands, between 334 challenges.
@@ -123,6 +121,9 @@ pub struct Session<R> {
     tls_required: bool,
     user: Option<String>,
     bad_commands: usize,
+    refused_recipients: usize,
+    /// Sent after the reply being answered, then the session closes.
+    close_with: Option<Reply>,
 }
 
 impl<R> Session<R> {
@@ -137,6 +138,8 @@ impl<R> Session<R> {
             tls_required: false,
             user: None,
             bad_commands: 0,
+            refused_recipients: 0,
+            close_with: None,
         }
     }
 
@@ -180,6 +183,13 @@ impl<R> Session<R> {
         out: &mut Vec<u8>,
     ) -> Progress {
         let mut pos = 0;
+        let mut line_ended = false;
+        let more = |consumed, line_ended| Progress {
+            consumed,
+            close: false,
+            starttls: false,
+            line_ended,
+        };
         loop {
             let rest = &input[pos..];
             match &mut self.phase {
@@ -188,14 +198,16 @@ impl<R> Session<R> {
                         consumed: input.len(),
                         close: true,
                         starttls: false,
+                        line_ended,
                     };
                 }
                 Phase::Data(decoder) => match decoder.feed(rest) {
                     None => {
-                        return Progress::more(input.len());
+                        return more(input.len(), line_ended);
                     }
                     Some(n) => {
                         pos += n;
+                        line_ended = true;
                         let Phase::Data(decoder) =
                             std::mem::replace(&mut self.phase, Phase::Commands)
                         else {
@@ -207,10 +219,11 @@ impl<R> Session<R> {
                 },
                 Phase::Discarding => match rest.iter().position(|&b| b == b'\n') {
                     None => {
-                        return Progress::more(input.len());
+                        return more(input.len(), line_ended);
                     }
                     Some(n) => {
                         pos += n + 1;
+                        line_ended = true;
                         self.phase = Phase::Commands;
                     }
                 },
@@ -221,9 +234,10 @@ impl<R> Session<R> {
                             self.phase = Phase::Discarding;
                             continue;
                         }
-                        return Progress::more(pos);
+                        return more(pos, line_ended);
                     };
                     pos += nl + 1;
+                    line_ended = true;
                     let mut starttls = false;
                     let reply = if nl + 1 > MAX_COMMAND_LINE {
                         Reply::new(500, "5.5.2 line too long")
@@ -246,6 +260,7 @@ impl<R> Session<R> {
                             consumed: input.len(),
                             close: false,
                             starttls: true,
+                            line_ended,
                         };
                     }
                 }
@@ -256,9 +271,10 @@ impl<R> Session<R> {
                             self.answer(Reply::new(500, "5.5.2 line too long"), out);
                             continue;
                         }
-                        return Progress::more(pos);
+                        return more(pos, line_ended);
                     };
                     pos += nl + 1;
+                    line_ended = true;
                     let line = &rest[..nl];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
                     let Phase::Auth(step) = std::mem::replace(&mut self.phase, Phase::Commands)
@@ -275,6 +291,11 @@ impl<R> Session<R> {
     /// Writes a reply; counts bad commands and closes after too many.
     fn answer(&mut self, reply: Reply, out: &mut Vec<u8>) {
         reply.write_to(out);
+        if let Some(bye) = self.close_with.take() {
+            bye.write_to(out);
+            self.phase = Phase::Closed;
+            return;
+        }
         if is_bad_command(reply.code) {
             self.bad_commands += 1;
             let max = self.cfg.max_bad_commands;
@@ -283,6 +304,22 @@ impl<R> Session<R> {
                 self.phase = Phase::Closed;
             }
         }
+    }
+
+    /// Counts a recipient the handler refused: after too many, the reply
+    /// is followed by a 421 and the session closes.
+    fn refused(&mut self, reply: Reply) -> Reply {
+        if reply.code >= 500 {
+            self.refused_recipients += 1;
+            let max = self.cfg.max_refused_recipients;
+            if max > 0 && self.refused_recipients >= max {
+                self.close_with = Some(Reply::new(
+                    421,
+                    "4.7.0 too many refused recipients, closing",
+                ));
+            }
+        }
+        reply
     }
 
     fn starttls(&mut self) -> Reply {
@@ -451,7 +488,7 @@ impl<R> Session<R> {
                         env.rcpts.push((to, route));
                         Reply::new(250, "2.1.5 recipient ok")
                     }
-                    Err(reply) => reply,
+                    Err(reply) => self.refused(reply),
                 }
             }
             Command::Data => match &self.envelope {
@@ -492,7 +529,14 @@ impl<R> Session<R> {
     ) -> Reply {
         let env = self.envelope.take().expect("DATA phase has an envelope");
         match data {
-            Ok(data) => handler.message(env, data),
+            Ok(data) => {
+                let reply = handler.message(env, data);
+                if reply.code == 250 {
+                    // Postfix's rule: errors count until mail is delivered.
+                    self.refused_recipients = 0;
+                }
+                reply
+            }
             Err(DataFault::TooBig) => Reply::new(552, "5.3.4 message size exceeds fixed limit"),
             Err(fault) => Reply::new(554, format!("5.6.0 {fault}")),
         }
@@ -536,6 +580,7 @@ mod tests {
             auth: false,
             auth_plaintext: false,
             max_bad_commands: 0,
+            max_refused_recipients: 0,
         })
     }
 
@@ -716,6 +761,54 @@ mod tests {
         );
         assert_eq!(codes(&out), ["250", "500", "503", "250", "500", "421"]);
         assert!(p.close);
+    }
+
+    #[test]
+    fn refused_recipients_close_the_session_until_mail_is_accepted() {
+        let mut s = Session::new(SessionConfig {
+            max_refused_recipients: 3,
+            max_recipients: 10,
+            ..session().cfg
+        });
+        let mut h = Recorder::default();
+        let (out, p) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@no>\r\nRCPT TO:<2@no>\r\nRCPT TO:<x@ok>\r\nDATA\r\nhi\r\n.\r\n",
+        );
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "550", "550", "250", "354", "250"]
+        );
+        assert!(!p.close);
+        // The accepted message cleared the count: three more to close.
+        let (out, p) = feed_all(
+            &mut s,
+            &mut h,
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<3@no>\r\nRCPT TO:<4@no>\r\nRCPT TO:<5@no>\r\nRCPT TO:<x@ok>\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "550", "550", "550", "421"]);
+        assert!(p.close);
+    }
+
+    #[test]
+    fn only_an_ended_line_restarts_the_command_clock() {
+        let mut s = session();
+        let mut h = Recorder::default();
+        let mut out = Vec::new();
+        let p = s.feed(b"NOO", &mut h, &mut out);
+        assert!(!p.line_ended && p.consumed == 0);
+        let p = s.feed(b"NOOP\r\n", &mut h, &mut out);
+        assert!(p.line_ended);
+        // An over-long line is consumed as it comes, but it has not ended.
+        let long = vec![b'x'; MAX_COMMAND_LINE + 1];
+        let p = s.feed(&long, &mut h, &mut out);
+        assert!(p.consumed == long.len() && !p.line_ended);
+        assert!(String::from_utf8_lossy(&out).contains("500 5.5.2 line too long"));
+        let p = s.feed(b"xxxx", &mut h, &mut out);
+        assert!(p.consumed == 4 && !p.line_ended);
+        let p = s.feed(b"x\r\n", &mut h, &mut out);
+        assert!(p.line_ended);
     }
 
     #[test]

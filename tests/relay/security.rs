@@ -268,6 +268,7 @@ fn session_cfg(starttls: bool) -> SessionConfig {
         auth: false,
         auth_plaintext: false,
         max_bad_commands: 0,
+        max_refused_recipients: 0,
     }
 }
 
