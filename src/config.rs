@@ -49,6 +49,7 @@ pub const RELAY_KEYS: &[(&str, &str)] = &[
 pub const LISTENER_KEYS: &[(&str, &str)] = &[
     ("listen", "127.0.0.1:2525"),
     ("max_sessions", "200"),
+    ("max_local_sessions", "100"),
     ("max_message_size", "2097152"),
     ("max_recipients", "100"),
     ("relay_from", "127.0.0.1/32"),
@@ -64,6 +65,7 @@ pub const LISTENER_KEYS: &[(&str, &str)] = &[
     ("tls_required_from", ""),
     ("auth_plaintext", "no"),
     ("max_bad_commands", "10"),
+    ("max_refused_recipients", "100"),
     ("max_sessions_per_ip", "20"),
     ("connection_rate_per_ip", "10"),
     ("max_header_fields", "1000"),
@@ -242,8 +244,12 @@ pub struct RelayConfig {
 pub struct ListenerConfig {
     /// Addresses to accept SMTP on.
     pub listen: Vec<SocketAddr>,
-    /// Most inbound sessions at once (over it: 421).
+    /// Most inbound sessions at once from partners and strangers (over
+    /// it: 421); the local MMSC's hosts are counted apart.
     pub max_sessions: usize,
+    /// Most inbound sessions at once from `relay_from` hosts (over it:
+    /// 421), so that no one else can take their room.
+    pub max_local_sessions: usize,
     /// Largest message in octets, advertised with SIZE.
     pub max_message_size: usize,
     /// Most recipients per transaction.
@@ -268,6 +274,9 @@ pub struct ListenerConfig {
     pub auth_plaintext: bool,
     /// Bad commands before 421 (0: no limit).
     pub max_bad_commands: usize,
+    /// Recipients refused with 5xx since the last accepted message before
+    /// 421 (0: no limit).
+    pub max_refused_recipients: usize,
     /// Sessions at once from one address, local MMSC hosts excepted (0: no limit).
     pub max_sessions_per_ip: usize,
     /// New connections per second from one address, local MMSC hosts excepted (0: no limit).
@@ -619,7 +628,11 @@ fn split_list(v: &str) -> Vec<String> {
         .collect()
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `7d`, or a plain number of seconds.
+/// The longest duration any key takes: ten years.
+const MAX_DURATION_MS: u64 = 3650 * 86_400_000;
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `7d`, or a plain number of seconds,
+/// at most ten years.
 pub fn parse_duration(v: &str) -> Result<Duration, String> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
@@ -627,15 +640,20 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| "expected a duration such as 500ms, 30s, 5m, 1h or 7d".to_string())?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return Err(format!("unknown unit {unit:?}; use ms, s, m, h or d")),
     };
-    Ok(Duration::from_millis(ms))
+    // Every duration is added to a clock reading somewhere: keep it far
+    // from what the clock can hold.
+    match n.checked_mul(scale) {
+        Some(ms) if ms <= MAX_DURATION_MS => Ok(Duration::from_millis(ms)),
+        _ => Err("a duration may be at most 3650d (ten years)".into()),
+    }
 }
 
 fn parse_level(v: &str) -> Result<LevelFilter, String> {
@@ -836,6 +854,7 @@ impl Config {
                 list.iter().map(|a| resolve(a)).collect()
             })?,
             max_sessions: s.count("max_sessions", 1)?,
+            max_local_sessions: s.count("max_local_sessions", 1)?,
             max_message_size: s.count("max_message_size", 1024)?,
             max_recipients: s.count("max_recipients", 1)?,
             relay_from: s.cidrs("relay_from")?,
@@ -856,6 +875,7 @@ impl Config {
             tls_required_from: s.cidrs("tls_required_from")?,
             auth_plaintext: s.boolean("auth_plaintext")?,
             max_bad_commands: s.count("max_bad_commands", 0)?,
+            max_refused_recipients: s.count("max_refused_recipients", 0)?,
             max_sessions_per_ip: s.count("max_sessions_per_ip", 0)?,
             connection_rate_per_ip: s.count("connection_rate_per_ip", 0)? as u32,
             max_header_fields: s.count("max_header_fields", 16)?,
@@ -1567,6 +1587,12 @@ default = B
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(
+            parse_duration("3650d"),
+            Ok(Duration::from_secs(3650 * 86_400))
+        );
+        assert!(parse_duration("3651d").is_err());
+        assert!(parse_duration("99999999999999999d").is_err());
         assert!(parse_duration("").is_err());
     }
 }
