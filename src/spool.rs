@@ -141,9 +141,9 @@ pub struct NewMessage {
     pub dedup_key: Option<String>,
 }
 
-/// A message accepted within the dedup window before the last stop: its
-/// duplicate-suppression key, every recipient it had, and when.
-pub type RecentKey = (String, Vec<String>, SystemTime);
+/// A (PDU, recipient) pair accepted within the dedup window before the
+/// last stop: its digest (see `dedup`) and when it was accepted.
+pub type RecentKey = (crate::dedup::Digest, SystemTime);
 
 /// A job found in the spool at start.
 #[derive(Clone, Debug)]
@@ -726,37 +726,51 @@ fn read_records(data: &[u8]) -> (Vec<(u64, u32, Record)>, usize) {
 /// for the next start (the journal may no longer hold them).
 const RECENT_FILE: &str = "recent";
 
+/// One `D` record per pair: when, then the digest.
 fn encode_recent(keys: &[RecentKey]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (key, rcpts, at) in keys {
-        let mut e = Enc(Vec::with_capacity(64));
-        e.u8(b'K');
+    let mut out = Vec::with_capacity(keys.len() * 33);
+    for (digest, at) in keys {
+        let mut e = Enc(Vec::with_capacity(25));
+        e.u8(b'D');
         e.u64(unix_ms(*at));
-        e.str(key);
-        e.strs(rcpts);
+        e.0.extend_from_slice(digest);
         frame_parts(&mut out, &e.0, &[]);
     }
     out
 }
 
-/// The keys in a recent file accepted at or after `since`.
+/// The pairs in a recent file accepted at or after `since`: `D` records,
+/// and the `K` records (a text key and its recipients) that relays
+/// before digests wrote.
 fn decode_recent(data: &[u8], since: SystemTime) -> Vec<RecentKey> {
     let mut out = Vec::new();
     let mut pos = 0;
     while let Some(payload) = frame_at(data, pos) {
         pos += 8 + payload.len();
         let mut d = Dec(payload);
-        let key = (|| {
-            if d.u8()? != b'K' {
-                return None;
-            }
+        let ok = (|| {
+            let tag = d.u8()?;
             let at = from_unix_ms(d.u64()?);
-            Some((d.str()?, d.strs()?, at))
+            match tag {
+                b'D' => {
+                    let digest = d.take(16)?.try_into().ok()?;
+                    if at >= since {
+                        out.push((digest, at));
+                    }
+                }
+                b'K' => {
+                    let key = d.str()?;
+                    let rcpts = d.strs()?;
+                    if at >= since {
+                        out.extend(rcpts.iter().map(|r| (crate::dedup::digest(&key, r), at)));
+                    }
+                }
+                _ => return None,
+            }
+            Some(())
         })();
-        match key {
-            Some(k) if k.2 >= since => out.push(k),
-            Some(_) => {}
-            None => break,
+        if ok.is_none() {
+            break;
         }
     }
     out
@@ -965,9 +979,10 @@ fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recover
                     }
                     if let (None, Some(key), Some(since)) = (earlier, &m.dedup_key, dedup_since) {
                         if !dedup_window.is_zero() && m.accepted >= since {
-                            let rcpts =
-                                m.jobs.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
-                            state.recent.push((key.clone(), rcpts, m.accepted));
+                            let pairs = m.jobs.iter().flat_map(|(_, r)| r.iter());
+                            state
+                                .recent
+                                .extend(pairs.map(|r| (crate::dedup::digest(key, r), m.accepted)));
                         }
                     }
                     if loc.segment != n || loc.offset + loc.len as u64 > good as u64 {
@@ -1620,10 +1635,14 @@ mod tests {
         };
         let (spool, recovered) = Spool::open(&window).unwrap();
         assert_eq!(recovered.len(), 3, "keys change nothing else");
-        let recent = spool.take_recent();
-        assert_eq!(recent.len(), 1, "only the one inside the window");
-        assert_eq!(recent[0].0, "MM4_forward.REQ M1 T1");
-        assert_eq!(recent[0].1, ["x", "y"]);
+        let mut recent: Vec<_> = spool.take_recent().into_iter().map(|k| k.0).collect();
+        recent.sort();
+        let mut want = [
+            crate::dedup::digest("MM4_forward.REQ M1 T1", "x"),
+            crate::dedup::digest("MM4_forward.REQ M1 T1", "y"),
+        ];
+        want.sort();
+        assert_eq!(recent, want, "only the one inside the window");
         assert!(spool.take_recent().is_empty(), "handed over once");
         spool.close();
     }
@@ -1633,11 +1652,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(&opts(dir.path())).unwrap();
         let now = SystemTime::now();
-        let keys = vec![
-            ("K1".to_string(), vec!["x".to_string()], now),
-            ("K\t2 odd".to_string(), vec!["y".into(), "z".into()], now),
-            ("old".to_string(), vec!["x".to_string()], UNIX_EPOCH),
-        ];
+        let keys = vec![([1; 16], now), ([2; 16], now), ([3; 16], UNIX_EPOCH)];
         spool.save_recent(&keys).unwrap();
         spool.close();
         let window = SpoolOptions {
@@ -1645,18 +1660,11 @@ mod tests {
             ..opts(dir.path())
         };
         let (spool, _) = Spool::open(&window).unwrap();
-        let mut got: Vec<_> = spool
-            .take_recent()
-            .into_iter()
-            .map(|k| (k.0, k.1))
-            .collect();
+        let mut got: Vec<_> = spool.take_recent().into_iter().map(|k| k.0).collect();
         got.sort();
         assert_eq!(
             got,
-            [
-                ("K\t2 odd".to_string(), vec!["y".into(), "z".into()]),
-                ("K1".to_string(), vec!["x".to_string()]),
-            ],
+            [[1; 16], [2; 16]],
             "both inside the window, the old one not"
         );
         spool.close();
@@ -1677,6 +1685,34 @@ mod tests {
         assert!(spool.take_recent().is_empty());
         spool.close();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn recent_files_of_text_keys_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Enc(Vec::new());
+        e.u8(b'K');
+        e.u64(unix_ms(SystemTime::now()));
+        e.str("MM4_forward.REQ M1 T1");
+        e.strs(&["x".into(), "y".into()]);
+        let mut file = Vec::new();
+        frame_parts(&mut file, &e.0, &[]);
+        fs::write(dir.path().join(RECENT_FILE), file).unwrap();
+        let window = SpoolOptions {
+            dedup_window: Duration::from_secs(600),
+            ..opts(dir.path())
+        };
+        let (spool, _) = Spool::open(&window).unwrap();
+        let got: Vec<_> = spool.take_recent().into_iter().map(|k| k.0).collect();
+        let key = crate::dedup::pdu_key("MM4_forward.REQ M1 T1");
+        assert_eq!(
+            got,
+            [
+                crate::dedup::digest(&key, "x"),
+                crate::dedup::digest(&key, "y")
+            ]
+        );
+        spool.close();
     }
 
     #[test]

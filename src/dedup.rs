@@ -1,0 +1,186 @@
+//! Duplicate suppression: which (PDU, recipient) pairs were accepted within
+//! `dedup_window`, so a sender that retries after losing our 250 does not
+//! make the peer receive the PDU twice.
+//!
+//! A PDU is named by its type, X-Mms-Message-ID and X-Mms-Transaction-ID;
+//! those are the sender's text, of any length up to the header limit. The
+//! window needs equality, not the text, so it keeps a SHA-256 digest of
+//! each pair, cut to 128 bits: 48 octets of state per recipient whatever
+//! the sender writes (a map entry and a place in the pruning order). A
+//! cryptographic digest, because a collision would drop a real message as
+//! a duplicate: no sender may be able to make one.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+/// A (PDU, recipient) pair as the window keeps it.
+pub type Digest = [u8; 16];
+
+/// The key of a PDU as the spool stores it: 32 hex digits of the digest of
+/// `text` (type, message ID and transaction ID joined by spaces).
+pub fn pdu_key(text: &str) -> String {
+    openssl::sha::sha256(text.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The digest of `rcpt` under the PDU `key`. A key in the text form that
+/// spools written before digests hold (it has spaces) is digested first,
+/// so their keys still match after an upgrade.
+pub fn digest(key: &str, rcpt: &str) -> Digest {
+    let hashed;
+    let key = if key.contains(' ') {
+        hashed = pdu_key(key);
+        &hashed
+    } else {
+        key
+    };
+    let mut h = openssl::sha::Sha256::new();
+    h.update(key.as_bytes());
+    h.update(b"\n");
+    h.update(rcpt.as_bytes());
+    let full = h.finish();
+    full[..16].try_into().expect("16 of 32 octets")
+}
+
+/// The pairs accepted within the window, and the same in time order for
+/// pruning.
+#[derive(Default)]
+struct Seen {
+    at: HashMap<Digest, Instant>,
+    order: VecDeque<(Instant, Digest)>,
+}
+
+/// Recently accepted (PDU, recipient) pairs.
+pub struct Dedup {
+    window: Duration,
+    seen: Mutex<Seen>,
+}
+
+impl Dedup {
+    /// An empty window of `window` (zero: suppression off).
+    pub fn new(window: Duration) -> Dedup {
+        Dedup {
+            window,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// True when the window is zero: nothing is kept.
+    pub fn is_off(&self) -> bool {
+        self.window.is_zero()
+    }
+
+    /// True if the PDU `key` was accepted for `rcpt` within the window.
+    pub fn seen(&self, key: Option<&str>, rcpt: &str) -> bool {
+        let Some(key) = key.filter(|_| !self.is_off()) else {
+            return false;
+        };
+        let d = digest(key, rcpt);
+        let mut seen = self.seen.lock();
+        let now = Instant::now();
+        let Seen { at, order } = &mut *seen;
+        while let Some((t, old)) = order.front() {
+            if now.duration_since(*t) < self.window {
+                break;
+            }
+            if at.get(old) == Some(t) {
+                at.remove(old);
+            }
+            order.pop_front();
+        }
+        at.contains_key(&d)
+    }
+
+    /// Records the PDU `key` as accepted now for `rcpts`.
+    pub fn record(&self, key: Option<&str>, rcpts: &[String]) {
+        let Some(key) = key.filter(|_| !self.is_off()) else {
+            return;
+        };
+        let digests: Vec<Digest> = rcpts.iter().map(|r| digest(key, r)).collect();
+        self.record_digests(&digests, Instant::now());
+    }
+
+    /// Records pairs accepted at `at`; calls come in time order.
+    pub fn record_digests(&self, digests: &[Digest], at: Instant) {
+        if self.is_off() {
+            return;
+        }
+        let mut seen = self.seen.lock();
+        for d in digests {
+            seen.at.insert(*d, at);
+            seen.order.push_back((at, *d));
+        }
+    }
+
+    /// Every pair still within the window, with when it was accepted by
+    /// the wall clock that reads `now` at this instant.
+    pub fn export(&self, now: SystemTime) -> Vec<(Digest, SystemTime)> {
+        let seen = self.seen.lock();
+        let instant = Instant::now();
+        seen.at
+            .iter()
+            .filter(|(_, t)| instant.duration_since(**t) < self.window)
+            .map(|(d, t)| {
+                let at = now.checked_sub(instant.duration_since(*t)).unwrap_or(now);
+                (*d, at)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_name_the_pair_and_old_text_keys_still_match() {
+        let text = "MM4_forward.REQ m-1 t-1";
+        let key = pdu_key(text);
+        assert_eq!(key.len(), 32);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(digest(&key, "a@b"), digest(text, "a@b"));
+        assert_ne!(digest(&key, "a@b"), digest(&key, "a@c"));
+        assert_ne!(
+            digest(&key, "a@b"),
+            digest(&pdu_key("MM4_forward.REQ m-1 t-2"), "a@b")
+        );
+    }
+
+    #[test]
+    fn the_window_holds_pairs_until_it_passes() {
+        let d = Dedup::new(Duration::from_secs(60));
+        let key = pdu_key("MM4_forward.REQ m t");
+        d.record(Some(&key), &["x".into(), "y".into()]);
+        assert!(d.seen(Some(&key), "x") && d.seen(Some(&key), "y"));
+        assert!(!d.seen(Some(&key), "z") && !d.seen(None, "x"));
+        let old = Instant::now() - Duration::from_secs(61);
+        let d = Dedup::new(Duration::from_secs(60));
+        d.record_digests(&[digest(&key, "x")], old);
+        assert!(!d.seen(Some(&key), "x"), "past the window");
+        assert!(d.seen.lock().at.is_empty(), "and pruned");
+        let off = Dedup::new(Duration::ZERO);
+        off.record(Some(&key), &["x".into()]);
+        assert!(!off.seen(Some(&key), "x"));
+    }
+
+    #[test]
+    fn a_long_id_costs_what_a_short_one_does() {
+        let d = Dedup::new(Duration::from_secs(60));
+        let long = pdu_key(&format!(
+            "MM4_forward.REQ {} {}",
+            "m".repeat(31_000),
+            "t".repeat(31_000)
+        ));
+        let rcpts: Vec<String> = (0..100)
+            .map(|i| format!("+4477009{i:05}/TYPE=PLMN@x"))
+            .collect();
+        d.record(Some(&long), &rcpts);
+        assert_eq!(d.seen.lock().at.len(), 100);
+        assert_eq!(std::mem::size_of::<(Digest, Instant)>(), 32);
+        assert!(rcpts.iter().all(|r| d.seen(Some(&long), r)));
+    }
+}
