@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 
 use crate::config::Config;
 use crate::message::{IdSource, Job, Message};
+use crate::printable::Printable;
 use crate::queue::Queue;
 use crate::route::{Address, Router};
 use crate::smtp::Reply;
@@ -118,15 +119,18 @@ impl Bounce {
             .write(true)
             .mode(0o600)
             .open(path)?;
-        let to: Vec<String> = rcpts.iter().map(|r| format!("<{r}>")).collect();
+        let to: Vec<String> = rcpts
+            .iter()
+            .map(|r| format!("<{}>", Printable(r)))
+            .collect();
         write!(
             f,
             "X-Mm4relay-Queue-ID: {}\r\nX-Mm4relay-Peer: {peer}\r\nX-Mm4relay-Envelope-From: <{}>\r\n\
              X-Mm4relay-Envelope-To: {}\r\nX-Mm4relay-Reply: {}\r\n",
             m.id,
-            m.from,
+            Printable(&m.from),
             to.join(", "),
-            reply.to_string().replace(['\r', '\n'], " ")
+            Printable(&reply.to_string())
         )?;
         f.write_all(data)
     }
@@ -246,17 +250,17 @@ fn report(
          \r\n\
          This is mm4relay at {host}. Message {} could not be delivered\r\n\
          to {} recipient(s) at {peer}:\r\n\r\n",
-        m.from,
+        Printable(&m.from),
         m.id,
         crate::date::format(now),
         m.id,
         rcpts.len(),
     );
+    // Header values and report fields from the network are printable
+    // ASCII here: a CR LF in them would add header fields of its own.
+    let diagnostic = Printable(&reply.to_string()).to_string();
     for r in rcpts {
-        out.push_str(&format!(
-            "  <{r}>: {}\r\n",
-            reply.to_string().replace(['\r', '\n'], " ")
-        ));
+        out.push_str(&format!("  <{}>: {diagnostic}\r\n", Printable(r)));
     }
     out.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n\
@@ -266,9 +270,10 @@ fn report(
     ));
     for r in rcpts {
         out.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\nStatus: {status}\r\nRemote-MTA: dns; {peer}\r\n\
-             Diagnostic-Code: smtp; {}\r\n",
-            reply.to_string().replace(['\r', '\n'], " ")
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nRemote-MTA: dns; {peer}\r\n\
+             Diagnostic-Code: smtp; {diagnostic}\r\n",
+            Printable(r),
+            Printable(&status),
         ));
     }
     out.push_str(&format!(
@@ -277,4 +282,39 @@ fn report(
     out.push_str(&headers);
     out.push_str(&format!("\r\n--{boundary}--\r\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Location;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn what_came_from_the_network_cannot_add_header_fields() {
+        // Spooled before commands refused control characters, say.
+        let m = Message {
+            id: "Q1".into(),
+            from: "a\r\nBcc: victim@x.test".into(),
+            body_type: BodyType::SevenBit,
+            info: Default::default(),
+            accepted: UNIX_EPOCH,
+            expires: UNIX_EPOCH,
+            location: Location {
+                segment: 0,
+                offset: 0,
+                len: 0,
+                crc: 0,
+            },
+        };
+        let reply = Reply::new(550, "5.1.1 no\x1b[2J such\r\nBcc: y@x.test user");
+        let rcpts = ["r\x00@y.test".to_string()];
+        let dsn = report("relay.test", "Q2", &m, "B", &rcpts, &reply, b"H: v\r\n\r\n", UNIX_EPOCH);
+        let lines: Vec<&str> = dsn.split("\r\n").collect();
+        assert!(!lines.iter().any(|l| l.starts_with("Bcc:")), "{dsn}");
+        assert!(!dsn.bytes().any(|b| b == 0x1b || b == 0), "{dsn:?}");
+        assert!(lines.contains(&"To: <a\\x0d\\x0aBcc: victim@x.test>"), "{dsn}");
+        assert!(dsn.contains("Final-Recipient: rfc822; r\\x00@y.test"), "{dsn}");
+        assert!(dsn.contains("Diagnostic-Code: smtp; 550 5.1.1 no\\x1b[2J such\\x0d\\x0aBcc"), "{dsn}");
+    }
 }

@@ -19,6 +19,7 @@ use log::{info, warn};
 
 use crate::listener::InboundStats;
 use crate::peer::{PeerSnapshot, PeerViews};
+use crate::printable::Printable;
 use crate::queue::Queue;
 use crate::spool::{Holds, Spool, SpoolStats};
 
@@ -155,7 +156,7 @@ fn short_age(secs: u64) -> String {
 }
 
 /// The listener's counters as `(name, value)`, for both status forms.
-fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 10] {
+fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 11] {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     [
         (
@@ -174,6 +175,7 @@ fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 10] {
         ),
         ("refused_per_ip", load(&i.refused_per_ip)),
         ("auth_failures", load(&i.auth_failures)),
+        ("auth_delayed", load(&i.auth_delayed)),
     ]
 }
 
@@ -210,7 +212,7 @@ pub fn status_text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &Inbound
             p.deferred,
             p.failed,
             p.rate_milli as f64 / 1000.0,
-            p.last_error
+            Printable(&p.last_error)
         );
     }
     let counts: Vec<String> = listener_counts(inbound)
@@ -304,19 +306,19 @@ fn queue_show(sources: &Sources, id: &str) -> String {
                 p.name(),
                 q.rcpts
                     .iter()
-                    .map(|r| format!("<{r}>"))
+                    .map(|r| format!("<{}>", Printable(r)))
                     .collect::<Vec<_>>()
                     .join(","),
                 q.attempts,
                 q.next_attempt.map_or("now".into(), crate::date::format),
-                q.last_reply.replace('"', "'")
+                Printable(&q.last_reply.replace('"', "'"))
             );
             for (at, reply) in &q.history {
                 let _ = writeln!(
                     out,
                     "  attempt failed at \"{}\": {}",
                     crate::date::format(*at),
-                    reply
+                    Printable(&reply.to_string())
                 );
             }
             message = Some(q.message);
@@ -329,11 +331,11 @@ fn queue_show(sources: &Sources, id: &str) -> String {
         "id={} size={} from=<{}> accepted=\"{}\" expires=\"{}\" mid={} tid={}\n",
         m.id,
         m.location.len,
-        m.from,
+        Printable(&m.from),
         crate::date::format(m.accepted),
         crate::date::format(m.expires),
-        m.info.message_id.as_deref().unwrap_or("-"),
-        m.info.transaction_id.as_deref().unwrap_or("-"),
+        Printable(m.info.message_id.as_deref().unwrap_or("-")),
+        Printable(m.info.transaction_id.as_deref().unwrap_or("-")),
     );
     head.push_str(&out);
     head.push('\n');
@@ -343,7 +345,11 @@ fn queue_show(sources: &Sources, id: &str) -> String {
                 .windows(4)
                 .position(|w| w == b"\r\n\r\n")
                 .map_or(data.len(), |p| p + 2);
-            head.push_str(&String::from_utf8_lossy(&data[..end]).replace("\r\n", "\n"));
+            // One line per header line, each of printable ASCII; a folded
+            // line's tab is shown as a space.
+            for line in String::from_utf8_lossy(&data[..end]).split_terminator("\r\n") {
+                let _ = writeln!(head, "{}", Printable(&line.replace('\t', " ")));
+            }
         }
         Err(e) => {
             let _ = writeln!(head, "(data unreadable: {e})");
@@ -460,13 +466,13 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
                 q.message.id,
                 q.message.location.len,
                 q.attempts,
-                q.message.from,
+                Printable(&q.message.from),
                 q.rcpts
                     .iter()
-                    .map(|r| format!("<{r}>"))
+                    .map(|r| format!("<{}>", Printable(r)))
                     .collect::<Vec<_>>()
                     .join(","),
-                q.last_reply.replace('"', "'")
+                Printable(&q.last_reply.replace('"', "'"))
             );
         }
     }
@@ -483,7 +489,7 @@ fn json_str(s: &str) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),

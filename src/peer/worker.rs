@@ -17,6 +17,7 @@ use log::{info, warn};
 use super::connection::{ConnError, Connection, Delivery};
 use super::{Change, Settings, Shared, WorkerContext};
 use crate::message::Job;
+use crate::printable::Printable;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
 
@@ -465,7 +466,10 @@ fn log_disposition(
     now: SystemTime,
 ) {
     let m = &job.message;
-    let to: Vec<String> = rcpts.iter().map(|r| format!("<{r}>")).collect();
+    let to: Vec<String> = rcpts
+        .iter()
+        .map(|r| format!("<{}>", Printable(r)))
+        .collect();
     let retry = retry
         .map(|d| format!(" retry_in={}s", d.as_secs_f64()))
         .unwrap_or_default();
@@ -473,16 +477,16 @@ fn log_disposition(
         "{} peer={} from=<{}> to={} mid={} tid={} status={} attempts={} delay={:.3}s{} reply=\"{}\"",
         m.id,
         peer,
-        m.from,
+        Printable(&m.from),
         to.join(","),
-        m.info.message_id.as_deref().unwrap_or("-"),
-        m.info.transaction_id.as_deref().unwrap_or("-"),
+        Printable(m.info.message_id.as_deref().unwrap_or("-")),
+        Printable(m.info.transaction_id.as_deref().unwrap_or("-")),
         status,
         job.attempts,
         now.duration_since(m.accepted)
             .unwrap_or_default()
             .as_secs_f64(),
         retry,
-        reply.replace('"', "'"),
+        Printable(&reply.replace('"', "'")),
     );
 }
