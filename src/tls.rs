@@ -6,6 +6,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use native_tls::{HandshakeError, Protocol, TlsAcceptor, TlsConnector, TlsStream};
 
@@ -88,11 +90,35 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
-    /// Runs the server handshake over a plain stream.
-    pub fn accept(self, acceptor: &TlsAcceptor) -> Result<Stream, TlsError> {
-        match self {
-            Stream::Plain(s) => Ok(Stream::Tls(Box::new(acceptor.accept(s)?))),
-            Stream::Tls(_) => Err(TlsError("TLS already active".into())),
+    /// Runs the server handshake over a plain stream, all of it by
+    /// `deadline`: a client that sends its hello an octet at a time is cut
+    /// there, however often each octet comes (a read timeout alone would
+    /// start again at every one).
+    pub fn accept_by(self, acceptor: &TlsAcceptor, deadline: Instant) -> Result<Stream, TlsError> {
+        let Stream::Plain(s) = self else {
+            return Err(TlsError("TLS already active".into()));
+        };
+        let io_err = |e: io::Error| TlsError(format!("TLS handshake: {e}"));
+        s.set_nonblocking(true).map_err(io_err)?;
+        let mut step = acceptor.accept(s);
+        loop {
+            match step {
+                Ok(tls) => {
+                    tls.get_ref().set_nonblocking(false).map_err(io_err)?;
+                    return Ok(Stream::Tls(Box::new(tls)));
+                }
+                Err(HandshakeError::Failure(e)) => {
+                    return Err(TlsError(format!("TLS handshake failed: {e}")));
+                }
+                Err(HandshakeError::WouldBlock(mid)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(TlsError("TLS handshake timed out".into()));
+                    }
+                    wait_readable(mid.get_ref(), left.min(HANDSHAKE_POLL));
+                    step = mid.handshake();
+                }
+            }
         }
     }
 
@@ -103,6 +129,24 @@ impl Stream {
             Stream::Tls(_) => Err(TlsError("TLS already active".into())),
         }
     }
+}
+
+/// Longest wait for the client between two tries of a handshake step. The
+/// step may wait to write, not to read (our first flight filling a send
+/// buffer the client does not empty); a read wait notices that this late.
+const HANDSHAKE_POLL: Duration = Duration::from_millis(250);
+
+/// Waits until `s` has something to read, or `timeout` passes.
+fn wait_readable(s: &TcpStream, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd for the duration of the call. An error or
+    // a signal only means the next handshake step comes sooner.
+    unsafe { libc::poll(&mut fd, 1, ms) };
 }
 
 impl Read for Stream {
