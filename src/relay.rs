@@ -30,7 +30,7 @@ use crate::bounce::Bounce;
 use crate::clock::{self, SharedClock};
 use crate::config::{Config, PeerConfig};
 use crate::control::{ControlSocket, Sources};
-use crate::listener::{Inbound, Listener};
+use crate::listener::{self, Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
 use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
@@ -64,6 +64,23 @@ pub struct Relay {
     spool: Option<Arc<Spool>>,
 }
 
+/// Sends a panic's message, with the name of its thread, to the log as
+/// well as to stderr (where a daemon's goes unread). Installed once.
+fn log_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            log::error!(
+                "thread '{}' panicked: {info}",
+                thread.name().unwrap_or("unnamed")
+            );
+            default(info);
+        }));
+    });
+}
+
 /// What a stop left behind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StopReport {
@@ -80,6 +97,7 @@ impl Relay {
     /// As [`Relay::start`], with `clock` for acceptance, retry and expiry
     /// times (tests pass a clock they move by hand).
     pub fn start_with_clock(config: &Config, clock: SharedClock) -> io::Result<Relay> {
+        log_panics();
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()
@@ -206,7 +224,12 @@ impl Relay {
         if let Some(addr) = config.relay.metrics_listen {
             relay.metrics = Some(MetricsServer::start(addr, sources)?);
         }
-        match Listener::start(listeners, config.listener.max_sessions, inbound) {
+        let limits = listener::Limits {
+            max_sessions: config.listener.max_sessions,
+            max_local_sessions: config.listener.max_local_sessions,
+            shutdown_timeout: config.relay.shutdown_timeout,
+        };
+        match Listener::start(listeners, limits, inbound) {
             Ok(l) => relay.listener = Some(l),
             Err(e) => {
                 relay.shutdown();

@@ -13,29 +13,37 @@
 //! Stop: the accept loops end; idle sessions get 421 and are closed; a
 //! session receiving DATA finishes that message, then gets 421.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use native_tls::TlsAcceptor;
 
 use crate::access::{AccessControl, Cidr, ClientClass};
 use crate::config::{AuthUser, Config, Mm4Check};
+use crate::dedup::{self, Dedup};
 use crate::message::{IdSource, Job, Message, received_header};
 use crate::mm4;
+use crate::printable::Printable;
 use crate::queue::Queue;
 use crate::route::{Address, PeerId, Router};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
-use crate::spool::{NewMessage, RecentKey, Spool, SpoolError};
+use crate::spool::{NewMessage, Spool, SpoolError};
 use crate::tls::{self, Stream};
+
+mod throttle;
+
+use throttle::{AuthThrottle, RateLimitedWarning};
 
 /// Inbound counters, for the metrics.
 #[derive(Debug, Default)]
@@ -64,6 +72,9 @@ pub struct InboundStats {
     pub tls_sessions: AtomicU64,
     /// AUTH attempts that failed.
     pub auth_failures: AtomicU64,
+    /// AUTH attempts answered only after a delay, for recent failures
+    /// from the same address or for the same account.
+    pub auth_delayed: AtomicU64,
 }
 
 /// What sessions decide with; replaced whole by a configuration reload.
@@ -100,6 +111,7 @@ impl Tables {
                 auth: !config.auth_users.is_empty(),
                 auth_plaintext: l.auth_plaintext,
                 max_bad_commands: l.max_bad_commands,
+                max_refused_recipients: l.max_refused_recipients,
             },
             router: config.router(),
             access: config.access_control(),
@@ -134,6 +146,7 @@ pub struct Inbound {
     queue: Arc<Queue>,
     spool: Arc<Spool>,
     dedup: Dedup,
+    auth_throttle: AuthThrottle,
     stats: Arc<InboundStats>,
 }
 
@@ -163,12 +176,12 @@ impl Inbound {
         // a crash is the case this is for.
         let dedup = Dedup::new(config.relay.dedup_window);
         let mut recent = spool.take_recent();
-        recent.sort_by_key(|(_, _, at)| *at);
+        recent.sort_by_key(|(_, at)| *at);
         let (now, clock_now) = (Instant::now(), queue.now());
-        for (key, rcpts, accepted) in &recent {
+        for (digest, accepted) in &recent {
             let age = clock_now.duration_since(*accepted).unwrap_or_default();
             let at = now.checked_sub(age).unwrap_or(now);
-            dedup.record_at(Some(key), rcpts, at);
+            dedup.record_digests(&[*digest], at);
         }
         Inbound {
             tables: RwLock::new(Arc::new(tables.0)),
@@ -176,6 +189,7 @@ impl Inbound {
             queue,
             spool,
             dedup,
+            auth_throttle: AuthThrottle::default(),
             stats: Arc::default(),
         }
     }
@@ -184,7 +198,7 @@ impl Inbound {
     /// so that a restart still knows them (a clean stop calls this once no
     /// session is left).
     pub fn save_recent(&self) {
-        if self.dedup.window.is_zero() {
+        if self.dedup.is_off() {
             return;
         }
         let keys = self.dedup.export(self.queue.now());
@@ -206,11 +220,53 @@ impl Inbound {
     }
 }
 
+/// What one session was refused, logged once per reason: the first time
+/// with its details, and at the end of the session how often in all. A
+/// client that pipelines a million refused RCPTs writes a few lines, not a
+/// million.
+struct Refusals {
+    client_ip: IpAddr,
+    counts: Vec<(&'static str, u64)>,
+}
+
+impl Refusals {
+    /// Counts one refusal; logs `detail` if it is the first of its reason.
+    fn note(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.counts.push((reason, 1));
+                info!("{reason}: client=[{}] {}", self.client_ip, detail());
+            }
+        }
+    }
+}
+
+impl Drop for Refusals {
+    fn drop(&mut self) {
+        if self.counts.iter().any(|(_, n)| *n > 1) {
+            let counts: Vec<String> = self
+                .counts
+                .iter()
+                .map(|(r, n)| format!("{}={n}", r.replace(' ', "_")))
+                .collect();
+            info!(
+                "session from [{}] ended; refused in all: {}",
+                self.client_ip,
+                counts.join(" ")
+            );
+        }
+    }
+}
+
 /// The handler one session asks: relay control, MM4 check, queueing.
 struct RelayHandler {
     inbound: Arc<Inbound>,
     client_ip: IpAddr,
     class: ClientClass,
+    refusals: Refusals,
+    /// Disconnected when the listener stops: ends an AUTH delay early.
+    stopping: Receiver<()>,
 }
 
 impl Handler for RelayHandler {
@@ -221,27 +277,40 @@ impl Handler for RelayHandler {
         if self.class == ClientClass::Unknown {
             // Say nothing about routes to a stranger.
             stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
-            info!(
-                "relay denied: client=[{}] is not a known MMSC, to=<{rcpt}>",
-                self.client_ip
-            );
+            self.refusals.note("relay denied", || {
+                format!("is not a known MMSC, to=<{}>", Printable(rcpt))
+            });
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
-        let addr = Address::parse_envelope(rcpt).map_err(|e| {
-            stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
-            Reply::new(553, format!("5.1.3 <{rcpt}>: {e}"))
-        })?;
+        let addr = match Address::parse_envelope(rcpt) {
+            Ok(a) => a,
+            Err(e) => {
+                stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
+                self.refusals
+                    .note("bad address", || format!("to=<{}>: {e}", Printable(rcpt)));
+                return Err(Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")));
+            }
+        };
         let tables = self.inbound.tables();
-        let peer = tables.router.route(&addr).ok_or_else(|| {
+        let Some(peer) = tables.router.route(&addr) else {
             stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
-            Reply::new(550, format!("5.1.2 <{rcpt}>: no route to this recipient"))
-        })?;
+            self.refusals
+                .note("no route", || format!("to=<{}>", Printable(rcpt)));
+            return Err(Reply::new(
+                550,
+                format!("5.1.2 <{rcpt}>: no route to this recipient"),
+            ));
+        };
         if !tables.access.may_send(self.class, peer) {
             stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
-            info!(
-                "relay denied: client=[{}] class={:?} to=<{rcpt}> peer={}",
-                self.client_ip, self.class, tables.peer_names[peer]
-            );
+            self.refusals.note("relay denied", || {
+                format!(
+                    "class={:?} to=<{}> peer={}",
+                    self.class,
+                    Printable(rcpt),
+                    tables.peer_names[peer]
+                )
+            });
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
         Ok(peer)
@@ -249,12 +318,31 @@ impl Handler for RelayHandler {
 
     fn auth(&mut self, user: &str, password: &str) -> bool {
         let tables = self.inbound.tables();
+        // Only configured accounts are tracked by name: a guesser's
+        // invented names cannot fill the table.
+        let account = tables
+            .auth_users
+            .iter()
+            .any(|u| u.name == user)
+            .then_some(user);
+        let throttle = &self.inbound.auth_throttle;
+        let delay = throttle.delay(self.client_ip, account);
+        if !delay.is_zero() {
+            self.inbound
+                .stats
+                .auth_delayed
+                .fetch_add(1, Ordering::Relaxed);
+            // Whatever the verdict: a guesser learns nothing by hanging up
+            // early. A stop ends the wait.
+            let _ = self.stopping.recv_timeout(delay);
+        }
         let found = tables
             .auth_users
             .iter()
             .find(|u| u.name == user && u.password.matches(password));
         match found {
             Some(u) => {
+                throttle.succeeded(self.client_ip, account);
                 info!(
                     "auth ok: client=[{}] user={user} peer={}",
                     self.client_ip, tables.peer_names[u.peer]
@@ -265,11 +353,13 @@ impl Handler for RelayHandler {
                 true
             }
             None => {
+                throttle.failed(self.client_ip, account);
                 self.inbound
                     .stats
                     .auth_failures
                     .fetch_add(1, Ordering::Relaxed);
-                warn!("auth failed: client=[{}] user={user:?}", self.client_ip);
+                self.refusals
+                    .note("auth failed", || format!("user=\"{}\"", Printable(user)));
                 false
             }
         }
@@ -282,13 +372,14 @@ impl Handler for RelayHandler {
         let info = match mm4::check(&data, &rcpts, tables.mm4_check, &tables.limits) {
             Ok(info) => info,
             Err(e) => {
-                info!(
-                    "rejected: client=[{}] from=<{}> rcpts={} reason=\"{}\"",
-                    self.client_ip,
-                    env.from,
-                    rcpts.len(),
-                    e.reason
-                );
+                let n = rcpts.len();
+                self.refusals.note("rejected", || {
+                    format!(
+                        "from=<{}> rcpts={n} reason=\"{}\"",
+                        Printable(&env.from),
+                        Printable(&e.reason)
+                    )
+                });
                 inbound
                     .stats
                     .rejected_content
@@ -298,12 +389,14 @@ impl Handler for RelayHandler {
         };
         // Reports carry the Message-ID of the MM they report on, so the
         // Message-ID alone does not name a PDU: type and transaction too.
+        // The IDs are the sender's text, up to the header limit: the spool
+        // and the window keep a digest of them.
         let dedup_key = info.message_id.as_ref().map(|mid| {
             let pdu = info.pdu.map_or("-", |p| p.name());
-            format!(
+            dedup::pdu_key(&format!(
                 "{pdu} {mid} {}",
                 info.transaction_id.as_deref().unwrap_or("-")
-            )
+            ))
         });
         let (fresh, dups): (Vec<_>, Vec<_>) = env
             .rcpts
@@ -313,13 +406,13 @@ impl Handler for RelayHandler {
             info!(
                 "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
                 self.client_ip,
-                env.from,
+                Printable(&env.from),
                 dups.iter()
-                    .map(|(r, _)| format!("<{r}>"))
+                    .map(|(r, _)| format!("<{}>", Printable(r)))
                     .collect::<Vec<_>>()
                     .join(","),
-                info.message_id.as_deref().unwrap_or("-"),
-                info.transaction_id.as_deref().unwrap_or("-"),
+                Printable(info.message_id.as_deref().unwrap_or("-")),
+                Printable(info.transaction_id.as_deref().unwrap_or("-")),
             );
             inbound.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Reply::new(250, "2.0.0 duplicate of a message already queued");
@@ -344,9 +437,11 @@ impl Handler for RelayHandler {
                 None => by_peer.push((peer, vec![rcpt])),
             }
         }
+        // queue_lifetime is bounded by the configuration; the sender's
+        // expiry may be anything, and only ever shortens the lifetime.
         let mut expires = accepted + tables.queue_lifetime;
-        if let Some(e) = info.expiry {
-            expires = expires.min(e.at(accepted));
+        if let Some(at) = info.expiry.and_then(|e| e.at(accepted)) {
+            expires = expires.min(at);
         }
         let record = NewMessage {
             id: id.clone(),
@@ -387,11 +482,11 @@ impl Handler for RelayHandler {
         info!(
             "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}{}",
             self.client_ip,
-            from,
+            Printable(&from),
             data.len(),
             info.pdu.map_or("-", |p| p.name()),
-            info.message_id.as_deref().unwrap_or("-"),
-            info.transaction_id.as_deref().unwrap_or("-"),
+            Printable(info.message_id.as_deref().unwrap_or("-")),
+            Printable(info.transaction_id.as_deref().unwrap_or("-")),
             split.join("+"),
             if dups.is_empty() {
                 String::new()
@@ -422,81 +517,6 @@ impl Handler for RelayHandler {
     }
 }
 
-/// When each (PDU key, recipient) was accepted, and the same in time order
-/// for pruning.
-type Seen = (
-    HashMap<(String, String), Instant>,
-    VecDeque<(Instant, String, String)>,
-);
-
-/// Recently accepted (PDU, recipient) pairs, the PDU named by its type,
-/// X-Mms-Message-ID and X-Mms-Transaction-ID, so a sender that retries
-/// after losing our 250 does not make the peer receive it twice.
-struct Dedup {
-    window: Duration,
-    seen: Mutex<Seen>,
-}
-
-impl Dedup {
-    fn new(window: Duration) -> Dedup {
-        Dedup {
-            window,
-            seen: Mutex::new((HashMap::new(), VecDeque::new())),
-        }
-    }
-
-    /// True if the PDU `key` was accepted for `rcpt` within the window.
-    fn seen(&self, key: Option<&str>, rcpt: &str) -> bool {
-        let Some(mid) = key.filter(|_| !self.window.is_zero()) else {
-            return false;
-        };
-        let mut guard = self.seen.lock();
-        let (map, order) = &mut *guard;
-        let now = Instant::now();
-        while let Some((t, m, r)) = order.front() {
-            if now.duration_since(*t) < self.window {
-                break;
-            }
-            if map.get(&(m.clone(), r.clone())) == Some(t) {
-                map.remove(&(m.clone(), r.clone()));
-            }
-            order.pop_front();
-        }
-        map.contains_key(&(mid.to_string(), rcpt.to_string()))
-    }
-
-    fn record(&self, key: Option<&str>, rcpts: &[String]) {
-        self.record_at(key, rcpts, Instant::now());
-    }
-
-    /// Every (key, recipient) still within the window, with when it was
-    /// accepted by the wall clock that reads `now` at this instant.
-    fn export(&self, now: SystemTime) -> Vec<RecentKey> {
-        let (map, _) = &*self.seen.lock();
-        let instant = Instant::now();
-        map.iter()
-            .filter(|(_, t)| instant.duration_since(**t) < self.window)
-            .map(|((key, rcpt), t)| {
-                let at = now.checked_sub(instant.duration_since(*t)).unwrap_or(now);
-                (key.clone(), vec![rcpt.clone()], at)
-            })
-            .collect()
-    }
-
-    /// Records a PDU accepted at `at`; calls come in time order.
-    fn record_at(&self, key: Option<&str>, rcpts: &[String], now: Instant) {
-        let Some(mid) = key.filter(|_| !self.window.is_zero()) else {
-            return;
-        };
-        let mut guard = self.seen.lock();
-        let (map, order) = &mut *guard;
-        for r in rcpts {
-            map.insert((mid.to_string(), r.clone()), now);
-            order.push_back((now, mid.to_string(), r.clone()));
-        }
-    }
-}
-
 /// A live session as the listener sees it, so a stop can reach it.
 struct Slot {
     stream: TcpStream,
@@ -513,20 +533,64 @@ struct PerIp {
     refilled: Instant,
 }
 
+/// Session limits fixed at start.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Sessions at once from partners and strangers.
+    pub max_sessions: usize,
+    /// Sessions at once from the local MMSC's hosts, counted apart.
+    pub max_local_sessions: usize,
+    /// How long a stop waits for sessions receiving a message.
+    pub shutdown_timeout: Duration,
+}
+
 struct Sessions {
     /// Set at stop: sessions close after the transaction in progress.
     stopping: AtomicBool,
+    /// Dropped at stop, so waits on [`Sessions::stopped`] end at once.
+    stop_signal: Mutex<Option<Sender<()>>>,
+    stopped: Receiver<()>,
     live: Mutex<HashMap<u64, Slot>>,
+    /// Notified whenever a session leaves `live`.
+    ended: Condvar,
     handles: Mutex<Vec<JoinHandle<()>>>,
     /// Sessions and connection rate per client address (local MMSC
     /// hosts are not counted).
     per_ip: Mutex<HashMap<IpAddr, PerIp>>,
-    /// The inbound counters (sessions open is the limit's count).
+    /// Sessions open from the local MMSC's hosts, and from everyone else.
+    open_local: AtomicUsize,
+    open_other: AtomicUsize,
+    /// The inbound counters (sessions open is the sum of both).
     stats: Arc<InboundStats>,
     next: AtomicU64,
+    /// Refusals at accept come at the rate of connections: logged at most
+    /// once a second each.
+    over_limit: RateLimitedWarning,
+    over_ip_limit: RateLimitedWarning,
+    accept_failed: RateLimitedWarning,
 }
 
 impl Sessions {
+    fn new(stats: Arc<InboundStats>) -> Sessions {
+        let (tx, rx) = crossbeam_channel::bounded(0);
+        Sessions {
+            stopping: AtomicBool::new(false),
+            stop_signal: Mutex::new(Some(tx)),
+            stopped: rx,
+            live: Mutex::new(HashMap::new()),
+            ended: Condvar::new(),
+            handles: Mutex::new(Vec::new()),
+            per_ip: Mutex::new(HashMap::new()),
+            open_local: AtomicUsize::new(0),
+            open_other: AtomicUsize::new(0),
+            stats,
+            next: AtomicU64::new(0),
+            over_limit: RateLimitedWarning::new(Duration::from_secs(1)),
+            over_ip_limit: RateLimitedWarning::new(Duration::from_secs(1)),
+            accept_failed: RateLimitedWarning::new(Duration::from_secs(1)),
+        }
+    }
+
     /// Counts a new connection from `ip` against its limits; the reason
     /// when it is over one.
     fn admit(&self, ip: IpAddr, max_open: usize, rate: u32) -> Result<(), &'static str> {
@@ -563,6 +627,43 @@ impl Sessions {
             e.open = e.open.saturating_sub(1);
         }
     }
+
+    fn open_count(&self, local: bool) -> &AtomicUsize {
+        if local {
+            &self.open_local
+        } else {
+            &self.open_other
+        }
+    }
+}
+
+/// One session's place in the counts: taken before its thread starts,
+/// given back when the guard drops, however the thread ends (a panic
+/// included) or if it never starts.
+struct SessionGuard {
+    sessions: Arc<Sessions>,
+    id: u64,
+    ip: IpAddr,
+    local: bool,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let s = &self.sessions;
+        if thread::panicking() {
+            error!(
+                "session {} from [{}] panicked; its slot is given back",
+                self.id, self.ip
+            );
+        }
+        if !self.local {
+            s.release(self.ip);
+        }
+        s.open_count(self.local).fetch_sub(1, Ordering::AcqRel);
+        s.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
+        s.live.lock().remove(&self.id);
+        s.ended.notify_all();
+    }
 }
 
 /// The running listener: accept threads and the sessions they started.
@@ -570,6 +671,7 @@ pub struct Listener {
     addrs: Vec<SocketAddr>,
     accept_threads: Vec<JoinHandle<()>>,
     sessions: Arc<Sessions>,
+    shutdown_timeout: Duration,
 }
 
 /// A bound socket and whether it speaks TLS from the first octet.
@@ -600,19 +702,8 @@ impl Listener {
     }
 
     /// Starts accepting on sockets from [`Listener::bind`].
-    pub fn start(
-        bound: Vec<Bound>,
-        max_sessions: usize,
-        inbound: Arc<Inbound>,
-    ) -> io::Result<Listener> {
-        let sessions = Arc::new(Sessions {
-            stopping: AtomicBool::new(false),
-            live: Mutex::new(HashMap::new()),
-            handles: Mutex::new(Vec::new()),
-            per_ip: Mutex::new(HashMap::new()),
-            stats: inbound.stats(),
-            next: AtomicU64::new(0),
-        });
+    pub fn start(bound: Vec<Bound>, limits: Limits, inbound: Arc<Inbound>) -> io::Result<Listener> {
+        let sessions = Arc::new(Sessions::new(inbound.stats()));
         let mut addrs = Vec::new();
         let mut accept_threads = Vec::new();
         for b in bound {
@@ -626,13 +717,14 @@ impl Listener {
             accept_threads.push(
                 thread::Builder::new()
                     .name(format!("accept-{local}"))
-                    .spawn(move || accept_loop(&b, &sessions, &inbound, max_sessions))?,
+                    .spawn(move || accept_loop(&b, &sessions, &inbound, limits))?,
             );
         }
         Ok(Listener {
             addrs,
             accept_threads,
             sessions,
+            shutdown_timeout: limits.shutdown_timeout,
         })
     }
 
@@ -642,9 +734,13 @@ impl Listener {
         &self.addrs
     }
 
-    /// Stops accepting, closes idle sessions, waits for busy ones.
+    /// Stops accepting and closes idle sessions; sessions receiving a
+    /// message may finish it within `shutdown_timeout`, then they are cut
+    /// too. Never waits on a client longer than that.
     pub fn stop(self) {
-        self.sessions.stopping.store(true, Ordering::Release);
+        let sessions = &self.sessions;
+        sessions.stopping.store(true, Ordering::Release);
+        sessions.stop_signal.lock().take();
         for addr in &self.addrs {
             // Wake the blocked accept() with a connection to ourselves.
             let target = match addr.ip() {
@@ -661,28 +757,59 @@ impl Listener {
         for t in self.accept_threads {
             let _ = t.join();
         }
-        for slot in self.sessions.live.lock().values() {
+        for slot in sessions.live.lock().values() {
             if !slot.in_data.load(Ordering::Acquire) {
                 if !slot.tls.load(Ordering::Acquire) {
-                    let _ = (&slot.stream).write_all(b"421 4.3.2 shutting down\r\n");
+                    // A client that does not read must not hold up the stop.
+                    send_nowait(&slot.stream, b"421 4.3.2 shutting down\r\n");
                 }
                 let _ = slot.stream.shutdown(Shutdown::Both);
             }
         }
-        let handles = std::mem::take(&mut *self.sessions.handles.lock());
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let mut live = sessions.live.lock();
+        while !live.is_empty() && !sessions.ended.wait_until(&mut live, deadline).timed_out() {}
+        if !live.is_empty() {
+            warn!(
+                "stop: {} session(s) still receiving after shutdown_timeout; closing them",
+                live.len()
+            );
+            for slot in live.values() {
+                let _ = slot.stream.shutdown(Shutdown::Both);
+            }
+        }
+        drop(live);
+        let handles = std::mem::take(&mut *sessions.handles.lock());
         for h in handles {
             let _ = h.join();
         }
     }
 }
 
+/// Writes what fits into the socket's buffer now, without waiting.
+fn send_nowait(stream: &TcpStream, bytes: &[u8]) {
+    // SAFETY: a valid socket and buffer for the call; the result only says
+    // how much went, and nothing depends on it.
+    unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+}
+
 /// Answers a connection over a limit with 421 and closes it.
-fn refuse(mut stream: TcpStream, status: &str, why: &str) {
-    let _ = stream.write_all(format!("421 {status} {why}, try again later\r\n").as_bytes());
+fn refuse(stream: TcpStream, status: &str, why: &str) {
+    send_nowait(
+        &stream,
+        format!("421 {status} {why}, try again later\r\n").as_bytes(),
+    );
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_sessions: usize) {
+fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limits: Limits) {
     for conn in b.listener.incoming() {
         if sessions.stopping.load(Ordering::Acquire) {
             break;
@@ -690,7 +817,9 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                warn!("accept failed: {e}");
+                sessions
+                    .accept_failed
+                    .warn(|| format!("accept failed: {e}"));
                 // Out of descriptors or similar: do not spin.
                 thread::sleep(Duration::from_millis(50));
                 continue;
@@ -701,14 +830,24 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_
             continue;
         };
         let ip = peer.ip().to_canonical();
-        if sessions.stats.sessions_open.load(Ordering::Acquire) >= max_sessions {
-            warn!("session limit {max_sessions} reached: refusing [{ip}]");
+        let tables = inbound.tables();
+        // Classify first: the local MMSC's hosts have room of their own,
+        // which no partner or stranger can take.
+        let local = tables.access.classify(ip) == ClientClass::Local;
+        let (open, max) = if local {
+            (&sessions.open_local, limits.max_local_sessions)
+        } else {
+            (&sessions.open_other, limits.max_sessions)
+        };
+        if open.load(Ordering::Acquire) >= max {
+            let whose = if local { "local MMSC " } else { "" };
+            sessions
+                .over_limit
+                .warn(|| format!("{whose}session limit {max} reached: refusing [{ip}]"));
             refuse(stream, "4.3.2", "too many sessions");
             continue;
         }
-        let tables = inbound.tables();
-        let counted = tables.access.classify(ip) != ClientClass::Local;
-        if counted {
+        if !local {
             if let Err(why) = sessions.admit(
                 ip,
                 tables.max_sessions_per_ip,
@@ -718,25 +857,32 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_
                     .stats
                     .refused_per_ip
                     .fetch_add(1, Ordering::Relaxed);
-                warn!("refusing [{ip}]: {why}");
+                sessions
+                    .over_ip_limit
+                    .warn(|| format!("refusing [{ip}]: {why}"));
                 refuse(stream, "4.7.0", why);
                 continue;
             }
         }
-        let Ok(clone) = stream.try_clone() else {
-            if counted {
-                sessions.release(ip);
-            }
-            continue;
-        };
         let id = sessions.next.fetch_add(1, Ordering::Relaxed);
-        let in_data = Arc::new(AtomicBool::new(false));
-        let tls = Arc::new(AtomicBool::new(b.implicit_tls));
+        open.fetch_add(1, Ordering::AcqRel);
         sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
         sessions
             .stats
             .sessions_total
             .fetch_add(1, Ordering::Relaxed);
+        // From here the guard gives everything back.
+        let guard = SessionGuard {
+            sessions: sessions.clone(),
+            id,
+            ip,
+            local,
+        };
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let in_data = Arc::new(AtomicBool::new(false));
+        let tls = Arc::new(AtomicBool::new(b.implicit_tls));
         sessions.live.lock().insert(
             id,
             Slot {
@@ -745,38 +891,25 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_
                 tls: tls.clone(),
             },
         );
-        let (sessions2, inbound2) = (sessions.clone(), inbound.clone());
+        let inbound = inbound.clone();
         let implicit_tls = b.implicit_tls;
-        let ended = move || {
-            sessions2.live.lock().remove(&id);
-            if counted {
-                sessions2.release(ip);
-            }
-            sessions2.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
-        };
         let state = SessionState {
             in_data,
             tls,
-            stopping: sessions.clone(),
+            sessions: sessions.clone(),
         };
         let spawned = thread::Builder::new()
             .name(format!("session-{id}"))
             .spawn(move || {
-                if let Err(e) = serve(stream, peer, &inbound2, implicit_tls, &state) {
+                let _guard = guard;
+                if let Err(e) = serve(stream, peer, &inbound, implicit_tls, &state) {
                     debug!("session [{}] ended: {e}", peer.ip());
                 }
-                ended();
             });
         match spawned {
             Ok(h) => sessions.handles.lock().push(h),
-            Err(e) => {
-                warn!("cannot start a session thread: {e}");
-                sessions.live.lock().remove(&id);
-                if counted {
-                    sessions.release(ip);
-                }
-                sessions.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
-            }
+            // The closure, and the guard in it, is dropped.
+            Err(e) => warn!("cannot start a session thread: {e}"),
         }
     }
 }
@@ -785,15 +918,19 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, max_
 struct SessionState {
     in_data: Arc<AtomicBool>,
     tls: Arc<AtomicBool>,
-    stopping: Arc<Sessions>,
+    sessions: Arc<Sessions>,
 }
 
 /// Drives one session over its socket until QUIT, a timeout, EOF or stop.
 ///
 /// Deadlines, against slow clients: a command line must be complete within
-/// `command_timeout` of the previous one, the whole DATA phase within
+/// `command_timeout` of the end of the previous one (octets of an
+/// over-long line do not restart it), the whole DATA phase within
 /// `data_timeout`, and the session within `session_timeout` (checked
-/// between transactions). Each ends the session with a 421.
+/// between transactions). A TLS handshake must end by the command
+/// deadline. Each ends the session with a 421. Writes have the same
+/// deadlines: a client that does not read its replies is cut when they
+/// pass.
 fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -810,25 +947,35 @@ fn serve(
         inbound: inbound.clone(),
         client_ip: ip,
         class,
+        refusals: Refusals {
+            client_ip: ip,
+            counts: Vec::new(),
+        },
+        stopping: state.sessions.stopped.clone(),
     };
     let mut session: Session<PeerId> = Session::new(tables.session.clone());
     session.require_tls(tables.tls_required_from.iter().any(|c| c.contains(ip)));
     let started = Instant::now();
+    let session_deadline =
+        (!tables.session_timeout.is_zero()).then(|| started + tables.session_timeout);
+    let command_deadline = |from: Instant| {
+        let d = from + tables.command_timeout;
+        session_deadline.map_or(d, |s| d.min(s))
+    };
     let mut stream = Stream::Plain(tcp);
     if implicit_tls {
-        stream = start_tls(stream, &tables, ip)?;
+        stream = start_tls(stream, &tables, ip, command_deadline(started))?;
         inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
         session.tls_started();
     }
     let mut out = Vec::with_capacity(1024);
     session.greeting().write_to(&mut out);
+    let mut deadline = command_deadline(started);
+    let mut io_timeout = Duration::ZERO;
+    set_io_timeout(&stream, deadline, &mut io_timeout)?;
     stream.write_all(&out)?;
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
-    let mut deadline = started + tables.command_timeout;
-    let session_deadline =
-        (!tables.session_timeout.is_zero()).then(|| started + tables.session_timeout);
-    let mut read_timeout = Duration::ZERO;
     loop {
         let receiving = session.in_data();
         let now = Instant::now();
@@ -836,8 +983,7 @@ fn serve(
             stream.write_all(b"421 4.4.2 session time limit reached, closing\r\n")?;
             return Ok(());
         }
-        let left = deadline.saturating_duration_since(now);
-        if left.is_zero() {
+        if now >= deadline {
             let why: &[u8] = if receiving {
                 b"421 4.4.2 timeout receiving DATA, closing\r\n"
             } else {
@@ -846,21 +992,11 @@ fn serve(
             stream.write_all(why)?;
             return Ok(());
         }
-        let left = match session_deadline {
-            Some(d) if !receiving => left.min(d.saturating_duration_since(now)),
-            _ => left,
+        let limit = match session_deadline {
+            Some(d) if !receiving => deadline.min(d),
+            _ => deadline,
         };
-        // A setsockopt per read would cost as much as the read: set on
-        // change, in whole seconds while more than one is left.
-        let timeout = if left > Duration::from_secs(1) {
-            Duration::from_secs(left.as_secs())
-        } else {
-            left.max(Duration::from_millis(1))
-        };
-        if timeout != read_timeout {
-            stream.tcp().set_read_timeout(Some(timeout))?;
-            read_timeout = timeout;
-        }
+        set_io_timeout(&stream, limit, &mut io_timeout)?;
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
@@ -888,38 +1024,90 @@ fn serve(
         if progress.starttls {
             // Anything pipelined after STARTTLS was dropped by the session.
             buf.clear();
-            stream = start_tls(stream, &tables, ip)?;
+            stream = start_tls(stream, &tables, ip, command_deadline(Instant::now()))?;
             state.tls.store(true, Ordering::Release);
             inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
             session.tls_started();
+            io_timeout = Duration::ZERO;
         }
         let now_receiving = session.in_data();
         state.in_data.store(now_receiving, Ordering::Release);
         if now_receiving && !receiving {
             deadline = Instant::now() + tables.data_timeout;
-        } else if !now_receiving && (receiving || progress.consumed > 0) {
+        } else if !now_receiving && (receiving || progress.line_ended) {
             deadline = Instant::now() + tables.command_timeout;
         }
-        if state.stopping.stopping.load(Ordering::Acquire) && !now_receiving {
+        if state.sessions.stopping.load(Ordering::Acquire) && !now_receiving {
             stream.write_all(b"421 4.3.2 shutting down\r\n")?;
             return Ok(());
         }
     }
 }
 
-/// The server TLS handshake, bounded by the command timeout.
-fn start_tls(stream: Stream, tables: &Tables, ip: IpAddr) -> io::Result<Stream> {
+/// Sets the socket's read and write timeouts to what is left until
+/// `deadline`, when that differs from `current`. A setsockopt per read
+/// would cost as much as the read: the timeout is whole seconds while
+/// more than one is left, so it changes about once a second.
+fn set_io_timeout(stream: &Stream, deadline: Instant, current: &mut Duration) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timeout = if left > Duration::from_secs(1) {
+        Duration::from_secs(left.as_secs())
+    } else {
+        left.max(Duration::from_millis(1))
+    };
+    if timeout != *current {
+        stream.tcp().set_read_timeout(Some(timeout))?;
+        stream.tcp().set_write_timeout(Some(timeout))?;
+        *current = timeout;
+    }
+    Ok(())
+}
+
+/// The server TLS handshake, all of it by `deadline`.
+fn start_tls(stream: Stream, tables: &Tables, ip: IpAddr, deadline: Instant) -> io::Result<Stream> {
     let acceptor = tables
         .tls
         .as_ref()
         .ok_or_else(|| io::Error::other("TLS asked for without a certificate"))?;
-    stream
-        .tcp()
-        .set_read_timeout(Some(tables.command_timeout.max(Duration::from_millis(1))))?;
-    let stream = stream.accept(acceptor).map_err(|e| {
+    let stream = stream.accept_by(acceptor, deadline).map_err(|e| {
         info!("TLS failed: client=[{ip}] {e}");
         io::Error::other(e.to_string())
     })?;
     debug!("TLS started: client=[{ip}]");
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_session_gives_its_slot_back() {
+        let stats = Arc::new(InboundStats::default());
+        let sessions = Arc::new(Sessions::new(stats.clone()));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for _ in 0..3 {
+            sessions.admit(ip, 3, 0).unwrap();
+            sessions.open_other.fetch_add(1, Ordering::AcqRel);
+            stats.sessions_open.fetch_add(1, Ordering::AcqRel);
+            let guard = SessionGuard {
+                sessions: sessions.clone(),
+                id: 1,
+                ip,
+                local: false,
+            };
+            let t = thread::spawn(move || {
+                let _guard = guard;
+                panic!("a session that panics");
+            });
+            assert!(t.join().is_err());
+        }
+        assert_eq!(stats.sessions_open.load(Ordering::Acquire), 0);
+        assert_eq!(sessions.open_other.load(Ordering::Acquire), 0);
+        // The per-address count came back each time: room for three more.
+        for _ in 0..3 {
+            sessions.admit(ip, 3, 0).unwrap();
+        }
+        assert!(sessions.admit(ip, 3, 0).is_err());
+    }
 }
