@@ -20,15 +20,15 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
 
 /// Three simulated MMSCs and a directory holding the corpus profile's
 /// configuration (`relay_extra` added to `[relay]`) and the spool.
-struct Setup {
-    sims: [SimPeer; 3],
+pub(crate) struct Setup {
+    pub(crate) sims: [SimPeer; 3],
     dir: tempfile::TempDir,
     spool: PathBuf,
     ini: String,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
-fn setup(keep: bool, relay_extra: &str) -> Setup {
+pub(crate) fn setup(keep: bool, relay_extra: &str) -> Setup {
     let sims = [0, 1, 2].map(|_| SimPeer::start(keep).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");

@@ -273,18 +273,29 @@ fn a_dead_peer_does_not_hold_up_the_others() {
 }
 
 #[test]
-fn sessions_over_the_limit_get_421() {
+fn sessions_over_the_limit_get_421_and_the_local_mmsc_has_room_of_its_own() {
     let h = Harness::with(Profile {
-        extra_listener: "max_sessions = 2".into(),
+        extra_listener: "max_sessions = 2\nmax_local_sessions = 2".into(),
         ..Profile::default()
     });
-    let _a = h.client(LOCAL);
-    let _b = h.client(LOCAL);
-    let socket = std::net::TcpStream::connect(h.addr).unwrap();
-    socket.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).unwrap();
-    assert!(line.starts_with("421 4.3.2"), "{line}");
+    let first_line = |from: &str| {
+        let socket = tcp_from(from, h.addr);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).unwrap();
+        line
+    };
+    // Partners and strangers fill max_sessions...
+    let _b = h.client(PARTNER_B);
+    let _x = h.client(UNKNOWN);
+    assert!(first_line(PARTNER_C).starts_with("421 4.3.2"));
+    // ...and the local MMSC still gets in, up to its own limit.
+    let mut a1 = h.client(LOCAL);
+    let _a2 = h.client(LOCAL);
+    assert!(first_line(LOCAL).starts_with("421 4.3.2"));
+    assert_eq!(
+        send_message(&mut a1, FROM, &[TO_B], &forward_req(1, TO_B, 300)).code,
+        250
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod binary;
 mod corpus;
 mod crash;
 mod delivery;
+mod hardening;
 mod pki;
 mod security;
 mod support;

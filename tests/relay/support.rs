@@ -449,6 +449,14 @@ impl Client {
         self.reply()
     }
 
+    /// The TCP connection under a plain-text client.
+    pub fn into_tcp(self) -> TcpStream {
+        match self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(_) => panic!("the client runs TLS"),
+        }
+    }
+
     /// True if the relay closed the connection (after a 421, say).
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 64];

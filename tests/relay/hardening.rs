@@ -1,0 +1,477 @@
+//! Regression tests for the findings of the attack on the listener (issue
+//! 11), each over real sockets on loopback, asserting what a user sees.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use mm4relay::sim::forward_req;
+
+use crate::pki::Pki;
+use crate::support::*;
+
+const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+const FROM_B: &str = "+12025550100/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+
+/// A forward.REQ with `header` added before `From:`.
+fn with_header(seq: usize, rcpt: &str, header: &str) -> Vec<u8> {
+    let m = String::from_utf8(forward_req(seq, rcpt, 400)).unwrap();
+    m.replacen("From:", &format!("{header}\r\nFrom:"), 1)
+        .into_bytes()
+}
+
+/// Reads until the relay closes the connection (or the deadline).
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    all
+}
+
+/// True if the relay has closed `s` (without waiting).
+fn closed_now(s: &mut TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    s.set_nonblocking(true).unwrap();
+    let closed = match s.read(&mut probe) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+/// Finding 1: `X-Mms-Expiry: 9999999999999999999` panicked the session
+/// thread before its reply, and leaked its slot: a few dozen of them and
+/// every client got 421 for good.
+#[test]
+fn an_expiry_beyond_the_clock_neither_panics_nor_leaks_a_slot() {
+    let mut h = Harness::with(Profile {
+        extra_listener: "max_sessions = 4\nmax_sessions_per_ip = 2\nconnection_rate_per_ip = 0\n"
+            .into(),
+        ..Profile::default()
+    });
+    let bomb = "X-Mms-Expiry: 9999999999999999999";
+    // Ten times the partner's own limit, one session after the other.
+    for seq in 0..20 {
+        let mut c = h.client(PARTNER_B);
+        let r = send_message(&mut c, FROM_B, &[TO_A], &with_header(seq, TO_A, bomb));
+        assert_eq!(r.code, 250, "message {seq}: {r}");
+        assert_eq!(c.cmd("QUIT").code, 221);
+    }
+    // An absolute date past what the clock holds is no panic either.
+    let mut c = h.client(PARTNER_B);
+    let far = "X-Mms-Expiry: Tue, 18 Mar 99999999999 10:00:00 +0000";
+    assert_eq!(
+        send_message(&mut c, FROM_B, &[TO_A], &with_header(20, TO_A, far)).code,
+        250
+    );
+    drop(c);
+    // The local MMSC, and the partner, still get in.
+    let mut a = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut a, FROM, &[TO_B], &forward_req(30, TO_B, 400)).code,
+        250
+    );
+    let _b = h.client(PARTNER_B);
+    assert!(h.sims[0].wait_for_recipients(21, DEADLINE));
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+/// Finding 2: a stranger pipelining refused RCPTs wrote a log line for
+/// each and was never closed (3 GB of log in 15 s).
+#[test]
+fn refused_recipients_close_the_session_and_barely_grow_the_log() {
+    let s = crate::binary::setup(false, "log_level = info\n");
+    let mut relay = Running::start(&s.path, &[], true);
+    let (addr, _early, rest) = relay.listening();
+    let mut total_refused = 0;
+    for who in [UNKNOWN, PARTNER_B] {
+        let mut c = tcp_from(who, addr);
+        // Each client pipelines many times the limit (100 by default).
+        let mut burst = b"EHLO attacker.test\r\nMAIL FROM:<x@y.example>\r\n".to_vec();
+        let rcpt = if who == UNKNOWN { TO_A } else { TO_B };
+        for _ in 0..150 {
+            burst.extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+        }
+        c.write_all(&burst).unwrap();
+        let replies = String::from_utf8_lossy(&read_to_close(&mut c)).into_owned();
+        let refused = replies.matches("550 5.7.1").count();
+        assert_eq!(refused, 100, "{who}: cut at max_refused_recipients");
+        assert!(
+            replies.contains("421 4.7.0 too many refused recipients"),
+            "{who}"
+        );
+        total_refused += refused;
+    }
+    assert!(relay.terminate().success());
+    let log: usize = rest.join().unwrap().iter().map(|l| l.len() + 1).sum();
+    println!(
+        "log: {log} bytes for {total_refused} refused recipients in 2 sessions ({:.1} per recipient)",
+        log as f64 / total_refused as f64
+    );
+    // Start-up and stop lines included: a few lines per session, not one
+    // per recipient (that was ~120 bytes each).
+    assert!(log < 6 * 1024, "{log} bytes of log");
+}
+
+/// Finding 3: a client that pipelines NOOPs and never reads its replies
+/// kept its session for ever, thirty of them kept the local MMSC out, and
+/// a stop waited for them.
+#[test]
+fn a_client_that_never_reads_is_cut_and_cannot_keep_the_local_mmsc_out() {
+    let mut h = Harness::with(Profile {
+        extra_listener: "command_timeout = 1s\ndata_timeout = 600s\nmax_sessions = 3\n".into(),
+        ..Profile::default()
+    });
+    let flood = |from: &'static str| {
+        let target = h.addr;
+        thread::spawn(move || {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // A small window: our unread replies fill it soon.
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .bind(
+                    &format!("{from}:0")
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap()
+                        .into(),
+                )
+                .unwrap();
+            socket.connect(&target.into()).unwrap();
+            let mut s: TcpStream = socket.into();
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let noops = b"NOOP\r\n".repeat(10_000);
+            let end = Instant::now() + DEADLINE;
+            // Write and never read, until the relay hangs up.
+            while Instant::now() < end {
+                match s.write(&noops) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return true,
+                }
+            }
+            false
+        })
+    };
+    let floods: Vec<_> = [UNKNOWN, PARTNER_B, PARTNER_C]
+        .into_iter()
+        .map(flood)
+        .collect();
+    // While they hold every slot max_sessions gives: the local MMSC.
+    wait_until("the floods to hold every session", || {
+        h.control("status").contains("sessions_open=3 ")
+    });
+    let mut a = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut a, FROM, &[TO_B], &forward_req(1, TO_B, 400)).code,
+        250
+    );
+    // Each is cut at its write deadline, not at the end of the test.
+    for (i, f) in floods.into_iter().enumerate() {
+        assert!(f.join().unwrap(), "flood {i} was never cut");
+    }
+    // A client that stops in the middle of its DATA does not hold up a
+    // stop beyond shutdown_timeout (5 s here; data_timeout is 600 s).
+    let mut a = h.client(LOCAL);
+    assert_eq!(a.cmd("EHLO a.test").code, 250);
+    assert_eq!(a.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(a.cmd(&format!("RCPT TO:<{TO_B}>")).code, 250);
+    assert_eq!(a.cmd("DATA").code, 354);
+    a.send(b"X-Mms-Message-Type: MM4_for");
+    let stopped = {
+        let relay = h.relay.take().unwrap();
+        thread::spawn(move || relay.shutdown())
+    };
+    let end = Instant::now() + DEADLINE;
+    while !stopped.is_finished() {
+        assert!(Instant::now() < end, "the stop waits for the client");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(stopped.join().unwrap().undelivered, 0);
+    assert!(a.closed());
+}
+
+/// Finding 4: a ClientHello sent an octet at a time outlived every
+/// timeout, on an implicit-TLS listener and after STARTTLS.
+#[test]
+fn a_trickled_tls_handshake_is_cut_at_the_command_deadline() {
+    let pki = Pki::new();
+    let h = Harness::with(Profile {
+        extra_listener: format!(
+            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
+            pki.listener_lines()
+        ),
+        ..Profile::default()
+    });
+    let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
+    // The start of a TLS 1.2 ClientHello record, then filler.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(200, 0x42);
+    let trickle = |mut s: TcpStream| {
+        let mut sent = 0;
+        for b in &hello {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            sent += 1;
+            // Within the per-read timeout, every time.
+            thread::sleep(Duration::from_millis(100));
+            if closed_now(&mut s) {
+                break;
+            }
+        }
+        sent
+    };
+    // Cut about a second in: a tenth of what a per-read timeout allows.
+    let sent = trickle(tcp_from(UNKNOWN, tls_addr));
+    assert!(sent < 40, "implicit TLS: {sent} octets went before the cut");
+    let mut c = h.client(UNKNOWN);
+    assert_eq!(c.cmd("EHLO slow.test").code, 250);
+    assert_eq!(c.cmd("STARTTLS").code, 220);
+    let sent = trickle(c.into_tcp());
+    assert!(sent < 40, "STARTTLS: {sent} octets went before the cut");
+}
+
+/// Finding 5: folded 30 KB message and transaction IDs, times 100
+/// recipients, cost 12 MiB for the whole dedup window per message.
+#[test]
+fn long_ids_cost_the_dedup_window_little_memory() {
+    let s = crate::binary::setup(false, "dedup_window = 1h\n");
+    let mut relay = Running::start(&s.path, &[], true);
+    let (addr, _early, rest) = relay.listening();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", relay.0.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let folded = |c: char| {
+        let chunk: String = std::iter::repeat_n(c, 900).collect();
+        vec![chunk; 33].join("\r\n ")
+    };
+    let rcpts: Vec<String> = (0..100)
+        .map(|i| format!("+4477009{i:05}/TYPE=PLMN@mms.mnc010.mcc001.gprs"))
+        .collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let mut c = Client::connect(PARTNER_B, addr);
+    // One to warm the relay up, then the measured ones.
+    let mut send = |seq: usize| {
+        let msg = String::from_utf8(forward_req(seq, TO_A, 400)).unwrap();
+        let msg = msg
+            .replacen(
+                &format!("X-Mms-Transaction-ID: T{seq:08}"),
+                &format!("X-Mms-Transaction-ID: T{seq:08}{}", folded('t')),
+                1,
+            )
+            .replacen(
+                &format!("X-Mms-Message-ID: M{seq:08}"),
+                &format!("X-Mms-Message-ID: M{seq:08}{}", folded('m')),
+                1,
+            );
+        let r = send_message(&mut c, FROM_B, &rcpts, msg.as_bytes());
+        assert_eq!(r.code, 250, "{r}");
+    };
+    send(0);
+    assert!(s.sims[0].wait_for_recipients(100, DEADLINE));
+    let before = rss();
+    let n = 40;
+    for seq in 1..=n {
+        send(seq);
+    }
+    assert!(s.sims[0].wait_for_recipients(100 * (n as u64 + 1), DEADLINE));
+    let grown = rss().saturating_sub(before);
+    println!(
+        "RSS grew {} KiB for {n} messages of 100 recipients with 30 KB IDs ({} B per recipient)",
+        grown / 1024,
+        grown / (n as u64 * 100)
+    );
+    // It was ~500 MiB.
+    assert!(grown < 48 << 20, "RSS grew {grown} bytes");
+    drop(c);
+    assert!(relay.terminate().success());
+    rest.join().unwrap();
+}
+
+/// Finding 8: CR, NUL and ESC in HELO, MAIL and RCPT were accepted and
+/// copied into Received:, the log, DSNs and the operator's terminal.
+#[test]
+fn control_characters_in_commands_get_501_and_reach_no_one() {
+    let mut h = Harness::start();
+    let mut c = h.client(LOCAL);
+    for bad in ["EHLO a\rb.test", "EHLO a\x1b[2Jb.test", "HELO a\0b.test"] {
+        let r = c.cmd(bad);
+        assert_eq!(
+            r.to_string(),
+            "501 5.5.2 control characters are not allowed in commands"
+        );
+    }
+    let long = format!("EHLO {}", "h".repeat(1010));
+    assert_eq!(c.cmd(&long).code, 501, "an over-long HELO name");
+    assert_eq!(c.cmd("EHLO ok.test").code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<a\rb@x.test>").code, 501);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}\x1b>")).code, 501);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}\x7f>")).code, 501);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}>")).code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    // An ESC in an ID reaches the peer as sent (the relay never rewrites
+    // a message) but not the operator's terminal.
+    let msg = String::from_utf8(forward_req(1, TO_B, 400))
+        .unwrap()
+        .replace("M00000001@", "M00000001\x1b[31m@");
+    assert!(h.control("queue hold B").contains("held"));
+    assert_eq!(c.data(msg.as_bytes()).code, 250);
+    wait_until("the message queued", || {
+        h.control("queue list B").contains("peer=B")
+    });
+    let list = h.control("queue list B");
+    let id = list.split_whitespace().next().unwrap().to_string();
+    let show = h.control(&format!("queue show {id}"));
+    for out in [&list, &show] {
+        assert!(!out.bytes().any(|b| b == 0x1b || b == b'\r'), "{out:?}");
+    }
+    assert!(show.contains("M00000001\\x1b[31m@"), "{show}");
+    assert!(h.control("queue release B").contains("released"));
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    let got = &h.sims[1].received()[0].data;
+    let trace = String::from_utf8_lossy(&got[..got.iter().position(|&b| b == b';').unwrap()]);
+    assert!(
+        trace.starts_with("Received: from ok.test ([127.0.0.1])"),
+        "{trace}"
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+/// Finding 9: after an over-long command line, every trickled octet
+/// restarted the command deadline.
+#[test]
+fn an_over_long_line_trickled_is_cut_at_the_command_deadline() {
+    let h = Harness::with(Profile {
+        extra_listener: "command_timeout = 1s\n".into(),
+        ..Profile::default()
+    });
+    let mut c = h.client(UNKNOWN);
+    c.send(&[b'x'; 2000]);
+    assert_eq!(c.reply().to_string(), "500 5.5.2 line too long");
+    let mut sent = 0;
+    let mut cut = None;
+    while sent < 60 {
+        c.send(b"x");
+        sent += 1;
+        thread::sleep(Duration::from_millis(100));
+        if let Some(r) = c.try_reply() {
+            cut = Some(r);
+            break;
+        }
+    }
+    let r = cut.expect("never cut");
+    assert!(
+        r.to_string()
+            .starts_with("421 4.4.2 timeout waiting for a command"),
+        "{r}"
+    );
+    assert!(sent < 40, "{sent} octets went before the cut");
+    assert!(c.closed());
+}
+
+/// Finding 10: header fields inside MIME parts were not counted.
+#[test]
+fn header_limits_hold_inside_mime_parts() {
+    let h = Harness::with(Profile {
+        extra_listener: "max_header_fields = 50\n".into(),
+        ..Profile::default()
+    });
+    let with_part_fields = |n: usize| {
+        let fields: String = (0..n).map(|i| format!("X-Part-{i}: v\r\n")).collect();
+        String::from_utf8(forward_req(1, TO_B, 400))
+            .unwrap()
+            .replace(
+                "Content-Type: text/plain; charset=us-ascii\r\n\r\n",
+                &format!(
+                    "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n{fields}\
+                 Content-Type: text/plain\r\n\r\nhello\r\n--b--\r\n"
+                ),
+            )
+    };
+    let mut c = h.client(LOCAL);
+    let r = send_message(&mut c, FROM, &[TO_B], with_part_fields(60).as_bytes());
+    assert_eq!(r.code, 554, "{r}");
+    assert!(
+        r.to_string().contains("5.3.4 more than 50 header fields"),
+        "{r}"
+    );
+    // The same part with its fields within the limit passes.
+    let r = send_message(&mut c, FROM, &[TO_B], with_part_fields(40).as_bytes());
+    assert_eq!(r.code, 250, "{r}");
+}
+
+fn plain(user: &str, password: &str) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    format!("AUTH PLAIN {b64}")
+}
+
+/// Finding 11: AUTH guesses went at ~130 a second per address.
+#[test]
+fn failed_auth_is_slowed_per_address_and_per_account() {
+    let mut h = Harness::with(Profile {
+        extra_listener: "auth_plaintext = yes\nmax_bad_commands = 0\n".into(),
+        ..Profile::default()
+    });
+    let ini = h.ini() + "\n[auth]\npartner-b = B:pa55word\n";
+    h.reload(&ini).unwrap();
+    let mut guesser = h.client(UNKNOWN);
+    assert_eq!(guesser.cmd("EHLO guess.test").code, 250);
+    // The first guess is answered at once, every later one after a delay
+    // that doubles: 250 ms, 500 ms, 1 s.
+    for n in 0..4u32 {
+        let started = Instant::now();
+        assert_eq!(guesser.cmd(&plain("partner-b", "guess")).code, 535);
+        if n > 0 {
+            let at_least = Duration::from_millis(250) * 2u32.pow(n - 1);
+            assert!(
+                started.elapsed() >= at_least,
+                "guess {n}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
+    // The account is slowed from anywhere: the real partner, from another
+    // address, waits too, and then gets in.
+    let mut real = h.client(PARTNER_C);
+    assert_eq!(real.cmd("EHLO b.test").code, 250);
+    let started = Instant::now();
+    assert_eq!(real.cmd(&plain("partner-b", "pa55word")).code, 235);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let status = h.control("status");
+    assert!(
+        status.contains("auth_failures=4 ") && status.contains("auth_delayed=4"),
+        "{status}"
+    );
+    // A good AUTH cleared the account: the next one is not delayed.
+    let mut again = h.client(PARTNER_C);
+    assert_eq!(again.cmd("EHLO b.test").code, 250);
+    assert_eq!(again.cmd(&plain("partner-b", "pa55word")).code, 235);
+    assert!(h.control("status").contains("auth_delayed=4"));
+    drop((guesser, real, again));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
