@@ -309,12 +309,30 @@ mod tests {
         };
         let reply = Reply::new(550, "5.1.1 no\x1b[2J such\r\nBcc: y@x.test user");
         let rcpts = ["r\x00@y.test".to_string()];
-        let dsn = report("relay.test", "Q2", &m, "B", &rcpts, &reply, b"H: v\r\n\r\n", UNIX_EPOCH);
+        let dsn = report(
+            "relay.test",
+            "Q2",
+            &m,
+            "B",
+            &rcpts,
+            &reply,
+            b"H: v\r\n\r\n",
+            UNIX_EPOCH,
+        );
         let lines: Vec<&str> = dsn.split("\r\n").collect();
         assert!(!lines.iter().any(|l| l.starts_with("Bcc:")), "{dsn}");
         assert!(!dsn.bytes().any(|b| b == 0x1b || b == 0), "{dsn:?}");
-        assert!(lines.contains(&"To: <a\\x0d\\x0aBcc: victim@x.test>"), "{dsn}");
-        assert!(dsn.contains("Final-Recipient: rfc822; r\\x00@y.test"), "{dsn}");
-        assert!(dsn.contains("Diagnostic-Code: smtp; 550 5.1.1 no\\x1b[2J such\\x0d\\x0aBcc"), "{dsn}");
+        assert!(
+            lines.contains(&"To: <a\\x0d\\x0aBcc: victim@x.test>"),
+            "{dsn}"
+        );
+        assert!(
+            dsn.contains("Final-Recipient: rfc822; r\\x00@y.test"),
+            "{dsn}"
+        );
+        assert!(
+            dsn.contains("Diagnostic-Code: smtp; 550 5.1.1 no\\x1b[2J such\\x0d\\x0aBcc"),
+            "{dsn}"
+        );
     }
 }
