@@ -389,10 +389,12 @@ fn sim_serve(tcp: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         buf.extend_from_slice(&chunk[..n]);
         out.clear();
         let p = session.feed(&buf, &mut handler, &mut out);

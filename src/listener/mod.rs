@@ -1000,11 +1000,14 @@ fn serve(
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
-            // The deadlines above decide what a timeout means.
+            // The deadlines above decide what a timeout means; a signal
+            // handler without SA_RESTART only interrupts the wait.
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue;
