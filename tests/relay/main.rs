@@ -6,5 +6,6 @@ mod corpus;
 mod crash;
 mod delivery;
 mod pki;
+mod root_files;
 mod security;
 mod support;
