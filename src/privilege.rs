@@ -8,13 +8,12 @@
 //! user planted there to make root write somewhere else.
 //!
 //! std has no API for users and groups, hence libc: getpwnam_r,
-//! getgrnam_r, geteuid, fcntl, chown, setgroups/initgroups, setgid, setuid.
+//! getgrnam_r, geteuid, fcntl, setgroups/initgroups, setgid, setuid.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd as _;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
@@ -88,12 +87,26 @@ pub fn drop_to(user_name: &str, group_name: Option<&str>, spool_dir: &Path) -> i
         )));
     }
     std::fs::create_dir_all(spool_dir)?;
-    let path = CString::new(spool_dir.as_os_str().as_bytes())
-        .map_err(|_| err("spool_dir has a NUL".into()))?;
-    // SAFETY: path is a valid C string.
-    if unsafe { libc::chown(path.as_ptr(), uid, gid) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // chown(2) on the path would follow a symbolic link planted there and
+    // hand its target to the user: change the directory we opened instead.
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(spool_dir)
+        .map_err(|e| {
+            if spool_dir
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                err(format!(
+                    "spool_dir {} is a symbolic link: refusing to hand it to user {user_name}",
+                    spool_dir.display()
+                ))
+            } else {
+                io::Error::new(e.kind(), format!("spool_dir {}: {e}", spool_dir.display()))
+            }
+        })?;
+    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
     // Supplementary groups first (needs root), then the group, then the user.
     // SAFETY: cname is a valid C string; the rest are plain values.
     unsafe {

@@ -3,6 +3,7 @@
 //! that user may write, so a symbolic or hard link planted there must not
 //! make root write, append to or hand over anything else.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -157,4 +158,25 @@ fn a_log_file_owned_by_another_user_is_refused() {
         "{err}"
     );
     assert_untouched(&log);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_symlinked_spool_dir_is_not_handed_to_the_relay_user() {
+    let s = setup(false, "user = nobody\n");
+    let victim = s.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::os::unix::fs::symlink(&victim, &s.spool).unwrap();
+    let (code, err) = refused(&s, &[]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "mm4relay: spool_dir {} is a symbolic link: refusing to hand it to user nobody",
+            s.spool.display()
+        )),
+        "{err}"
+    );
+    let meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the target changed hands");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
 }
