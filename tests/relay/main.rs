@@ -5,6 +5,7 @@ mod binary;
 mod corpus;
 mod crash;
 mod delivery;
+mod metrics_limits;
 mod pki;
 mod root_files;
 mod security;
