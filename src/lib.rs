@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod date;
 pub mod demo;
+pub mod descriptors;
 pub mod listener;
 pub mod logging;
 pub mod message;

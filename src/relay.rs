@@ -80,6 +80,7 @@ impl Relay {
     /// As [`Relay::start`], with `clock` for acceptance, retry and expiry
     /// times (tests pass a clock they move by hand).
     pub fn start_with_clock(config: &Config, clock: SharedClock) -> io::Result<Relay> {
+        crate::descriptors::raise_limit(config);
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()

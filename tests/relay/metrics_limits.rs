@@ -209,6 +209,10 @@ fn metrics_serves_again_after_the_relay_ran_out_of_descriptors() {
     );
     let lines = stderr_lines(&mut child.0);
     let mut seen = Vec::new();
+    wait_for_line(&lines, &mut seen, "the limit warning", |l| {
+        l.contains("open files limit (RLIMIT_NOFILE) is 96, but this configuration may need")
+            && l.contains("LimitNOFILE=")
+    });
     let metrics: SocketAddr = wait_for_line(&lines, &mut seen, "the metrics address", |l| {
         l.contains("metrics at http://")
     })
