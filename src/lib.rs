@@ -16,6 +16,7 @@ pub mod control;
 pub mod date;
 pub mod dedup;
 pub mod demo;
+pub mod descriptors;
 pub mod listener;
 pub mod logging;
 pub mod message;

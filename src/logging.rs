@@ -22,6 +22,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::LevelFilter;
 use simplelog::{ConfigBuilder, WriteLogger};
 
+use crate::privilege;
+
 enum Msg {
     Line(Vec<u8>),
     /// Write everything so far, then answer on the enclosed channel.
@@ -140,10 +142,17 @@ fn syslog_writer(facility: &str, socket: &Path) -> Result<SyslogWriter, String> 
         .map_err(|e| format!("cannot reach syslog at {}: {e}", socket.display()))
 }
 
-/// Installs the global logger at `level`, writing to `target`.
-pub fn init(level: LevelFilter, target: &Target) -> Result<LogGuard, String> {
+/// Installs the global logger at `level`, writing to `target`. A log file
+/// is opened, at start and at every reopen, with
+/// [`privilege::open_unfollowed`]: not through a symbolic or hard link,
+/// and owned by this process or by `relay_uid` (the `[relay] user`).
+pub fn init(
+    level: LevelFilter,
+    target: &Target,
+    relay_uid: Option<libc::uid_t>,
+) -> Result<LogGuard, String> {
     let (out, file): (Box<dyn Write + Send>, Option<&Path>) = match target {
-        Target::File(path) => (Box::new(open(path)?), Some(path)),
+        Target::File(path) => (Box::new(open(path, relay_uid)?), Some(path)),
         Target::Stderr => (Box::new(io::stderr()), None),
         Target::Syslog { facility, socket } => (Box::new(syslog_writer(facility, socket)?), None),
     };
@@ -153,7 +162,10 @@ pub fn init(level: LevelFilter, target: &Target) -> Result<LogGuard, String> {
     let path = file.map(Path::to_path_buf);
     let handle = thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || write_lines(out, path.as_deref(), &rx, &stop_rx, &reopen_rx))
+        .spawn(move || {
+            let reopen = path.as_deref().map(|p| (p, relay_uid));
+            write_lines(out, reopen, &rx, &stop_rx, &reopen_rx)
+        })
         .map_err(|e| format!("cannot start the log writer: {e}"))?;
     let config = ConfigBuilder::new()
         .set_time_format_rfc3339()
@@ -172,23 +184,21 @@ pub fn init(level: LevelFilter, target: &Target) -> Result<LogGuard, String> {
     })
 }
 
-fn open(path: &Path) -> Result<File, String> {
+fn open(path: &Path, relay_uid: Option<libc::uid_t>) -> Result<File, String> {
+    let mut options = OpenOptions::new();
     // Owner and group (the adm group of logrotate) only.
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| format!("cannot open log file {}: {e}", path.display()))
+    options.create(true).append(true).mode(0o640);
+    privilege::open_unfollowed(path, "log file", &options, relay_uid).map_err(|e| e.to_string())
 }
 
 /// How long lines may wait before they are written. Waking the writer per
 /// line would cost a context switch per line; this costs one per tick.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
+/// `file`: the log file to reopen on request, and who else may own it.
 fn write_lines(
     out: Box<dyn Write + Send>,
-    path: Option<&Path>,
+    file: Option<(&Path, Option<libc::uid_t>)>,
     rx: &Receiver<Msg>,
     stop: &Receiver<()>,
     reopen: &Receiver<()>,
@@ -208,9 +218,9 @@ fn write_lines(
                 Err(_) => stopping = true,
             },
         }
-        if let (true, Some(path)) = (reopening, path) {
+        if let (true, Some((path, relay_uid))) = (reopening, file) {
             let _ = out.flush();
-            match open(path) {
+            match open(path, relay_uid) {
                 Ok(f) => out = BufWriter::with_capacity(64 * 1024, Box::new(f)),
                 Err(e) => {
                     let _ = writeln!(out, "{e}; still writing to the old file");

@@ -2,6 +2,9 @@
 //! logging, and hand over to `relay` (or `demo`). Exit codes: 0 success,
 //! 1 runtime failure, 2 usage or configuration error.
 
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +12,7 @@ use std::time::Duration;
 use log::LevelFilter;
 use mm4relay::config::Config;
 use mm4relay::demo::{self, DemoOptions};
-use mm4relay::{logging, relay};
+use mm4relay::{logging, privilege, relay};
 
 const USAGE: &str = "\
 mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
@@ -178,8 +181,16 @@ fn ask(socket: &std::path::Path, command: &str) -> ExitCode {
 struct Pidfile(PathBuf);
 
 impl Pidfile {
-    fn create(path: PathBuf) -> Result<Pidfile, String> {
-        std::fs::write(&path, format!("{}\n", std::process::id()))
+    /// Writes our pid to `path`, which may be owned by us or `relay_uid`;
+    /// root writes it, so it is checked first (no symbolic or hard link).
+    fn create(path: PathBuf, relay_uid: Option<u32>) -> Result<Pidfile, String> {
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).mode(0o644);
+        let mut file = privilege::open_unfollowed(&path, "pid file", &options, relay_uid)
+            .map_err(|e| e.to_string())?;
+        // Emptied only now, after the checks.
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
             .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
         Ok(Pidfile(path))
     }
@@ -251,17 +262,32 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let log_guard = match logging::init(config.relay.log_level, &config.relay.log_target) {
-                Ok(guard) => guard,
+            // Root opens the log and pid files; the relay user may own them.
+            let relay_uid = match config
+                .relay
+                .user
+                .as_deref()
+                .map(privilege::uid_of)
+                .transpose()
+            {
+                Ok(uid) => uid,
                 Err(e) => {
                     eprintln!("mm4relay: {e}");
                     return ExitCode::from(2);
                 }
             };
+            let log_guard =
+                match logging::init(config.relay.log_level, &config.relay.log_target, relay_uid) {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        eprintln!("mm4relay: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             for w in &config.warnings {
                 log::warn!("{w}");
             }
-            let _pid = match pidfile.map(Pidfile::create).transpose() {
+            let _pid = match pidfile.map(|p| Pidfile::create(p, relay_uid)).transpose() {
                 Ok(p) => p,
                 Err(e) => {
                     log::error!("{e}");
@@ -279,7 +305,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo(opts) => {
-            let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr)
+            let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr, None)
                 .map_err(|e| eprintln!("mm4relay: {e}"));
             match demo::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,

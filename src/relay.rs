@@ -98,6 +98,7 @@ impl Relay {
     /// times (tests pass a clock they move by hand).
     pub fn start_with_clock(config: &Config, clock: SharedClock) -> io::Result<Relay> {
         log_panics();
+        crate::descriptors::raise_limit(config);
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()

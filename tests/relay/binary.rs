@@ -12,7 +12,7 @@ use crate::support::*;
 const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
 const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 
-fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+pub(crate) fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     let path = dir.path().join("mm4relay.ini");
     std::fs::write(&path, text).unwrap();
     path
@@ -21,11 +21,11 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
 /// Three simulated MMSCs and a directory holding the corpus profile's
 /// configuration (`relay_extra` added to `[relay]`) and the spool.
 pub(crate) struct Setup {
-    pub(crate) sims: [SimPeer; 3],
-    dir: tempfile::TempDir,
-    spool: PathBuf,
-    ini: String,
-    pub(crate) path: PathBuf,
+    pub sims: [SimPeer; 3],
+    pub dir: tempfile::TempDir,
+    pub spool: PathBuf,
+    pub ini: String,
+    pub path: PathBuf,
 }
 
 pub(crate) fn setup(keep: bool, relay_extra: &str) -> Setup {

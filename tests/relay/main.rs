@@ -6,6 +6,8 @@ mod corpus;
 mod crash;
 mod delivery;
 mod hardening;
+mod metrics_limits;
 mod pki;
+mod root_files;
 mod security;
 mod support;

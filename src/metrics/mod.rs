@@ -5,84 +5,47 @@
 //! delivery delay, and gauges for pool depth, overflow, jobs waiting for a
 //! retry, allowance, open and busy connections, health. Inbound: sessions,
 //! messages accepted, duplicates, refusals by reason. Spool: bytes and
-//! queued messages. tiny_http serves it: no hand-written HTTP parser.
+//! queued messages. [`render`] writes the text; `http` serves it, with a
+//! fixed cap on the connections it holds ([`MAX_CONNECTIONS`]) so that
+//! idle clients cannot take the descriptors the SMTP side needs.
+
+mod http;
 
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::thread::{self, JoinHandle};
 
 use log::info;
 
 use crate::control::Sources;
 use crate::peer::{DELAY_BUCKETS, PeerSnapshot};
 
-/// The metrics HTTP server and its thread.
-pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    handle: Option<JoinHandle<()>>,
-}
+/// Connections the metrics server holds at most, served or waiting: what
+/// it may cost in descriptors, besides its listening socket.
+pub const MAX_CONNECTIONS: usize = http::MAX_CONNECTIONS;
+
+/// The metrics HTTP server and its threads.
+pub struct MetricsServer(http::Server);
 
 impl MetricsServer {
     /// Listens on `addr` and serves `/metrics`.
     pub fn start(addr: SocketAddr, sources: Sources) -> io::Result<MetricsServer> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| io::Error::other(format!("metrics_listen {addr}: {e}")))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| io::Error::other("metrics server has no IP address"))?;
-        info!("metrics at http://{addr}/metrics");
-        let server = Arc::new(server);
-        let s = server.clone();
-        let handle = thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                for request in s.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        let header = tiny_http::Header::from_bytes(
-                            &b"Content-Type"[..],
-                            &b"text/plain; version=0.0.4"[..],
-                        )
-                        .expect("a valid static header");
-                        tiny_http::Response::from_string(render(&sources)).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    };
-                    let _ = request.respond(response);
-                }
-            })?;
-        Ok(MetricsServer {
-            server,
-            addr,
-            handle: Some(handle),
-        })
+        let server =
+            http::Server::start(addr, http::Limits::default(), move || render(&sources))
+                .map_err(|e| io::Error::new(e.kind(), format!("metrics_listen {addr}: {e}")))?;
+        info!("metrics at http://{}/metrics", server.local_addr());
+        Ok(MetricsServer(server))
     }
 
     /// Where it listens (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.0.local_addr()
     }
 
-    /// Stops serving and joins the thread.
-    pub fn stop(mut self) {
-        self.shut();
-    }
-
-    fn shut(&mut self) {
-        self.server.unblock();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.shut();
+    /// Stops serving and joins its threads (dropping it does the same).
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
@@ -292,6 +255,11 @@ pub fn render(sources: &Sources) -> String {
             "mm4relay_auth_failures_total",
             "Inbound AUTH attempts that failed.",
             &inbound.auth_failures,
+        ),
+        (
+            "mm4relay_auth_delayed_total",
+            "Inbound AUTH attempts answered after a delay for recent failures.",
+            &inbound.auth_delayed,
         ),
         (
             "mm4relay_connections_refused_total",
