@@ -543,19 +543,6 @@ fn relay_control_matrix() {
     }
 }
 
-/// Reads until EOF (or the deadline); returns what came.
-fn read_to_close(s: &mut TcpStream) -> String {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 512];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        all.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&all).into_owned()
-}
-
 #[test]
 fn slow_loris_is_cut_while_others_go_on() {
     let mut h = Harness::with(Profile {

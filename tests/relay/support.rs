@@ -464,6 +464,19 @@ impl Client {
     }
 }
 
+/// Reads until the relay closes `s` (or its read timeout); what came.
+pub fn read_to_close(s: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 /// A whole transaction: EHLO, MAIL, RCPTs, DATA, body. Panics unless
 /// everything is accepted; returns the final reply.
 pub fn send_message(client: &mut Client, from: &str, rcpts: &[&str], body: &[u8]) -> Reply {
