@@ -33,14 +33,13 @@ impl fmt::Display for Printable<'_> {
     }
 }
 
-/// The text with what is not printable ASCII escaped, as a `String`.
-pub fn escape(s: &str) -> String {
-    Printable(s).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn escape(s: &str) -> String {
+        Printable(s).to_string()
+    }
 
     #[test]
     fn escapes_what_is_not_printable() {

@@ -1,6 +1,7 @@
 //! Inbound SMTP: accept loops, one thread per session (at most
-//! `max_sessions`), timeouts, and the relay's answers to RCPT and to the
-//! end of DATA.
+//! `max_sessions` from partners and strangers, and `max_local_sessions`
+//! from the local MMSC's hosts, counted apart), read and write deadlines,
+//! and the relay's answers to RCPT and to the end of DATA.
 //!
 //! - RCPT: parse the address (553 5.1.3), route it (550 5.1.2), apply
 //!   relay control (550 5.7.1).
@@ -11,7 +12,12 @@
 //!   destination peer.
 //!
 //! Stop: the accept loops end; idle sessions get 421 and are closed; a
-//! session receiving DATA finishes that message, then gets 421.
+//! session receiving DATA finishes that message, then gets 421, unless
+//! `shutdown_timeout` passes first: then it is cut.
+//!
+//! What a client repeats is bounded: refusals are logged once per reason
+//! per session (`Refusals`), refusals at accept at most once a second,
+//! and failed AUTH attempts slow the next ones (`throttle`).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
