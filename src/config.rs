@@ -50,6 +50,7 @@ pub const LISTENER_KEYS: &[(&str, &str)] = &[
     ("listen", "127.0.0.1:2525"),
     ("max_sessions", "200"),
     ("max_local_sessions", "100"),
+    ("max_stranger_sessions", "50"),
     ("max_message_size", "2097152"),
     ("max_recipients", "100"),
     ("relay_from", "127.0.0.1/32"),
@@ -250,6 +251,10 @@ pub struct ListenerConfig {
     /// Most inbound sessions at once from `relay_from` hosts (over it:
     /// 421), so that no one else can take their room.
     pub max_local_sessions: usize,
+    /// Of `max_sessions`, most at once from hosts that are in no partner's
+    /// `accept_from` (over it: 421), so strangers cannot fill the
+    /// partners' room.
+    pub max_stranger_sessions: usize,
     /// Largest message in octets, advertised with SIZE.
     pub max_message_size: usize,
     /// Most recipients per transaction.
@@ -855,6 +860,7 @@ impl Config {
             })?,
             max_sessions: s.count("max_sessions", 1)?,
             max_local_sessions: s.count("max_local_sessions", 1)?,
+            max_stranger_sessions: s.count("max_stranger_sessions", 0)?,
             max_message_size: s.count("max_message_size", 1024)?,
             max_recipients: s.count("max_recipients", 1)?,
             relay_from: s.cidrs("relay_from")?,

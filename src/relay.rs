@@ -228,6 +228,7 @@ impl Relay {
         let limits = listener::Limits {
             max_sessions: config.listener.max_sessions,
             max_local_sessions: config.listener.max_local_sessions,
+            max_stranger_sessions: config.listener.max_stranger_sessions,
             shutdown_timeout: config.relay.shutdown_timeout,
         };
         match Listener::start(listeners, limits, inbound) {

@@ -353,7 +353,7 @@ impl Gauge {
 fn sim_serve(tcp: TcpStream, shared: &Shared, open: Open) -> io::Result<()> {
     let mut open = open;
     tcp.set_nodelay(true)?;
-    let mut stream = Stream::Plain(tcp);
+    let mut stream = Stream::from(tcp);
     match *shared.fault.lock() {
         Fault::Busy => {
             stream.write_all(b"421 4.3.2 simulated busy\r\n")?;

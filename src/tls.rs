@@ -1,7 +1,9 @@
 //! TLS through native-tls (OpenSSL on Linux), TLS 1.2 or newer only: the
 //! server side for STARTTLS and implicit-TLS listeners, the client side
 //! for STARTTLS to peers, and one stream type that is plain or TLS so the
-//! socket code above does not care which.
+//! socket code above does not care which. Under both is a [`Socket`] that
+//! can carry a deadline: every read and write system call, those OpenSSL
+//! makes inside one TLS record included, ends by it.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -31,8 +33,8 @@ impl From<native_tls::Error> for TlsError {
     }
 }
 
-impl From<HandshakeError<TcpStream>> for TlsError {
-    fn from(e: HandshakeError<TcpStream>) -> Self {
+impl From<HandshakeError<Socket>> for TlsError {
+    fn from(e: HandshakeError<Socket>) -> Self {
         match e {
             HandshakeError::Failure(e) => TlsError(format!("TLS handshake failed: {e}")),
             HandshakeError::WouldBlock(_) => TlsError("TLS handshake timed out".into()),
@@ -68,21 +70,99 @@ pub fn connector(p: &PeerConfig) -> Result<TlsConnector, TlsError> {
     Ok(b.build()?)
 }
 
+/// A TCP socket with an optional deadline. Without one it is the socket
+/// as it is (its own timeouts apply). With one, every read and write
+/// waits at most until the deadline and then fails as a timeout does
+/// (`WouldBlock`): a per-call timeout alone starts again at every octet,
+/// and one TLS record read is many calls.
+#[derive(Debug)]
+pub struct Socket {
+    tcp: TcpStream,
+    deadline: Option<Instant>,
+    /// The read and write timeouts last set, to set them only on change.
+    timeout: Option<Duration>,
+}
+
+impl Socket {
+    /// Arms the socket's timeouts with what is left until the deadline.
+    /// A setsockopt per call would cost as much as the call: the timeout
+    /// is whole seconds while more than one is left (never past the
+    /// deadline), so it changes about once a second.
+    fn arm(&mut self) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "deadline passed"));
+        }
+        let timeout = if left > Duration::from_secs(1) {
+            Duration::from_secs(left.as_secs())
+        } else {
+            left.max(Duration::from_millis(1))
+        };
+        if self.timeout != Some(timeout) {
+            self.tcp.set_read_timeout(Some(timeout))?;
+            self.tcp.set_write_timeout(Some(timeout))?;
+            self.timeout = Some(timeout);
+        }
+        Ok(())
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 /// A connection that is plain TCP or TLS over TCP.
 pub enum Stream {
     /// Plain text.
-    Plain(TcpStream),
+    Plain(Socket),
     /// TLS; boxed, it is large.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Socket>>),
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Stream {
+        Stream::Plain(Socket {
+            tcp,
+            deadline: None,
+            timeout: None,
+        })
+    }
 }
 
 impl Stream {
     /// The TCP socket underneath, for timeouts and shutdown.
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => &s.tcp,
+            Stream::Tls(s) => &s.get_ref().tcp,
         }
+    }
+
+    /// Every read and write from now on ends by `deadline` (`None`: the
+    /// socket's own timeouts apply again, as last set).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        let socket = match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_mut(),
+        };
+        socket.deadline = deadline;
     }
 
     /// True once TLS runs.
@@ -95,16 +175,19 @@ impl Stream {
     /// there, however often each octet comes (a read timeout alone would
     /// start again at every one).
     pub fn accept_by(self, acceptor: &TlsAcceptor, deadline: Instant) -> Result<Stream, TlsError> {
-        let Stream::Plain(s) = self else {
+        let Stream::Plain(mut s) = self else {
             return Err(TlsError("TLS already active".into()));
         };
         let io_err = |e: io::Error| TlsError(format!("TLS handshake: {e}"));
-        s.set_nonblocking(true).map_err(io_err)?;
+        s.tcp.set_nonblocking(true).map_err(io_err)?;
+        let kept = s.deadline.replace(deadline);
         let mut step = acceptor.accept(s);
         loop {
             match step {
-                Ok(tls) => {
-                    tls.get_ref().set_nonblocking(false).map_err(io_err)?;
+                Ok(mut tls) => {
+                    let s = tls.get_mut();
+                    s.tcp.set_nonblocking(false).map_err(io_err)?;
+                    s.deadline = kept;
                     return Ok(Stream::Tls(Box::new(tls)));
                 }
                 Err(HandshakeError::Failure(e)) => {
@@ -115,7 +198,7 @@ impl Stream {
                     if left.is_zero() {
                         return Err(TlsError("TLS handshake timed out".into()));
                     }
-                    wait_readable(mid.get_ref(), left.min(HANDSHAKE_POLL));
+                    wait_readable(&mid.get_ref().tcp, left.min(HANDSHAKE_POLL));
                     step = mid.handshake();
                 }
             }

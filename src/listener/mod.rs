@@ -39,7 +39,7 @@ use crate::config::{AuthUser, Config, Mm4Check};
 use crate::dedup::{self, Dedup};
 use crate::message::{IdSource, Job, Message, received_header};
 use crate::mm4;
-use crate::printable::Printable;
+use crate::printable::Brief;
 use crate::queue::Queue;
 use crate::route::{Address, PeerId, Router};
 use crate::smtp::Reply;
@@ -49,7 +49,7 @@ use crate::tls::{self, Stream};
 
 mod throttle;
 
-use throttle::{AuthThrottle, RateLimitedWarning};
+use throttle::{AuthThrottle, RateLimitedWarning, address_key};
 
 /// Inbound counters, for the metrics.
 #[derive(Debug, Default)]
@@ -273,6 +273,8 @@ struct RelayHandler {
     refusals: Refusals,
     /// Disconnected when the listener stops: ends an AUTH delay early.
     stopping: Receiver<()>,
+    /// When the session must end: no AUTH delay runs past it.
+    session_deadline: Option<Instant>,
 }
 
 impl Handler for RelayHandler {
@@ -284,7 +286,7 @@ impl Handler for RelayHandler {
             // Say nothing about routes to a stranger.
             stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
             self.refusals.note("relay denied", || {
-                format!("is not a known MMSC, to=<{}>", Printable(rcpt))
+                format!("is not a known MMSC, to=<{}>", Brief(rcpt))
             });
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
@@ -293,7 +295,7 @@ impl Handler for RelayHandler {
             Err(e) => {
                 stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
                 self.refusals
-                    .note("bad address", || format!("to=<{}>: {e}", Printable(rcpt)));
+                    .note("bad address", || format!("to=<{}>: {e}", Brief(rcpt)));
                 return Err(Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")));
             }
         };
@@ -301,7 +303,7 @@ impl Handler for RelayHandler {
         let Some(peer) = tables.router.route(&addr) else {
             stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
             self.refusals
-                .note("no route", || format!("to=<{}>", Printable(rcpt)));
+                .note("no route", || format!("to=<{}>", Brief(rcpt)));
             return Err(Reply::new(
                 550,
                 format!("5.1.2 <{rcpt}>: no route to this recipient"),
@@ -313,7 +315,7 @@ impl Handler for RelayHandler {
                 format!(
                     "class={:?} to=<{}> peer={}",
                     self.class,
-                    Printable(rcpt),
+                    Brief(rcpt),
                     tables.peer_names[peer]
                 )
             });
@@ -339,8 +341,15 @@ impl Handler for RelayHandler {
                 .auth_delayed
                 .fetch_add(1, Ordering::Relaxed);
             // Whatever the verdict: a guesser learns nothing by hanging up
-            // early. A stop ends the wait.
-            let _ = self.stopping.recv_timeout(delay);
+            // early. A stop ends the wait, and so does the session's end:
+            // AUTH lines pipelined in one packet must not stretch the
+            // session past it, and are not checked once it has passed.
+            let until = Instant::now() + delay;
+            let until = self.session_deadline.map_or(until, |d| until.min(d));
+            let _ = self.stopping.recv_deadline(until);
+            if self.session_deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
         }
         let found = tables
             .auth_users
@@ -365,7 +374,7 @@ impl Handler for RelayHandler {
                     .auth_failures
                     .fetch_add(1, Ordering::Relaxed);
                 self.refusals
-                    .note("auth failed", || format!("user=\"{}\"", Printable(user)));
+                    .note("auth failed", || format!("user=\"{}\"", Brief(user)));
                 false
             }
         }
@@ -382,8 +391,8 @@ impl Handler for RelayHandler {
                 self.refusals.note("rejected", || {
                     format!(
                         "from=<{}> rcpts={n} reason=\"{}\"",
-                        Printable(&env.from),
-                        Printable(&e.reason)
+                        Brief(&env.from),
+                        Brief(&e.reason)
                     )
                 });
                 inbound
@@ -397,12 +406,19 @@ impl Handler for RelayHandler {
         // Message-ID alone does not name a PDU: type and transaction too.
         // The IDs are the sender's text, up to the header limit: the spool
         // and the window keep a digest of them.
+        // And the sender: a partner that knows another's IDs must not be
+        // able to make that partner's message a duplicate.
+        let origin = match self.class {
+            ClientClass::Partner(p) => format!("partner {}", tables.peer_names[p]),
+            ClientClass::Local | ClientClass::Unknown => "local".to_string(),
+        };
         let dedup_key = info.message_id.as_ref().map(|mid| {
-            let pdu = info.pdu.map_or("-", |p| p.name());
-            dedup::pdu_key(&format!(
-                "{pdu} {mid} {}",
-                info.transaction_id.as_deref().unwrap_or("-")
-            ))
+            dedup::pdu_key(
+                &origin,
+                info.pdu.map_or("-", |p| p.name()),
+                mid,
+                info.transaction_id.as_deref().unwrap_or("-"),
+            )
         });
         let (fresh, dups): (Vec<_>, Vec<_>) = env
             .rcpts
@@ -412,13 +428,13 @@ impl Handler for RelayHandler {
             info!(
                 "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
                 self.client_ip,
-                Printable(&env.from),
+                Brief(&env.from),
                 dups.iter()
-                    .map(|(r, _)| format!("<{}>", Printable(r)))
+                    .map(|(r, _)| format!("<{}>", Brief(r)))
                     .collect::<Vec<_>>()
                     .join(","),
-                Printable(info.message_id.as_deref().unwrap_or("-")),
-                Printable(info.transaction_id.as_deref().unwrap_or("-")),
+                Brief(info.message_id.as_deref().unwrap_or("-")),
+                Brief(info.transaction_id.as_deref().unwrap_or("-")),
             );
             inbound.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Reply::new(250, "2.0.0 duplicate of a message already queued");
@@ -488,11 +504,11 @@ impl Handler for RelayHandler {
         info!(
             "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}{}",
             self.client_ip,
-            Printable(&from),
+            Brief(&from),
             data.len(),
             info.pdu.map_or("-", |p| p.name()),
-            Printable(info.message_id.as_deref().unwrap_or("-")),
-            Printable(info.transaction_id.as_deref().unwrap_or("-")),
+            Brief(info.message_id.as_deref().unwrap_or("-")),
+            Brief(info.transaction_id.as_deref().unwrap_or("-")),
             split.join("+"),
             if dups.is_empty() {
                 String::new()
@@ -546,6 +562,9 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Sessions at once from the local MMSC's hosts, counted apart.
     pub max_local_sessions: usize,
+    /// Of `max_sessions`, most at once from hosts that are no partner's
+    /// (partners that AUTH from other addresses among them).
+    pub max_stranger_sessions: usize,
     /// How long a stop waits for sessions receiving a message.
     pub shutdown_timeout: Duration,
 }
@@ -560,12 +579,14 @@ struct Sessions {
     /// Notified whenever a session leaves `live`.
     ended: Condvar,
     handles: Mutex<Vec<JoinHandle<()>>>,
-    /// Sessions and connection rate per client address (local MMSC
-    /// hosts are not counted).
+    /// Sessions and connection rate per client address, an IPv6 client by
+    /// its /64 (local MMSC hosts are not counted).
     per_ip: Mutex<HashMap<IpAddr, PerIp>>,
-    /// Sessions open from the local MMSC's hosts, and from everyone else.
+    /// Sessions open from the local MMSC's hosts, from everyone else, and
+    /// of those from strangers.
     open_local: AtomicUsize,
     open_other: AtomicUsize,
+    open_strangers: AtomicUsize,
     /// The inbound counters (sessions open is the sum of both).
     stats: Arc<InboundStats>,
     next: AtomicU64,
@@ -589,6 +610,7 @@ impl Sessions {
             per_ip: Mutex::new(HashMap::new()),
             open_local: AtomicUsize::new(0),
             open_other: AtomicUsize::new(0),
+            open_strangers: AtomicUsize::new(0),
             stats,
             next: AtomicU64::new(0),
             over_limit: RateLimitedWarning::new(Duration::from_secs(1)),
@@ -600,6 +622,7 @@ impl Sessions {
     /// Counts a new connection from `ip` against its limits; the reason
     /// when it is over one.
     fn admit(&self, ip: IpAddr, max_open: usize, rate: u32) -> Result<(), &'static str> {
+        let ip = address_key(ip);
         let mut map = self.per_ip.lock();
         let now = Instant::now();
         if map.len() > 4096 {
@@ -629,7 +652,7 @@ impl Sessions {
     }
 
     fn release(&self, ip: IpAddr) {
-        if let Some(e) = self.per_ip.lock().get_mut(&ip) {
+        if let Some(e) = self.per_ip.lock().get_mut(&address_key(ip)) {
             e.open = e.open.saturating_sub(1);
         }
     }
@@ -651,6 +674,7 @@ struct SessionGuard {
     id: u64,
     ip: IpAddr,
     local: bool,
+    stranger: bool,
 }
 
 impl Drop for SessionGuard {
@@ -664,6 +688,9 @@ impl Drop for SessionGuard {
         }
         if !self.local {
             s.release(self.ip);
+        }
+        if self.stranger {
+            s.open_strangers.fetch_sub(1, Ordering::AcqRel);
         }
         s.open_count(self.local).fetch_sub(1, Ordering::AcqRel);
         s.stats.sessions_open.fetch_sub(1, Ordering::AcqRel);
@@ -838,15 +865,26 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
         let ip = peer.ip().to_canonical();
         let tables = inbound.tables();
         // Classify first: the local MMSC's hosts have room of their own,
-        // which no partner or stranger can take.
-        let local = tables.access.classify(ip) == ClientClass::Local;
+        // which no partner or stranger can take, and strangers may take
+        // only part of the partners' room.
+        let class = tables.access.classify(ip);
+        let (local, stranger) = (class == ClientClass::Local, class == ClientClass::Unknown);
         let (open, max) = if local {
             (&sessions.open_local, limits.max_local_sessions)
         } else {
             (&sessions.open_other, limits.max_sessions)
         };
-        if open.load(Ordering::Acquire) >= max {
-            let whose = if local { "local MMSC " } else { "" };
+        let full = if open.load(Ordering::Acquire) >= max {
+            Some(("", max))
+        } else if stranger
+            && sessions.open_strangers.load(Ordering::Acquire) >= limits.max_stranger_sessions
+        {
+            Some(("stranger ", limits.max_stranger_sessions))
+        } else {
+            None
+        };
+        if let Some((whose, max)) = full {
+            let whose = if local { "local MMSC " } else { whose };
             sessions
                 .over_limit
                 .warn(|| format!("{whose}session limit {max} reached: refusing [{ip}]"));
@@ -872,6 +910,9 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
         }
         let id = sessions.next.fetch_add(1, Ordering::Relaxed);
         open.fetch_add(1, Ordering::AcqRel);
+        if stranger {
+            sessions.open_strangers.fetch_add(1, Ordering::AcqRel);
+        }
         sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
         sessions
             .stats
@@ -883,6 +924,7 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
             id,
             ip,
             local,
+            stranger,
         };
         let Ok(clone) = stream.try_clone() else {
             continue;
@@ -927,6 +969,10 @@ struct SessionState {
     sessions: Arc<Sessions>,
 }
 
+/// How long the 421 that ends a session may take to write, once the
+/// deadline it tells of has passed.
+const LAST_WORD: Duration = Duration::from_secs(1);
+
 /// Drives one session over its socket until QUIT, a timeout, EOF or stop.
 ///
 /// Deadlines, against slow clients: a command line must be complete within
@@ -934,9 +980,10 @@ struct SessionState {
 /// over-long line do not restart it), the whole DATA phase within
 /// `data_timeout`, and the session within `session_timeout` (checked
 /// between transactions). A TLS handshake must end by the command
-/// deadline. Each ends the session with a 421. Writes have the same
-/// deadlines: a client that does not read its replies is cut when they
-/// pass.
+/// deadline. Each ends the session with a 421. Every read and write
+/// system call ends by the deadline in force (see `tls::Socket`): a
+/// client that does not read its replies, reads them slowly, or trickles
+/// a TLS record an octet at a time is cut when it passes.
 fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -958,17 +1005,19 @@ fn serve(
             counts: Vec::new(),
         },
         stopping: state.sessions.stopped.clone(),
+        session_deadline: None,
     };
     let mut session: Session<PeerId> = Session::new(tables.session.clone());
     session.require_tls(tables.tls_required_from.iter().any(|c| c.contains(ip)));
     let started = Instant::now();
     let session_deadline =
         (!tables.session_timeout.is_zero()).then(|| started + tables.session_timeout);
+    handler.session_deadline = session_deadline;
     let command_deadline = |from: Instant| {
         let d = from + tables.command_timeout;
         session_deadline.map_or(d, |s| d.min(s))
     };
-    let mut stream = Stream::Plain(tcp);
+    let mut stream = Stream::from(tcp);
     if implicit_tls {
         stream = start_tls(stream, &tables, ip, command_deadline(started))?;
         inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
@@ -977,8 +1026,7 @@ fn serve(
     let mut out = Vec::with_capacity(1024);
     session.greeting().write_to(&mut out);
     let mut deadline = command_deadline(started);
-    let mut io_timeout = Duration::ZERO;
-    set_io_timeout(&stream, deadline, &mut io_timeout)?;
+    stream.set_deadline(Some(deadline));
     stream.write_all(&out)?;
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -986,6 +1034,7 @@ fn serve(
         let receiving = session.in_data();
         let now = Instant::now();
         if !receiving && session_deadline.is_some_and(|d| now >= d) {
+            stream.set_deadline(Some(now + LAST_WORD));
             stream.write_all(b"421 4.4.2 session time limit reached, closing\r\n")?;
             return Ok(());
         }
@@ -995,14 +1044,16 @@ fn serve(
             } else {
                 b"421 4.4.2 timeout waiting for a command, closing\r\n"
             };
+            stream.set_deadline(Some(now + LAST_WORD));
             stream.write_all(why)?;
             return Ok(());
         }
+        // Reads, and the writes of their replies, end by the deadline.
         let limit = match session_deadline {
             Some(d) if !receiving => deadline.min(d),
             _ => deadline,
         };
-        set_io_timeout(&stream, limit, &mut io_timeout)?;
+        stream.set_deadline(Some(limit));
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
@@ -1025,6 +1076,9 @@ fn serve(
         let progress = session.feed(&buf, &mut handler, &mut out);
         buf.drain(..progress.consumed);
         if !out.is_empty() {
+            // Answering may have taken past the deadline (an AUTH delay, a
+            // spool commit): the replies still get their moment.
+            stream.set_deadline(Some(limit.max(Instant::now() + LAST_WORD)));
             stream.write_all(&out)?;
         }
         if progress.close {
@@ -1037,7 +1091,6 @@ fn serve(
             state.tls.store(true, Ordering::Release);
             inbound.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
             session.tls_started();
-            io_timeout = Duration::ZERO;
         }
         let now_receiving = session.in_data();
         state.in_data.store(now_receiving, Ordering::Release);
@@ -1047,29 +1100,11 @@ fn serve(
             deadline = Instant::now() + tables.command_timeout;
         }
         if state.sessions.stopping.load(Ordering::Acquire) && !now_receiving {
+            stream.set_deadline(Some(Instant::now() + LAST_WORD));
             stream.write_all(b"421 4.3.2 shutting down\r\n")?;
             return Ok(());
         }
     }
-}
-
-/// Sets the socket's read and write timeouts to what is left until
-/// `deadline`, when that differs from `current`. A setsockopt per read
-/// would cost as much as the read: the timeout is whole seconds while
-/// more than one is left, so it changes about once a second.
-fn set_io_timeout(stream: &Stream, deadline: Instant, current: &mut Duration) -> io::Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let timeout = if left > Duration::from_secs(1) {
-        Duration::from_secs(left.as_secs())
-    } else {
-        left.max(Duration::from_millis(1))
-    };
-    if timeout != *current {
-        stream.tcp().set_read_timeout(Some(timeout))?;
-        stream.tcp().set_write_timeout(Some(timeout))?;
-        *current = timeout;
-    }
-    Ok(())
 }
 
 /// The server TLS handshake, all of it by `deadline`.
@@ -1104,6 +1139,7 @@ mod tests {
                 id: 1,
                 ip,
                 local: false,
+                stranger: false,
             };
             let t = thread::spawn(move || {
                 let _guard = guard;

@@ -43,8 +43,9 @@ pub struct AuthThrottle {
     by_account: Mutex<HashMap<String, Failures>>,
 }
 
-/// The address an AUTH failure counts against.
-fn address_key(ip: IpAddr) -> IpAddr {
+/// The address a client counts as for per-address limits and AUTH
+/// failures: itself, or for IPv6 its /64, what one host usually holds.
+pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);

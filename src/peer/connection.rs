@@ -17,6 +17,7 @@ use native_tls::TlsConnector;
 
 use crate::config::{PeerConfig, Secret, TlsMode};
 use crate::message::Job;
+use crate::printable::Printable;
 use crate::smtp::Reply;
 use crate::smtp::client::{Capabilities, Expect, Refusal, Step, Transaction};
 use crate::smtp::codec::dot_stuff;
@@ -256,7 +257,10 @@ impl Connection {
     ) -> Result<Connection, ConnError> {
         match Connection::open_once(host, helo_name, timeouts, security) {
             Err(ConnError::Tls(e)) if security.mode == TlsMode::Opportunistic => {
-                warn!("host={host} {e}: opportunistic TLS, falling back to plain text");
+                warn!(
+                    "host={host} {}: opportunistic TLS, falling back to plain text",
+                    Printable(&e)
+                );
                 let plain = Security {
                     mode: TlsMode::Off,
                     ..security.clone()
@@ -312,7 +316,10 @@ impl Connection {
                 } else if security.mode == TlsMode::Required {
                     return Err(ConnError::Tls(format!("STARTTLS refused: {reply}")));
                 } else {
-                    warn!("host={host} STARTTLS refused ({reply}): opportunistic TLS, plain text");
+                    warn!(
+                        "host={host} STARTTLS refused ({}): opportunistic TLS, plain text",
+                        Printable(&reply.to_string())
+                    );
                 }
             } else if security.mode == TlsMode::Required {
                 return Err(ConnError::Tls("the peer does not offer STARTTLS".into()));
@@ -334,7 +341,7 @@ impl Connection {
             // Octets after the 220 would be injected into the TLS session.
             return Err(ConnError::Tls("data after the STARTTLS reply".into()));
         }
-        let placeholder = Stream::Plain(self.stream.tcp().try_clone()?);
+        let placeholder = Stream::from(self.stream.tcp().try_clone()?);
         let stream = std::mem::replace(&mut self.stream, placeholder);
         self.stream
             .tcp()
@@ -399,7 +406,7 @@ impl Connection {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(timeouts.data))?;
         let mut c = Connection {
-            stream: Stream::Plain(stream),
+            stream: Stream::from(stream),
             caps: Capabilities::default(),
             timeouts,
             rbuf: Vec::with_capacity(4096),

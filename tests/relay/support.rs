@@ -362,7 +362,7 @@ pub fn tcp_from(from_ip: &str, target: SocketAddr) -> TcpStream {
 impl Client {
     /// Connects to `target` from the loopback address `from_ip`.
     pub fn connect(from_ip: &str, target: SocketAddr) -> Client {
-        Client::greeted(Stream::Plain(tcp_from(from_ip, target)))
+        Client::greeted(Stream::from(tcp_from(from_ip, target)))
     }
 
     /// Connects to an implicit-TLS listener, checking the name `localhost`.
@@ -371,7 +371,7 @@ impl Client {
         target: SocketAddr,
         connector: &native_tls::TlsConnector,
     ) -> Client {
-        let stream = Stream::Plain(tcp_from(from_ip, target))
+        let stream = Stream::from(tcp_from(from_ip, target))
             .connect(connector, "localhost")
             .unwrap();
         Client::greeted(stream)
@@ -392,7 +392,7 @@ impl Client {
         let reply = self.cmd("STARTTLS");
         assert_eq!(reply.code, 220, "{reply}");
         assert!(self.buf.is_empty());
-        let placeholder = Stream::Plain(self.stream.tcp().try_clone().unwrap());
+        let placeholder = Stream::from(self.stream.tcp().try_clone().unwrap());
         let plain = std::mem::replace(&mut self.stream, placeholder);
         self.stream = plain.connect(connector, "localhost").unwrap();
     }
@@ -451,10 +451,8 @@ impl Client {
 
     /// The TCP connection under a plain-text client.
     pub fn into_tcp(self) -> TcpStream {
-        match self.stream {
-            Stream::Plain(s) => s,
-            Stream::Tls(_) => panic!("the client runs TLS"),
-        }
+        assert!(!self.stream.is_tls(), "the client runs TLS");
+        self.stream.tcp().try_clone().unwrap()
     }
 
     /// True if the relay closed the connection (after a 421, say).
