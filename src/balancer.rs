@@ -28,6 +28,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::info;
 
 use crate::peer::{Budget, PeerViews};
+use crate::printable::Printable;
 use crate::queue::Queue;
 
 /// What the balancer knows of one peer at a tick.
@@ -260,7 +261,7 @@ fn run(
                     s.sent,
                     s.deferred,
                     s.failed,
-                    s.last_error.replace('"', "'"),
+                    Printable(&s.last_error.replace('"', "'")),
                 );
             }
         }

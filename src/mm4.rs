@@ -201,6 +201,17 @@ impl Expiry {
     }
 }
 
+/// A header value as a refusal quotes it: its first 64 characters, in
+/// Rust's escaped form. The reason becomes a reply line and a log line; a
+/// sender's 63 KB value must not make either long.
+fn quote(v: &str) -> String {
+    const MAX: usize = 64;
+    match v.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}... ({} octets)", &v[..cut], v.len()),
+        None => format!("{v:?}"),
+    }
+}
+
 /// Why a message was refused: becomes the reply at the end of DATA.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mm4Error {
@@ -336,8 +347,9 @@ pub fn check(
         0 => return Err(Mm4Error::format("no X-Mms-Message-Type header")),
         1 => {
             let v = find(&fields, "X-Mms-Message-Type").expect("counted").text();
-            Pdu::parse(&v)
-                .ok_or_else(|| Mm4Error::format(format!("unknown X-Mms-Message-Type {v:?}")))?
+            Pdu::parse(&v).ok_or_else(|| {
+                Mm4Error::format(format!("unknown X-Mms-Message-Type {}", quote(&v)))
+            })?
         }
         _ => return Err(Mm4Error::format("more than one X-Mms-Message-Type header")),
     };
@@ -400,7 +412,8 @@ fn check_strict(
             .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
     {
         return Err(Mm4Error::format(format!(
-            "X-Mms-3GPP-MMS-Version {v:?} is not d.d.d"
+            "X-Mms-3GPP-MMS-Version {} is not d.d.d",
+            quote(&v)
         )));
     }
     for name in pdu.mandatory() {
@@ -424,7 +437,8 @@ fn check_strict(
         let v = f.text();
         if !CODES.iter().any(|c| c.eq_ignore_ascii_case(&v)) {
             return Err(Mm4Error::format(format!(
-                "X-Mms-MM-Status-Code {v:?} is not a known status"
+                "X-Mms-MM-Status-Code {} is not a known status",
+                quote(&v)
             )));
         }
     }
@@ -435,7 +449,8 @@ fn check_strict(
             .any(|c| c.eq_ignore_ascii_case(&v))
         {
             return Err(Mm4Error::format(format!(
-                "X-Mms-Read-Status {v:?} is not Read or Deleted without being read"
+                "X-Mms-Read-Status {} is not Read or Deleted without being read",
+                quote(&v)
             )));
         }
     }
@@ -445,7 +460,8 @@ fn check_strict(
             || v.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("Error-"));
         if !ok {
             return Err(Mm4Error::format(format!(
-                "X-Mms-Request-Status-Code {v:?} is not Ok or Error-*"
+                "X-Mms-Request-Status-Code {} is not Ok or Error-*",
+                quote(&v)
             )));
         }
     }
@@ -568,7 +584,7 @@ fn check_mime(
     }
     let boundary = boundary
         .filter(|b| !b.is_empty() && b.len() <= 70)
-        .ok_or_else(|| Mm4Error::format(format!("{media} without a valid boundary")))?;
+        .ok_or_else(|| Mm4Error::format(format!("{} without a valid boundary", quote(&media))))?;
     let delimiter = format!("--{boundary}");
     let mut part_start: Option<usize> = None;
     for (pos, line) in lines(body) {
@@ -590,8 +606,8 @@ fn check_mime(
         }
     }
     Err(Mm4Error::format(match part_start {
-        None => format!("{media} body has no part"),
-        Some(_) => format!("{media} body has no closing boundary"),
+        None => format!("{} body has no part", quote(&media)),
+        Some(_) => format!("{} body has no closing boundary", quote(&media)),
     }))
 }
 

@@ -33,6 +33,29 @@ impl fmt::Display for Printable<'_> {
     }
 }
 
+/// At most the first [`BRIEF`] characters of a text, escaped as
+/// [`Printable`] does, and when it was longer how long: for log lines that
+/// quote an ID or an address a client sent, which may be 60 KB.
+#[derive(Clone, Copy, Debug)]
+pub struct Brief<'a>(pub &'a str);
+
+/// How many characters of a text [`Brief`] shows.
+pub const BRIEF: usize = 256;
+
+impl fmt::Display for Brief<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(BRIEF) {
+            Some((cut, _)) => write!(
+                f,
+                "{}...({} octets)",
+                Printable(&self.0[..cut]),
+                self.0.len()
+            ),
+            None => Printable(self.0).fmt(f),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +73,15 @@ mod tests {
         assert_eq!(escape("back\\slash"), "back\\\\slash");
         assert_eq!(escape("é"), "\\xc3\\xa9");
         assert_eq!(escape(""), "");
+    }
+
+    #[test]
+    fn brief_cuts_long_text() {
+        assert_eq!(Brief("m-1\r").to_string(), "m-1\\x0d");
+        let long = "x".repeat(30_000);
+        let shown = Brief(&long).to_string();
+        assert_eq!(shown, format!("{}...(30000 octets)", "x".repeat(BRIEF)));
+        let wide = "é".repeat(1000);
+        assert!(Brief(&wide).to_string().ends_with("...(2000 octets)"));
     }
 }

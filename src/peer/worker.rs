@@ -17,7 +17,7 @@ use log::{info, warn};
 use super::connection::{ConnError, Connection, Delivery};
 use super::{Change, Settings, Shared, WorkerContext};
 use crate::message::Job;
-use crate::printable::Printable;
+use crate::printable::{Brief, Printable};
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
 
@@ -162,7 +162,11 @@ impl Worker {
                     return Ok(());
                 }
                 Err(e) => {
-                    info!("peer={} host={host} failed: {e}", p.name);
+                    info!(
+                        "peer={} host={host} failed: {}",
+                        p.name,
+                        Printable(&e.to_string())
+                    );
                     hosts.failed(i);
                     last = Some(e);
                 }
@@ -180,7 +184,8 @@ impl Worker {
         let name = &self.peer.name;
         match change {
             Change::Failed => warn!(
-                "peer={name} unhealthy after \"{why}\": one probing connection, the rest stays queued"
+                "peer={name} unhealthy after \"{}\": one probing connection, the rest stays queued",
+                Printable(why)
             ),
             Change::Recovered => info!("peer={name} recovered: connections grow back from one"),
             Change::None => {}
@@ -261,8 +266,10 @@ impl Worker {
             }
             if let Err(e) = self.connect() {
                 warn!(
-                    "peer={} worker={} connect failed: {e}",
-                    self.peer.name, self.index
+                    "peer={} worker={} connect failed: {}",
+                    self.peer.name,
+                    self.index,
+                    Printable(&e.to_string())
                 );
                 self.defer(job, &e.to_string());
                 self.pause(self.backoff);
@@ -479,8 +486,8 @@ fn log_disposition(
         peer,
         Printable(&m.from),
         to.join(","),
-        Printable(m.info.message_id.as_deref().unwrap_or("-")),
-        Printable(m.info.transaction_id.as_deref().unwrap_or("-")),
+        Brief(m.info.message_id.as_deref().unwrap_or("-")),
+        Brief(m.info.transaction_id.as_deref().unwrap_or("-")),
         status,
         job.attempts,
         now.duration_since(m.accepted)
