@@ -47,9 +47,9 @@ type TextWindow = (
     VecDeque<(Instant, String, String)>,
 );
 
-fn key_text(m: usize, id_len: usize) -> String {
+fn ids(m: usize, id_len: usize) -> (String, String) {
     let pad = "x".repeat(id_len.saturating_sub(12));
-    format!("MM4_forward.REQ M{m:010}{pad} T{m:010}{pad}")
+    (format!("M{m:010}{pad}"), format!("T{m:010}{pad}"))
 }
 
 fn rcpts() -> Vec<String> {
@@ -65,7 +65,8 @@ fn digests(messages: usize, id_len: usize) -> (f64, Duration) {
     let before = LIVE.load(Ordering::Relaxed);
     let started = Instant::now();
     for m in 0..messages {
-        let key = pdu_key(&key_text(m, id_len));
+        let (mid, tid) = ids(m, id_len);
+        let key = pdu_key("local", "MM4_forward.REQ", &mid, &tid);
         window.record(Some(&key), &rcpts);
     }
     let took = started.elapsed();
@@ -80,7 +81,8 @@ fn texts(messages: usize, id_len: usize) -> (f64, Duration) {
     let before = LIVE.load(Ordering::Relaxed);
     let started = Instant::now();
     for m in 0..messages {
-        let key = key_text(m, id_len);
+        let (mid, tid) = ids(m, id_len);
+        let key = format!("MM4_forward.REQ {mid} {tid}");
         let now = Instant::now();
         for r in &rcpts {
             window.0.insert((key.clone(), r.clone()), now);

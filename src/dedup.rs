@@ -2,13 +2,18 @@
 //! `dedup_window`, so a sender that retries after losing our 250 does not
 //! make the peer receive the PDU twice.
 //!
-//! A PDU is named by its type, X-Mms-Message-ID and X-Mms-Transaction-ID;
-//! those are the sender's text, of any length up to the header limit. The
-//! window needs equality, not the text, so it keeps a SHA-256 digest of
-//! each pair, cut to 128 bits: 48 octets of state per recipient whatever
-//! the sender writes (a map entry and a place in the pruning order). A
-//! cryptographic digest, because a collision would drop a real message as
-//! a duplicate: no sender may be able to make one.
+//! A PDU is named by who sent it (the local MMSC or which partner: one
+//! partner must not be able to make another's message a duplicate), its
+//! type, X-Mms-Message-ID and X-Mms-Transaction-ID; the IDs are the
+//! sender's text, of any length up to the header limit. The window needs
+//! equality, not the text, so it keeps a SHA-256 digest of each pair, cut
+//! to 128 bits: 48 octets of state per recipient whatever the sender
+//! writes (a map entry and a place in the pruning order). A cryptographic
+//! digest, because a collision would drop a real message as a duplicate:
+//! no sender may be able to make one. The window holds at most
+//! [`MAX_PAIRS`]; past that the oldest pairs go first, so a flood of
+//! recipients costs at most that much memory (a pair forgotten early only
+//! risks a duplicate delivery, which the receiving MMSC suppresses).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,26 +23,23 @@ use parking_lot::Mutex;
 /// A (PDU, recipient) pair as the window keeps it.
 pub type Digest = [u8; 16];
 
-/// The key of a PDU as the spool stores it: 32 hex digits of the digest of
-/// `text` (type, message ID and transaction ID joined by spaces).
-pub fn pdu_key(text: &str) -> String {
+/// Most pairs the window holds: about 100 MiB.
+pub const MAX_PAIRS: usize = 1_000_000;
+
+/// The key of a PDU as the spool stores it: 32 hex digits of the digest
+/// of its sender, type, message ID and transaction ID. They are joined by
+/// NUL, which no header value holds (DATA refuses it), so no two
+/// different lists of them give the same text.
+pub fn pdu_key(origin: &str, pdu: &str, message_id: &str, transaction_id: &str) -> String {
+    let text = [origin, pdu, message_id, transaction_id].join("\0");
     openssl::sha::sha256(text.as_bytes())[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-/// The digest of `rcpt` under the PDU `key`. A key in the text form that
-/// spools written before digests hold (it has spaces) is digested first,
-/// so their keys still match after an upgrade.
+/// The digest of `rcpt` under the PDU `key`.
 pub fn digest(key: &str, rcpt: &str) -> Digest {
-    let hashed;
-    let key = if key.contains(' ') {
-        hashed = pdu_key(key);
-        &hashed
-    } else {
-        key
-    };
     let mut h = openssl::sha::Sha256::new();
     h.update(key.as_bytes());
     h.update(b"\n");
@@ -110,9 +112,17 @@ impl Dedup {
             return;
         }
         let mut seen = self.seen.lock();
+        let Seen { at: map, order } = &mut *seen;
         for d in digests {
-            seen.at.insert(*d, at);
-            seen.order.push_back((at, *d));
+            map.insert(*d, at);
+            order.push_back((at, *d));
+        }
+        while order.len() > MAX_PAIRS {
+            if let Some((t, old)) = order.pop_front() {
+                if map.get(&old) == Some(&t) {
+                    map.remove(&old);
+                }
+            }
         }
     }
 
@@ -137,23 +147,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digests_name_the_pair_and_old_text_keys_still_match() {
-        let text = "MM4_forward.REQ m-1 t-1";
-        let key = pdu_key(text);
+    fn digests_name_the_sender_the_pdu_and_the_recipient() {
+        let key = pdu_key("partner B", "MM4_forward.REQ", "m-1", "t-1");
         assert_eq!(key.len(), 32);
         assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(digest(&key, "a@b"), digest(text, "a@b"));
         assert_ne!(digest(&key, "a@b"), digest(&key, "a@c"));
-        assert_ne!(
-            digest(&key, "a@b"),
-            digest(&pdu_key("MM4_forward.REQ m-1 t-2"), "a@b")
-        );
+        for other in [
+            pdu_key("partner C", "MM4_forward.REQ", "m-1", "t-1"),
+            pdu_key("partner B", "MM4_forward.RES", "m-1", "t-1"),
+            pdu_key("partner B", "MM4_forward.REQ", "m-1", "t-2"),
+            // Where one ID ends and the next starts is part of the key.
+            pdu_key("partner B", "MM4_forward.REQ", "m-1 t-1", ""),
+        ] {
+            assert_ne!(key, other);
+        }
+    }
+
+    #[test]
+    fn the_window_holds_at_most_max_pairs_the_oldest_going_first() {
+        let d = Dedup::new(Duration::from_secs(3600));
+        let key = pdu_key("local", "MM4_forward.REQ", "m", "t");
+        let now = Instant::now();
+        let digests: Vec<Digest> = (0..MAX_PAIRS as u32 + 10)
+            .map(|i| digest(&key, &i.to_string()))
+            .collect();
+        d.record_digests(&digests, now);
+        let seen = d.seen.lock();
+        assert_eq!((seen.at.len(), seen.order.len()), (MAX_PAIRS, MAX_PAIRS));
+        assert!(!seen.at.contains_key(&digests[0]));
+        assert!(seen.at.contains_key(&digests[MAX_PAIRS + 9]));
     }
 
     #[test]
     fn the_window_holds_pairs_until_it_passes() {
         let d = Dedup::new(Duration::from_secs(60));
-        let key = pdu_key("MM4_forward.REQ m t");
+        let key = pdu_key("local", "MM4_forward.REQ", "m", "t");
         d.record(Some(&key), &["x".into(), "y".into()]);
         assert!(d.seen(Some(&key), "x") && d.seen(Some(&key), "y"));
         assert!(!d.seen(Some(&key), "z") && !d.seen(None, "x"));
@@ -170,11 +198,12 @@ mod tests {
     #[test]
     fn a_long_id_costs_what_a_short_one_does() {
         let d = Dedup::new(Duration::from_secs(60));
-        let long = pdu_key(&format!(
-            "MM4_forward.REQ {} {}",
-            "m".repeat(31_000),
-            "t".repeat(31_000)
-        ));
+        let long = pdu_key(
+            "local",
+            "MM4_forward.REQ",
+            &"m".repeat(31_000),
+            &"t".repeat(31_000),
+        );
         let rcpts: Vec<String> = (0..100)
             .map(|i| format!("+4477009{i:05}/TYPE=PLMN@x"))
             .collect();
