@@ -462,3 +462,168 @@ fn failed_auth_is_slowed_per_address_and_per_account() {
     drop((guesser, real, again));
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+/// A transport for a TLS client that, once told to, writes one octet at
+/// a time, 100 ms apart, and counts them.
+#[derive(Debug)]
+struct Trickle {
+    tcp: TcpStream,
+    slow: bool,
+    sent: usize,
+}
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Trickle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.slow || buf.is_empty() {
+            return self.tcp.write(buf);
+        }
+        thread::sleep(Duration::from_millis(100));
+        let n = self.tcp.write(&buf[..1])?;
+        self.sent += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Found by the second attack: after the handshake, one TLS record sent
+/// an octet at a time was one read for the session, and each octet
+/// restarted the per-call timeout: the session outlived every deadline.
+#[test]
+fn a_tls_record_trickled_after_the_handshake_is_cut_at_the_command_deadline() {
+    let pki = Pki::new();
+    let h = Harness::with(Profile {
+        extra_listener: format!(
+            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
+            pki.listener_lines()
+        ),
+        ..Profile::default()
+    });
+    let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
+    let transport = Trickle {
+        tcp: tcp_from(UNKNOWN, tls_addr),
+        slow: false,
+        sent: 0,
+    };
+    let mut tls = pki.connector().connect("localhost", transport).unwrap();
+    let mut greeting = [0u8; 64];
+    let n = tls.read(&mut greeting).unwrap();
+    assert!(greeting[..n].starts_with(b"220 "));
+    tls.get_mut().slow = true;
+    // One record of some 250 octets: 25 s at this pace.
+    let line = format!("NOOP {}\r\n", "x".repeat(200));
+    let wrote = tls.write_all(line.as_bytes());
+    let sent = tls.get_ref().sent;
+    assert!(
+        wrote.is_err() && sent < 60,
+        "{sent} octets of the record went before the cut ({wrote:?})"
+    );
+}
+
+/// Found by the second attack: strangers on a few addresses filled
+/// max_sessions, and partners got 421.
+#[test]
+fn strangers_cannot_take_the_partners_room() {
+    let h = Harness::with(Profile {
+        extra_listener: "max_sessions = 4\nmax_stranger_sessions = 2\n".into(),
+        ..Profile::default()
+    });
+    let _x1 = h.client(UNKNOWN);
+    let _x2 = h.client("127.0.0.10");
+    let mut third = tcp_from("127.0.0.11", h.addr);
+    assert!(read_to_close(&mut third).starts_with("421 4.3.2"));
+    // The partners still have their room.
+    let mut b = h.client(PARTNER_B);
+    let _c = h.client(PARTNER_C);
+    assert_eq!(
+        send_message(&mut b, FROM_B, &[TO_A], &forward_req(1, TO_A, 400)).code,
+        250
+    );
+}
+
+/// Found by the second attack: one partner could make another's message a
+/// duplicate by sending the same IDs first; and "x y"+"z" was the key of
+/// "x"+"y z".
+#[test]
+fn one_partner_cannot_make_anothers_message_a_duplicate() {
+    let mut h = Harness::start();
+    let msg = forward_req(42, TO_A, 400);
+    let from_c = "+61491570100/TYPE=PLMN@mms.mnc456.mcc999.gprs";
+    let mut c = h.client(PARTNER_C);
+    let r = send_message(&mut c, from_c, &[TO_A], &msg);
+    assert!(r.to_string().starts_with("250 2.0.0 queued"), "{r}");
+    let mut b = h.client(PARTNER_B);
+    let r = send_message(&mut b, FROM_B, &[TO_A], &msg);
+    assert!(r.to_string().starts_with("250 2.0.0 queued"), "{r}");
+    // B's own resend is a duplicate.
+    let mut b = h.client(PARTNER_B);
+    let r = send_message(&mut b, FROM_B, &[TO_A], &msg);
+    assert!(r.to_string().contains("duplicate"), "{r}");
+    assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+/// Found by the second attack: a folded 63 KB X-Mms-Message-Type of 0xFF
+/// octets came back as a 189 KB reply line and a 756 KB log line.
+#[test]
+fn a_huge_header_value_makes_no_huge_reply_or_log_line() {
+    let s = crate::binary::setup(false, "");
+    let mut relay = Running::start(&s.path, &[], true);
+    let (addr, _early, rest) = relay.listening();
+    let value = vec!["\u{ff}".repeat(400); 150].join("\r\n ");
+    let msg = String::from_utf8(forward_req(1, TO_A, 400))
+        .unwrap()
+        .replace("MM4_forward.REQ", &value);
+    let mut total = 0;
+    for _ in 0..5 {
+        let mut c = Client::connect(PARTNER_B, addr);
+        let r = send_message(&mut c, FROM_B, &[TO_A], msg.as_bytes());
+        assert_eq!(r.code, 554, "{r}");
+        assert!(
+            r.to_string().len() < 300,
+            "a reply of {} octets",
+            r.to_string().len()
+        );
+        total += msg.len();
+    }
+    assert!(relay.terminate().success());
+    let log: usize = rest.join().unwrap().iter().map(|l| l.len() + 1).sum();
+    println!(
+        "log: {log} bytes for 5 refused messages of {} octets each",
+        total / 5
+    );
+    assert!(log < 8 * 1024, "{log} bytes of log");
+}
+
+/// Found by the second attack: AUTH lines pipelined in one packet ran
+/// their delays one after the other in one go, 40 s against a 20 s
+/// session_timeout.
+#[test]
+fn pipelined_auth_delays_end_with_the_session() {
+    let mut h = Harness::with(Profile {
+        extra_listener: "auth_plaintext = yes\nmax_bad_commands = 0\nsession_timeout = 2s\n".into(),
+        ..Profile::default()
+    });
+    let ini = h.ini() + "\n[auth]\npartner-b = B:pa55word\n";
+    h.reload(&ini).unwrap();
+    let mut s = tcp_from(UNKNOWN, h.addr);
+    let mut burst = b"EHLO guess.test\r\n".to_vec();
+    for _ in 0..12 {
+        burst.extend_from_slice(format!("{}\r\n", plain("partner-b", "guess")).as_bytes());
+    }
+    s.write_all(&burst).unwrap();
+    // The delays alone would take some 45 s: the read times out at 20 s.
+    let replies = read_to_close(&mut s);
+    assert!(
+        replies.contains("421 4.4.2 session time limit reached"),
+        "{replies}"
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
