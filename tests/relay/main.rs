@@ -2,6 +2,7 @@
 //! peers, and the real binary for the command line and signals.
 
 mod binary;
+mod clients;
 mod corpus;
 mod crash;
 mod delivery;

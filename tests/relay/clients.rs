@@ -1,0 +1,138 @@
+//! The listener against clients we did not write: Python's smtplib and
+//! ssl modules, and `openssl s_client`. Each test says loudly when the
+//! program is missing and skips.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::pki::Pki;
+use crate::support::*;
+
+const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+
+/// True if `program` runs here; says so on stderr when it does not.
+fn have(program: &str, version_arg: &str) -> bool {
+    let ok = Command::new(program)
+        .arg(version_arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: {program} is not installed; this test needs it");
+    }
+    ok
+}
+
+/// Runs a Python script with `args`; its stdout, and whether it succeeded.
+fn python(script: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// smtplib sends an MM4_forward.REQ over STARTTLS (TLS verified against
+/// the test CA), and sees 501 for a control character in EHLO and a HELO
+/// name over 255 octets.
+#[test]
+fn smtplib_over_starttls_and_the_command_checks() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let pki = Pki::new();
+    let h = Harness::with(Profile {
+        extra_listener: pki.listener_lines(),
+        ..Profile::default()
+    });
+    let script = r#"
+import smtplib, ssl, sys
+port, ca, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+print("esc", s.docmd("EHLO", "a\x1bb.test")[0])
+print("long", s.docmd("EHLO", "h" * 300)[0])
+s.ehlo("python.test")
+s.starttls(context=ssl.create_default_context(cafile=ca))
+s.ehlo("python.test")
+print("tls", s.sock.version())
+s.sendmail("+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs", [rcpt], open(msg, "rb").read())
+print("sent")
+s.quit()
+"#;
+    let msg = h.spool.path().join("msg.eml");
+    std::fs::write(&msg, mm4relay::sim::forward_req(1, TO_A, 600)).unwrap();
+    let (ok, out) = python(
+        script,
+        &[
+            h.addr.port().to_string(),
+            pki.ca.display().to_string(),
+            TO_A.into(),
+            msg.display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("esc 501") && out.contains("long 501"), "{out}");
+    assert!(out.contains("tls TLSv1."), "{out}");
+    assert!(out.contains("sent"), "{out}");
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+}
+
+/// openssl s_client completes the handshake on the implicit-TLS listener
+/// and runs a session; a second one that connects and never says hello is
+/// cut at the command deadline.
+#[test]
+fn openssl_s_client_on_the_implicit_tls_listener() {
+    if !have("openssl", "version") {
+        return;
+    }
+    let pki = Pki::new();
+    let h = Harness::with(Profile {
+        extra_listener: format!(
+            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 2s\n",
+            pki.listener_lines()
+        ),
+        ..Profile::default()
+    });
+    let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-quiet", "-crlf", "-verify_return_error"])
+        .arg("-connect")
+        .arg(tls_addr.to_string())
+        .arg("-servername")
+        .arg("localhost")
+        .arg("-CAfile")
+        .arg(&pki.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // -crlf turns each LF into CR LF.
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"EHLO openssl.test\nQUIT\n")
+        .unwrap();
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("220 relay.test"), "{text}");
+    assert!(
+        text.contains("250-relay.test") && text.contains("221 2.0.0"),
+        "{text}"
+    );
+    // A TCP connection to the TLS port that never sends its hello.
+    let mut silent = tcp_from(UNKNOWN, tls_addr);
+    let mut buf = [0u8; 64];
+    // EOF, not the test's read timeout.
+    assert_eq!(
+        std::io::Read::read(&mut silent, &mut buf).unwrap(),
+        0,
+        "closed, with nothing said"
+    );
+}
