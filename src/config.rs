@@ -253,7 +253,7 @@ pub struct ListenerConfig {
     pub max_local_sessions: usize,
     /// Of `max_sessions`, most at once from hosts that are in no partner's
     /// `accept_from` (over it: 421), so strangers cannot fill the
-    /// partners' room.
+    /// partners' room (0: no limit but `max_sessions`).
     pub max_stranger_sessions: usize,
     /// Largest message in octets, advertised with SIZE.
     pub max_message_size: usize,

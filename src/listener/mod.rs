@@ -563,7 +563,8 @@ pub struct Limits {
     /// Sessions at once from the local MMSC's hosts, counted apart.
     pub max_local_sessions: usize,
     /// Of `max_sessions`, most at once from hosts that are no partner's
-    /// (partners that AUTH from other addresses among them).
+    /// (partners that AUTH from other addresses among them); 0: no limit
+    /// but `max_sessions`.
     pub max_stranger_sessions: usize,
     /// How long a stop waits for sessions receiving a message.
     pub shutdown_timeout: Duration,
@@ -877,6 +878,7 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
         let full = if open.load(Ordering::Acquire) >= max {
             Some(("", max))
         } else if stranger
+            && limits.max_stranger_sessions > 0
             && sessions.open_strangers.load(Ordering::Acquire) >= limits.max_stranger_sessions
         {
             Some(("stranger ", limits.max_stranger_sessions))
