@@ -24,6 +24,28 @@ fn with_header(seq: usize, rcpt: &str, header: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The real binary on the corpus profile (`relay_extra` in `[relay]`),
+/// its log on a pipe: the setup to keep, the child, where it listens, and
+/// the lines it logs after that until it exits.
+fn binary(
+    relay_extra: &str,
+) -> (
+    crate::binary::Setup,
+    Running,
+    std::net::SocketAddr,
+    thread::JoinHandle<Vec<String>>,
+) {
+    let s = crate::binary::setup(false, relay_extra);
+    let mut relay = Running::start(&s.path, &[], true);
+    let (addr, _early, rest) = relay.listening();
+    (s, relay, addr, rest)
+}
+
+/// Octets of the log lines a relay wrote until it exited.
+fn log_bytes(rest: thread::JoinHandle<Vec<String>>) -> usize {
+    rest.join().unwrap().iter().map(|l| l.len() + 1).sum()
+}
+
 /// True if the relay has closed `s` (without waiting).
 fn closed_now(s: &mut TcpStream) -> bool {
     let mut probe = [0u8; 1];
@@ -79,9 +101,7 @@ fn an_expiry_beyond_the_clock_neither_panics_nor_leaks_a_slot() {
 /// each and was never closed (3 GB of log in 15 s).
 #[test]
 fn refused_recipients_close_the_session_and_barely_grow_the_log() {
-    let s = crate::binary::setup(false, "log_level = info\n");
-    let mut relay = Running::start(&s.path, &[], true);
-    let (addr, _early, rest) = relay.listening();
+    let (_s, mut relay, addr, rest) = binary("log_level = info\n");
     let mut total_refused = 0;
     for who in [UNKNOWN, PARTNER_B] {
         let mut c = tcp_from(who, addr);
@@ -102,7 +122,7 @@ fn refused_recipients_close_the_session_and_barely_grow_the_log() {
         total_refused += refused;
     }
     assert!(relay.terminate().success());
-    let log: usize = rest.join().unwrap().iter().map(|l| l.len() + 1).sum();
+    let log = log_bytes(rest);
     println!(
         "log: {log} bytes for {total_refused} refused recipients in 2 sessions ({:.1} per recipient)",
         log as f64 / total_refused as f64
@@ -239,9 +259,7 @@ fn a_trickled_tls_handshake_is_cut_at_the_command_deadline() {
 /// recipients, cost 12 MiB for the whole dedup window per message.
 #[test]
 fn long_ids_cost_the_dedup_window_little_memory() {
-    let s = crate::binary::setup(false, "dedup_window = 1h\n");
-    let mut relay = Running::start(&s.path, &[], true);
-    let (addr, _early, rest) = relay.listening();
+    let (s, mut relay, addr, rest) = binary("dedup_window = 1h\n");
     let rss = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", relay.0.id())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -574,9 +592,7 @@ fn one_partner_cannot_make_anothers_message_a_duplicate() {
 /// octets came back as a 189 KB reply line and a 756 KB log line.
 #[test]
 fn a_huge_header_value_makes_no_huge_reply_or_log_line() {
-    let s = crate::binary::setup(false, "");
-    let mut relay = Running::start(&s.path, &[], true);
-    let (addr, _early, rest) = relay.listening();
+    let (_s, mut relay, addr, rest) = binary("");
     // 60 KB of 0xFF octets, folded, within max_header_size.
     let value = vec![vec![0xffu8; 400]; 150].join(&b"\r\n "[..]);
     let text = String::from_utf8(forward_req(1, TO_A, 400)).unwrap();
@@ -595,7 +611,7 @@ fn a_huge_header_value_makes_no_huge_reply_or_log_line() {
         total += msg.len();
     }
     assert!(relay.terminate().success());
-    let log: usize = rest.join().unwrap().iter().map(|l| l.len() + 1).sum();
+    let log = log_bytes(rest);
     println!(
         "log: {log} bytes for 5 refused messages of {} octets each",
         total / 5
