@@ -7,8 +7,9 @@
 //! type, X-Mms-Message-ID and X-Mms-Transaction-ID; the IDs are the
 //! sender's text, of any length up to the header limit. The window needs
 //! equality, not the text, so it keeps a SHA-256 digest of each pair, cut
-//! to 128 bits: 48 octets of state per recipient whatever the sender
-//! writes (a map entry and a place in the pruning order). A cryptographic
+//! to 128 bits: a 32-octet map entry and a 32-octet place in the pruning
+//! order per recipient, some 85-110 octets with the tables' slack
+//! (`benches/dedup.rs`), whatever the sender writes. A cryptographic
 //! digest, because a collision would drop a real message as a duplicate:
 //! no sender may be able to make one. The window holds at most
 //! [`MAX_PAIRS`]; past that the oldest pairs go first, so a flood of

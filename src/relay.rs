@@ -321,6 +321,14 @@ impl Relay {
                 "max_sessions",
                 self.config.listener.max_sessions != new.listener.max_sessions,
             ),
+            (
+                "max_local_sessions",
+                self.config.listener.max_local_sessions != new.listener.max_local_sessions,
+            ),
+            (
+                "max_stranger_sessions",
+                self.config.listener.max_stranger_sessions != new.listener.max_stranger_sessions,
+            ),
         ];
         for (key, changed) in restart_only {
             if changed {

@@ -182,6 +182,11 @@ impl Stream {
         s.tcp.set_nonblocking(true).map_err(io_err)?;
         let kept = s.deadline.replace(deadline);
         let mut step = acceptor.accept(s);
+        // Waits that returned at once, in a row: the step waits to write
+        // while input is already there (or the client half-closed), and
+        // a read wait cannot tell. Past two, a short sleep instead, so a
+        // client that never reads cannot make this loop spin.
+        let mut quick = 0;
         loop {
             match step {
                 Ok(mut tls) => {
@@ -198,7 +203,18 @@ impl Stream {
                     if left.is_zero() {
                         return Err(TlsError("TLS handshake timed out".into()));
                     }
-                    wait_readable(&mid.get_ref().tcp, left.min(HANDSHAKE_POLL));
+                    let waited = Instant::now();
+                    if quick >= 2 {
+                        std::thread::sleep(left.min(HANDSHAKE_BACKOFF));
+                        quick = 0;
+                    } else {
+                        wait_readable(&mid.get_ref().tcp, left.min(HANDSHAKE_POLL));
+                        quick = if waited.elapsed() < Duration::from_millis(1) {
+                            quick + 1
+                        } else {
+                            0
+                        };
+                    }
                     step = mid.handshake();
                 }
             }
@@ -218,6 +234,8 @@ impl Stream {
 /// step may wait to write, not to read (our first flight filling a send
 /// buffer the client does not empty); a read wait notices that this late.
 const HANDSHAKE_POLL: Duration = Duration::from_millis(250);
+/// The sleep between tries when waits for input return at once.
+const HANDSHAKE_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Waits until `s` has something to read, or `timeout` passes.
 fn wait_readable(s: &TcpStream, timeout: Duration) {

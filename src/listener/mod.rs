@@ -265,6 +265,16 @@ impl Drop for Refusals {
     }
 }
 
+/// Recipients for a log line: the first five, and how many more.
+fn listed<'a>(rcpts: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let n = rcpts.len();
+    let mut out: Vec<String> = rcpts.take(5).map(|r| format!("<{}>", Brief(r))).collect();
+    if n > 5 {
+        out.push(format!("+{} more", n - 5));
+    }
+    out.join(",")
+}
+
 /// The handler one session asks: relay control, MM4 check, queueing.
 struct RelayHandler {
     inbound: Arc<Inbound>,
@@ -429,10 +439,7 @@ impl Handler for RelayHandler {
                 "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
                 self.client_ip,
                 Brief(&env.from),
-                dups.iter()
-                    .map(|(r, _)| format!("<{}>", Brief(r)))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                listed(dups.iter().map(|(r, _)| r.as_str())),
                 Brief(info.message_id.as_deref().unwrap_or("-")),
                 Brief(info.transaction_id.as_deref().unwrap_or("-")),
             );
@@ -820,6 +827,15 @@ impl Listener {
     }
 }
 
+/// Takes one place of `max` in `count`; false when none is left.
+fn reserve(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 /// Writes what fits into the socket's buffer now, without waiting.
 fn send_nowait(stream: &TcpStream, bytes: &[u8]) {
     // SAFETY: a valid socket and buffer for the call; the result only says
@@ -875,12 +891,15 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
         } else {
             (&sessions.open_other, limits.max_sessions)
         };
-        let full = if open.load(Ordering::Acquire) >= max {
+        // Places are taken, not checked then taken: accept threads of
+        // several listen addresses share the counts.
+        let full = if !reserve(open, max) {
             Some(("", max))
         } else if stranger
             && limits.max_stranger_sessions > 0
-            && sessions.open_strangers.load(Ordering::Acquire) >= limits.max_stranger_sessions
+            && !reserve(&sessions.open_strangers, limits.max_stranger_sessions)
         {
+            open.fetch_sub(1, Ordering::AcqRel);
             Some(("stranger ", limits.max_stranger_sessions))
         } else {
             None
@@ -907,12 +926,16 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
                     .over_ip_limit
                     .warn(|| format!("refusing [{ip}]: {why}"));
                 refuse(stream, "4.7.0", why);
+                open.fetch_sub(1, Ordering::AcqRel);
+                if stranger && limits.max_stranger_sessions > 0 {
+                    sessions.open_strangers.fetch_sub(1, Ordering::AcqRel);
+                }
                 continue;
             }
         }
         let id = sessions.next.fetch_add(1, Ordering::Relaxed);
-        open.fetch_add(1, Ordering::AcqRel);
-        if stranger {
+        if stranger && limits.max_stranger_sessions == 0 {
+            // Not reserved above: counted all the same.
             sessions.open_strangers.fetch_add(1, Ordering::AcqRel);
         }
         sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
@@ -1096,7 +1119,15 @@ fn serve(
         }
         let now_receiving = session.in_data();
         state.in_data.store(now_receiving, Ordering::Release);
-        if now_receiving && !receiving {
+        if now_receiving && progress.data_started {
+            // A message started in this input, perhaps right behind the
+            // end of the last one: it ends a transaction, so the session
+            // limit counts here, and the new message gets data_timeout.
+            if session_deadline.is_some_and(|d| Instant::now() >= d) {
+                stream.set_deadline(Some(Instant::now() + LAST_WORD));
+                stream.write_all(b"421 4.4.2 session time limit reached, closing\r\n")?;
+                return Ok(());
+            }
             deadline = Instant::now() + tables.data_timeout;
         } else if !now_receiving && (receiving || progress.line_ended) {
             deadline = Instant::now() + tables.command_timeout;

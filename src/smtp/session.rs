@@ -89,6 +89,9 @@ pub struct Progress {
     /// over-long line or of the data): what restarts the command deadline.
     /// Octets of a line still open do not.
     pub line_ended: bool,
+    /// A DATA command was answered 354 in this input: a message started
+    /// (the last one may have ended just before it).
+    pub data_started: bool,
 }
 
 /// Where an AUTH exchange stands, between 334 challenges.
@@ -184,11 +187,13 @@ impl<R> Session<R> {
     ) -> Progress {
         let mut pos = 0;
         let mut line_ended = false;
-        let more = |consumed, line_ended| Progress {
+        let mut data_started = false;
+        let more = |consumed, line_ended, data_started| Progress {
             consumed,
             close: false,
             starttls: false,
             line_ended,
+            data_started,
         };
         loop {
             let rest = &input[pos..];
@@ -199,11 +204,12 @@ impl<R> Session<R> {
                         close: true,
                         starttls: false,
                         line_ended,
+                        data_started,
                     };
                 }
                 Phase::Data(decoder) => match decoder.feed(rest) {
                     None => {
-                        return more(input.len(), line_ended);
+                        return more(input.len(), line_ended, data_started);
                     }
                     Some(n) => {
                         pos += n;
@@ -219,7 +225,7 @@ impl<R> Session<R> {
                 },
                 Phase::Discarding => match rest.iter().position(|&b| b == b'\n') {
                     None => {
-                        return more(input.len(), line_ended);
+                        return more(input.len(), line_ended, data_started);
                     }
                     Some(n) => {
                         pos += n + 1;
@@ -230,11 +236,12 @@ impl<R> Session<R> {
                 Phase::Commands => {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         if rest.len() >= MAX_COMMAND_LINE {
-                            Reply::new(500, "5.5.2 line too long").write_to(out);
+                            // Counted as a bad command wherever TCP cut it.
                             self.phase = Phase::Discarding;
+                            self.answer(Reply::new(500, "5.5.2 line too long"), out);
                             continue;
                         }
-                        return more(pos, line_ended);
+                        return more(pos, line_ended, data_started);
                     };
                     pos += nl + 1;
                     line_ended = true;
@@ -254,6 +261,7 @@ impl<R> Session<R> {
                             Err(e) => e.reply(),
                         }
                     };
+                    data_started |= reply.code == 354;
                     self.answer(reply, out);
                     if starttls {
                         return Progress {
@@ -261,6 +269,7 @@ impl<R> Session<R> {
                             close: false,
                             starttls: true,
                             line_ended,
+                            data_started,
                         };
                     }
                 }
@@ -271,7 +280,7 @@ impl<R> Session<R> {
                             self.answer(Reply::new(500, "5.5.2 line too long"), out);
                             continue;
                         }
-                        return more(pos, line_ended);
+                        return more(pos, line_ended, data_started);
                     };
                     pos += nl + 1;
                     line_ended = true;
@@ -809,6 +818,44 @@ mod tests {
         assert!(p.consumed == 4 && !p.line_ended);
         let p = s.feed(b"x\r\n", &mut h, &mut out);
         assert!(p.line_ended);
+    }
+
+    #[test]
+    fn a_message_started_behind_the_last_one_is_reported() {
+        let mut s = session();
+        let mut h = Recorder::default();
+        let (_, p) = feed_all(
+            &mut s,
+            &mut h,
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\n",
+        );
+        assert!(!p.data_started);
+        let (_, p) = feed_all(&mut s, &mut h, b"DATA\r\nhi\r\n");
+        assert!(p.data_started && s.in_data());
+        let (out, p) = feed_all(
+            &mut s,
+            &mut h,
+            b".\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\nmore",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354"]);
+        assert!(p.data_started && s.in_data(), "the second message started");
+    }
+
+    #[test]
+    fn an_over_long_line_is_a_bad_command_wherever_it_is_cut() {
+        for with_lf in [false, true] {
+            let mut s = secure_session(false, 2);
+            let mut h = Recorder::default();
+            let mut input = vec![b'x'; MAX_COMMAND_LINE + 5];
+            if with_lf {
+                input.extend_from_slice(b"\r\n");
+            }
+            let (out, _) = feed_all(&mut s, &mut h, &input);
+            assert_eq!(codes(&out), ["500"], "with LF: {with_lf}");
+            let (out, p) = feed_all(&mut s, &mut h, b"\r\nFOO\r\n");
+            assert!(codes(&out).ends_with(&["421"]), "with LF: {with_lf}: {out}");
+            assert!(p.close);
+        }
     }
 
     #[test]

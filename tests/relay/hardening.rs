@@ -644,3 +644,39 @@ fn pipelined_auth_delays_end_with_the_session() {
     );
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+/// Found by review: a message started in the same packet as the end of
+/// the last one kept what was left of the last one's data_timeout.
+#[test]
+fn a_message_started_behind_the_last_one_gets_its_own_data_timeout() {
+    let h = Harness::with(Profile {
+        extra_listener: "data_timeout = 3s\n".into(),
+        ..Profile::default()
+    });
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO a.test").code, 250);
+    let trickle = |c: &mut Client, body: &[u8]| {
+        // Two seconds of it: within one data_timeout, not within what is
+        // left of the last one's.
+        for chunk in body.chunks(body.len().div_ceil(10)) {
+            c.send(chunk);
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = forward_req(1, TO_B, 600);
+    let second = forward_req(2, TO_B, 600);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}>")).code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    trickle(&mut c, &first);
+    // The end of the first and the start of the second in one write.
+    c.send(format!(".\r\nMAIL FROM:<{FROM}>\r\nRCPT TO:<{TO_B}>\r\nDATA\r\n").as_bytes());
+    for want in [250, 250, 250, 354] {
+        assert_eq!(c.reply().code, want);
+    }
+    trickle(&mut c, &second);
+    c.send(b".\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r}");
+    assert!(h.sims[1].wait_for_recipients(2, DEADLINE));
+}
