@@ -46,10 +46,7 @@ fn smtplib_over_starttls_and_the_command_checks() {
         return;
     }
     let pki = Pki::new();
-    let h = Harness::with(Profile {
-        extra_listener: pki.listener_lines(),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener(pki.listener_lines());
     let script = r#"
 import smtplib, ssl, sys
 port, ca, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -91,13 +88,10 @@ fn openssl_s_client_on_the_implicit_tls_listener() {
         return;
     }
     let pki = Pki::new();
-    let h = Harness::with(Profile {
-        extra_listener: format!(
-            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 2s\n",
-            pki.listener_lines()
-        ),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener(format!(
+        "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 2s\n",
+        pki.listener_lines()
+    ));
     let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
     let mut client = Command::new("openssl")
         .args(["s_client", "-quiet", "-crlf", "-verify_return_error"])

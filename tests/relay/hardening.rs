@@ -64,11 +64,9 @@ fn closed_now(s: &mut TcpStream) -> bool {
 /// every client got 421 for good.
 #[test]
 fn an_expiry_beyond_the_clock_neither_panics_nor_leaks_a_slot() {
-    let mut h = Harness::with(Profile {
-        extra_listener: "max_sessions = 4\nmax_sessions_per_ip = 2\nconnection_rate_per_ip = 0\n"
-            .into(),
-        ..Profile::default()
-    });
+    let mut h = Harness::with_listener(
+        "max_sessions = 4\nmax_sessions_per_ip = 2\nconnection_rate_per_ip = 0\n",
+    );
     let bomb = "X-Mms-Expiry: 9999999999999999999";
     // Ten times the partner's own limit, one session after the other.
     for seq in 0..20 {
@@ -137,10 +135,8 @@ fn refused_recipients_close_the_session_and_barely_grow_the_log() {
 /// a stop waited for them.
 #[test]
 fn a_client_that_never_reads_is_cut_and_cannot_keep_the_local_mmsc_out() {
-    let mut h = Harness::with(Profile {
-        extra_listener: "command_timeout = 1s\ndata_timeout = 600s\nmax_sessions = 3\n".into(),
-        ..Profile::default()
-    });
+    let mut h =
+        Harness::with_listener("command_timeout = 1s\ndata_timeout = 600s\nmax_sessions = 3\n");
     let flood = |from: &'static str| {
         let target = h.addr;
         thread::spawn(move || {
@@ -217,13 +213,10 @@ fn a_client_that_never_reads_is_cut_and_cannot_keep_the_local_mmsc_out() {
 #[test]
 fn a_trickled_tls_handshake_is_cut_at_the_command_deadline() {
     let pki = Pki::new();
-    let h = Harness::with(Profile {
-        extra_listener: format!(
-            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
-            pki.listener_lines()
-        ),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener(format!(
+        "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
+        pki.listener_lines()
+    ));
     let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
     // The start of a TLS 1.2 ClientHello record, then filler.
     let mut hello = vec![
@@ -371,10 +364,7 @@ fn control_characters_in_commands_get_501_and_reach_no_one() {
 /// restarted the command deadline.
 #[test]
 fn an_over_long_line_trickled_is_cut_at_the_command_deadline() {
-    let h = Harness::with(Profile {
-        extra_listener: "command_timeout = 1s\n".into(),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener("command_timeout = 1s\n");
     let mut c = h.client(UNKNOWN);
     c.send(&[b'x'; 2000]);
     assert_eq!(c.reply().to_string(), "500 5.5.2 line too long");
@@ -402,10 +392,7 @@ fn an_over_long_line_trickled_is_cut_at_the_command_deadline() {
 /// Finding 10: header fields inside MIME parts were not counted.
 #[test]
 fn header_limits_hold_inside_mime_parts() {
-    let h = Harness::with(Profile {
-        extra_listener: "max_header_fields = 50\n".into(),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener("max_header_fields = 50\n");
     let with_part_fields = |n: usize| {
         let fields: String = (0..n).map(|i| format!("X-Part-{i}: v\r\n")).collect();
         String::from_utf8(forward_req(1, TO_B, 400))
@@ -438,10 +425,7 @@ fn plain(user: &str, password: &str) -> String {
 /// Finding 11: AUTH guesses went at ~130 a second per address.
 #[test]
 fn failed_auth_is_slowed_per_address_and_per_account() {
-    let mut h = Harness::with(Profile {
-        extra_listener: "auth_plaintext = yes\nmax_bad_commands = 0\n".into(),
-        ..Profile::default()
-    });
+    let mut h = Harness::with_listener("auth_plaintext = yes\nmax_bad_commands = 0\n");
     let ini = h.ini() + "\n[auth]\npartner-b = B:pa55word\n";
     h.reload(&ini).unwrap();
     let mut guesser = h.client(UNKNOWN);
@@ -517,13 +501,10 @@ impl Write for Trickle {
 #[test]
 fn a_tls_record_trickled_after_the_handshake_is_cut_at_the_command_deadline() {
     let pki = Pki::new();
-    let h = Harness::with(Profile {
-        extra_listener: format!(
-            "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
-            pki.listener_lines()
-        ),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener(format!(
+        "{}listen_tls = 127.0.0.1:0\ncommand_timeout = 1s\n",
+        pki.listener_lines()
+    ));
     let tls_addr = h.relay.as_ref().unwrap().local_addrs()[1];
     let transport = Trickle {
         tcp: tcp_from(UNKNOWN, tls_addr),
@@ -549,10 +530,7 @@ fn a_tls_record_trickled_after_the_handshake_is_cut_at_the_command_deadline() {
 /// max_sessions, and partners got 421.
 #[test]
 fn strangers_cannot_take_the_partners_room() {
-    let h = Harness::with(Profile {
-        extra_listener: "max_sessions = 4\nmax_stranger_sessions = 2\n".into(),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener("max_sessions = 4\nmax_stranger_sessions = 2\n");
     let _x1 = h.client(UNKNOWN);
     let _x2 = h.client("127.0.0.10");
     let mut third = tcp_from("127.0.0.11", h.addr);
@@ -624,10 +602,9 @@ fn a_huge_header_value_makes_no_huge_reply_or_log_line() {
 /// session_timeout.
 #[test]
 fn pipelined_auth_delays_end_with_the_session() {
-    let mut h = Harness::with(Profile {
-        extra_listener: "auth_plaintext = yes\nmax_bad_commands = 0\nsession_timeout = 2s\n".into(),
-        ..Profile::default()
-    });
+    let mut h = Harness::with_listener(
+        "auth_plaintext = yes\nmax_bad_commands = 0\nsession_timeout = 2s\n",
+    );
     let ini = h.ini() + "\n[auth]\npartner-b = B:pa55word\n";
     h.reload(&ini).unwrap();
     let mut s = tcp_from(UNKNOWN, h.addr);
@@ -649,10 +626,7 @@ fn pipelined_auth_delays_end_with_the_session() {
 /// the last one kept what was left of the last one's data_timeout.
 #[test]
 fn a_message_started_behind_the_last_one_gets_its_own_data_timeout() {
-    let h = Harness::with(Profile {
-        extra_listener: "data_timeout = 3s\n".into(),
-        ..Profile::default()
-    });
+    let h = Harness::with_listener("data_timeout = 3s\n");
     let mut c = h.client(LOCAL);
     assert_eq!(c.cmd("EHLO a.test").code, 250);
     let trickle = |c: &mut Client, body: &[u8]| {

@@ -149,6 +149,14 @@ impl Harness {
         Harness::with(Profile::default())
     }
 
+    /// The default profile with `lines` added to `[listener]`.
+    pub fn with_listener(lines: impl Into<String>) -> Harness {
+        Harness::with(Profile {
+            extra_listener: lines.into(),
+            ..Profile::default()
+        })
+    }
+
     pub fn with(profile: Profile) -> Harness {
         Harness::with_clock(profile, mm4relay::clock::system())
     }
