@@ -951,8 +951,19 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
             local,
             stranger,
         };
-        let Ok(clone) = stream.try_clone() else {
-            continue;
+        let clone = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors after the accept took the last one:
+                // the same failure, said the same way, and no spinning.
+                sessions
+                    .accept_failed
+                    .warn(|| format!("accept failed: {e} (duplicating the connection)"));
+                refuse(stream, "4.3.2", "out of resources");
+                drop(guard);
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
         };
         let in_data = Arc::new(AtomicBool::new(false));
         let tls = Arc::new(AtomicBool::new(b.implicit_tls));
