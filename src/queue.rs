@@ -67,6 +67,19 @@ enum Event {
     Sync(Sender<()>),
 }
 
+/// What may become of a job taken from a pool (see [`Queue::admission`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Try it.
+    Deliver,
+    /// Its message was deleted: drop it.
+    Deleted,
+    /// Its message is held: back to the queue manager.
+    Held,
+    /// A retry past the message's expiry: fail it.
+    Expired,
+}
+
 /// One queued message at one peer, for `mm4relay queue`.
 #[derive(Clone, Debug)]
 pub struct Queued {
@@ -304,6 +317,22 @@ impl Queue {
         self.deleted.lock().contains(id)
     }
 
+    /// Whether `job` may be tried now. An operator may have deleted or
+    /// held its message since it was queued, and a retry is not made past
+    /// its expiry (the first attempt always is: the receiving MMSC
+    /// enforces X-Mms-Expiry towards its subscriber).
+    pub fn admission(&self, job: &Job) -> Admission {
+        if self.is_deleted(&job.message.id) {
+            Admission::Deleted
+        } else if self.is_held(&job.message.id) {
+            Admission::Held
+        } else if job.attempts > 0 && self.now() >= job.message.expires {
+            Admission::Expired
+        } else {
+            Admission::Deliver
+        }
+    }
+
     /// How many messages are queued for `peer`.
     pub fn queued_len(&self, peer: usize) -> usize {
         self.peer(peer).tracked.lock().len()
@@ -536,16 +565,20 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
         let mut held_now = Vec::new();
         for (q, p) in overflow.iter_mut().zip(&peers) {
             while let Some(mut job) = q.pop_front() {
-                if queue.is_deleted(&job.message.id) {
-                    p.overflow.fetch_sub(1, Ordering::AcqRel);
-                    continue;
-                }
-                if queue.is_held(&job.message.id) {
-                    p.overflow.fetch_sub(1, Ordering::AcqRel);
-                    p.deferred.fetch_add(1, Ordering::AcqRel);
-                    job.data = None;
-                    held_now.push(job);
-                    continue;
+                match queue.admission(&job) {
+                    Admission::Deleted => {
+                        p.overflow.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    Admission::Held => {
+                        p.overflow.fetch_sub(1, Ordering::AcqRel);
+                        p.deferred.fetch_add(1, Ordering::AcqRel);
+                        job.data = None;
+                        held_now.push(job);
+                        continue;
+                    }
+                    // An expired retry is the worker's to fail.
+                    Admission::Expired | Admission::Deliver => {}
                 }
                 if job.data.is_none() {
                     match spool.read(&job.message.id, &job.message.location) {

@@ -97,7 +97,7 @@ pub fn render(sources: &Sources) -> String {
             s.name, s.connections_opened
         );
     }
-    let gauges: [Gauge; 7] = [
+    let gauges: [Gauge; 8] = [
         ("mm4relay_pool_depth", "Jobs in the peer's pool.", |s| {
             s.pool_depth
         }),
@@ -128,6 +128,11 @@ pub fn render(sources: &Sources) -> String {
             "mm4relay_peer_healthy",
             "1 when healthy, 0 while isolated and probed.",
             |s| usize::from(s.healthy),
+        ),
+        (
+            "mm4relay_peer_misconfigured",
+            "1 while our TLS or AUTH settings and the peer's do not agree.",
+            |s| usize::from(s.misconfigured),
         ),
     ];
     for (name, help, get) in gauges {

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -22,8 +23,9 @@ use crate::smtp::Reply;
 use crate::smtp::client::{Capabilities, Expect, Refusal, Step, Transaction};
 use crate::smtp::codec::dot_stuff;
 use crate::smtp::command::BodyType;
-use crate::smtp::reply::ReplyError;
 use crate::tls::{self, Stream, TlsError};
+
+use super::policy::{self, Next, Stage, Trouble};
 
 /// Timeouts per SMTP phase, after Postfix's `smtp_*_timeout` names.
 #[derive(Clone, Debug)]
@@ -113,12 +115,16 @@ impl Security {
         let lazy = self
             .connector
             .as_ref()
-            .ok_or_else(|| ConnError::Tls("no TLS client for this peer".into()))?;
+            .ok_or_else(|| tls_error("no TLS client for this peer".into()))?;
         lazy.built
             .get_or_init(|| tls::connector(&lazy.cfg).map_err(|e: TlsError| e.to_string()))
             .as_ref()
-            .map_err(|e| ConnError::Tls(format!("cannot set up the TLS client: {e}")))
+            .map_err(|e| tls_error(format!("cannot set up the TLS client: {e}")))
     }
+}
+
+fn tls_error(e: String) -> ConnError {
+    ConnError::new(Stage::Tls, Trouble::Tls(e))
 }
 
 /// The host part of `host:port`, without IPv6 brackets.
@@ -127,70 +133,72 @@ fn host_name(host: &str) -> &str {
     name.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// Why a connection failed; every one of these closes it.
+/// Why a connection failed, and where: every one of these closes it.
+/// What it means is `policy`'s to say.
 #[derive(Debug)]
-pub enum ConnError {
-    /// No address of any host would connect.
-    Connect(String),
-    /// The peer greeted with something other than 220, or refused EHLO and HELO.
-    Greeting(Reply),
-    /// A read or write failed or timed out.
-    Io(io::Error),
-    /// The peer closed the connection.
-    Closed,
-    /// The peer sent something that is not a reply.
-    Protocol(ReplyError),
-    /// The peer said 421: it is closing the channel.
-    ServiceClosing(Reply),
-    /// The connection failed after the final dot, before its reply: the
-    /// peer may have taken the message, so the retry may duplicate it.
-    AfterFinalDot(Box<ConnError>),
-    /// TLS was required and could not be had (not offered, refused, or
-    /// the handshake or certificate check failed).
-    Tls(String),
-    /// AUTH was configured and failed or could not be attempted.
-    Auth(String),
+pub struct ConnError {
+    /// Where in the session.
+    pub stage: Stage,
+    /// What went wrong.
+    pub trouble: Trouble,
+}
+
+impl ConnError {
+    fn new(stage: Stage, trouble: Trouble) -> ConnError {
+        ConnError { stage, trouble }
+    }
 }
 
 impl fmt::Display for ConnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnError::Connect(e) => write!(f, "connect failed: {e}"),
-            ConnError::Greeting(r) => write!(f, "refused at greeting: {r}"),
-            ConnError::Io(e) if is_timeout(e) => f.write_str("timed out waiting for the peer"),
-            ConnError::Io(e) => write!(f, "I/O error: {e}"),
-            ConnError::Closed => f.write_str("connection closed by peer"),
-            ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
-            ConnError::ServiceClosing(r) => write!(f, "peer closing: {r}"),
-            ConnError::Tls(e) => write!(f, "TLS: {e}"),
-            ConnError::Auth(e) => write!(f, "AUTH: {e}"),
-            ConnError::AfterFinalDot(e) => {
-                write!(
-                    f,
-                    "{e} after the final dot, before the reply: possible duplicate"
-                )
-            }
+        let t = &self.trouble;
+        match (self.stage, t) {
+            (Stage::Connect, _) => write!(f, "connect failed: {t}"),
+            (Stage::Greeting, Trouble::Reply(r)) => write!(f, "refused at greeting: {r}"),
+            (Stage::Tls, Trouble::Reply(r)) => write!(f, "TLS: STARTTLS refused: {r}"),
+            (Stage::Tls, Trouble::Tls(e)) => write!(f, "TLS: {e}"),
+            (Stage::Tls, _) => write!(f, "TLS: {t}"),
+            (Stage::Auth, Trouble::Reply(r)) => write!(f, "AUTH: refused: {r}"),
+            (Stage::Auth, _) => write!(f, "AUTH: {t}"),
+            (Stage::Final, _) => write!(
+                f,
+                "{t} after the final dot, before the reply: possible duplicate"
+            ),
+            (stage, _) => write!(f, "{t} (at {stage})"),
         }
     }
 }
 
 impl std::error::Error for ConnError {}
 
-impl From<io::Error> for ConnError {
-    fn from(e: io::Error) -> Self {
-        ConnError::Io(e)
+/// The trouble an I/O error is.
+fn io_trouble(e: &io::Error) -> Trouble {
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Trouble::TimedOut,
+        io::ErrorKind::UnexpectedEof => Trouble::Closed,
+        _ => Trouble::Io(e.to_string()),
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
+/// A message whose outcome a broken connection left unknown.
+#[derive(Debug)]
+pub struct Unknown<T> {
+    /// The message.
+    pub item: T,
+    /// How far its transaction got.
+    pub stage: Stage,
+    /// Transactions begun on the connection before it.
+    pub earlier: u32,
 }
 
-fn unknown_rest<T>(chained: Option<(T, Transaction)>) -> Vec<T> {
-    chained.map(|(i, _)| i).into_iter().collect()
+/// A connection that broke during a chain of deliveries.
+#[derive(Debug)]
+pub struct Broken<T> {
+    /// What broke it.
+    pub error: ConnError,
+    /// The messages it left unknown, the first one's at `error.stage`,
+    /// a chained successor's with nothing of it accepted.
+    pub unknown: Vec<Unknown<T>>,
 }
 
 /// A message as a connection sends it.
@@ -235,20 +243,29 @@ pub enum Delivery {
 /// An open SMTP client connection.
 pub struct Connection {
     stream: Stream,
+    /// The `name:port` it was opened to.
+    host: String,
     caps: Capabilities,
     timeouts: Timeouts,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     /// The read timeout set on the socket, so it is set only on change.
     read_timeout: Duration,
+    /// Transactions begun on it.
+    begun: u32,
 }
+
+/// A transaction under way: the message, its state, and how many were
+/// begun on the connection before it.
+type InFlight<T> = (T, Transaction, u32);
 
 impl Connection {
     /// Connects to `host` (`name:port`; each address it resolves to in
     /// turn), reads the greeting, sends EHLO (HELO if EHLO is refused),
     /// then STARTTLS and AUTH as `security` says. Opportunistic TLS whose
     /// handshake fails is logged and the connection opened again in plain
-    /// text; required TLS never falls back.
+    /// text; required TLS never falls back. A peer that refuses us with a
+    /// reply gets QUIT.
     pub fn open(
         host: &str,
         helo_name: &str,
@@ -256,7 +273,10 @@ impl Connection {
         security: &Security,
     ) -> Result<Connection, ConnError> {
         match Connection::open_once(host, helo_name, timeouts, security) {
-            Err(ConnError::Tls(e)) if security.mode == TlsMode::Opportunistic => {
+            Err(ConnError {
+                stage: Stage::Tls,
+                trouble: Trouble::Tls(e),
+            }) if security.mode == TlsMode::Opportunistic => {
                 warn!(
                     "host={host} {}: opportunistic TLS, falling back to plain text",
                     Printable(&e)
@@ -277,44 +297,47 @@ impl Connection {
         timeouts: &Timeouts,
         security: &Security,
     ) -> Result<Connection, ConnError> {
+        let connect = |e: String| ConnError::new(Stage::Connect, Trouble::Io(e));
         let addrs = host
             .to_socket_addrs()
-            .map_err(|e| ConnError::Connect(format!("{host}: {e}")))?;
+            .map_err(|e| connect(format!("{host}: {e}")))?;
         let mut errors = Vec::new();
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
                 Ok(stream) => {
-                    let mut c = Connection::greet(stream, helo_name, timeouts.clone())?;
-                    c.secure(host, helo_name, security)?;
+                    let mut c = Connection::greet(stream, host, helo_name, timeouts.clone())?;
+                    if let Err(e) = c.secure(helo_name, security) {
+                        if matches!(e.trouble, Trouble::Reply(_) | Trouble::Unsupported(_)) {
+                            // It listens: say goodbye.
+                            c.quit();
+                        }
+                        return Err(e);
+                    }
                     return Ok(c);
                 }
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
-        Err(ConnError::Connect(errors.join("; ")))
+        Err(connect(errors.join("; ")))
     }
 
     /// STARTTLS and AUTH on a greeted connection.
-    fn secure(
-        &mut self,
-        host: &str,
-        helo_name: &str,
-        security: &Security,
-    ) -> Result<(), ConnError> {
+    fn secure(&mut self, helo_name: &str, security: &Security) -> Result<(), ConnError> {
+        let host = self.host.clone();
         if security.mode != TlsMode::Off {
             if self.caps.starttls {
                 // Built only now: a peer that never offers STARTTLS never
                 // costs a TLS client (it reads the CA store).
                 let connector = security.connector()?;
-                let reply = self.exchange(b"STARTTLS\r\n")?;
+                let reply = self.exchange(Stage::Tls, b"STARTTLS\r\n")?;
                 if reply.code == 220 {
                     self.start_tls(
                         connector,
-                        security.server_name.as_deref().unwrap_or(host_name(host)),
+                        security.server_name.as_deref().unwrap_or(host_name(&host)),
                     )?;
                     self.ehlo(helo_name)?;
                 } else if security.mode == TlsMode::Required {
-                    return Err(ConnError::Tls(format!("STARTTLS refused: {reply}")));
+                    return Err(ConnError::new(Stage::Tls, Trouble::Reply(reply)));
                 } else {
                     warn!(
                         "host={host} STARTTLS refused ({}): opportunistic TLS, plain text",
@@ -322,13 +345,19 @@ impl Connection {
                     );
                 }
             } else if security.mode == TlsMode::Required {
-                return Err(ConnError::Tls("the peer does not offer STARTTLS".into()));
+                return Err(ConnError::new(
+                    Stage::Tls,
+                    Trouble::Unsupported("the peer does not offer STARTTLS".into()),
+                ));
             }
         }
         if let Some((user, password)) = &security.auth {
             if !self.stream.is_tls() && !security.auth_plaintext {
-                return Err(ConnError::Auth(
-                    "no TLS on this connection, and auth_plaintext is no".into(),
+                return Err(ConnError::new(
+                    Stage::Auth,
+                    Trouble::Unsupported(
+                        "no TLS on this connection, and auth_plaintext is no".into(),
+                    ),
                 ));
             }
             self.authenticate(user, password.expose())?;
@@ -339,17 +368,22 @@ impl Connection {
     fn start_tls(&mut self, connector: &TlsConnector, name: &str) -> Result<(), ConnError> {
         if !self.rbuf.is_empty() {
             // Octets after the 220 would be injected into the TLS session.
-            return Err(ConnError::Tls("data after the STARTTLS reply".into()));
+            return Err(ConnError::new(
+                Stage::Tls,
+                Trouble::Protocol("data after the STARTTLS reply".into()),
+            ));
         }
-        let placeholder = Stream::from(self.stream.tcp().try_clone()?);
+        let io = |e: io::Error| ConnError::new(Stage::Tls, io_trouble(&e));
+        let placeholder = Stream::from(self.stream.tcp().try_clone().map_err(io)?);
         let stream = std::mem::replace(&mut self.stream, placeholder);
         self.stream
             .tcp()
-            .set_read_timeout(Some(self.timeouts.helo.max(Duration::from_millis(1))))?;
+            .set_read_timeout(Some(self.timeouts.helo.max(Duration::from_millis(1))))
+            .map_err(io)?;
         self.read_timeout = Duration::ZERO;
         self.stream = stream
             .connect(connector, name)
-            .map_err(|e| ConnError::Tls(format!("{e} (certificate name checked: {name})")))?;
+            .map_err(|e| tls_error(format!("{e} (certificate name checked: {name})")))?;
         Ok(())
     }
 
@@ -360,39 +394,46 @@ impl Connection {
         let offered = |m: &str| self.caps.auth.iter().any(|a| a == m);
         let reply = if offered("PLAIN") {
             let token = b64(format!("\0{user}\0{password}").as_bytes());
-            self.exchange(format!("AUTH PLAIN {token}\r\n").as_bytes())?
+            self.exchange(Stage::Auth, format!("AUTH PLAIN {token}\r\n").as_bytes())?
         } else if offered("LOGIN") {
-            let mut reply = self.exchange(b"AUTH LOGIN\r\n")?;
+            let mut reply = self.exchange(Stage::Auth, b"AUTH LOGIN\r\n")?;
             for answer in [user, password] {
                 if reply.code != 334 {
                     break;
                 }
-                reply = self.exchange(format!("{}\r\n", b64(answer.as_bytes())).as_bytes())?;
+                reply = self.exchange(
+                    Stage::Auth,
+                    format!("{}\r\n", b64(answer.as_bytes())).as_bytes(),
+                )?;
             }
             reply
         } else {
-            return Err(ConnError::Auth(format!(
-                "the peer offers no AUTH PLAIN or LOGIN (offers: {})",
-                self.caps.auth.join(" ")
-            )));
+            return Err(ConnError::new(
+                Stage::Auth,
+                Trouble::Unsupported(format!(
+                    "the peer offers no AUTH PLAIN or LOGIN (offers: {})",
+                    self.caps.auth.join(" ")
+                )),
+            ));
         };
         if reply.code == 235 {
             Ok(())
         } else {
-            Err(ConnError::Auth(format!("refused: {reply}")))
+            Err(ConnError::new(Stage::Auth, Trouble::Reply(reply)))
         }
     }
 
-    /// Sends one command and reads its reply, whatever it is.
-    fn exchange(&mut self, line: &[u8]) -> Result<Reply, ConnError> {
-        self.write(line)?;
-        self.read_reply(self.timeouts.helo)
+    /// Sends one command at `stage` and reads its reply, whatever it is.
+    fn exchange(&mut self, stage: Stage, line: &[u8]) -> Result<Reply, ConnError> {
+        let at = |t| ConnError::new(stage, t);
+        self.write(line).map_err(at)?;
+        self.read_reply(self.timeouts.helo).map_err(at)
     }
 
     fn ehlo(&mut self, helo_name: &str) -> Result<(), ConnError> {
-        let ehlo = self.exchange(format!("EHLO {helo_name}\r\n").as_bytes())?;
+        let ehlo = self.exchange(Stage::Helo, format!("EHLO {helo_name}\r\n").as_bytes())?;
         if !ehlo.is_positive() {
-            return Err(ConnError::Greeting(ehlo));
+            return Err(ConnError::new(Stage::Helo, Trouble::Reply(ehlo)));
         }
         self.caps = Capabilities::from_ehlo(&ehlo);
         Ok(())
@@ -400,36 +441,51 @@ impl Connection {
 
     fn greet(
         stream: TcpStream,
+        host: &str,
         helo_name: &str,
         timeouts: Timeouts,
     ) -> Result<Connection, ConnError> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(timeouts.data))?;
+        let io = |e: io::Error| ConnError::new(Stage::Greeting, io_trouble(&e));
+        stream.set_nodelay(true).map_err(io)?;
+        stream.set_write_timeout(Some(timeouts.data)).map_err(io)?;
         let mut c = Connection {
             stream: Stream::from(stream),
+            host: host.to_string(),
             caps: Capabilities::default(),
             timeouts,
             rbuf: Vec::with_capacity(4096),
             wbuf: Vec::with_capacity(8192),
             read_timeout: Duration::ZERO,
+            begun: 0,
         };
-        let helo_timeout = c.timeouts.helo;
-        let greeting = c.read_reply(helo_timeout)?;
+        let greeting = c
+            .read_reply(c.timeouts.helo)
+            .map_err(|t| ConnError::new(Stage::Greeting, t))?;
         if greeting.code != 220 {
-            return Err(ConnError::Greeting(greeting));
+            // RFC 5321 §3.1: a client refused at the greeting sends QUIT.
+            if greeting.code != 421 {
+                c.quit();
+            }
+            return Err(ConnError::new(Stage::Greeting, Trouble::Reply(greeting)));
         }
-        c.write(format!("EHLO {helo_name}\r\n").as_bytes())?;
-        let ehlo = c.read_reply(helo_timeout)?;
+        let ehlo = c.exchange(Stage::Helo, format!("EHLO {helo_name}\r\n").as_bytes())?;
         if ehlo.is_positive() {
             c.caps = Capabilities::from_ehlo(&ehlo);
             return Ok(c);
         }
-        c.write(format!("HELO {helo_name}\r\n").as_bytes())?;
-        let helo = c.read_reply(helo_timeout)?;
+        let helo = c.exchange(Stage::Helo, format!("HELO {helo_name}\r\n").as_bytes())?;
         if !helo.is_positive() {
-            return Err(ConnError::Greeting(helo));
+            if helo.code != 421 {
+                c.quit();
+            }
+            return Err(ConnError::new(Stage::Helo, Trouble::Reply(helo)));
         }
         Ok(c)
+    }
+
+    /// The `name:port` this connection was opened to.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// A handle on the socket, so a stop can cut a stuck connection.
@@ -442,7 +498,7 @@ impl Connection {
     pub fn deliver<T: Outbound>(&mut self, item: T) -> Result<Delivery, ConnError> {
         let mut outcome = None;
         self.deliver_chain(item, || None, |_, d| outcome = Some(d))
-            .map_err(|(e, _)| e)?;
+            .map_err(|b| b.error)?;
         Ok(outcome.expect("a chain of one finishes its item"))
     }
 
@@ -452,26 +508,28 @@ impl Connection {
     /// lets content start a command group), so each message costs one round
     /// trip instead of two. `finished` gets every item whose outcome is
     /// known. On `Err` the connection is unusable, and the error comes with
-    /// the items whose outcome is not known (to be retried).
+    /// the items whose outcome is not known, each with how far it got.
     pub fn deliver_chain<T: Outbound>(
         &mut self,
         first: T,
         mut next: impl FnMut() -> Option<T>,
         mut finished: impl FnMut(T, Delivery),
-    ) -> Result<(), (ConnError, Vec<T>)> {
+    ) -> Result<(), Broken<T>> {
         let mut queued = Some(first);
-        let mut in_flight: Option<(T, Transaction)> = None;
+        let mut in_flight: Option<InFlight<T>> = None;
         loop {
-            let (item, mut t) = match in_flight.take() {
+            let (item, mut t, earlier) = match in_flight.take() {
                 Some(x) => x,
                 None => {
                     let Some(item) = queued.take().or_else(&mut next) else {
                         return Ok(());
                     };
                     match self.begin(&item) {
-                        Ok((t, commands)) => match self.write(&commands) {
-                            Ok(()) => (item, t),
-                            Err(e) => return Err((e, vec![item])),
+                        Ok((t, commands, earlier)) => match self.write(&commands) {
+                            Ok(()) => (item, t, earlier),
+                            Err(trouble) => {
+                                return Err(broken(Stage::Mail, trouble, (item, earlier), None));
+                            }
                         },
                         Err(refusal) => {
                             finished(item, Delivery::Refused(refusal));
@@ -480,25 +538,16 @@ impl Connection {
                     }
                 }
             };
-            let mut chained: Option<(T, Transaction)> = None;
-            let unknown = |item: T, chained: Option<(T, Transaction)>| {
-                let mut v = vec![item];
-                v.extend(chained.map(|(i, _)| i));
-                v
-            };
+            let mut chained: Option<InFlight<T>> = None;
             loop {
+                let stage = stage_of(t.expecting());
                 let reply = match self.read_reply(self.timeout_for(&t)) {
-                    Ok(r) if r.code == 421 => {
-                        return Err((ConnError::ServiceClosing(r), unknown(item, chained)));
+                    Ok(r) if policy::ends_session(stage, &r, earlier) => {
+                        let trouble = Trouble::Reply(r);
+                        return Err(broken(stage, trouble, (item, earlier), chained));
                     }
                     Ok(r) => r,
-                    Err(e) if t.expecting() == Expect::Final => {
-                        return Err((
-                            ConnError::AfterFinalDot(Box::new(e)),
-                            unknown(item, chained),
-                        ));
-                    }
-                    Err(e) => return Err((e, unknown(item, chained))),
+                    Err(trouble) => return Err(broken(stage, trouble, (item, earlier), chained)),
                 };
                 let sent = match t.on_reply(reply) {
                     Step::Send(bytes) => self.write(&bytes),
@@ -510,9 +559,9 @@ impl Connection {
                         if self.caps.pipelining {
                             if let Some(n) = next() {
                                 match self.begin(&n) {
-                                    Ok((t2, commands)) => {
+                                    Ok((t2, commands, e2)) => {
                                         buf.extend_from_slice(&commands);
-                                        chained = Some((n, t2));
+                                        chained = Some((n, t2, e2));
                                     }
                                     Err(refusal) => finished(n, Delivery::Refused(refusal)),
                                 }
@@ -524,16 +573,19 @@ impl Connection {
                     }
                     Step::Done => break,
                 };
-                if let Err(e) = sent {
-                    return Err((e, unknown(item, chained)));
+                if let Err(trouble) = sent {
+                    let stage = match t.expecting() {
+                        Expect::Final => Stage::Content,
+                        e => stage_of(e),
+                    };
+                    return Err(broken(stage, trouble, (item, earlier), chained));
                 }
             }
             // Content was sent only if the transaction completed, so a
             // transaction that needs RSET never has a chained successor.
-            let reset = if t.needs_reset() {
-                self.command("RSET\r\n")
-            } else {
-                Ok(())
+            let reset = match policy::after(!t.needs_reset()) {
+                Next::Reset => self.command(Stage::Reset, "RSET\r\n"),
+                _ => Ok(()),
             };
             let replies = t
                 .outcomes()
@@ -541,21 +593,36 @@ impl Connection {
                 .map(|o| o.clone().expect("transaction done"))
                 .collect();
             finished(item, Delivery::Replies(replies));
-            if let Err(e) = reset {
-                return Err((e, unknown_rest(chained)));
+            if let Err(error) = reset {
+                return Err(Broken {
+                    error,
+                    unknown: chained
+                        .map(|(item, _, earlier)| Unknown {
+                            item,
+                            stage: Stage::Mail,
+                            earlier,
+                        })
+                        .into_iter()
+                        .collect(),
+                });
             }
             in_flight = chained;
         }
     }
 
-    fn begin<T: Outbound>(&self, item: &T) -> Result<(Transaction, Vec<u8>), Refusal> {
-        Transaction::start(
+    /// Plans the next transaction: its state, its first commands, and how
+    /// many were begun before it.
+    fn begin<T: Outbound>(&mut self, item: &T) -> Result<(Transaction, Vec<u8>, u32), Refusal> {
+        let (t, commands) = Transaction::start(
             &self.caps,
             item.from(),
             item.rcpts(),
             item.data().len() as u64,
             item.body_type(),
-        )
+        )?;
+        let earlier = self.begun;
+        self.begun += 1;
+        Ok((t, commands, earlier))
     }
 
     fn timeout_for(&self, t: &Transaction) -> Duration {
@@ -569,7 +636,50 @@ impl Connection {
 
     /// Sends NOOP to keep an idle connection open and prove it is alive.
     pub fn noop(&mut self) -> Result<(), ConnError> {
-        self.command("NOOP\r\n")
+        self.command(Stage::Idle, "NOOP\r\n")
+    }
+
+    /// Looks, without waiting, at an idle connection before reusing it:
+    /// the peer has closed it, or said something unasked (a 421 before
+    /// its idle timeout closes it), or it is fine (`None`).
+    pub fn gone(&self) -> Option<ConnError> {
+        let mut buf = [0u8; 64];
+        let idle = |t| Some(ConnError::new(Stage::Idle, t));
+        if !self.rbuf.is_empty() {
+            return idle(Trouble::Protocol("data after the last reply".into()));
+        }
+        // SAFETY: a valid socket and buffer; MSG_PEEK leaves what is there.
+        let n = unsafe {
+            libc::recv(
+                self.stream.tcp().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => idle(Trouble::Closed),
+            n if n > 0 => {
+                let seen = &buf[..n as usize];
+                if !self.stream.is_tls() && seen.starts_with(b"421") {
+                    let text = String::from_utf8_lossy(seen);
+                    let text = text.lines().next().unwrap_or("").to_string();
+                    idle(Trouble::Protocol(format!(
+                        "said while idle: {}",
+                        Printable(&text)
+                    )))
+                } else {
+                    idle(Trouble::Protocol("data while idle".into()))
+                }
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                    _ => idle(io_trouble(&e)),
+                }
+            }
+        }
     }
 
     /// Sends QUIT, waits briefly for the reply, and closes.
@@ -585,38 +695,75 @@ impl Connection {
         let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
 
-    fn command(&mut self, line: &str) -> Result<(), ConnError> {
-        self.write(line.as_bytes())?;
-        let reply = self.read_reply(self.timeouts.helo)?;
+    fn command(&mut self, stage: Stage, line: &str) -> Result<(), ConnError> {
+        let reply = self.exchange(stage, line.as_bytes())?;
         if reply.is_positive() {
             Ok(())
         } else {
-            Err(ConnError::ServiceClosing(reply))
+            Err(ConnError::new(stage, Trouble::Reply(reply)))
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        self.stream.write_all(bytes)?;
-        Ok(())
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Trouble> {
+        self.stream.write_all(bytes).map_err(|e| io_trouble(&e))
     }
 
-    fn read_reply(&mut self, timeout: Duration) -> Result<Reply, ConnError> {
+    fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Trouble> {
         let timeout = timeout.max(Duration::from_millis(1));
         if timeout != self.read_timeout {
-            self.stream.tcp().set_read_timeout(Some(timeout))?;
+            self.stream
+                .tcp()
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| io_trouble(&e))?;
             self.read_timeout = timeout;
         }
         loop {
-            if let Some((reply, used)) = Reply::parse(&self.rbuf).map_err(ConnError::Protocol)? {
+            if let Some((reply, used)) =
+                Reply::parse(&self.rbuf).map_err(|e| Trouble::Protocol(e.to_string()))?
+            {
                 self.rbuf.drain(..used);
                 return Ok(reply);
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk)?;
+            let n = self.stream.read(&mut chunk).map_err(|e| io_trouble(&e))?;
             if n == 0 {
-                return Err(ConnError::Closed);
+                return Err(Trouble::Closed);
             }
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
+    }
+}
+
+/// The stage a transaction waiting for `e` is at.
+fn stage_of(e: Expect) -> Stage {
+    match e {
+        Expect::Mail => Stage::Mail,
+        Expect::Rcpt(_) => Stage::Rcpt,
+        Expect::Data | Expect::EmptyData => Stage::Data,
+        Expect::Final | Expect::Done => Stage::Final,
+    }
+}
+
+/// The error of a connection that broke on `first` at `stage`, with a
+/// chained successor of which nothing was accepted.
+fn broken<T>(
+    stage: Stage,
+    trouble: Trouble,
+    (item, earlier): (T, u32),
+    chained: Option<InFlight<T>>,
+) -> Broken<T> {
+    let mut unknown = vec![Unknown {
+        item,
+        stage,
+        earlier,
+    }];
+    unknown.extend(chained.map(|(item, _, earlier)| Unknown {
+        item,
+        stage: Stage::Mail,
+        earlier,
+    }));
+    Broken {
+        error: ConnError::new(stage, trouble),
+        unknown,
     }
 }

@@ -41,6 +41,8 @@ pub struct Control {
     held: std::sync::atomic::AtomicBool,
     /// Removed from the configuration by a reload.
     removed: std::sync::atomic::AtomicBool,
+    /// Our TLS or AUTH settings and the peer's do not agree.
+    misconfigured: std::sync::atomic::AtomicBool,
     health: Mutex<Health>,
     probe_min: Duration,
     probe_max: Duration,
@@ -64,6 +66,7 @@ impl Control {
             allowance: AtomicUsize::new(allowance),
             held: std::sync::atomic::AtomicBool::new(false),
             removed: std::sync::atomic::AtomicBool::new(false),
+            misconfigured: std::sync::atomic::AtomicBool::new(false),
             health: Mutex::new(Health {
                 healthy: true,
                 connection_failures: 0,
@@ -112,6 +115,17 @@ impl Control {
     /// True while a reload has removed the peer.
     pub fn removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+
+    /// Marks the peer's TLS or AUTH as not working with our settings, or
+    /// working again; true if that changed.
+    pub fn set_misconfigured(&self, yes: bool) -> bool {
+        self.misconfigured.swap(yes, Ordering::AcqRel) != yes
+    }
+
+    /// True while our TLS or AUTH settings and the peer's do not agree.
+    pub fn misconfigured(&self) -> bool {
+        self.misconfigured.load(Ordering::Acquire)
     }
 
     /// True unless the peer is being probed.

@@ -10,6 +10,7 @@
 
 mod connection;
 mod control;
+pub mod policy;
 mod worker;
 
 pub use connection::{ConnError, Connection, Delivery, Outbound, Security, Timeouts};
@@ -17,7 +18,7 @@ pub use control::{Change, Control, Hosts};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,8 @@ pub struct PeerSnapshot {
     /// Removed from the configuration by a reload: takes no new messages,
     /// keeps its queue.
     pub removed: bool,
+    /// Our TLS or AUTH settings and the peer's do not agree.
+    pub misconfigured: bool,
     /// Age in seconds of the oldest message queued for it.
     pub oldest_secs: Option<u64>,
     /// Recipients delivered per second lately, times 1000.
@@ -169,12 +172,15 @@ pub struct PeerSnapshot {
 }
 
 impl PeerSnapshot {
-    /// One word for the status table: removed, held, probing or ok.
+    /// One word for the status table: removed, held, misconfigured,
+    /// probing or ok.
     pub fn state(&self) -> &'static str {
         if self.removed {
             "removed"
         } else if self.held {
             "held"
+        } else if self.misconfigured {
+            "misconfigured"
         } else if !self.healthy {
             "probing"
         } else {
@@ -246,6 +252,9 @@ pub struct Settings {
     hosts: Arc<Hosts>,
     /// TLS and AUTH.
     security: Security,
+    /// Messages per connection the peer was seen to allow (0: none seen),
+    /// kept until the next reload replaces these settings.
+    learned_limit: AtomicU32,
 }
 
 impl Settings {
@@ -258,7 +267,31 @@ impl Settings {
                 Arc::new(Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max))
             }),
             cfg,
+            learned_limit: AtomicU32::new(0),
         }
+    }
+
+    /// Messages a connection may carry: `max_messages_per_connection`, or
+    /// less if the peer was seen to end sessions sooner; 0 means no limit.
+    pub fn message_limit(&self) -> u32 {
+        let learned = self.learned_limit.load(Ordering::Acquire);
+        match (self.cfg.max_messages_per_connection, learned) {
+            (0, l) | (l, 0) => l,
+            (c, l) => c.min(l),
+        }
+    }
+
+    /// Takes `n` as the peer's limit if it is lower than the one in force;
+    /// true if it was.
+    fn learn_limit(&self, n: u32) -> bool {
+        n > 0
+            && (self.message_limit() == 0 || n < self.message_limit())
+            && self
+                .learned_limit
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    (l == 0 || n < l).then_some(n)
+                })
+                .is_ok()
     }
 }
 
@@ -387,6 +420,7 @@ impl PeerView {
             last_error: s.last_error.lock().clone(),
             held: self.shared.control.held(),
             removed: self.shared.control.removed(),
+            misconfigured: self.shared.control.misconfigured(),
             oldest_secs: queue
                 .oldest(self.shared.id)
                 .map(|t| queue.now().duration_since(t).unwrap_or_default().as_secs()),

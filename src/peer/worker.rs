@@ -3,21 +3,24 @@
 //! messages (NOOP while idle), reopens with backoff when it breaks, and
 //! closes with QUIT at the stop.
 //!
-//! Outcome policy per recipient: 2xx sent; 5xx failed; 4xx, or any
-//! connection trouble before the final reply, deferred and retried later.
-//! A message in flight when a connection breaks is never dropped.
+//! What each reply and each failure means (sent, deferred, failed, tried
+//! again at once on a new connection; the connection kept or closed; the
+//! peer's health) is `policy`'s decision: this file carries it out. A
+//! message in flight when a connection breaks is never dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, TryRecvError, select};
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::connection::{ConnError, Connection, Delivery};
+use super::policy::{self, Attempt, Fate, Health, Next, Reason, Stage, Trouble};
 use super::{Change, Settings, Shared, WorkerContext};
 use crate::message::Job;
 use crate::printable::{Brief, Printable};
+use crate::queue::Admission;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
 
@@ -46,6 +49,13 @@ pub(super) struct Worker {
     backoff: Duration,
 }
 
+/// Why no connection could be had for a message.
+struct NoConnection {
+    error: ConnError,
+    /// Every host refused us with a 5xx: the recipients fail.
+    refused: bool,
+}
+
 impl Worker {
     pub(super) fn new(
         index: usize,
@@ -70,9 +80,9 @@ impl Worker {
     pub(super) fn run(mut self) {
         if self.index < self.peer.control.allowance() && self.ctx.budget.try_acquire() {
             if let Err(e) = self.connect() {
-                warn!(
-                    "peer={} worker={} initial connect failed: {e}",
-                    self.peer.name, self.index
+                debug!(
+                    "peer={} worker={} initial connect failed: {}",
+                    self.peer.name, self.index, e.error
                 );
             }
         }
@@ -80,10 +90,7 @@ impl Worker {
             let control = &self.peer.control;
             if self.index >= control.allowance() {
                 // Above the allowance: give the connection back and wait.
-                if let Some(c) = self.conn.take() {
-                    c.quit();
-                    self.closed();
-                }
+                self.quit(Reason::Allowance);
                 if self.pause(IDLE_TICK) {
                     break;
                 }
@@ -108,10 +115,7 @@ impl Worker {
                 default(IDLE_TICK) => self.keepalive(),
             }
         }
-        if let Some(c) = self.conn.take() {
-            c.quit();
-            self.closed();
-        }
+        self.quit(Reason::Stop);
     }
 
     /// Waits `d` unless the relay stops first; true if it stopped.
@@ -127,29 +131,32 @@ impl Worker {
             return;
         }
         self.last_used = Instant::now();
-        if let Some(c) = self.conn.as_mut() {
-            if let Err(e) = c.noop() {
-                info!(
-                    "peer={} worker={} idle connection lost: {e}",
-                    self.peer.name, self.index
-                );
-                self.drop_connection();
-            }
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        if let Some(e) = c.gone().map_or_else(|| c.noop().err(), Some) {
+            let v = policy::trouble(e.stage, &e.trouble, Attempt::default());
+            self.broke(&e, v.next);
         }
     }
 
     /// Opens a connection; the caller holds a budget slot, which this
-    /// releases on failure.
-    fn connect(&mut self) -> Result<(), ConnError> {
+    /// releases on failure. Hosts are tried in turn; one that refuses us
+    /// got QUIT.
+    fn connect(&mut self) -> Result<(), NoConnection> {
         let p = self.peer.clone();
         let settings = p.settings();
         let hosts = &settings.hosts;
         let mut last = None;
+        let mut refused = true;
         for i in hosts.order() {
             let host = hosts.name(i);
             match Connection::open(host, &p.helo_name, &settings.timeouts, &settings.security) {
                 Ok(c) => {
                     hosts.up(i);
+                    if p.control.set_misconfigured(false) {
+                        info!("peer={} TLS and AUTH work again", p.name);
+                    }
                     p.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
                     p.stats.connections_open.fetch_add(1, Ordering::Relaxed);
                     p.streams.lock()[self.index] = c.try_clone_stream().ok();
@@ -162,26 +169,51 @@ impl Worker {
                     return Ok(());
                 }
                 Err(e) => {
-                    info!(
-                        "peer={} host={host} failed: {}",
-                        p.name,
-                        Printable(&e.to_string())
-                    );
+                    let v = policy::trouble(e.stage, &e.trouble, Attempt::default());
+                    refused &= v.fate == Fate::Failed;
+                    if v.health == Health::Misconfigured {
+                        // Said once, when the peer's state changes.
+                        debug!("peer={} host={host} failed: {e}", p.name);
+                    } else {
+                        info!("peer={} host={host} failed: {e}", p.name);
+                    }
                     hosts.failed(i);
-                    last = Some(e);
+                    last = Some((e, v.health));
                 }
             }
         }
-        let e = last.unwrap_or_else(|| ConnError::Connect("no hosts".into()));
         self.ctx.budget.release();
-        *p.stats.last_error.lock() = e.to_string();
-        self.report(p.control.connection_failed(), &e.to_string());
-        Err(e)
+        let (error, health) = last.unwrap_or_else(|| {
+            let e = ConnError {
+                stage: Stage::Connect,
+                trouble: Trouble::Io("no hosts".into()),
+            };
+            (e, Health::ConnectionFailed)
+        });
+        *p.stats.last_error.lock() = error.to_string();
+        self.health(health, &error.to_string());
+        Err(NoConnection { error, refused })
     }
 
-    /// Logs a change of the peer's health.
-    fn report(&self, change: Change, why: &str) {
+    /// Reports an outcome to the peer's health, and logs what changed.
+    fn health(&self, health: Health, why: &str) {
+        let control = &self.peer.control;
         let name = &self.peer.name;
+        let change = match health {
+            Health::None => Change::None,
+            Health::Answered => control.answered(),
+            Health::Transient => control.transient(),
+            Health::ConnectionFailed => control.connection_failed(),
+            Health::Misconfigured => {
+                if control.set_misconfigured(true) {
+                    warn!(
+                        "peer={name} misconfigured: \"{}\": messages stay queued until the TLS or AUTH settings and the peer's agree",
+                        Printable(why)
+                    );
+                }
+                control.connection_failed()
+            }
+        };
         match change {
             Change::Failed => warn!(
                 "peer={name} unhealthy after \"{}\": one probing connection, the rest stays queued",
@@ -192,27 +224,64 @@ impl Worker {
         }
     }
 
-    /// True if the open connection reached max_messages_per_connection or
-    /// max_connection_age, or was made before a reload.
-    fn worn_out(&self) -> bool {
+    /// Why the open connection should not take another message:
+    /// max_messages_per_connection (configured or learnt),
+    /// max_connection_age, or made before a reload.
+    fn worn_out(&self) -> Option<Reason> {
         let settings = self.peer.settings();
-        let cfg = &settings.cfg;
-        let reloaded = self
+        let limit = settings.message_limit();
+        if self
             .conn_settings
             .as_ref()
-            .is_some_and(|s| !Arc::ptr_eq(s, &settings));
-        self.conn.is_some()
-            && (reloaded
-                || (cfg.max_messages_per_connection > 0
-                    && self.conn_messages >= cfg.max_messages_per_connection)
-                || (!cfg.max_connection_age.is_zero()
-                    && self.conn_since.elapsed() >= cfg.max_connection_age))
+            .is_some_and(|s| !Arc::ptr_eq(s, &settings))
+        {
+            Some(Reason::Reload)
+        } else if limit > 0 && self.conn_messages >= limit {
+            Some(Reason::MessageLimit)
+        } else if !settings.cfg.max_connection_age.is_zero()
+            && self.conn_since.elapsed() >= settings.cfg.max_connection_age
+        {
+            Some(Reason::Age)
+        } else {
+            None
+        }
     }
 
-    fn drop_connection(&mut self) {
-        if self.conn.take().is_some() {
+    /// Closes the open connection with QUIT, for `reason`.
+    fn quit(&mut self, reason: Reason) {
+        if let Some(c) = self.conn.take() {
+            info!(
+                "peer={} worker={} host={} closing the connection: {reason}",
+                self.peer.name,
+                self.index,
+                c.host()
+            );
+            c.quit();
             self.closed();
         }
+    }
+
+    /// Carries out `next` for the open connection after `e`.
+    fn broke(&mut self, e: &ConnError, next: Next) {
+        let Some(c) = self.conn.take() else {
+            return;
+        };
+        let reason = match next {
+            Next::Close(r) => r,
+            Next::Keep | Next::Reset => Reason::Lost,
+        };
+        info!(
+            "peer={} worker={} host={} closing the connection: {reason} ({})",
+            self.peer.name,
+            self.index,
+            c.host(),
+            Printable(&e.to_string())
+        );
+        if reason == Reason::SessionLimit || reason == Reason::ResetRefused {
+            // The peer still listens: say goodbye.
+            c.quit();
+        }
+        self.closed();
     }
 
     fn closed(&mut self) {
@@ -231,71 +300,106 @@ impl Worker {
         self.peer.stats.busy.fetch_sub(1, Ordering::Relaxed);
     }
 
+    fn expired(&self, job: &Job) -> bool {
+        self.ctx.queue.now() >= job.message.expires
+    }
+
     fn attempt(&mut self, mut job: Job) {
-        if self.ctx.queue.is_deleted(&job.message.id) {
-            return;
-        }
-        if self.ctx.queue.is_held(&job.message.id) {
+        match self.ctx.queue.admission(&job) {
+            Admission::Deleted => return,
             // Held since it entered the pool: it waits with the manager.
-            self.ctx.queue.put_back(job);
-            return;
-        }
-        job.attempts += 1;
-        // Expiry bounds the retries: the first attempt is always made (the
-        // receiving MMSC enforces X-Mms-Expiry towards its subscriber).
-        if job.attempts > 1 && self.ctx.queue.now() >= job.message.expires {
-            let reply = Reply::new(554, "5.4.7 delivery time expired");
-            let replies = vec![reply; job.rcpts.len()];
-            self.dispose(job, replies);
-            return;
-        }
-        if self.worn_out() {
-            // max_messages_per_connection, max_connection_age or a
-            // reload (new hosts, TLS, AUTH): start afresh.
-            if let Some(c) = self.conn.take() {
-                c.quit();
-                self.closed();
+            Admission::Held => return self.ctx.queue.put_back(job),
+            Admission::Expired => {
+                job.attempts += 1;
+                return self.expire(job, "");
             }
+            Admission::Deliver => job.attempts += 1,
         }
-        if self.conn.is_none() {
-            while !self.ctx.budget.try_acquire() {
-                if self.pause(BUDGET_POLL) {
-                    self.defer(job, "relay stopping before a connection slot was free");
+        let mut retried = false;
+        loop {
+            if let Some(reason) = self.worn_out() {
+                self.quit(reason);
+            }
+            if let Some(e) = self.conn.as_ref().and_then(Connection::gone) {
+                let v = policy::trouble(e.stage, &e.trouble, Attempt::default());
+                self.broke(&e, v.next);
+            }
+            if self.conn.is_none() {
+                while !self.ctx.budget.try_acquire() {
+                    if self.pause(BUDGET_POLL) {
+                        self.defer(job, "relay stopping before a connection slot was free");
+                        return;
+                    }
+                }
+                if let Err(no) = self.connect() {
+                    return self.unconnected(job, no);
+                }
+            }
+            let settings = self.peer.settings();
+            if let Some(bucket) = &settings.rate {
+                let wait = bucket.reserve();
+                if !wait.is_zero() && self.pause(wait) {
+                    self.defer(job, "relay stopping while rate-limited");
                     return;
                 }
             }
-            if let Err(e) = self.connect() {
-                warn!(
-                    "peer={} worker={} connect failed: {}",
-                    self.peer.name,
-                    self.index,
-                    Printable(&e.to_string())
-                );
+            match self.chain(job, retried, &settings) {
+                Some(again) => {
+                    job = again;
+                    retried = true;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A message for which no connection could be had.
+    fn unconnected(&mut self, job: Job, no: NoConnection) {
+        let e = no.error;
+        let v = policy::trouble(
+            e.stage,
+            &e.trouble,
+            Attempt {
+                expired: self.expired(&job),
+                ..Attempt::default()
+            },
+        );
+        match (&e.trouble, v.fate) {
+            (Trouble::Reply(r), Fate::Failed) if no.refused => {
+                let replies = vec![r.clone(); job.rcpts.len()];
+                self.dispose(job, replies, "-");
+            }
+            (_, Fate::Expired) => self.expire(job, &e.to_string()),
+            _ => {
+                if v.health != Health::Misconfigured {
+                    warn!(
+                        "peer={} worker={} connect failed: {}",
+                        self.peer.name,
+                        self.index,
+                        Printable(&e.to_string())
+                    );
+                }
                 self.defer(job, &e.to_string());
                 self.pause(self.backoff);
                 self.backoff = (self.backoff * 2).min(CONNECT_BACKOFF_MAX);
-                return;
             }
         }
-        let settings = self.peer.settings();
-        if let Some(bucket) = &settings.rate {
-            let wait = bucket.reserve();
-            if !wait.is_zero() && self.pause(wait) {
-                self.defer(job, "relay stopping while rate-limited");
-                return;
-            }
-        }
-        // Chain further jobs from the pool onto this connection while they
-        // are waiting, unless the relay is stopping, the peer is
+    }
+
+    /// Delivers `job`, then further jobs from the pool while they are
+    /// waiting, over the open connection. Returns a job to try again at
+    /// once on a new connection (`retried`: `job` already was).
+    fn chain(&mut self, job: Job, retried: bool, settings: &Settings) -> Option<Job> {
+        // Chain further jobs unless the relay is stopping, the peer is
         // rate-limited (each message waits for its token), or the
         // connection has carried its share.
-        let mut conn = self.conn.take().expect("connected above");
+        let mut conn = self.conn.take().expect("connected by the caller");
         let (jobs, stop, queue) = (
             self.jobs.clone(),
             self.ctx.stop.clone(),
             self.ctx.queue.clone(),
         );
-        let limit = settings.cfg.max_messages_per_connection;
+        let limit = settings.message_limit();
         let chain = settings.rate.is_none();
         let taken = std::cell::Cell::new(self.conn_messages + 1);
         let next = || {
@@ -303,55 +407,83 @@ impl Worker {
             if !chain || full || matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                 return None;
             }
-            // What needs more than a delivery (deleted, held, expired)
-            // is left to `attempt`: the chain stops there.
+            // What needs more than a delivery (held, expired) is left to
+            // `attempt`: the chain stops there.
             loop {
                 let mut j = jobs.try_recv().ok()?;
-                if queue.is_deleted(&j.message.id) {
-                    continue;
-                }
-                if queue.is_held(&j.message.id)
-                    || (j.attempts > 0 && queue.now() >= j.message.expires)
-                {
-                    queue.put_back(j);
-                    return None;
+                match queue.admission(&j) {
+                    Admission::Deleted => continue,
+                    Admission::Held | Admission::Expired => {
+                        queue.put_back(j);
+                        return None;
+                    }
+                    Admission::Deliver => {}
                 }
                 taken.set(taken.get() + 1);
                 j.attempts += 1;
                 return Some(j);
             }
         };
-        let result = conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery));
+        let retried_id = retried.then(|| job.message.id.clone());
+        let host = conn.host().to_string();
+        let result =
+            conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery, &host));
         self.conn_messages = taken.get();
-        match result {
-            Ok(()) => self.conn = Some(conn),
-            Err((e, unknown)) => {
-                *self.peer.stats.last_error.lock() = e.to_string();
-                drop(conn);
-                self.closed();
-                self.report(self.peer.control.connection_failed(), &e.to_string());
-                let reason = match e {
-                    ConnError::ServiceClosing(r) => r.to_string(),
-                    other => other.to_string(),
-                };
-                for job in unknown {
-                    self.defer(job, &reason);
+        self.conn = Some(conn);
+        let broken = match result {
+            Ok(()) => return None,
+            Err(b) => b,
+        };
+        let e = broken.error;
+        *self.peer.stats.last_error.lock() = e.to_string();
+        let mut again = None;
+        let mut first = None;
+        for (i, u) in broken.unknown.into_iter().enumerate() {
+            let a = Attempt {
+                earlier: u.earlier,
+                retried: retried_id.as_ref() == Some(&u.item.message.id),
+                expired: self.expired(&u.item),
+            };
+            let v = policy::trouble(u.stage, &e.trouble, a);
+            if i == 0 {
+                first = Some(v);
+            }
+            match v.fate {
+                Fate::RetryNow if again.is_none() => {
+                    info!(
+                        "{} peer={} worker={} trying again at once on a new connection: {}",
+                        u.item.message.id,
+                        self.peer.name,
+                        self.index,
+                        Printable(&e.to_string())
+                    );
+                    again = Some(u.item);
+                }
+                Fate::Expired => self.expire(u.item, &e.to_string()),
+                _ => self.defer(u.item, &e.to_string()),
+            }
+            // Only the message the trouble came at can tell a limit.
+            if let Some(n) = v.limit.filter(|_| i == 0) {
+                if settings.learn_limit(n) {
+                    info!(
+                        "peer={} ends sessions after {n} messages (\"{}\"): max_messages_per_connection = {n} until the next reload",
+                        self.peer.name,
+                        Printable(&e.trouble.to_string())
+                    );
                 }
             }
         }
+        let v = first.expect("a broken chain leaves a message unknown");
+        self.broke(&e, v.next);
+        self.health(v.health, &e.to_string());
+        again
     }
 
-    fn finish(&mut self, job: Job, delivery: Delivery) {
+    fn finish(&mut self, job: Job, delivery: Delivery, host: &str) {
         self.last_used = Instant::now();
         let replies = match delivery {
             Delivery::Replies(r) => {
-                let control = &self.peer.control;
-                let change = if r.iter().all(Reply::is_transient) {
-                    control.transient()
-                } else {
-                    control.answered()
-                };
-                self.report(change, &r[0].to_string());
+                self.health(policy::answered(&r), &r[0].to_string());
                 r
             }
             Delivery::Refused(refusal) => {
@@ -365,22 +497,45 @@ impl Worker {
                 vec![reply; job.rcpts.len()]
             }
         };
-        self.dispose(job, replies);
+        self.dispose(job, replies, host);
     }
 
-    /// Splits recipients by the class of their reply: logs each group,
-    /// counts them, and queues the deferred ones again.
-    fn dispose(&mut self, job: Job, replies: Vec<Reply>) {
+    /// Fails every recipient of `job`: its time is up (`last`: why the
+    /// last attempt did not deliver, if one was just made).
+    fn expire(&mut self, job: Job, last: &str) {
+        let text = if last.is_empty() {
+            "5.4.7 delivery time expired".to_string()
+        } else {
+            format!("5.4.7 delivery time expired; last attempt: {last}")
+        };
+        let replies = vec![Reply::new(554, text); job.rcpts.len()];
+        self.dispose(job, replies, "-");
+    }
+
+    /// Splits recipients by the fate of their reply: logs each group,
+    /// counts them, and queues the deferred ones again. `host`: the one
+    /// the replies came from.
+    fn dispose(&mut self, job: Job, replies: Vec<Reply>, _host: &str) {
+        let expired = self.expired(&job);
         let mut deferred = Vec::new();
-        let mut groups: Vec<(&'static str, &Reply, Vec<String>)> = Vec::new();
+        let mut last = None;
+        let mut groups: Vec<(&'static str, Reply, Vec<String>)> = Vec::new();
         for (rcpt, reply) in job.rcpts.iter().zip(&replies) {
-            let status = if reply.is_positive() {
-                "sent"
-            } else if reply.is_transient() {
-                deferred.push(rcpt.clone());
-                continue;
-            } else {
-                "failed"
+            let (status, reply) = match policy::recipient(reply, expired) {
+                Fate::Sent => ("sent", reply.clone()),
+                Fate::Failed => ("failed", reply.clone()),
+                Fate::Expired => (
+                    "failed",
+                    Reply::new(
+                        554,
+                        format!("5.4.7 delivery time expired; last attempt: {reply}"),
+                    ),
+                ),
+                Fate::Deferred | Fate::RetryNow => {
+                    deferred.push(rcpt.clone());
+                    last.get_or_insert(reply);
+                    continue;
+                }
             };
             match groups
                 .iter_mut()
@@ -423,13 +578,7 @@ impl Worker {
             );
         }
         if !deferred.is_empty() {
-            let reply = job
-                .rcpts
-                .iter()
-                .zip(&replies)
-                .find(|(_, r)| r.is_transient())
-                .map(|(_, r)| r.to_string())
-                .unwrap_or_default();
+            let reply = last.map(Reply::to_string).unwrap_or_default();
             let retry = Job {
                 rcpts: deferred,
                 ..job
