@@ -54,6 +54,8 @@ struct NoConnection {
     error: ConnError,
     /// Every host refused us with a 5xx: the recipients fail.
     refused: bool,
+    /// The host the error came from.
+    host: String,
 }
 
 impl Worker {
@@ -178,21 +180,25 @@ impl Worker {
                         info!("peer={} host={host} failed: {e}", p.name);
                     }
                     hosts.failed(i);
-                    last = Some((e, v.health));
+                    last = Some((e, v.health, host.to_string()));
                 }
             }
         }
         self.ctx.budget.release();
-        let (error, health) = last.unwrap_or_else(|| {
+        let (error, health, host) = last.unwrap_or_else(|| {
             let e = ConnError {
                 stage: Stage::Connect,
                 trouble: Trouble::Io("no hosts".into()),
             };
-            (e, Health::ConnectionFailed)
+            (e, Health::ConnectionFailed, String::new())
         });
         *p.stats.last_error.lock() = error.to_string();
         self.health(health, &error.to_string());
-        Err(NoConnection { error, refused })
+        Err(NoConnection {
+            error,
+            refused,
+            host,
+        })
     }
 
     /// Reports an outcome to the peer's health, and logs what changed.
@@ -367,7 +373,7 @@ impl Worker {
         match (&e.trouble, v.fate) {
             (Trouble::Reply(r), Fate::Failed) if no.refused => {
                 let replies = vec![r.clone(); job.rcpts.len()];
-                self.dispose(job, replies, "-");
+                self.dispose(job, replies, Some(&no.host));
             }
             (_, Fate::Expired) => self.expire(job, &e.to_string()),
             _ => {
@@ -497,7 +503,7 @@ impl Worker {
                 vec![reply; job.rcpts.len()]
             }
         };
-        self.dispose(job, replies, host);
+        self.dispose(job, replies, Some(host));
     }
 
     /// Fails every recipient of `job`: its time is up (`last`: why the
@@ -509,13 +515,13 @@ impl Worker {
             format!("5.4.7 delivery time expired; last attempt: {last}")
         };
         let replies = vec![Reply::new(554, text); job.rcpts.len()];
-        self.dispose(job, replies, "-");
+        self.dispose(job, replies, None);
     }
 
     /// Splits recipients by the fate of their reply: logs each group,
-    /// counts them, and queues the deferred ones again. `host`: the one
-    /// the replies came from.
-    fn dispose(&mut self, job: Job, replies: Vec<Reply>, _host: &str) {
+    /// counts them, and queues the deferred ones again. `remote`: the host
+    /// the replies came from, if they came from one.
+    fn dispose(&mut self, job: Job, replies: Vec<Reply>, remote: Option<&str>) {
         let expired = self.expired(&job);
         let mut deferred = Vec::new();
         let mut last = None;
@@ -565,6 +571,7 @@ impl Worker {
             self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
+                let _ = remote;
                 self.ctx.bounce.failed(&job, &self.peer.name, rcpts, reply);
             }
             log_disposition(
