@@ -382,6 +382,7 @@ lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 ";
 
 // ---------------------------------------------------------------- smtp-sink
@@ -544,6 +545,7 @@ impl Exim {
              rfc1413_hosts =\n\
              smtp_accept_max = 100\n\
              smtp_accept_max_per_connection = {max_per_connection}\n\
+             smtp_accept_queue_per_connection = 0\n\
              message_size_limit = 10M\n\
              acl_smtp_rcpt = acl_check_rcpt\n\
              begin acl\n\
