@@ -235,6 +235,8 @@ pub enum Delivery {
 /// An open SMTP client connection.
 pub struct Connection {
     stream: Stream,
+    /// The host name it was opened to, without the port.
+    host: String,
     caps: Capabilities,
     timeouts: Timeouts,
     rbuf: Vec<u8>,
@@ -285,6 +287,7 @@ impl Connection {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
                 Ok(stream) => {
                     let mut c = Connection::greet(stream, helo_name, timeouts.clone())?;
+                    c.host = host_name(host).to_string();
                     c.secure(host, helo_name, security)?;
                     return Ok(c);
                 }
@@ -407,6 +410,7 @@ impl Connection {
         stream.set_write_timeout(Some(timeouts.data))?;
         let mut c = Connection {
             stream: Stream::from(stream),
+            host: String::new(),
             caps: Capabilities::default(),
             timeouts,
             rbuf: Vec::with_capacity(4096),
@@ -430,6 +434,11 @@ impl Connection {
             return Err(ConnError::Greeting(helo));
         }
         Ok(c)
+    }
+
+    /// The host this connection talks to (its name, without the port).
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// A handle on the socket, so a stop can cut a stuck connection.

@@ -246,7 +246,7 @@ impl Worker {
         if job.attempts > 1 && self.ctx.queue.now() >= job.message.expires {
             let reply = Reply::new(554, "5.4.7 delivery time expired");
             let replies = vec![reply; job.rcpts.len()];
-            self.dispose(job, replies);
+            self.dispose(job, replies, None);
             return;
         }
         if self.worn_out() {
@@ -321,7 +321,8 @@ impl Worker {
                 return Some(j);
             }
         };
-        let result = conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery));
+        let host = conn.host().to_string();
+        let result = conn.deliver_chain(job, next, |job, d| self.finish(job, d, &host));
         self.conn_messages = taken.get();
         match result {
             Ok(()) => self.conn = Some(conn),
@@ -341,9 +342,10 @@ impl Worker {
         }
     }
 
-    fn finish(&mut self, job: Job, delivery: Delivery) {
+    /// `host` is the one the connection talks to.
+    fn finish(&mut self, job: Job, delivery: Delivery, host: &str) {
         self.last_used = Instant::now();
-        let replies = match delivery {
+        let (replies, remote) = match delivery {
             Delivery::Replies(r) => {
                 let control = &self.peer.control;
                 let change = if r.iter().all(Reply::is_transient) {
@@ -352,7 +354,7 @@ impl Worker {
                     control.answered()
                 };
                 self.report(change, &r[0].to_string());
-                r
+                (r, Some(host))
             }
             Delivery::Refused(refusal) => {
                 let reply = match refusal {
@@ -362,15 +364,16 @@ impl Worker {
                     ),
                     Refusal::No8BitMime => Reply::new(554, "5.6.3 peer does not offer 8BITMIME"),
                 };
-                vec![reply; job.rcpts.len()]
+                (vec![reply; job.rcpts.len()], None)
             }
         };
-        self.dispose(job, replies);
+        self.dispose(job, replies, remote);
     }
 
     /// Splits recipients by the class of their reply: logs each group,
-    /// counts them, and queues the deferred ones again.
-    fn dispose(&mut self, job: Job, replies: Vec<Reply>) {
+    /// counts them, and queues the deferred ones again. `remote` is the
+    /// host that gave the replies (`None`: we made them up).
+    fn dispose(&mut self, job: Job, replies: Vec<Reply>, remote: Option<&str>) {
         let mut deferred = Vec::new();
         let mut groups: Vec<(&'static str, &Reply, Vec<String>)> = Vec::new();
         for (rcpt, reply) in job.rcpts.iter().zip(&replies) {
@@ -410,7 +413,9 @@ impl Worker {
             self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
-                self.ctx.bounce.failed(&job, &self.peer.name, rcpts, reply);
+                self.ctx
+                    .bounce
+                    .failed(&job, &self.peer.name, remote, rcpts, reply);
             }
             log_disposition(
                 &job,
