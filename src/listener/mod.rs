@@ -452,6 +452,7 @@ impl Handler for RelayHandler {
             &env.helo,
             &self.client_ip.to_string(),
             &tables.session.hostname,
+            env.protocol,
             &id,
             accepted,
         );

@@ -59,6 +59,18 @@ fn seqs(h: &Harness, peer: usize) -> Vec<usize> {
     v
 }
 
+/// The `with` value of the `Received:` line the relay put on a message.
+fn received_with(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let trace = text.split("\r\n\t").nth(1).unwrap_or_default();
+    let at = trace.find(" with ").expect("a with clause") + " with ".len();
+    trace[at..]
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn tls_harness(pki: &Pki, listener: &str, extra_relay: &str) -> Harness {
     Harness::with(Profile {
         extra_listener: format!("{}{listener}", pki.listener_lines()),
@@ -86,6 +98,14 @@ fn starttls_inbound_and_tls_required_before_mail() {
     assert_eq!(try_send(&mut local, TO_A, 2).code, 250);
     assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
     assert_eq!(seqs(&h, 0), [1, 2]);
+    // RFC 3848: STARTTLS without AUTH, then plain text.
+    let mut with: Vec<String> = h.sims[0]
+        .received()
+        .iter()
+        .map(|m| received_with(&m.data))
+        .collect();
+    with.sort();
+    assert_eq!(with, ["ESMTP", "ESMTPS"]);
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
@@ -459,6 +479,8 @@ fn inbound_auth_makes_a_partner() {
     );
     assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
     assert_eq!(seqs(&h, 0), [2]);
+    // STARTTLS and AUTH: RFC 3848's ESMTPSA.
+    assert_eq!(received_with(&h.sims[0].received()[0].data), "ESMTPSA");
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
