@@ -16,6 +16,7 @@ use log::LevelFilter;
 
 use crate::access::{AccessControl, Cidr};
 use crate::route::{Address, AddressKind, Router};
+use crate::tls::Identity;
 
 /// `[relay]` keys and their defaults (`""`: no default, key optional).
 pub const RELAY_KEYS: &[(&str, &str)] = &[
@@ -137,16 +138,6 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
-    }
-}
-
-/// A certificate with its private key, loaded and checked at parse time.
-#[derive(Clone)]
-pub struct TlsIdentity(pub native_tls::Identity);
-
-impl fmt::Debug for TlsIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TlsIdentity")
     }
 }
 
@@ -272,7 +263,7 @@ pub struct ListenerConfig {
     /// Addresses to accept SMTP on with TLS from the first octet.
     pub listen_tls: Vec<SocketAddr>,
     /// Our certificate: STARTTLS is offered when set.
-    pub tls_identity: Option<TlsIdentity>,
+    pub tls_identity: Option<Identity>,
     /// Clients that must STARTTLS before MAIL.
     pub tls_required_from: Vec<Cidr>,
     /// Offer AUTH before TLS too.
@@ -350,7 +341,7 @@ pub struct PeerConfig {
     /// The name to check the certificate against (default: the host's name).
     pub tls_server_name: Option<String>,
     /// Our client certificate, for mutual TLS.
-    pub tls_client_identity: Option<TlsIdentity>,
+    pub tls_client_identity: Option<Identity>,
     /// AUTH to this peer: user and password.
     pub auth: Option<(String, Secret)>,
     /// Allow AUTH without TLS.
@@ -501,7 +492,7 @@ impl Section<'_> {
         &self,
         [cert, key, p12, p12_password]: [&str; 4],
         warnings: &mut Vec<String>,
-    ) -> Result<Option<TlsIdentity>, ConfigError> {
+    ) -> Result<Option<Identity>, ConfigError> {
         let pem = (self.read_file(cert)?, self.read_file(key)?);
         let pkcs12 = self.read_file(p12)?;
         let (path, identity) = match (pem, pkcs12) {
@@ -516,7 +507,7 @@ impl Section<'_> {
             ((Some(_), None), _) => return Err(self.err(key, "", format!("{cert} needs {key}"))),
             ((None, Some(_)), _) => return Err(self.err(cert, "", format!("{key} needs {cert}"))),
             ((Some((_, c)), Some((kp, k))), None) => {
-                let id = native_tls::Identity::from_pkcs8(&c, &k).map_err(|e| {
+                let id = Identity::from_pem(&c, &k).map_err(|e| {
                     self.err(
                         key,
                         self.raw(key),
@@ -545,7 +536,7 @@ impl Section<'_> {
             }
             ((None, None), Some((pp, der))) => {
                 let password = self.raw(p12_password).trim();
-                let id = native_tls::Identity::from_pkcs12(&der, password).map_err(|e| {
+                let id = Identity::from_pkcs12(&der, password).map_err(|e| {
                     self.err(
                         p12,
                         self.raw(p12),
@@ -563,7 +554,7 @@ impl Section<'_> {
                 path.display()
             ));
         }
-        Ok(Some(TlsIdentity(identity)))
+        Ok(Some(identity))
     }
 
     fn cidrs(&self, key: &str) -> Result<Vec<Cidr>, ConfigError> {
