@@ -160,6 +160,9 @@ pub enum TlsMode {
     Opportunistic,
     /// STARTTLS or no delivery: never plain text.
     Required,
+    /// TLS from the first octet, before the greeting (port 465, "smtps"):
+    /// no STARTTLS, and never plain text.
+    Implicit,
 }
 
 /// A partner account for inbound AUTH.
@@ -969,7 +972,8 @@ impl Config {
                     "off" => Ok(TlsMode::Off),
                     "opportunistic" => Ok(TlsMode::Opportunistic),
                     "required" => Ok(TlsMode::Required),
-                    _ => Err("expected off, opportunistic or required".into()),
+                    "implicit" => Ok(TlsMode::Implicit),
+                    _ => Err("expected off, opportunistic, required or implicit".into()),
                 })?,
                 tls_verify: s.boolean("tls_verify")?,
                 tls_ca: match s.read_file("tls_ca_file")? {
@@ -1009,6 +1013,21 @@ impl Config {
                 },
                 auth_plaintext: s.boolean("auth_plaintext")?,
             };
+            if peer.tls == TlsMode::Implicit {
+                // 25 and 587 are where STARTTLS is spoken: TLS from the
+                // first octet there meets a plain greeting.
+                for h in peer
+                    .hosts
+                    .iter()
+                    .filter(|h| h.ends_with(":25") || h.ends_with(":587"))
+                {
+                    warnings.push(format!(
+                        "{}: [{}] tls = implicit to {h}: that port speaks plain SMTP \
+                         (STARTTLS); implicit TLS is usually on 465",
+                        s.file, s.name
+                    ));
+                }
+            }
             if peer.min_connections > peer.max_connections {
                 return Err(s.err(
                     "min_connections",
@@ -1319,6 +1338,28 @@ default = B
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.ini"))
+    }
+
+    #[test]
+    fn implicit_tls_parses_and_warns_on_a_starttls_port() {
+        let text = GOOD.replacen("local = yes\n", "local = yes\ntls = implicit\n", 1);
+        let c = parse(&text).unwrap();
+        assert_eq!(c.peers[0].tls, TlsMode::Implicit);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&text.replacen("127.0.0.1:2600", "127.0.0.1:25", 1)).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("[peer.A] tls = implicit to 127.0.0.1:25"),
+            "{:?}",
+            c.warnings
+        );
+        let e = parse(&GOOD.replacen("local = yes\n", "local = yes\ntls = smtps\n", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("off, opportunistic, required or implicit"),
+            "{e}"
+        );
     }
 
     #[test]

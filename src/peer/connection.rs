@@ -9,7 +9,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use log::warn;
@@ -67,7 +67,7 @@ struct LazyConnector {
 /// TLS and AUTH towards one peer.
 #[derive(Clone)]
 pub struct Security {
-    /// Whether to STARTTLS.
+    /// Whether to STARTTLS, or to start TLS at once.
     pub mode: TlsMode,
     /// The client side, unless `mode` is off.
     connector: Option<Arc<LazyConnector>>,
@@ -125,6 +125,29 @@ impl Security {
 fn host_name(host: &str) -> &str {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
     name.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// TLS from the first octet (`tls = implicit`), checking the certificate
+/// as for STARTTLS. The whole handshake ends by the helo timeout: a peer
+/// that never answers it holds the worker no longer than a greeting would.
+fn implicit_tls(
+    tcp: TcpStream,
+    host: &str,
+    timeouts: &Timeouts,
+    security: &Security,
+) -> Result<Stream, ConnError> {
+    let connector = security.connector()?;
+    let name = security.server_name.as_deref().unwrap_or(host_name(host));
+    let mut plain = Stream::from(tcp);
+    plain.set_deadline(Some(Instant::now() + timeouts.helo));
+    let mut stream = plain.connect(connector, name).map_err(|e| {
+        ConnError::Tls(format!(
+            "{e} (implicit TLS; certificate name checked: {name})"
+        ))
+    })?;
+    // From here the per-phase timeouts apply, as on any connection.
+    stream.set_deadline(None);
+    Ok(stream)
 }
 
 /// Why a connection failed; every one of these closes it.
@@ -250,7 +273,9 @@ impl Connection {
     /// turn), reads the greeting, sends EHLO (HELO if EHLO is refused),
     /// then STARTTLS and AUTH as `security` says. Opportunistic TLS whose
     /// handshake fails is logged and the connection opened again in plain
-    /// text; required TLS never falls back.
+    /// text; required TLS never falls back. Implicit TLS runs the handshake
+    /// before the greeting, within the helo timeout, and never falls back
+    /// either.
     pub fn open(
         host: &str,
         helo_name: &str,
@@ -285,7 +310,12 @@ impl Connection {
         let mut errors = Vec::new();
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
-                Ok(stream) => {
+                Ok(tcp) => {
+                    let stream = if security.mode == TlsMode::Implicit {
+                        implicit_tls(tcp, host, timeouts, security)?
+                    } else {
+                        Stream::from(tcp)
+                    };
                     let mut c = Connection::greet(stream, helo_name, timeouts.clone())?;
                     c.host = host_name(host).to_string();
                     c.secure(host, helo_name, security)?;
@@ -304,7 +334,7 @@ impl Connection {
         helo_name: &str,
         security: &Security,
     ) -> Result<(), ConnError> {
-        if security.mode != TlsMode::Off {
+        if matches!(security.mode, TlsMode::Opportunistic | TlsMode::Required) {
             if self.caps.starttls {
                 // Built only now: a peer that never offers STARTTLS never
                 // costs a TLS client (it reads the CA store).
@@ -401,15 +431,11 @@ impl Connection {
         Ok(())
     }
 
-    fn greet(
-        stream: TcpStream,
-        helo_name: &str,
-        timeouts: Timeouts,
-    ) -> Result<Connection, ConnError> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(timeouts.data))?;
+    fn greet(stream: Stream, helo_name: &str, timeouts: Timeouts) -> Result<Connection, ConnError> {
+        stream.tcp().set_nodelay(true)?;
+        stream.tcp().set_write_timeout(Some(timeouts.data))?;
         let mut c = Connection {
-            stream: Stream::from(stream),
+            stream,
             host: String::new(),
             caps: Capabilities::default(),
             timeouts,

@@ -699,3 +699,95 @@ fn per_address_limits_and_bad_commands() {
     );
     assert_eq!(h.stop_relay().undelivered, 0);
 }
+
+/// `tls = implicit`: TLS from the first octet, to another relay's
+/// implicit-TLS listener (`listen_tls`), verified against the test CA.
+/// B's host speaks plain SMTP on its port: a TLS error at once, nothing
+/// sent in plain text. C's certificate is the same but not trusted (no
+/// `tls_ca_file`): refused.
+#[test]
+fn implicit_tls_to_peers() {
+    let pki = Pki::new();
+    let mut back = tls_harness(&pki, "listen_tls = 127.0.0.1:0\n", "");
+    let back_tls = back.relay.as_ref().unwrap().local_addrs()[1];
+    let mut h = Harness::start();
+    let ini = h
+        .ini()
+        .replacen(
+            &format!("hosts = {}\n", h.sims[0].addr()),
+            &format!("hosts = {back_tls}\n{}", peer_lines(&pki, "implicit")),
+            1,
+        )
+        .replacen(
+            &format!("hosts = {}\n", h.sims[1].addr()),
+            &format!(
+                "hosts = {}\n{}",
+                h.sims[1].addr(),
+                peer_lines(&pki, "implicit")
+            ),
+            1,
+        )
+        .replacen(
+            &format!("hosts = {}\n", h.sims[2].addr()),
+            &format!("hosts = {back_tls}\ntls = implicit\n"),
+            1,
+        );
+    h.reload(&ini).unwrap();
+    let started = Instant::now();
+    submit(&h, TO_A, 1);
+    submit(&h, TO_B, 2);
+    submit(&h, TO_C, 3);
+    // A: through the other relay, to its local MMSC, over TLS.
+    assert!(back.sims[0].wait_for_recipients(1, DEADLINE));
+    let got = back.sims[0].received().remove(0);
+    assert_eq!(received_with(&got.data), "ESMTPS", "the hop came over TLS");
+    // B: the plain greeting is no TLS record; well within helo_timeout (2s).
+    wait_until("B's TLS error", || !h.peer(1).last_error.is_empty());
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let eb = h.peer(1).last_error;
+    assert!(eb.contains("TLS") && eb.contains("implicit TLS"), "{eb}");
+    // C: the test CA is not trusted without tls_ca_file.
+    wait_until("C's certificate error", || !h.peer(2).last_error.is_empty());
+    let ec = h.peer(2).last_error;
+    assert!(ec.contains("TLS") && ec.contains("certificate"), "{ec}");
+    assert_eq!(h.sims[1].messages(), 0, "nothing in plain text to B");
+    assert_eq!(back.sims[2].messages(), 0);
+    assert_eq!(h.stop_relay().undelivered, 2, "B and C stay queued");
+    assert_eq!(back.stop_relay().undelivered, 0);
+}
+
+/// A peer that accepts the connection and never answers the TLS hello
+/// holds a worker no longer than its helo_timeout (1s for C).
+#[test]
+fn implicit_tls_handshake_is_bounded_by_helo_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().push(s);
+        }
+    });
+    let mut h = Harness::start();
+    let ini = h.ini().replacen(
+        &format!("hosts = {}\n", h.sims[2].addr()),
+        &format!("hosts = {addr}\ntls = implicit\n"),
+        1,
+    );
+    h.reload(&ini).unwrap();
+    let started = Instant::now();
+    submit(&h, TO_C, 1);
+    wait_until("C's handshake to time out", || {
+        !h.peer(2).last_error.is_empty()
+    });
+    let waited = started.elapsed();
+    let ec = h.peer(2).last_error;
+    assert!(ec.contains("timed out"), "{ec}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert!(!held.lock().is_empty(), "it did connect");
+    assert_eq!(h.stop_relay().undelivered, 1);
+}
