@@ -76,8 +76,16 @@ impl Bounce {
         })
     }
 
-    /// Records that `rcpts` of `job` failed at `peer` with `reply`.
-    pub fn failed(&self, job: &Job, peer: &str, rcpts: &[String], reply: &Reply) {
+    /// Records that `rcpts` of `job` failed at `peer` with `reply`, which
+    /// came from the host `remote` (`None`: we decided it ourselves).
+    pub fn failed(
+        &self,
+        job: &Job,
+        peer: &str,
+        remote: Option<&str>,
+        rcpts: &[String],
+        reply: &Reply,
+    ) {
         let m = &job.message;
         let data = match &job.data {
             Some(d) => d.clone(),
@@ -98,7 +106,7 @@ impl Bounce {
         }
         self.prune();
         if self.notify && !m.from.is_empty() {
-            self.notify_sender(m, peer, rcpts, reply, &data);
+            self.notify_sender(m, peer, remote, rcpts, reply, &data);
         }
     }
 
@@ -157,7 +165,15 @@ impl Bounce {
         }
     }
 
-    fn notify_sender(&self, m: &Message, peer: &str, rcpts: &[String], reply: &Reply, data: &[u8]) {
+    fn notify_sender(
+        &self,
+        m: &Message,
+        peer: &str,
+        remote: Option<&str>,
+        rcpts: &[String],
+        reply: &Reply,
+        data: &[u8],
+    ) {
         let Ok(sender) = Address::parse_envelope(&m.from) else {
             return;
         };
@@ -166,9 +182,19 @@ impl Bounce {
         };
         let id = self.ids.next_id();
         let now = self.queue.now();
-        let dsn: Arc<[u8]> = report(&self.hostname, &id, m, peer, rcpts, reply, data, now)
-            .into_bytes()
-            .into();
+        let dsn: Arc<[u8]> = report(
+            &self.hostname,
+            &id,
+            m,
+            peer,
+            remote,
+            rcpts,
+            reply,
+            data,
+            now,
+        )
+        .into_bytes()
+        .into();
         let record = NewMessage {
             id: id.clone(),
             from: String::new(),
@@ -211,13 +237,15 @@ impl Bounce {
     }
 }
 
-/// An RFC 3464 delivery status notification for `rcpts` of `m`.
+/// An RFC 3464 delivery status notification for `rcpts` of `m`; its
+/// `Remote-MTA` is `remote`, the host that gave `reply`, if one did.
 #[allow(clippy::too_many_arguments)]
 fn report(
     host: &str,
     id: &str,
     m: &Message,
     peer: &str,
+    remote: Option<&str>,
     rcpts: &[String],
     reply: &Reply,
     data: &[u8],
@@ -268,9 +296,12 @@ fn report(
         m.id,
         crate::date::format(m.accepted)
     ));
+    let remote_mta = remote.map_or_else(String::new, |h| {
+        format!("Remote-MTA: dns; {}\r\n", Printable(h))
+    });
     for r in rcpts {
         out.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nRemote-MTA: dns; {peer}\r\n\
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n{remote_mta}\
              Diagnostic-Code: smtp; {diagnostic}\r\n",
             Printable(r),
             Printable(&status),
@@ -314,6 +345,7 @@ mod tests {
             "Q2",
             &m,
             "B",
+            Some("mmsc-b2.test"),
             &rcpts,
             &reply,
             b"H: v\r\n\r\n",
@@ -334,5 +366,43 @@ mod tests {
             dsn.contains("Diagnostic-Code: smtp; 550 5.1.1 no\\x1b[2J such\\x0d\\x0aBcc"),
             "{dsn}"
         );
+        assert!(
+            dsn.contains("\r\nRemote-MTA: dns; mmsc-b2.test\r\n"),
+            "{dsn}"
+        );
+        assert!(!dsn.contains("dns; B"), "{dsn}");
+    }
+
+    #[test]
+    fn a_failure_we_decided_names_no_remote_mta() {
+        let m = Message {
+            id: "Q3".into(),
+            from: "a@x.test".into(),
+            body_type: BodyType::SevenBit,
+            info: Default::default(),
+            accepted: UNIX_EPOCH,
+            expires: UNIX_EPOCH,
+            location: Location {
+                segment: 0,
+                offset: 0,
+                len: 0,
+                crc: 0,
+            },
+        };
+        let reply = Reply::new(554, "5.4.7 delivery time expired");
+        let rcpts = ["r@y.test".to_string()];
+        let dsn = report(
+            "relay.test",
+            "Q4",
+            &m,
+            "B",
+            None,
+            &rcpts,
+            &reply,
+            b"H: v\r\n\r\n",
+            UNIX_EPOCH,
+        );
+        assert!(!dsn.contains("Remote-MTA"), "{dsn}");
+        assert!(dsn.contains("Status: 5.4.7\r\n"), "{dsn}");
     }
 }

@@ -16,6 +16,7 @@ use log::LevelFilter;
 
 use crate::access::{AccessControl, Cidr};
 use crate::route::{Address, AddressKind, Router};
+use crate::tls::Identity;
 
 /// `[relay]` keys and their defaults (`""`: no default, key optional).
 pub const RELAY_KEYS: &[(&str, &str)] = &[
@@ -140,16 +141,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A certificate with its private key, loaded and checked at parse time.
-#[derive(Clone)]
-pub struct TlsIdentity(pub native_tls::Identity);
-
-impl fmt::Debug for TlsIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TlsIdentity")
-    }
-}
-
 /// CA certificates to trust, loaded at parse time.
 #[derive(Clone)]
 pub struct TlsRoots(pub Vec<native_tls::Certificate>);
@@ -169,6 +160,9 @@ pub enum TlsMode {
     Opportunistic,
     /// STARTTLS or no delivery: never plain text.
     Required,
+    /// TLS from the first octet, before the greeting (port 465, "smtps"):
+    /// no STARTTLS, and never plain text.
+    Implicit,
 }
 
 /// A partner account for inbound AUTH.
@@ -272,7 +266,7 @@ pub struct ListenerConfig {
     /// Addresses to accept SMTP on with TLS from the first octet.
     pub listen_tls: Vec<SocketAddr>,
     /// Our certificate: STARTTLS is offered when set.
-    pub tls_identity: Option<TlsIdentity>,
+    pub tls_identity: Option<Identity>,
     /// Clients that must STARTTLS before MAIL.
     pub tls_required_from: Vec<Cidr>,
     /// Offer AUTH before TLS too.
@@ -350,7 +344,7 @@ pub struct PeerConfig {
     /// The name to check the certificate against (default: the host's name).
     pub tls_server_name: Option<String>,
     /// Our client certificate, for mutual TLS.
-    pub tls_client_identity: Option<TlsIdentity>,
+    pub tls_client_identity: Option<Identity>,
     /// AUTH to this peer: user and password.
     pub auth: Option<(String, Secret)>,
     /// Allow AUTH without TLS.
@@ -501,7 +495,7 @@ impl Section<'_> {
         &self,
         [cert, key, p12, p12_password]: [&str; 4],
         warnings: &mut Vec<String>,
-    ) -> Result<Option<TlsIdentity>, ConfigError> {
+    ) -> Result<Option<Identity>, ConfigError> {
         let pem = (self.read_file(cert)?, self.read_file(key)?);
         let pkcs12 = self.read_file(p12)?;
         let (path, identity) = match (pem, pkcs12) {
@@ -516,7 +510,7 @@ impl Section<'_> {
             ((Some(_), None), _) => return Err(self.err(key, "", format!("{cert} needs {key}"))),
             ((None, Some(_)), _) => return Err(self.err(cert, "", format!("{key} needs {cert}"))),
             ((Some((_, c)), Some((kp, k))), None) => {
-                let id = native_tls::Identity::from_pkcs8(&c, &k).map_err(|e| {
+                let id = Identity::from_pem(&c, &k).map_err(|e| {
                     self.err(
                         key,
                         self.raw(key),
@@ -545,7 +539,7 @@ impl Section<'_> {
             }
             ((None, None), Some((pp, der))) => {
                 let password = self.raw(p12_password).trim();
-                let id = native_tls::Identity::from_pkcs12(&der, password).map_err(|e| {
+                let id = Identity::from_pkcs12(&der, password).map_err(|e| {
                     self.err(
                         p12,
                         self.raw(p12),
@@ -563,7 +557,7 @@ impl Section<'_> {
                 path.display()
             ));
         }
-        Ok(Some(TlsIdentity(identity)))
+        Ok(Some(identity))
     }
 
     fn cidrs(&self, key: &str) -> Result<Vec<Cidr>, ConfigError> {
@@ -978,7 +972,8 @@ impl Config {
                     "off" => Ok(TlsMode::Off),
                     "opportunistic" => Ok(TlsMode::Opportunistic),
                     "required" => Ok(TlsMode::Required),
-                    _ => Err("expected off, opportunistic or required".into()),
+                    "implicit" => Ok(TlsMode::Implicit),
+                    _ => Err("expected off, opportunistic, required or implicit".into()),
                 })?,
                 tls_verify: s.boolean("tls_verify")?,
                 tls_ca: match s.read_file("tls_ca_file")? {
@@ -1018,6 +1013,21 @@ impl Config {
                 },
                 auth_plaintext: s.boolean("auth_plaintext")?,
             };
+            if peer.tls == TlsMode::Implicit {
+                // 25 and 587 are where STARTTLS is spoken: TLS from the
+                // first octet there meets a plain greeting.
+                for h in peer
+                    .hosts
+                    .iter()
+                    .filter(|h| h.ends_with(":25") || h.ends_with(":587"))
+                {
+                    warnings.push(format!(
+                        "{}: [{}] tls = implicit to {h}: that port speaks plain SMTP \
+                         (STARTTLS); implicit TLS is usually on 465",
+                        s.file, s.name
+                    ));
+                }
+            }
             if peer.min_connections > peer.max_connections {
                 return Err(s.err(
                     "min_connections",
@@ -1328,6 +1338,28 @@ default = B
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.ini"))
+    }
+
+    #[test]
+    fn implicit_tls_parses_and_warns_on_a_starttls_port() {
+        let text = GOOD.replacen("local = yes\n", "local = yes\ntls = implicit\n", 1);
+        let c = parse(&text).unwrap();
+        assert_eq!(c.peers[0].tls, TlsMode::Implicit);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&text.replacen("127.0.0.1:2600", "127.0.0.1:25", 1)).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("[peer.A] tls = implicit to 127.0.0.1:25"),
+            "{:?}",
+            c.warnings
+        );
+        let e = parse(&GOOD.replacen("local = yes\n", "local = yes\ntls = smtps\n", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("off, opportunistic, required or implicit"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -98,16 +98,18 @@ impl IdSource {
     }
 }
 
-/// The `Received:` trace line we add (RFC 5321 §4.4), ending in CRLF.
+/// The `Received:` trace line we add (RFC 5321 §4.4), ending in CRLF;
+/// `protocol` is its `with` value (RFC 3848: `ESMTPS` and so on).
 pub fn received_header(
     helo: &str,
     client_ip: &str,
     hostname: &str,
+    protocol: &str,
     id: &str,
     now: SystemTime,
 ) -> String {
     format!(
-        "Received: from {helo} ([{client_ip}])\r\n\tby {hostname} (mm4relay) with ESMTP id {id};\r\n\t{}\r\n",
+        "Received: from {helo} ([{client_ip}])\r\n\tby {hostname} (mm4relay) with {protocol} id {id};\r\n\t{}\r\n",
         crate::date::format(now)
     )
 }
@@ -151,8 +153,9 @@ mod tests {
 
     #[test]
     fn received_header_is_folded_crlf() {
-        let h = received_header("mmsc", "127.0.0.1", "relay", "ID1", UNIX_EPOCH);
+        let h = received_header("mmsc", "127.0.0.1", "relay", "ESMTPSA", "ID1", UNIX_EPOCH);
         assert!(h.starts_with("Received: from mmsc ([127.0.0.1])\r\n\tby relay"));
+        assert!(h.contains("(mm4relay) with ESMTPSA id ID1;"), "{h}");
         assert!(h.ends_with("+0000\r\n"));
         assert!(h.lines().all(|l| l.len() < 998));
     }

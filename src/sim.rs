@@ -13,14 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use native_tls::TlsAcceptor;
 use parking_lot::{Condvar, Mutex};
 
 use crate::peer::{Connection, Delivery, Outbound, Security, Timeouts};
 use crate::smtp::Reply;
 use crate::smtp::command::BodyType;
 use crate::smtp::session::{Envelope, Handler, Session, SessionConfig};
-use crate::tls::Stream;
+use crate::tls::{Acceptor, Stream};
 
 /// How a simulated peer misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +63,7 @@ pub struct Received {
 #[derive(Clone, Default)]
 pub struct SimSecurity {
     /// Offer STARTTLS with this server side.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Acceptor>,
     /// Offer AUTH (over TLS only) with this user and password.
     pub auth: Option<(String, String)>,
 }

@@ -1,9 +1,15 @@
-//! TLS through native-tls (OpenSSL on Linux), TLS 1.2 or newer only: the
-//! server side for STARTTLS and implicit-TLS listeners, the client side
-//! for STARTTLS to peers, and one stream type that is plain or TLS so the
-//! socket code above does not care which. Under both is a [`Socket`] that
-//! can carry a deadline: every read and write system call, those OpenSSL
-//! makes inside one TLS record included, ends by it.
+//! TLS, TLS 1.2 or newer only: the server side for STARTTLS and
+//! implicit-TLS listeners (the openssl crate's acceptor, TLS 1.3 and 1.2),
+//! the client side for peers (native-tls, OpenSSL on Linux), and one
+//! stream type that is plain or TLS so the socket code above does not care
+//! which. Under both is a [`Socket`] that can carry a deadline: every read
+//! and write system call, those OpenSSL makes inside one TLS record
+//! included, ends by it.
+//!
+//! The server side is not native-tls's: its acceptor is OpenSSL's Mozilla
+//! "intermediate" profile of version 4, which sets `NO_TLSV1_3`, and
+//! native-tls has no way to clear it, so a client that allows only TLS 1.3
+//! could not connect. Ours is the version 5 profile (TLS 1.2 and 1.3).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -11,7 +17,11 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use native_tls::{HandshakeError, Protocol, TlsAcceptor, TlsConnector, TlsStream};
+use native_tls::{HandshakeError, Protocol, TlsConnector, TlsStream};
+use openssl::pkcs12::Pkcs12;
+use openssl::pkey::{PKey, Private};
+use openssl::ssl::{self, SslAcceptor, SslMethod, SslStream, SslVersion};
+use openssl::x509::X509;
 
 use crate::config::{ListenerConfig, PeerConfig};
 
@@ -33,6 +43,12 @@ impl From<native_tls::Error> for TlsError {
     }
 }
 
+impl From<openssl::error::ErrorStack> for TlsError {
+    fn from(e: openssl::error::ErrorStack) -> Self {
+        TlsError(e.to_string())
+    }
+}
+
 impl From<HandshakeError<Socket>> for TlsError {
     fn from(e: HandshakeError<Socket>) -> Self {
         match e {
@@ -42,15 +58,84 @@ impl From<HandshakeError<Socket>> for TlsError {
     }
 }
 
+/// A certificate with its private key (and the chain above it), for
+/// either side: in the form native-tls takes for the client side, and in
+/// the openssl crate's for the server side.
+#[derive(Clone)]
+pub struct Identity {
+    native: native_tls::Identity,
+    key: PKey<Private>,
+    cert: X509,
+    chain: Vec<X509>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Identity")
+    }
+}
+
+impl Identity {
+    /// From a PEM certificate (the leaf, then its chain) and a PEM
+    /// PKCS#8 private key.
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<Identity, TlsError> {
+        let native = native_tls::Identity::from_pkcs8(cert, key)?;
+        let mut certs = X509::stack_from_pem(cert)?.into_iter();
+        let leaf = certs
+            .next()
+            .ok_or_else(|| TlsError("no certificate in the PEM data".into()))?;
+        Ok(Identity {
+            native,
+            key: PKey::private_key_from_pem(key)?,
+            cert: leaf,
+            chain: certs.collect(),
+        })
+    }
+
+    /// From a PKCS#12 archive and its password.
+    pub fn from_pkcs12(der: &[u8], password: &str) -> Result<Identity, TlsError> {
+        if password.contains('\0') {
+            return Err(TlsError("a password with a NUL octet".into()));
+        }
+        let native = native_tls::Identity::from_pkcs12(der, password)?;
+        let parsed = Pkcs12::from_der(der)?.parse2(password)?;
+        let (Some(key), Some(cert)) = (parsed.pkey, parsed.cert) else {
+            return Err(TlsError(
+                "no certificate and key in the PKCS#12 file".into(),
+            ));
+        };
+        Ok(Identity {
+            native,
+            key,
+            cert,
+            chain: parsed.ca.map_or_else(Vec::new, |s| s.into_iter().collect()),
+        })
+    }
+}
+
+/// The server side: TLS 1.3 and 1.2, with the listener's certificate.
+#[derive(Clone)]
+pub struct Acceptor(SslAcceptor);
+
+impl Acceptor {
+    /// A server side with `identity`, on Mozilla's intermediate profile
+    /// (version 5): TLS 1.2 and 1.3, forward-secret AEAD ciphers only.
+    pub fn new(identity: &Identity) -> Result<Acceptor, TlsError> {
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+        b.set_min_proto_version(Some(SslVersion::TLS1_2))?;
+        b.set_private_key(&identity.key)?;
+        b.set_certificate(&identity.cert)?;
+        for c in &identity.chain {
+            b.add_extra_chain_cert(c.clone())?;
+        }
+        b.check_private_key()?;
+        Ok(Acceptor(b.build()))
+    }
+}
+
 /// The server side, when the listener has a certificate.
-pub fn acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, TlsError> {
-    let Some(identity) = &l.tls_identity else {
-        return Ok(None);
-    };
-    let acceptor = TlsAcceptor::builder(identity.0.clone())
-        .min_protocol_version(Some(Protocol::Tlsv12))
-        .build()?;
-    Ok(Some(acceptor))
+pub fn acceptor(l: &ListenerConfig) -> Result<Option<Acceptor>, TlsError> {
+    l.tls_identity.as_ref().map(Acceptor::new).transpose()
 }
 
 /// The client side for one peer.
@@ -65,7 +150,7 @@ pub fn connector(p: &PeerConfig) -> Result<TlsConnector, TlsError> {
         b.add_root_certificate(ca.clone());
     }
     if let Some(id) = &p.tls_client_identity {
-        b.identity(id.0.clone());
+        b.identity(id.native.clone());
     }
     Ok(b.build()?)
 }
@@ -132,8 +217,10 @@ impl Write for Socket {
 pub enum Stream {
     /// Plain text.
     Plain(Socket),
-    /// TLS; boxed, it is large.
-    Tls(Box<TlsStream<Socket>>),
+    /// TLS, our client side (native-tls); boxed, it is large.
+    Client(Box<TlsStream<Socket>>),
+    /// TLS, our server side (the openssl crate); boxed, it is large.
+    Server(Box<SslStream<Socket>>),
 }
 
 impl From<TcpStream> for Stream {
@@ -151,7 +238,8 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => &s.tcp,
-            Stream::Tls(s) => &s.get_ref().tcp,
+            Stream::Client(s) => &s.get_ref().tcp,
+            Stream::Server(s) => &s.get_ref().tcp,
         }
     }
 
@@ -160,28 +248,38 @@ impl Stream {
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
         let socket = match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_mut(),
+            Stream::Client(s) => s.get_mut(),
+            Stream::Server(s) => s.get_mut(),
         };
         socket.deadline = deadline;
     }
 
     /// True once TLS runs.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        !matches!(self, Stream::Plain(_))
+    }
+
+    /// The TLS version the server side negotiated (`TLSv1.3`, `TLSv1.2`);
+    /// `None` in plain text and on the client side.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        match self {
+            Stream::Server(s) => Some(s.ssl().version_str()),
+            _ => None,
+        }
     }
 
     /// Runs the server handshake over a plain stream, all of it by
     /// `deadline`: a client that sends its hello an octet at a time is cut
     /// there, however often each octet comes (a read timeout alone would
     /// start again at every one).
-    pub fn accept_by(self, acceptor: &TlsAcceptor, deadline: Instant) -> Result<Stream, TlsError> {
+    pub fn accept_by(self, acceptor: &Acceptor, deadline: Instant) -> Result<Stream, TlsError> {
         let Stream::Plain(mut s) = self else {
             return Err(TlsError("TLS already active".into()));
         };
         let io_err = |e: io::Error| TlsError(format!("TLS handshake: {e}"));
         s.tcp.set_nonblocking(true).map_err(io_err)?;
         let kept = s.deadline.replace(deadline);
-        let mut step = acceptor.accept(s);
+        let mut step = acceptor.0.accept(s);
         // Waits that returned at once, in a row: the step waits to write
         // while input is already there (or the client half-closed), and
         // a read wait cannot tell. Past two, a short sleep instead, so a
@@ -193,12 +291,15 @@ impl Stream {
                     let s = tls.get_mut();
                     s.tcp.set_nonblocking(false).map_err(io_err)?;
                     s.deadline = kept;
-                    return Ok(Stream::Tls(Box::new(tls)));
+                    return Ok(Stream::Server(Box::new(tls)));
                 }
-                Err(HandshakeError::Failure(e)) => {
-                    return Err(TlsError(format!("TLS handshake failed: {e}")));
+                Err(ssl::HandshakeError::SetupFailure(e)) => {
+                    return Err(TlsError(format!("TLS set-up failed: {e}")));
                 }
-                Err(HandshakeError::WouldBlock(mid)) => {
+                Err(ssl::HandshakeError::Failure(mid)) => {
+                    return Err(TlsError(format!("TLS handshake failed: {}", mid.error())));
+                }
+                Err(ssl::HandshakeError::WouldBlock(mid)) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(TlsError("TLS handshake timed out".into()));
@@ -224,8 +325,8 @@ impl Stream {
     /// Runs the client handshake over a plain stream, checking `name`.
     pub fn connect(self, connector: &TlsConnector, name: &str) -> Result<Stream, TlsError> {
         match self {
-            Stream::Plain(s) => Ok(Stream::Tls(Box::new(connector.connect(name, s)?))),
-            Stream::Tls(_) => Err(TlsError("TLS already active".into())),
+            Stream::Plain(s) => Ok(Stream::Client(Box::new(connector.connect(name, s)?))),
+            _ => Err(TlsError("TLS already active".into())),
         }
     }
 }
@@ -254,7 +355,8 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
+            Stream::Client(s) => s.read(buf),
+            Stream::Server(s) => s.read(buf),
         }
     }
 }
@@ -263,14 +365,16 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
+            Stream::Client(s) => s.write(buf),
+            Stream::Server(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
+            Stream::Client(s) => s.flush(),
+            Stream::Server(s) => s.flush(),
         }
     }
 }

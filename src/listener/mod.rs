@@ -32,8 +32,6 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use native_tls::TlsAcceptor;
-
 use crate::access::{AccessControl, Cidr, ClientClass};
 use crate::config::{AuthUser, Config, Mm4Check};
 use crate::dedup::{self, Dedup};
@@ -95,7 +93,7 @@ struct Tables {
     session_timeout: Duration,
     queue_lifetime: Duration,
     limits: mm4::Limits,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tls::Acceptor>,
     tls_required_from: Vec<Cidr>,
     auth_users: Vec<AuthUser>,
     max_sessions_per_ip: usize,
@@ -452,6 +450,7 @@ impl Handler for RelayHandler {
             &env.helo,
             &self.client_ip.to_string(),
             &tables.session.hostname,
+            env.protocol,
             &id,
             accepted,
         );
@@ -1161,7 +1160,10 @@ fn start_tls(stream: Stream, tables: &Tables, ip: IpAddr, deadline: Instant) -> 
         info!("TLS failed: client=[{ip}] {e}");
         io::Error::other(e.to_string())
     })?;
-    debug!("TLS started: client=[{ip}]");
+    debug!(
+        "TLS started: client=[{ip}] version={}",
+        stream.tls_version().unwrap_or("-")
+    );
     Ok(stream)
 }
 

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use log::warn;
@@ -128,9 +128,32 @@ fn tls_error(e: String) -> ConnError {
 }
 
 /// The host part of `host:port`, without IPv6 brackets.
-fn host_name(host: &str) -> &str {
+pub(super) fn host_name(host: &str) -> &str {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
     name.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// TLS from the first octet (`tls = implicit`), checking the certificate
+/// as for STARTTLS. The whole handshake ends by the helo timeout: a peer
+/// that never answers it holds the worker no longer than a greeting would.
+fn implicit_tls(
+    tcp: TcpStream,
+    host: &str,
+    timeouts: &Timeouts,
+    security: &Security,
+) -> Result<Stream, ConnError> {
+    let connector = security.connector()?;
+    let name = security.server_name.as_deref().unwrap_or(host_name(host));
+    let mut plain = Stream::from(tcp);
+    plain.set_deadline(Some(Instant::now() + timeouts.helo));
+    let mut stream = plain.connect(connector, name).map_err(|e| {
+        tls_error(format!(
+            "{e} (implicit TLS; certificate name checked: {name})"
+        ))
+    })?;
+    // From here the per-phase timeouts apply, as on any connection.
+    stream.set_deadline(None);
+    Ok(stream)
 }
 
 /// Why a connection failed, and where: every one of these closes it.
@@ -264,8 +287,9 @@ impl Connection {
     /// turn), reads the greeting, sends EHLO (HELO if EHLO is refused),
     /// then STARTTLS and AUTH as `security` says. Opportunistic TLS whose
     /// handshake fails is logged and the connection opened again in plain
-    /// text; required TLS never falls back. A peer that refuses us with a
-    /// reply gets QUIT.
+    /// text; required TLS never falls back. Implicit TLS runs the handshake
+    /// before the greeting, within the helo timeout, and never falls back
+    /// either. A peer that refuses us with a reply gets QUIT.
     pub fn open(
         host: &str,
         helo_name: &str,
@@ -304,7 +328,12 @@ impl Connection {
         let mut errors = Vec::new();
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
-                Ok(stream) => {
+                Ok(tcp) => {
+                    let stream = if security.mode == TlsMode::Implicit {
+                        implicit_tls(tcp, host, timeouts, security)?
+                    } else {
+                        Stream::from(tcp)
+                    };
                     let mut c = Connection::greet(stream, host, helo_name, timeouts.clone())?;
                     if let Err(e) = c.secure(helo_name, security) {
                         if matches!(e.trouble, Trouble::Reply(_) | Trouble::Unsupported(_)) {
@@ -324,7 +353,7 @@ impl Connection {
     /// STARTTLS and AUTH on a greeted connection.
     fn secure(&mut self, helo_name: &str, security: &Security) -> Result<(), ConnError> {
         let host = self.host.clone();
-        if security.mode != TlsMode::Off {
+        if matches!(security.mode, TlsMode::Opportunistic | TlsMode::Required) {
             if self.caps.starttls {
                 // Built only now: a peer that never offers STARTTLS never
                 // costs a TLS client (it reads the CA store).
@@ -440,16 +469,19 @@ impl Connection {
     }
 
     fn greet(
-        stream: TcpStream,
+        stream: Stream,
         host: &str,
         helo_name: &str,
         timeouts: Timeouts,
     ) -> Result<Connection, ConnError> {
         let io = |e: io::Error| ConnError::new(Stage::Greeting, io_trouble(&e));
-        stream.set_nodelay(true).map_err(io)?;
-        stream.set_write_timeout(Some(timeouts.data)).map_err(io)?;
+        stream.tcp().set_nodelay(true).map_err(io)?;
+        stream
+            .tcp()
+            .set_write_timeout(Some(timeouts.data))
+            .map_err(io)?;
         let mut c = Connection {
-            stream: Stream::from(stream),
+            stream,
             host: host.to_string(),
             caps: Capabilities::default(),
             timeouts,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, TryRecvError, select};
 use log::{debug, info, warn};
 
-use super::connection::{ConnError, Connection, Delivery};
+use super::connection::{ConnError, Connection, Delivery, host_name};
 use super::policy::{self, Attempt, Fate, Health, Next, Reason, Stage, Trouble};
 use super::{Change, Settings, Shared, WorkerContext};
 use crate::message::Job;
@@ -487,10 +487,10 @@ impl Worker {
 
     fn finish(&mut self, job: Job, delivery: Delivery, host: &str) {
         self.last_used = Instant::now();
-        let replies = match delivery {
+        let (replies, remote) = match delivery {
             Delivery::Replies(r) => {
                 self.health(policy::answered(&r), &r[0].to_string());
-                r
+                (r, Some(host))
             }
             Delivery::Refused(refusal) => {
                 let reply = match refusal {
@@ -500,10 +500,11 @@ impl Worker {
                     ),
                     Refusal::No8BitMime => Reply::new(554, "5.6.3 peer does not offer 8BITMIME"),
                 };
-                vec![reply; job.rcpts.len()]
+                // Ours, not the host's.
+                (vec![reply; job.rcpts.len()], None)
             }
         };
-        self.dispose(job, replies, Some(host));
+        self.dispose(job, replies, remote);
     }
 
     /// Fails every recipient of `job`: its time is up (`last`: why the
@@ -571,8 +572,10 @@ impl Worker {
             self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
-                let _ = remote;
-                self.ctx.bounce.failed(&job, &self.peer.name, rcpts, reply);
+                let remote = remote.map(host_name);
+                self.ctx
+                    .bounce
+                    .failed(&job, &self.peer.name, remote, rcpts, reply);
             }
             log_disposition(
                 &job,

@@ -70,6 +70,9 @@ pub enum Command {
 pub enum CommandError {
     /// Unknown verb (500 5.5.2).
     Unrecognized,
+    /// A verb of SMTP or one of its extensions that we do not implement
+    /// (502 5.5.1), in upper case.
+    NotImplemented(String),
     /// Known verb with bad arguments (501 5.5.4), and what is wrong.
     Syntax(&'static str),
     /// An ESMTP parameter we do not offer (555 5.5.4).
@@ -84,6 +87,9 @@ impl CommandError {
     pub fn reply(&self) -> Reply {
         match self {
             CommandError::Unrecognized => Reply::new(500, "5.5.2 command not recognized"),
+            CommandError::NotImplemented(verb) => {
+                Reply::new(502, format!("5.5.1 {verb} not implemented"))
+            }
             CommandError::Syntax(what) => Reply::new(501, format!("5.5.4 syntax error: {what}")),
             CommandError::UnsupportedParameter(p) => {
                 Reply::new(555, format!("5.5.4 unsupported parameter {p}"))
@@ -102,6 +108,12 @@ impl fmt::Display for CommandError {
 }
 
 impl std::error::Error for CommandError {}
+
+/// Verbs of RFC 5321, its predecessors and extensions that we know and do
+/// not implement: they get 502, not the 500 of a verb nobody defined.
+const NOT_IMPLEMENTED: &[&str] = &[
+    "EXPN", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML",
+];
 
 /// Longest EHLO/HELO domain (RFC 1035's limit on a name; an address
 /// literal is shorter still).
@@ -188,6 +200,9 @@ impl Command {
                     ));
                 }
                 Ok(Command::Auth { mechanism, initial })
+            }
+            _ if NOT_IMPLEMENTED.contains(&verb.as_str()) => {
+                Err(CommandError::NotImplemented(verb))
             }
             _ => Err(CommandError::Unrecognized),
         }
@@ -327,6 +342,30 @@ mod tests {
             Command::parse(b"RCPT TO:<@relay.example:u@d>").unwrap(),
             Command::Rcpt("u@d".into())
         );
+    }
+
+    #[test]
+    fn known_but_unimplemented_verbs_get_502() {
+        for line in [
+            "EXPN staff",
+            "BDAT 10 LAST",
+            "TURN",
+            "ETRN example.com",
+            "ATRN",
+            "SEND FROM:<a@b>",
+            "soml FROM:<a@b>",
+            "SAML FROM:<a@b>",
+        ] {
+            let verb = line.split(' ').next().unwrap().to_ascii_uppercase();
+            let e = Command::parse(line.as_bytes()).unwrap_err();
+            assert_eq!(e, CommandError::NotImplemented(verb.clone()), "{line}");
+            let reply = e.reply();
+            assert_eq!(reply.code, 502, "{line}");
+            assert_eq!(reply.lines[0], format!("5.5.1 {verb} not implemented"));
+        }
+        // VRFY keeps its own answer, and a verb nobody defined stays 500.
+        assert_eq!(Command::parse(b"VRFY x"), Ok(Command::Vrfy));
+        assert_eq!(Command::parse(b"XYZZY").unwrap_err().reply().code, 500);
     }
 
     #[test]

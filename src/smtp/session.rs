@@ -27,6 +27,10 @@ pub const MAX_COMMAND_LINE: usize = 1024;
 pub struct Envelope<R> {
     /// The name the client gave in EHLO/HELO.
     pub helo: String,
+    /// How it came, as `Received: ... with` says it (RFC 3848): `SMTP`
+    /// after HELO; after EHLO `ESMTP`, `ESMTPS` over TLS, `ESMTPA` with
+    /// AUTH, `ESMTPSA` with both.
+    pub protocol: &'static str,
     /// The reverse path (`""` for the null sender).
     pub from: String,
     /// The MAIL FROM parameters.
@@ -119,6 +123,8 @@ pub struct Session<R> {
     cfg: SessionConfig,
     phase: Phase,
     helo: Option<String>,
+    /// The client greeted with EHLO, not HELO.
+    ehlo: bool,
     envelope: Option<Envelope<R>>,
     tls: bool,
     tls_required: bool,
@@ -136,6 +142,7 @@ impl<R> Session<R> {
             cfg,
             phase: Phase::Commands,
             helo: None,
+            ehlo: false,
             envelope: None,
             tls: false,
             tls_required: false,
@@ -440,6 +447,7 @@ impl<R> Session<R> {
         match cmd {
             Command::Ehlo(domain) => {
                 self.helo = Some(domain);
+                self.ehlo = true;
                 self.envelope = None;
                 let mut lines = vec![
                     self.cfg.hostname.clone(),
@@ -458,6 +466,7 @@ impl<R> Session<R> {
             }
             Command::Helo(domain) => {
                 self.helo = Some(domain);
+                self.ehlo = false;
                 self.envelope = None;
                 Reply::new(250, self.cfg.hostname.clone())
             }
@@ -477,8 +486,16 @@ impl<R> Session<R> {
                 {
                     return Reply::new(552, "5.3.4 message size exceeds fixed limit");
                 }
+                let protocol = match (self.ehlo, self.tls, self.user.is_some()) {
+                    (false, _, _) => "SMTP",
+                    (true, false, false) => "ESMTP",
+                    (true, true, false) => "ESMTPS",
+                    (true, false, true) => "ESMTPA",
+                    (true, true, true) => "ESMTPSA",
+                };
                 self.envelope = Some(Envelope {
                     helo: helo.clone(),
+                    protocol,
                     from,
                     params,
                     rcpts: Vec::new(),
@@ -865,5 +882,48 @@ mod tests {
             assert!(out.contains(ext), "{ext} missing in {out}");
         }
         assert_eq!(codes(&out), ["250", "252", "250", "250"]);
+    }
+
+    #[test]
+    fn the_envelope_names_the_protocol_as_rfc_3848_does() {
+        let mail = b"MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\nhi\r\n.\r\n";
+        let auth = b"AUTH PLAIN AGJvYgBzZWNyZXQ=\r\n";
+        for (tls, greet, user, want) in [
+            (false, "HELO", false, "SMTP"),
+            (true, "HELO", false, "SMTP"),
+            (false, "EHLO", false, "ESMTP"),
+            (true, "EHLO", false, "ESMTPS"),
+            (false, "EHLO", true, "ESMTPA"),
+            (true, "EHLO", true, "ESMTPSA"),
+        ] {
+            let mut s = Session::<u8>::new(SessionConfig {
+                auth: true,
+                auth_plaintext: true,
+                ..session().cfg
+            });
+            if tls {
+                s.tls_started();
+            }
+            let mut h = Recorder::default();
+            let mut input = format!("{greet} c\r\n").into_bytes();
+            if user {
+                input.extend_from_slice(auth);
+            }
+            input.extend_from_slice(mail);
+            let (out, _) = feed_all(&mut s, &mut h, &input);
+            assert_eq!(h.messages.len(), 1, "{greet} tls={tls} auth={user}: {out}");
+            assert_eq!(
+                h.messages[0].0.protocol, want,
+                "{greet} tls={tls} auth={user}"
+            );
+        }
+    }
+
+    #[test]
+    fn unimplemented_commands_get_502_and_the_session_goes_on() {
+        let (out, _, close) = run(b"EHLO c\r\nEXPN staff\r\nBDAT 4 LAST\r\nNOOP\r\n", 0);
+        assert_eq!(codes(&out), ["250", "502", "502", "250"]);
+        assert!(out.contains("502 5.5.1 EXPN not implemented"), "{out}");
+        assert!(!close);
     }
 }

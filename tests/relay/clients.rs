@@ -130,3 +130,130 @@ fn openssl_s_client_on_the_implicit_tls_listener() {
         "closed, with nothing said"
     );
 }
+
+/// One `openssl s_client` session at `version` (`-tls1_3`, `-tls1_2`) to
+/// `addr`, with STARTTLS first if `starttls`, verifying the test CA's
+/// certificate; it sends `EHLO` and `QUIT`. Everything it printed.
+fn s_client(pki: &Pki, addr: std::net::SocketAddr, version: &str, starttls: bool) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-brief",
+        "-ign_eof",
+        "-crlf",
+        "-verify_return_error",
+    ])
+    .arg(version)
+    .arg("-connect")
+    .arg(addr.to_string())
+    .arg("-servername")
+    .arg("localhost")
+    .arg("-CAfile")
+    .arg(&pki.ca);
+    if starttls {
+        cmd.args(["-starttls", "smtp"]);
+    }
+    let mut client = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // -crlf turns each LF into CR LF.
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"EHLO openssl.test\nQUIT\n")
+        .unwrap();
+    let out = client.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The listener's TLS speaks TLS 1.3 and TLS 1.2, over STARTTLS and on the
+/// implicit-TLS listener: `openssl s_client` limited to each version
+/// negotiates it (its `-brief` summary says which) and then runs EHLO and
+/// QUIT inside the TLS session.
+#[test]
+fn openssl_s_client_negotiates_tls_1_3_and_1_2_both_ways_in() {
+    if !have("openssl", "version") {
+        return;
+    }
+    let pki = Pki::new();
+    let h = Harness::with_listener(format!(
+        "{}listen_tls = 127.0.0.1:0\n",
+        pki.listener_lines()
+    ));
+    let addrs = h.relay.as_ref().unwrap().local_addrs();
+    for (version, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        for (addr, starttls) in [(addrs[0], true), (addrs[1], false)] {
+            let text = s_client(&pki, addr, version, starttls);
+            let what = format!("{version} starttls={starttls}");
+            assert!(
+                text.contains(&format!("Protocol version: {name}\n")),
+                "{what}: {text}"
+            );
+            // The EHLO reply came through TLS: STARTTLS is no longer offered.
+            assert!(
+                text.contains("250-relay.test") && text.contains("221 2.0.0"),
+                "{what}: {text}"
+            );
+            assert!(!text.contains("250-STARTTLS"), "{what}: {text}");
+        }
+    }
+}
+
+/// smtplib with an ssl context that allows TLS 1.3 only sends a message
+/// over STARTTLS and over the implicit-TLS listener (`SMTP_SSL`).
+#[test]
+fn smtplib_with_tls_1_3_only_over_starttls_and_implicit_tls() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let pki = Pki::new();
+    let h = Harness::with_listener(format!(
+        "{}listen_tls = 127.0.0.1:0\n",
+        pki.listener_lines()
+    ));
+    let addrs = h.relay.as_ref().unwrap().local_addrs();
+    let script = r#"
+import smtplib, ssl, sys
+port, tls_port, ca, rcpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+s = smtplib.SMTP("localhost", port, timeout=20)
+s.starttls(context=ctx)
+s.ehlo("python.test")
+print("starttls", s.sock.version())
+s.sendmail("+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs", [rcpt], open(sys.argv[5], "rb").read())
+s.quit()
+s = smtplib.SMTP_SSL("localhost", tls_port, timeout=20, context=ctx)
+s.ehlo("python.test")
+print("implicit", s.sock.version())
+s.sendmail("+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs", [rcpt], open(sys.argv[6], "rb").read())
+s.quit()
+print("sent")
+"#;
+    // Two PDUs: the same one twice would be a duplicate.
+    let msgs = [1, 2].map(|seq| {
+        let path = h.spool.path().join(format!("msg{seq}.eml"));
+        std::fs::write(&path, mm4relay::sim::forward_req(seq, TO_A, 600)).unwrap();
+        path.display().to_string()
+    });
+    let (ok, out) = python(
+        script,
+        &[
+            addrs[0].port().to_string(),
+            addrs[1].port().to_string(),
+            pki.ca.display().to_string(),
+            TO_A.into(),
+            msgs[0].clone(),
+            msgs[1].clone(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("starttls TLSv1.3"), "{out}");
+    assert!(out.contains("implicit TLSv1.3"), "{out}");
+    assert!(out.contains("sent"), "{out}");
+    assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
+}

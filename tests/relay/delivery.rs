@@ -553,6 +553,8 @@ fn a_failed_message_is_kept_and_its_sender_notified() {
         text.contains("Action: failed") && text.contains("Status: 5.0.0"),
         "{text}"
     );
+    // The host that gave the 5xx, not the peer's name (B).
+    assert!(text.contains("Remote-MTA: dns; 127.0.0.1\r\n"), "{text}");
     assert!(parsed.parts.iter().any(|p| {
         p.content_type()
             .is_some_and(|c| c.subtype() == Some("rfc822-headers"))

@@ -6,7 +6,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use native_tls::{Certificate, Identity, Protocol, TlsAcceptor, TlsConnector};
+use mm4relay::tls::{Acceptor, Identity};
+use native_tls::{Certificate, Protocol, TlsConnector};
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::ec::{EcGroup, EcKey};
@@ -27,16 +28,9 @@ pub struct Pair {
 }
 
 impl Pair {
-    pub fn identity(&self) -> Identity {
-        Identity::from_pkcs8(&self.cert_pem, &self.key_pem).unwrap()
-    }
-
-    /// A TLS 1.2+ server side with this certificate.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::builder(self.identity())
-            .min_protocol_version(Some(Protocol::Tlsv12))
-            .build()
-            .unwrap()
+    /// The relay's TLS 1.2+ server side with this certificate.
+    pub fn acceptor(&self) -> Acceptor {
+        Acceptor::new(&Identity::from_pem(&self.cert_pem, &self.key_pem).unwrap()).unwrap()
     }
 }
 

@@ -59,6 +59,18 @@ fn seqs(h: &Harness, peer: usize) -> Vec<usize> {
     v
 }
 
+/// The `with` value of the `Received:` line the relay put on a message.
+fn received_with(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let trace = text.split("\r\n\t").nth(1).unwrap_or_default();
+    let at = trace.find(" with ").expect("a with clause") + " with ".len();
+    trace[at..]
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn tls_harness(pki: &Pki, listener: &str, extra_relay: &str) -> Harness {
     Harness::with(Profile {
         extra_listener: format!("{}{listener}", pki.listener_lines()),
@@ -86,6 +98,14 @@ fn starttls_inbound_and_tls_required_before_mail() {
     assert_eq!(try_send(&mut local, TO_A, 2).code, 250);
     assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
     assert_eq!(seqs(&h, 0), [1, 2]);
+    // RFC 3848: STARTTLS without AUTH, then plain text.
+    let mut with: Vec<String> = h.sims[0]
+        .received()
+        .iter()
+        .map(|m| received_with(&m.data))
+        .collect();
+    with.sort();
+    assert_eq!(with, ["ESMTP", "ESMTPS"]);
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
@@ -459,6 +479,8 @@ fn inbound_auth_makes_a_partner() {
     );
     assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
     assert_eq!(seqs(&h, 0), [2]);
+    // STARTTLS and AUTH: RFC 3848's ESMTPSA.
+    assert_eq!(received_with(&h.sims[0].received()[0].data), "ESMTPSA");
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
@@ -676,4 +698,96 @@ fn per_address_limits_and_bad_commands() {
         "{r}"
     );
     assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+/// `tls = implicit`: TLS from the first octet, to another relay's
+/// implicit-TLS listener (`listen_tls`), verified against the test CA.
+/// B's host speaks plain SMTP on its port: a TLS error at once, nothing
+/// sent in plain text. C's certificate is the same but not trusted (no
+/// `tls_ca_file`): refused.
+#[test]
+fn implicit_tls_to_peers() {
+    let pki = Pki::new();
+    let mut back = tls_harness(&pki, "listen_tls = 127.0.0.1:0\n", "");
+    let back_tls = back.relay.as_ref().unwrap().local_addrs()[1];
+    let mut h = Harness::start();
+    let ini = h
+        .ini()
+        .replacen(
+            &format!("hosts = {}\n", h.sims[0].addr()),
+            &format!("hosts = {back_tls}\n{}", peer_lines(&pki, "implicit")),
+            1,
+        )
+        .replacen(
+            &format!("hosts = {}\n", h.sims[1].addr()),
+            &format!(
+                "hosts = {}\n{}",
+                h.sims[1].addr(),
+                peer_lines(&pki, "implicit")
+            ),
+            1,
+        )
+        .replacen(
+            &format!("hosts = {}\n", h.sims[2].addr()),
+            &format!("hosts = {back_tls}\ntls = implicit\n"),
+            1,
+        );
+    h.reload(&ini).unwrap();
+    let started = Instant::now();
+    submit(&h, TO_A, 1);
+    submit(&h, TO_B, 2);
+    submit(&h, TO_C, 3);
+    // A: through the other relay, to its local MMSC, over TLS.
+    assert!(back.sims[0].wait_for_recipients(1, DEADLINE));
+    let got = back.sims[0].received().remove(0);
+    assert_eq!(received_with(&got.data), "ESMTPS", "the hop came over TLS");
+    // B: the plain greeting is no TLS record; well within helo_timeout (2s).
+    wait_until("B's TLS error", || !h.peer(1).last_error.is_empty());
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let eb = h.peer(1).last_error;
+    assert!(eb.contains("TLS") && eb.contains("implicit TLS"), "{eb}");
+    // C: the test CA is not trusted without tls_ca_file.
+    wait_until("C's certificate error", || !h.peer(2).last_error.is_empty());
+    let ec = h.peer(2).last_error;
+    assert!(ec.contains("TLS") && ec.contains("certificate"), "{ec}");
+    assert_eq!(h.sims[1].messages(), 0, "nothing in plain text to B");
+    assert_eq!(back.sims[2].messages(), 0);
+    assert_eq!(h.stop_relay().undelivered, 2, "B and C stay queued");
+    assert_eq!(back.stop_relay().undelivered, 0);
+}
+
+/// A peer that accepts the connection and never answers the TLS hello
+/// holds a worker no longer than its helo_timeout (1s for C).
+#[test]
+fn implicit_tls_handshake_is_bounded_by_helo_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().push(s);
+        }
+    });
+    let mut h = Harness::start();
+    let ini = h.ini().replacen(
+        &format!("hosts = {}\n", h.sims[2].addr()),
+        &format!("hosts = {addr}\ntls = implicit\n"),
+        1,
+    );
+    h.reload(&ini).unwrap();
+    let started = Instant::now();
+    submit(&h, TO_C, 1);
+    wait_until("C's handshake to time out", || {
+        !h.peer(2).last_error.is_empty()
+    });
+    let waited = started.elapsed();
+    let ec = h.peer(2).last_error;
+    assert!(ec.contains("timed out"), "{ec}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert!(!held.lock().is_empty(), "it did connect");
+    assert_eq!(h.stop_relay().undelivered, 1);
 }
