@@ -307,13 +307,13 @@ impl Queue {
     }
 
     /// True if an operator holds this message.
-    pub fn is_held(&self, id: &str) -> bool {
+    fn is_held(&self, id: &str) -> bool {
         let held = self.held.lock();
         !held.is_empty() && held.contains(id)
     }
 
     /// True if an operator deleted this message.
-    pub fn is_deleted(&self, id: &str) -> bool {
+    fn is_deleted(&self, id: &str) -> bool {
         self.deleted.lock().contains(id)
     }
 

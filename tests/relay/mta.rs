@@ -181,6 +181,10 @@ pub struct PostfixOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// A second smtpd with `smtpd_tls_wrappermode = yes` (needs `tls`).
     pub wrappermode: bool,
+    /// Relay everything to this address over STARTTLS (`encrypt`),
+    /// trusting this CA file, instead of delivering the MM4 domains: a
+    /// Postfix client in front of the relay.
+    pub relayhost: Option<(SocketAddr, PathBuf)>,
 }
 
 /// A private Postfix instance (`postfix -c DIR start-fg`), delivering the
@@ -240,7 +244,12 @@ impl Postfix {
              smtpd_client_message_rate_limit = 0\n\
              biff = no\n",
             d = d.display(),
-            domains = DOMAINS.join(", "),
+            // A client in front of the relay delivers nothing itself.
+            domains = if opts.relayhost.is_some() {
+                String::new()
+            } else {
+                DOMAINS.join(", ")
+            },
         );
         if let Some(t) = &opts.smtpd_timeout {
             main.push_str(&format!("smtpd_timeout = {t}\n"));
@@ -251,6 +260,15 @@ impl Postfix {
                  smtpd_tls_loglevel = 1\n",
                 cert.display(),
                 key.display()
+            ));
+        }
+        if let Some((to, ca)) = &opts.relayhost {
+            main.push_str(&format!(
+                "relayhost = [{}]:{}\nsmtp_tls_security_level = encrypt\n\
+                 smtp_tls_CAfile = {}\nsmtp_tls_loglevel = 1\n",
+                to.ip(),
+                to.port(),
+                ca.display()
             ));
         }
         std::fs::write(d.join("conf/main.cf"), main).unwrap();

@@ -3,10 +3,11 @@
 //! flags (tests/relay/mta.rs); A (the local MMSC, where DSNs go) and C are
 //! simulated. Each test skips loudly when its server is not installed.
 //!
-//! Several of these state what issue 12 asks and today's delivery policy
-//! does not do yet (a fresh connection before a deferral, per-session
-//! limits learnt, 5xx greetings, `tls = implicit`): they fail until it is
-//! fixed.
+//! They show the delivery policy where carriers feel it: a fresh
+//! connection before a deferral (a restart, an idle timeout), per-session
+//! limits learnt (OpenSMTPD, Exim), 5xx greetings, each smtp-sink fault
+//! classified, STARTTLS and `tls = implicit` out, TLS 1.3 in from a
+//! Postfix client.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use crate::support::*;
 
 const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
 const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
 
 /// How long a test waits for everything to arrive before it looks at
 /// what did: long past any retry these tests set, short of the deadline.
@@ -581,7 +583,7 @@ fn starttls_to_postfix_with_tls_required() {
 }
 
 /// `tls = implicit` (TLS from the first byte) to Postfix's wrappermode
-/// smtpd. Fails until the relay knows `tls = implicit` (issue 12, item 6).
+/// smtpd.
 #[test]
 fn implicit_tls_to_postfix_wrappermode() {
     let pki = Pki::new();
@@ -609,4 +611,38 @@ fn implicit_tls_to_postfix_wrappermode() {
     assert_eq!(got.len(), 3, "{}", summary(&pf, 3, &got, &b));
     assert_identical(&pf, &sent);
     assert_eq!(b.deferred, 0);
+}
+
+/// A Postfix client relays into the relay's STARTTLS listener and
+/// negotiates TLS 1.3 (the relay's server side offers it), verified
+/// against the test CA; the relay stamps the session ESMTPS.
+#[test]
+fn a_postfix_client_sends_in_over_tls_1_3() {
+    let pki = Pki::new();
+    let h = Harness::with_listener(pki.listener_lines());
+    let Some(pf) = Postfix::start(PostfixOptions {
+        relayhost: Some((h.addr, pki.ca.clone())),
+        ..PostfixOptions::default()
+    }) else {
+        return;
+    };
+    let mut c = Client::connect(LOCAL, pf.addr());
+    let reply = send_message(&mut c, FROM, &[TO_A], &forward_req(1, TO_A, 600));
+    assert_eq!(reply.code, 250, "{reply}");
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE), "{}", pf.log());
+    let log = pf.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS connection established to"))
+        .unwrap_or_else(|| panic!("no TLS in Postfix's log: {log}"));
+    assert!(
+        line.contains("Trusted TLS") && line.contains(": TLSv1.3 with cipher"),
+        "{line}"
+    );
+    let got = h.sims[0].received();
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(
+        text.contains("by relay.test (mm4relay) with ESMTPS"),
+        "{text}"
+    );
 }
