@@ -27,11 +27,47 @@ use crate::config::{ListenerConfig, PeerConfig};
 
 /// A TLS set-up or handshake failure.
 #[derive(Debug)]
-pub struct TlsError(String);
+pub struct TlsError {
+    text: String,
+    /// Set when the network ended the handshake (a timeout, a reset, the
+    /// peer closing), not TLS itself.
+    network: Option<io::ErrorKind>,
+}
+
+impl TlsError {
+    fn new(text: impl Into<String>) -> TlsError {
+        TlsError {
+            text: text.into(),
+            network: None,
+        }
+    }
+
+    /// The kind of I/O error that ended the handshake, if the network
+    /// did rather than TLS (a certificate, a protocol version).
+    pub fn network(&self) -> Option<io::ErrorKind> {
+        self.network
+    }
+}
+
+/// The I/O error somewhere under `e`, if any.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        cur = err.source();
+    }
+    // OpenSSL 3 says so without an I/O error.
+    e.to_string()
+        .to_ascii_lowercase()
+        .contains("unexpected eof")
+        .then_some(io::ErrorKind::UnexpectedEof)
+}
 
 impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -39,21 +75,27 @@ impl std::error::Error for TlsError {}
 
 impl From<native_tls::Error> for TlsError {
     fn from(e: native_tls::Error) -> Self {
-        TlsError(e.to_string())
+        TlsError::new(e.to_string())
     }
 }
 
 impl From<openssl::error::ErrorStack> for TlsError {
     fn from(e: openssl::error::ErrorStack) -> Self {
-        TlsError(e.to_string())
+        TlsError::new(e.to_string())
     }
 }
 
 impl From<HandshakeError<Socket>> for TlsError {
     fn from(e: HandshakeError<Socket>) -> Self {
         match e {
-            HandshakeError::Failure(e) => TlsError(format!("TLS handshake failed: {e}")),
-            HandshakeError::WouldBlock(_) => TlsError("TLS handshake timed out".into()),
+            HandshakeError::Failure(e) => TlsError {
+                network: io_kind(&e),
+                text: format!("TLS handshake failed: {e}"),
+            },
+            HandshakeError::WouldBlock(_) => TlsError {
+                text: "TLS handshake timed out".into(),
+                network: Some(io::ErrorKind::TimedOut),
+            },
         }
     }
 }
@@ -83,7 +125,7 @@ impl Identity {
         let mut certs = X509::stack_from_pem(cert)?.into_iter();
         let leaf = certs
             .next()
-            .ok_or_else(|| TlsError("no certificate in the PEM data".into()))?;
+            .ok_or_else(|| TlsError::new("no certificate in the PEM data"))?;
         Ok(Identity {
             native,
             key: PKey::private_key_from_pem(key)?,
@@ -95,14 +137,12 @@ impl Identity {
     /// From a PKCS#12 archive and its password.
     pub fn from_pkcs12(der: &[u8], password: &str) -> Result<Identity, TlsError> {
         if password.contains('\0') {
-            return Err(TlsError("a password with a NUL octet".into()));
+            return Err(TlsError::new("a password with a NUL octet"));
         }
         let native = native_tls::Identity::from_pkcs12(der, password)?;
         let parsed = Pkcs12::from_der(der)?.parse2(password)?;
         let (Some(key), Some(cert)) = (parsed.pkey, parsed.cert) else {
-            return Err(TlsError(
-                "no certificate and key in the PKCS#12 file".into(),
-            ));
+            return Err(TlsError::new("no certificate and key in the PKCS#12 file"));
         };
         Ok(Identity {
             native,
@@ -274,9 +314,9 @@ impl Stream {
     /// start again at every one).
     pub fn accept_by(self, acceptor: &Acceptor, deadline: Instant) -> Result<Stream, TlsError> {
         let Stream::Plain(mut s) = self else {
-            return Err(TlsError("TLS already active".into()));
+            return Err(TlsError::new("TLS already active"));
         };
-        let io_err = |e: io::Error| TlsError(format!("TLS handshake: {e}"));
+        let io_err = |e: io::Error| TlsError::new(format!("TLS handshake: {e}"));
         s.tcp.set_nonblocking(true).map_err(io_err)?;
         let kept = s.deadline.replace(deadline);
         let mut step = acceptor.0.accept(s);
@@ -294,15 +334,18 @@ impl Stream {
                     return Ok(Stream::Server(Box::new(tls)));
                 }
                 Err(ssl::HandshakeError::SetupFailure(e)) => {
-                    return Err(TlsError(format!("TLS set-up failed: {e}")));
+                    return Err(TlsError::new(format!("TLS set-up failed: {e}")));
                 }
                 Err(ssl::HandshakeError::Failure(mid)) => {
-                    return Err(TlsError(format!("TLS handshake failed: {}", mid.error())));
+                    return Err(TlsError::new(format!(
+                        "TLS handshake failed: {}",
+                        mid.error()
+                    )));
                 }
                 Err(ssl::HandshakeError::WouldBlock(mid)) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(TlsError("TLS handshake timed out".into()));
+                        return Err(TlsError::new("TLS handshake timed out"));
                     }
                     let waited = Instant::now();
                     if quick >= 2 {
@@ -326,7 +369,7 @@ impl Stream {
     pub fn connect(self, connector: &TlsConnector, name: &str) -> Result<Stream, TlsError> {
         match self {
             Stream::Plain(s) => Ok(Stream::Client(Box::new(connector.connect(name, s)?))),
-            _ => Err(TlsError("TLS already active".into())),
+            _ => Err(TlsError::new("TLS already active")),
         }
     }
 }

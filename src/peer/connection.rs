@@ -127,6 +127,19 @@ fn tls_error(e: String) -> ConnError {
     ConnError::new(Stage::Tls, Trouble::Tls(e))
 }
 
+/// A failed handshake: the network's trouble if it ended it (a timeout,
+/// a reset, the peer closing), else TLS's.
+fn handshake_failed(e: &TlsError, what: &str) -> ConnError {
+    let trouble = match e.network() {
+        Some(kind) => match io_trouble(&io::Error::from(kind)) {
+            Trouble::Io(_) => Trouble::Io(format!("{e} ({what})")),
+            t => t,
+        },
+        None => Trouble::Tls(format!("{e} ({what})")),
+    };
+    ConnError::new(Stage::Tls, trouble)
+}
+
 /// The host part of `host:port`, without IPv6 brackets.
 pub(super) fn host_name(host: &str) -> &str {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
@@ -147,9 +160,10 @@ fn implicit_tls(
     let mut plain = Stream::from(tcp);
     plain.set_deadline(Some(Instant::now() + timeouts.helo));
     let mut stream = plain.connect(connector, name).map_err(|e| {
-        tls_error(format!(
-            "{e} (implicit TLS; certificate name checked: {name})"
-        ))
+        handshake_failed(
+            &e,
+            &format!("implicit TLS; certificate name checked: {name}"),
+        )
     })?;
     // From here the per-phase timeouts apply, as on any connection.
     stream.set_deadline(None);
@@ -412,7 +426,7 @@ impl Connection {
         self.read_timeout = Duration::ZERO;
         self.stream = stream
             .connect(connector, name)
-            .map_err(|e| tls_error(format!("{e} (certificate name checked: {name})")))?;
+            .map_err(|e| handshake_failed(&e, &format!("certificate name checked: {name}")))?;
         Ok(())
     }
 
@@ -504,6 +518,9 @@ impl Connection {
         if ehlo.is_positive() {
             c.caps = Capabilities::from_ehlo(&ehlo);
             return Ok(c);
+        }
+        if ehlo.code == 421 {
+            return Err(ConnError::new(Stage::Helo, Trouble::Reply(ehlo)));
         }
         let helo = c.exchange(Stage::Helo, format!("HELO {helo_name}\r\n").as_bytes())?;
         if !helo.is_positive() {
@@ -693,15 +710,10 @@ impl Connection {
             0 => idle(Trouble::Closed),
             n if n > 0 => {
                 let seen = &buf[..n as usize];
-                if !self.stream.is_tls() && seen.starts_with(b"421") {
-                    let text = String::from_utf8_lossy(seen);
-                    let text = text.lines().next().unwrap_or("").to_string();
-                    idle(Trouble::Protocol(format!(
-                        "said while idle: {}",
-                        Printable(&text)
-                    )))
-                } else {
-                    idle(Trouble::Protocol("data while idle".into()))
+                match Reply::parse(seen) {
+                    // Most often the 421 of an idle timeout, before the close.
+                    Ok(Some((reply, _))) if !self.stream.is_tls() => idle(Trouble::Reply(reply)),
+                    _ => idle(Trouble::Protocol("data while idle".into())),
                 }
             }
             _ => {

@@ -262,6 +262,14 @@ pub fn ends_session(stage: Stage, reply: &Reply, earlier: u32) -> bool {
             && (reply.code == 452 || enhanced(reply).is_some_and(|e| e.ends_with(".5.3"))))
 }
 
+/// True if a reply that ends a session says it ends it for the number of
+/// messages (x.5.3, or "too many"), not for load or storage, which pass:
+/// only such a reply teaches a per-connection limit.
+fn says_too_many(reply: &Reply) -> bool {
+    enhanced(reply).is_some_and(|e| e.ends_with(".5.3"))
+        || reply.text().to_ascii_lowercase().contains("too many")
+}
+
 /// The enhanced status code (RFC 3463) at the start of a reply, if any.
 fn enhanced(reply: &Reply) -> Option<&str> {
     let first = reply.lines.first()?.split_whitespace().next()?;
@@ -276,7 +284,8 @@ fn enhanced(reply: &Reply) -> Option<&str> {
 pub fn trouble(stage: Stage, trouble: &Trouble, a: Attempt) -> Verdict {
     let lost = |t: &Trouble| match t {
         Trouble::Reply(r) if r.code == 421 => Reason::PeerClosing,
-        Trouble::Reply(_) => Reason::SessionLimit,
+        Trouble::Reply(_) if stage == Stage::Mail => Reason::SessionLimit,
+        Trouble::Reply(_) => Reason::Refused,
         Trouble::Protocol(_) => Reason::Protocol,
         _ => Reason::Lost,
     };
@@ -312,12 +321,11 @@ pub fn trouble(stage: Stage, trouble: &Trouble, a: Attempt) -> Verdict {
         }
         (Stage::Auth, Trouble::Reply(_)) => verdict(defer, Reason::Auth, Health::ConnectionFailed),
         // Nothing of the transaction accepted: the connection was stale,
-        // used up or closing. Once more at once on a new one.
-        (Stage::Mail, t) if !a.retried => Verdict {
+        // used up or closing. Once more at once on a new one (not after a
+        // timeout: that would make the message wait twice).
+        (Stage::Mail, t) if !a.retried && *t != Trouble::TimedOut => Verdict {
             limit: match t {
-                Trouble::Reply(r) if a.earlier > 0 && ends_session(stage, r, a.earlier) => {
-                    Some(a.earlier)
-                }
+                Trouble::Reply(r) if a.earlier > 0 && says_too_many(r) => Some(a.earlier),
                 _ => None,
             },
             ..verdict(Fate::RetryNow, lost(t), Health::None)
@@ -367,6 +375,7 @@ mod tests {
     }
 
     #[test]
+    #[rustfmt::skip]
     fn the_table() {
         use Fate::*;
         use Health::{ConnectionFailed, Misconfigured};
@@ -374,222 +383,54 @@ mod tests {
         let io = || Trouble::Io("connection reset by peer".into());
         let cases: Vec<(Stage, Trouble, Attempt, Verdict)> = vec![
             // Connect and greeting.
-            (
-                Stage::Connect,
-                io(),
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Connect,
-                io(),
-                EXPIRED,
-                close(Expired, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Greeting,
-                r(554, "5.7.1 go away"),
-                FIRST,
-                close(Failed, Refused, ConnectionFailed),
-            ),
-            (
-                Stage::Greeting,
-                r(450, "busy"),
-                FIRST,
-                close(Deferred, Refused, ConnectionFailed),
-            ),
-            (
-                Stage::Greeting,
-                r(421, "4.3.2 busy"),
-                FIRST,
-                close(Deferred, PeerClosing, ConnectionFailed),
-            ),
-            (
-                Stage::Greeting,
-                Trouble::TimedOut,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Greeting,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Helo,
-                r(550, "no"),
-                FIRST,
-                close(Failed, Refused, ConnectionFailed),
-            ),
-            (
-                Stage::Helo,
-                r(451, "later"),
-                FIRST,
-                close(Deferred, Refused, ConnectionFailed),
-            ),
-            // TLS and AUTH.
-            (
-                Stage::Tls,
-                Trouble::Unsupported("no STARTTLS".into()),
-                FIRST,
-                close(Deferred, Tls, Misconfigured),
-            ),
-            (
-                Stage::Tls,
-                r(454, "4.7.0 TLS not available"),
-                FIRST,
-                close(Deferred, Tls, Misconfigured),
-            ),
-            (
-                Stage::Tls,
-                Trouble::Tls("certificate verify failed".into()),
-                FIRST,
-                close(Deferred, Tls, Misconfigured),
-            ),
-            (
-                Stage::Tls,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Auth,
-                r(535, "5.7.8 bad credentials"),
-                FIRST,
-                close(Deferred, Auth, Misconfigured),
-            ),
-            (
-                Stage::Auth,
-                Trouble::Unsupported("no AUTH PLAIN or LOGIN".into()),
-                FIRST,
-                close(Deferred, Auth, Misconfigured),
-            ),
-            (
-                Stage::Auth,
-                r(454, "4.7.0 try later"),
-                FIRST,
-                close(Deferred, Auth, ConnectionFailed),
-            ),
+            (Stage::Connect, io(), FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Connect, io(), EXPIRED, close(Expired, Lost, ConnectionFailed)),
+            (Stage::Greeting, r(554, "5.7.1 go away"), FIRST, close(Failed, Refused, ConnectionFailed)),
+            (Stage::Greeting, r(450, "busy"), FIRST, close(Deferred, Refused, ConnectionFailed)),
+            (Stage::Greeting, r(421, "4.3.2 busy"), FIRST, close(Deferred, PeerClosing, ConnectionFailed)),
+            (Stage::Greeting, Trouble::TimedOut, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Greeting, Trouble::Closed, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Helo, r(550, "no"), FIRST, close(Failed, Refused, ConnectionFailed)),
+            (Stage::Helo, r(451, "later"), FIRST, close(Deferred, Refused, ConnectionFailed)),
+            (Stage::Helo, r(421, "closing"), FIRST, close(Deferred, PeerClosing, ConnectionFailed)),
+            // TLS and AUTH: our settings and the peer's disagree, unless
+            // the network ended the handshake.
+            (Stage::Tls, Trouble::Unsupported("no STARTTLS".into()), FIRST, close(Deferred, Tls, Misconfigured)),
+            (Stage::Tls, r(454, "4.7.0 TLS not available"), FIRST, close(Deferred, Tls, Misconfigured)),
+            (Stage::Tls, Trouble::Tls("certificate verify failed".into()), FIRST, close(Deferred, Tls, Misconfigured)),
+            (Stage::Tls, Trouble::Closed, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Tls, Trouble::TimedOut, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Auth, r(535, "5.7.8 bad credentials"), FIRST, close(Deferred, Auth, Misconfigured)),
+            (Stage::Auth, Trouble::Unsupported("no AUTH PLAIN or LOGIN".into()), FIRST, close(Deferred, Auth, Misconfigured)),
+            (Stage::Auth, r(454, "4.7.0 try later"), FIRST, close(Deferred, Auth, ConnectionFailed)),
             // Nothing accepted yet: once more on a new connection.
-            (
-                Stage::Mail,
-                Trouble::Closed,
-                REUSED,
-                close(RetryNow, Lost, Health::None),
-            ),
-            (
-                Stage::Mail,
-                io(),
-                FIRST,
-                close(RetryNow, Lost, Health::None),
-            ),
-            (
-                Stage::Mail,
-                r(421, "4.7.0 idle"),
-                FIRST,
-                close(RetryNow, PeerClosing, Health::None),
-            ),
-            (
-                Stage::Mail,
-                Trouble::Protocol("garbage".into()),
-                FIRST,
-                close(RetryNow, Protocol, Health::None),
-            ),
-            (
-                Stage::Mail,
-                Trouble::Closed,
-                RETRIED,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Mail,
-                r(421, "bye"),
-                RETRIED,
-                close(Deferred, PeerClosing, ConnectionFailed),
-            ),
+            (Stage::Mail, Trouble::Closed, REUSED, close(RetryNow, Lost, Health::None)),
+            (Stage::Mail, io(), FIRST, close(RetryNow, Lost, Health::None)),
+            (Stage::Mail, r(421, "4.7.0 idle"), FIRST, close(RetryNow, PeerClosing, Health::None)),
+            (Stage::Mail, Trouble::Protocol("garbage".into()), FIRST, close(RetryNow, Protocol, Health::None)),
+            // ... but not after a timeout, nor twice.
+            (Stage::Mail, Trouble::TimedOut, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Mail, Trouble::Closed, RETRIED, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Mail, r(421, "bye"), RETRIED, close(Deferred, PeerClosing, ConnectionFailed)),
             // After MAIL was accepted: deferred.
-            (
-                Stage::Rcpt,
-                r(421, "4.4.2 timeout"),
-                FIRST,
-                close(Deferred, PeerClosing, ConnectionFailed),
-            ),
-            (
-                Stage::Rcpt,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Data,
-                r(421, "bye"),
-                FIRST,
-                close(Deferred, PeerClosing, ConnectionFailed),
-            ),
-            (
-                Stage::Data,
-                Trouble::TimedOut,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Content,
-                io(),
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
+            (Stage::Rcpt, r(421, "4.4.2 timeout"), FIRST, close(Deferred, PeerClosing, ConnectionFailed)),
+            (Stage::Rcpt, Trouble::Closed, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Data, r(421, "bye"), FIRST, close(Deferred, PeerClosing, ConnectionFailed)),
+            (Stage::Data, Trouble::TimedOut, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Content, io(), FIRST, close(Deferred, Lost, ConnectionFailed)),
             // After the final dot: the peer may have it; deferred, never
             // retried at once.
-            (
-                Stage::Final,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Final,
-                Trouble::TimedOut,
-                FIRST,
-                close(Deferred, Lost, ConnectionFailed),
-            ),
-            (
-                Stage::Final,
-                r(421, "bye"),
-                FIRST,
-                close(Deferred, PeerClosing, ConnectionFailed),
-            ),
-            (
-                Stage::Final,
-                Trouble::Closed,
-                EXPIRED,
-                close(Expired, Lost, ConnectionFailed),
-            ),
-            // Between transactions.
-            (
-                Stage::Reset,
-                r(500, "what?"),
-                FIRST,
-                close(Deferred, ResetRefused, Health::None),
-            ),
-            (
-                Stage::Reset,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, Health::None),
-            ),
-            (
-                Stage::Idle,
-                r(421, "4.4.2 timeout"),
-                FIRST,
-                close(Deferred, PeerClosing, Health::None),
-            ),
-            (
-                Stage::Idle,
-                Trouble::Closed,
-                FIRST,
-                close(Deferred, Lost, Health::None),
-            ),
+            (Stage::Final, Trouble::Closed, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Final, Trouble::TimedOut, FIRST, close(Deferred, Lost, ConnectionFailed)),
+            (Stage::Final, r(421, "bye"), FIRST, close(Deferred, PeerClosing, ConnectionFailed)),
+            (Stage::Final, Trouble::Closed, EXPIRED, close(Expired, Lost, ConnectionFailed)),
+            // Between transactions: nothing at stake, no health event.
+            (Stage::Reset, r(500, "what?"), FIRST, close(Deferred, ResetRefused, Health::None)),
+            (Stage::Reset, r(421, "4.7.0 too many errors"), FIRST, close(Deferred, PeerClosing, Health::None)),
+            (Stage::Reset, Trouble::Closed, FIRST, close(Deferred, Lost, Health::None)),
+            (Stage::Idle, r(421, "4.4.2 timeout"), FIRST, close(Deferred, PeerClosing, Health::None)),
+            (Stage::Idle, Trouble::Closed, FIRST, close(Deferred, Lost, Health::None)),
+            (Stage::Idle, r(500, "NOOP?"), FIRST, close(Deferred, Refused, Health::None)),
         ];
         for (stage, t, a, want) in cases {
             assert_eq!(trouble(stage, &t, a), want, "{t} at {stage}, {a:?}");
@@ -623,6 +464,14 @@ mod tests {
                 },
             );
             assert_eq!((v.fate, v.limit), (Fate::Deferred, None), "{t}");
+        }
+        // Load or storage, not the count: a fresh session, nothing learnt.
+        for t in [
+            r(421, "4.3.2 System not accepting network messages"),
+            r(452, "4.3.1 Insufficient system storage"),
+        ] {
+            let v = trouble(Stage::Mail, &t, REUSED);
+            assert_eq!((v.fate, v.limit), (Fate::RetryNow, None), "{t}");
         }
         // The first message of a session: no limit to learn.
         assert_eq!(trouble(Stage::Mail, &r(421, "bye"), FIRST).limit, None);

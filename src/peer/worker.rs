@@ -84,7 +84,9 @@ impl Worker {
             if let Err(e) = self.connect() {
                 debug!(
                     "peer={} worker={} initial connect failed: {}",
-                    self.peer.name, self.index, e.error
+                    self.peer.name,
+                    self.index,
+                    Printable(&e.error.to_string())
                 );
             }
         }
@@ -173,14 +175,20 @@ impl Worker {
                 Err(e) => {
                     let v = policy::trouble(e.stage, &e.trouble, Attempt::default());
                     refused &= v.fate == Fate::Failed;
+                    let said = Printable(&e.to_string()).to_string();
                     if v.health == Health::Misconfigured {
                         // Said once, when the peer's state changes.
-                        debug!("peer={} host={host} failed: {e}", p.name);
+                        debug!("peer={} host={host} failed: {said}", p.name);
                     } else {
-                        info!("peer={} host={host} failed: {e}", p.name);
+                        info!("peer={} host={host} failed: {said}", p.name);
                     }
                     hosts.failed(i);
-                    last = Some((e, v.health, host.to_string()));
+                    // One host our settings do not fit makes the peer
+                    // misconfigured, whatever the others did: its error is
+                    // the one kept.
+                    if !matches!(last, Some((_, Health::Misconfigured, _))) {
+                        last = Some((e, v.health, host.to_string()));
+                    }
                 }
             }
         }
@@ -454,8 +462,11 @@ impl Worker {
             if i == 0 {
                 first = Some(v);
             }
+            let stopping = matches!(self.ctx.stop.try_recv(), Err(TryRecvError::Disconnected));
             match v.fate {
-                Fate::RetryNow if again.is_none() => {
+                // Not while stopping: the stop cuts connections, and a new
+                // one would outlive it.
+                Fate::RetryNow if again.is_none() && !stopping => {
                     info!(
                         "{} peer={} worker={} trying again at once on a new connection: {}",
                         u.item.message.id,
@@ -479,7 +490,8 @@ impl Worker {
                 }
             }
         }
-        let v = first.expect("a broken chain leaves a message unknown");
+        // None unknown: RSET failed after the last message was decided.
+        let v = first.unwrap_or_else(|| policy::trouble(e.stage, &e.trouble, Attempt::default()));
         self.broke(&e, v.next);
         self.health(v.health, &e.to_string());
         again

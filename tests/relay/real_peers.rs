@@ -453,6 +453,36 @@ fn smtp_sink_5xx_at_each_stage_fails_the_recipient_with_a_dsn() {
     }
 }
 
+/// A transaction that did not complete (every RCPT refused) is followed
+/// by RSET; a peer that then hangs up (`-q RSET`) or refuses it
+/// (`-r RSET`) costs the connection, not the worker: it is closed, its
+/// slot given back, and the next message goes over a new one.
+#[test]
+fn smtp_sink_refusing_or_dropping_rset_costs_only_the_connection() {
+    for flag in ["-q", "-r"] {
+        let Some((_sink, mut rig, _)) = one_to_sink(&["-f", "RCPT", flag, "RSET"]) else {
+            return;
+        };
+        assert!(
+            rig.sims[0].wait_for_recipients(1, DEADLINE),
+            "{flag} RSET: no DSN"
+        );
+        wait_until("B's connection closed", || rig.b().connections_open == 0);
+        rig.send(1..2);
+        assert!(
+            rig.sims[0].wait_for_recipients(2, DEADLINE),
+            "{flag} RSET: no second DSN"
+        );
+        let b = rig.stop();
+        assert_eq!(
+            (b.failed, b.deferred, b.left),
+            (2, 0, 0),
+            "{flag} RSET: {b:?}"
+        );
+        assert!(b.connections_opened >= 2, "{flag} RSET: {b:?}");
+    }
+}
+
 /// smtp-sink `-r STAGE`: a 4xx to MAIL, RCPT, DATA or the final dot
 /// defers the recipient; nothing fails, nothing is stored.
 #[test]
