@@ -61,6 +61,25 @@ pub struct Job {
     pub data: Option<Arc<[u8]>>,
 }
 
+impl Message {
+    /// When the queue fails what is left of it, whatever its peers' state:
+    /// its expiry, unless it came already expired (then its first attempt
+    /// is still made: the receiving MMSC enforces X-Mms-Expiry towards its
+    /// subscriber, and only the retries stop).
+    pub fn deadline(&self) -> Option<SystemTime> {
+        (self.expires > self.accepted).then_some(self.expires)
+    }
+}
+
+impl Job {
+    /// True if this job's time is up at `now`: past the message's
+    /// deadline, or, for a message that came already expired, once its
+    /// first attempt was made.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        now >= self.message.expires && (self.attempts > 0 || self.message.deadline().is_some())
+    }
+}
+
 /// Makes queue IDs: seconds since the epoch at start, then a counter, in
 /// hex, so IDs sort by acceptance and do not repeat after a restart.
 ///

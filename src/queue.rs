@@ -14,8 +14,8 @@
 //! the pools, not by the length of the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -34,8 +34,9 @@ use crate::spool::Spool;
 const SUBMIT_WAIT: Duration = Duration::from_millis(50);
 /// How often the manager retries full pools while it holds overflow.
 const OVERFLOW_POLL: Duration = Duration::from_millis(5);
-/// Longest sleep of the manager when nothing is due.
-const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Longest sleep of the manager when nothing is due sooner: a wall clock
+/// that steps is noticed within this.
+const CLOCK_STEP: Duration = Duration::from_secs(60);
 
 /// Exponential backoff for deferred jobs.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +66,8 @@ enum Event {
     Release(String),
     /// Answer once everything due by the clock has been moved on.
     Sync(Sender<()>),
+    /// A deadline sooner than the manager meant to look.
+    Wake,
 }
 
 /// What may become of a job taken from a pool (see [`Queue::admission`]).
@@ -76,7 +79,7 @@ pub enum Admission {
     Deleted,
     /// Its message is held: back to the queue manager.
     Held,
-    /// A retry past the message's expiry: fail it.
+    /// Its time is up: fail it.
     Expired,
 }
 
@@ -101,11 +104,32 @@ pub struct Queued {
 /// Attempts kept in a queued message's history.
 pub const HISTORY_LEN: usize = 10;
 
+/// What is queued for one peer, and when each message's time is up.
+#[derive(Default)]
+struct Tracked {
+    /// By queue ID.
+    queued: BTreeMap<String, Queued>,
+    /// (deadline, queue ID) of each queued message that has one, soonest
+    /// first (see `Message::deadline`).
+    deadlines: BTreeSet<(SystemTime, String)>,
+}
+
+impl Tracked {
+    fn remove(&mut self, id: &str) -> Option<Queued> {
+        let q = self.queued.remove(id)?;
+        if let Some(d) = q.message.deadline() {
+            self.deadlines.remove(&(d, id.to_string()));
+        }
+        Some(q)
+    }
+}
+
 /// One peer's part of the queue.
 struct PeerQueue {
-    /// What is queued, by queue ID.
-    tracked: parking_lot::Mutex<std::collections::BTreeMap<String, Queued>>,
+    tracked: parking_lot::Mutex<Tracked>,
     pool: Sender<Job>,
+    /// The pool's other end, to take expired jobs out of it.
+    pool_out: Receiver<Job>,
     /// Jobs waiting in the manager's overflow.
     overflow: AtomicUsize,
     /// Jobs waiting for their retry time.
@@ -113,21 +137,30 @@ struct PeerQueue {
 }
 
 impl PeerQueue {
-    fn new(pool: Sender<Job>) -> Arc<PeerQueue> {
+    fn new((pool, pool_out): (Sender<Job>, Receiver<Job>)) -> Arc<PeerQueue> {
         Arc::new(PeerQueue {
             tracked: Default::default(),
             pool,
+            pool_out,
             overflow: AtomicUsize::new(0),
             deferred: AtomicUsize::new(0),
         })
     }
 }
 
-/// Lists a job as queued at its peer (new, or found in the spool).
-fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) {
+/// Lists a job as queued at its peer (new, or found in the spool);
+/// returns the message's deadline if it is new here.
+fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) -> Option<SystemTime> {
     let m = &job.message;
     let mut tracked = p.tracked.lock();
-    let q = tracked.entry(m.id.clone()).or_insert_with(|| Queued {
+    let mut new = None;
+    if !tracked.queued.contains_key(&m.id) {
+        if let Some(d) = m.deadline() {
+            tracked.deadlines.insert((d, m.id.clone()));
+            new = Some(d);
+        }
+    }
+    let q = tracked.queued.entry(m.id.clone()).or_insert_with(|| Queued {
         message: m.clone(),
         rcpts: Vec::new(),
         attempts: job.attempts,
@@ -139,6 +172,7 @@ fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) {
     if next_attempt.is_some() {
         q.next_attempt = next_attempt;
     }
+    new
 }
 
 /// The shared entrance to the pools, used by sessions and workers.
@@ -152,6 +186,9 @@ pub struct Queue {
     events: Sender<Event>,
     retry: parking_lot::Mutex<RetryPolicy>,
     clock: SharedClock,
+    /// When the manager will look next, in milliseconds since the epoch
+    /// by `clock`: a deadline sooner than that wakes it.
+    next_look: AtomicU64,
 }
 
 impl Queue {
@@ -174,8 +211,9 @@ impl Queue {
         self.peers.read()[peer].clone()
     }
 
-    /// Adds a peer (a reload added it) with its pool; returns its id.
-    pub fn add_peer(&self, pool: Sender<Job>) -> usize {
+    /// Adds a peer (a reload added it) with both ends of its pool;
+    /// returns its id.
+    pub fn add_peer(&self, pool: (Sender<Job>, Receiver<Job>)) -> usize {
         let mut peers = self.peers.write();
         peers.push(PeerQueue::new(pool));
         peers.len() - 1
@@ -184,7 +222,7 @@ impl Queue {
     /// Puts a new job in its peer's pool, or behind the peer's overflow.
     pub fn submit(&self, job: Job) {
         let q = self.peer(job.peer);
-        track(&q, &job, None);
+        self.track(&q, &job, None);
         let job = if q.overflow.load(Ordering::Acquire) == 0 {
             match q.pool.send_timeout(job, SUBMIT_WAIT) {
                 Ok(()) => return,
@@ -194,6 +232,16 @@ impl Queue {
             job
         };
         self.overflow(job);
+    }
+
+    /// Tracks `job`, and wakes the manager if its deadline comes before
+    /// the manager would look.
+    fn track(&self, q: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) {
+        if let Some(d) = track(q, job, next_attempt) {
+            if millis(d) < self.next_look.load(Ordering::Acquire) {
+                let _ = self.events.send(Event::Wake);
+            }
+        }
     }
 
     /// Hands back a job a worker took but may not send (its peer was held
@@ -220,13 +268,13 @@ impl Queue {
 
     /// Queues a job found in the spool at start, due at `at`.
     pub fn recover(&self, job: Job, at: SystemTime) {
-        track(&self.peer(job.peer), &job, Some(at));
+        self.track(&self.peer(job.peer), &job, Some(at));
         self.schedule(job, at);
     }
 
     /// Parks a job whose attempt failed with `reply` until `at`.
     pub fn defer(&self, job: Job, reply: &str, at: SystemTime) {
-        if let Some(q) = self.peer(job.peer).tracked.lock().get_mut(&job.message.id) {
+        if let Some(q) = self.peer(job.peer).tracked.lock().queued.get_mut(&job.message.id) {
             q.attempts = job.attempts;
             q.last_reply = reply.to_string();
             q.next_attempt = Some(at);
@@ -250,7 +298,7 @@ impl Queue {
     pub fn done(&self, peer: usize, id: &str, rcpts: &[String]) {
         let p = self.peer(peer);
         let mut tracked = p.tracked.lock();
-        if let Some(q) = tracked.get_mut(id) {
+        if let Some(q) = tracked.queued.get_mut(id) {
             q.rcpts.retain(|r| !rcpts.contains(r));
             if q.rcpts.is_empty() {
                 tracked.remove(id);
@@ -283,7 +331,7 @@ impl Queue {
             .peers
             .read()
             .iter()
-            .any(|p| p.tracked.lock().contains_key(id));
+            .any(|p| p.tracked.lock().queued.contains_key(id));
         if known {
             self.held.lock().insert(id.to_string());
         }
@@ -318,36 +366,42 @@ impl Queue {
     }
 
     /// Whether `job` may be tried now. An operator may have deleted or
-    /// held its message since it was queued, and a retry is not made past
-    /// its expiry (the first attempt always is: the receiving MMSC
-    /// enforces X-Mms-Expiry towards its subscriber).
+    /// held its message since it was queued, or its time may be up (see
+    /// [`Job::expired`]).
     pub fn admission(&self, job: &Job) -> Admission {
         if self.is_deleted(&job.message.id) {
             Admission::Deleted
         } else if self.is_held(&job.message.id) {
             Admission::Held
-        } else if job.attempts > 0 && self.now() >= job.message.expires {
+        } else if job.expired(self.now()) {
             Admission::Expired
         } else {
             Admission::Deliver
         }
     }
 
+    /// The last reply or error an attempt of message `id` at `peer` had.
+    pub fn last_reply(&self, peer: usize, id: &str) -> Option<String> {
+        let p = self.peer(peer);
+        let tracked = p.tracked.lock();
+        tracked.queued.get(id).map(|q| q.last_reply.clone())
+    }
+
     /// How many messages are queued for `peer`.
     pub fn queued_len(&self, peer: usize) -> usize {
-        self.peer(peer).tracked.lock().len()
+        self.peer(peer).tracked.lock().queued.len()
     }
 
     /// When the oldest message queued for `peer` was accepted.
     pub fn oldest(&self, peer: usize) -> Option<SystemTime> {
         let p = self.peer(peer);
         let tracked = p.tracked.lock();
-        tracked.values().map(|q| q.message.accepted).min()
+        tracked.queued.values().map(|q| q.message.accepted).min()
     }
 
     /// What is queued for `peer`, oldest first.
     pub fn list(&self, peer: usize) -> Vec<Queued> {
-        self.peer(peer).tracked.lock().values().cloned().collect()
+        self.peer(peer).tracked.lock().queued.values().cloned().collect()
     }
 
     /// How many messages queued for `peer` are younger than each of
@@ -355,7 +409,7 @@ impl Queue {
     pub fn ages(&self, peer: usize, limits: &[Duration]) -> Vec<usize> {
         let mut counts = vec![0; limits.len() + 1];
         let now = self.now();
-        for q in self.peer(peer).tracked.lock().values() {
+        for q in self.peer(peer).tracked.lock().queued.values() {
             let age = now.duration_since(q.message.accepted).unwrap_or_default();
             let bucket = limits.iter().position(|l| age < *l).unwrap_or(limits.len());
             counts[bucket] += 1;
@@ -411,13 +465,15 @@ pub struct QueueManager {
 }
 
 impl QueueManager {
-    /// Starts the manager for these pools; returns it with the shared
-    /// entrance. Parked jobs get their data back from `spool`.
+    /// Starts the manager for these pools (both ends of each); returns it
+    /// with the shared entrance. Parked jobs get their data back from
+    /// `spool`; jobs whose time is up go to `expired`.
     pub fn start(
-        pools: Vec<Sender<Job>>,
+        pools: Vec<(Sender<Job>, Receiver<Job>)>,
         retry: RetryPolicy,
         spool: Arc<Spool>,
         clock: SharedClock,
+        expired: Sender<Job>,
     ) -> std::io::Result<(QueueManager, Arc<Queue>)> {
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
@@ -428,11 +484,22 @@ impl QueueManager {
             events: events_tx,
             retry: parking_lot::Mutex::new(retry),
             clock,
+            next_look: AtomicU64::new(0),
         });
         let q = queue.clone();
-        let handle = thread::Builder::new()
-            .name("qmgr".into())
-            .spawn(move || manage(&q, &spool, &events_rx, &stop_rx))?;
+        let handle = thread::Builder::new().name("qmgr".into()).spawn(move || {
+            let mut m = Manager {
+                queue: &q,
+                spool: &spool,
+                expired,
+                overflow: Vec::new(),
+                deferred: BinaryHeap::new(),
+                parked: Vec::new(),
+                seq: 0,
+                syncs: Vec::new(),
+            };
+            m.run(&events_rx, &stop_rx)
+        })?;
         Ok((
             QueueManager {
                 stop: Some(stop_tx),
@@ -458,114 +525,234 @@ impl Drop for QueueManager {
     }
 }
 
-fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
-    let mut overflow: Vec<VecDeque<Job>> = Vec::new();
-    let mut deferred: BinaryHeap<Reverse<Deferred>> = BinaryHeap::new();
-    // Jobs of held messages, counted as waiting (deferred) meanwhile.
-    let mut parked: Vec<Job> = Vec::new();
-    let mut seq = 0u64;
-    // Sync requests, answered at the end of this pass.
-    let mut syncs: Vec<Sender<()>> = Vec::new();
-    let take = |ev: Event,
-                overflow: &mut Vec<VecDeque<Job>>,
-                deferred: &mut BinaryHeap<Reverse<Deferred>>,
-                parked: &mut Vec<Job>,
-                syncs: &mut Vec<Sender<()>>,
-                seq: &mut u64| match ev {
-        Event::Release(id) => {
-            let (go, stay): (Vec<Job>, Vec<Job>) = std::mem::take(parked)
-                .into_iter()
-                .partition(|j| j.message.id == id);
-            *parked = stay;
-            for job in go {
-                let p = queue.peer(job.peer);
-                p.deferred.fetch_sub(1, Ordering::AcqRel);
-                p.overflow.fetch_add(1, Ordering::AcqRel);
-                overflow[job.peer].push_back(job);
+/// Milliseconds since the epoch, for comparing deadlines atomically.
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The manager's own state: every job not in a pool or in flight.
+struct Manager<'a> {
+    queue: &'a Queue,
+    spool: &'a Spool,
+    /// Where jobs whose time is up go to be failed.
+    expired: Sender<Job>,
+    /// Per peer, in arrival order.
+    overflow: Vec<VecDeque<Job>>,
+    deferred: BinaryHeap<Reverse<Deferred>>,
+    /// Jobs of held messages, counted as waiting (deferred) meanwhile.
+    parked: Vec<Job>,
+    seq: u64,
+    /// Sync requests, answered at the end of this pass.
+    syncs: Vec<Sender<()>>,
+}
+
+impl Manager<'_> {
+    fn run(&mut self, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
+        loop {
+            let wait = self.wait();
+            select! {
+                recv(events) -> ev => match ev {
+                    Ok(ev) => self.take(ev),
+                    Err(_) => break,
+                },
+                recv(stop) -> _ => break,
+                default(wait) => {}
+            }
+            // Take whatever else arrived before doing the work.
+            while let Ok(ev) = events.try_recv() {
+                self.take(ev);
+            }
+            let now = self.queue.now();
+            let peers = self.queue.peers.read().clone();
+            if self.overflow.len() < peers.len() {
+                self.overflow.resize_with(peers.len(), VecDeque::new);
+            }
+            self.expire_due(now, &peers);
+            self.due_retries(now, &peers);
+            self.feed(&peers);
+            for answer in self.syncs.drain(..) {
+                let _ = answer.send(());
             }
         }
-        Event::Overflow(mut job) => {
-            job.data = None;
-            if overflow.len() <= job.peer {
-                overflow.resize_with(job.peer + 1, VecDeque::new);
-            }
-            overflow[job.peer].push_back(job);
+        self.overflow.iter().map(VecDeque::len).sum::<usize>()
+            + self.deferred.len()
+            + self.parked.len()
+            + events.len()
+    }
+
+    /// How long to sleep: until the next retry or deadline, however far
+    /// (a new, sooner one wakes the manager), but a minute at most, for a
+    /// wall clock that steps; a short poll while pools are full.
+    fn wait(&self) -> Duration {
+        let now = self.queue.now();
+        if self.overflow.iter().any(|o| !o.is_empty()) {
+            self.queue.next_look.store(0, Ordering::Release);
+            return OVERFLOW_POLL;
         }
-        Event::RetryNow(peer, id) => {
-            let now = queue.now();
-            let all = std::mem::take(deferred).into_vec();
-            for Reverse(mut d) in all {
-                let hit = peer.is_none_or(|p| p == d.job.peer)
-                    && id.as_ref().is_none_or(|i| *i == d.job.message.id);
-                if hit {
-                    d.due = now;
+        let retry = self.deferred.peek().map(|Reverse(d)| d.due);
+        let deadline = self
+            .queue
+            .peers
+            .read()
+            .iter()
+            .filter_map(|p| p.tracked.lock().deadlines.first().map(|(d, _)| *d))
+            .min();
+        let next = retry.into_iter().chain(deadline).min();
+        let wait = next
+            .map_or(CLOCK_STEP, |t| t.duration_since(now).unwrap_or_default())
+            .min(CLOCK_STEP);
+        self.queue.next_look.store(millis(now + wait), Ordering::Release);
+        wait
+    }
+
+    fn take(&mut self, ev: Event) {
+        let now = self.queue.now();
+        match ev {
+            Event::Release(id) => {
+                let (go, stay): (Vec<Job>, Vec<Job>) = std::mem::take(&mut self.parked)
+                    .into_iter()
+                    .partition(|j| j.message.id == id);
+                self.parked = stay;
+                for job in go {
+                    let p = self.queue.peer(job.peer);
+                    p.deferred.fetch_sub(1, Ordering::AcqRel);
+                    p.overflow.fetch_add(1, Ordering::AcqRel);
+                    self.overflow[job.peer].push_back(job);
                 }
-                deferred.push(Reverse(d));
+            }
+            Event::Overflow(mut job) => {
+                if job.expired(now) {
+                    self.queue
+                        .peer(job.peer)
+                        .overflow
+                        .fetch_sub(1, Ordering::AcqRel);
+                    return self.expire(job);
+                }
+                job.data = None;
+                if self.overflow.len() <= job.peer {
+                    self.overflow.resize_with(job.peer + 1, VecDeque::new);
+                }
+                self.overflow[job.peer].push_back(job);
+            }
+            Event::RetryNow(peer, id) => {
+                let all = std::mem::take(&mut self.deferred).into_vec();
+                for Reverse(mut d) in all {
+                    let hit = peer.is_none_or(|p| p == d.job.peer)
+                        && id.as_ref().is_none_or(|i| *i == d.job.message.id);
+                    if hit {
+                        d.due = now;
+                    }
+                    self.deferred.push(Reverse(d));
+                }
+            }
+            Event::Sync(answer) => self.syncs.push(answer),
+            Event::Defer(mut job, due) => {
+                if job.expired(now) {
+                    self.queue
+                        .peer(job.peer)
+                        .deferred
+                        .fetch_sub(1, Ordering::AcqRel);
+                    return self.expire(job);
+                }
+                job.data = None;
+                self.seq += 1;
+                self.deferred.push(Reverse(Deferred {
+                    due,
+                    seq: self.seq,
+                    job,
+                }));
+            }
+            Event::Wake => {}
+        }
+    }
+
+    fn expire(&self, mut job: Job) {
+        job.data = None;
+        // The expirer outlives the manager: this cannot fail.
+        let _ = self.expired.send(job);
+    }
+
+    /// Fails what is left of every message whose deadline has passed,
+    /// wherever its jobs wait: retries, overflow, held, or a pool (taken
+    /// out of it; the others go back in order). A job in flight is its
+    /// worker's: it fails it itself (see `Admission::Expired`).
+    fn expire_due(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
+        let mut due: Vec<HashSet<String>> = vec![HashSet::new(); peers.len()];
+        for (p, ids) in peers.iter().zip(due.iter_mut()) {
+            let mut tracked = p.tracked.lock();
+            while let Some((d, _)) = tracked.deadlines.first() {
+                if *d > now {
+                    break;
+                }
+                let (_, id) = tracked.deadlines.pop_first().expect("looked at above");
+                ids.insert(id);
             }
         }
-        Event::Sync(answer) => syncs.push(answer),
-        Event::Defer(mut job, due) => {
-            job.data = None;
-            *seq += 1;
-            deferred.push(Reverse(Deferred {
-                due,
-                seq: *seq,
-                job,
-            }));
+        if due.iter().all(HashSet::is_empty) {
+            return;
         }
-    };
-    loop {
-        let now = queue.now();
-        let wait = if overflow.iter().any(|o| !o.is_empty()) {
-            OVERFLOW_POLL
-        } else {
-            deferred
-                .peek()
-                .map_or(IDLE_TICK, |Reverse(d)| {
-                    d.due.duration_since(now).unwrap_or_default()
-                })
-                .min(IDLE_TICK)
-        };
-        select! {
-            recv(events) -> ev => match ev {
-                Ok(ev) => take(ev, &mut overflow, &mut deferred, &mut parked, &mut syncs, &mut seq),
-                Err(_) => break,
-            },
-            recv(stop) -> _ => break,
-            default(wait) => {}
+        let hit = |j: &Job| due[j.peer].contains(&j.message.id);
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_vec()
+            .into_iter()
+            .partition(|Reverse(d)| hit(&d.job));
+        self.deferred = keep.into();
+        let (gone_parked, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.parked).into_iter().partition(hit);
+        self.parked = keep;
+        for job in gone.into_iter().map(|Reverse(d)| d.job).chain(gone_parked) {
+            peers[job.peer].deferred.fetch_sub(1, Ordering::AcqRel);
+            self.expire(job);
         }
-        // Take whatever else arrived before doing the work.
-        while let Ok(ev) = events.try_recv() {
-            take(
-                ev,
-                &mut overflow,
-                &mut deferred,
-                &mut parked,
-                &mut syncs,
-                &mut seq,
-            );
+        for (i, p) in peers.iter().enumerate() {
+            if due[i].is_empty() {
+                continue;
+            }
+            let (gone, keep): (VecDeque<_>, VecDeque<_>) =
+                std::mem::take(&mut self.overflow[i]).into_iter().partition(hit);
+            self.overflow[i] = keep;
+            p.overflow.fetch_sub(gone.len(), Ordering::AcqRel);
+            gone.into_iter().for_each(|j| self.expire(j));
+            // The pool, in order: what stays goes back first, with its data.
+            let mut stay = Vec::new();
+            while let Ok(job) = p.pool_out.try_recv() {
+                if hit(&job) {
+                    self.expire(job);
+                } else {
+                    stay.push(job);
+                }
+            }
+            p.overflow.fetch_add(stay.len(), Ordering::AcqRel);
+            for job in stay.into_iter().rev() {
+                self.overflow[i].push_front(job);
+            }
         }
-        let now = queue.now();
-        let peers = queue.peers.read().clone();
-        if overflow.len() < peers.len() {
-            overflow.resize_with(peers.len(), VecDeque::new);
-        }
-        while let Some(Reverse(d)) = deferred.pop() {
+    }
+
+    /// Due retries queue behind the overflow; counted apart from new jobs,
+    /// which need not wait behind a retry.
+    fn due_retries(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
+        while let Some(Reverse(d)) = self.deferred.pop() {
             if d.due > now {
-                deferred.push(Reverse(d));
+                self.deferred.push(Reverse(d));
                 break;
             }
             let p = &peers[d.job.peer];
             p.deferred.fetch_sub(1, Ordering::AcqRel);
-            // Due retries queue behind the overflow; counted apart from new
-            // jobs, which need not wait behind a retry.
             p.overflow.fetch_add(1, Ordering::AcqRel);
-            overflow[d.job.peer].push_back(d.job);
+            self.overflow[d.job.peer].push_back(d.job);
         }
+    }
+
+    /// Moves overflow into the pools while they have room, in order; held
+    /// jobs are parked, deleted ones dropped, expired ones failed.
+    fn feed(&mut self, peers: &[Arc<PeerQueue>]) {
         let mut held_now = Vec::new();
-        for (q, p) in overflow.iter_mut().zip(&peers) {
+        let mut expired_now = Vec::new();
+        for (q, p) in self.overflow.iter_mut().zip(peers) {
             while let Some(mut job) = q.pop_front() {
-                match queue.admission(&job) {
+                match self.queue.admission(&job) {
                     Admission::Deleted => {
                         p.overflow.fetch_sub(1, Ordering::AcqRel);
                         continue;
@@ -577,11 +764,15 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                         held_now.push(job);
                         continue;
                     }
-                    // An expired retry is the worker's to fail.
-                    Admission::Expired | Admission::Deliver => {}
+                    Admission::Expired => {
+                        p.overflow.fetch_sub(1, Ordering::AcqRel);
+                        expired_now.push(job);
+                        continue;
+                    }
+                    Admission::Deliver => {}
                 }
                 if job.data.is_none() {
-                    match spool.read(&job.message.id, &job.message.location) {
+                    match self.spool.read(&job.message.id, &job.message.location) {
                         Ok(d) => job.data = Some(d.into()),
                         Err(e) => {
                             error!(
@@ -605,12 +796,9 @@ fn manage(queue: &Queue, spool: &Spool, events: &Receiver<Event>, stop: &Receive
                 }
             }
         }
-        parked.append(&mut held_now);
-        for answer in syncs.drain(..) {
-            let _ = answer.send(());
-        }
+        self.parked.append(&mut held_now);
+        expired_now.into_iter().for_each(|j| self.expire(j));
     }
-    overflow.iter().map(VecDeque::len).sum::<usize>() + deferred.len() + parked.len() + events.len()
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use crate::listener::{self, Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
 use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
-use crate::peer::{Budget, Peer, PeerSnapshot, PeerViews, WorkerContext};
+use crate::peer::{Budget, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
 use crate::privilege;
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Recovered, Spool, SpoolOptions};
@@ -55,6 +55,8 @@ pub struct Relay {
     /// What a peer that a reload adds is started with.
     ctx: Option<WorkerContext>,
     qmgr: Option<QueueManager>,
+    /// Fails what the queue manager finds expired.
+    expirer: Option<Expirer>,
     queue: Arc<Queue>,
     stop: Option<Sender<()>>,
     done: Receiver<()>,
@@ -129,7 +131,10 @@ impl Relay {
             )
         })?;
         let spool = Arc::new(spool);
-        let (qmgr, queue) = QueueManager::start(senders, retry, spool.clone(), clock)?;
+        let pools = senders.into_iter().zip(receivers.iter().cloned()).collect();
+        let (expired_tx, expired_rx) = crossbeam_channel::unbounded();
+        let (qmgr, queue) =
+            QueueManager::start(pools, retry, spool.clone(), clock, expired_tx)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {
@@ -144,6 +149,7 @@ impl Relay {
             views: PeerViews::default(),
             ctx: None,
             qmgr: Some(qmgr),
+            expirer: None,
             queue: queue.clone(),
             stop: Some(stop_tx),
             done: done_rx,
@@ -168,6 +174,15 @@ impl Relay {
             ids.clone(),
             spool.clone(),
             queue.clone(),
+        )?);
+        // Its views fill as the peers start below; it looks a peer up
+        // only for a job of it.
+        relay.expirer = Some(Expirer::start(
+            expired_rx,
+            queue.clone(),
+            spool.clone(),
+            bounce.clone(),
+            relay.views.clone(),
         )?);
         let budget = Arc::new(Budget::new(config.relay.max_connections));
         relay.budget = Some(budget.clone());
@@ -396,8 +411,8 @@ impl Relay {
         let id = self.peers.len();
         let (tx, rx) = crossbeam_channel::bounded(cfg.pool_size);
         let name = cfg.name.clone();
-        let peer = Peer::start(id, cfg, rx, ctx, false)?;
-        let queue_id = self.queue.add_peer(tx);
+        let peer = Peer::start(id, cfg, rx.clone(), ctx, false)?;
+        let queue_id = self.queue.add_peer((tx, rx));
         debug_assert_eq!(queue_id, id, "queue and peers out of step");
         self.views.push(peer.view().clone());
         self.peers.push(peer);
@@ -475,6 +490,7 @@ impl Relay {
         }
         let mut undelivered: usize = self.peers.drain(..).map(Peer::join).sum();
         undelivered += self.qmgr.take().map_or(0, QueueManager::stop);
+        undelivered += self.expirer.take().map_or(0, Expirer::stop);
         if let Some(spool) = self.spool.take() {
             match Arc::try_unwrap(spool) {
                 Ok(s) => s.close(),

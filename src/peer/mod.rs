@@ -10,11 +10,13 @@
 
 mod connection;
 mod control;
+mod expire;
 pub mod policy;
 mod worker;
 
 pub use connection::{ConnError, Connection, Delivery, Outbound, Security, Timeouts};
 pub use control::{Change, Control, Hosts};
+pub use expire::Expirer;
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;

@@ -17,10 +17,12 @@ use log::{debug, info, warn};
 
 use super::connection::{ConnError, Connection, Delivery, host_name};
 use super::policy::{self, Attempt, Fate, Health, Next, Reason, Stage, Trouble};
-use super::{Change, Settings, Shared, WorkerContext};
+use super::{Change, PeerStats, Settings, Shared, WorkerContext};
+use crate::bounce::Bounce;
 use crate::message::Job;
 use crate::printable::{Brief, Printable};
-use crate::queue::Admission;
+use crate::queue::{Admission, Queue};
+use crate::spool::Spool;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
 
@@ -315,7 +317,7 @@ impl Worker {
     }
 
     fn expired(&self, job: &Job) -> bool {
-        self.ctx.queue.now() >= job.message.expires
+        job.expired(self.ctx.queue.now())
     }
 
     fn attempt(&mut self, mut job: Job) {
@@ -323,10 +325,7 @@ impl Worker {
             Admission::Deleted => return,
             // Held since it entered the pool: it waits with the manager.
             Admission::Held => return self.ctx.queue.put_back(job),
-            Admission::Expired => {
-                job.attempts += 1;
-                return self.expire(job, "");
-            }
+            Admission::Expired => return self.expire(job, ""),
             Admission::Deliver => job.attempts += 1,
         }
         let mut retried = false;
@@ -565,39 +564,24 @@ impl Worker {
             }
         }
         let stats = &self.peer.stats;
+        let records = Records {
+            spool: &self.ctx.spool,
+            queue: &self.ctx.queue,
+            bounce: &self.ctx.bounce,
+        };
         for (status, reply, rcpts) in &groups {
-            let counter = if *status == "sent" {
-                &stats.sent
-            } else {
-                &stats.failed
-            };
-            counter.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
-            if *status == "sent" {
-                let delay = self
-                    .ctx
-                    .queue
-                    .now()
-                    .duration_since(job.message.accepted)
-                    .unwrap_or_default();
-                stats.delay.observe(delay, rcpts.len() as u64);
-            }
-            self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
-            self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             if *status == "failed" {
                 let remote = remote.map(host_name);
-                self.ctx
-                    .bounce
-                    .failed(&job, &self.peer.name, remote, rcpts, reply);
+                records.failed(stats, &self.peer.name, &job, rcpts, reply, remote);
+                continue;
             }
-            log_disposition(
-                &job,
-                &self.peer.name,
-                rcpts,
-                status,
-                &reply.to_string(),
-                None,
-                self.ctx.queue.now(),
-            );
+            stats.sent.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+            let now = self.ctx.queue.now();
+            let delay = now.duration_since(job.message.accepted).unwrap_or_default();
+            stats.delay.observe(delay, rcpts.len() as u64);
+            self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
+            self.ctx.queue.done(job.peer, &job.message.id, rcpts);
+            log_disposition(&job, &self.peer.name, rcpts, status, &reply.to_string(), None, now);
         }
         if !deferred.is_empty() {
             let reply = last.map(Reply::to_string).unwrap_or_default();
@@ -630,6 +614,37 @@ impl Worker {
             at - delay,
         );
         self.ctx.queue.defer(job, reason, at);
+    }
+}
+
+/// Where outcomes are recorded: the spool, the queue, the failed area.
+#[derive(Clone, Copy)]
+pub(super) struct Records<'a> {
+    pub(super) spool: &'a Spool,
+    pub(super) queue: &'a Queue,
+    pub(super) bounce: &'a Bounce,
+}
+
+impl Records<'_> {
+    /// Records that `rcpts` of `job` failed at `peer` with `reply` (from
+    /// the host `remote`, if a host said it): counted, done in the spool
+    /// and the queue, kept in the failed area with a DSN to the sender,
+    /// and logged.
+    pub(super) fn failed(
+        self,
+        stats: &PeerStats,
+        peer: &str,
+        job: &Job,
+        rcpts: &[String],
+        reply: &Reply,
+        remote: Option<&str>,
+    ) {
+        stats.failed.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+        self.spool.done(&job.message.id, peer, rcpts);
+        self.queue.done(job.peer, &job.message.id, rcpts);
+        self.bounce.failed(job, peer, remote, rcpts, reply);
+        let now = self.queue.now();
+        log_disposition(job, peer, rcpts, "failed", &reply.to_string(), None, now);
     }
 }
 
