@@ -507,7 +507,7 @@ pub fn status_json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &Inbound
             format!(
                 "{{\"name\":{},\"healthy\":{},\"allowance\":{},\"connections_open\":{},\"busy\":{},\
                  \"pool_depth\":{},\"overflow\":{},\"waiting_retry\":{},\"sent\":{},\"deferred\":{},\
-                 \"failed\":{},\"connections_opened\":{},\"last_error\":{},\"state\":{},\
+                 \"failed\":{},\"connections_opened\":{},\"connections_failed\":{},\"last_error\":{},\"state\":{},\
                  \"oldest_secs\":{},\"msgs_per_sec\":{:.3}}}",
                 json_str(&p.name),
                 p.healthy,
@@ -521,6 +521,7 @@ pub fn status_json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &Inbound
                 p.deferred,
                 p.failed,
                 p.connections_opened,
+                p.connections_failed,
                 json_str(&p.last_error),
                 json_str(p.state()),
                 p.oldest_secs.map_or("null".into(), |s| s.to_string()),

@@ -160,14 +160,17 @@ fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) -> Option<S
             new = Some(d);
         }
     }
-    let q = tracked.queued.entry(m.id.clone()).or_insert_with(|| Queued {
-        message: m.clone(),
-        rcpts: Vec::new(),
-        attempts: job.attempts,
-        last_reply: String::new(),
-        next_attempt: None,
-        history: Vec::new(),
-    });
+    let q = tracked
+        .queued
+        .entry(m.id.clone())
+        .or_insert_with(|| Queued {
+            message: m.clone(),
+            rcpts: Vec::new(),
+            attempts: job.attempts,
+            last_reply: String::new(),
+            next_attempt: None,
+            history: Vec::new(),
+        });
     q.rcpts.extend(job.rcpts.iter().cloned());
     if next_attempt.is_some() {
         q.next_attempt = next_attempt;
@@ -274,7 +277,13 @@ impl Queue {
 
     /// Parks a job whose attempt failed with `reply` until `at`.
     pub fn defer(&self, job: Job, reply: &str, at: SystemTime) {
-        if let Some(q) = self.peer(job.peer).tracked.lock().queued.get_mut(&job.message.id) {
+        if let Some(q) = self
+            .peer(job.peer)
+            .tracked
+            .lock()
+            .queued
+            .get_mut(&job.message.id)
+        {
             q.attempts = job.attempts;
             q.last_reply = reply.to_string();
             q.next_attempt = Some(at);
@@ -401,7 +410,13 @@ impl Queue {
 
     /// What is queued for `peer`, oldest first.
     pub fn list(&self, peer: usize) -> Vec<Queued> {
-        self.peer(peer).tracked.lock().queued.values().cloned().collect()
+        self.peer(peer)
+            .tracked
+            .lock()
+            .queued
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// How many messages queued for `peer` are younger than each of
@@ -602,7 +617,9 @@ impl Manager<'_> {
         let wait = next
             .map_or(CLOCK_STEP, |t| t.duration_since(now).unwrap_or_default())
             .min(CLOCK_STEP);
-        self.queue.next_look.store(millis(now + wait), Ordering::Release);
+        self.queue
+            .next_look
+            .store(millis(now + wait), Ordering::Release);
         wait
     }
 
@@ -709,8 +726,9 @@ impl Manager<'_> {
             if due[i].is_empty() {
                 continue;
             }
-            let (gone, keep): (VecDeque<_>, VecDeque<_>) =
-                std::mem::take(&mut self.overflow[i]).into_iter().partition(hit);
+            let (gone, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.overflow[i])
+                .into_iter()
+                .partition(hit);
             self.overflow[i] = keep;
             p.overflow.fetch_sub(gone.len(), Ordering::AcqRel);
             gone.into_iter().for_each(|j| self.expire(j));

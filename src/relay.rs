@@ -133,8 +133,7 @@ impl Relay {
         let spool = Arc::new(spool);
         let pools = senders.into_iter().zip(receivers.iter().cloned()).collect();
         let (expired_tx, expired_rx) = crossbeam_channel::unbounded();
-        let (qmgr, queue) =
-            QueueManager::start(pools, retry, spool.clone(), clock, expired_tx)?;
+        let (qmgr, queue) = QueueManager::start(pools, retry, spool.clone(), clock, expired_tx)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
         let mut relay = Relay {

@@ -97,6 +97,19 @@ pub fn render(sources: &Sources) -> String {
             s.name, s.connections_opened
         );
     }
+    family(
+        &mut out,
+        "mm4relay_connections_failed_total",
+        "counter",
+        "Connection attempts to each peer's hosts that failed (connect, greeting, TLS, AUTH).",
+    );
+    for (_, s) in &peers {
+        let _ = writeln!(
+            out,
+            "mm4relay_connections_failed_total{{peer=\"{}\"}} {}",
+            s.name, s.connections_failed
+        );
+    }
     let gauges: [Gauge; 8] = [
         ("mm4relay_pool_depth", "Jobs in the peer's pool.", |s| {
             s.pool_depth

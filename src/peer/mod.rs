@@ -118,6 +118,8 @@ pub struct PeerStats {
     pub failed: AtomicU64,
     /// TCP connections opened since start.
     pub connections_opened: AtomicU64,
+    /// Attempts to open one that failed (per host tried).
+    pub connections_failed: AtomicU64,
     /// Connections open now.
     pub connections_open: AtomicUsize,
     /// Workers busy with a message now.
@@ -144,6 +146,8 @@ pub struct PeerSnapshot {
     pub failed: u64,
     /// Connections opened since start.
     pub connections_opened: u64,
+    /// Attempts to open one that failed.
+    pub connections_failed: u64,
     /// Connections open now.
     pub connections_open: usize,
     /// Workers busy now.
@@ -412,6 +416,7 @@ impl PeerView {
             deferred: s.deferred.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             connections_opened: s.connections_opened.load(Ordering::Relaxed),
+            connections_failed: s.connections_failed.load(Ordering::Relaxed),
             connections_open: s.connections_open.load(Ordering::Relaxed),
             busy: s.busy.load(Ordering::Relaxed),
             pool_depth: self.jobs.len(),

@@ -22,9 +22,9 @@ use crate::bounce::Bounce;
 use crate::message::Job;
 use crate::printable::{Brief, Printable};
 use crate::queue::{Admission, Queue};
-use crate::spool::Spool;
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
+use crate::spool::Spool;
 
 /// First wait after a failed connect; doubles up to the maximum.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -185,6 +185,7 @@ impl Worker {
                         info!("peer={} host={host} failed: {said}", p.name);
                     }
                     hosts.failed(i);
+                    p.stats.connections_failed.fetch_add(1, Ordering::Relaxed);
                     // One host our settings do not fit makes the peer
                     // misconfigured, whatever the others did: its error is
                     // the one kept.
@@ -581,7 +582,15 @@ impl Worker {
             stats.delay.observe(delay, rcpts.len() as u64);
             self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
-            log_disposition(&job, &self.peer.name, rcpts, status, &reply.to_string(), None, now);
+            log_disposition(
+                &job,
+                &self.peer.name,
+                rcpts,
+                status,
+                &reply.to_string(),
+                None,
+                now,
+            );
         }
         if !deferred.is_empty() {
             let reply = last.map(Reply::to_string).unwrap_or_default();
@@ -627,9 +636,10 @@ pub(super) struct Records<'a> {
 
 impl Records<'_> {
     /// Records that `rcpts` of `job` failed at `peer` with `reply` (from
-    /// the host `remote`, if a host said it): counted, done in the spool
-    /// and the queue, kept in the failed area with a DSN to the sender,
-    /// and logged.
+    /// the host `remote`, if a host said it): counted, kept in the failed
+    /// area with a DSN to the sender, done in the spool and the queue, and
+    /// logged. A crash between the DSN and the spool's record fails the
+    /// message again at the next start: a second DSN, never none.
     pub(super) fn failed(
         self,
         stats: &PeerStats,
@@ -639,10 +649,14 @@ impl Records<'_> {
         reply: &Reply,
         remote: Option<&str>,
     ) {
-        stats.failed.fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+        stats
+            .failed
+            .fetch_add(rcpts.len() as u64, Ordering::Relaxed);
+        // Before the spool lets the message go: a job without its data
+        // (one the queue manager expired) reads it back from there.
+        self.bounce.failed(job, peer, remote, rcpts, reply);
         self.spool.done(&job.message.id, peer, rcpts);
         self.queue.done(job.peer, &job.message.id, rcpts);
-        self.bounce.failed(job, peer, remote, rcpts, reply);
         let now = self.queue.now();
         log_disposition(job, peer, rcpts, "failed", &reply.to_string(), None, now);
     }

@@ -6,6 +6,7 @@ mod clients;
 mod corpus;
 mod crash;
 mod delivery;
+mod expiry;
 mod hardening;
 mod metrics_limits;
 mod mta;

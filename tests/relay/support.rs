@@ -71,6 +71,8 @@ pub struct Profile {
     pub spool_tmpfs_kib: Option<u64>,
     /// What the simulated A, B and C offer: STARTTLS, AUTH.
     pub sim_security: [SimSecurity; 3],
+    /// Where A, B or C is instead of its simulated MMSC (which still runs).
+    pub peer_addr: [Option<SocketAddr>; 3],
 }
 
 impl Default for Profile {
@@ -85,6 +87,7 @@ impl Default for Profile {
             extra_peer: [""; 3],
             spool_tmpfs_kib: None,
             sim_security: Default::default(),
+            peer_addr: [None; 3],
         }
     }
 }
@@ -173,10 +176,8 @@ impl Harness {
         let mount = profile
             .spool_tmpfs_kib
             .map(|kib| Tmpfs::mount(spool.path(), kib).expect("mount a tmpfs"));
-        let ini = profile.ini(
-            [sims[0].addr(), sims[1].addr(), sims[2].addr()],
-            spool.path(),
-        );
+        let addrs = std::array::from_fn(|i| profile.peer_addr[i].unwrap_or(sims[i].addr()));
+        let ini = profile.ini(addrs, spool.path());
         std::fs::write(spool.path().join("test.ini"), &ini).unwrap();
         let config = Config::parse(&ini, Path::new("test.ini")).unwrap();
         let relay = Relay::start_with_clock(&config, clock.clone()).unwrap();
