@@ -64,6 +64,20 @@ fn listening(port: u16) -> bool {
         })
 }
 
+/// True if a connection to 127.0.0.1:`port` is still open at the server's
+/// end (a server process still holds it).
+fn served(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "01"
+        })
+}
+
 /// Waits until every port in `ports` listens, or the child exits, or the
 /// deadline passes; panics with `log` (the server's own words) if not.
 fn wait_listening(child: &mut Child, ports: &[u16], what: &str, log: &Path) {
@@ -329,7 +343,28 @@ impl Postfix {
                 .stderr(Stdio::null())
                 .status();
             stop_child(&mut child);
+            // Its smtpd processes end at their earliest convenience: the
+            // stop is over when none holds a connection any more.
+            let end = Instant::now() + DEADLINE;
+            while std::iter::once(self.port).chain(self.tls_port).any(served) {
+                assert!(
+                    Instant::now() < end,
+                    "postfix's smtpd processes outlived it"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
         }
+    }
+
+    /// `postqueue -f`: whatever this instance deferred is tried again now.
+    pub fn flush(&self) {
+        let _ = Command::new("/usr/sbin/postqueue")
+            .arg("-c")
+            .arg(self.conf())
+            .arg("-f")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Stops and starts again on the same ports and queue.
