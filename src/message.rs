@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::mm4::Mm4Info;
 use crate::route::PeerId;
@@ -61,22 +61,30 @@ pub struct Job {
     pub data: Option<Arc<[u8]>>,
 }
 
+/// How long a message that came already expired has for its first
+/// attempt.
+pub const FIRST_ATTEMPT: Duration = Duration::from_secs(60);
+
 impl Message {
     /// When the queue fails what is left of it, whatever its peers' state:
-    /// its expiry, unless it came already expired (then its first attempt
-    /// is still made: the receiving MMSC enforces X-Mms-Expiry towards its
-    /// subscriber, and only the retries stop).
-    pub fn deadline(&self) -> Option<SystemTime> {
-        (self.expires > self.accepted).then_some(self.expires)
+    /// its expiry; for one that came already expired, [`FIRST_ATTEMPT`]
+    /// after its acceptance (its first attempt is still made: the
+    /// receiving MMSC enforces X-Mms-Expiry towards its subscriber; only
+    /// the retries stop).
+    pub fn deadline(&self) -> SystemTime {
+        if self.expires > self.accepted {
+            self.expires
+        } else {
+            self.accepted + FIRST_ATTEMPT
+        }
     }
 }
 
 impl Job {
     /// True if this job's time is up at `now`: past the message's
-    /// deadline, or, for a message that came already expired, once its
-    /// first attempt was made.
+    /// deadline, or past its expiry once an attempt was made.
     pub fn expired(&self, now: SystemTime) -> bool {
-        now >= self.message.expires && (self.attempts > 0 || self.message.deadline().is_some())
+        now >= self.message.deadline() || (self.attempts > 0 && now >= self.message.expires)
     }
 }
 

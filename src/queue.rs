@@ -109,19 +109,27 @@ pub const HISTORY_LEN: usize = 10;
 struct Tracked {
     /// By queue ID.
     queued: BTreeMap<String, Queued>,
-    /// (deadline, queue ID) of each queued message that has one, soonest
-    /// first (see `Message::deadline`).
+    /// (timer, queue ID) of each queued message, soonest first (see
+    /// `timer`).
     deadlines: BTreeSet<(SystemTime, String)>,
 }
 
 impl Tracked {
     fn remove(&mut self, id: &str) -> Option<Queued> {
         let q = self.queued.remove(id)?;
-        if let Some(d) = q.message.deadline() {
-            self.deadlines.remove(&(d, id.to_string()));
-        }
+        self.deadlines.remove(&(timer(&q.message), id.to_string()));
         Some(q)
     }
+}
+
+/// When the manager fails a message: its deadline, rounded up to the
+/// second, so that deadlines a client spreads out cost at most one pass
+/// of the manager a second.
+fn timer(m: &Message) -> SystemTime {
+    let d = m.deadline();
+    let since = d.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let up = Duration::from_secs(since.as_secs() + u64::from(since.subsec_nanos() > 0));
+    SystemTime::UNIX_EPOCH + up
 }
 
 /// One peer's part of the queue.
@@ -155,10 +163,9 @@ fn track(p: &PeerQueue, job: &Job, next_attempt: Option<SystemTime>) -> Option<S
     let mut tracked = p.tracked.lock();
     let mut new = None;
     if !tracked.queued.contains_key(&m.id) {
-        if let Some(d) = m.deadline() {
-            tracked.deadlines.insert((d, m.id.clone()));
-            new = Some(d);
-        }
+        let t = timer(m);
+        tracked.deadlines.insert((t, m.id.clone()));
+        new = Some(t);
     }
     let q = tracked
         .queued
@@ -307,11 +314,25 @@ impl Queue {
     pub fn done(&self, peer: usize, id: &str, rcpts: &[String]) {
         let p = self.peer(peer);
         let mut tracked = p.tracked.lock();
-        if let Some(q) = tracked.queued.get_mut(id) {
-            q.rcpts.retain(|r| !rcpts.contains(r));
-            if q.rcpts.is_empty() {
-                tracked.remove(id);
-            }
+        let Some(q) = tracked.queued.get_mut(id) else {
+            return;
+        };
+        q.rcpts.retain(|r| !rcpts.contains(r));
+        if !q.rcpts.is_empty() {
+            return;
+        }
+        tracked.remove(id);
+        drop(tracked);
+        // A held message that is gone everywhere (it expired) is held no
+        // more.
+        if !self.held.lock().is_empty()
+            && !self
+                .peers
+                .read()
+                .iter()
+                .any(|p| p.tracked.lock().queued.contains_key(id))
+        {
+            self.held.lock().remove(id);
         }
     }
 
@@ -600,6 +621,9 @@ impl Manager<'_> {
     /// (a new, sooner one wakes the manager), but a minute at most, for a
     /// wall clock that steps; a short poll while pools are full.
     fn wait(&self) -> Duration {
+        // Anything tracked from here on wakes the manager, until it knows
+        // when it will look next.
+        self.queue.next_look.store(u64::MAX, Ordering::Release);
         let now = self.queue.now();
         if self.overflow.iter().any(|o| !o.is_empty()) {
             self.queue.next_look.store(0, Ordering::Release);

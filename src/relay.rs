@@ -174,15 +174,6 @@ impl Relay {
             spool.clone(),
             queue.clone(),
         )?);
-        // Its views fill as the peers start below; it looks a peer up
-        // only for a job of it.
-        relay.expirer = Some(Expirer::start(
-            expired_rx,
-            queue.clone(),
-            spool.clone(),
-            bounce.clone(),
-            relay.views.clone(),
-        )?);
         let budget = Arc::new(Budget::new(config.relay.max_connections));
         relay.budget = Some(budget.clone());
         let ctx = WorkerContext {
@@ -211,6 +202,15 @@ impl Relay {
                 }
             }
         }
+        // Once every peer's view is there: jobs recovered past their
+        // deadline are already waiting for it.
+        relay.expirer = Some(Expirer::start(
+            expired_rx,
+            queue.clone(),
+            spool.clone(),
+            ctx.bounce.clone(),
+            relay.views.clone(),
+        )?);
         relay.ctx = Some(ctx);
         relay.balancer = Some(Balancer::start(
             relay.views.clone(),

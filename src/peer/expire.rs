@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, select};
+use log::warn;
 
 use super::PeerViews;
 use super::worker::Records;
 use crate::bounce::Bounce;
 use crate::message::Job;
 use crate::printable::Printable;
-use crate::queue::Queue;
+use crate::queue::{Admission, Queue};
 use crate::smtp::Reply;
 use crate::spool::Spool;
 
@@ -96,9 +97,19 @@ impl Expirer {
     }
 }
 
-/// Fails what is left of `job`, with the last reply it had, if any.
+/// Fails what is left of `job`, with the last reply it had, if any;
+/// unless an operator deleted it meanwhile.
 fn fail(records: Records<'_>, views: &PeerViews, job: &Job) {
+    if records.queue.admission(job) == Admission::Deleted {
+        return;
+    }
     let Some(view) = views.list().into_iter().nth(job.peer) else {
+        // Views are complete before this starts; a job of no peer stays
+        // in the spool, and is said.
+        warn!(
+            "{} expired for unknown peer {}: left in the spool",
+            job.message.id, job.peer
+        );
         return;
     };
     let text = match records.queue.last_reply(job.peer, &job.message.id) {

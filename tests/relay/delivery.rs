@@ -1179,9 +1179,9 @@ fn retries_back_off_and_expire_on_the_relay_clock() {
     step(59, 2); // first retry due at +60s
     step(60, 4); // both retried (attempt 2); next in 120s: +180s
     step(99, 4);
-    // +100s: message 2's X-Mms-Expiry: the queue fails it then, not at
-    // its next retry (+180s).
-    step(100, 5);
+    // +100s: message 2's X-Mms-Expiry: the queue fails it then (its
+    // timers are whole seconds: by +101s), not at its next retry (+180s).
+    step(101, 5);
     assert_eq!(h.peer(1).failed, 1);
     step(179, 5);
     step(180, 6); // message 1's attempt 3 fails again (next +420s)
@@ -1189,7 +1189,7 @@ fn retries_back_off_and_expire_on_the_relay_clock() {
     step(420, 7); // attempt 4; next after 240s (the cap): +660s
     step(599, 7);
     // +600s: the 10m queue lifetime ends, before that retry: 5.4.7.
-    step(600, 8);
+    step(601, 8);
     assert_eq!(h.peer(1).failed, 2);
     assert_eq!(h.sims[1].messages(), 0);
     // Both failures were reported to the local sender.

@@ -59,7 +59,8 @@ fn ten_thousand_at_a_refusing_peer_fail_when_their_lifetime_ends() {
     assert_eq!((b.failed, b.sent), (0, 0), "{b:?}");
     assert_eq!(queue.queued_len(1), N);
 
-    clock.advance(Duration::from_secs(3600));
+    // Past the lifetime (the manager's timers are whole seconds).
+    clock.advance(Duration::from_secs(3601));
     // One pass: nothing of B's is left waiting anywhere.
     assert!(queue.sync(DEADLINE));
     let b = h.peer(1);
@@ -156,4 +157,66 @@ fn a_dead_blackholed_or_held_peer_expires_its_queue_on_time() {
         assert_eq!(h.stop_relay().undelivered, 0, "{dead:?}");
         silent.stop();
     }
+}
+
+/// Messages whose lifetime ended while the relay was down fail as soon as
+/// it starts again, each with its DSN: none is left queued for ever.
+#[test]
+fn lifetimes_that_ended_while_the_relay_was_down_fail_at_the_start() {
+    const N: usize = 20;
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let mut h = Harness::with_clock(
+        Profile {
+            peer_addr: [None, Some(refusing()), None],
+            extra_relay: "queue_lifetime = 1h\n".into(),
+            ..Profile::default()
+        },
+        clock.clone(),
+    );
+    send_to_b(&h, N);
+    h.stop_relay();
+    clock.advance(Duration::from_secs(2 * 3600));
+    h.restart();
+    wait_until("every recipient failed", || h.peer(1).failed == N as u64);
+    assert!(
+        h.sims[0].wait_for_recipients(N as u64, DEADLINE),
+        "DSNs at A: {}",
+        h.sims[0].recipients()
+    );
+    assert_eq!(h.relay.as_ref().unwrap().queue().queued_len(1), 0);
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
+
+/// A message that came already expired (X-Mms-Expiry in the past) still
+/// gets its first attempt; at a peer that never takes it, it fails a
+/// minute after its acceptance, not never.
+#[test]
+fn an_already_expired_message_at_a_held_peer_fails_after_its_first_attempt_grace() {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let h = Harness::with_clock(Profile::default(), clock.clone());
+    assert!(h.control("queue hold B").contains("held"));
+    let old = String::from_utf8(forward_req(1, TO_B, 400))
+        .unwrap()
+        .replacen(
+            "From:",
+            "X-Mms-Expiry: Thu, 01 Jan 2026 00:00:00 +0000\r\nFrom:",
+            1,
+        );
+    let mut c = h.client(LOCAL);
+    assert_eq!(
+        send_message(&mut c, FROM, &[TO_B], old.as_bytes()).code,
+        250
+    );
+    let queue = h.relay.as_ref().unwrap().queue().clone();
+    clock.advance(Duration::from_secs(59));
+    assert!(queue.sync(DEADLINE));
+    assert_eq!(
+        h.peer(1).failed,
+        0,
+        "failed before its first attempt's minute"
+    );
+    clock.advance(Duration::from_secs(2));
+    assert!(queue.sync(DEADLINE));
+    wait_until("the expired message failed", || h.peer(1).failed == 1);
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
 }
