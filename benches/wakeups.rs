@@ -104,7 +104,7 @@ fn measure(child: &Child, secs: u64) -> (f64, String) {
         *by_kind.entry(kind.to_string()).or_default() += d;
     }
     let mut kinds: Vec<(String, u64)> = by_kind.into_iter().collect();
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let top: Vec<String> = kinds
         .iter()
         .take(4)
