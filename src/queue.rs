@@ -22,7 +22,7 @@ use std::time::Duration;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender, select};
+use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError};
 use log::error;
 
 use crate::clock::SharedClock;
@@ -32,8 +32,6 @@ use crate::spool::Spool;
 /// How long a session waits for room in a pool before handing the job to
 /// the queue manager; a little backpressure on clients faster than the peer.
 const SUBMIT_WAIT: Duration = Duration::from_millis(50);
-/// How often the manager retries full pools while it holds overflow.
-const OVERFLOW_POLL: Duration = Duration::from_millis(5);
 /// Longest sleep of the manager when nothing is due sooner: a wall clock
 /// that steps is noticed within this.
 const CLOCK_STEP: Duration = Duration::from_secs(60);
@@ -587,20 +585,29 @@ impl Manager<'_> {
     fn run(&mut self, events: &Receiver<Event>, stop: &Receiver<()>) -> usize {
         loop {
             let wait = self.wait();
-            select! {
-                recv(events) -> ev => match ev {
-                    Ok(ev) => self.take(ev),
-                    Err(_) => break,
-                },
-                recv(stop) -> _ => break,
-                default(wait) => {}
+            let peers = self.queue.peers.read().clone();
+            // Events, the stop, and room in any pool this holds overflow
+            // for: whichever comes first, or the next retry or deadline.
+            let mut sel = Select::new();
+            sel.recv(events);
+            sel.recv(stop);
+            for (q, p) in self.overflow.iter().zip(&peers) {
+                if !q.is_empty() {
+                    sel.send(&p.pool);
+                }
             }
-            // Take whatever else arrived before doing the work.
-            while let Ok(ev) = events.try_recv() {
-                self.take(ev);
+            if sel.ready_timeout(wait) == Ok(1) {
+                break;
+            }
+            // Take whatever arrived before doing the work.
+            loop {
+                match events.try_recv() {
+                    Ok(ev) => self.take(ev),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return self.left(events),
+                }
             }
             let now = self.queue.now();
-            let peers = self.queue.peers.read().clone();
             if self.overflow.len() < peers.len() {
                 self.overflow.resize_with(peers.len(), VecDeque::new);
             }
@@ -611,6 +618,11 @@ impl Manager<'_> {
                 let _ = answer.send(());
             }
         }
+        self.left(events)
+    }
+
+    /// Jobs still held here (or on their way) at the stop.
+    fn left(&self, events: &Receiver<Event>) -> usize {
         self.overflow.iter().map(VecDeque::len).sum::<usize>()
             + self.deferred.len()
             + self.parked.len()
@@ -619,16 +631,12 @@ impl Manager<'_> {
 
     /// How long to sleep: until the next retry or deadline, however far
     /// (a new, sooner one wakes the manager), but a minute at most, for a
-    /// wall clock that steps; a short poll while pools are full.
+    /// wall clock that steps. Room in a full pool wakes it too (see `run`).
     fn wait(&self) -> Duration {
         // Anything tracked from here on wakes the manager, until it knows
         // when it will look next.
         self.queue.next_look.store(u64::MAX, Ordering::Release);
         let now = self.queue.now();
-        if self.overflow.iter().any(|o| !o.is_empty()) {
-            self.queue.next_look.store(0, Ordering::Release);
-            return OVERFLOW_POLL;
-        }
         let retry = self.deferred.peek().map(|Reverse(d)| d.due);
         let deadline = self
             .queue

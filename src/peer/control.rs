@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 /// Consecutive connection-level failures that make a peer unhealthy.
@@ -46,6 +47,9 @@ pub struct Control {
     health: Mutex<Health>,
     probe_min: Duration,
     probe_max: Duration,
+    /// One per worker: told when the allowance changes, so that parked
+    /// and idle workers wait for that instead of polling it.
+    wakers: Mutex<Vec<Sender<()>>>,
 }
 
 /// What a report changed, for the log.
@@ -77,6 +81,25 @@ impl Control {
             }),
             probe_min,
             probe_max,
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A wake-up for one worker: it gets a message whenever the
+    /// allowance changes.
+    pub fn waker(&self) -> Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.wakers.lock().push(tx);
+        rx
+    }
+
+    /// Sets the allowance, and wakes the workers if it changed.
+    fn store_allowance(&self, n: usize) {
+        if self.allowance.swap(n, Ordering::AcqRel) != n {
+            for w in self.wakers.lock().iter() {
+                // A wake-up already pending says the same.
+                let _ = w.try_send(());
+            }
         }
     }
 
@@ -87,14 +110,14 @@ impl Control {
 
     /// Sets the allowance (the balancer's call).
     pub fn set_allowance(&self, n: usize) {
-        self.allowance.store(n, Ordering::Release);
+        self.store_allowance(n);
     }
 
     /// Holds the peer (`queue hold`): no connections until released.
     pub fn set_held(&self, held: bool) {
         self.held.store(held, Ordering::Release);
         if held {
-            self.allowance.store(0, Ordering::Release);
+            self.store_allowance(0);
         }
     }
 
@@ -108,7 +131,7 @@ impl Control {
     pub fn set_removed(&self, removed: bool) {
         self.removed.store(removed, Ordering::Release);
         if removed {
-            self.allowance.store(0, Ordering::Release);
+            self.store_allowance(0);
         }
     }
 
@@ -149,7 +172,7 @@ impl Control {
         h.healthy = true;
         h.recovering = true;
         h.probe_backoff = self.probe_min;
-        self.allowance.store(1, Ordering::Release);
+        self.store_allowance(1);
         Change::Recovered
     }
 
@@ -183,7 +206,7 @@ impl Control {
         h.recovering = false;
         h.probe_backoff = self.probe_min;
         h.next_probe = Instant::now() + h.probe_backoff;
-        self.allowance.store(1, Ordering::Release);
+        self.store_allowance(1);
         Change::Failed
     }
 

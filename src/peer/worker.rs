@@ -31,14 +31,14 @@ const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often a worker holding a job looks for a free budget slot.
 const BUDGET_POLL: Duration = Duration::from_millis(20);
-/// How often an idle or parked worker looks at its allowance and keepalive.
-const IDLE_TICK: Duration = Duration::from_millis(200);
 
 pub(super) struct Worker {
     index: usize,
     peer: Arc<Shared>,
     jobs: Receiver<Job>,
     ctx: WorkerContext,
+    /// Told when the peer's allowance changes.
+    wake: Receiver<()>,
     conn: Option<Connection>,
     /// The settings the open connection was made with: a reload replaces
     /// them, and the connection is then reopened before its next message.
@@ -69,6 +69,7 @@ impl Worker {
     ) -> Worker {
         Worker {
             index,
+            wake: peer.control.waker(),
             peer,
             jobs,
             ctx,
@@ -95,9 +96,10 @@ impl Worker {
         loop {
             let control = &self.peer.control;
             if self.index >= control.allowance() {
-                // Above the allowance: give the connection back and wait.
+                // Above the allowance: give the connection back and wait
+                // for it to change.
                 self.quit(Reason::Allowance);
-                if self.pause(IDLE_TICK) {
+                if self.wait_for(None) {
                     break;
                 }
                 continue;
@@ -105,23 +107,41 @@ impl Worker {
             // An isolated peer: nothing is taken until the next probe.
             let probe = control.probe_wait();
             if !probe.is_zero() {
-                if self.pause(probe.min(IDLE_TICK)) {
+                if self.wait_for(Some(probe)) {
                     break;
                 }
                 continue;
             }
+            // Idle: a job, a change of allowance, or the keepalive's time.
+            let keepalive = self.conn.as_ref().map(|_| {
+                let due = self.last_used + self.peer.settings().cfg.keepalive;
+                crossbeam_channel::at(due)
+            });
+            let keepalive = keepalive.unwrap_or_else(crossbeam_channel::never);
             select! {
                 recv(self.ctx.stop) -> _ => break,
+                recv(self.wake) -> _ => {}
                 recv(self.jobs) -> job => match job {
                     // The allowance may have dropped while this worker waited.
                     Ok(job) if self.index >= self.peer.control.allowance() => self.ctx.queue.put_back(job),
                     Ok(job) => self.handle(job),
                     Err(_) => break,
                 },
-                default(IDLE_TICK) => self.keepalive(),
+                recv(keepalive) -> _ => self.keepalive(),
             }
         }
         self.quit(Reason::Stop);
+    }
+
+    /// Waits until the allowance changes or `d` passes (`None`: no limit),
+    /// unless the relay stops first; true if it stopped.
+    fn wait_for(&self, d: Option<Duration>) -> bool {
+        let timer = d.map_or_else(crossbeam_channel::never, crossbeam_channel::after);
+        select! {
+            recv(self.ctx.stop) -> _ => true,
+            recv(self.wake) -> _ => false,
+            recv(timer) -> _ => false,
+        }
     }
 
     /// Waits `d` unless the relay stops first; true if it stopped.
