@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
 use log::{info, warn};
 
 use crate::listener::InboundStats;
@@ -37,7 +38,12 @@ pub struct Sources {
     pub queue: Arc<Queue>,
     /// For the spool's size.
     pub spool: Arc<Spool>,
+    /// Where `reload` asks the relay's main loop, with where to answer.
+    pub reload: Sender<Sender<String>>,
 }
+
+/// How long `reload` waits for the main loop's answer.
+const RELOAD_ANSWER: Duration = Duration::from_secs(30);
 
 /// The running control socket.
 pub struct ControlSocket {
@@ -122,10 +128,16 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["status"] => status_text(&snapshots, &sources.spool.stats(), &sources.inbound),
         ["status", "json"] => status_json(&snapshots, &sources.spool.stats(), &sources.inbound),
         ["reload"] => {
-            // The main thread reloads on SIGHUP; send it one.
-            // SAFETY: kill(2) on our own pid with a handled signal.
-            unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
-            "reload requested: the log says whether it applied\n".into()
+            // The main loop reloads and says how it went.
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            match sources
+                .reload
+                .send(tx)
+                .map(|()| rx.recv_timeout(RELOAD_ANSWER))
+            {
+                Ok(Ok(answer)) => answer,
+                _ => "error: the relay did not answer the reload\n".into(),
+            }
         }
         ["queue", "age"] => queue_age(sources),
         ["queue", "list"] => queue_list(sources, None),

@@ -27,7 +27,8 @@ USAGE:
                                 totals of the running relay (socket from FILE's
                                 [relay] control_socket, default /run/mm4relay.sock)
     mm4relay reload [-c FILE | --socket PATH]
-                                re-read the configuration (as SIGHUP does)
+                                re-read the configuration and say whether it was
+                                taken (exit 1 and why, if refused)
     mm4relay queue age [-c FILE | --socket PATH]
                                 queued messages per peer by age (like qshape)
     mm4relay queue list [PEER] [-c FILE | --socket PATH]

@@ -60,6 +60,9 @@ pub struct Relay {
     queue: Arc<Queue>,
     stop: Option<Sender<()>>,
     done: Receiver<()>,
+    /// Reload requests from the control socket, each with where to answer;
+    /// [`run`] serves them.
+    reloads: (Sender<Sender<String>>, Receiver<Sender<String>>),
     shutdown_timeout: Duration,
     /// The configuration in force (reload compares against it).
     config: Config,
@@ -152,6 +155,7 @@ impl Relay {
             queue: queue.clone(),
             stop: Some(stop_tx),
             done: done_rx,
+            reloads: crossbeam_channel::unbounded(),
             shutdown_timeout: config.relay.shutdown_timeout,
             config: config.clone(),
             spool: Some(spool.clone()),
@@ -231,6 +235,7 @@ impl Relay {
             queue,
             spool,
             inbound: inbound.stats(),
+            reload: relay.reloads.0.clone(),
         };
         relay.inbound = Some(inbound.clone());
         if let Some(path) = &config.relay.control_socket {
@@ -580,6 +585,17 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
 pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let signals_handle = signals.handle();
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    let signal_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig_tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })?;
     // A file-size limit (ulimit -f) must fail a write, which the spool
     // answers with 451 and leaves behind, not kill the relay.
     // SAFETY: setting a signal's disposition to SIG_IGN has no handler to
@@ -587,33 +603,67 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let mut relay = Relay::start(config)?;
-    for sig in signals.forever() {
-        if sig == SIGHUP {
-            info!(
-                "SIGHUP: reopening the log file and reloading {}",
-                config.path.display()
-            );
-            on_hup();
-            match Config::load(&config.path)
-                .map_err(|e| e.to_string())
-                .and_then(|new| {
-                    relay.reload(&new)?;
-                    Ok(new)
-                }) {
-                Ok(new) => {
-                    info!("configuration reloaded");
-                    for w in &new.warnings {
-                        warn!("{w}");
-                    }
-                }
-                Err(e) => log::error!("reload refused, the old configuration stays: {e}"),
-            }
-            continue;
+    let mut relay = match Relay::start(config) {
+        Ok(r) => r,
+        Err(e) => {
+            signals_handle.close();
+            let _ = signal_thread.join();
+            return Err(e);
         }
-        info!("signal {sig} received: stopping");
-        break;
+    };
+    let requests = relay.reloads.1.clone();
+    loop {
+        crossbeam_channel::select! {
+            recv(sig_rx) -> sig => match sig {
+                Ok(SIGHUP) => {
+                    info!(
+                        "SIGHUP: reopening the log file and reloading {}",
+                        config.path.display()
+                    );
+                    on_hup();
+                    reload_from(&mut relay, &config.path);
+                }
+                Ok(sig) => {
+                    info!("signal {sig} received: stopping");
+                    break;
+                }
+                Err(_) => break,
+            },
+            recv(requests) -> answer => {
+                if let Ok(answer) = answer {
+                    info!("reload asked on the control socket: reloading {}", config.path.display());
+                    let _ = answer.send(reload_from(&mut relay, &config.path));
+                }
+            }
+        }
     }
+    signals_handle.close();
+    let _ = signal_thread.join();
     relay.shutdown();
     Ok(())
+}
+
+/// Reloads the configuration file at `path`; the outcome, logged, and in
+/// words for the control socket (`error:` first when refused).
+fn reload_from(relay: &mut Relay, path: &std::path::Path) -> String {
+    match Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|new| {
+            relay.reload(&new)?;
+            Ok(new)
+        }) {
+        Ok(new) => {
+            info!("configuration reloaded");
+            let mut answer = String::from("configuration reloaded\n");
+            for w in &new.warnings {
+                warn!("{w}");
+                answer.push_str(&format!("warning: {w}\n"));
+            }
+            answer
+        }
+        Err(e) => {
+            log::error!("reload refused, the old configuration stays: {e}");
+            format!("error: reload refused, the old configuration stays: {e}\n")
+        }
+    }
 }

@@ -33,11 +33,15 @@ use crate::message::Job;
 use crate::queue::Queue;
 use crate::spool::Spool;
 
-/// The global budget of outbound connections (`[relay] max_connections`).
+/// The global budget of outbound connections (`[relay] max_connections`):
+/// a semaphore a worker with a message blocks on.
 #[derive(Debug)]
 pub struct Budget {
     max: AtomicUsize,
     used: AtomicUsize,
+    /// A slot may be free: one waiter wakes, takes it, and passes the
+    /// word on while slots remain.
+    freed: (Sender<()>, Receiver<()>),
 }
 
 impl Budget {
@@ -46,6 +50,25 @@ impl Budget {
         Budget {
             max: AtomicUsize::new(max),
             used: AtomicUsize::new(0),
+            freed: crossbeam_channel::bounded(1),
+        }
+    }
+
+    /// Takes one slot, waiting for one to be given back; false if `stop`
+    /// came first.
+    pub fn acquire(&self, stop: &Receiver<()>) -> bool {
+        loop {
+            if self.try_acquire() {
+                if self.used.load(Ordering::Acquire) < self.max() {
+                    // Another waiter may take the next one.
+                    let _ = self.freed.0.try_send(());
+                }
+                return true;
+            }
+            crossbeam_channel::select! {
+                recv(self.freed.1) -> _ => {}
+                recv(stop) -> _ => return false,
+            }
         }
     }
 
@@ -67,11 +90,13 @@ impl Budget {
     /// workers finish.
     pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Release);
+        let _ = self.freed.0.try_send(());
     }
 
     /// Gives a slot back.
     pub fn release(&self) {
         self.used.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.freed.0.try_send(());
     }
 }
 
@@ -492,6 +517,30 @@ impl PeerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_budget_blocks_until_a_slot_is_given_back_or_the_stop() {
+        let budget = Arc::new(Budget::new(2));
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        assert!(budget.acquire(&stop) && budget.acquire(&stop));
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (b, s) = (budget.clone(), stop.clone());
+                thread::spawn(move || b.acquire(&s))
+            })
+            .collect();
+        // Both give back: both waiters get a slot, whichever release woke.
+        budget.release();
+        budget.release();
+        for w in waiters {
+            assert!(w.join().unwrap());
+        }
+        // Full again: a waiter gives up at the stop.
+        let (b, s) = (budget.clone(), stop.clone());
+        let last = thread::spawn(move || b.acquire(&s));
+        drop(stop_tx);
+        assert!(!last.join().unwrap());
+    }
 
     #[test]
     fn the_bucket_spaces_tokens_at_the_rate() {

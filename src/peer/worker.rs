@@ -29,8 +29,6 @@ use crate::spool::Spool;
 /// First wait after a failed connect; doubles up to the maximum.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How often a worker holding a job looks for a free budget slot.
-const BUDGET_POLL: Duration = Duration::from_millis(20);
 
 pub(super) struct Worker {
     index: usize,
@@ -359,11 +357,9 @@ impl Worker {
                 self.broke(&e, v.next);
             }
             if self.conn.is_none() {
-                while !self.ctx.budget.try_acquire() {
-                    if self.pause(BUDGET_POLL) {
-                        self.defer(job, "relay stopping before a connection slot was free");
-                        return;
-                    }
+                if !self.ctx.budget.acquire(&self.ctx.stop) {
+                    self.defer(job, "relay stopping before a connection slot was free");
+                    return;
                 }
                 if let Err(no) = self.connect() {
                     return self.unconnected(job, no);

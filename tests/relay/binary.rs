@@ -479,15 +479,16 @@ fn reload_refuses_a_broken_file_and_applies_a_good_one() {
         .arg(s.spool.join("control.sock"))
         .output()
         .unwrap();
-    assert!(out.status.success());
-    wait_until("the broken file to be refused", || {
+    // Refused, and said so: to the operator, not only in the log.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("reload refused") && err.contains("[peer.A] max_connections = \"lots\""),
+        "{err}"
+    );
+    wait_until("the refusal in the log", || {
         read().contains("reload refused")
     });
-    assert!(
-        read().contains("[peer.A] max_connections = \"lots\""),
-        "{}",
-        read()
-    );
     std::fs::write(
         &s.path,
         s.ini.replace("mm4_check = strict", "mm4_check = lenient"),
@@ -503,6 +504,7 @@ fn reload_refuses_a_broken_file_and_applies_a_good_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration reloaded"));
     wait_until("the good file to apply", || {
         read().contains("configuration reloaded")
     });
