@@ -2,8 +2,12 @@
 //! on which the running relay answers one command per connection, and the
 //! client side used by `mm4relay status`.
 //!
-//! Protocol: the client sends one line (`status` or `status json`), the
-//! relay answers with text and closes.
+//! Protocol: the client sends one line and the relay answers with text
+//! and closes; an answer that starts with `error:` is a refusal. Commands:
+//! `status`, `status json`, `reload` (answered once the main loop has
+//! reloaded or refused), `queue age`, `queue list [PEER]`, `queue show ID`,
+//! `queue retry ID|PEER|all`, `queue hold PEER|ID`, `queue release
+//! PEER|ID`, `queue delete ID [REASON]`.
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};

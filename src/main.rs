@@ -20,7 +20,7 @@ mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per de
 USAGE:
     mm4relay run -c FILE [--pidfile PATH]
                                 run in the foreground until SIGTERM/SIGINT;
-                                SIGHUP reopens the log file
+                                SIGHUP reopens the log file and reloads FILE
     mm4relay check -c FILE      validate FILE, print the peers and the routing table
     mm4relay status [-c FILE | --socket PATH] [--json]
                                 per-peer health, allowance, connections, queues and

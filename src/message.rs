@@ -37,7 +37,7 @@ pub struct Message {
 pub struct Location {
     /// Segment number.
     pub segment: u64,
-    /// Offset in the segment's data file.
+    /// Offset of the data in the segment file.
     pub offset: u64,
     /// Length in octets.
     pub len: u32,

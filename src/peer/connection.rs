@@ -1,6 +1,9 @@
-//! One blocking SMTP client connection: connect, greet, EHLO, then any
-//! number of transactions, kept open between them. The protocol decisions
-//! are `smtp::client`'s; this file only moves octets and applies timeouts.
+//! One blocking SMTP client connection: connect (implicit TLS if so
+//! configured), the greeting, EHLO (HELO if refused), STARTTLS and AUTH,
+//! then any number of transactions, kept open between them, with a
+//! timeout per phase. A transaction's commands and replies are
+//! `smtp::client`'s state machine; what a failure means is `policy`'s:
+//! every error here says at which stage it came ([`ConnError`]).
 //!
 //! A connection that saw an I/O error, a timeout, a malformed reply or a
 //! 421 is never reused: the caller drops it and opens another.

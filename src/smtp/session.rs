@@ -2,9 +2,11 @@
 //! replies out, no sockets.
 //!
 //! ```text
-//!  greeting ─► Fresh ─EHLO/HELO─► Ready ─MAIL─► Mail ─RCPT─► Mail(+rcpts)
-//!                                   ▲                              │ DATA (354)
-//!                                   └── 250/5xx at end of data ◄── Data
+//!  greeting ─► Commands (no HELO yet) ─EHLO/HELO─► Commands (greeted)
+//!    ─MAIL─► Commands + envelope ─RCPT─► Commands + envelope(+rcpts)
+//!    ─DATA (354)─► Data ─end of data: 250/5xx─► Commands (no envelope)
+//!  AUTH: Commands ─► Auth ─► Commands; an over-long line: Discarding;
+//!  QUIT, a limit or a timeout: Closed
 //! ```
 //!
 //! Decisions that need the rest of the relay (routing and relay control at
