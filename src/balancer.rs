@@ -21,12 +21,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::info;
 
+use crate::owned::Owned;
 use crate::peer::{Budget, PeerViews};
 use crate::printable::Printable;
 use crate::queue::Queue;
@@ -116,10 +116,11 @@ pub fn plan(loads: &[Load], budget: usize) -> Vec<usize> {
     give
 }
 
-/// The balancer thread.
+/// The balancer thread: dropping it stops and joins it (the stop
+/// channel goes first, fields drop in order).
 pub struct Balancer {
-    stop: Option<crossbeam_channel::Sender<()>>,
-    handle: Option<JoinHandle<()>>,
+    stop: crossbeam_channel::Sender<()>,
+    thread: Owned<()>,
 }
 
 impl Balancer {
@@ -132,31 +133,19 @@ impl Balancer {
         stats_interval: Duration,
     ) -> std::io::Result<Balancer> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
-        let handle = thread::Builder::new()
-            .name("balancer".into())
-            .spawn(move || run(&peers, &queue, &budget, interval, stats_interval, &stop_rx))?;
+        let thread = Owned::spawn("balancer", move || {
+            run(&peers, &queue, &budget, interval, stats_interval, &stop_rx)
+        })?;
         Ok(Balancer {
-            stop: Some(stop_tx),
-            handle: Some(handle),
+            stop: stop_tx,
+            thread,
         })
     }
 
     /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.shut();
-    }
-
-    fn shut(&mut self) {
-        self.stop.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        self.shut();
+    pub fn stop(self) {
+        drop(self.stop);
+        self.thread.join();
     }
 }
 

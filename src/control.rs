@@ -16,13 +16,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
+
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use log::{info, warn};
 
 use crate::listener::InboundStats;
+use crate::owned::Owned;
 use crate::peer::{PeerSnapshot, PeerViews};
 use crate::printable::Printable;
 use crate::queue::Queue;
@@ -53,7 +54,7 @@ const RELOAD_ANSWER: Duration = Duration::from_secs(30);
 pub struct ControlSocket {
     path: PathBuf,
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<Owned<()>>,
 }
 
 impl ControlSocket {
@@ -73,9 +74,7 @@ impl ControlSocket {
         info!("control socket at {}", path.display());
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(&listener, &sources, &flag))?;
+        let handle = Owned::spawn("control", move || serve(&listener, &sources, &flag))?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
             stop,
@@ -93,7 +92,7 @@ impl ControlSocket {
         self.stop.store(true, Ordering::Release);
         // Wake the blocked accept().
         let _ = UnixStream::connect(&self.path);
-        let _ = h.join();
+        h.join();
         let _ = std::fs::remove_file(&self.path);
     }
 }

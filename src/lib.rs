@@ -22,6 +22,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod mm4;
+pub mod owned;
 pub mod peer;
 pub mod printable;
 pub mod privilege;

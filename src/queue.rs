@@ -16,7 +16,6 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use log::error;
 
 use crate::clock::SharedClock;
 use crate::message::{Job, Message};
+use crate::owned::Owned;
 use crate::spool::Spool;
 
 /// How long a session waits for room in a pool before handing the job to
@@ -492,10 +492,11 @@ impl Ord for Deferred {
     }
 }
 
-/// The queue manager thread and its stop switch.
+/// The queue manager thread and its stop switch: dropping it stops and
+/// joins it (the switch goes first, fields drop in order).
 pub struct QueueManager {
-    stop: Option<Sender<()>>,
-    handle: Option<JoinHandle<usize>>,
+    stop: Sender<()>,
+    thread: Owned<usize>,
 }
 
 impl QueueManager {
@@ -521,7 +522,7 @@ impl QueueManager {
             next_look: AtomicU64::new(0),
         });
         let q = queue.clone();
-        let handle = thread::Builder::new().name("qmgr".into()).spawn(move || {
+        let thread = Owned::spawn("qmgr", move || {
             let mut m = Manager {
                 queue: &q,
                 spool: &spool,
@@ -536,26 +537,17 @@ impl QueueManager {
         })?;
         Ok((
             QueueManager {
-                stop: Some(stop_tx),
-                handle: Some(handle),
+                stop: stop_tx,
+                thread,
             },
             queue,
         ))
     }
 
     /// Stops the manager; returns how many jobs it still held.
-    pub fn stop(mut self) -> usize {
-        self.stop.take();
-        self.handle.take().map_or(0, |h| h.join().unwrap_or(0))
-    }
-}
-
-impl Drop for QueueManager {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) -> usize {
+        drop(self.stop);
+        self.thread.join().unwrap_or(0)
     }
 }
 

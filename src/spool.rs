@@ -57,13 +57,14 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 
 use crate::message::Location;
+use crate::owned::Owned;
 use crate::smtp::command::BodyType;
 
 /// The default size past which the active segment rolls over.
@@ -243,7 +244,7 @@ pub struct Spool {
     dir: PathBuf,
     tx: Option<Sender<Request>>,
     marks: Option<Sender<Request>>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<Owned<()>>,
     gauges: Arc<Gauges>,
     moved: Moved,
     highest_id: Option<String>,
@@ -314,9 +315,7 @@ impl Spool {
         let mut writer = Writer::start(opts.clone(), state, gauges.clone(), moved.clone())?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (marks_tx, marks_rx) = crossbeam_channel::unbounded();
-        let handle = thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || writer.run(&rx, &marks_rx))?;
+        let handle = Owned::spawn("spool-writer", move || writer.run(&rx, &marks_rx))?;
         Ok((
             Spool {
                 dir: opts.dir.clone(),
@@ -483,7 +482,7 @@ impl Spool {
         self.tx.take();
         self.marks.take();
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            h.join();
         }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::warn;
@@ -17,6 +16,7 @@ use super::PeerViews;
 use super::worker::Records;
 use crate::bounce::Bounce;
 use crate::message::Job;
+use crate::owned::Owned;
 use crate::printable::Printable;
 use crate::queue::{Admission, Queue};
 use crate::smtp::Reply;
@@ -28,7 +28,7 @@ const THREADS: usize = 2;
 
 /// The running expiry threads.
 pub struct Expirer {
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<Owned<()>>,
     jobs: Receiver<Job>,
     stop: Option<Sender<()>>,
 }
@@ -49,30 +49,28 @@ impl Expirer {
             let (jobs, stop) = (jobs.clone(), stop_rx.clone());
             let (queue, spool, bounce, views) =
                 (queue.clone(), spool.clone(), bounce.clone(), views.clone());
-            let spawned = thread::Builder::new()
-                .name(format!("expire-{i}"))
-                .spawn(move || {
-                    let records = Records {
-                        spool: &spool,
-                        queue: &queue,
-                        bounce: &bounce,
-                    };
-                    loop {
-                        select! {
-                            recv(stop) -> _ => break,
-                            recv(jobs) -> job => match job {
-                                Ok(job) => fail(records, &views, &job),
-                                Err(_) => break,
-                            },
-                        }
+            let spawned = Owned::spawn(format!("expire-{i}"), move || {
+                let records = Records {
+                    spool: &spool,
+                    queue: &queue,
+                    bounce: &bounce,
+                };
+                loop {
+                    select! {
+                        recv(stop) -> _ => break,
+                        recv(jobs) -> job => match job {
+                            Ok(job) => fail(records, &views, &job),
+                            Err(_) => break,
+                        },
                     }
-                });
+                }
+            });
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     drop(stop_tx);
                     threads.into_iter().for_each(|h| {
-                        let _ = h.join();
+                        h.join();
                     });
                     return Err(e);
                 }
@@ -91,7 +89,7 @@ impl Expirer {
     pub fn stop(mut self) -> usize {
         self.stop.take();
         for h in self.threads.drain(..) {
-            let _ = h.join();
+            h.join();
         }
         self.jobs.len()
     }

@@ -21,7 +21,6 @@ pub use expire::Expirer;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -30,6 +29,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::bounce::Bounce;
 use crate::config::PeerConfig;
 use crate::message::Job;
+use crate::owned::Owned;
 use crate::queue::Queue;
 use crate::spool::Spool;
 
@@ -350,7 +350,7 @@ impl Shared {
 /// One destination and its running workers.
 pub struct Peer {
     view: PeerView,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<Owned<()>>,
 }
 
 /// A handle on a peer's state for the balancer and status: counters,
@@ -405,9 +405,7 @@ impl Peer {
         let mut workers = Vec::new();
         for index in 0..shared.workers {
             let w = worker::Worker::new(index, shared.clone(), jobs.clone(), ctx.clone());
-            let handle = thread::Builder::new()
-                .name(format!("peer-{}-{index}", shared.name))
-                .spawn(move || w.run())?;
+            let handle = Owned::spawn(format!("peer-{}-{index}", shared.name), move || w.run())?;
             workers.push(handle);
         }
         Ok(Peer {
@@ -425,7 +423,7 @@ impl Peer {
     /// many jobs were left in the pool.
     pub fn join(self) -> usize {
         for w in self.workers {
-            let _ = w.join();
+            w.join();
         }
         self.view.jobs.len()
     }
@@ -517,6 +515,7 @@ impl PeerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     #[test]
     fn a_full_budget_blocks_until_a_slot_is_given_back_or_the_stop() {
