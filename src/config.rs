@@ -677,7 +677,8 @@ fn system_hostname() -> String {
 }
 
 impl Config {
-    /// Reads and validates a file.
+    /// Reads and validates a file; its `[relay] user` and `group` must
+    /// exist on this system.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
@@ -686,7 +687,23 @@ impl Config {
             value: String::new(),
             problem: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        // The system's users and groups: a configuration error found at
+        // load, not when the relay tries to become them.
+        let missing = |key: &str, value: &str| ConfigError {
+            file: path.display().to_string(),
+            section: "relay".into(),
+            key: key.into(),
+            value: value.into(),
+            problem: format!("no such {key} on this system"),
+        };
+        if let Some(u) = &config.relay.user {
+            crate::privilege::uid_of(u).map_err(|_| missing("user", u))?;
+        }
+        if let Some(g) = &config.relay.group {
+            crate::privilege::gid_of(g).map_err(|_| missing("group", g))?;
+        }
+        Ok(config)
     }
 
     /// Parses and validates INI text; `path` names it in errors.

@@ -48,6 +48,11 @@ pub fn uid_of(name: &str) -> io::Result<libc::uid_t> {
     user(name).map(|(uid, _, _)| uid)
 }
 
+/// The gid of `name`, the `[relay] group`.
+pub fn gid_of(name: &str) -> io::Result<libc::gid_t> {
+    group(name)
+}
+
 fn group(name: &str) -> io::Result<libc::gid_t> {
     let cname = CString::new(name).map_err(|_| err(format!("group {name:?} has a NUL")))?;
     let mut grp: libc::group = unsafe { std::mem::zeroed() };

@@ -78,6 +78,33 @@ fn check_names_file_section_key_and_value() {
     );
 }
 
+/// An unknown `[relay] user` is a configuration error, found at load:
+/// exit 2 naming file, section, key and value, for `check` and `run`.
+#[test]
+fn an_unknown_relay_user_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ini = Profile::default()
+        .ini(["127.0.0.1:1".parse().unwrap(); 3], dir.path())
+        .replace("[relay]\n", "[relay]\nuser = no-such-user-mm4\n");
+    let path = write_config(&dir, &ini);
+    for cmd in ["check", "run"] {
+        let out = Command::new(BIN)
+            .args([cmd, "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{}: [relay] user = \"no-such-user-mm4\": no such user on this system",
+                path.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+}
+
 #[test]
 fn check_prints_peers_and_routes() {
     let dir = tempfile::tempdir().unwrap();
