@@ -410,12 +410,10 @@ fn my_uid() -> Option<u32> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn root_is_dropped_before_the_spool_is_touched() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if my_uid() != Some(0) {
-        eprintln!("skipped: needs root to drop privileges");
-        return;
-    }
+    assert_eq!(my_uid(), Some(0), "needs root to drop privileges");
     let s = setup(false, "user = nobody\n");
     std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = Running::start(&s.path, &[], true);
