@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, Tc
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -37,6 +37,7 @@ use crate::config::{AuthUser, Config, Mm4Check};
 use crate::dedup::{self, Dedup};
 use crate::message::{IdSource, Job, Message, received_header};
 use crate::mm4;
+use crate::owned::Owned;
 use crate::printable::Brief;
 use crate::queue::Queue;
 use crate::route::{Address, PeerId, Router};
@@ -585,7 +586,8 @@ struct Sessions {
     live: Mutex<HashMap<u64, Slot>>,
     /// Notified whenever a session leaves `live`.
     ended: Condvar,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Session threads; finished ones are joined at the next accept.
+    handles: Mutex<Vec<Owned<()>>>,
     /// Sessions and connection rate per client address, an IPv6 client by
     /// its /64 (local MMSC hosts are not counted).
     per_ip: Mutex<HashMap<IpAddr, PerIp>>,
@@ -709,7 +711,7 @@ impl Drop for SessionGuard {
 /// The running listener: accept threads and the sessions they started.
 pub struct Listener {
     addrs: Vec<SocketAddr>,
-    accept_threads: Vec<JoinHandle<()>>,
+    accept_threads: Vec<Owned<()>>,
     sessions: Arc<Sessions>,
     shutdown_timeout: Duration,
 }
@@ -754,11 +756,9 @@ impl Listener {
             );
             addrs.push(local);
             let (sessions, inbound) = (sessions.clone(), inbound.clone());
-            accept_threads.push(
-                thread::Builder::new()
-                    .name(format!("accept-{local}"))
-                    .spawn(move || accept_loop(&b, &sessions, &inbound, limits))?,
-            );
+            accept_threads.push(Owned::spawn(format!("accept-{local}"), move || {
+                accept_loop(&b, &sessions, &inbound, limits)
+            })?);
         }
         Ok(Listener {
             addrs,
@@ -795,7 +795,7 @@ impl Listener {
             let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
         }
         for t in self.accept_threads {
-            let _ = t.join();
+            t.join();
         }
         for slot in sessions.live.lock().values() {
             if !slot.in_data.load(Ordering::Acquire) {
@@ -821,7 +821,7 @@ impl Listener {
         drop(live);
         let handles = std::mem::take(&mut *sessions.handles.lock());
         for h in handles {
-            let _ = h.join();
+            h.join();
         }
     }
 }
@@ -874,6 +874,7 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
                 continue;
             }
         };
+        // Dropping a finished one joins it: a panic is logged, not lost.
         sessions.handles.lock().retain(|h| !h.is_finished());
         let Ok(peer) = stream.peer_addr() else {
             continue;
@@ -981,14 +982,12 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
             tls,
             sessions: sessions.clone(),
         };
-        let spawned = thread::Builder::new()
-            .name(format!("session-{id}"))
-            .spawn(move || {
-                let _guard = guard;
-                if let Err(e) = serve(stream, peer, &inbound, implicit_tls, &state) {
-                    debug!("session [{}] ended: {e}", peer.ip());
-                }
-            });
+        let spawned = Owned::spawn(format!("session-{id}"), move || {
+            let _guard = guard;
+            if let Err(e) = serve(stream, peer, &inbound, implicit_tls, &state) {
+                debug!("session [{}] ended: {e}", peer.ip());
+            }
+        });
         match spawned {
             Ok(h) => sessions.handles.lock().push(h),
             // The closure, and the guard in it, is dropped.
