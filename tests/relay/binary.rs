@@ -9,9 +9,6 @@ use mm4relay::sim::{SimPeer, forward_req};
 
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-
 pub(crate) fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     let path = dir.path().join("mm4relay.ini");
     std::fs::write(&path, text).unwrap();

@@ -8,8 +8,6 @@ use std::process::{Command, Stdio};
 use crate::pki::Pki;
 use crate::support::*;
 
-const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-
 /// True if `program` runs here; says so on stderr when it does not.
 fn have(program: &str, version_arg: &str) -> bool {
     let ok = Command::new(program)

@@ -8,10 +8,6 @@ use mm4relay::sim::{Fault, Outgoing, forward_req, send_load};
 
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-const TO_C: &str = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
 /// Ported: B's prefix and domain, but routed to C.
 const TO_PORTED: &str = "+12025550177/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 

@@ -12,9 +12,6 @@ use mm4relay::sim::{Fault, Outgoing, SimPeer, forward_req, send_load};
 
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-
 /// A loopback address nothing listens on: connections are refused.
 fn refusing() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

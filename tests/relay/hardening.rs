@@ -12,10 +12,7 @@ use mm4relay::sim::forward_req;
 use crate::pki::Pki;
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
 const FROM_B: &str = "+12025550100/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
 
 /// A forward.REQ with `header` added before `From:`.
 fn with_header(seq: usize, rcpt: &str, header: &str) -> Vec<u8> {

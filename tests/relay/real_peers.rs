@@ -24,10 +24,6 @@ use crate::mta::*;
 use crate::pki::Pki;
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-
 /// How long a test waits for everything to arrive before it looks at
 /// what did: long past any retry these tests set, short of the deadline.
 const SETTLE: Duration = Duration::from_secs(10);

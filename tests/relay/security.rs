@@ -18,10 +18,6 @@ use parking_lot::Mutex;
 use crate::pki::Pki;
 use crate::support::*;
 
-const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
-const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-const TO_C: &str = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
 const TO_NOWHERE: &str = "+999555000111/TYPE=PLMN@mms.unknown.example";
 
 fn plain_b64(user: &str, password: &str) -> String {

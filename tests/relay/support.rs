@@ -29,6 +29,13 @@ pub const PARTNER_B: &str = "127.0.0.2";
 pub const PARTNER_C: &str = "127.0.0.3";
 pub const UNKNOWN: &str = "127.0.0.9";
 
+/// A subscriber of the local MMSC (peer A), the usual sender.
+pub const FROM: &str = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+/// Recipients routed to A (local), B and C by the corpus profile.
+pub const TO_A: &str = "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+pub const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+pub const TO_C: &str = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
+
 /// The shared corpus (`../shared/mm4-corpus` or `$MM4_CORPUS`), if present.
 pub fn corpus_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("MM4_CORPUS") {
