@@ -321,12 +321,11 @@ mod tests {
     use crate::message::Location;
     use std::time::UNIX_EPOCH;
 
-    #[test]
-    fn what_came_from_the_network_cannot_add_header_fields() {
-        // Spooled before commands refused control characters, say.
-        let m = Message {
-            id: "Q1".into(),
-            from: "a\r\nBcc: victim@x.test".into(),
+    /// A spooled message from `from`, for `report`.
+    fn message(id: &str, from: &str) -> Message {
+        Message {
+            id: id.into(),
+            from: from.into(),
             body_type: BodyType::SevenBit,
             info: Default::default(),
             accepted: UNIX_EPOCH,
@@ -337,7 +336,13 @@ mod tests {
                 len: 0,
                 crc: 0,
             },
-        };
+        }
+    }
+
+    #[test]
+    fn what_came_from_the_network_cannot_add_header_fields() {
+        // Spooled before commands refused control characters, say.
+        let m = message("Q1", "a\r\nBcc: victim@x.test");
         let reply = Reply::new(550, "5.1.1 no\x1b[2J such\r\nBcc: y@x.test user");
         let rcpts = ["r\x00@y.test".to_string()];
         let dsn = report(
@@ -375,20 +380,7 @@ mod tests {
 
     #[test]
     fn a_failure_we_decided_names_no_remote_mta() {
-        let m = Message {
-            id: "Q3".into(),
-            from: "a@x.test".into(),
-            body_type: BodyType::SevenBit,
-            info: Default::default(),
-            accepted: UNIX_EPOCH,
-            expires: UNIX_EPOCH,
-            location: Location {
-                segment: 0,
-                offset: 0,
-                len: 0,
-                crc: 0,
-            },
-        };
+        let m = message("Q3", "a@x.test");
         let reply = Reply::new(554, "5.4.7 delivery time expired");
         let rcpts = ["r@y.test".to_string()];
         let dsn = report(

@@ -664,10 +664,8 @@ impl Manager<'_> {
             }
             Event::Overflow(mut job) => {
                 if job.expired(now) {
-                    self.queue
-                        .peer(job.peer)
-                        .overflow
-                        .fetch_sub(1, Ordering::AcqRel);
+                    let p = self.queue.peer(job.peer);
+                    p.overflow.fetch_sub(1, Ordering::AcqRel);
                     return self.expire(job);
                 }
                 job.data = None;
@@ -690,10 +688,8 @@ impl Manager<'_> {
             Event::Sync(answer) => self.syncs.push(answer),
             Event::Defer(mut job, due) => {
                 if job.expired(now) {
-                    self.queue
-                        .peer(job.peer)
-                        .deferred
-                        .fetch_sub(1, Ordering::AcqRel);
+                    let p = self.queue.peer(job.peer);
+                    p.deferred.fetch_sub(1, Ordering::AcqRel);
                     return self.expire(job);
                 }
                 job.data = None;
