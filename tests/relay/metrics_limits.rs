@@ -245,9 +245,16 @@ fn metrics_serves_again_after_the_relay_ran_out_of_descriptors() {
             }
         }
     }
-    // A scrape now waits in the backlog while accept fails.
+    // When the listener's accept took the last descriptor and only its
+    // duplicate failed, that one is free again between attempts: a silent
+    // metrics connection takes it (or fails, which is as good), so the
+    // scrape after it must wait in the backlog while accept fails.
+    let _silent = TcpStream::connect(metrics).unwrap();
     let mut pending = TcpStream::connect(metrics).unwrap();
     pending.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    // And one more session waits in the listener's backlog, so that its
+    // accept goes on failing too.
+    sessions.push(TcpStream::connect(smtp).unwrap());
     wait_for_line(&lines, &mut seen, "the metrics accept failure", |l| {
         l.contains("metrics: accept failed: ") && l.contains("going on")
     });
