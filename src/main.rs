@@ -1,6 +1,7 @@
 //! The `mm4relay` command: parse arguments, load the configuration, set up
-//! logging, and hand over to `relay` (or `demo`). Exit codes: 0 success,
-//! 1 runtime failure, 2 usage or configuration error.
+//! logging, and hand over to `relay` (or `demo`). Exit codes, chosen in
+//! one place ([`Failure::code`]): 0 success, 1 runtime failure, 2 usage
+//! or configuration error, 3 (LSB) the relay is not running.
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -10,9 +11,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use log::LevelFilter;
-use mm4relay::config::Config;
-use mm4relay::demo::{self, DemoOptions};
-use mm4relay::{logging, privilege, relay};
+use mm4relay::config::{Config, ConfigError};
+use mm4relay::relay::demo::{self, DemoOptions};
+use mm4relay::relay::{self, RelayError};
+use mm4relay::sys::{logging, privilege};
 
 const USAGE: &str = "\
 mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
@@ -65,7 +67,58 @@ enum Cmd {
     Version,
 }
 
-fn parse_args(args: &[String]) -> Result<Cmd, String> {
+/// Why a command failed; its kind says how the process exits.
+enum Failure {
+    /// Bad arguments: said with the usage text.
+    Usage(String),
+    /// A configuration that cannot be used: fix the file.
+    Config(String),
+    /// Nothing answers on the control socket.
+    NotRunning(std::io::Error),
+    /// Anything else: the system refused, or the relay said no.
+    Runtime(String),
+}
+
+impl Failure {
+    /// The exit code of each kind, as the README documents them.
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) | Failure::Config(_) => 2,
+            Failure::NotRunning(_) => 3,
+            Failure::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Failure {
+        Failure::Config(e.to_string())
+    }
+}
+
+impl From<RelayError> for Failure {
+    fn from(e: RelayError) -> Failure {
+        if e.is_config() {
+            Failure::Config(e.to_string())
+        } else {
+            Failure::Runtime(e.to_string())
+        }
+    }
+}
+
+impl From<logging::LogError> for Failure {
+    fn from(e: logging::LogError) -> Failure {
+        Failure::Runtime(e.to_string())
+    }
+}
+
+fn parse_args(args: &[String]) -> Result<Cmd, Failure> {
+    parse_words(args).map_err(Failure::Usage)
+}
+
+/// The command line as a command; `-c FILE` of the control commands is
+/// loaded here for its socket path.
+fn parse_words(args: &[String]) -> Result<Cmd, String> {
     let Some(cmd) = args.first() else {
         return Err("no command given".into());
     };
@@ -159,21 +212,16 @@ fn parse_args(args: &[String]) -> Result<Cmd, String> {
     }
 }
 
-/// Sends a command to the running relay and prints its answer; exit 3
-/// (LSB: not running) when nothing answers, 1 when the relay says error.
-fn ask(socket: &std::path::Path, command: &str) -> ExitCode {
-    match mm4relay::control::request(socket, command) {
-        Ok(answer) if answer.starts_with("error:") => {
-            eprint!("mm4relay: {answer}");
-            ExitCode::FAILURE
-        }
-        Ok(answer) => {
+/// Sends a command to the running relay and prints its answer: not
+/// running when nothing answers, a runtime failure when the relay says
+/// error.
+fn ask(socket: &std::path::Path, command: &str) -> Result<(), Failure> {
+    let answer = mm4relay::ops::control::request(socket, command).map_err(Failure::NotRunning)?;
+    match answer.strip_prefix("error:") {
+        Some(why) => Err(Failure::Runtime(why.trim().to_string())),
+        None => {
             print!("{answer}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("mm4relay: {e}");
-            ExitCode::from(3)
+            Ok(())
         }
     }
 }
@@ -184,15 +232,17 @@ struct Pidfile(PathBuf);
 impl Pidfile {
     /// Writes our pid to `path`, which may be owned by us or `relay_uid`;
     /// root writes it, so it is checked first (no symbolic or hard link).
-    fn create(path: PathBuf, relay_uid: Option<u32>) -> Result<Pidfile, String> {
+    fn create(path: PathBuf, relay_uid: Option<u32>) -> Result<Pidfile, Failure> {
         let mut options = OpenOptions::new();
         options.write(true).create(true).mode(0o644);
         let mut file = privilege::open_unfollowed(&path, "pid file", &options, relay_uid)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
         // Emptied only now, after the checks.
         file.set_len(0)
             .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
+            .map_err(|e| {
+                Failure::Runtime(format!("cannot write pid file {}: {e}", path.display()))
+            })?;
         Ok(Pidfile(path))
     }
 }
@@ -205,116 +255,85 @@ impl Drop for Pidfile {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = match parse_args(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mm4relay: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
+    match parse_args(&args).and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            match &f {
+                Failure::Usage(e) => eprintln!("mm4relay: {e}\n\n{USAGE}"),
+                Failure::Config(e) | Failure::Runtime(e) => eprintln!("mm4relay: {e}"),
+                Failure::NotRunning(e) => eprintln!("mm4relay: {e}"),
+            }
+            ExitCode::from(f.code())
         }
-    };
+    }
+}
+
+fn run(cmd: Cmd) -> Result<(), Failure> {
     match cmd {
-        Cmd::Help => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Cmd::Version => {
-            println!(
-                "mm4relay {} ({} {})\n\
-                 TLS: native-tls on {} ({}), TLS 1.2 and newer\n\
-                 features: durable spool with group commit, per-peer pools and balancer, \
-                 STARTTLS and implicit TLS in, STARTTLS out, AUTH PLAIN/LOGIN both ways, \
-                 control socket, Prometheus metrics, syslog",
-                env!("CARGO_PKG_VERSION"),
-                std::env::consts::OS,
-                std::env::consts::ARCH,
-                openssl::version::version(),
-                if cfg!(feature = "vendored-openssl") {
-                    "built in, linked statically"
-                } else {
-                    "the system library, linked dynamically"
-                },
-            );
-            ExitCode::SUCCESS
-        }
+        Cmd::Help => print!("{USAGE}"),
+        Cmd::Version => println!(
+            "mm4relay {} ({} {})\n\
+             TLS: native-tls on {} ({}), TLS 1.2 and newer\n\
+             features: durable spool with group commit, per-peer pools and balancer, \
+             STARTTLS and implicit TLS in, STARTTLS out, AUTH PLAIN/LOGIN both ways, \
+             control socket, Prometheus metrics, syslog",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            openssl::version::version(),
+            if cfg!(feature = "vendored-openssl") {
+                "built in, linked statically"
+            } else {
+                "the system library, linked dynamically"
+            },
+        ),
         Cmd::Status { socket, json } => {
-            let command = if json { "status json" } else { "status" };
-            ask(&socket, command)
+            ask(&socket, if json { "status json" } else { "status" })?;
         }
-        Cmd::Ask { socket, command } => ask(&socket, &command),
-        Cmd::Check(path) => match Config::load(&path) {
-            Ok(c) => {
-                print!("{}", c.describe());
-                for w in &c.warnings {
-                    println!("warning: {w}");
-                }
-                println!("{}: OK", path.display());
-                ExitCode::SUCCESS
+        Cmd::Ask { socket, command } => ask(&socket, &command)?,
+        Cmd::Check(path) => {
+            let c = Config::load(&path)?;
+            print!("{}", c.describe());
+            for w in &c.warnings {
+                println!("warning: {w}");
             }
-            Err(e) => {
-                eprintln!("mm4relay: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Cmd::Run(path, pidfile) => {
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("mm4relay: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            // Root opens the log and pid files; the relay user may own them.
-            let relay_uid = match config
-                .relay
-                .user
-                .as_deref()
-                .map(privilege::uid_of)
-                .transpose()
-            {
-                Ok(uid) => uid,
-                Err(e) => {
-                    eprintln!("mm4relay: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let log_guard =
-                match logging::init(config.relay.log_level, &config.relay.log_target, relay_uid) {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        eprintln!("mm4relay: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
-            for w in &config.warnings {
-                log::warn!("{w}");
-            }
-            let _pid = match pidfile.map(|p| Pidfile::create(p, relay_uid)).transpose() {
-                Ok(p) => p,
-                Err(e) => {
-                    log::error!("{e}");
-                    eprintln!("mm4relay: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match relay::run(&config, || log_guard.reopen()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    log::error!("{e}");
-                    eprintln!("mm4relay: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            println!("{}: OK", path.display());
         }
+        Cmd::Run(path, pidfile) => serve(&path, pidfile)?,
         Cmd::Demo(opts) => {
             let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr, None)
                 .map_err(|e| eprintln!("mm4relay: {e}"));
-            match demo::run(&opts) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mm4relay demo: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            demo::run(&opts).map_err(|e| Failure::Runtime(format!("demo: {e}")))?;
         }
     }
+    Ok(())
+}
+
+/// `mm4relay run`: the relay in the foreground until a stop signal.
+fn serve(path: &std::path::Path, pidfile: Option<PathBuf>) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    // Root opens the log and pid files; the relay user may own them
+    // (Config::load made sure the user exists).
+    let relay_uid = config
+        .relay
+        .user
+        .as_deref()
+        .map(privilege::uid_of)
+        .transpose()
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let log_guard = logging::init(config.relay.log_level, &config.relay.log_target, relay_uid)?;
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    let logged = |f: Failure| {
+        if let Failure::Runtime(e) | Failure::Config(e) = &f {
+            log::error!("{e}");
+        }
+        f
+    };
+    let _pid = pidfile
+        .map(|p| Pidfile::create(p, relay_uid))
+        .transpose()
+        .map_err(logged)?;
+    relay::run(&config, || log_guard.reopen()).map_err(|e| logged(e.into()))
 }

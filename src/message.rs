@@ -137,7 +137,7 @@ pub fn received_header(
 ) -> String {
     format!(
         "Received: from {helo} ([{client_ip}])\r\n\tby {hostname} (mm4relay) with {protocol} id {id};\r\n\t{}\r\n",
-        crate::date::format(now)
+        crate::mm4::date::format(now)
     )
 }
 

@@ -21,11 +21,11 @@ use native_tls::TlsConnector;
 
 use crate::config::{PeerConfig, Secret, TlsMode};
 use crate::message::Job;
-use crate::printable::Printable;
 use crate::smtp::Reply;
 use crate::smtp::client::{Capabilities, Expect, Refusal, Step, Transaction};
 use crate::smtp::codec::dot_stuff;
 use crate::smtp::command::BodyType;
+use crate::sys::printable::Printable;
 use crate::tls::{self, Stream, TlsError};
 
 use super::policy::{self, Next, Stage, Trouble};

@@ -14,13 +14,13 @@ use log::warn;
 
 use super::PeerViews;
 use super::worker::Records;
-use crate::bounce::Bounce;
 use crate::message::Job;
-use crate::owned::Owned;
-use crate::printable::Printable;
+use crate::peer::bounce::Bounce;
 use crate::queue::{Admission, Queue};
 use crate::smtp::Reply;
 use crate::spool::Spool;
+use crate::sys::owned::Owned;
+use crate::sys::printable::Printable;
 
 /// Threads that fail expired jobs: a DSN is a durable spool write, and two
 /// writers let the spool's group commit share its flushes.

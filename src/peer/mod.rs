@@ -8,6 +8,8 @@
 //! arrives, the others park. Every open connection also holds one slot of
 //! the relay's global budget, a hard cap while allowances move.
 
+pub mod balancer;
+pub mod bounce;
 mod connection;
 mod control;
 mod expire;
@@ -26,12 +28,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
-use crate::bounce::Bounce;
 use crate::config::PeerConfig;
 use crate::message::Job;
-use crate::owned::Owned;
+use crate::peer::bounce::Bounce;
 use crate::queue::Queue;
 use crate::spool::Spool;
+use crate::sys::owned::Owned;
 
 /// The global budget of outbound connections (`[relay] max_connections`):
 /// a semaphore a worker with a message blocks on.

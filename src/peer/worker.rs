@@ -18,13 +18,13 @@ use log::{debug, info, warn};
 use super::connection::{ConnError, Connection, Delivery, host_name};
 use super::policy::{self, Attempt, Fate, Health, Next, Reason, Stage, Trouble};
 use super::{Change, PeerStats, Settings, Shared, WorkerContext};
-use crate::bounce::Bounce;
 use crate::message::Job;
-use crate::printable::{Brief, Printable};
+use crate::peer::bounce::Bounce;
 use crate::queue::{Admission, Queue};
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
 use crate::spool::Spool;
+use crate::sys::printable::{Brief, Printable};
 
 /// First wait after a failed connect; doubles up to the maximum.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);

@@ -24,10 +24,10 @@ use std::time::SystemTime;
 use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TryRecvError};
 use log::error;
 
-use crate::clock::SharedClock;
 use crate::message::{Job, Message};
-use crate::owned::Owned;
 use crate::spool::Spool;
+use crate::sys::clock::SharedClock;
+use crate::sys::owned::Owned;
 
 /// How long a session waits for room in a pool before handing the job to
 /// the queue manager; a little backpressure on clients faster than the peer.

@@ -22,12 +22,13 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use log::{info, warn};
 
-use crate::listener::InboundStats;
-use crate::owned::Owned;
+use crate::inbound::InboundStats;
+use crate::ops::status;
 use crate::peer::{PeerSnapshot, PeerViews};
-use crate::printable::Printable;
 use crate::queue::Queue;
-use crate::spool::{Holds, Spool, SpoolStats};
+use crate::spool::{Holds, Spool};
+use crate::sys::owned::Owned;
+use crate::sys::printable::Printable;
 
 /// Longest command line accepted on the socket.
 const MAX_COMMAND: u64 = 256;
@@ -128,8 +129,8 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         .collect();
     let words: Vec<&str> = line.split_whitespace().collect();
     let reply = match words.as_slice() {
-        ["status"] => status_text(&snapshots, &sources.spool.stats(), &sources.inbound),
-        ["status", "json"] => status_json(&snapshots, &sources.spool.stats(), &sources.inbound),
+        ["status"] => status::text(&snapshots, &sources.spool.stats(), &sources.inbound),
+        ["status", "json"] => status::json(&snapshots, &sources.spool.stats(), &sources.inbound),
         ["reload"] => {
             // The main loop reloads and says how it went.
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -158,89 +159,6 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ),
     };
     (&stream).write_all(reply.as_bytes())
-}
-
-/// An age as the status table shows it: 45s, 12m, 3h, 2d.
-fn short_age(secs: u64) -> String {
-    match secs {
-        0..120 => format!("{secs}s"),
-        120..7200 => format!("{}m", secs / 60),
-        7200..172_800 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86_400),
-    }
-}
-
-/// The listener's counters as `(name, value)`, for both status forms.
-fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 11] {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    [
-        (
-            "sessions_open",
-            i.sessions_open.load(Ordering::Relaxed) as u64,
-        ),
-        ("sessions_total", load(&i.sessions_total)),
-        ("tls_sessions", load(&i.tls_sessions)),
-        ("accepted", load(&i.accepted)),
-        ("duplicates", load(&i.duplicates)),
-        ("rejected_content", load(&i.rejected_content)),
-        ("rejected_spool", load(&i.rejected_spool)),
-        (
-            "rcpt_refused",
-            load(&i.rcpt_bad_address) + load(&i.rcpt_unroutable) + load(&i.rcpt_relay_denied),
-        ),
-        ("refused_per_ip", load(&i.refused_per_ip)),
-        ("auth_failures", load(&i.auth_failures)),
-        ("auth_delayed", load(&i.auth_delayed)),
-    ]
-}
-
-/// The per-peer table of `mm4relay status`, then the listener's line.
-pub fn status_text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
-    let mut out = format!(
-        "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7}  last error\n",
-        "peer",
-        "health",
-        "allow",
-        "open/busy",
-        "pool",
-        "overflow",
-        "waiting",
-        "oldest",
-        "sent",
-        "deferred",
-        "failed",
-        "msg/s"
-    );
-    for p in peers {
-        let _ = writeln!(
-            out,
-            "{:<10} {:<8} {:>5} {:>9} {:>6} {:>8} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7.1}  {}",
-            p.name,
-            p.state(),
-            p.allowance,
-            format!("{}/{}", p.connections_open, p.busy),
-            p.pool_depth,
-            p.overflow,
-            p.waiting_retry,
-            p.oldest_secs.map_or("-".into(), short_age),
-            p.sent,
-            p.deferred,
-            p.failed,
-            p.rate_milli as f64 / 1000.0,
-            Printable(&p.last_error)
-        );
-    }
-    let counts: Vec<String> = listener_counts(inbound)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let _ = writeln!(out, "listener: {}", counts.join(" "));
-    let _ = writeln!(
-        out,
-        "spool: {} bytes, {} of them live, {} segments, {} compactions",
-        spool.bytes, spool.live_bytes, spool.segments, spool.compactions
-    );
-    out
 }
 
 /// Upper bounds of the age buckets of `queue age` (as qshape's).
@@ -325,14 +243,15 @@ fn queue_show(sources: &Sources, id: &str) -> String {
                     .collect::<Vec<_>>()
                     .join(","),
                 q.attempts,
-                q.next_attempt.map_or("now".into(), crate::date::format),
+                q.next_attempt
+                    .map_or("now".into(), crate::mm4::date::format),
                 Printable(&q.last_reply.replace('"', "'"))
             );
             for (at, reply) in &q.history {
                 let _ = writeln!(
                     out,
                     "  attempt failed at \"{}\": {}",
-                    crate::date::format(*at),
+                    crate::mm4::date::format(*at),
                     Printable(&reply.to_string())
                 );
             }
@@ -347,8 +266,8 @@ fn queue_show(sources: &Sources, id: &str) -> String {
         m.id,
         m.location.len,
         Printable(&m.from),
-        crate::date::format(m.accepted),
-        crate::date::format(m.expires),
+        crate::mm4::date::format(m.accepted),
+        crate::mm4::date::format(m.expires),
         Printable(m.info.message_id.as_deref().unwrap_or("-")),
         Printable(m.info.transaction_id.as_deref().unwrap_or("-")),
     );
@@ -497,68 +416,6 @@ fn queue_list(sources: &Sources, only: Option<&str>) -> String {
     out
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// The same as JSON, for scripts.
-pub fn status_json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
-    let items: Vec<String> = peers
-        .iter()
-        .map(|p| {
-            format!(
-                "{{\"name\":{},\"healthy\":{},\"allowance\":{},\"connections_open\":{},\"busy\":{},\
-                 \"pool_depth\":{},\"overflow\":{},\"waiting_retry\":{},\"sent\":{},\"deferred\":{},\
-                 \"failed\":{},\"connections_opened\":{},\"connections_failed\":{},\"last_error\":{},\"state\":{},\
-                 \"oldest_secs\":{},\"msgs_per_sec\":{:.3}}}",
-                json_str(&p.name),
-                p.healthy,
-                p.allowance,
-                p.connections_open,
-                p.busy,
-                p.pool_depth,
-                p.overflow,
-                p.waiting_retry,
-                p.sent,
-                p.deferred,
-                p.failed,
-                p.connections_opened,
-                p.connections_failed,
-                json_str(&p.last_error),
-                json_str(p.state()),
-                p.oldest_secs.map_or("null".into(), |s| s.to_string()),
-                p.rate_milli as f64 / 1000.0
-            )
-        })
-        .collect();
-    let listener: Vec<String> = listener_counts(inbound)
-        .iter()
-        .map(|(k, v)| format!("\"{k}\":{v}"))
-        .collect();
-    format!(
-        "{{\"peers\":[{}],\"listener\":{{{}}},\"spool_bytes\":{},\"spool_live_bytes\":{},\"spool_segments\":{},\"spool_compactions\":{}}}\n",
-        items.join(","),
-        listener.join(","),
-        spool.bytes,
-        spool.live_bytes,
-        spool.segments,
-        spool.compactions
-    )
-}
-
 /// Sends `command` to the relay listening on `path` and returns its answer.
 pub fn request(path: &Path, command: &str) -> io::Result<String> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
@@ -575,66 +432,4 @@ pub fn request(path: &Path, command: &str) -> io::Result<String> {
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_text_and_json() {
-        let p = PeerSnapshot {
-            name: "B".into(),
-            sent: 7,
-            healthy: false,
-            allowance: 1,
-            last_error: "said \"no\"".into(),
-            ..PeerSnapshot::default()
-        };
-        let inbound = InboundStats::default();
-        inbound.accepted.fetch_add(5, Ordering::Relaxed);
-        let spool = SpoolStats {
-            bytes: 42,
-            live_bytes: 40,
-            segments: 1,
-            compactions: 3,
-        };
-        let text = status_text(std::slice::from_ref(&p), &spool, &inbound);
-        assert!(text.contains("B          probing"), "{text}");
-        assert!(
-            text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
-            "{text}"
-        );
-        assert!(
-            text.ends_with("spool: 42 bytes, 40 of them live, 1 segments, 3 compactions\n"),
-            "{text}"
-        );
-        assert_eq!(short_age(59), "59s");
-        assert_eq!(short_age(3600), "60m");
-        assert_eq!(short_age(7200), "2h");
-        assert_eq!(short_age(3 * 86_400), "3d");
-        let json = status_json(&[p], &spool, &inbound);
-        assert!(
-            json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
-            "{json}"
-        );
-        assert!(
-            json.contains("\"listener\":{\"sessions_open\":0,"),
-            "{json}"
-        );
-        assert!(
-            json.contains("\"name\":\"B\",\"healthy\":false,\"allowance\":1"),
-            "{json}"
-        );
-        assert!(
-            json.contains("\"last_error\":\"said \\\"no\\\"\""),
-            "{json}"
-        );
-        assert!(
-            json.trim_end().ends_with(
-                "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3}"
-            ),
-            "{json}"
-        );
-    }
 }

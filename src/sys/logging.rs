@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::LevelFilter;
 use simplelog::{ConfigBuilder, WriteLogger};
 
-use crate::privilege;
+use crate::sys::privilege;
 
 enum Msg {
     Line(Vec<u8>),
@@ -127,10 +127,52 @@ impl Write for SyslogWriter {
     }
 }
 
-fn syslog_writer(facility: &str, socket: &Path) -> Result<SyslogWriter, String> {
+/// Why logging could not start as configured: what it was doing, and
+/// what the system or the logging crates said.
+#[derive(Debug)]
+pub struct LogError {
+    context: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl LogError {
+    fn new(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> LogError {
+        LogError {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.context.is_empty() {
+            write!(f, "{}", self.source)
+        } else {
+            write!(f, "{}: {}", self.context, self.source)
+        }
+    }
+}
+
+impl std::error::Error for LogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Whether `facility` names a syslog facility (the configuration checks
+/// it, so that [`init`] fails only for reasons of the system).
+pub fn is_facility(facility: &str) -> bool {
+    facility.parse::<syslog::Facility>().is_ok()
+}
+
+fn syslog_writer(facility: &str, socket: &Path) -> Result<SyslogWriter, LogError> {
     let facility: syslog::Facility = facility
         .parse()
-        .map_err(|_| format!("unknown syslog facility {facility:?}"))?;
+        .map_err(|_| LogError::new("", format!("unknown syslog facility {facility:?}")))?;
     let formatter = syslog::Formatter3164 {
         facility,
         hostname: None,
@@ -139,7 +181,12 @@ fn syslog_writer(facility: &str, socket: &Path) -> Result<SyslogWriter, String> 
     };
     syslog::unix_custom(formatter, socket)
         .map(SyslogWriter)
-        .map_err(|e| format!("cannot reach syslog at {}: {e}", socket.display()))
+        .map_err(|e| {
+            LogError::new(
+                format!("cannot reach syslog at {}", socket.display()),
+                e.to_string(),
+            )
+        })
 }
 
 /// Installs the global logger at `level`, writing to `target`. A log file
@@ -150,7 +197,7 @@ pub fn init(
     level: LevelFilter,
     target: &Target,
     relay_uid: Option<libc::uid_t>,
-) -> Result<LogGuard, String> {
+) -> Result<LogGuard, LogError> {
     let (out, file): (Box<dyn Write + Send>, Option<&Path>) = match target {
         Target::File(path) => (Box::new(open(path, relay_uid)?), Some(path)),
         Target::Stderr => (Box::new(io::stderr()), None),
@@ -166,7 +213,7 @@ pub fn init(
             let reopen = path.as_deref().map(|p| (p, relay_uid));
             write_lines(out, reopen, &rx, &stop_rx, &reopen_rx)
         })
-        .map_err(|e| format!("cannot start the log writer: {e}"))?;
+        .map_err(|e| LogError::new("cannot start the log writer", e))?;
     let config = ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_thread_level(LevelFilter::Off)
@@ -176,7 +223,7 @@ pub fn init(
         line: Vec::with_capacity(256),
         tx,
     };
-    WriteLogger::init(level, config, writer).map_err(|e| e.to_string())?;
+    WriteLogger::init(level, config, writer).map_err(|e| LogError::new("", e))?;
     Ok(LogGuard {
         stop: Some(stop_tx),
         reopen: reopen_tx,
@@ -184,11 +231,12 @@ pub fn init(
     })
 }
 
-fn open(path: &Path, relay_uid: Option<libc::uid_t>) -> Result<File, String> {
+fn open(path: &Path, relay_uid: Option<libc::uid_t>) -> Result<File, LogError> {
     let mut options = OpenOptions::new();
     // Owner and group (the adm group of logrotate) only.
     options.create(true).append(true).mode(0o640);
-    privilege::open_unfollowed(path, "log file", &options, relay_uid).map_err(|e| e.to_string())
+    privilege::open_unfollowed(path, "log file", &options, relay_uid)
+        .map_err(|e| LogError::new("", e))
 }
 
 /// How long lines may wait before they are written. Waking the writer per

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::info;
 
-use crate::owned::Owned;
 use crate::peer::{Budget, PeerViews};
-use crate::printable::Printable;
 use crate::queue::Queue;
+use crate::sys::owned::Owned;
+use crate::sys::printable::Printable;
 
 /// What the balancer knows of one peer at a tick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use log::{info, warn};
 
 use crate::config::Config;
-use crate::metrics;
+use crate::ops::metrics;
 
 /// Descriptors besides sessions, peer connections and metrics: spool
 /// segments and side files, the log, the control socket and its clients,

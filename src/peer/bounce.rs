@@ -18,12 +18,12 @@ use parking_lot::Mutex;
 
 use crate::config::Config;
 use crate::message::{IdSource, Job, Message};
-use crate::printable::Printable;
 use crate::queue::Queue;
 use crate::route::{Address, Router};
 use crate::smtp::Reply;
 use crate::smtp::command::BodyType;
 use crate::spool::{NewMessage, Spool};
+use crate::sys::printable::Printable;
 
 /// How often the failed area is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -280,7 +280,7 @@ fn report(
          to {} recipient(s) at {peer}:\r\n\r\n",
         Printable(&m.from),
         m.id,
-        crate::date::format(now),
+        crate::mm4::date::format(now),
         m.id,
         rcpts.len(),
     );
@@ -294,7 +294,7 @@ fn report(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n\
          Reporting-MTA: dns; {host}\r\nX-Mm4relay-Queue-ID: {}\r\nArrival-Date: {}\r\n",
         m.id,
-        crate::date::format(m.accepted)
+        crate::mm4::date::format(m.accepted)
     ));
     let remote_mta = remote.map_or_else(String::new, |h| {
         format!("Remote-MTA: dns; {}\r\n", Printable(h))

@@ -17,6 +17,11 @@
 //! `shutdown_timeout`, then QUITs), then the queue manager, then the spool.
 //! Whatever was not delivered stays in the spool for the next start.
 
+pub mod demo;
+mod error;
+
+pub use error::RelayError;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,19 +30,19 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
-use crate::balancer::Balancer;
-use crate::bounce::Bounce;
-use crate::clock::{self, SharedClock};
 use crate::config::{Config, PeerConfig};
-use crate::control::{ControlSocket, Sources};
-use crate::listener::{self, Inbound, Listener};
+use crate::inbound::{self, Inbound, Listener};
 use crate::message::{IdSource, Job, Message};
-use crate::metrics::MetricsServer;
 use crate::mm4::Mm4Info;
+use crate::ops::control::{ControlSocket, Sources};
+use crate::ops::metrics::MetricsServer;
+use crate::peer::balancer::Balancer;
+use crate::peer::bounce::Bounce;
 use crate::peer::{Budget, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
-use crate::privilege;
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Recovered, Spool, SpoolOptions};
+use crate::sys::clock::{self, SharedClock};
+use crate::sys::privilege;
 
 /// A running relay.
 pub struct Relay {
@@ -95,15 +100,15 @@ pub struct StopReport {
 
 impl Relay {
     /// Builds and starts everything the configuration describes.
-    pub fn start(config: &Config) -> io::Result<Relay> {
+    pub fn start(config: &Config) -> Result<Relay, RelayError> {
         Relay::start_with_clock(config, clock::system())
     }
 
     /// As [`Relay::start`], with `clock` for acceptance, retry and expiry
     /// times (tests pass a clock they move by hand).
-    pub fn start_with_clock(config: &Config, clock: SharedClock) -> io::Result<Relay> {
+    pub fn start_with_clock(config: &Config, clock: SharedClock) -> Result<Relay, RelayError> {
         log_panics();
-        crate::descriptors::raise_limit(config);
+        crate::sys::descriptors::raise_limit(config);
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()
@@ -115,10 +120,11 @@ impl Relay {
         };
         // Ports first, as root if need be; then become the configured user
         // before anything touches the spool.
-        let tables = Inbound::prepare(config).map_err(io::Error::other)?;
+        let tables = Inbound::prepare(config)?;
         let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
         if let Some(user) = &config.relay.user {
-            privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
+            privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)
+                .map_err(|e| RelayError::system(format!("becoming user {user}"), e))?;
         }
         let (spool, recovered) = Spool::open(&SpoolOptions {
             dir: config.relay.spool_dir.clone(),
@@ -128,10 +134,7 @@ impl Relay {
             dedup_window: config.relay.dedup_window,
         })
         .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("spool {}: {e}", config.relay.spool_dir.display()),
-            )
+            RelayError::system(format!("spool {}", config.relay.spool_dir.display()), e)
         })?;
         let spool = Arc::new(spool);
         let pools = senders.into_iter().zip(receivers.iter().cloned()).collect();
@@ -202,7 +205,7 @@ impl Relay {
                 Err(e) => {
                     drop(ctx);
                     relay.shutdown();
-                    return Err(e);
+                    return Err(RelayError::system(format!("starting peer {}", cfg.name), e));
                 }
             }
         }
@@ -244,7 +247,7 @@ impl Relay {
         if let Some(addr) = config.relay.metrics_listen {
             relay.metrics = Some(MetricsServer::start(addr, sources)?);
         }
-        let limits = listener::Limits {
+        let limits = inbound::Limits {
             max_sessions: config.listener.max_sessions,
             max_local_sessions: config.listener.max_local_sessions,
             max_stranger_sessions: config.listener.max_stranger_sessions,
@@ -254,7 +257,7 @@ impl Relay {
             Ok(l) => relay.listener = Some(l),
             Err(e) => {
                 relay.shutdown();
-                return Err(e);
+                return Err(RelayError::system("starting the listener", e));
             }
         }
         info!(
@@ -280,22 +283,27 @@ impl Relay {
     /// reload brings them back. What needs a restart (other listen
     /// addresses, more workers or another pool size for a running peer) is
     /// refused, and then nothing changes.
-    pub fn reload(&mut self, new: &Config) -> Result<(), String> {
+    pub fn reload(&mut self, new: &Config) -> Result<(), RelayError> {
         if new.listener.listen != self.config.listener.listen
             || new.listener.listen_tls != self.config.listener.listen_tls
         {
-            return Err("other listen addresses need a restart".into());
+            return Err(RelayError::NeedsRestart(
+                "other listen addresses need a restart".into(),
+            ));
         }
         let (effective, removed, added) = self.arrange(new);
         let tables = Inbound::prepare(&effective)?;
         for (id, p) in self.peers.iter().enumerate() {
             if !removed.contains(&id) {
-                p.view().check_reload(&effective.peers[id])?;
+                p.view()
+                    .check_reload(&effective.peers[id])
+                    .map_err(RelayError::NeedsRestart)?;
             }
         }
         // Peers first, so the new routes only ever name running peers.
         for cfg in added {
-            self.add_peer(cfg).map_err(|e| e.to_string())?;
+            self.add_peer(cfg)
+                .map_err(|e| RelayError::system("starting a peer", e))?;
         }
         for (id, p) in self.peers.iter().enumerate() {
             let view = p.view();
@@ -582,7 +590,7 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
 /// calls `on_hup` (main reopens the log file there) and reloads the
 /// configuration file; a file that does not validate, or a change that
 /// needs a restart, is refused and the old configuration stays.
-pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
+pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let signals_handle = signals.handle();
@@ -647,7 +655,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> io::Result<()> {
 /// words for the control socket (`error:` first when refused).
 fn reload_from(relay: &mut Relay, path: &std::path::Path) -> String {
     match Config::load(path)
-        .map_err(|e| e.to_string())
+        .map_err(RelayError::from)
         .and_then(|new| {
             relay.reload(&new)?;
             Ok(new)

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayError};
 use crate::sim::{Fault, Outgoing, SimPeer, forward_req, send_load};
 
 /// What the demo does.
@@ -62,7 +62,7 @@ pub fn demo_config(sims: &[SimPeer], spool: &Path) -> String {
 }
 
 /// Runs the demo and prints the table to stdout.
-pub fn run(opts: &DemoOptions) -> io::Result<()> {
+pub fn run(opts: &DemoOptions) -> Result<(), RelayError> {
     let sims = [
         SimPeer::start(false)?,
         SimPeer::start(false)?,
@@ -74,8 +74,7 @@ pub fn run(opts: &DemoOptions) -> io::Result<()> {
     let config = Config::parse(
         &demo_config(&sims, &spool),
         Path::new("(built-in demo config)"),
-    )
-    .map_err(|e| io::Error::other(e.to_string()))?;
+    )?;
     let relay = Relay::start(&config)?;
     let target = relay.local_addrs()[0];
 

@@ -18,6 +18,8 @@
 //!   forward counter.
 //! - `off`: nothing; the IDs are still read for the logs.
 
+pub mod date;
+
 use std::fmt;
 
 use crate::config::Mm4Check;
@@ -186,7 +188,7 @@ impl Expiry {
     fn parse(v: &str) -> Option<Expiry> {
         match v.trim().parse::<u64>() {
             Ok(secs) => Some(Expiry::Relative(std::time::Duration::from_secs(secs))),
-            Err(_) => crate::date::parse(v).map(Expiry::Absolute),
+            Err(_) => crate::mm4::date::parse(v).map(Expiry::Absolute),
         }
     }
 

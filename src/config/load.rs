@@ -1,0 +1,213 @@
+//! The load step: what a parsed [`Draft`] names is read and resolved.
+//! Certificates and keys are read and matched, CA bundles read, the users
+//! file read, host names resolved, the hostname asked of the system, and
+//! files holding secrets that others may read are warned about.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use super::parse::{Draft, IdentityFiles, duplicate_user};
+use super::section::parse_auth_user;
+use super::{Config, ConfigError, TlsRoots};
+use crate::tls::Identity;
+
+impl Draft {
+    /// Reads the files and resolves the names the configuration gives.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let Draft {
+            mut config,
+            listen,
+            listen_tls,
+            metrics_listen,
+            listener_identity,
+            peer_files,
+            users_file,
+            secrets,
+        } = self;
+        let file = config.path.display().to_string();
+        let at = |section: &str, key: &str, value: &str, problem: String| ConfigError {
+            file: file.clone(),
+            section: section.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            problem,
+        };
+        let resolve_all = |key: &str, list: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
+            list.iter()
+                .map(|a| resolve(a).map_err(|p| at("listener", key, &list.join(", "), p)))
+                .collect()
+        };
+        let mut warnings = std::mem::take(&mut config.warnings);
+        if config.relay.hostname.is_empty() {
+            config.relay.hostname = system_hostname();
+        }
+        if let Some(m) = &metrics_listen {
+            config.relay.metrics_listen =
+                Some(resolve(m).map_err(|p| at("relay", "metrics_listen", m, p))?);
+        }
+        config.listener.listen = resolve_all("listen", &listen)?;
+        config.listener.listen_tls = resolve_all("listen_tls", &listen_tls)?;
+        if let Some(files) = &listener_identity {
+            config.listener.tls_identity = Some(identity(&file, files, &mut warnings)?);
+        }
+        for (peer, files) in config.peers.iter_mut().zip(&peer_files) {
+            let section = format!("peer.{}", peer.name);
+            if let Some(f) = &files.identity {
+                peer.tls_client_identity = Some(identity(&file, f, &mut warnings)?);
+            }
+            if let Some(path) = &files.ca_file {
+                let err = |p: String| at(&section, "tls_ca_file", path, p);
+                let pem = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+                let roots = native_tls::Certificate::stack_from_pem(&pem)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| err("holds no PEM certificate".into()))?;
+                peer.tls_ca = Some(TlsRoots(roots));
+            }
+        }
+        if let Some((k, v)) = &users_file {
+            let users =
+                read_users(&config, v.trim(), &mut warnings).map_err(|p| at("auth", k, v, p))?;
+            config.auth_users.extend(users);
+        }
+        duplicate_user(&file, &config.auth_users)?;
+        if secrets {
+            if let Some(w) = readable_by_others(&config.path) {
+                warnings.push(format!("{file}: {w}"));
+            }
+        }
+        config.warnings = warnings;
+        Ok(config)
+    }
+}
+
+/// The accounts of a users file: one `NAME:PEER:PASSWORD` a line, `#`
+/// comments.
+fn read_users(
+    config: &Config,
+    path: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<super::AuthUser>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    if let Some(w) = readable_by_others(Path::new(path)) {
+        warnings.push(format!("{path}: {w}"));
+    }
+    let peer_index = |n: &str| config.peers.iter().position(|p| p.name == n);
+    let mut users = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = line.split_once(':').unwrap_or((line, ""));
+        let user = parse_auth_user(name.trim(), rest, peer_index)
+            .map_err(|p| format!("line {}: {p}", n + 1))?;
+        users.push(user);
+    }
+    Ok(users)
+}
+
+/// A certificate and key from PEM files or a PKCS#12 file and its
+/// password. Key files readable by others add a warning.
+fn identity(
+    file: &str,
+    f: &IdentityFiles,
+    warnings: &mut Vec<String>,
+) -> Result<Identity, ConfigError> {
+    let [cert, key, p12, p12_password] = f.keys;
+    let [cert_v, key_v, p12_v, password] = &f.values;
+    let err = |k: &str, v: &str, problem: String| ConfigError {
+        file: file.to_string(),
+        section: f.section.clone(),
+        key: k.to_string(),
+        value: v.to_string(),
+        problem,
+    };
+    let read = |k: &str, path: &str| {
+        std::fs::read(path).map_err(|e| err(k, path, format!("cannot read: {e}")))
+    };
+    let (path, identity) = if p12_v.is_empty() {
+        let (c, k) = (read(cert, cert_v)?, read(key, key_v)?);
+        let id = Identity::from_pem(&c, &k).map_err(|e| {
+            err(
+                key,
+                key_v,
+                format!("not a usable PEM certificate and key: {e}"),
+            )
+        })?;
+        // native-tls finds a key of another certificate only at the first
+        // handshake: find it now.
+        let leaf = openssl::x509::X509::from_pem(&c)
+            .map_err(|e| err(cert, cert_v, format!("not a PEM certificate: {e}")))?;
+        let pkey = openssl::pkey::PKey::private_key_from_pem(&k)
+            .map_err(|e| err(key, key_v, format!("not a PEM private key: {e}")))?;
+        if !leaf.public_key().is_ok_and(|p| p.public_eq(&pkey)) {
+            return Err(err(
+                key,
+                key_v,
+                format!("this key does not belong to the certificate in {cert}"),
+            ));
+        }
+        if let Some(w) = expired(&leaf) {
+            warnings.push(format!("{file}: [{}] {cert}: {w}", f.section));
+        }
+        (PathBuf::from(key_v), id)
+    } else {
+        let der = read(p12, p12_v)?;
+        let id = Identity::from_pkcs12(&der, password).map_err(|e| {
+            err(
+                p12,
+                p12_v,
+                format!("not a usable PKCS#12 file with {p12_password}: {e}"),
+            )
+        })?;
+        (PathBuf::from(p12_v), id)
+    };
+    if let Some(w) = readable_by_others(&path) {
+        warnings.push(format!("{file}: [{}] {}: {w}", f.section, path.display()));
+    }
+    Ok(identity)
+}
+
+/// A warning if `cert` has expired or is not valid yet.
+fn expired(cert: &openssl::x509::X509Ref) -> Option<String> {
+    let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+    if cert.not_after() < now {
+        Some(format!("the certificate expired on {}", cert.not_after()))
+    } else if cert.not_before() > now {
+        Some(format!(
+            "the certificate is valid only from {}",
+            cert.not_before()
+        ))
+    } else {
+        None
+    }
+}
+
+/// A warning if `path` holds a secret that users other than its owner
+/// and group may read.
+fn readable_by_others(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "holds secrets and is readable by every user (mode {:o}); chmod o-r it",
+            mode & 0o777
+        )
+    })
+}
+
+fn resolve(v: &str) -> Result<SocketAddr, String> {
+    v.to_socket_addrs()
+        .map_err(|e| format!("{v:?} is not host:port ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{v:?} resolves to no address"))
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}

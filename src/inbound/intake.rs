@@ -1,0 +1,339 @@
+//! The intake policy: the relay's answers to RCPT, AUTH and the end of
+//! DATA (`RelayHandler`), and refusals logged once per reason.
+
+use super::{Inbound, dedup};
+use crate::inbound::access::ClientClass;
+use crate::message::{Job, Message, received_header};
+use crate::mm4;
+use crate::route::{Address, PeerId};
+use crate::smtp::Reply;
+use crate::smtp::session::{Envelope, Handler};
+use crate::spool::{NewMessage, SpoolError};
+use crate::sys::printable::Brief;
+use crossbeam_channel::Receiver;
+use log::{error, info, warn};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// What one session was refused, logged once per reason: the first time
+/// with its details, and at the end of the session how often in all. A
+/// client that pipelines a million refused RCPTs writes a few lines, not a
+/// million.
+pub(super) struct Refusals {
+    pub(super) client_ip: IpAddr,
+    pub(super) counts: Vec<(&'static str, u64)>,
+}
+
+impl Refusals {
+    /// Counts one refusal; logs `detail` if it is the first of its reason.
+    pub(super) fn note(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+        match self.counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.counts.push((reason, 1));
+                info!("{reason}: client=[{}] {}", self.client_ip, detail());
+            }
+        }
+    }
+}
+
+impl Drop for Refusals {
+    fn drop(&mut self) {
+        if self.counts.iter().any(|(_, n)| *n > 1) {
+            let counts: Vec<String> = self
+                .counts
+                .iter()
+                .map(|(r, n)| format!("{}={n}", r.replace(' ', "_")))
+                .collect();
+            info!(
+                "session from [{}] ended; refused in all: {}",
+                self.client_ip,
+                counts.join(" ")
+            );
+        }
+    }
+}
+
+/// Recipients for a log line: the first five, and how many more.
+pub(super) fn listed<'a>(rcpts: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let n = rcpts.len();
+    let mut out: Vec<String> = rcpts.take(5).map(|r| format!("<{}>", Brief(r))).collect();
+    if n > 5 {
+        out.push(format!("+{} more", n - 5));
+    }
+    out.join(",")
+}
+
+/// The handler one session asks: relay control, MM4 check, queueing.
+pub(super) struct RelayHandler {
+    pub(super) inbound: Arc<Inbound>,
+    pub(super) client_ip: IpAddr,
+    pub(super) class: ClientClass,
+    pub(super) refusals: Refusals,
+    /// Disconnected when the listener stops: ends an AUTH delay early.
+    pub(super) stopping: Receiver<()>,
+    /// When the session must end: no AUTH delay runs past it.
+    pub(super) session_deadline: Option<Instant>,
+}
+
+impl Handler for RelayHandler {
+    type Route = PeerId;
+
+    fn rcpt(&mut self, _from: &str, rcpt: &str) -> Result<PeerId, Reply> {
+        let stats = &self.inbound.stats;
+        if self.class == ClientClass::Unknown {
+            // Say nothing about routes to a stranger.
+            stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
+            self.refusals.note("relay denied", || {
+                format!("is not a known MMSC, to=<{}>", Brief(rcpt))
+            });
+            return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
+        }
+        let addr = match Address::parse_envelope(rcpt) {
+            Ok(a) => a,
+            Err(e) => {
+                stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
+                self.refusals
+                    .note("bad address", || format!("to=<{}>: {e}", Brief(rcpt)));
+                return Err(Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")));
+            }
+        };
+        let tables = self.inbound.tables();
+        let Some(peer) = tables.router.route(&addr) else {
+            stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
+            self.refusals
+                .note("no route", || format!("to=<{}>", Brief(rcpt)));
+            return Err(Reply::new(
+                550,
+                format!("5.1.2 <{rcpt}>: no route to this recipient"),
+            ));
+        };
+        if !tables.access.may_send(self.class, peer) {
+            stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
+            self.refusals.note("relay denied", || {
+                format!(
+                    "class={:?} to=<{}> peer={}",
+                    self.class,
+                    Brief(rcpt),
+                    tables.peer_names[peer]
+                )
+            });
+            return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
+        }
+        Ok(peer)
+    }
+
+    fn auth(&mut self, user: &str, password: &str) -> bool {
+        let tables = self.inbound.tables();
+        // Only configured accounts are tracked by name: a guesser's
+        // invented names cannot fill the table.
+        let account = tables
+            .auth_users
+            .iter()
+            .any(|u| u.name == user)
+            .then_some(user);
+        let throttle = &self.inbound.auth_throttle;
+        let delay = throttle.delay(self.client_ip, account);
+        if !delay.is_zero() {
+            self.inbound
+                .stats
+                .auth_delayed
+                .fetch_add(1, Ordering::Relaxed);
+            // Whatever the verdict: a guesser learns nothing by hanging up
+            // early. A stop ends the wait, and so does the session's end:
+            // AUTH lines pipelined in one packet must not stretch the
+            // session past it, and are not checked once it has passed.
+            let until = Instant::now() + delay;
+            let until = self.session_deadline.map_or(until, |d| until.min(d));
+            let _ = self.stopping.recv_deadline(until);
+            if self.session_deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+        }
+        let found = tables
+            .auth_users
+            .iter()
+            .find(|u| u.name == user && u.password.matches(password));
+        match found {
+            Some(u) => {
+                throttle.succeeded(self.client_ip, account);
+                info!(
+                    "auth ok: client=[{}] user={user} peer={}",
+                    self.client_ip, tables.peer_names[u.peer]
+                );
+                if self.class != ClientClass::Local {
+                    self.class = ClientClass::Partner(u.peer);
+                }
+                true
+            }
+            None => {
+                throttle.failed(self.client_ip, account);
+                self.inbound
+                    .stats
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.refusals
+                    .note("auth failed", || format!("user=\"{}\"", Brief(user)));
+                false
+            }
+        }
+    }
+
+    fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
+        let inbound = &self.inbound;
+        let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
+        let tables = inbound.tables();
+        let info = match mm4::check(&data, &rcpts, tables.mm4_check, &tables.limits) {
+            Ok(info) => info,
+            Err(e) => {
+                let n = rcpts.len();
+                self.refusals.note("rejected", || {
+                    format!(
+                        "from=<{}> rcpts={n} reason=\"{}\"",
+                        Brief(&env.from),
+                        Brief(&e.reason)
+                    )
+                });
+                inbound
+                    .stats
+                    .rejected_content
+                    .fetch_add(1, Ordering::Relaxed);
+                return Reply::new(554, e.to_string());
+            }
+        };
+        // Reports carry the Message-ID of the MM they report on, so the
+        // Message-ID alone does not name a PDU: type and transaction too.
+        // The IDs are the sender's text, up to the header limit: the spool
+        // and the window keep a digest of them.
+        // And the sender: a partner that knows another's IDs must not be
+        // able to make that partner's message a duplicate.
+        let origin = match self.class {
+            ClientClass::Partner(p) => format!("partner {}", tables.peer_names[p]),
+            ClientClass::Local | ClientClass::Unknown => "local".to_string(),
+        };
+        let dedup_key = info.message_id.as_ref().map(|mid| {
+            dedup::pdu_key(
+                &origin,
+                info.pdu.map_or("-", |p| p.name()),
+                mid,
+                info.transaction_id.as_deref().unwrap_or("-"),
+            )
+        });
+        let (fresh, dups): (Vec<_>, Vec<_>) = env
+            .rcpts
+            .into_iter()
+            .partition(|(r, _)| !inbound.dedup.seen(dedup_key.as_deref(), r));
+        if fresh.is_empty() {
+            info!(
+                "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
+                self.client_ip,
+                Brief(&env.from),
+                listed(dups.iter().map(|(r, _)| r.as_str())),
+                Brief(info.message_id.as_deref().unwrap_or("-")),
+                Brief(info.transaction_id.as_deref().unwrap_or("-")),
+            );
+            inbound.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Reply::new(250, "2.0.0 duplicate of a message already queued");
+        }
+        let id = inbound.ids.next_id();
+        let accepted = inbound.queue.now();
+        let trace = received_header(
+            &env.helo,
+            &self.client_ip.to_string(),
+            &tables.session.hostname,
+            env.protocol,
+            &id,
+            accepted,
+        );
+        let mut full = Vec::with_capacity(trace.len() + data.len());
+        full.extend_from_slice(trace.as_bytes());
+        full.extend_from_slice(&data);
+        let data: Arc<[u8]> = full.into();
+        let mut by_peer: Vec<(PeerId, Vec<String>)> = Vec::new();
+        for (rcpt, peer) in fresh {
+            match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, list)) => list.push(rcpt),
+                None => by_peer.push((peer, vec![rcpt])),
+            }
+        }
+        // queue_lifetime is bounded by the configuration; the sender's
+        // expiry may be anything, and only ever shortens the lifetime.
+        let mut expires = accepted + tables.queue_lifetime;
+        if let Some(at) = info.expiry.and_then(|e| e.at(accepted)) {
+            expires = expires.min(at);
+        }
+        let record = NewMessage {
+            id: id.clone(),
+            from: env.from,
+            body_type: env.params.body,
+            message_id: info.message_id.clone(),
+            transaction_id: info.transaction_id.clone(),
+            accepted,
+            expires,
+            data: data.clone(),
+            jobs: by_peer
+                .iter()
+                .map(|(p, r)| (tables.peer_names[*p].clone(), r.clone()))
+                .collect(),
+            dedup_key: dedup_key.clone(),
+        };
+        let from = record.from.clone();
+        let location = match inbound.spool.commit(record) {
+            Ok(loc) => loc,
+            Err(SpoolError::Full) => {
+                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
+                warn!("spool full: refusing a message from [{}]", self.client_ip);
+                return Reply::new(452, "4.3.1 insufficient system storage, try again later");
+            }
+            Err(e) => {
+                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
+                error!("{e}: refusing a message from [{}]", self.client_ip);
+                return Reply::new(451, "4.3.0 local error in processing, try again later");
+            }
+        };
+        for (_, rcpts) in &by_peer {
+            inbound.dedup.record(dedup_key.as_deref(), rcpts);
+        }
+        let split: Vec<String> = by_peer
+            .iter()
+            .map(|(p, r)| format!("{}({})", tables.peer_names[*p], r.len()))
+            .collect();
+        info!(
+            "{id} accepted client=[{}] from=<{}> size={} pdu={} mid={} tid={} peers={}{}",
+            self.client_ip,
+            Brief(&from),
+            data.len(),
+            info.pdu.map_or("-", |p| p.name()),
+            Brief(info.message_id.as_deref().unwrap_or("-")),
+            Brief(info.transaction_id.as_deref().unwrap_or("-")),
+            split.join("+"),
+            if dups.is_empty() {
+                String::new()
+            } else {
+                format!(" duplicates={}", dups.len())
+            },
+        );
+        let message = Arc::new(Message {
+            id: id.clone(),
+            from,
+            body_type: env.params.body,
+            info,
+            accepted,
+            expires,
+            location,
+        });
+        for (peer, rcpts) in by_peer {
+            inbound.queue.submit(Job {
+                message: message.clone(),
+                peer,
+                rcpts,
+                attempts: 0,
+                data: Some(data.clone()),
+            });
+        }
+        inbound.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        Reply::new(250, format!("2.0.0 queued as {id}"))
+    }
+}

@@ -1,0 +1,225 @@
+//! Inbound SMTP: accept loops, one thread per session (at most
+//! `max_sessions` from partners and strangers, and `max_local_sessions`
+//! from the local MMSC's hosts, counted apart), read and write deadlines,
+//! and the relay's answers to RCPT and to the end of DATA.
+//!
+//! - RCPT: parse the address (553 5.1.3), route it (550 5.1.2), apply
+//!   relay control (550 5.7.1).
+//! - End of DATA: the MM4 check (554); recipients this message ID was
+//!   already accepted for are dropped as duplicates; the message gets its
+//!   queue ID and `Received:` line, is made durable in the spool (452/451
+//!   if that fails), and only then answered 250 and split into one job per
+//!   destination peer.
+//!
+//! Stop: the accept loops end; idle sessions get 421 and are closed; a
+//! session receiving DATA finishes that message, then gets 421, unless
+//! `shutdown_timeout` passes first: then it is cut.
+//!
+//! What a client repeats is bounded: refusals are logged once per reason
+//! per session (`Refusals`), refusals at accept at most once a second,
+//! and failed AUTH attempts slow the next ones (`throttle`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use parking_lot::RwLock;
+
+use crate::config::{AuthUser, Config, Mm4Check};
+use crate::inbound::access::{AccessControl, Cidr};
+use crate::message::IdSource;
+use crate::mm4;
+use crate::queue::Queue;
+use crate::relay::RelayError;
+use crate::route::Router;
+use crate::smtp::session::SessionConfig;
+use crate::spool::Spool;
+use crate::tls::{self};
+use dedup::Dedup;
+
+mod accept;
+pub mod access;
+pub mod dedup;
+mod intake;
+mod session;
+mod throttle;
+
+pub use accept::{Bound, Limits, Listener};
+
+use throttle::AuthThrottle;
+
+/// Inbound counters, for the metrics.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    /// Sessions open now.
+    pub sessions_open: AtomicUsize,
+    /// Sessions accepted since start.
+    pub sessions_total: AtomicU64,
+    /// Messages answered 250 and queued.
+    pub accepted: AtomicU64,
+    /// Messages answered 250 as duplicates, not queued again.
+    pub duplicates: AtomicU64,
+    /// Messages refused by the MM4 check or SMTP data rules.
+    pub rejected_content: AtomicU64,
+    /// Messages refused because the spool was full or failed.
+    pub rejected_spool: AtomicU64,
+    /// Recipients refused: bad address syntax.
+    pub rcpt_bad_address: AtomicU64,
+    /// Recipients refused: no route.
+    pub rcpt_unroutable: AtomicU64,
+    /// Recipients refused: relaying denied.
+    pub rcpt_relay_denied: AtomicU64,
+    /// Connections refused by the per-address session or rate limits.
+    pub refused_per_ip: AtomicU64,
+    /// Sessions that started TLS (STARTTLS or implicit).
+    pub tls_sessions: AtomicU64,
+    /// AUTH attempts that failed.
+    pub auth_failures: AtomicU64,
+    /// AUTH attempts answered only after a delay, for recent failures
+    /// from the same address or for the same account.
+    pub auth_delayed: AtomicU64,
+}
+
+/// What sessions decide with; replaced whole by a configuration reload.
+struct Tables {
+    session: SessionConfig,
+    router: Router,
+    access: AccessControl,
+    peer_names: Vec<String>,
+    mm4_check: Mm4Check,
+    command_timeout: Duration,
+    data_timeout: Duration,
+    session_timeout: Duration,
+    queue_lifetime: Duration,
+    limits: mm4::Limits,
+    tls: Option<tls::Acceptor>,
+    tls_required_from: Vec<Cidr>,
+    auth_users: Vec<AuthUser>,
+    max_sessions_per_ip: usize,
+    connection_rate_per_ip: u32,
+}
+
+impl Tables {
+    fn new(config: &Config) -> Result<Tables, RelayError> {
+        let l = &config.listener;
+        let tls = tls::acceptor(l).map_err(|e| {
+            RelayError::Config(format!("{}: [listener] TLS: {e}", config.path.display()))
+        })?;
+        Ok(Tables {
+            session: SessionConfig {
+                hostname: config.relay.hostname.clone(),
+                max_message_size: l.max_message_size,
+                max_recipients: l.max_recipients,
+                starttls: tls.is_some(),
+                auth: !config.auth_users.is_empty(),
+                auth_plaintext: l.auth_plaintext,
+                max_bad_commands: l.max_bad_commands,
+                max_refused_recipients: l.max_refused_recipients,
+            },
+            router: config.router(),
+            access: config.access_control(),
+            peer_names: config.peers.iter().map(|p| p.name.clone()).collect(),
+            mm4_check: l.mm4_check,
+            command_timeout: l.command_timeout,
+            data_timeout: l.data_timeout,
+            session_timeout: l.session_timeout,
+            queue_lifetime: config.relay.queue_lifetime,
+            limits: mm4::Limits {
+                max_header_fields: l.max_header_fields,
+                max_header_size: l.max_header_size,
+                max_mime_depth: l.max_mime_depth,
+            },
+            tls,
+            tls_required_from: l.tls_required_from.clone(),
+            auth_users: config.auth_users.clone(),
+            max_sessions_per_ip: l.max_sessions_per_ip,
+            connection_rate_per_ip: l.connection_rate_per_ip,
+        })
+    }
+}
+
+/// Tables built from a configuration by [`Inbound::prepare`], not yet in
+/// force.
+pub struct Prepared(Tables);
+
+/// What every session shares: the tables it decides with and the queue.
+pub struct Inbound {
+    tables: RwLock<Arc<Tables>>,
+    ids: Arc<IdSource>,
+    queue: Arc<Queue>,
+    spool: Arc<Spool>,
+    dedup: Dedup,
+    auth_throttle: AuthThrottle,
+    stats: Arc<InboundStats>,
+}
+
+impl Inbound {
+    /// The inbound counters.
+    pub fn stats(&self) -> Arc<InboundStats> {
+        self.stats.clone()
+    }
+
+    /// Builds what sessions decide with (the TLS server side among it)
+    /// without applying it, so a start or reload can fail before it
+    /// changes anything.
+    pub fn prepare(config: &Config) -> Result<Prepared, RelayError> {
+        Tables::new(config).map(Prepared)
+    }
+
+    /// Builds the shared part from prepared tables and the configuration.
+    pub fn new(
+        tables: Prepared,
+        config: &Config,
+        ids: Arc<IdSource>,
+        queue: Arc<Queue>,
+        spool: Arc<Spool>,
+    ) -> Inbound {
+        // What was accepted within the window before the last stop, or
+        // crash, still counts: a sender retrying after losing our 250 at
+        // a crash is the case this is for.
+        let dedup = Dedup::new(config.relay.dedup_window);
+        let mut recent = spool.take_recent();
+        recent.sort_by_key(|(_, at)| *at);
+        let (now, clock_now) = (Instant::now(), queue.now());
+        for (digest, accepted) in &recent {
+            let age = clock_now.duration_since(*accepted).unwrap_or_default();
+            let at = now.checked_sub(age).unwrap_or(now);
+            dedup.record_digests(&[*digest], at);
+        }
+        Inbound {
+            tables: RwLock::new(Arc::new(tables.0)),
+            ids,
+            queue,
+            spool,
+            dedup,
+            auth_throttle: AuthThrottle::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Saves the duplicate-suppression keys of the window in the spool,
+    /// so that a restart still knows them (a clean stop calls this once no
+    /// session is left).
+    pub fn save_recent(&self) {
+        if self.dedup.is_off() {
+            return;
+        }
+        let keys = self.dedup.export(self.queue.now());
+        match self.spool.save_recent(&keys) {
+            Ok(()) => debug!("saved {} duplicate-suppression keys", keys.len()),
+            Err(e) => warn!("cannot save the duplicate-suppression keys: {e}"),
+        }
+    }
+
+    /// Applies reloaded tables: routes, relay control, the MM4 check,
+    /// timeouts, limits, the certificate, the AUTH users and the queue
+    /// lifetime at once; session limits for sessions that start from now on.
+    pub fn reload(&self, tables: Prepared) {
+        *self.tables.write() = Arc::new(tables.0);
+    }
+
+    fn tables(&self) -> Arc<Tables> {
+        self.tables.read().clone()
+    }
+}

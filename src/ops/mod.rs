@@ -1,0 +1,9 @@
+//! What operators see and steer while the relay runs: the control socket
+//! (`mm4relay status`, `queue`, `hold`, `reload` …) and the Prometheus
+//! metrics endpoint. Both read the relay's parts through [`control::Sources`];
+//! neither changes how a message flows except through the commands the
+//! control socket documents.
+
+pub mod control;
+pub mod metrics;
+pub mod status;

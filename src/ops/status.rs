@@ -1,0 +1,333 @@
+//! `mm4relay status`, as a table for people and as JSON for scripts, from
+//! one list of fields: a field added here shows in both.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::inbound::InboundStats;
+use crate::peer::PeerSnapshot;
+use crate::spool::SpoolStats;
+use crate::sys::printable::Printable;
+
+/// A value as both forms show it.
+enum Value<'a> {
+    Text(&'a str),
+    Flag(bool),
+    Count(u64),
+    /// Messages a second.
+    Rate(f64),
+    /// An age in seconds, if there is one.
+    Age(Option<u64>),
+}
+
+/// Where a field stands in the table, if it does.
+enum Column {
+    /// Not in the table (JSON only).
+    None,
+    /// A column of its own: header and width; text is left-aligned,
+    /// numbers right-aligned.
+    Own(&'static str, usize),
+    /// Joined to the cell before it with a `/` (open/busy).
+    Joined,
+    /// The last column, unpadded.
+    Last(&'static str),
+}
+
+struct Field<'a> {
+    key: &'static str,
+    column: Column,
+    value: Value<'a>,
+}
+
+/// Every field of one peer, in JSON order; the table takes its columns
+/// from the same list, in `TABLE_ORDER`.
+fn peer_fields(p: &PeerSnapshot) -> [Field<'_>; 17] {
+    use Column::*;
+    use Value::*;
+    let f = |key, column, value| Field { key, column, value };
+    [
+        f("name", Own("peer", 10), Text(&p.name)),
+        f("healthy", None, Flag(p.healthy)),
+        f("allowance", Own("allow", 5), Count(p.allowance as u64)),
+        f(
+            "connections_open",
+            Own("open/busy", 9),
+            Count(p.connections_open as u64),
+        ),
+        f("busy", Joined, Count(p.busy as u64)),
+        f("pool_depth", Own("pool", 6), Count(p.pool_depth as u64)),
+        f("overflow", Own("overflow", 8), Count(p.overflow as u64)),
+        f(
+            "waiting_retry",
+            Own("waiting", 7),
+            Count(p.waiting_retry as u64),
+        ),
+        f("sent", Own("sent", 9), Count(p.sent)),
+        f("deferred", Own("deferred", 9), Count(p.deferred)),
+        f("failed", Own("failed", 7), Count(p.failed)),
+        f("connections_opened", None, Count(p.connections_opened)),
+        f("connections_failed", None, Count(p.connections_failed)),
+        f("last_error", Last("last error"), Text(&p.last_error)),
+        f("state", Own("health", 13), Text(p.state())),
+        f("oldest_secs", Own("oldest", 6), Age(p.oldest_secs)),
+        f(
+            "msgs_per_sec",
+            Own("msg/s", 7),
+            Rate(p.rate_milli as f64 / 1000.0),
+        ),
+    ]
+}
+
+/// The table's columns, as indices into [`peer_fields`].
+const TABLE_ORDER: [usize; 14] = [0, 14, 2, 3, 4, 5, 6, 7, 15, 8, 9, 10, 16, 13];
+
+/// The listener's counters, for both forms.
+fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 11] {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    [
+        (
+            "sessions_open",
+            i.sessions_open.load(Ordering::Relaxed) as u64,
+        ),
+        ("sessions_total", load(&i.sessions_total)),
+        ("tls_sessions", load(&i.tls_sessions)),
+        ("accepted", load(&i.accepted)),
+        ("duplicates", load(&i.duplicates)),
+        ("rejected_content", load(&i.rejected_content)),
+        ("rejected_spool", load(&i.rejected_spool)),
+        (
+            "rcpt_refused",
+            load(&i.rcpt_bad_address) + load(&i.rcpt_unroutable) + load(&i.rcpt_relay_denied),
+        ),
+        ("refused_per_ip", load(&i.refused_per_ip)),
+        ("auth_failures", load(&i.auth_failures)),
+        ("auth_delayed", load(&i.auth_delayed)),
+    ]
+}
+
+/// The spool's figures, for both forms.
+fn spool_counts(s: &SpoolStats) -> [(&'static str, u64); 4] {
+    [
+        ("bytes", s.bytes),
+        ("live_bytes", s.live_bytes),
+        ("segments", s.segments),
+        ("compactions", s.compactions),
+    ]
+}
+
+/// An age as the table shows it: 45s, 12m, 3h, 2d.
+pub(super) fn short_age(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        7200..172_800 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Text(t) => Printable(t).to_string(),
+        Value::Flag(b) => b.to_string(),
+        Value::Count(n) => n.to_string(),
+        Value::Rate(r) => format!("{r:.1}"),
+        Value::Age(a) => a.map_or("-".into(), short_age),
+    }
+}
+
+/// Appends one table row: `cells` are (column, text, left-aligned).
+fn row<'a>(out: &mut String, cells: impl Iterator<Item = (&'a Column, String, bool)>) {
+    let mut pending: Option<(usize, bool, String)> = None;
+    let mut line = String::new();
+    let flush = |line: &mut String, p: Option<(usize, bool, String)>| {
+        if let Some((w, left, text)) = p {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            let _ = if left {
+                write!(line, "{text:<w$}")
+            } else {
+                write!(line, "{text:>w$}")
+            };
+        }
+    };
+    for (column, text, left) in cells {
+        match column {
+            Column::Own(_, w) => {
+                flush(&mut line, pending.take());
+                pending = Some((*w, left, text));
+            }
+            Column::Joined => {
+                if let Some((_, _, t)) = &mut pending {
+                    t.push('/');
+                    t.push_str(&text);
+                }
+            }
+            Column::Last(_) => {
+                flush(&mut line, pending.take());
+                let _ = write!(line, "  {text}");
+            }
+            Column::None => {}
+        }
+    }
+    flush(&mut line, pending);
+    out.push_str(line.trim_end());
+    out.push('\n');
+}
+
+/// The per-peer table of `mm4relay status`, then the listener's and the
+/// spool's lines.
+pub fn text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
+    let mut out = String::new();
+    let blank = PeerSnapshot::default();
+    let header = peer_fields(&blank);
+    row(
+        &mut out,
+        TABLE_ORDER.iter().map(|&i| {
+            let c = &header[i].column;
+            let name = match c {
+                Column::Own(h, _) | Column::Last(h) => h.to_string(),
+                _ => String::new(),
+            };
+            (c, name, matches!(header[i].value, Value::Text(_)))
+        }),
+    );
+    for p in peers {
+        let fields = peer_fields(p);
+        row(
+            &mut out,
+            TABLE_ORDER.iter().map(|&i| {
+                let f = &fields[i];
+                (&f.column, cell(&f.value), matches!(f.value, Value::Text(_)))
+            }),
+        );
+    }
+    let counts: Vec<String> = listener_counts(inbound)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(out, "listener: {}", counts.join(" "));
+    let [bytes, live, segments, compactions] = spool_counts(spool).map(|(_, v)| v);
+    let _ = writeln!(
+        out,
+        "spool: {bytes} bytes, {live} of them live, {segments} segments, {compactions} compactions"
+    );
+    out
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_value(v: &Value) -> String {
+    match v {
+        Value::Text(t) => json_str(t),
+        Value::Flag(b) => b.to_string(),
+        Value::Count(n) => n.to_string(),
+        Value::Rate(r) => format!("{r:.3}"),
+        Value::Age(a) => a.map_or("null".into(), |s| s.to_string()),
+    }
+}
+
+/// The same as JSON, for scripts.
+pub fn json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
+    let items: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            let fields: Vec<String> = peer_fields(p)
+                .iter()
+                .map(|f| format!("\"{}\":{}", f.key, json_value(&f.value)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        })
+        .collect();
+    let listener: Vec<String> = listener_counts(inbound)
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect();
+    let spool: Vec<String> = spool_counts(spool)
+        .iter()
+        .map(|(k, v)| format!("\"spool_{k}\":{v}"))
+        .collect();
+    format!(
+        "{{\"peers\":[{}],\"listener\":{{{}}},{}}}\n",
+        items.join(","),
+        listener.join(","),
+        spool.join(",")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_text_and_json() {
+        let p = PeerSnapshot {
+            name: "B".into(),
+            sent: 7,
+            healthy: false,
+            allowance: 1,
+            last_error: "said \"no\"".into(),
+            ..PeerSnapshot::default()
+        };
+        let inbound = InboundStats::default();
+        inbound.accepted.fetch_add(5, Ordering::Relaxed);
+        let spool = SpoolStats {
+            bytes: 42,
+            live_bytes: 40,
+            segments: 1,
+            compactions: 3,
+        };
+        let text = text(std::slice::from_ref(&p), &spool, &inbound);
+        assert!(text.contains("B          probing"), "{text}");
+        assert!(
+            text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("spool: 42 bytes, 40 of them live, 1 segments, 3 compactions\n"),
+            "{text}"
+        );
+        assert_eq!(short_age(59), "59s");
+        assert_eq!(short_age(3600), "60m");
+        assert_eq!(short_age(7200), "2h");
+        assert_eq!(short_age(3 * 86_400), "3d");
+        let json = json(&[p], &spool, &inbound);
+        assert!(
+            json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"listener\":{\"sessions_open\":0,"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"name\":\"B\",\"healthy\":false,\"allowance\":1"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"last_error\":\"said \\\"no\\\"\""),
+            "{json}"
+        );
+        assert!(
+            json.trim_end().ends_with(
+                "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3}"
+            ),
+            "{json}"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The journal's record codec: frames `length:u32 crc32:u32 payload`
+//! and the `M`, `D` and `R` payloads inside them. Bytes in, bytes out: no
+//! file is opened here.
+
+use std::sync::Arc;
+
+use super::{MAX_RECORD, Mark, NewMessage, Note, from_unix_ms, unix_ms};
+use crate::message::Location;
+use crate::smtp::command::BodyType;
+
+pub(super) struct Enc(pub(super) Vec<u8>);
+
+impl Enc {
+    pub(super) fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    pub(super) fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(super) fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(super) fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(super) fn str(&mut self, s: &str) {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
+    pub(super) fn strs(&mut self, v: &[String]) {
+        self.u16(v.len().min(u16::MAX as usize) as u16);
+        v.iter().take(u16::MAX as usize).for_each(|s| self.str(s));
+    }
+}
+
+/// Frames the payload `head` + `tail` as `len crc payload` onto `out`.
+pub(super) fn frame_parts(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head);
+    crc.update(tail);
+    out.extend_from_slice(&((head.len() + tail.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(tail);
+}
+
+/// Where the data offset sits in an `M` record's payload (after the type
+/// octet and the segment number), so it can be filled in once known.
+pub(super) const M_OFFSET_AT: usize = 9;
+
+/// The `M` record's payload without the data that follows it.
+pub(super) fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(256));
+    e.u8(b'M');
+    e.u64(loc.segment);
+    e.u64(loc.offset);
+    e.u32(loc.len);
+    e.u32(loc.crc);
+    e.str(&m.id);
+    e.u64(unix_ms(m.accepted));
+    e.u64(unix_ms(m.expires));
+    e.u8(u8::from(m.body_type == BodyType::EightBitMime));
+    e.str(&m.from);
+    e.str(m.message_id.as_deref().unwrap_or(""));
+    e.str(m.transaction_id.as_deref().unwrap_or(""));
+    e.u16(m.jobs.len() as u16);
+    for (peer, rcpts) in &m.jobs {
+        e.str(peer);
+        e.strs(rcpts);
+    }
+    // Optional trailing fields: a reader tells them from the data by the
+    // data's length, so records without them still read.
+    if let Some(k) = &m.dedup_key {
+        e.str(k);
+    }
+    e.0
+}
+
+pub(super) fn encode_mark(id: &str, n: &Note) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(128));
+    e.u8(if n.retry.is_some() { b'R' } else { b'D' });
+    e.str(id);
+    e.str(&n.peer);
+    e.strs(&n.rcpts);
+    if let Some((attempts, next)) = n.retry {
+        e.u32(attempts);
+        e.u64(unix_ms(next));
+    }
+    e.0
+}
+
+pub(super) struct Dec<'a>(pub(super) &'a [u8]);
+
+impl Dec<'_> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    pub(super) fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    pub(super) fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    pub(super) fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    pub(super) fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    pub(super) fn str(&mut self) -> Option<String> {
+        let n = self.u16()? as usize;
+        self.take(n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+    pub(super) fn strs(&mut self) -> Option<Vec<String>> {
+        let n = self.u16()? as usize;
+        (0..n).map(|_| self.str()).collect()
+    }
+}
+
+pub(super) enum Record {
+    Message(Box<NewMessage>, Location),
+    Mark(Mark),
+}
+
+pub(super) fn decode(payload: &[u8]) -> Option<Record> {
+    let mut d = Dec(payload);
+    match d.u8()? {
+        b'M' => {
+            let loc = Location {
+                segment: d.u64()?,
+                offset: d.u64()?,
+                len: d.u32()?,
+                crc: d.u32()?,
+            };
+            let id = d.str()?;
+            let accepted = from_unix_ms(d.u64()?);
+            let expires = from_unix_ms(d.u64()?);
+            let body_type = if d.u8()? == 1 {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            };
+            let from = d.str()?;
+            let message_id = Some(d.str()?).filter(|s| !s.is_empty());
+            let transaction_id = Some(d.str()?).filter(|s| !s.is_empty());
+            let njobs = d.u16()? as usize;
+            let jobs = (0..njobs)
+                .map(|_| Some((d.str()?, d.strs()?)))
+                .collect::<Option<Vec<_>>>()?;
+            let dedup_key = if d.0.len() > loc.len as usize {
+                Some(d.str()?)
+            } else {
+                None
+            };
+            // The data is what is left of the payload.
+            if d.0.len() != loc.len as usize {
+                return None;
+            }
+            let m = NewMessage {
+                id,
+                from,
+                body_type,
+                message_id,
+                transaction_id,
+                accepted,
+                expires,
+                data: Arc::from(&[][..]),
+                jobs,
+                dedup_key,
+            };
+            Some(Record::Message(Box::new(m), loc))
+        }
+        kind @ (b'D' | b'R') => {
+            let (id, peer, rcpts) = (d.str()?, d.str()?, d.strs()?);
+            let retry = match kind {
+                b'R' => Some((d.u32()?, from_unix_ms(d.u64()?))),
+                _ => None,
+            };
+            Some(Record::Mark(Mark {
+                id,
+                note: Note { peer, rcpts, retry },
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// The payload of the framed record at `pos` in `data`, if it is whole
+/// and passes its CRC.
+pub(super) fn frame_at(data: &[u8], pos: usize) -> Option<&[u8]> {
+    let head = data.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = data.get(pos + 8..pos + 8 + len)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// Reads framed records from `data`; returns each with where its frame
+/// starts and how long it is, and the length of the good prefix (a torn or
+/// corrupt record ends it).
+pub(super) fn read_records(data: &[u8]) -> (Vec<(u64, u32, Record)>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(payload) = frame_at(data, pos) {
+        let Some(r) = decode(payload) else { break };
+        out.push((pos as u64, (8 + payload.len()) as u32, r));
+        pos += 8 + payload.len();
+    }
+    (out, pos)
+}

@@ -1,0 +1,521 @@
+//! The writer thread: the one owner of the segment files. It commits
+//! batches with one flush, rolls and deletes segments, and compacts.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{error, info, warn};
+
+use super::record::{M_OFFSET_AT, Record, encode_mark, encode_message, frame_parts, read_records};
+use super::state::{Live, Segment, State};
+use super::{
+    COMPACT_CHUNK, Gauges, MARK_INTERVAL, MAX_BATCH, Mark, Note, Request, SpoolError, SpoolOptions,
+    segment_name,
+};
+use crate::message::Location;
+
+pub(super) struct Active {
+    pub(super) number: u64,
+    pub(super) file: File,
+    pub(super) len: u64,
+}
+
+/// Where each message copied forward since the spool opened now is.
+pub(super) type Moved = Arc<parking_lot::Mutex<HashMap<String, Location>>>;
+
+/// A compaction under way: the live messages of every segment below
+/// `below` are copied forward, a few at a time, so that those segments
+/// (and the ones pinned by them) can go.
+pub(super) struct Compaction {
+    pub(super) below: u64,
+    /// IDs still to copy, the oldest last.
+    pub(super) todo: Vec<String>,
+}
+
+pub(super) struct Writer {
+    pub(super) opts: SpoolOptions,
+    pub(super) state: State,
+    pub(super) active: Active,
+    pub(super) gauges: Arc<Gauges>,
+    /// Done/retry records a failed write could not store; written with the
+    /// next batch. They are applied in memory at once, so that a full
+    /// disk can still free the segments whose messages are all done.
+    pub(super) unwritten: Vec<Mark>,
+    pub(super) moved: Moved,
+    pub(super) compaction: Option<Compaction>,
+    /// Octets appended for new work since the last compaction ended.
+    pub(super) written: u64,
+    /// A write or flush to the active segment failed (other than for
+    /// space): new records go to a new segment, the old one's tail being
+    /// in doubt.
+    pub(super) failed: bool,
+}
+
+pub(super) fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.join(segment_name(number)))?;
+    // The new name must survive a crash before anything in it is acknowledged.
+    File::open(dir)?.sync_all()?;
+    Ok(Active {
+        number,
+        file,
+        len: 0,
+    })
+}
+
+/// What woke the writer.
+pub(super) enum Wake {
+    Commit(Option<Request>),
+    Mark(Option<Request>),
+    /// Nothing waiting, and a compaction has work.
+    Idle,
+}
+
+impl Writer {
+    pub(super) fn start(
+        opts: SpoolOptions,
+        mut state: State,
+        gauges: Arc<Gauges>,
+        moved: Moved,
+    ) -> io::Result<Writer> {
+        let number = state.segments.keys().next_back().map_or(1, |n| n + 1);
+        let active = open_segment(&opts.dir, number)?;
+        state.segments.insert(number, Segment::default());
+        let mut w = Writer {
+            // A spool recovered with much dead space compacts at once.
+            written: u64::MAX,
+            opts,
+            state,
+            active,
+            gauges,
+            unwritten: Vec::new(),
+            moved,
+            compaction: None,
+            failed: false,
+        };
+        w.collect();
+        Ok(w)
+    }
+
+    /// Wakes for commits, which sessions wait for; marks, which nobody
+    /// waits for, are picked up then or every [`MARK_INTERVAL`], so a
+    /// delivery does not cost the writer a wake-up of its own. A
+    /// compaction goes on a step after each batch, and when idle.
+    pub(super) fn run(&mut self, commits: &Receiver<Request>, marks: &Receiver<Request>) {
+        loop {
+            let mut batch = Vec::new();
+            // A commit is written at once. A mark first gives a commit
+            // MARK_INTERVAL to come and take it along. Idle, nothing wakes.
+            let wake = if self.compaction.is_some() {
+                crossbeam_channel::select! {
+                    recv(commits) -> c => Wake::Commit(c.ok()),
+                    recv(marks) -> m => Wake::Mark(m.ok()),
+                    default => Wake::Idle,
+                }
+            } else {
+                crossbeam_channel::select! {
+                    recv(commits) -> c => Wake::Commit(c.ok()),
+                    recv(marks) -> m => Wake::Mark(m.ok()),
+                }
+            };
+            let open = match wake {
+                Wake::Idle => {
+                    self.compact_step();
+                    continue;
+                }
+                Wake::Commit(Some(c)) => {
+                    batch.push(c);
+                    true
+                }
+                Wake::Commit(None) => false,
+                Wake::Mark(Some(m)) => {
+                    batch.push(m);
+                    match commits.recv_timeout(MARK_INTERVAL) {
+                        Ok(c) => {
+                            batch.push(c);
+                            true
+                        }
+                        Err(RecvTimeoutError::Timeout) => true,
+                        Err(RecvTimeoutError::Disconnected) => false,
+                    }
+                }
+                // Stopping: the commits channel, closed first, ends the loop.
+                Wake::Mark(None) => true,
+            };
+            while batch.len() < MAX_BATCH {
+                match commits.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            batch.extend(marks.try_iter());
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+            if !open {
+                break;
+            }
+            self.compact_step();
+        }
+        if !self.unwritten.is_empty() {
+            // One last try for records a full disk refused earlier.
+            self.write_batch(Vec::new());
+        }
+        if let Err(e) = self.active.file.sync_data() {
+            error!("spool: final flush failed: {e}");
+        }
+    }
+
+    pub(super) fn write_batch(&mut self, batch: Vec<Request>) {
+        let mut buf = Vec::new();
+        let mut commits = Vec::new();
+        let mut marks = std::mem::take(&mut self.unwritten);
+        for mark in &marks {
+            frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
+        }
+        let limit = self.opts.max_bytes;
+        for r in batch {
+            match r {
+                Request::Commit(m, ack) => {
+                    let used = self.gauges.bytes.load(Ordering::Acquire) + buf.len() as u64;
+                    if limit > 0 && used + m.data.len() as u64 > limit {
+                        ack.send(Err(SpoolError::Full));
+                        continue;
+                    }
+                    let mut loc = Location {
+                        segment: self.active.number,
+                        offset: 0,
+                        len: m.data.len() as u32,
+                        crc: crc32fast::hash(&m.data),
+                    };
+                    let record = self.active.len + buf.len() as u64;
+                    let mut head = encode_message(&m, &loc);
+                    // The data follows the frame header and this head.
+                    loc.offset = record + 8 + head.len() as u64;
+                    head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
+                    frame_parts(&mut buf, &head, &m.data);
+                    let frame = (self.active.len + buf.len() as u64 - record) as u32;
+                    commits.push((m, loc, record, frame, ack));
+                }
+                Request::Mark(mark) => {
+                    frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
+                    marks.push(mark);
+                }
+            }
+        }
+        let result = self.append(&buf, !commits.is_empty());
+        let mut acks = Vec::with_capacity(commits.len());
+        match result {
+            Ok(()) => {
+                self.written = self.written.saturating_add(buf.len() as u64);
+                for (m, loc, record, frame, ack) in commits {
+                    let total = m.jobs.iter().map(|(_, r)| r.len()).sum();
+                    self.state
+                        .add_message(&m.id, loc.segment, record, frame, total);
+                    acks.push((ack, Ok(loc)));
+                }
+                for mark in marks {
+                    self.apply(self.active.number, &mark);
+                }
+            }
+            Err(e) => {
+                error!("spool: write to segment {} failed: {e}", self.active.number);
+                let full = e.raw_os_error() == Some(libc::ENOSPC);
+                for (_, _, _, _, ack) in commits {
+                    let err = if full {
+                        SpoolError::Full
+                    } else {
+                        SpoolError::Io(io::Error::new(e.kind(), e.to_string()))
+                    };
+                    acks.push((ack, Err(err)));
+                }
+                // Deliveries go on; what they record is kept for the next
+                // write and counted now, so done segments can still go.
+                for mark in marks {
+                    if mark.note.retry.is_none() {
+                        self.apply(self.active.number, &mark);
+                    }
+                    if self.state.messages.contains_key(&mark.id) {
+                        self.unwritten.push(mark);
+                    }
+                }
+            }
+        }
+        // Clean up before answering, so that what a caller sees next
+        // (bytes(), the files) already reflects this batch.
+        self.collect();
+        for (ack, result) in acks {
+            ack.send(result);
+        }
+    }
+
+    /// Applies a done or retry record in memory.
+    pub(super) fn apply(&mut self, segment: u64, mark: &Mark) {
+        let done = if mark.note.retry.is_none() {
+            mark.note.rcpts.len()
+        } else {
+            0
+        };
+        if let Some(finished) = self.state.apply(segment, &mark.id, &mark.note, done) {
+            if finished.moved {
+                self.moved.lock().remove(&mark.id);
+            }
+        }
+    }
+
+    /// Appends and (when `flush`) makes durable; on failure, cuts the
+    /// file back to its last good length.
+    pub(super) fn append(&mut self, buf: &[u8], flush: bool) -> io::Result<()> {
+        let a = &mut self.active;
+        let mut r = a.file.write_all(buf);
+        if r.is_ok() && flush && self.opts.sync {
+            r = a.file.sync_data();
+        }
+        match r {
+            Ok(()) => {
+                a.len += buf.len() as u64;
+                self.state.segments.entry(a.number).or_default().bytes = a.len;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = a.file.set_len(a.len);
+                // A full disk may free up; anything else (EIO, EFBIG...)
+                // is left behind with the segment.
+                if e.raw_os_error() != Some(libc::ENOSPC) && a.len > 0 {
+                    self.failed = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes segments nothing needs; rolls the active one over when it is
+    /// large or a write to it failed, or empties it when the whole spool
+    /// has drained; starts a compaction when the sealed segments hold more
+    /// dead octets than live ones.
+    pub(super) fn collect(&mut self) {
+        let active = self.active.number;
+        if self.active.len >= self.opts.segment_size || self.failed {
+            match open_segment(&self.opts.dir, active + 1) {
+                Ok(next) => {
+                    if self.failed {
+                        warn!(
+                            "spool: after a failed write, new records go to segment {}",
+                            active + 1
+                        );
+                        self.failed = false;
+                    }
+                    if let Err(e) = self.active.file.sync_data() {
+                        error!("spool: flush of segment {active} failed: {e}");
+                    }
+                    self.active = next;
+                    self.state.segments.insert(active + 1, Segment::default());
+                }
+                Err(e) => error!("spool: cannot open segment {}: {e}", active + 1),
+            }
+        }
+        for n in self.state.deletable(self.active.number) {
+            let path = self.opts.dir.join(segment_name(n));
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!("spool: cannot remove {}: {e}", path.display());
+                }
+            }
+            self.state.segments.remove(&n);
+        }
+        if self.state.messages.is_empty() && self.active.len > 0 {
+            // Nothing is live anywhere: empty the active segment in place
+            // (no new file needed, so this works on a full disk too).
+            self.unwritten.clear();
+            self.moved.lock().clear();
+            match self.active.file.set_len(0) {
+                Ok(()) => {
+                    self.active.len = 0;
+                    self.state
+                        .segments
+                        .insert(self.active.number, Segment::default());
+                }
+                Err(e) => error!("spool: cannot empty segment {}: {e}", self.active.number),
+            }
+        }
+        let g = &self.gauges;
+        g.bytes.store(self.state.total_bytes(), Ordering::Release);
+        let live = self.state.segments.values().map(|s| s.live_bytes).sum();
+        g.live_bytes.store(live, Ordering::Release);
+        g.segments
+            .store(self.state.segments.len() as u64, Ordering::Release);
+        self.maybe_compact();
+    }
+
+    /// Dead octets the sealed segments may hold before a compaction.
+    pub(super) fn slack(&self) -> u64 {
+        let slack = self.opts.segment_size;
+        match self.opts.max_bytes {
+            0 => slack,
+            max => slack.min(max / 4),
+        }
+    }
+
+    /// Starts a compaction when the sealed segments hold more dead octets
+    /// than live ones (and than the slack): copying the live ones forward
+    /// then frees at least as much as it writes.
+    pub(super) fn maybe_compact(&mut self) {
+        let slack = self.slack();
+        if self.compaction.is_some() || self.written < slack {
+            return;
+        }
+        let below = self.active.number;
+        let (mut sealed, mut live) = (0u64, 0u64);
+        for s in self.state.segments.range(..below).map(|(_, s)| s) {
+            sealed += s.bytes;
+            live += s.live_bytes;
+        }
+        let dead = sealed - live.min(sealed);
+        if live == 0 || dead <= live.max(slack) {
+            return;
+        }
+        let mut todo: Vec<(u64, u64, &String)> = self
+            .state
+            .messages
+            .iter()
+            .filter(|(_, m)| m.segment < below)
+            .map(|(id, m)| (m.segment, m.record, id))
+            .collect();
+        todo.sort_unstable_by(|a, b| b.cmp(a));
+        info!(
+            "spool: compacting: {} messages ({live} octets) to copy out of segments below {below}, {dead} octets dead",
+            todo.len()
+        );
+        let todo = todo.into_iter().map(|(_, _, id)| id.clone()).collect();
+        self.compaction = Some(Compaction { below, todo });
+        self.written = 0;
+        self.gauges.compactions.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Copies the next few live messages of a compaction forward, with
+    /// what is left of them, in one write and one flush.
+    pub(super) fn compact_step(&mut self) {
+        let Some(mut c) = self.compaction.take() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut copies: Vec<(String, Location, u64, u32, usize, Vec<Note>)> = Vec::new();
+        let mut files: HashMap<u64, File> = HashMap::new();
+        while buf.len() < COMPACT_CHUNK {
+            let Some(id) = c.todo.pop() else { break };
+            let Some(m) = self.state.messages.get(&id).filter(|m| m.segment < c.below) else {
+                continue;
+            };
+            let start = buf.len();
+            let record = self.active.len + start as u64;
+            match self.copy(&id, m, record, &mut files, &mut buf) {
+                Ok((loc, rcpts, notes)) => {
+                    let frame = (loc.offset + u64::from(loc.len) - record) as u32;
+                    copies.push((id, loc, record, frame, rcpts, notes));
+                }
+                Err(e) => {
+                    buf.truncate(start);
+                    error!("spool: cannot copy {id} forward: {e}; left where it is");
+                }
+            }
+        }
+        drop(files);
+        if !c.todo.is_empty() {
+            self.compaction = Some(c);
+        } else {
+            info!("spool: compaction done");
+        }
+        if buf.is_empty() {
+            return;
+        }
+        if let Err(e) = self.append(&buf, true) {
+            error!("spool: compaction write failed: {e}; stopped");
+            self.compaction = None;
+            return;
+        }
+        let segment = self.active.number;
+        let mut moved = self.moved.lock();
+        for (id, loc, record, frame, rcpts, notes) in copies {
+            self.state.add_message(&id, segment, record, frame, rcpts);
+            if let Some(m) = self.state.messages.get_mut(&id) {
+                m.notes = notes;
+                m.moved = true;
+            }
+            moved.insert(id, loc);
+        }
+        drop(moved);
+        self.collect();
+    }
+
+    /// Frames onto `buf` a new copy of message `id` (currently `m`) as it
+    /// stands: its `M` record with only the recipients left, then a retry
+    /// record for each deferral. Returns the new data location, the
+    /// recipients left and the retry notes.
+    pub(super) fn copy(
+        &self,
+        id: &str,
+        m: &Live,
+        record: u64,
+        files: &mut HashMap<u64, File>,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<(Location, usize, Vec<Note>)> {
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let file = match files.entry(m.segment) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(File::open(self.opts.dir.join(segment_name(m.segment)))?)
+            }
+        };
+        let mut frame = vec![0u8; m.frame as usize];
+        file.read_exact_at(&mut frame, m.record)?;
+        let (mut recs, _) = read_records(&frame);
+        let Some((_, _, Record::Message(mut msg, old))) = recs.pop() else {
+            return Err(bad("its record does not read back"));
+        };
+        if msg.id != id {
+            return Err(bad("its record names another message"));
+        }
+        let data = &frame[frame.len() - old.len as usize..];
+        let done = |peer: &str, rcpt: &String| {
+            m.notes
+                .iter()
+                .any(|n| n.retry.is_none() && n.peer == peer && n.rcpts.contains(rcpt))
+        };
+        for (peer, rcpts) in &mut msg.jobs {
+            rcpts.retain(|r| !done(peer, r));
+        }
+        msg.jobs.retain(|(_, r)| !r.is_empty());
+        let left: usize = msg.jobs.iter().map(|(_, r)| r.len()).sum();
+        if left == 0 {
+            return Err(bad("nothing left to copy"));
+        }
+        let mut loc = Location {
+            segment: self.active.number,
+            ..old
+        };
+        let mut head = encode_message(&msg, &loc);
+        loc.offset = record + 8 + head.len() as u64;
+        head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
+        frame_parts(buf, &head, data);
+        let mut notes = Vec::new();
+        for n in m.notes.iter().filter(|n| n.retry.is_some()) {
+            let mut n = n.clone();
+            n.rcpts.retain(|r| !done(&n.peer, r));
+            if !n.rcpts.is_empty() {
+                frame_parts(buf, &encode_mark(id, &n), &[]);
+                notes.push(n);
+            }
+        }
+        Ok((loc, left, notes))
+    }
+}
