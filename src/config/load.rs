@@ -6,10 +6,11 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
+use crate::tls::Identity;
+
 use super::parse::{Draft, IdentityFiles, duplicate_user};
 use super::section::parse_auth_user;
 use super::{Config, ConfigError, TlsRoots};
-use crate::tls::Identity;
 
 impl Draft {
     /// Reads the files and resolves the names the configuration gives.

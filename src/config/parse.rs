@@ -6,13 +6,14 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::route::{Address, AddressKind};
+use crate::sys::logging::Target;
+
 use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS};
 use super::section::{Section, host_port, parse_auth_user, parse_level};
 use super::{
     AuthUser, Config, ConfigError, ListenerConfig, Mm4Check, PeerConfig, RelayConfig, TlsMode,
 };
-use crate::route::{Address, AddressKind};
-use crate::sys::logging::Target;
 
 /// A certificate and key as a section names them: PEM files or a PKCS#12
 /// file, not yet read.

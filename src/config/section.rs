@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use super::{AuthUser, ConfigError, Secret};
 use crate::inbound::access::Cidr;
+
+use super::{AuthUser, ConfigError, Secret};
 
 /// Reads one section, applying defaults and remembering the location for
 /// error messages.

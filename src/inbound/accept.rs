@@ -2,14 +2,6 @@
 //! apart), the per-address limits, the guard that gives a session's place
 //! back however its thread ends, and the running [`Listener`].
 
-use super::session::{SessionState, serve};
-use super::throttle::{RateLimitedWarning, address_key};
-use super::{Inbound, InboundStats};
-use crate::inbound::access::ClientClass;
-use crate::sys::owned::Owned;
-use crossbeam_channel::{Receiver, Sender};
-use log::{debug, error, info, warn};
-use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -18,6 +10,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+use parking_lot::{Condvar, Mutex};
+
+use crate::inbound::access::ClientClass;
+use crate::sys::owned::Owned;
+
+use super::session::{SessionState, serve};
+use super::throttle::{RateLimitedWarning, address_key};
+use super::{Inbound, InboundStats, Tables};
 
 /// A live session as the listener sees it, so a stop can reach it.
 pub(super) struct Slot {
@@ -331,6 +334,82 @@ pub(super) fn refuse(stream: TcpStream, status: &str, why: &str) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
+/// Takes a session's place for a client at `ip`, or says why not (status
+/// and text of the 421). Classified first: the local MMSC's hosts have
+/// room of their own, which no partner or stranger can take, and
+/// strangers may take only part of the partners' room. Places are taken,
+/// not checked then taken: accept threads of several listen addresses
+/// share the counts.
+fn take_place(
+    sessions: &Arc<Sessions>,
+    ip: IpAddr,
+    tables: &Tables,
+    limits: &Limits,
+) -> Result<SessionGuard, (&'static str, &'static str)> {
+    let class = tables.access.classify(ip);
+    let (local, stranger) = (class == ClientClass::Local, class == ClientClass::Unknown);
+    let (open, max) = if local {
+        (&sessions.open_local, limits.max_local_sessions)
+    } else {
+        (&sessions.open_other, limits.max_sessions)
+    };
+    let full = if !reserve(open, max) {
+        Some(("", max))
+    } else if stranger
+        && limits.max_stranger_sessions > 0
+        && !reserve(&sessions.open_strangers, limits.max_stranger_sessions)
+    {
+        open.fetch_sub(1, Ordering::AcqRel);
+        Some(("stranger ", limits.max_stranger_sessions))
+    } else {
+        None
+    };
+    if let Some((whose, max)) = full {
+        let whose = if local { "local MMSC " } else { whose };
+        sessions
+            .over_limit
+            .warn(|| format!("{whose}session limit {max} reached: refusing [{ip}]"));
+        return Err(("4.3.2", "too many sessions"));
+    }
+    if !local {
+        if let Err(why) = sessions.admit(
+            ip,
+            tables.max_sessions_per_ip,
+            tables.connection_rate_per_ip,
+        ) {
+            sessions
+                .stats
+                .refused_per_ip
+                .fetch_add(1, Ordering::Relaxed);
+            sessions
+                .over_ip_limit
+                .warn(|| format!("refusing [{ip}]: {why}"));
+            open.fetch_sub(1, Ordering::AcqRel);
+            if stranger && limits.max_stranger_sessions > 0 {
+                sessions.open_strangers.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(("4.7.0", why));
+        }
+    }
+    if stranger && limits.max_stranger_sessions == 0 {
+        // Not reserved above: counted all the same.
+        sessions.open_strangers.fetch_add(1, Ordering::AcqRel);
+    }
+    sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
+    sessions
+        .stats
+        .sessions_total
+        .fetch_add(1, Ordering::Relaxed);
+    // From here the guard gives everything back.
+    Ok(SessionGuard {
+        sessions: sessions.clone(),
+        id: sessions.next.fetch_add(1, Ordering::Relaxed),
+        ip,
+        local,
+        stranger,
+    })
+}
+
 pub(super) fn accept_loop(
     b: &Bound,
     sessions: &Arc<Sessions>,
@@ -358,77 +437,14 @@ pub(super) fn accept_loop(
             continue;
         };
         let ip = peer.ip().to_canonical();
-        let tables = inbound.tables();
-        // Classify first: the local MMSC's hosts have room of their own,
-        // which no partner or stranger can take, and strangers may take
-        // only part of the partners' room.
-        let class = tables.access.classify(ip);
-        let (local, stranger) = (class == ClientClass::Local, class == ClientClass::Unknown);
-        let (open, max) = if local {
-            (&sessions.open_local, limits.max_local_sessions)
-        } else {
-            (&sessions.open_other, limits.max_sessions)
-        };
-        // Places are taken, not checked then taken: accept threads of
-        // several listen addresses share the counts.
-        let full = if !reserve(open, max) {
-            Some(("", max))
-        } else if stranger
-            && limits.max_stranger_sessions > 0
-            && !reserve(&sessions.open_strangers, limits.max_stranger_sessions)
-        {
-            open.fetch_sub(1, Ordering::AcqRel);
-            Some(("stranger ", limits.max_stranger_sessions))
-        } else {
-            None
-        };
-        if let Some((whose, max)) = full {
-            let whose = if local { "local MMSC " } else { whose };
-            sessions
-                .over_limit
-                .warn(|| format!("{whose}session limit {max} reached: refusing [{ip}]"));
-            refuse(stream, "4.3.2", "too many sessions");
-            continue;
-        }
-        if !local {
-            if let Err(why) = sessions.admit(
-                ip,
-                tables.max_sessions_per_ip,
-                tables.connection_rate_per_ip,
-            ) {
-                sessions
-                    .stats
-                    .refused_per_ip
-                    .fetch_add(1, Ordering::Relaxed);
-                sessions
-                    .over_ip_limit
-                    .warn(|| format!("refusing [{ip}]: {why}"));
-                refuse(stream, "4.7.0", why);
-                open.fetch_sub(1, Ordering::AcqRel);
-                if stranger && limits.max_stranger_sessions > 0 {
-                    sessions.open_strangers.fetch_sub(1, Ordering::AcqRel);
-                }
+        let guard = match take_place(sessions, ip, &inbound.tables(), &limits) {
+            Ok(guard) => guard,
+            Err((status, why)) => {
+                refuse(stream, status, why);
                 continue;
             }
-        }
-        let id = sessions.next.fetch_add(1, Ordering::Relaxed);
-        if stranger && limits.max_stranger_sessions == 0 {
-            // Not reserved above: counted all the same.
-            sessions.open_strangers.fetch_add(1, Ordering::AcqRel);
-        }
-        sessions.stats.sessions_open.fetch_add(1, Ordering::AcqRel);
-        sessions
-            .stats
-            .sessions_total
-            .fetch_add(1, Ordering::Relaxed);
-        // From here the guard gives everything back.
-        let guard = SessionGuard {
-            sessions: sessions.clone(),
-            id,
-            ip,
-            local,
-            stranger,
         };
+        let id = guard.id;
         let clone = match stream.try_clone() {
             Ok(c) => c,
             Err(e) => {

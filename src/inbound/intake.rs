@@ -1,21 +1,24 @@
 //! The intake policy: the relay's answers to RCPT, AUTH and the end of
 //! DATA (`RelayHandler`), and refusals logged once per reason.
 
-use super::{Inbound, dedup};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use log::{error, info, warn};
+
 use crate::inbound::access::ClientClass;
-use crate::message::{Job, Message, received_header};
+use crate::message::{Job, Location, Message, received_header};
 use crate::mm4;
 use crate::route::{Address, PeerId};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler};
 use crate::spool::{NewMessage, SpoolError};
 use crate::sys::printable::Brief;
-use crossbeam_channel::Receiver;
-use log::{error, info, warn};
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+
+use super::{Inbound, Tables, dedup};
 
 /// What one session was refused, logged once per reason: the first time
 /// with its details, and at the end of the session how often in all. A
@@ -182,45 +185,13 @@ impl Handler for RelayHandler {
     }
 
     fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
-        let inbound = &self.inbound;
-        let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
+        let inbound = self.inbound.clone();
         let tables = inbound.tables();
-        let info = match mm4::check(&data, &rcpts, tables.mm4_check, &tables.limits) {
+        let info = match self.check(&env, &data, &tables) {
             Ok(info) => info,
-            Err(e) => {
-                let n = rcpts.len();
-                self.refusals.note("rejected", || {
-                    format!(
-                        "from=<{}> rcpts={n} reason=\"{}\"",
-                        Brief(&env.from),
-                        Brief(&e.reason)
-                    )
-                });
-                inbound
-                    .stats
-                    .rejected_content
-                    .fetch_add(1, Ordering::Relaxed);
-                return Reply::new(554, e.to_string());
-            }
+            Err(reply) => return reply,
         };
-        // Reports carry the Message-ID of the MM they report on, so the
-        // Message-ID alone does not name a PDU: type and transaction too.
-        // The IDs are the sender's text, up to the header limit: the spool
-        // and the window keep a digest of them.
-        // And the sender: a partner that knows another's IDs must not be
-        // able to make that partner's message a duplicate.
-        let origin = match self.class {
-            ClientClass::Partner(p) => format!("partner {}", tables.peer_names[p]),
-            ClientClass::Local | ClientClass::Unknown => "local".to_string(),
-        };
-        let dedup_key = info.message_id.as_ref().map(|mid| {
-            dedup::pdu_key(
-                &origin,
-                info.pdu.map_or("-", |p| p.name()),
-                mid,
-                info.transaction_id.as_deref().unwrap_or("-"),
-            )
-        });
+        let dedup_key = self.dedup_key(&info, &tables);
         let (fresh, dups): (Vec<_>, Vec<_>) = env
             .rcpts
             .into_iter()
@@ -251,13 +222,7 @@ impl Handler for RelayHandler {
         full.extend_from_slice(trace.as_bytes());
         full.extend_from_slice(&data);
         let data: Arc<[u8]> = full.into();
-        let mut by_peer: Vec<(PeerId, Vec<String>)> = Vec::new();
-        for (rcpt, peer) in fresh {
-            match by_peer.iter_mut().find(|(p, _)| *p == peer) {
-                Some((_, list)) => list.push(rcpt),
-                None => by_peer.push((peer, vec![rcpt])),
-            }
-        }
+        let by_peer = by_peer(fresh);
         // queue_lifetime is bounded by the configuration; the sender's
         // expiry may be anything, and only ever shortens the lifetime.
         let mut expires = accepted + tables.queue_lifetime;
@@ -280,18 +245,9 @@ impl Handler for RelayHandler {
             dedup_key: dedup_key.clone(),
         };
         let from = record.from.clone();
-        let location = match inbound.spool.commit(record) {
+        let location = match self.commit(record) {
             Ok(loc) => loc,
-            Err(SpoolError::Full) => {
-                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
-                warn!("spool full: refusing a message from [{}]", self.client_ip);
-                return Reply::new(452, "4.3.1 insufficient system storage, try again later");
-            }
-            Err(e) => {
-                inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
-                error!("{e}: refusing a message from [{}]", self.client_ip);
-                return Reply::new(451, "4.3.0 local error in processing, try again later");
-            }
+            Err(reply) => return reply,
         };
         for (_, rcpts) in &by_peer {
             inbound.dedup.record(dedup_key.as_deref(), rcpts);
@@ -336,4 +292,84 @@ impl Handler for RelayHandler {
         inbound.stats.accepted.fetch_add(1, Ordering::Relaxed);
         Reply::new(250, format!("2.0.0 queued as {id}"))
     }
+}
+
+impl RelayHandler {
+    /// The MM4 check of the content: what it found, or the 554.
+    fn check(
+        &mut self,
+        env: &Envelope<PeerId>,
+        data: &[u8],
+        tables: &Tables,
+    ) -> Result<mm4::Mm4Info, Reply> {
+        let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
+        mm4::check(data, &rcpts, tables.mm4_check, &tables.limits).map_err(|e| {
+            let n = rcpts.len();
+            self.refusals.note("rejected", || {
+                format!(
+                    "from=<{}> rcpts={n} reason=\"{}\"",
+                    Brief(&env.from),
+                    Brief(&e.reason)
+                )
+            });
+            self.inbound
+                .stats
+                .rejected_content
+                .fetch_add(1, Ordering::Relaxed);
+            Reply::new(554, e.to_string())
+        })
+    }
+
+    /// The duplicate-suppression key of a PDU, if it has a Message-ID.
+    ///
+    /// Reports carry the Message-ID of the MM they report on, so the
+    /// Message-ID alone does not name a PDU: type and transaction too.
+    /// The IDs are the sender's text, up to the header limit: the spool
+    /// and the window keep a digest of them. And the sender: a partner
+    /// that knows another's IDs must not be able to make that partner's
+    /// message a duplicate.
+    fn dedup_key(&self, info: &mm4::Mm4Info, tables: &Tables) -> Option<String> {
+        let origin = match self.class {
+            ClientClass::Partner(p) => format!("partner {}", tables.peer_names[p]),
+            ClientClass::Local | ClientClass::Unknown => "local".to_string(),
+        };
+        info.message_id.as_ref().map(|mid| {
+            dedup::pdu_key(
+                &origin,
+                info.pdu.map_or("-", |p| p.name()),
+                mid,
+                info.transaction_id.as_deref().unwrap_or("-"),
+            )
+        })
+    }
+
+    /// Makes the message durable: where it is, or the 452 or 451.
+    fn commit(&self, record: NewMessage) -> Result<Location, Reply> {
+        let inbound = &self.inbound;
+        inbound.spool.commit(record).map_err(|e| {
+            inbound.stats.rejected_spool.fetch_add(1, Ordering::Relaxed);
+            match e {
+                SpoolError::Full => {
+                    warn!("spool full: refusing a message from [{}]", self.client_ip);
+                    Reply::new(452, "4.3.1 insufficient system storage, try again later")
+                }
+                e => {
+                    error!("{e}: refusing a message from [{}]", self.client_ip);
+                    Reply::new(451, "4.3.0 local error in processing, try again later")
+                }
+            }
+        })
+    }
+}
+
+/// Recipients grouped by destination peer, in the order first seen.
+fn by_peer(rcpts: Vec<(String, PeerId)>) -> Vec<(PeerId, Vec<String>)> {
+    let mut by_peer: Vec<(PeerId, Vec<String>)> = Vec::new();
+    for (rcpt, peer) in rcpts {
+        match by_peer.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, list)) => list.push(rcpt),
+            None => by_peer.push((peer, vec![rcpt])),
+        }
+    }
+    by_peer
 }

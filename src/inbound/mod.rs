@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
+use dedup::Dedup;
 use log::{debug, warn};
 use parking_lot::RwLock;
 
@@ -36,7 +37,6 @@ use crate::route::Router;
 use crate::smtp::session::SessionConfig;
 use crate::spool::Spool;
 use crate::tls::{self};
-use dedup::Dedup;
 
 mod accept;
 pub mod access;

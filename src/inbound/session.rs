@@ -1,18 +1,21 @@
 //! The session driver: one SMTP session over its socket, with its read,
 //! write and session deadlines, and STARTTLS.
 
-use super::accept::Sessions;
-use super::intake::{Refusals, RelayHandler};
-use super::{Inbound, Tables};
-use crate::route::PeerId;
-use crate::smtp::session::Session;
-use crate::tls::Stream;
-use log::{debug, info};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use log::{debug, info};
+
+use crate::route::PeerId;
+use crate::smtp::session::Session;
+use crate::tls::Stream;
+
+use super::accept::Sessions;
+use super::intake::{Refusals, RelayHandler};
+use super::{Inbound, Tables};
 
 /// What a session shares with the listener.
 pub(super) struct SessionState {

@@ -31,7 +31,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
 use crate::config::{Config, PeerConfig};
-use crate::inbound::{self, Inbound, Listener};
+use crate::inbound::{self, Bound, Inbound, Listener, Prepared};
 use crate::message::{IdSource, Job, Message};
 use crate::mm4::Mm4Info;
 use crate::ops::control::{ControlSocket, Sources};
@@ -40,7 +40,7 @@ use crate::peer::balancer::Balancer;
 use crate::peer::bounce::Bounce;
 use crate::peer::{Budget, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
-use crate::spool::{Recovered, Spool, SpoolOptions};
+use crate::spool::{Holds, Recovered, Spool, SpoolOptions};
 use crate::sys::clock::{self, SharedClock};
 use crate::sys::privilege;
 
@@ -118,24 +118,7 @@ impl Relay {
             min: config.relay.retry_min,
             max: config.relay.retry_max,
         };
-        // Ports first, as root if need be; then become the configured user
-        // before anything touches the spool.
-        let tables = Inbound::prepare(config)?;
-        let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
-        if let Some(user) = &config.relay.user {
-            privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)
-                .map_err(|e| RelayError::system(format!("becoming user {user}"), e))?;
-        }
-        let (spool, recovered) = Spool::open(&SpoolOptions {
-            dir: config.relay.spool_dir.clone(),
-            sync: config.relay.spool_sync,
-            max_bytes: config.relay.spool_max_bytes,
-            segment_size: config.relay.spool_segment_size,
-            dedup_window: config.relay.dedup_window,
-        })
-        .map_err(|e| {
-            RelayError::system(format!("spool {}", config.relay.spool_dir.display()), e)
-        })?;
+        let (tables, listeners, spool, recovered) = open(config)?;
         let spool = Arc::new(spool);
         let pools = senders.into_iter().zip(receivers.iter().cloned()).collect();
         let (expired_tx, expired_rx) = crossbeam_channel::unbounded();
@@ -164,14 +147,7 @@ impl Relay {
             spool: Some(spool.clone()),
         };
         relay.orphans = requeue(config, &queue, recovered);
-        // What an operator held before the stop stays held: messages
-        // before any worker can take them, peers as they start.
-        let holds = spool.holds();
-        for id in &holds.messages {
-            if queue.hold(id) {
-                info!("message {id} held, as before the restart");
-            }
-        }
+        let holds = restore_holds(&spool, &queue);
         // Never an ID the spool still holds, even after a restart within
         // the same second.
         let ids = Arc::new(IdSource::after(spool.highest_id(), queue.now()));
@@ -192,22 +168,10 @@ impl Relay {
             stop: stop_rx,
             done: done_tx,
         };
-        for (id, (cfg, jobs)) in config.peers.iter().zip(receivers).enumerate() {
-            let held = holds.peers.contains(&cfg.name);
-            if held {
-                info!("peer={} held, as before the restart", cfg.name);
-            }
-            match Peer::start(id, cfg.clone(), jobs, &ctx, held) {
-                Ok(p) => {
-                    relay.views.push(p.view().clone());
-                    relay.peers.push(p);
-                }
-                Err(e) => {
-                    drop(ctx);
-                    relay.shutdown();
-                    return Err(RelayError::system(format!("starting peer {}", cfg.name), e));
-                }
-            }
+        if let Err(e) = relay.start_peers(config, receivers, &ctx, &holds) {
+            drop(ctx);
+            relay.shutdown();
+            return Err(e);
         }
         // Once every peer's view is there: jobs recovered past their
         // deadline are already waiting for it.
@@ -233,20 +197,8 @@ impl Relay {
             queue.clone(),
             spool.clone(),
         ));
-        let sources = Sources {
-            peers: relay.views.clone(),
-            queue,
-            spool,
-            inbound: inbound.stats(),
-            reload: relay.reloads.0.clone(),
-        };
         relay.inbound = Some(inbound.clone());
-        if let Some(path) = &config.relay.control_socket {
-            relay.control = Some(ControlSocket::start(path, sources.clone())?);
-        }
-        if let Some(addr) = config.relay.metrics_listen {
-            relay.metrics = Some(MetricsServer::start(addr, sources)?);
-        }
+        relay.start_ops(config, queue, spool, &inbound)?;
         let limits = inbound::Limits {
             max_sessions: config.listener.max_sessions,
             max_local_sessions: config.listener.max_local_sessions,
@@ -267,6 +219,52 @@ impl Relay {
             config.relay.max_connections
         );
         Ok(relay)
+    }
+
+    /// Starts every configured peer's workers, held as before a restart
+    /// where the operator held them.
+    fn start_peers(
+        &mut self,
+        config: &Config,
+        receivers: Vec<Receiver<Job>>,
+        ctx: &WorkerContext,
+        holds: &Holds,
+    ) -> Result<(), RelayError> {
+        for (id, (cfg, jobs)) in config.peers.iter().zip(receivers).enumerate() {
+            let held = holds.peers.contains(&cfg.name);
+            if held {
+                info!("peer={} held, as before the restart", cfg.name);
+            }
+            let p = Peer::start(id, cfg.clone(), jobs, ctx, held)
+                .map_err(|e| RelayError::system(format!("starting peer {}", cfg.name), e))?;
+            self.views.push(p.view().clone());
+            self.peers.push(p);
+        }
+        Ok(())
+    }
+
+    /// Starts the control socket and the metrics server, if configured.
+    fn start_ops(
+        &mut self,
+        config: &Config,
+        queue: Arc<Queue>,
+        spool: Arc<Spool>,
+        inbound: &Inbound,
+    ) -> Result<(), RelayError> {
+        let sources = Sources {
+            peers: self.views.clone(),
+            queue,
+            spool,
+            inbound: inbound.stats(),
+            reload: self.reloads.0.clone(),
+        };
+        if let Some(path) = &config.relay.control_socket {
+            self.control = Some(ControlSocket::start(path, sources.clone())?);
+        }
+        if let Some(addr) = config.relay.metrics_listen {
+            self.metrics = Some(MetricsServer::start(addr, sources)?);
+        }
+        Ok(())
     }
 
     /// The addresses the listener is bound to.
@@ -584,6 +582,41 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
         }
     }
     orphans
+}
+
+/// Ports first, as root if need be; then the configured user, before
+/// anything touches the spool; then the spool, recovered. The inbound
+/// tables are prepared first of all, so that a certificate the TLS
+/// library refuses stops the start before anything is bound.
+fn open(config: &Config) -> Result<(Prepared, Vec<Bound>, Spool, Vec<Recovered>), RelayError> {
+    let tables = Inbound::prepare(config)?;
+    let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
+    if let Some(user) = &config.relay.user {
+        privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)
+            .map_err(|e| RelayError::system(format!("becoming user {user}"), e))?;
+    }
+    let (spool, recovered) = Spool::open(&SpoolOptions {
+        dir: config.relay.spool_dir.clone(),
+        sync: config.relay.spool_sync,
+        max_bytes: config.relay.spool_max_bytes,
+        segment_size: config.relay.spool_segment_size,
+        dedup_window: config.relay.dedup_window,
+    })
+    .map_err(|e| RelayError::system(format!("spool {}", config.relay.spool_dir.display()), e))?;
+    Ok((tables, listeners, spool, recovered))
+}
+
+/// What an operator held before the stop stays held: messages at once,
+/// before any worker can take them; the peers are returned, to be held
+/// as they start.
+fn restore_holds(spool: &Spool, queue: &Queue) -> Holds {
+    let holds = spool.holds();
+    for id in &holds.messages {
+        if queue.hold(id) {
+            info!("message {id} held, as before the restart");
+        }
+    }
+    holds
 }
 
 /// Runs the relay in the foreground until SIGTERM or SIGINT. SIGHUP

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use super::{MAX_RECORD, Mark, NewMessage, Note, from_unix_ms, unix_ms};
 use crate::message::Location;
 use crate::smtp::command::BodyType;
+
+use super::{MAX_RECORD, Mark, NewMessage, Note, from_unix_ms, unix_ms};
 
 pub(super) struct Enc(pub(super) Vec<u8>);
 

@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 
+use crate::message::Location;
+
 use super::record::{Record, read_records};
 use super::state::State;
 use super::{Mark, NewMessage, Recovered, RecoveredJob, segment_name};
-use crate::message::Location;
 
 /// A recipient still to do: indexes into its message's jobs.
 struct Left {

@@ -6,9 +6,10 @@ use std::io;
 use std::path::Path;
 use std::time::SystemTime;
 
+use log::warn;
+
 use super::record::{Dec, Enc, frame_at, frame_parts};
 use super::{RecentKey, from_unix_ms, unix_ms};
-use log::warn;
 
 /// What an operator holds: peers by name, messages by queue ID.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

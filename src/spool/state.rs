@@ -1,8 +1,9 @@
 //! What recovery finds and the writer keeps up to date: the segments,
 //! the live messages in them, and which segment may go when.
 
-use super::{Note, RecentKey};
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::{Note, RecentKey};
 
 #[derive(Default)]
 pub(super) struct Segment {

@@ -12,13 +12,14 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
+use crate::message::Location;
+
 use super::record::{M_OFFSET_AT, Record, encode_mark, encode_message, frame_parts, read_records};
 use super::state::{Live, Segment, State};
 use super::{
     COMPACT_CHUNK, Gauges, MARK_INTERVAL, MAX_BATCH, Mark, Note, Request, SpoolError, SpoolOptions,
     segment_name,
 };
-use crate::message::Location;
 
 pub(super) struct Active {
     pub(super) number: u64,
