@@ -23,8 +23,6 @@ use openssl::pkey::{PKey, Private};
 use openssl::ssl::{self, SslAcceptor, SslMethod, SslStream, SslVersion};
 use openssl::x509::X509;
 
-use crate::config::{ListenerConfig, PeerConfig};
-
 /// A TLS set-up or handshake failure.
 #[derive(Debug)]
 pub struct TlsError {
@@ -173,23 +171,24 @@ impl Acceptor {
     }
 }
 
-/// The server side, when the listener has a certificate.
-pub fn acceptor(l: &ListenerConfig) -> Result<Option<Acceptor>, TlsError> {
-    l.tls_identity.as_ref().map(Acceptor::new).transpose()
-}
-
-/// The client side for one peer.
-pub fn connector(p: &PeerConfig) -> Result<TlsConnector, TlsError> {
+/// The client side: TLS 1.2 or newer, the peer's certificate and name
+/// checked unless `verify` is off, `roots` trusted besides the system's,
+/// and `identity` shown when the peer asks for a client certificate.
+pub fn connector(
+    verify: bool,
+    roots: &[native_tls::Certificate],
+    identity: Option<&Identity>,
+) -> Result<TlsConnector, TlsError> {
     let mut b = TlsConnector::builder();
     b.min_protocol_version(Some(Protocol::Tlsv12));
-    if !p.tls_verify {
+    if !verify {
         b.danger_accept_invalid_certs(true)
             .danger_accept_invalid_hostnames(true);
     }
-    for ca in p.tls_ca.iter().flat_map(|r| r.0.iter()) {
+    for ca in roots {
         b.add_root_certificate(ca.clone());
     }
-    if let Some(id) = &p.tls_client_identity {
+    if let Some(id) = identity {
         b.identity(id.native.clone());
     }
     Ok(b.build()?)

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::inbound::access::{AccessControl, Cidr};
+use crate::route::access::{AccessControl, Cidr};
 
 mod keys;
 mod load;
@@ -732,7 +732,7 @@ default = B
             .collect();
         assert_eq!(names, [("partner-b", 1), ("ops", 0)]);
         assert!(c.auth_users[1].password.matches("other:with:colons"));
-        assert!(crate::tls::acceptor(&c.listener).unwrap().is_some());
+        assert!(crate::tls::Acceptor::new(c.listener.tls_identity.as_ref().unwrap()).is_ok());
         // A wrong PKCS#12 password is an error naming the key.
         let bad = text.replace("p12pass", "nope");
         let e = parse(&bad).unwrap_err();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::inbound::access::Cidr;
+use crate::route::access::Cidr;
 
 use super::{AuthUser, ConfigError, Secret};
 

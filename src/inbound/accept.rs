@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, error, info, warn};
 use parking_lot::{Condvar, Mutex};
 
-use crate::inbound::access::ClientClass;
+use crate::route::access::ClientClass;
 use crate::sys::owned::Owned;
 
 use super::session::{SessionState, serve};

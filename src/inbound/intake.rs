@@ -9,16 +9,17 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use log::{error, info, warn};
 
-use crate::inbound::access::ClientClass;
 use crate::message::{Job, Location, Message, received_header};
 use crate::mm4;
+use crate::mm4::dedup;
+use crate::route::access::ClientClass;
 use crate::route::{Address, PeerId};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler};
 use crate::spool::{NewMessage, SpoolError};
 use crate::sys::printable::Brief;
 
-use super::{Inbound, Tables, dedup};
+use super::{Inbound, Tables};
 
 /// What one session was refused, logged once per reason: the first time
 /// with its details, and at the end of the session how often in all. A

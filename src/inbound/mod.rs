@@ -18,29 +18,32 @@
 //! What a client repeats is bounded: refusals are logged once per reason
 //! per session (`Refusals`), refusals at accept at most once a second,
 //! and failed AUTH attempts slow the next ones (`throttle`).
+//!
+//! Files: `accept.rs` (accept loops, session places, the guard), `session.rs`
+//! (the driver and its deadlines), `intake.rs` (what RCPT, AUTH and DATA
+//! are answered), `throttle.rs`. This part hands accepted messages to the
+//! `spool` and the `queue`; it never talks to a peer, and nothing below it
+//! knows it exists (`ops` reads its counters).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
-use dedup::Dedup;
 use log::{debug, warn};
 use parking_lot::RwLock;
 
-use crate::config::{AuthUser, Config, Mm4Check};
-use crate::inbound::access::{AccessControl, Cidr};
+use crate::config::{AuthUser, Config, ConfigError, Mm4Check};
 use crate::message::IdSource;
 use crate::mm4;
+use crate::mm4::dedup::Dedup;
 use crate::queue::Queue;
-use crate::relay::RelayError;
 use crate::route::Router;
+use crate::route::access::{AccessControl, Cidr};
 use crate::smtp::session::SessionConfig;
 use crate::spool::Spool;
 use crate::tls::{self};
 
 mod accept;
-pub mod access;
-pub mod dedup;
 mod intake;
 mod session;
 mod throttle;
@@ -101,11 +104,21 @@ struct Tables {
 }
 
 impl Tables {
-    fn new(config: &Config) -> Result<Tables, RelayError> {
+    fn new(config: &Config) -> Result<Tables, ConfigError> {
         let l = &config.listener;
-        let tls = tls::acceptor(l).map_err(|e| {
-            RelayError::Config(format!("{}: [listener] TLS: {e}", config.path.display()))
-        })?;
+        // The TLS library may still refuse what the load step read.
+        let tls = l
+            .tls_identity
+            .as_ref()
+            .map(tls::Acceptor::new)
+            .transpose()
+            .map_err(|e| ConfigError {
+                file: config.path.display().to_string(),
+                section: "listener".into(),
+                key: String::new(),
+                value: String::new(),
+                problem: format!("TLS: {e}"),
+            })?;
         Ok(Tables {
             session: SessionConfig {
                 hostname: config.relay.hostname.clone(),
@@ -163,7 +176,7 @@ impl Inbound {
     /// Builds what sessions decide with (the TLS server side among it)
     /// without applying it, so a start or reload can fail before it
     /// changes anything.
-    pub fn prepare(config: &Config) -> Result<Prepared, RelayError> {
+    pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
         Tables::new(config).map(Prepared)
     }
 

@@ -17,8 +17,12 @@
 //! - `lenient`: one known type, a transaction ID, MIME structure and the
 //!   forward counter.
 //! - `off`: nothing; the IDs are still read for the logs.
+//!
+//! This part knows MM4 (PDUs, their dates, what makes two of them
+//! duplicates) and nothing about sockets, the spool or peers.
 
 pub mod date;
+pub mod dedup;
 
 use std::fmt;
 

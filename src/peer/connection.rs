@@ -120,7 +120,12 @@ impl Security {
             .as_ref()
             .ok_or_else(|| tls_error("no TLS client for this peer".into()))?;
         lazy.built
-            .get_or_init(|| tls::connector(&lazy.cfg).map_err(|e: TlsError| e.to_string()))
+            .get_or_init(|| {
+                let c = &lazy.cfg;
+                let roots = c.tls_ca.as_ref().map_or(&[][..], |r| &r.0[..]);
+                tls::connector(c.tls_verify, roots, c.tls_client_identity.as_ref())
+                    .map_err(|e: TlsError| e.to_string())
+            })
             .as_ref()
             .map_err(|e| tls_error(format!("cannot set up the TLS client: {e}")))
     }

@@ -7,6 +7,13 @@
 //! connection now: those connect at start (`min_connections`) or when work
 //! arrives, the others park. Every open connection also holds one slot of
 //! the relay's global budget, a hard cap while allowances move.
+//!
+//! Files: `worker.rs` (one worker's loop), `connection.rs` (the socket and
+//! its dialog), `policy.rs` (what every reply and failure means, as a
+//! table), `control.rs` (allowance, health, wakers), `balancer.rs` (moves
+//! allowance between peers), `bounce.rs` (the failed area and DSNs),
+//! `expire.rs` (lifetimes). Peers take jobs from the `queue` and mark the
+//! `spool`; they never reach into `inbound` or `relay`.
 
 pub mod balancer;
 pub mod bounce;

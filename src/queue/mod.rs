@@ -12,6 +12,9 @@
 //! the schedule. A parked job drops its copy of the message data, and gets
 //! it back from the spool when it enters a pool, so memory is bounded by
 //! the pools, not by the length of the queue.
+//!
+//! It knows the spool (to fetch data back) and nothing of SMTP, sessions
+//! or peers' connections: the peers take jobs from the pools it feeds.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};

@@ -7,17 +7,22 @@
 //! 3. per peer, its **sub-pool** of workers (`peer`), each with one
 //!    long-lived SMTP connection, taking jobs from that peer's pool only,
 //!    as many at once as the peer's allowance says;
-//! 4. the **balancer** (`balancer`): moves connection allowance between
+//! 4. the **balancer** (`peer::balancer`): moves connection allowance between
 //!    peers as their traffic changes, within the global budget;
-//! 5. the **listener**: sessions route and check each message, make it
+//! 5. the **listener** (`inbound`): sessions route and check each message, make it
 //!    durable in the spool, answer 250, and submit one job per peer.
 //!
 //! Stop runs the other way: the listener first (no new messages), then the
 //! workers (each finishes the message in flight, bounded by
 //! `shutdown_timeout`, then QUITs), then the queue manager, then the spool.
 //! Whatever was not delivered stays in the spool for the next start.
+//!
+//! Files: `error.rs` (why a start or reload failed), `descriptors.rs` (the
+//! open-file budget the configuration needs), `demo.rs`. This part is the
+//! top of the one-way graph: it uses every part, and no part uses it.
 
 pub mod demo;
+pub mod descriptors;
 mod error;
 
 pub use error::RelayError;
@@ -108,7 +113,7 @@ impl Relay {
     /// times (tests pass a clock they move by hand).
     pub fn start_with_clock(config: &Config, clock: SharedClock) -> Result<Relay, RelayError> {
         log_panics();
-        crate::sys::descriptors::raise_limit(config);
+        crate::relay::descriptors::raise_limit(config);
         let (senders, receivers): (Vec<_>, Vec<_>) = config
             .peers
             .iter()

@@ -154,7 +154,7 @@ pub struct NewMessage {
 
 /// A (PDU, recipient) pair accepted within the dedup window before the
 /// last stop: its digest (see `dedup`) and when it was accepted.
-pub type RecentKey = (crate::inbound::dedup::Digest, SystemTime);
+pub type RecentKey = (crate::mm4::dedup::Digest, SystemTime);
 
 /// A job found in the spool at start.
 #[derive(Clone, Debug)]
@@ -540,8 +540,8 @@ mod tests {
         let mut recent: Vec<_> = spool.take_recent().into_iter().map(|k| k.0).collect();
         recent.sort();
         let mut want = [
-            crate::inbound::dedup::digest("MM4_forward.REQ M1 T1", "x"),
-            crate::inbound::dedup::digest("MM4_forward.REQ M1 T1", "y"),
+            crate::mm4::dedup::digest("MM4_forward.REQ M1 T1", "x"),
+            crate::mm4::dedup::digest("MM4_forward.REQ M1 T1", "y"),
         ];
         want.sort();
         assert_eq!(recent, want, "only the one inside the window");

@@ -137,7 +137,7 @@ impl Replay {
                 let pairs = m.jobs.iter().flat_map(|(_, r)| r.iter());
                 self.state
                     .recent
-                    .extend(pairs.map(|r| (crate::inbound::dedup::digest(key, r), m.accepted)));
+                    .extend(pairs.map(|r| (crate::mm4::dedup::digest(key, r), m.accepted)));
             }
         }
         if loc.segment != n || loc.offset + loc.len as u64 > good {

@@ -3,7 +3,6 @@
 //! show. None of them knows about SMTP, MM4 or peers.
 
 pub mod clock;
-pub mod descriptors;
 pub mod logging;
 pub mod owned;
 pub mod printable;

@@ -8,6 +8,11 @@
 //!   prefix, then the domain, then the default peer;
 //! - anything else: the domain (exact, then the longest `*.suffix`), then
 //!   the default peer.
+//!
+//! `access.rs` is relay control: who a client is by its address, and
+//! where it may send. This part is pure tables: no I/O, no other part.
+
+pub mod access;
 
 use std::collections::HashMap;
 use std::fmt;
