@@ -45,10 +45,7 @@ pub(crate) fn setup(keep: bool, relay_extra: &str) -> Setup {
 /// Sends one MM4_forward.REQ to `rcpt` through the relay at `addr`.
 fn send_one(addr: SocketAddr, rcpt: &str, seq: usize) -> Client {
     let mut c = Client::connect(LOCAL, addr);
-    assert_eq!(
-        send_message(&mut c, FROM, &[rcpt], &forward_req(seq, rcpt, 500)).code,
-        250
-    );
+    send_forward(&mut c, seq, rcpt, 500);
     c
 }
 
@@ -302,8 +299,7 @@ fn status_and_queue_over_the_control_socket() {
 
     let mut child = Running::start(&s.path, &[], true);
     let (addr, _, rest) = child.listening();
-    let rcpt = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
-    send_one(addr, rcpt, 1);
+    send_one(addr, TO_C, 1);
 
     let text =
         || String::from_utf8_lossy(&status(&["-c", s.path.to_str().unwrap()]).stdout).into_owned();
@@ -354,7 +350,7 @@ fn status_and_queue_over_the_control_socket() {
     assert_eq!(code, Some(0));
     let entry = list.lines().next().unwrap_or_default();
     assert!(
-        entry.contains("peer=C") && entry.contains(&format!("to=<{rcpt}>")),
+        entry.contains("peer=C") && entry.contains(&format!("to=<{TO_C}>")),
         "{list}"
     );
     assert!(!entry.contains("attempts=0"), "{list}");
@@ -631,13 +627,10 @@ fn a_failed_spool_write_gets_451_and_the_relay_goes_on() {
     let refused = refused.expect("the file size limit was never reached");
     // The next message goes to a new segment.
     let next = refused + 1;
-    assert_eq!(
-        send_message(&mut c, FROM, &[TO_B], &forward_req(next, TO_B, 2048)).code,
-        250
-    );
+    send_forward(&mut c, next, TO_B, 2048);
     acked.push(next);
     s.sims[1].set_fault(mm4relay::sim::Fault::None);
-    mm4relay::control::request(&s.spool.join("control.sock"), "queue retry B").unwrap();
+    mm4relay::ops::control::request(&s.spool.join("control.sock"), "queue retry B").unwrap();
     assert!(s.sims[1].wait_for_recipients(acked.len() as u64, DEADLINE));
     assert!(relay.terminate().success(), "the relay survived the limit");
     let log = log.join().unwrap();

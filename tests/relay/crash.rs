@@ -56,11 +56,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     );
     std::fs::write(&config, ini).unwrap();
 
-    let rcpts = [
-        "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs",
-        "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs",
-        "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs",
-    ];
+    let rcpts = [TO_A, TO_B, TO_C];
     let acked: Arc<Mutex<HashSet<usize>>> = Arc::new(Mutex::new(HashSet::new()));
     let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,7 +80,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
                     let i = next.fetch_add(1, Ordering::AcqRel);
                     let rcpt = rcpts[i % 3];
                     let message = Outgoing {
-                        from: "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs".into(),
+                        from: FROM.into(),
                         rcpts: vec![rcpt.to_string()],
                         data: forward_req(i, rcpt, 1024),
                     };

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mm4relay::clock::ManualClock;
 use mm4relay::sim::{Fault, Outgoing, SimPeer, forward_req, send_load};
+use mm4relay::sys::clock::ManualClock;
 
 use crate::support::*;
 
@@ -216,4 +216,24 @@ fn an_already_expired_message_at_a_held_peer_fails_after_its_first_attempt_grace
     assert!(queue.sync(DEADLINE));
     wait_until("the expired message failed", || h.peer(1).failed == 1);
     assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+}
+
+#[test]
+fn a_message_past_its_lifetime_fails_instead_of_retrying() {
+    let mut h = Harness::with(Profile {
+        min_connections: [1, 1, 0],
+        extra_relay: "queue_lifetime = 300ms".into(),
+        ..Profile::default()
+    });
+    h.sims[2].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    send_forward(&mut c, 3, TO_C, 600);
+    wait_until("the message to expire at C", || h.peer(2).failed == 1);
+    assert!(h.peer(2).deferred >= 1, "it was retried before it expired");
+    // The sender hears of it.
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    let dsn = String::from_utf8_lossy(&h.sims[0].received()[0].data).into_owned();
+    assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
+    assert_eq!(h.stop_relay().undelivered, 0);
+    assert_eq!(h.sims[2].recipients(), 0);
 }

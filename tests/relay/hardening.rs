@@ -82,10 +82,7 @@ fn an_expiry_beyond_the_clock_neither_panics_nor_leaks_a_slot() {
     drop(c);
     // The local MMSC, and the partner, still get in.
     let mut a = h.client(LOCAL);
-    assert_eq!(
-        send_message(&mut a, FROM, &[TO_B], &forward_req(30, TO_B, 400)).code,
-        250
-    );
+    send_forward(&mut a, 30, TO_B, 400);
     let _b = h.client(PARTNER_B);
     assert!(h.sims[0].wait_for_recipients(21, DEADLINE));
     assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
@@ -176,10 +173,7 @@ fn a_client_that_never_reads_is_cut_and_cannot_keep_the_local_mmsc_out() {
         h.control("status").contains("sessions_open=3 ")
     });
     let mut a = h.client(LOCAL);
-    assert_eq!(
-        send_message(&mut a, FROM, &[TO_B], &forward_req(1, TO_B, 400)).code,
-        250
-    );
+    send_forward(&mut a, 1, TO_B, 400);
     // Each is cut at its write deadline, not at the end of the test.
     for (i, f) in floods.into_iter().enumerate() {
         assert!(f.join().unwrap(), "flood {i} was never cut");

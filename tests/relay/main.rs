@@ -2,16 +2,24 @@
 //! peers, and the real binary for the command line and signals.
 
 mod binary;
+mod bounces;
 mod clients;
 mod corpus;
 mod crash;
-mod delivery;
+mod dedup;
 mod expiry;
 mod hardening;
+mod intake;
 mod metrics_limits;
 mod mta;
+mod ops;
 mod pki;
+mod pools;
 mod real_peers;
+mod reload;
+mod retries;
 mod root_files;
+mod routing;
 mod security;
+mod spool;
 mod support;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mm4relay::metrics::MAX_CONNECTIONS;
+use mm4relay::ops::metrics::MAX_CONNECTIONS;
 
 use crate::binary::setup;
 use crate::support::*;

@@ -9,13 +9,13 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use mm4relay::clock::SharedClock;
 use mm4relay::config::Config;
 use mm4relay::peer::PeerSnapshot;
 use mm4relay::relay::{Relay, StopReport};
+use mm4relay::sys::clock::SharedClock;
 use std::sync::Arc;
 
-use mm4relay::sim::{Gauge, SimPeer, SimSecurity};
+use mm4relay::sim::{Gauge, Outgoing, SimPeer, SimSecurity, forward_req};
 use mm4relay::smtp::Reply;
 use mm4relay::smtp::codec::dot_stuff;
 use mm4relay::tls::Stream;
@@ -102,40 +102,105 @@ impl Default for Profile {
 impl Profile {
     /// The INI text for peers at `addrs` (A, B, C), spooling in `spool`.
     pub fn ini(&self, addrs: [SocketAddr; 3], spool: &Path) -> String {
-        format!(
-            "[relay]\nhostname = relay.test\nmax_connections = {}\nretry_min = {}ms\nretry_max = {}ms\n\
-             shutdown_timeout = 5s\nbalance_interval = 50ms\nspool_dir = {}\ncontrol_socket = {}/control.sock\n{}\n\
-             [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\nmax_message_size = 2097152\n\
-             max_recipients = 100\nmm4_check = strict\n{}\n\
-             [peer.A]\nhosts = {}\ndomains = mms.mnc010.mcc001.gprs\nprefixes = +447700900\nlocal = yes\n\
-             min_connections = {}\nmax_connections = {}\nkeepalive = 5s\nprobe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
-             [peer.B]\nhosts = {}\ndomains = mms.mnc020.mcc001.gprs\nprefixes = +1202555\naccept_from = {PARTNER_B}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 2s\n\
-             probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
-             [peer.C]\nhosts = {}\ndomains = mms.mnc456.mcc999.gprs\nprefixes = +61491570\naccept_from = {PARTNER_C}\n\
-             min_connections = {}\nmax_connections = {}\nconnect_timeout = 2s\nhelo_timeout = 1s\n\
-             probe_min = 100ms\nprobe_max = 400ms\n{}\n\n\
-             [ported]\n+12025550177 = C\n",
-            self.budget,
-            self.retry_min_ms,
-            self.retry_min_ms * 4,
-            spool.display(),
-            spool.display(),
-            self.extra_relay,
-            self.extra_listener,
-            addrs[0],
-            self.min_connections[0],
-            self.max_connections[0],
-            self.extra_peer[0],
-            addrs[1],
-            self.min_connections[1],
-            self.max_connections[1],
-            self.extra_peer[1],
-            addrs[2],
-            self.min_connections[2],
-            self.max_connections[2],
-            self.extra_peer[2],
+        use std::fmt::Write as _;
+
+        let Profile {
+            budget,
+            retry_min_ms,
+            extra_relay,
+            extra_listener,
+            ..
+        } = self;
+        let retry_max_ms = retry_min_ms * 4;
+        let spool = spool.display();
+        let [addr_a, addr_b, addr_c] = addrs;
+        let [min_a, min_b, min_c] = self.min_connections;
+        let [max_a, max_b, max_c] = self.max_connections;
+        let [extra_a, extra_b, extra_c] = self.extra_peer;
+        let mut ini = String::new();
+
+        writeln!(
+            ini,
+            "[relay]\n\
+             hostname = relay.test\n\
+             max_connections = {budget}\n\
+             retry_min = {retry_min_ms}ms\n\
+             retry_max = {retry_max_ms}ms\n\
+             shutdown_timeout = 5s\n\
+             balance_interval = 50ms\n\
+             spool_dir = {spool}\n\
+             control_socket = {spool}/control.sock\n\
+             {extra_relay}"
         )
+        .unwrap();
+
+        writeln!(
+            ini,
+            "[listener]\n\
+             listen = 127.0.0.1:0\n\
+             relay_from = {LOCAL}/32\n\
+             max_message_size = 2097152\n\
+             max_recipients = 100\n\
+             mm4_check = strict\n\
+             {extra_listener}"
+        )
+        .unwrap();
+
+        // A: the local MMSC.
+        writeln!(
+            ini,
+            "[peer.A]\n\
+             hosts = {addr_a}\n\
+             domains = mms.mnc010.mcc001.gprs\n\
+             prefixes = +447700900\n\
+             local = yes\n\
+             min_connections = {min_a}\n\
+             max_connections = {max_a}\n\
+             keepalive = 5s\n\
+             probe_min = 100ms\n\
+             probe_max = 400ms\n\
+             {extra_a}\n"
+        )
+        .unwrap();
+
+        // B and C: partners, each sending from its own address.
+        writeln!(
+            ini,
+            "[peer.B]\n\
+             hosts = {addr_b}\n\
+             domains = mms.mnc020.mcc001.gprs\n\
+             prefixes = +1202555\n\
+             accept_from = {PARTNER_B}\n\
+             min_connections = {min_b}\n\
+             max_connections = {max_b}\n\
+             connect_timeout = 2s\n\
+             helo_timeout = 2s\n\
+             probe_min = 100ms\n\
+             probe_max = 400ms\n\
+             {extra_b}\n"
+        )
+        .unwrap();
+
+        writeln!(
+            ini,
+            "[peer.C]\n\
+             hosts = {addr_c}\n\
+             domains = mms.mnc456.mcc999.gprs\n\
+             prefixes = +61491570\n\
+             accept_from = {PARTNER_C}\n\
+             min_connections = {min_c}\n\
+             max_connections = {max_c}\n\
+             connect_timeout = 2s\n\
+             helo_timeout = 1s\n\
+             probe_min = 100ms\n\
+             probe_max = 400ms\n\
+             {extra_c}\n"
+        )
+        .unwrap();
+
+        // A number of B's that was ported to C.
+        ini.push_str("[ported]\n+12025550177 = C\n");
+        ini
     }
 }
 
@@ -168,7 +233,7 @@ impl Harness {
     }
 
     pub fn with(profile: Profile) -> Harness {
-        Harness::with_clock(profile, mm4relay::clock::system())
+        Harness::with_clock(profile, mm4relay::sys::clock::system())
     }
 
     /// A harness whose relay reads `clock` for acceptance, retry and
@@ -209,7 +274,11 @@ impl Harness {
     /// Reloads the running relay with `ini`.
     pub fn reload(&mut self, ini: &str) -> Result<(), String> {
         let config = Config::parse(ini, Path::new("test.ini")).map_err(|e| e.to_string())?;
-        self.relay.as_mut().unwrap().reload(&config)
+        self.relay
+            .as_mut()
+            .unwrap()
+            .reload(&config)
+            .map_err(|e| e.to_string())
     }
 
     /// Stops the relay and starts a new one on the same spool.
@@ -229,7 +298,7 @@ impl Harness {
 
     /// Asks the relay's control socket.
     pub fn control(&self, command: &str) -> String {
-        mm4relay::control::request(&self.spool.path().join("control.sock"), command).unwrap()
+        mm4relay::ops::control::request(&self.spool.path().join("control.sock"), command).unwrap()
     }
 
     /// Bytes of the spool's segment files now (the failed area apart).
@@ -502,6 +571,38 @@ pub fn send_message(client: &mut Client, from: &str, rcpts: &[&str], body: &[u8]
     }
     assert_eq!(client.cmd("DATA").code, 354);
     client.data(body)
+}
+
+/// Sends one MM4_forward.REQ (`forward_req(seq, rcpt, size)`) from
+/// [`FROM`] to `rcpt` in a whole transaction; panics unless it gets 250.
+pub fn send_forward(client: &mut Client, seq: usize, rcpt: &str, size: usize) -> Reply {
+    let reply = send_message(client, FROM, &[rcpt], &forward_req(seq, rcpt, size));
+    assert_eq!(reply.code, 250, "{reply}");
+    reply
+}
+
+/// The queue ID in a "250 ... queued as ID" reply.
+pub fn queued_as(reply: &Reply) -> String {
+    reply.text().rsplit(' ').next().unwrap().to_string()
+}
+
+/// `n` MM4_forward.REQ of 2 KiB from [`FROM`] for [`send_load`], one
+/// recipient each, taken from `rcpts` in turn.
+///
+/// [`send_load`]: mm4relay::sim::send_load
+pub fn load(rcpts: &[&str], n: usize) -> Arc<Vec<Outgoing>> {
+    Arc::new(
+        (0..n)
+            .map(|i| {
+                let rcpt = rcpts[i % rcpts.len()].to_string();
+                Outgoing {
+                    from: FROM.into(),
+                    data: forward_req(i, &rcpt, 2048),
+                    rcpts: vec![rcpt],
+                }
+            })
+            .collect(),
+    )
 }
 
 /// The data a peer received, without the `Received:` line the relay added.
