@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mm4relay::inbound::dedup::{Dedup, pdu_key};
+use mm4relay::mm4::dedup::{Dedup, pdu_key};
 
 struct Counting;
 

@@ -47,6 +47,7 @@ use crate::peer::{Budget, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext}
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Holds, Recovered, Spool, SpoolOptions};
 use crate::sys::clock::{self, SharedClock};
+use crate::sys::owned::Owned;
 use crate::sys::privilege;
 
 /// A running relay.
@@ -633,15 +634,13 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let signals_handle = signals.handle();
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
-    let signal_thread = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig_tx.send(sig).is_err() {
-                    break;
-                }
+    let signal_thread = Owned::spawn("signals", move || {
+        for sig in signals.forever() {
+            if sig_tx.send(sig).is_err() {
+                break;
             }
-        })?;
+        }
+    })?;
     // A file-size limit (ulimit -f) must fail a write, which the spool
     // answers with 451 and leaves behind, not kill the relay.
     // SAFETY: setting a signal's disposition to SIG_IGN has no handler to
@@ -653,7 +652,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
         Ok(r) => r,
         Err(e) => {
             signals_handle.close();
-            let _ = signal_thread.join();
+            signal_thread.join();
             return Err(e);
         }
     };
@@ -684,7 +683,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
         }
     }
     signals_handle.close();
-    let _ = signal_thread.join();
+    signal_thread.join();
     relay.shutdown();
     Ok(())
 }

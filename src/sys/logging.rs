@@ -61,6 +61,8 @@ impl Write for LineSender {
 pub struct LogGuard {
     stop: Option<Sender<()>>,
     reopen: Sender<()>,
+    /// Not an `Owned`: that logs a panic through the logger, and this
+    /// thread is the logger's output. A panic here is said on stderr.
     handle: Option<JoinHandle<()>>,
 }
 
@@ -78,7 +80,9 @@ impl Drop for LogGuard {
         log::logger().flush();
         self.stop.take();
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            if h.join().is_err() {
+                eprintln!("mm4relay: the log writer thread ended in a panic");
+            }
         }
     }
 }

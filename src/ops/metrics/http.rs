@@ -30,12 +30,14 @@ use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, warn};
 use parking_lot::Mutex;
+
+use crate::sys::owned::Owned;
 
 /// Worker threads: connections served at once.
 const WORKERS: usize = 4;
@@ -88,8 +90,8 @@ impl Default for Limits {
 pub struct Server {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
+    accept: Option<Owned<()>>,
+    workers: Vec<Owned<()>>,
 }
 
 /// What the threads share with [`Server`].
@@ -126,21 +128,17 @@ impl Server {
         let render = Arc::new(render);
         for i in 0..limits.workers {
             let (jobs, shared, render) = (jobs_rx.clone(), server.shared.clone(), render.clone());
-            server.workers.push(
-                thread::Builder::new()
-                    .name(format!("metrics-{}", i + 1))
-                    .spawn(move || work(i, &jobs, &shared, &*render, &limits))?,
-            );
+            server
+                .workers
+                .push(Owned::spawn(format!("metrics-{}", i + 1), move || {
+                    work(i, &jobs, &shared, &*render, &limits)
+                })?);
         }
         let shared = server.shared.clone();
-        server.accept = Some(
-            thread::Builder::new()
-                .name("metrics".into())
-                .spawn(move || {
-                    let cap = limits.workers + limits.queue;
-                    accept_loop(&listener, &jobs_tx, &shared, cap)
-                })?,
-        );
+        server.accept = Some(Owned::spawn("metrics", move || {
+            let cap = limits.workers + limits.queue;
+            accept_loop(&listener, &jobs_tx, &shared, cap)
+        })?);
         Ok(server)
     }
 
@@ -168,7 +166,7 @@ impl Server {
                 _ => self.addr,
             };
             let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
-            let _ = accept.join();
+            accept.join();
         }
         // The accept thread is gone with its sender: workers end once they
         // are done with what they hold, which is cut here.
@@ -178,7 +176,7 @@ impl Server {
             }
         }
         for worker in self.workers.drain(..) {
-            let _ = worker.join();
+            worker.join();
         }
     }
 }
