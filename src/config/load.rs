@@ -26,12 +26,8 @@ impl Draft {
             secrets,
         } = self;
         let file = config.path.display().to_string();
-        let at = |section: &str, key: &str, value: &str, problem: String| ConfigError {
-            file: file.clone(),
-            section: section.to_string(),
-            key: key.to_string(),
-            value: value.to_string(),
-            problem,
+        let at = |section: &str, key: &str, value: &str, problem: String| {
+            ConfigError::at(&file, section, key, value, problem)
         };
         let resolve_all = |key: &str, list: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
             list.iter()
@@ -117,13 +113,7 @@ fn identity(
 ) -> Result<Identity, ConfigError> {
     let [cert, key, p12, p12_password] = f.keys;
     let [cert_v, key_v, p12_v, password] = &f.values;
-    let err = |k: &str, v: &str, problem: String| ConfigError {
-        file: file.to_string(),
-        section: f.section.clone(),
-        key: k.to_string(),
-        value: v.to_string(),
-        problem,
-    };
+    let err = |k: &str, v: &str, problem: String| ConfigError::at(file, &f.section, k, v, problem);
     let read = |k: &str, path: &str| {
         std::fs::read(path).map_err(|e| err(k, path, format!("cannot read: {e}")))
     };

@@ -322,26 +322,44 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error at `key = value` of `[section]` in `file` (empty key,
+    /// value or section: a problem of the section or the file).
+    pub fn at(
+        file: impl fmt::Display,
+        section: &str,
+        key: &str,
+        value: &str,
+        problem: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: file.to_string(),
+            section: section.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a file; its `[relay] user` and `group` must
     /// exist on this system.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
-            section: String::new(),
-            key: String::new(),
-            value: String::new(),
-            problem: format!("cannot read: {e}"),
-        })?;
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::at(&file, "", "", "", format!("cannot read: {e}")))?;
         let config = Config::parse(&text, path)?;
         // The system's users and groups: a configuration error found at
         // load, not when the relay tries to become them.
-        let missing = |key: &str, value: &str| ConfigError {
-            file: path.display().to_string(),
-            section: "relay".into(),
-            key: key.into(),
-            value: value.into(),
-            problem: format!("no such {key} on this system"),
+        let missing = |key: &str, value: &str| {
+            ConfigError::at(
+                &file,
+                "relay",
+                key,
+                value,
+                format!("no such {key} on this system"),
+            )
         };
         if let Some(u) = &config.relay.user {
             crate::sys::privilege::uid_of(u).map_err(|_| missing("user", u))?;

@@ -102,13 +102,7 @@ impl Sections<'_> {
 
     /// An error at `key` of a section without a key table.
     fn err(&self, section: &str, key: &str, value: &str, problem: String) -> ConfigError {
-        ConfigError {
-            file: self.file.to_string(),
-            section: section.to_string(),
-            key: key.to_string(),
-            value: value.to_string(),
-            problem,
-        }
+        ConfigError::at(self.file, section, key, value, problem)
     }
 
     /// A free-form section's entries, sorted by key.
@@ -183,12 +177,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
 /// The INI text as sections: a key outside any section, a section given
 /// twice, a key given twice and an unknown section are errors.
 fn split_sections(text: &str, file: &str) -> Result<Vec<RawSection>, ConfigError> {
-    let err = |section: &str, key: &str, value: &str, problem: &str| ConfigError {
-        file: file.to_string(),
-        section: section.to_string(),
-        key: key.to_string(),
-        value: value.to_string(),
-        problem: problem.to_string(),
+    let err = |section: &str, key: &str, value: &str, problem: &str| {
+        ConfigError::at(file, section, key, value, problem)
     };
     let opts = ini::ParseOption {
         enabled_escape: false,
@@ -627,13 +617,13 @@ fn auth(
 pub(super) fn duplicate_user(file: &str, users: &[AuthUser]) -> Result<(), ConfigError> {
     let mut names = HashSet::new();
     match users.iter().find(|u| !names.insert(u.name.clone())) {
-        Some(dup) => Err(ConfigError {
-            file: file.to_string(),
-            section: "auth".into(),
-            key: dup.name.clone(),
-            value: "(hidden)".into(),
-            problem: "user given twice".into(),
-        }),
+        Some(dup) => Err(ConfigError::at(
+            file,
+            "auth",
+            &dup.name,
+            "(hidden)",
+            "user given twice",
+        )),
         None => Ok(()),
     }
 }

@@ -23,13 +23,7 @@ pub(super) struct Section<'a> {
 impl Section<'_> {
     /// An error at `key` of this section.
     pub(super) fn err(&self, key: &str, value: &str, problem: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: self.file.to_string(),
-            section: self.name.clone(),
-            key: key.to_string(),
-            value: value.to_string(),
-            problem: problem.into(),
-        }
+        ConfigError::at(self.file, &self.name, key, value, problem)
     }
 
     /// The value as written, or the key's default.

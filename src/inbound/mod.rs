@@ -112,12 +112,14 @@ impl Tables {
             .as_ref()
             .map(tls::Acceptor::new)
             .transpose()
-            .map_err(|e| ConfigError {
-                file: config.path.display().to_string(),
-                section: "listener".into(),
-                key: String::new(),
-                value: String::new(),
-                problem: format!("TLS: {e}"),
+            .map_err(|e| {
+                ConfigError::at(
+                    config.path.display(),
+                    "listener",
+                    "",
+                    "",
+                    format!("TLS: {e}"),
+                )
             })?;
         Ok(Tables {
             session: SessionConfig {

@@ -59,13 +59,7 @@ fn an_operator_can_hold_release_and_retry() {
 
 #[test]
 fn a_held_message_waits_and_goes_when_released() {
-    let mut h = Harness::start();
-    h.sims[1].set_fault(Fault::TempFail);
-    let mut c = h.client(LOCAL);
-    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
-    let id = queued_as(&reply);
-    wait_until("B's deferral", || h.peer(1).deferred > 0);
-    assert!(h.control(&format!("queue hold {id}")).contains("held"));
+    let (mut h, mut c, id) = held_at_b();
     assert!(h.control("queue hold NOSUCH").starts_with("error"));
     h.sims[1].set_fault(Fault::None);
     // Another message to B goes; the held one stays.
@@ -87,13 +81,7 @@ fn a_held_message_waits_and_goes_when_released() {
 
 #[test]
 fn holds_survive_a_restart() {
-    let mut h = Harness::start();
-    h.sims[1].set_fault(Fault::TempFail);
-    let mut c = h.client(LOCAL);
-    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
-    let id = queued_as(&reply);
-    wait_until("B's deferral", || h.peer(1).deferred > 0);
-    assert!(h.control(&format!("queue hold {id}")).contains("held"));
+    let (mut h, c, id) = held_at_b();
     assert!(h.control("queue hold C").contains("held"));
     drop(c);
     h.restart();
@@ -205,4 +193,17 @@ fn metrics_are_scraped_over_http() {
     });
     assert!(text.contains("# TYPE mm4relay_delivery_delay_seconds histogram"));
     h.stop_relay();
+}
+
+/// A relay whose peer B defers, and a message to B held by the operator
+/// after its first deferral: the harness, the client, the queue ID.
+fn held_at_b() -> (Harness, Client, String) {
+    let h = Harness::start();
+    h.sims[1].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let reply = send_message(&mut c, FROM, &[TO_B], &forward_req(1, TO_B, 500));
+    let id = queued_as(&reply);
+    wait_until("B's deferral", || h.peer(1).deferred > 0);
+    assert!(h.control(&format!("queue hold {id}")).contains("held"));
+    (h, c, id)
 }

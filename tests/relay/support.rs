@@ -164,39 +164,48 @@ impl Profile {
         .unwrap();
 
         // B and C: partners, each sending from its own address.
-        writeln!(
-            ini,
-            "[peer.B]\n\
-             hosts = {addr_b}\n\
-             domains = mms.mnc020.mcc001.gprs\n\
-             prefixes = +1202555\n\
-             accept_from = {PARTNER_B}\n\
-             min_connections = {min_b}\n\
-             max_connections = {max_b}\n\
-             connect_timeout = 2s\n\
-             helo_timeout = 2s\n\
-             probe_min = 100ms\n\
-             probe_max = 400ms\n\
-             {extra_b}\n"
-        )
-        .unwrap();
-
-        writeln!(
-            ini,
-            "[peer.C]\n\
-             hosts = {addr_c}\n\
-             domains = mms.mnc456.mcc999.gprs\n\
-             prefixes = +61491570\n\
-             accept_from = {PARTNER_C}\n\
-             min_connections = {min_c}\n\
-             max_connections = {max_c}\n\
-             connect_timeout = 2s\n\
-             helo_timeout = 1s\n\
-             probe_min = 100ms\n\
-             probe_max = 400ms\n\
-             {extra_c}\n"
-        )
-        .unwrap();
+        let partners = [
+            (
+                "B",
+                addr_b,
+                "mms.mnc020.mcc001.gprs",
+                "+1202555",
+                PARTNER_B,
+                min_b,
+                max_b,
+                "2s",
+                extra_b,
+            ),
+            (
+                "C",
+                addr_c,
+                "mms.mnc456.mcc999.gprs",
+                "+61491570",
+                PARTNER_C,
+                min_c,
+                max_c,
+                "1s",
+                extra_c,
+            ),
+        ];
+        for (name, addr, domain, prefix, from, min, max, helo, extra) in partners {
+            writeln!(
+                ini,
+                "[peer.{name}]\n\
+                 hosts = {addr}\n\
+                 domains = {domain}\n\
+                 prefixes = {prefix}\n\
+                 accept_from = {from}\n\
+                 min_connections = {min}\n\
+                 max_connections = {max}\n\
+                 connect_timeout = 2s\n\
+                 helo_timeout = {helo}\n\
+                 probe_min = 100ms\n\
+                 probe_max = 400ms\n\
+                 {extra}\n"
+            )
+            .unwrap();
+        }
 
         // A number of B's that was ported to C.
         ini.push_str("[ported]\n+12025550177 = C\n");

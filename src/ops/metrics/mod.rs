@@ -152,67 +152,18 @@ fn peer_families(peers: &[PeerSnapshot]) -> Vec<Family> {
         }
     }
     type Get = fn(&PeerSnapshot) -> u64;
+    #[rustfmt::skip]
     let series: [(&'static str, &'static str, &'static str, Get); 10] = [
-        (
-            "mm4relay_connections_opened_total",
-            "counter",
-            "SMTP connections opened to each peer.",
-            |s| s.connections_opened,
-        ),
-        (
-            "mm4relay_connections_failed_total",
-            "counter",
-            "Connection attempts to each peer's hosts that failed (connect, greeting, TLS, AUTH).",
-            |s| s.connections_failed,
-        ),
-        (
-            "mm4relay_pool_depth",
-            "gauge",
-            "Jobs in the peer's pool.",
-            |s| s.pool_depth as u64,
-        ),
-        (
-            "mm4relay_overflow",
-            "gauge",
-            "Jobs waiting for room in the pool.",
-            |s| s.overflow as u64,
-        ),
-        (
-            "mm4relay_waiting_retry",
-            "gauge",
-            "Jobs waiting for their retry time.",
-            |s| s.waiting_retry as u64,
-        ),
-        (
-            "mm4relay_allowance",
-            "gauge",
-            "Workers that may hold a connection.",
-            |s| s.allowance as u64,
-        ),
-        (
-            "mm4relay_connections_open",
-            "gauge",
-            "Connections open now.",
-            |s| s.connections_open as u64,
-        ),
-        (
-            "mm4relay_connections_busy",
-            "gauge",
-            "Connections delivering now.",
-            |s| s.busy as u64,
-        ),
-        (
-            "mm4relay_peer_healthy",
-            "gauge",
-            "1 when healthy, 0 while isolated and probed.",
-            |s| u64::from(s.healthy),
-        ),
-        (
-            "mm4relay_peer_misconfigured",
-            "gauge",
-            "1 while our TLS or AUTH settings and the peer's do not agree.",
-            |s| u64::from(s.misconfigured),
-        ),
+        ("mm4relay_connections_opened_total", "counter", "SMTP connections opened to each peer.", |s| s.connections_opened),
+        ("mm4relay_connections_failed_total", "counter", "Connection attempts to each peer's hosts that failed (connect, greeting, TLS, AUTH).", |s| s.connections_failed),
+        ("mm4relay_pool_depth", "gauge", "Jobs in the peer's pool.", |s| s.pool_depth as u64),
+        ("mm4relay_overflow", "gauge", "Jobs waiting for room in the pool.", |s| s.overflow as u64),
+        ("mm4relay_waiting_retry", "gauge", "Jobs waiting for their retry time.", |s| s.waiting_retry as u64),
+        ("mm4relay_allowance", "gauge", "Workers that may hold a connection.", |s| s.allowance as u64),
+        ("mm4relay_connections_open", "gauge", "Connections open now.", |s| s.connections_open as u64),
+        ("mm4relay_connections_busy", "gauge", "Connections delivering now.", |s| s.busy as u64),
+        ("mm4relay_peer_healthy", "gauge", "1 when healthy, 0 while isolated and probed.", |s| u64::from(s.healthy)),
+        ("mm4relay_peer_misconfigured", "gauge", "1 while our TLS or AUTH settings and the peer's do not agree.", |s| u64::from(s.misconfigured)),
     ];
     let mut families = vec![recipients];
     families.extend(
@@ -244,112 +195,63 @@ fn delay_histograms(out: &mut String, views: &[PeerView], peers: &[PeerSnapshot]
     }
 }
 
+/// Families of one unlabelled sample each: name, type, help, value.
+type Single = (&'static str, &'static str, &'static str, u64);
+
+fn singles(list: impl IntoIterator<Item = Single>) -> impl Iterator<Item = Family> {
+    list.into_iter()
+        .map(|(name, kind, help, v)| Family::single(name, kind, help, v))
+}
+
 /// Sessions, messages and refusals on the way in.
+#[rustfmt::skip]
 fn inbound_families(inbound: &InboundStats) -> Vec<Family> {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let labelled = |name, help, samples: &[(&str, &AtomicU64)]| {
         let mut f = Family::new(name, "counter", help);
         for (reason, a) in samples {
-            f.samples
-                .push((format!("{{reason=\"{reason}\"}}"), load(a)));
+            f.samples.push((format!("{{reason=\"{reason}\"}}"), load(a)));
         }
         f
     };
-    vec![
-        Family::single(
-            "mm4relay_sessions_open",
-            "gauge",
-            "Inbound SMTP sessions open now.",
-            inbound.sessions_open.load(Ordering::Relaxed) as u64,
-        ),
-        Family::single(
-            "mm4relay_sessions_total",
-            "counter",
-            "Inbound SMTP sessions since start.",
-            load(&inbound.sessions_total),
-        ),
-        Family::single(
-            "mm4relay_messages_accepted_total",
-            "counter",
-            "Messages answered 250 and queued.",
-            load(&inbound.accepted),
-        ),
-        Family::single(
-            "mm4relay_messages_duplicate_total",
-            "counter",
-            "Messages answered 250 as duplicates.",
-            load(&inbound.duplicates),
-        ),
-        labelled(
-            "mm4relay_messages_rejected_total",
-            "Messages refused at the end of DATA, by reason.",
-            &[
-                ("content", &inbound.rejected_content),
-                ("spool", &inbound.rejected_spool),
-            ],
-        ),
-        labelled(
-            "mm4relay_recipients_rejected_total",
-            "Recipients refused at RCPT, by reason.",
-            &[
-                ("bad_address", &inbound.rcpt_bad_address),
-                ("unroutable", &inbound.rcpt_unroutable),
-                ("relay_denied", &inbound.rcpt_relay_denied),
-            ],
-        ),
-        Family::single(
-            "mm4relay_tls_sessions_total",
-            "counter",
-            "Inbound sessions that started TLS.",
-            load(&inbound.tls_sessions),
-        ),
-        Family::single(
-            "mm4relay_auth_failures_total",
-            "counter",
-            "Inbound AUTH attempts that failed.",
-            load(&inbound.auth_failures),
-        ),
-        Family::single(
-            "mm4relay_auth_delayed_total",
-            "counter",
-            "Inbound AUTH attempts answered after a delay for recent failures.",
-            load(&inbound.auth_delayed),
-        ),
-        Family::single(
-            "mm4relay_connections_refused_total",
-            "counter",
-            "Inbound connections refused by the per-address limits.",
-            load(&inbound.refused_per_ip),
-        ),
-    ]
+    let sessions_open = inbound.sessions_open.load(Ordering::Relaxed) as u64;
+    let mut families: Vec<Family> = singles([
+        ("mm4relay_sessions_open", "gauge", "Inbound SMTP sessions open now.", sessions_open),
+        ("mm4relay_sessions_total", "counter", "Inbound SMTP sessions since start.", load(&inbound.sessions_total)),
+        ("mm4relay_messages_accepted_total", "counter", "Messages answered 250 and queued.", load(&inbound.accepted)),
+        ("mm4relay_messages_duplicate_total", "counter", "Messages answered 250 as duplicates.", load(&inbound.duplicates)),
+    ])
+    .collect();
+    families.push(labelled(
+        "mm4relay_messages_rejected_total",
+        "Messages refused at the end of DATA, by reason.",
+        &[("content", &inbound.rejected_content), ("spool", &inbound.rejected_spool)],
+    ));
+    families.push(labelled(
+        "mm4relay_recipients_rejected_total",
+        "Recipients refused at RCPT, by reason.",
+        &[
+            ("bad_address", &inbound.rcpt_bad_address),
+            ("unroutable", &inbound.rcpt_unroutable),
+            ("relay_denied", &inbound.rcpt_relay_denied),
+        ],
+    ));
+    families.extend(singles([
+        ("mm4relay_tls_sessions_total", "counter", "Inbound sessions that started TLS.", load(&inbound.tls_sessions)),
+        ("mm4relay_auth_failures_total", "counter", "Inbound AUTH attempts that failed.", load(&inbound.auth_failures)),
+        ("mm4relay_auth_delayed_total", "counter", "Inbound AUTH attempts answered after a delay for recent failures.", load(&inbound.auth_delayed)),
+        ("mm4relay_connections_refused_total", "counter", "Inbound connections refused by the per-address limits.", load(&inbound.refused_per_ip)),
+    ]));
+    families
 }
 
 /// What the spool holds on disk.
-fn spool_families(spool: &SpoolStats) -> [Family; 4] {
-    [
-        Family::single(
-            "mm4relay_spool_bytes",
-            "gauge",
-            "Bytes the spool occupies on disk.",
-            spool.bytes,
-        ),
-        Family::single(
-            "mm4relay_spool_live_bytes",
-            "gauge",
-            "Bytes of spooled messages with recipients left.",
-            spool.live_bytes,
-        ),
-        Family::single(
-            "mm4relay_spool_segments",
-            "gauge",
-            "Segment files of the spool.",
-            spool.segments,
-        ),
-        Family::single(
-            "mm4relay_spool_compactions_total",
-            "counter",
-            "Compactions (live messages copied forward) since start.",
-            spool.compactions,
-        ),
-    ]
+#[rustfmt::skip]
+fn spool_families(spool: &SpoolStats) -> impl Iterator<Item = Family> {
+    singles([
+        ("mm4relay_spool_bytes", "gauge", "Bytes the spool occupies on disk.", spool.bytes),
+        ("mm4relay_spool_live_bytes", "gauge", "Bytes of spooled messages with recipients left.", spool.live_bytes),
+        ("mm4relay_spool_segments", "gauge", "Segment files of the spool.", spool.segments),
+        ("mm4relay_spool_compactions_total", "counter", "Compactions (live messages copied forward) since start.", spool.compactions),
+    ])
 }
