@@ -195,7 +195,7 @@ fn expect(what: &str, got: &mm4relay::smtp::Reply, want: (u16, &str)) {
 #[test]
 fn corpus_outcomes() {
     let Some(dir) = corpus_dir() else {
-        eprintln!("corpus_outcomes: ../shared/mm4-corpus not found, skipped (set MM4_CORPUS)");
+        eprintln!("SKIPPED: corpus_outcomes: ../shared/mm4-corpus not found (set MM4_CORPUS)");
         return;
     };
     let all = cases();
