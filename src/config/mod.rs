@@ -60,7 +60,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// CA certificates to trust, loaded at parse time.
+/// CA certificates to trust, read by the load step.
 #[derive(Clone)]
 pub struct TlsRoots(pub Vec<native_tls::Certificate>);
 

@@ -30,7 +30,9 @@ pub(super) struct IdentityFiles {
 /// What a peer section names that the load step reads.
 #[derive(Clone, Debug, Default)]
 pub(super) struct PeerFiles {
+    /// The client certificate and key files.
     pub(super) identity: Option<IdentityFiles>,
+    /// `tls_ca_file`.
     pub(super) ca_file: Option<String>,
 }
 
@@ -42,10 +44,15 @@ pub struct Draft {
     /// the metrics address, identities, CA roots and the users file's
     /// accounts are empty, and the hostname is empty when not given.
     pub(super) config: Config,
+    /// `[listener] listen`, as written: resolved by the load step.
     pub(super) listen: Vec<String>,
+    /// `[listener] listen_tls`, as written.
     pub(super) listen_tls: Vec<String>,
+    /// `[relay] metrics_listen`, as written.
     pub(super) metrics_listen: Option<String>,
+    /// The listener's certificate and key files.
     pub(super) listener_identity: Option<IdentityFiles>,
+    /// What each peer names, in the order of `config.peers`.
     pub(super) peer_files: Vec<PeerFiles>,
     /// `[auth] users_file`, as (key, value).
     pub(super) users_file: Option<(String, String)>,

@@ -146,7 +146,7 @@ pub(super) fn parse_auth_user(
 }
 
 /// Splits at commas and white space, dropping empty items.
-pub(super) fn split_list(v: &str) -> Vec<String> {
+fn split_list(v: &str) -> Vec<String> {
     v.split([',', ' ', '\t'])
         .map(str::trim)
         .filter(|s| !s.is_empty())

@@ -23,19 +23,19 @@ use super::throttle::{RateLimitedWarning, address_key};
 use super::{Inbound, InboundStats, Tables};
 
 /// A live session as the listener sees it, so a stop can reach it.
-pub(super) struct Slot {
-    pub(super) stream: TcpStream,
-    pub(super) in_data: Arc<AtomicBool>,
+struct Slot {
+    stream: TcpStream,
+    in_data: Arc<AtomicBool>,
     /// A TLS session cannot be told 421 through the raw socket.
-    pub(super) tls: Arc<AtomicBool>,
+    tls: Arc<AtomicBool>,
 }
 
 /// What one client address is doing, for the per-address limits.
-pub(super) struct PerIp {
-    pub(super) open: usize,
+struct PerIp {
+    open: usize,
     /// Connection tokens left (refilled at the configured rate) and when.
-    pub(super) tokens: f64,
-    pub(super) refilled: Instant,
+    tokens: f64,
+    refilled: Instant,
 }
 
 /// Session limits fixed at start.
@@ -57,33 +57,33 @@ pub(super) struct Sessions {
     /// Set at stop: sessions close after the transaction in progress.
     pub(super) stopping: AtomicBool,
     /// Dropped at stop, so waits on [`Sessions::stopped`] end at once.
-    pub(super) stop_signal: Mutex<Option<Sender<()>>>,
+    stop_signal: Mutex<Option<Sender<()>>>,
     pub(super) stopped: Receiver<()>,
-    pub(super) live: Mutex<HashMap<u64, Slot>>,
+    live: Mutex<HashMap<u64, Slot>>,
     /// Notified whenever a session leaves `live`.
-    pub(super) ended: Condvar,
+    ended: Condvar,
     /// Session threads; finished ones are joined at the next accept.
-    pub(super) handles: Mutex<Vec<Owned<()>>>,
+    handles: Mutex<Vec<Owned<()>>>,
     /// Sessions and connection rate per client address, an IPv6 client by
     /// its /64 (local MMSC hosts are not counted).
-    pub(super) per_ip: Mutex<HashMap<IpAddr, PerIp>>,
+    per_ip: Mutex<HashMap<IpAddr, PerIp>>,
     /// Sessions open from the local MMSC's hosts, from everyone else, and
     /// of those from strangers.
-    pub(super) open_local: AtomicUsize,
-    pub(super) open_other: AtomicUsize,
-    pub(super) open_strangers: AtomicUsize,
+    open_local: AtomicUsize,
+    open_other: AtomicUsize,
+    open_strangers: AtomicUsize,
     /// The inbound counters (sessions open is the sum of both).
-    pub(super) stats: Arc<InboundStats>,
-    pub(super) next: AtomicU64,
+    stats: Arc<InboundStats>,
+    next: AtomicU64,
     /// Refusals at accept come at the rate of connections: logged at most
     /// once a second each.
-    pub(super) over_limit: RateLimitedWarning,
-    pub(super) over_ip_limit: RateLimitedWarning,
-    pub(super) accept_failed: RateLimitedWarning,
+    over_limit: RateLimitedWarning,
+    over_ip_limit: RateLimitedWarning,
+    accept_failed: RateLimitedWarning,
 }
 
 impl Sessions {
-    pub(super) fn new(stats: Arc<InboundStats>) -> Sessions {
+    fn new(stats: Arc<InboundStats>) -> Sessions {
         let (tx, rx) = crossbeam_channel::bounded(0);
         Sessions {
             stopping: AtomicBool::new(false),
@@ -106,7 +106,7 @@ impl Sessions {
 
     /// Counts a new connection from `ip` against its limits; the reason
     /// when it is over one.
-    pub(super) fn admit(&self, ip: IpAddr, max_open: usize, rate: u32) -> Result<(), &'static str> {
+    fn admit(&self, ip: IpAddr, max_open: usize, rate: u32) -> Result<(), &'static str> {
         let ip = address_key(ip);
         let mut map = self.per_ip.lock();
         let now = Instant::now();
@@ -136,13 +136,13 @@ impl Sessions {
         Ok(())
     }
 
-    pub(super) fn release(&self, ip: IpAddr) {
+    fn release(&self, ip: IpAddr) {
         if let Some(e) = self.per_ip.lock().get_mut(&address_key(ip)) {
             e.open = e.open.saturating_sub(1);
         }
     }
 
-    pub(super) fn open_count(&self, local: bool) -> &AtomicUsize {
+    fn open_count(&self, local: bool) -> &AtomicUsize {
         if local {
             &self.open_local
         } else {
@@ -154,12 +154,12 @@ impl Sessions {
 /// One session's place in the counts: taken before its thread starts,
 /// given back when the guard drops, however the thread ends (a panic
 /// included) or if it never starts.
-pub(super) struct SessionGuard {
-    pub(super) sessions: Arc<Sessions>,
-    pub(super) id: u64,
-    pub(super) ip: IpAddr,
-    pub(super) local: bool,
-    pub(super) stranger: bool,
+struct SessionGuard {
+    sessions: Arc<Sessions>,
+    id: u64,
+    ip: IpAddr,
+    local: bool,
+    stranger: bool,
 }
 
 impl Drop for SessionGuard {
@@ -303,7 +303,7 @@ impl Listener {
 }
 
 /// Takes one place of `max` in `count`; false when none is left.
-pub(super) fn reserve(count: &AtomicUsize, max: usize) -> bool {
+fn reserve(count: &AtomicUsize, max: usize) -> bool {
     count
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
@@ -312,7 +312,7 @@ pub(super) fn reserve(count: &AtomicUsize, max: usize) -> bool {
 }
 
 /// Writes what fits into the socket's buffer now, without waiting.
-pub(super) fn send_nowait(stream: &TcpStream, bytes: &[u8]) {
+fn send_nowait(stream: &TcpStream, bytes: &[u8]) {
     // SAFETY: a valid socket and buffer for the call; the result only says
     // how much went, and nothing depends on it.
     unsafe {
@@ -326,7 +326,7 @@ pub(super) fn send_nowait(stream: &TcpStream, bytes: &[u8]) {
 }
 
 /// Answers a connection over a limit with 421 and closes it.
-pub(super) fn refuse(stream: TcpStream, status: &str, why: &str) {
+fn refuse(stream: TcpStream, status: &str, why: &str) {
     send_nowait(
         &stream,
         format!("421 {status} {why}, try again later\r\n").as_bytes(),
@@ -410,12 +410,7 @@ fn take_place(
     })
 }
 
-pub(super) fn accept_loop(
-    b: &Bound,
-    sessions: &Arc<Sessions>,
-    inbound: &Arc<Inbound>,
-    limits: Limits,
-) {
+fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limits: Limits) {
     for conn in b.listener.incoming() {
         if sessions.stopping.load(Ordering::Acquire) {
             break;

@@ -32,7 +32,7 @@ pub(super) struct Refusals {
 
 impl Refusals {
     /// Counts one refusal; logs `detail` if it is the first of its reason.
-    pub(super) fn note(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+    fn note(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
         match self.counts.iter_mut().find(|(r, _)| *r == reason) {
             Some((_, n)) => *n += 1,
             None => {
@@ -61,7 +61,7 @@ impl Drop for Refusals {
 }
 
 /// Recipients for a log line: the first five, and how many more.
-pub(super) fn listed<'a>(rcpts: impl ExactSizeIterator<Item = &'a str>) -> String {
+fn listed<'a>(rcpts: impl ExactSizeIterator<Item = &'a str>) -> String {
     let n = rcpts.len();
     let mut out: Vec<String> = rcpts.take(5).map(|r| format!("<{}>", Brief(r))).collect();
     if n > 5 {

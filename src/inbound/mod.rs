@@ -41,7 +41,7 @@ use crate::route::Router;
 use crate::route::access::{AccessControl, Cidr};
 use crate::smtp::session::SessionConfig;
 use crate::spool::Spool;
-use crate::tls::{self};
+use crate::tls;
 
 mod accept;
 mod intake;

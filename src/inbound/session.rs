@@ -26,7 +26,7 @@ pub(super) struct SessionState {
 
 /// How long the 421 that ends a session may take to write, once the
 /// deadline it tells of has passed.
-pub(super) const LAST_WORD: Duration = Duration::from_secs(1);
+const LAST_WORD: Duration = Duration::from_secs(1);
 
 /// Drives one session over its socket until QUIT, a timeout, EOF or stop.
 ///
@@ -249,12 +249,7 @@ impl Deadlines {
 }
 
 /// The server TLS handshake, all of it by `deadline`.
-pub(super) fn start_tls(
-    stream: Stream,
-    tables: &Tables,
-    ip: IpAddr,
-    deadline: Instant,
-) -> io::Result<Stream> {
+fn start_tls(stream: Stream, tables: &Tables, ip: IpAddr, deadline: Instant) -> io::Result<Stream> {
     let acceptor = tables
         .tls
         .as_ref()

@@ -1,5 +1,7 @@
 //! `mm4relay status`, as a table for people and as JSON for scripts, from
-//! one list of fields: a field added here shows in both.
+//! one list of fields ([`peer_fields`]): every field is in the JSON, and
+//! each that has a column is in the table, in [`TABLE_ORDER`] (a unit test
+//! holds the two lists together).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +42,7 @@ struct Field<'a> {
 }
 
 /// Every field of one peer, in JSON order; the table takes its columns
-/// from the same list, in `TABLE_ORDER`.
+/// from the same list, in [`TABLE_ORDER`].
 fn peer_fields(p: &PeerSnapshot) -> [Field<'_>; 17] {
     use Column::*;
     use Value::*;
@@ -78,8 +80,30 @@ fn peer_fields(p: &PeerSnapshot) -> [Field<'_>; 17] {
     ]
 }
 
-/// The table's columns, as indices into [`peer_fields`].
-const TABLE_ORDER: [usize; 14] = [0, 14, 2, 3, 4, 5, 6, 7, 15, 8, 9, 10, 16, 13];
+/// The table's columns, by the keys of [`peer_fields`].
+const TABLE_ORDER: [&str; 14] = [
+    "name",
+    "state",
+    "allowance",
+    "connections_open",
+    "busy",
+    "pool_depth",
+    "overflow",
+    "waiting_retry",
+    "oldest_secs",
+    "sent",
+    "deferred",
+    "failed",
+    "msgs_per_sec",
+    "last_error",
+];
+
+/// The fields of the table, in its order.
+fn table_fields<'a, 'b>(fields: &'b [Field<'a>]) -> impl Iterator<Item = &'b Field<'a>> {
+    TABLE_ORDER
+        .iter()
+        .filter_map(move |key| fields.iter().find(|f| f.key == *key))
+}
 
 /// The listener's counters, for both forms.
 fn listener_counts(i: &InboundStats) -> [(&'static str, u64); 11] {
@@ -116,7 +140,7 @@ fn spool_counts(s: &SpoolStats) -> [(&'static str, u64); 4] {
 }
 
 /// An age as the table shows it: 45s, 12m, 3h, 2d.
-pub(super) fn short_age(secs: u64) -> String {
+fn short_age(secs: u64) -> String {
     match secs {
         0..120 => format!("{secs}s"),
         120..7200 => format!("{}m", secs / 60),
@@ -158,7 +182,8 @@ fn row<'a>(out: &mut String, cells: impl Iterator<Item = (&'a Column, String, bo
                 pending = Some((*w, left, text));
             }
             Column::Joined => {
-                if let Some((_, _, t)) = &mut pending {
+                // The header has its name in the cell before.
+                if let Some((_, _, t)) = pending.as_mut().filter(|_| !text.is_empty()) {
                     t.push('/');
                     t.push_str(&text);
                 }
@@ -183,23 +208,20 @@ pub fn text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) 
     let header = peer_fields(&blank);
     row(
         &mut out,
-        TABLE_ORDER.iter().map(|&i| {
-            let c = &header[i].column;
-            let name = match c {
+        table_fields(&header).map(|f| {
+            let name = match f.column {
                 Column::Own(h, _) | Column::Last(h) => h.to_string(),
                 _ => String::new(),
             };
-            (c, name, matches!(header[i].value, Value::Text(_)))
+            (&f.column, name, matches!(f.value, Value::Text(_)))
         }),
     );
     for p in peers {
         let fields = peer_fields(p);
         row(
             &mut out,
-            TABLE_ORDER.iter().map(|&i| {
-                let f = &fields[i];
-                (&f.column, cell(&f.value), matches!(f.value, Value::Text(_)))
-            }),
+            table_fields(&fields)
+                .map(|f| (&f.column, cell(&f.value), matches!(f.value, Value::Text(_)))),
         );
     }
     let counts: Vec<String> = listener_counts(inbound)
@@ -273,6 +295,29 @@ pub fn json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_shows_every_field_with_a_column_once() {
+        let blank = PeerSnapshot::default();
+        let fields = peer_fields(&blank);
+        let in_table: Vec<&str> = fields
+            .iter()
+            .filter(|f| !matches!(f.column, Column::None))
+            .map(|f| f.key)
+            .collect();
+        let mut order = TABLE_ORDER.to_vec();
+        order.sort_unstable();
+        let mut want = in_table.clone();
+        want.sort_unstable();
+        assert_eq!(order, want);
+        let text = text(&[], &SpoolStats::default(), &InboundStats::default());
+        assert!(
+            text.starts_with(
+                "peer       health        allow open/busy   pool overflow waiting oldest      sent  deferred  failed   msg/s  last error\n"
+            ),
+            "{text:?}"
+        );
+    }
 
     #[test]
     fn renders_text_and_json() {

@@ -20,10 +20,10 @@ use crate::sys::owned::Owned;
 
 use super::{Admission, CLOCK_STEP, Event, PeerQueue, Queue, RetryPolicy};
 
-pub(super) struct Deferred {
-    pub(super) due: SystemTime,
-    pub(super) seq: u64,
-    pub(super) job: Job,
+struct Deferred {
+    due: SystemTime,
+    seq: u64,
+    job: Job,
 }
 
 impl PartialEq for Deferred {
@@ -109,19 +109,19 @@ pub(super) fn millis(t: SystemTime) -> u64 {
 }
 
 /// The manager's own state: every job not in a pool or in flight.
-pub(super) struct Manager<'a> {
-    pub(super) queue: &'a Queue,
-    pub(super) spool: &'a Spool,
+struct Manager<'a> {
+    queue: &'a Queue,
+    spool: &'a Spool,
     /// Where jobs whose time is up go to be failed.
-    pub(super) expired: Sender<Job>,
+    expired: Sender<Job>,
     /// Per peer, in arrival order.
-    pub(super) overflow: Vec<VecDeque<Job>>,
-    pub(super) deferred: BinaryHeap<Reverse<Deferred>>,
+    overflow: Vec<VecDeque<Job>>,
+    deferred: BinaryHeap<Reverse<Deferred>>,
     /// Jobs of held messages, counted as waiting (deferred) meanwhile.
-    pub(super) parked: Vec<Job>,
-    pub(super) seq: u64,
+    parked: Vec<Job>,
+    seq: u64,
     /// Sync requests, answered at the end of this pass.
-    pub(super) syncs: Vec<Sender<()>>,
+    syncs: Vec<Sender<()>>,
 }
 
 impl Manager<'_> {
@@ -165,7 +165,7 @@ impl Manager<'_> {
     }
 
     /// Jobs still held here (or on their way) at the stop.
-    pub(super) fn left(&self, events: &Receiver<Event>) -> usize {
+    fn left(&self, events: &Receiver<Event>) -> usize {
         self.overflow.iter().map(VecDeque::len).sum::<usize>()
             + self.deferred.len()
             + self.parked.len()
@@ -175,7 +175,7 @@ impl Manager<'_> {
     /// How long to sleep: until the next retry or deadline, however far
     /// (a new, sooner one wakes the manager), but a minute at most, for a
     /// wall clock that steps. Room in a full pool wakes it too (see `run`).
-    pub(super) fn wait(&self) -> Duration {
+    fn wait(&self) -> Duration {
         // Anything tracked from here on wakes the manager, until it knows
         // when it will look next.
         self.queue.next_look.store(u64::MAX, Ordering::Release);
@@ -255,7 +255,7 @@ impl Manager<'_> {
         }
     }
 
-    pub(super) fn expire(&self, mut job: Job) {
+    fn expire(&self, mut job: Job) {
         job.data = None;
         // The expirer outlives the manager: this cannot fail.
         let _ = self.expired.send(job);
@@ -265,7 +265,7 @@ impl Manager<'_> {
     /// wherever its jobs wait: retries, overflow, held, or a pool (taken
     /// out of it; the others go back in order). A job in flight is its
     /// worker's: it fails it itself (see `Admission::Expired`).
-    pub(super) fn expire_due(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
+    fn expire_due(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
         let mut due: Vec<HashSet<String>> = vec![HashSet::new(); peers.len()];
         for (p, ids) in peers.iter().zip(due.iter_mut()) {
             let mut tracked = p.tracked.lock();
@@ -321,7 +321,7 @@ impl Manager<'_> {
 
     /// Due retries queue behind the overflow; counted apart from new jobs,
     /// which need not wait behind a retry.
-    pub(super) fn due_retries(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
+    fn due_retries(&mut self, now: SystemTime, peers: &[Arc<PeerQueue>]) {
         while let Some(Reverse(d)) = self.deferred.pop() {
             if d.due > now {
                 self.deferred.push(Reverse(d));
@@ -336,7 +336,7 @@ impl Manager<'_> {
 
     /// Moves overflow into the pools while they have room, in order; held
     /// jobs are parked, deleted ones dropped, expired ones failed.
-    pub(super) fn feed(&mut self, peers: &[Arc<PeerQueue>]) {
+    fn feed(&mut self, peers: &[Arc<PeerQueue>]) {
         let mut held_now = Vec::new();
         let mut expired_now = Vec::new();
         for (q, p) in self.overflow.iter_mut().zip(peers) {

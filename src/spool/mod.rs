@@ -48,6 +48,13 @@
 //! `recent` holds the duplicate-suppression keys a clean stop saved;
 //! `holds` what an operator holds. Both are replaced whole (written aside,
 //! flushed, renamed).
+//!
+//! # Files of this part
+//! `record.rs` the record codec, `replay.rs` recovery, `state.rs` the
+//! segments and live messages, `writer.rs` the writer thread, `side.rs`
+//! the side files. The spool knows messages and their jobs by peer name;
+//! it knows nothing of SMTP sessions, pools or peers' connections, and no
+//! file outside its directory.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};

@@ -15,10 +15,10 @@ impl Enc {
     pub(super) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    pub(super) fn u16(&mut self, v: u16) {
+    fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    pub(super) fn u32(&mut self, v: u32) {
+    fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     pub(super) fn u64(&mut self, v: u64) {
@@ -105,10 +105,10 @@ impl Dec<'_> {
     pub(super) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    pub(super) fn u16(&mut self) -> Option<u16> {
+    fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
-    pub(super) fn u32(&mut self) -> Option<u32> {
+    fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     }
@@ -132,7 +132,7 @@ pub(super) enum Record {
     Mark(Mark),
 }
 
-pub(super) fn decode(payload: &[u8]) -> Option<Record> {
+fn decode(payload: &[u8]) -> Option<Record> {
     let mut d = Dec(payload);
     match d.u8()? {
         b'M' => {

@@ -8,7 +8,7 @@ use super::{Note, RecentKey};
 #[derive(Default)]
 pub(super) struct Segment {
     /// Messages whose current copy is in this segment, with recipients left.
-    pub(super) live: usize,
+    live: usize,
     /// Bytes of their records.
     pub(super) live_bytes: u64,
     /// Bytes of the file.
@@ -16,7 +16,7 @@ pub(super) struct Segment {
     /// Segments holding records that this segment's records build on: the
     /// messages its done and retry records speak of, the earlier copies of
     /// the messages it holds copies of. It may not go before they do.
-    pub(super) refs: HashSet<u64>,
+    refs: HashSet<u64>,
 }
 
 /// A message with recipients left.
@@ -27,7 +27,7 @@ pub(super) struct Live {
     pub(super) record: u64,
     pub(super) frame: u32,
     /// Recipients left.
-    pub(super) remaining: usize,
+    remaining: usize,
     /// What its done and retry records said since that copy was written:
     /// what a new copy must carry.
     pub(super) notes: Vec<Note>,
@@ -92,7 +92,7 @@ impl State {
     }
 
     /// Takes a message's copy out of its segment's live count.
-    pub(super) fn forget(&mut self, m: &Live) {
+    fn forget(&mut self, m: &Live) {
         if let Some(s) = self.segments.get_mut(&m.segment) {
             s.live -= 1;
             s.live_bytes -= u64::from(m.frame);

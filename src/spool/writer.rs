@@ -21,10 +21,10 @@ use super::{
     segment_name,
 };
 
-pub(super) struct Active {
-    pub(super) number: u64,
+struct Active {
+    number: u64,
     pub(super) file: File,
-    pub(super) len: u64,
+    len: u64,
 }
 
 /// Where each message copied forward since the spool opened now is.
@@ -33,32 +33,32 @@ pub(super) type Moved = Arc<parking_lot::Mutex<HashMap<String, Location>>>;
 /// A compaction under way: the live messages of every segment below
 /// `below` are copied forward, a few at a time, so that those segments
 /// (and the ones pinned by them) can go.
-pub(super) struct Compaction {
-    pub(super) below: u64,
+struct Compaction {
+    below: u64,
     /// IDs still to copy, the oldest last.
-    pub(super) todo: Vec<String>,
+    todo: Vec<String>,
 }
 
 pub(super) struct Writer {
-    pub(super) opts: SpoolOptions,
-    pub(super) state: State,
-    pub(super) active: Active,
-    pub(super) gauges: Arc<Gauges>,
+    opts: SpoolOptions,
+    state: State,
+    active: Active,
+    gauges: Arc<Gauges>,
     /// Done/retry records a failed write could not store; written with the
     /// next batch. They are applied in memory at once, so that a full
     /// disk can still free the segments whose messages are all done.
-    pub(super) unwritten: Vec<Mark>,
+    unwritten: Vec<Mark>,
     pub(super) moved: Moved,
-    pub(super) compaction: Option<Compaction>,
+    compaction: Option<Compaction>,
     /// Octets appended for new work since the last compaction ended.
-    pub(super) written: u64,
+    written: u64,
     /// A write or flush to the active segment failed (other than for
     /// space): new records go to a new segment, the old one's tail being
     /// in doubt.
-    pub(super) failed: bool,
+    failed: bool,
 }
 
-pub(super) fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
+fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
     let file = OpenOptions::new()
         .create_new(true)
         .read(true)
@@ -75,7 +75,7 @@ pub(super) fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
 }
 
 /// What woke the writer.
-pub(super) enum Wake {
+enum Wake {
     Commit(Option<Request>),
     Mark(Option<Request>),
     /// Nothing waiting, and a compaction has work.
@@ -177,7 +177,7 @@ impl Writer {
         }
     }
 
-    pub(super) fn write_batch(&mut self, batch: Vec<Request>) {
+    fn write_batch(&mut self, batch: Vec<Request>) {
         let mut buf = Vec::new();
         let mut commits = Vec::new();
         let mut marks = std::mem::take(&mut self.unwritten);
@@ -276,7 +276,7 @@ impl Writer {
 
     /// Appends and (when `flush`) makes durable; on failure, cuts the
     /// file back to its last good length.
-    pub(super) fn append(&mut self, buf: &[u8], flush: bool) -> io::Result<()> {
+    fn append(&mut self, buf: &[u8], flush: bool) -> io::Result<()> {
         let a = &mut self.active;
         let mut r = a.file.write_all(buf);
         if r.is_ok() && flush && self.opts.sync {
@@ -304,7 +304,7 @@ impl Writer {
     /// large or a write to it failed, or empties it when the whole spool
     /// has drained; starts a compaction when the sealed segments hold more
     /// dead octets than live ones.
-    pub(super) fn collect(&mut self) {
+    fn collect(&mut self) {
         let active = self.active.number;
         if self.active.len >= self.opts.segment_size || self.failed {
             match open_segment(&self.opts.dir, active + 1) {
@@ -359,7 +359,7 @@ impl Writer {
     }
 
     /// Dead octets the sealed segments may hold before a compaction.
-    pub(super) fn slack(&self) -> u64 {
+    fn slack(&self) -> u64 {
         let slack = self.opts.segment_size;
         match self.opts.max_bytes {
             0 => slack,
@@ -370,7 +370,7 @@ impl Writer {
     /// Starts a compaction when the sealed segments hold more dead octets
     /// than live ones (and than the slack): copying the live ones forward
     /// then frees at least as much as it writes.
-    pub(super) fn maybe_compact(&mut self) {
+    fn maybe_compact(&mut self) {
         let slack = self.slack();
         if self.compaction.is_some() || self.written < slack {
             return;
@@ -405,7 +405,7 @@ impl Writer {
 
     /// Copies the next few live messages of a compaction forward, with
     /// what is left of them, in one write and one flush.
-    pub(super) fn compact_step(&mut self) {
+    fn compact_step(&mut self) {
         let Some(mut c) = self.compaction.take() else {
             return;
         };
@@ -462,7 +462,7 @@ impl Writer {
     /// stands: its `M` record with only the recipients left, then a retry
     /// record for each deferral. Returns the new data location, the
     /// recipients left and the retry notes.
-    pub(super) fn copy(
+    fn copy(
         &self,
         id: &str,
         m: &Live,
