@@ -598,8 +598,8 @@ fn open(config: &Config) -> Result<(Prepared, Vec<Bound>, Spool, Vec<Recovered>)
     let tables = Inbound::prepare(config)?;
     let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
     if let Some(user) = &config.relay.user {
-        privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)
-            .map_err(|e| RelayError::system(format!("becoming user {user}"), e))?;
+        // Its errors say which user and which path.
+        privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
     }
     let (spool, recovered) = Spool::open(&SpoolOptions {
         dir: config.relay.spool_dir.clone(),
