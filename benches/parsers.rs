@@ -4,6 +4,7 @@
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use mm4relay::config::Mm4Check;
 use mm4relay::mm4;
+use mm4relay::route::np::NpTable;
 use mm4relay::route::{Address, Router};
 use mm4relay::sim::forward_req;
 use mm4relay::smtp::Reply;
@@ -58,7 +59,10 @@ fn routing(c: &mut Criterion) {
             i % 50,
         );
     }
-    r.add_ported("+12025550177", 3);
+    r.set_ported(std::sync::Arc::new(NpTable::from_entries(&[(
+        "+12025550177",
+        3,
+    )])));
     c.bench_function("route/parse_and_route", |b| {
         b.iter(|| {
             Address::parse_envelope(black_box(RCPT))

@@ -28,6 +28,10 @@ USAGE:
                                 per-peer health, allowance, connections, queues and
                                 totals of the running relay (socket from FILE's
                                 [relay] control_socket, default /run/mm4relay.sock)
+    mm4relay route ADDRESS [-c FILE | --socket PATH]
+                                the peer a recipient goes to and the rule that chose it
+                                (ported exact or block, prefix, domain, default), by the
+                                running relay's tables, else by FILE's
     mm4relay reload [-c FILE | --socket PATH]
                                 re-read the configuration and say whether it was
                                 taken (exit 1 and why, if refused)
@@ -60,8 +64,21 @@ The configuration keys and their defaults are documented in conf/mm4relay.ini.
 enum Cmd {
     Run(PathBuf, Option<PathBuf>),
     Check(PathBuf),
-    Status { socket: PathBuf, json: bool },
-    Ask { socket: PathBuf, command: String },
+    Status {
+        socket: PathBuf,
+        json: bool,
+    },
+    Ask {
+        socket: PathBuf,
+        command: String,
+    },
+    /// `route ADDRESS`: asked of the running relay, else answered from
+    /// the configuration given with `-c`.
+    Route {
+        socket: PathBuf,
+        rcpt: String,
+        config: Option<Box<Config>>,
+    },
     Demo(DemoOptions),
     Help,
     Version,
@@ -141,8 +158,9 @@ fn parse_words(args: &[String]) -> Result<Cmd, String> {
             _ => Ok(Cmd::Run(config_path(rest)?, None)),
         },
         "check" => config_path(rest).map(Cmd::Check),
-        "status" | "queue" | "reload" => {
+        "status" | "queue" | "reload" | "route" => {
             let mut socket = PathBuf::from("/run/mm4relay.sock");
+            let mut loaded = None;
             let mut json = false;
             let mut words = Vec::new();
             let mut it = rest.iter();
@@ -153,11 +171,12 @@ fn parse_words(args: &[String]) -> Result<Cmd, String> {
                     "-c" | "--config" => {
                         let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
                         let config = Config::load(&file).map_err(|e| e.to_string())?;
-                        socket = config.relay.control_socket.ok_or_else(|| {
+                        socket = config.relay.control_socket.clone().ok_or_else(|| {
                             format!("{}: [relay] control_socket is off", file.display())
                         })?;
+                        loaded = Some(Box::new(config));
                     }
-                    word if cmd == "queue" && !word.starts_with('-') => {
+                    word if matches!(cmd.as_str(), "queue" | "route") && !word.starts_with('-') => {
                         words.push(word.to_string())
                     }
                     other => return Err(format!("unknown {cmd} option {other}")),
@@ -165,6 +184,16 @@ fn parse_words(args: &[String]) -> Result<Cmd, String> {
             }
             if cmd == "status" {
                 return Ok(Cmd::Status { socket, json });
+            }
+            if cmd == "route" {
+                let [rcpt] = &words[..] else {
+                    return Err("route needs one ADDRESS".into());
+                };
+                return Ok(Cmd::Route {
+                    socket,
+                    rcpt: rcpt.clone(),
+                    config: loaded,
+                });
             }
             if cmd == "reload" {
                 return Ok(Cmd::Ask {
@@ -291,6 +320,25 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             ask(&socket, if json { "status json" } else { "status" })?;
         }
         Cmd::Ask { socket, command } => ask(&socket, &command)?,
+        Cmd::Route {
+            socket,
+            rcpt,
+            config,
+        } => match (ask(&socket, &format!("route {rcpt}")), config) {
+            // Not running: the file's tables, said to be the file's.
+            (Err(Failure::NotRunning(_)), Some(config)) => {
+                let names: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
+                let answer = config.router().explain_text(&rcpt, &names);
+                match answer.strip_prefix("error:") {
+                    Some(why) => return Err(Failure::Runtime(why.trim().to_string())),
+                    None => println!(
+                        "{answer}(by {}: the relay is not running)",
+                        config.path.display()
+                    ),
+                }
+            }
+            (outcome, _) => outcome?,
+        },
         Cmd::Check(path) => {
             let c = Config::load(&path)?;
             print!("{}", c.describe());

@@ -58,6 +58,9 @@ pub const LISTENER_KEYS: &[(&str, &str)] = &[
     ("max_mime_depth", "10"),
 ];
 
+/// `[routes]` keys and their defaults.
+pub const ROUTES_KEYS: &[(&str, &str)] = &[("default", ""), ("ported_file", "")];
+
 /// `[auth]` keys besides the user entries (`NAME = PEER:PASSWORD`).
 pub const AUTH_KEYS: &[(&str, &str)] = &[("users_file", "")];
 

@@ -5,10 +5,11 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::tls::Identity;
 
-use super::parse::{Draft, IdentityFiles, duplicate_user};
+use super::parse::{Draft, IdentityFiles, duplicate_user, np_table};
 use super::section::parse_auth_user;
 use super::{Config, ConfigError, TlsRoots};
 
@@ -61,6 +62,14 @@ impl Draft {
                     .ok_or_else(|| err("holds no PEM certificate".into()))?;
                 peer.tls_ca = Some(TlsRoots(roots));
             }
+        }
+        if let Some(path) = &config.ported_file {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::at(&shown, "", "", "", format!("cannot read: {e}")))?;
+            let np = np_table(&config.ported, Some((&text, &config.peers)))
+                .map_err(|e| ConfigError::at(&shown, "", "", "", e.to_string()))?;
+            config.np = Arc::new(np);
         }
         if let Some((k, v)) = &users_file {
             let users =

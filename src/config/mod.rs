@@ -16,6 +16,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -28,8 +29,9 @@ mod parse;
 mod section;
 
 use crate::route::Router;
+use crate::route::np::NpTable;
 use crate::tls::Identity;
-pub use keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS};
+pub use keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
 pub use parse::{Draft, parse};
 pub use section::parse_duration;
 
@@ -285,6 +287,11 @@ pub struct Config {
     pub default_peer: Option<usize>,
     /// `[ported]`: number and peer index.
     pub ported: Vec<(String, usize)>,
+    /// `[routes] ported_file`: number-portability entries, one a line.
+    pub ported_file: Option<PathBuf>,
+    /// The number-portability table: `[ported]` and the ported file.
+    /// Only the load step reads the file: a `Draft` holds `[ported]` alone.
+    pub np: Arc<NpTable>,
     /// `[auth]`: partner accounts for inbound AUTH.
     pub auth_users: Vec<AuthUser>,
     /// Problems worth a warning that do not stop the relay (secrets
@@ -383,9 +390,7 @@ impl Config {
             p.domains.iter().for_each(|d| r.add_domain(d, id));
             p.prefixes.iter().for_each(|x| r.add_prefix(x, id));
         }
-        for (number, peer) in &self.ported {
-            r.add_ported(number, *peer);
-        }
+        r.set_ported(self.np.clone());
         if let Some(d) = self.default_peer {
             r.set_default(d);
         }
@@ -482,6 +487,13 @@ impl Config {
         }
         for (n, peer) in &self.ported {
             out.push_str(&format!("ported {n} -> {}\n", self.peers[*peer].name));
+        }
+        if let Some(path) = &self.ported_file {
+            out.push_str(&format!(
+                "ported_file {}: {} entries with [ported]\n",
+                path.display(),
+                self.np.len()
+            ));
         }
         out.push_str(&format!(
             "default -> {}\n",
@@ -635,6 +647,7 @@ default = B
             .iter()
             .chain(LISTENER_KEYS)
             .chain(PEER_KEYS)
+            .chain(ROUTES_KEYS)
             .chain(AUTH_KEYS)
         {
             let documented = text

@@ -5,11 +5,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::route::np::{NpBuilder, NpError, NpTable};
 use crate::route::{Address, AddressKind};
 use crate::sys::logging::Target;
 
-use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS};
+use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
 use super::section::{Section, host_port, parse_auth_user, parse_level};
 use super::{
     AuthUser, Config, ConfigError, ListenerConfig, Mm4Check, PeerConfig, RelayConfig, TlsMode,
@@ -156,8 +158,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
     }
     check_peers(&sections, &relay, &peers)?;
     let peer_index = |n: &str| peers.iter().position(|p| p.name == n);
-    let default_peer = routes(&sections, &peer_index)?;
+    let (default_peer, ported_file) = routes(&sections, &peer_index)?;
     let ported = ported(&sections, &peer_index)?;
+    let np =
+        Arc::new(np_table(&ported, None).map_err(|e| sections.err("ported", "", "", e.problem))?);
     let (auth_users, users_file) = auth(&sections, &peer_index)?;
     secrets |= !auth_users.is_empty();
     Ok(Draft {
@@ -168,6 +172,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
             peers,
             default_peer,
             ported,
+            ported_file,
+            np,
             auth_users,
             warnings,
         },
@@ -554,22 +560,19 @@ fn check_peers(
     Ok(())
 }
 
-/// `[routes] default`, as a peer index.
+/// `[routes]`: `default` as a peer index, and `ported_file`.
 fn routes(
     sections: &Sections,
     peer_index: &impl Fn(&str) -> Option<usize>,
-) -> Result<Option<usize>, ConfigError> {
-    let mut default_peer = None;
-    for (k, v) in sections.sorted("routes") {
-        if k != "default" {
-            return Err(sections.err("routes", &k, &v, "unknown key; only default".into()));
-        }
-        default_peer = Some(
-            peer_index(v.trim())
-                .ok_or_else(|| sections.err("routes", &k, &v, format!("no peer named {v:?}")))?,
-        );
-    }
-    Ok(default_peer)
+) -> Result<(Option<usize>, Option<PathBuf>), ConfigError> {
+    let s = sections.section("routes", ROUTES_KEYS)?;
+    let default_peer = match s.string("default") {
+        Some(v) => Some(
+            peer_index(&v).ok_or_else(|| s.err("default", &v, format!("no peer named {v:?}")))?,
+        ),
+        None => None,
+    };
+    Ok((default_peer, s.string("ported_file").map(PathBuf::from)))
 }
 
 /// `[ported]`: number and peer index.
@@ -618,6 +621,22 @@ fn auth(
         }
     }
     Ok((users, users_file))
+}
+
+/// The number-portability table: `[ported]` (lines 0) and, when given,
+/// the text of the ported file.
+pub(super) fn np_table(
+    ported: &[(String, usize)],
+    file: Option<(&str, &[PeerConfig])>,
+) -> Result<NpTable, NpError> {
+    let mut b = NpBuilder::new();
+    for (number, peer) in ported {
+        b.add(number, *peer, 0)?;
+    }
+    if let Some((text, peers)) = file {
+        b.add_file(text, |n| peers.iter().position(|p| p.name == n))?;
+    }
+    b.build()
 }
 
 /// A user name given twice, in the section or the users file.

@@ -234,6 +234,12 @@ impl Inbound {
         *self.tables.write() = Arc::new(tables.0);
     }
 
+    /// `mm4relay route`: how the tables in force route `rcpt`.
+    pub fn explain_route(&self, rcpt: &str) -> String {
+        let t = self.tables();
+        t.router.explain_text(rcpt, &t.peer_names)
+    }
+
     fn tables(&self) -> Arc<Tables> {
         self.tables.read().clone()
     }

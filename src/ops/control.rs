@@ -4,7 +4,8 @@
 //!
 //! Protocol: the client sends one line and the relay answers with text
 //! and closes; an answer that starts with `error:` is a refusal. Commands:
-//! `status`, `status json`, `reload` (answered once the main loop has
+//! `status`, `status json`, `route ADDRESS` (the peer and the rule, by
+//! the tables in force), `reload` (answered once the main loop has
 //! reloaded or refused), `queue age`, `queue list [PEER]`, `queue show ID`,
 //! `queue retry ID|PEER|all`, `queue hold PEER|ID`, `queue release
 //! PEER|ID`, `queue delete ID [REASON]`.
@@ -22,7 +23,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use log::{info, warn};
 
-use crate::inbound::InboundStats;
+use crate::inbound::{Inbound, InboundStats};
 use crate::ops::status;
 use crate::peer::{PeerSnapshot, PeerViews};
 use crate::queue::Queue;
@@ -40,6 +41,8 @@ pub struct Sources {
     pub peers: PeerViews,
     /// The listener's counters.
     pub inbound: Arc<InboundStats>,
+    /// The routing tables in force, for `route`.
+    pub intake: Arc<Inbound>,
     /// For pool, overflow and retry counts.
     pub queue: Arc<Queue>,
     /// For the spool's size.
@@ -131,6 +134,7 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
     let reply = match words.as_slice() {
         ["status"] => status::text(&snapshots, &sources.spool.stats(), &sources.inbound),
         ["status", "json"] => status::json(&snapshots, &sources.spool.stats(), &sources.inbound),
+        ["route", rcpt @ ..] if !rcpt.is_empty() => sources.intake.explain_route(&rcpt.join(" ")),
         ["reload"] => {
             // The main loop reloads and says how it went.
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -152,7 +156,8 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         ["queue", "delete", id, reason @ ..] => queue_delete(sources, id, &reason.join(" ")),
         ["queue", "release", peer] => hold(sources, peer, false),
         _ => format!(
-            "error: unknown command {:?}; try status, status json, reload, queue age, queue list [PEER], \
+            "error: unknown command {:?}; try status, status json, route ADDRESS, reload, queue age, \
+             queue list [PEER], \
              queue show ID, queue retry ID|PEER|all, queue hold PEER|ID, queue release PEER|ID, \
              queue delete ID [REASON]\n",
             line.trim()

@@ -255,13 +255,14 @@ impl Relay {
         config: &Config,
         queue: Arc<Queue>,
         spool: Arc<Spool>,
-        inbound: &Inbound,
+        inbound: &Arc<Inbound>,
     ) -> Result<(), RelayError> {
         let sources = Sources {
             peers: self.views.clone(),
             queue,
             spool,
             inbound: inbound.stats(),
+            intake: inbound.clone(),
             reload: self.reloads.0.clone(),
         };
         if let Some(path) = &config.relay.control_socket {
@@ -411,6 +412,9 @@ impl Relay {
             .iter()
             .map(|(n, i)| (n.clone(), id_of(*i)))
             .collect();
+        if (0..new.peers.len()).any(|i| id_of(i) != i) {
+            effective.np = Arc::new(new.np.remap(id_of));
+        }
         for u in &mut effective.auth_users {
             u.peer = id_of(u.peer);
         }

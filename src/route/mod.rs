@@ -4,7 +4,8 @@
 //! `ipv6/TYPE=IPv6@domain`, or a plain mailbox `local@domain`.
 //!
 //! Routing policy, first match wins:
-//! - a PLMN number: its ported-number override, then the longest number
+//! - a PLMN number: its number-portability entry (`np.rs`: the number
+//!   itself, else the longest block it is in), then the longest number
 //!   prefix, then the domain, then the default peer;
 //! - anything else: the domain (exact, then the longest `*.suffix`), then
 //!   the default peer.
@@ -13,10 +14,14 @@
 //! where it may send. This part is pure tables: no I/O, no other part.
 
 pub mod access;
+pub mod np;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use np::{NpMatch, NpTable};
 
 /// Index of a peer in the relay's peer list.
 pub type PeerId = usize;
@@ -171,10 +176,40 @@ fn valid_domain(d: &str) -> bool {
         })
 }
 
+/// The rule that routed a recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// A number-portability entry for the number itself.
+    PortedExact,
+    /// A number-portability block of this many digits.
+    PortedBlock(usize),
+    /// A peer's number prefix.
+    Prefix(String),
+    /// A peer's domain, exactly.
+    Domain(String),
+    /// A peer's `*.suffix`.
+    Suffix(String),
+    /// `[routes] default`.
+    Default,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::PortedExact => f.write_str("ported (exact number)"),
+            Rule::PortedBlock(n) => write!(f, "ported (block of {n} digits)"),
+            Rule::Prefix(p) => write!(f, "prefix {p}"),
+            Rule::Domain(d) => write!(f, "domain {d}"),
+            Rule::Suffix(s) => write!(f, "domain *{s}"),
+            Rule::Default => f.write_str("default"),
+        }
+    }
+}
+
 /// The routing table, built once from the configuration.
 #[derive(Clone, Debug, Default)]
 pub struct Router {
-    ported: HashMap<String, PeerId>,
+    ported: Arc<NpTable>,
     prefixes: HashMap<String, PeerId>,
     longest_prefix: usize,
     domains: HashMap<String, PeerId>,
@@ -189,9 +224,9 @@ impl Router {
         Router::default()
     }
 
-    /// Routes a number (`+` and digits) to `peer` ahead of any prefix.
-    pub fn add_ported(&mut self, number: &str, peer: PeerId) {
-        self.ported.insert(number.to_string(), peer);
+    /// Routes the numbers and blocks of `table` ahead of any prefix.
+    pub fn set_ported(&mut self, table: Arc<NpTable>) {
+        self.ported = table;
     }
 
     /// Routes numbers starting with `prefix` (`+` and digits) to `peer`.
@@ -222,28 +257,52 @@ impl Router {
 
     /// The peer for `addr`, if any rule matches.
     pub fn route(&self, addr: &Address) -> Option<PeerId> {
+        self.explain(addr).map(|(p, _)| p)
+    }
+
+    /// The peer for `addr` and the rule that chose it.
+    pub fn explain(&self, addr: &Address) -> Option<(PeerId, Rule)> {
         if let AddressKind::Plmn(number) = &addr.kind {
-            if let Some(&p) = self.ported.get(number) {
-                return Some(p);
+            match self.ported.lookup(number) {
+                Some((p, NpMatch::Exact)) => return Some((p, Rule::PortedExact)),
+                Some((p, NpMatch::Block(n))) => return Some((p, Rule::PortedBlock(n))),
+                None => {}
             }
             let longest = self.longest_prefix.min(number.len());
             for len in (2..=longest).rev() {
                 if let Some(&p) = self.prefixes.get(&number[..len]) {
-                    return Some(p);
+                    return Some((p, Rule::Prefix(number[..len].to_string())));
                 }
             }
         }
-        self.route_domain(&addr.domain).or(self.default)
+        self.route_domain(&addr.domain)
+            .or_else(|| self.default.map(|p| (p, Rule::Default)))
     }
 
-    fn route_domain(&self, domain: &str) -> Option<PeerId> {
+    /// What `mm4relay route` prints for `rcpt`: the peer and the rule, or
+    /// why there is none; `peer_names` by peer id.
+    pub fn explain_text(&self, rcpt: &str, peer_names: &[String]) -> String {
+        let addr = match Address::parse_envelope(rcpt) {
+            Ok(a) => a,
+            Err(e) => return format!("error: {rcpt:?} is not an address: {e}\n"),
+        };
+        match self.explain(&addr) {
+            Some((p, rule)) => format!(
+                "{rcpt} -> {} by {rule}\n",
+                peer_names.get(p).map_or("?", String::as_str)
+            ),
+            None => format!("{rcpt} -> no peer: 550 5.1.2 at RCPT\n"),
+        }
+    }
+
+    fn route_domain(&self, domain: &str) -> Option<(PeerId, Rule)> {
         if let Some(&p) = self.domains.get(domain) {
-            return Some(p);
+            return Some((p, Rule::Domain(domain.to_string())));
         }
         self.suffixes
             .iter()
             .find(|(suffix, _)| domain.len() > suffix.len() && domain.ends_with(suffix.as_str()))
-            .map(|&(_, p)| p)
+            .map(|(suffix, p)| (*p, Rule::Suffix(suffix.clone())))
     }
 }
 
@@ -295,7 +354,7 @@ mod tests {
         r.add_prefix("+1202555", 1);
         r.add_domain("*.mcc999.gprs", 2);
         r.add_prefix("+61491570", 2);
-        r.add_ported("+12025550177", 2);
+        r.set_ported(Arc::new(np::NpTable::from_entries(&[("+12025550177", 2)])));
         r
     }
 

@@ -15,6 +15,7 @@ mod mta;
 mod ops;
 mod pki;
 mod pools;
+mod ported;
 mod real_peers;
 mod reload;
 mod retries;
