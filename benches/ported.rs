@@ -9,7 +9,7 @@
 //!    a `RCPT TO:` line (the baseline: the least the relay does per
 //!    recipient anyway);
 //! 3. **reload under traffic**: a relay with the file and three simulated
-//!    MMSCs takes 20,000 messages over 8 sessions while the file is
+//!    MMSCs takes 60,000 messages over 8 sessions while the file is
 //!    reloaded again and again; reload time against start time, and the
 //!    messages refused (there must be none).
 //!
@@ -174,7 +174,7 @@ fn main() {
     let config = Config::load(&config_path).unwrap();
     let mut relay = Relay::start(&config).unwrap();
     let start = t.elapsed();
-    let n = env_or("PORTED_MESSAGES", 20_000);
+    let n = env_or("PORTED_MESSAGES", 60_000);
     let messages: Arc<Vec<Outgoing>> = Arc::new(
         (0..n)
             .map(|i| Outgoing {
