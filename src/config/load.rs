@@ -11,7 +11,7 @@ use crate::tls::Identity;
 
 use super::parse::{Draft, IdentityFiles, duplicate_user, np_table};
 use super::section::parse_auth_user;
-use super::{Config, ConfigError, TlsRoots};
+use super::{Config, ConfigError, PortedLoad, TlsRoots};
 
 impl Draft {
     /// Reads the files and resolves the names the configuration gives.
@@ -63,6 +63,7 @@ impl Draft {
                 peer.tls_ca = Some(TlsRoots(roots));
             }
         }
+        let started = std::time::Instant::now();
         if let Some(path) = &config.ported_file {
             let shown = path.display().to_string();
             let text = std::fs::read_to_string(path)
@@ -71,6 +72,12 @@ impl Draft {
                 .map_err(|e| ConfigError::at(&shown, "", "", "", e.to_string()))?;
             config.np = Arc::new(np);
         }
+        config.ported_load = PortedLoad {
+            file: config.ported_file.clone(),
+            entries: config.np.len(),
+            seconds: started.elapsed().as_secs_f64(),
+            at: Some(std::time::SystemTime::now()),
+        };
         if let Some((k, v)) = &users_file {
             let users =
                 read_users(&config, v.trim(), &mut warnings).map_err(|p| at("auth", k, v, p))?;

@@ -272,6 +272,19 @@ pub struct PeerConfig {
     pub auth_plaintext: bool,
 }
 
+/// How the number-portability table in force was loaded.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PortedLoad {
+    /// `[routes] ported_file`, if one was read.
+    pub file: Option<PathBuf>,
+    /// Entries of the table, `[ported]` included.
+    pub entries: usize,
+    /// Seconds the file took to read and build.
+    pub seconds: f64,
+    /// When the load step built it (`None`: a `Draft`, not loaded).
+    pub at: Option<std::time::SystemTime>,
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -292,6 +305,8 @@ pub struct Config {
     /// The number-portability table: `[ported]` and the ported file.
     /// Only the load step reads the file: a `Draft` holds `[ported]` alone.
     pub np: Arc<NpTable>,
+    /// How the load step built `np`, for status and metrics.
+    pub ported_load: PortedLoad,
     /// `[auth]`: partner accounts for inbound AUTH.
     pub auth_users: Vec<AuthUser>,
     /// Problems worth a warning that do not stop the relay (secrets

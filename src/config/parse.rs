@@ -14,7 +14,8 @@ use crate::sys::logging::Target;
 use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
 use super::section::{Section, host_port, parse_auth_user, parse_level};
 use super::{
-    AuthUser, Config, ConfigError, ListenerConfig, Mm4Check, PeerConfig, RelayConfig, TlsMode,
+    AuthUser, Config, ConfigError, ListenerConfig, Mm4Check, PeerConfig, PortedLoad, RelayConfig,
+    TlsMode,
 };
 
 /// A certificate and key as a section names them: PEM files or a PKCS#12
@@ -173,6 +174,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
             default_peer,
             ported,
             ported_file,
+            ported_load: PortedLoad {
+                entries: np.len(),
+                ..PortedLoad::default()
+            },
             np,
             auth_users,
             warnings,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use parking_lot::RwLock;
 
-use crate::config::{AuthUser, Config, ConfigError, Mm4Check};
+use crate::config::{AuthUser, Config, ConfigError, Mm4Check, PortedLoad};
 use crate::message::IdSource;
 use crate::mm4;
 use crate::mm4::dedup::Dedup;
@@ -101,6 +101,7 @@ struct Tables {
     auth_users: Vec<AuthUser>,
     max_sessions_per_ip: usize,
     connection_rate_per_ip: u32,
+    ported_load: PortedLoad,
 }
 
 impl Tables {
@@ -150,6 +151,7 @@ impl Tables {
             auth_users: config.auth_users.clone(),
             max_sessions_per_ip: l.max_sessions_per_ip,
             connection_rate_per_ip: l.connection_rate_per_ip,
+            ported_load: config.ported_load.clone(),
         })
     }
 }
@@ -232,6 +234,11 @@ impl Inbound {
     /// lifetime at once; session limits for sessions that start from now on.
     pub fn reload(&self, tables: Prepared) {
         *self.tables.write() = Arc::new(tables.0);
+    }
+
+    /// How the number-portability table in force was loaded.
+    pub fn ported_load(&self) -> PortedLoad {
+        self.tables().ported_load.clone()
     }
 
     /// `mm4relay route`: how the tables in force route `rcpt`.

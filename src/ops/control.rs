@@ -132,8 +132,8 @@ fn answer(stream: UnixStream, sources: &Sources) -> io::Result<()> {
         .collect();
     let words: Vec<&str> = line.split_whitespace().collect();
     let reply = match words.as_slice() {
-        ["status"] => status::text(&snapshots, &sources.spool.stats(), &sources.inbound),
-        ["status", "json"] => status::json(&snapshots, &sources.spool.stats(), &sources.inbound),
+        ["status"] => status::text(&snapshots, &status::Totals::of(sources)),
+        ["status", "json"] => status::json(&snapshots, &status::Totals::of(sources)),
         ["route", rcpt @ ..] if !rcpt.is_empty() => sources.intake.explain_route(&rcpt.join(" ")),
         ["reload"] => {
             // The main loop reloads and says how it went.

@@ -6,7 +6,9 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::config::PortedLoad;
 use crate::inbound::InboundStats;
+use crate::ops::control::Sources;
 use crate::peer::PeerSnapshot;
 use crate::spool::SpoolStats;
 use crate::sys::printable::Printable;
@@ -200,9 +202,41 @@ fn row<'a>(out: &mut String, cells: impl Iterator<Item = (&'a Column, String, bo
     out.push('\n');
 }
 
-/// The per-peer table of `mm4relay status`, then the listener's and the
-/// spool's lines.
-pub fn text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
+/// What the status says besides the peers.
+pub struct Totals<'a> {
+    /// The spool's figures.
+    pub spool: SpoolStats,
+    /// The listener's counters.
+    pub inbound: &'a InboundStats,
+    /// How the number-portability table in force was loaded.
+    pub ported: PortedLoad,
+}
+
+impl Totals<'_> {
+    /// The totals of the running relay.
+    pub fn of(sources: &Sources) -> Totals<'_> {
+        Totals {
+            spool: sources.spool.stats(),
+            inbound: &sources.inbound,
+            ported: sources.intake.ported_load(),
+        }
+    }
+}
+
+/// The table's figures, for both forms: entries, file, seconds to load,
+/// and when it was loaded (Unix seconds).
+fn ported_figures(p: &PortedLoad) -> (usize, Option<String>, f64, Option<u64>) {
+    let at =
+        p.at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+    let file = p.file.as_ref().map(|f| f.display().to_string());
+    (p.entries, file, p.seconds, at)
+}
+
+/// The per-peer table of `mm4relay status`, then the lines of the
+/// listener, the spool and the routes.
+pub fn text(peers: &[PeerSnapshot], totals: &Totals) -> String {
+    let (spool, inbound) = (&totals.spool, totals.inbound);
     let mut out = String::new();
     let blank = PeerSnapshot::default();
     let header = peer_fields(&blank);
@@ -234,6 +268,20 @@ pub fn text(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) 
         out,
         "spool: {bytes} bytes, {live} of them live, {segments} segments, {compactions} compactions"
     );
+    let (entries, file, seconds, at) = ported_figures(&totals.ported);
+    let _ = write!(out, "routes: {entries} ported entries");
+    if let Some(file) = file {
+        let _ = write!(out, " from {}, loaded in {seconds:.2}s", Printable(&file));
+    }
+    if let Some(ago) = at.and_then(|at| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        now.as_secs().checked_sub(at)
+    }) {
+        let _ = write!(out, ", {} ago", short_age(ago));
+    }
+    out.push('\n');
     out
 }
 
@@ -265,7 +313,8 @@ fn json_value(v: &Value) -> String {
 }
 
 /// The same as JSON, for scripts.
-pub fn json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) -> String {
+pub fn json(peers: &[PeerSnapshot], totals: &Totals) -> String {
+    let (spool, inbound) = (&totals.spool, totals.inbound);
     let items: Vec<String> = peers
         .iter()
         .map(|p| {
@@ -284,8 +333,15 @@ pub fn json(peers: &[PeerSnapshot], spool: &SpoolStats, inbound: &InboundStats) 
         .iter()
         .map(|(k, v)| format!("\"spool_{k}\":{v}"))
         .collect();
+    let (entries, file, seconds, at) = ported_figures(&totals.ported);
+    let routes = format!(
+        "\"routes\":{{\"ported_entries\":{entries},\"ported_file\":{},\
+         \"ported_load_seconds\":{seconds:.3},\"ported_loaded_at\":{}}}",
+        file.as_deref().map_or("null".into(), json_str),
+        at.map_or("null".into(), |a| a.to_string())
+    );
     format!(
-        "{{\"peers\":[{}],\"listener\":{{{}}},{}}}\n",
+        "{{\"peers\":[{}],\"listener\":{{{}}},{},{routes}}}\n",
         items.join(","),
         listener.join(","),
         spool.join(",")
@@ -310,7 +366,13 @@ mod tests {
         let mut want = in_table.clone();
         want.sort_unstable();
         assert_eq!(order, want);
-        let text = text(&[], &SpoolStats::default(), &InboundStats::default());
+        let inbound = InboundStats::default();
+        let totals = Totals {
+            spool: SpoolStats::default(),
+            inbound: &inbound,
+            ported: PortedLoad::default(),
+        };
+        let text = text(&[], &totals);
         assert!(
             text.starts_with(
                 "peer       health        allow open/busy   pool overflow waiting oldest      sent  deferred  failed   msg/s  last error\n"
@@ -337,21 +399,37 @@ mod tests {
             segments: 1,
             compactions: 3,
         };
-        let text = text(std::slice::from_ref(&p), &spool, &inbound);
+        let totals = Totals {
+            spool,
+            inbound: &inbound,
+            ported: PortedLoad {
+                file: Some("/var/lib/ported.txt".into()),
+                entries: 10,
+                seconds: 1.5,
+                at: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)),
+            },
+        };
+        let text = text(std::slice::from_ref(&p), &totals);
         assert!(text.contains("B          probing"), "{text}");
         assert!(
             text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
             "{text}"
         );
         assert!(
-            text.ends_with("spool: 42 bytes, 40 of them live, 1 segments, 3 compactions\n"),
+            text.contains("\nspool: 42 bytes, 40 of them live, 1 segments, 3 compactions\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nroutes: 10 ported entries from /var/lib/ported.txt, loaded in 1.50s, "
+            ),
             "{text}"
         );
         assert_eq!(short_age(59), "59s");
         assert_eq!(short_age(3600), "60m");
         assert_eq!(short_age(7200), "2h");
         assert_eq!(short_age(3 * 86_400), "3d");
-        let json = json(&[p], &spool, &inbound);
+        let json = json(&[p], &totals);
         assert!(
             json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
             "{json}"
@@ -370,7 +448,9 @@ mod tests {
         );
         assert!(
             json.trim_end().ends_with(
-                "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3}"
+                "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3,\
+                 \"routes\":{\"ported_entries\":10,\"ported_file\":\"/var/lib/ported.txt\",\
+                 \"ported_load_seconds\":1.500,\"ported_loaded_at\":1000}}"
             ),
             "{json}"
         );

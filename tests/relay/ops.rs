@@ -166,6 +166,9 @@ fn metrics_are_scraped_over_http() {
         "{text}"
     );
     assert_eq!(value(&text, "mm4relay_messages_accepted_total"), 3.0);
+    // The profile's one [ported] entry, and when the table was loaded.
+    assert_eq!(value(&text, "mm4relay_ported_entries"), 1.0);
+    assert!(value(&text, "mm4relay_ported_loaded_timestamp_seconds") > 1.7e9);
     assert_eq!(
         value(
             &text,

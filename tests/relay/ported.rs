@@ -42,6 +42,14 @@ fn a_ported_file_routes_ahead_of_prefixes_and_reloads_under_traffic() {
     let exact = ported_file(dir.path(), "exact.txt", "12025550142;C\n");
     let block = ported_file(dir.path(), "block.txt", "+1202555*\tA  # a block\n");
     h.reload(&with_ported(&ini, &exact)).unwrap();
+    // The profile's [ported] entry and the file's, in status.
+    let status = h.control("status");
+    let routes = format!(
+        "\nroutes: {} ported entries from {}, loaded in ",
+        FILLER + 2,
+        exact.display()
+    );
+    assert!(status.contains(&routes), "{status}");
     let route = h.control(&format!("route {TO_B}"));
     assert_eq!(route, format!("{TO_B} -> C by ported (exact number)\n"));
     let mut c = h.client(LOCAL);

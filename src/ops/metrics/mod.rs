@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::info;
 
+use crate::config::PortedLoad;
 use crate::inbound::InboundStats;
 use crate::ops::control::Sources;
 use crate::peer::{DELAY_BUCKETS, PeerSnapshot, PeerView};
@@ -131,7 +132,34 @@ pub fn render(sources: &Sources) -> String {
             .push((labels, sources.queue.queued_len(i) as u64));
     }
     queued.write(&mut out);
+    ported_families(&mut out, &sources.intake.ported_load());
     out
+}
+
+/// The number-portability table in force: entries, and how its load went.
+fn ported_families(out: &mut String, p: &PortedLoad) {
+    let at =
+        p.at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+    for (name, help, v) in [
+        (
+            "mm4relay_ported_entries",
+            "Number-portability entries in force.",
+            p.entries as f64,
+        ),
+        (
+            "mm4relay_ported_load_seconds",
+            "Seconds the ported file in force took to load.",
+            p.seconds,
+        ),
+        (
+            "mm4relay_ported_loaded_timestamp_seconds",
+            "When the table in force was loaded (Unix time).",
+            at,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
 }
 
 /// The per-peer counters and gauges.
