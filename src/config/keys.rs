@@ -59,7 +59,13 @@ pub const LISTENER_KEYS: &[(&str, &str)] = &[
 ];
 
 /// `[routes]` keys and their defaults.
-pub const ROUTES_KEYS: &[(&str, &str)] = &[("default", ""), ("ported_file", "")];
+pub const ROUTES_KEYS: &[(&str, &str)] = &[
+    ("default", ""),
+    ("ported_file", ""),
+    ("country_code", ""),
+    ("national_prefix", "0"),
+    ("international_prefix", "00"),
+];
 
 /// `[auth]` keys besides the user entries (`NAME = PEER:PASSWORD`).
 pub const AUTH_KEYS: &[(&str, &str)] = &[("users_file", "")];
@@ -95,6 +101,7 @@ pub const PEER_KEYS: &[(&str, &str)] = &[
     ("tls_client_key", ""),
     ("tls_client_pkcs12", ""),
     ("tls_client_pkcs12_password", ""),
+    ("rcpt_format", "as_received"),
     ("auth_user", ""),
     ("auth_password", ""),
     ("auth_plaintext", "no"),

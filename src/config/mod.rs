@@ -28,8 +28,8 @@ mod load;
 mod parse;
 mod section;
 
-use crate::route::Router;
 use crate::route::np::NpTable;
+use crate::route::{Numbering, Router};
 use crate::tls::Identity;
 pub use keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
 pub use parse::{Draft, parse};
@@ -266,6 +266,9 @@ pub struct PeerConfig {
     pub tls_server_name: Option<String>,
     /// Our client certificate, for mutual TLS.
     pub tls_client_identity: Option<Identity>,
+    /// `rcpt_format = international`: recipients' numbers go out as `+`
+    /// and digits, whatever form they came in.
+    pub rcpt_international: bool,
     /// AUTH to this peer: user and password.
     pub auth: Option<(String, Secret)>,
     /// Allow AUTH without TLS.
@@ -302,6 +305,9 @@ pub struct Config {
     pub ported: Vec<(String, usize)>,
     /// `[routes] ported_file`: number-portability entries, one a line.
     pub ported_file: Option<PathBuf>,
+    /// `[routes] country_code`, `national_prefix`, `international_prefix`:
+    /// how recipients' numbers read.
+    pub numbering: Numbering,
     /// The number-portability table: `[ported]` and the ported file.
     /// Only the load step reads the file: a `Draft` holds `[ported]` alone.
     pub np: Arc<NpTable>,
@@ -406,6 +412,7 @@ impl Config {
             p.prefixes.iter().for_each(|x| r.add_prefix(x, id));
         }
         r.set_ported(self.np.clone());
+        r.set_numbering(self.numbering.clone());
         if let Some(d) = self.default_peer {
             r.set_default(d);
         }
@@ -829,6 +836,24 @@ default = B
             ),
             ("[auth]\nbob = Z:pw\n", "auth", "bob", "no peer named"),
             ("[auth]\nbob = B\n", "auth", "bob", "PEER:PASSWORD"),
+            (
+                "[routes]\ncountry_code = 4x\n",
+                "routes",
+                "country_code",
+                "digits",
+            ),
+            (
+                "[routes]\ninternational_prefix =\n",
+                "routes",
+                "international_prefix",
+                "empty",
+            ),
+            (
+                "[peer.A]\nrcpt_format = e164\n",
+                "peer.A",
+                "rcpt_format",
+                "expected as_received or international",
+            ),
         ];
         for (extra, section, key, problem) in cases {
             // Merge the extra keys into the section GOOD already has.

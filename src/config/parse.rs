@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::route::np::{NpBuilder, NpError, NpTable};
-use crate::route::{Address, AddressKind};
+use crate::route::{Address, AddressKind, Numbering};
 use crate::sys::logging::Target;
 
 use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
@@ -159,7 +159,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
     }
     check_peers(&sections, &relay, &peers)?;
     let peer_index = |n: &str| peers.iter().position(|p| p.name == n);
-    let (default_peer, ported_file) = routes(&sections, &peer_index)?;
+    let (default_peer, ported_file, numbering) = routes(&sections, &peer_index)?;
     let ported = ported(&sections, &peer_index)?;
     let np =
         Arc::new(np_table(&ported, None).map_err(|e| sections.err("ported", "", "", e.problem))?);
@@ -174,6 +174,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
             default_peer,
             ported,
             ported_file,
+            numbering,
             ported_load: PortedLoad {
                 entries: np.len(),
                 ..PortedLoad::default()
@@ -478,6 +479,11 @@ fn peer(s: &Section, warnings: &mut Vec<String>) -> Result<(PeerConfig, PeerFile
         tls_ca: None,
         tls_server_name: s.string("tls_server_name"),
         tls_client_identity: None,
+        rcpt_international: s.parse("rcpt_format", |v| match v.trim() {
+            "as_received" => Ok(false),
+            "international" => Ok(true),
+            _ => Err("expected as_received or international".into()),
+        })?,
         auth: match (s.string("auth_user"), s.secret("auth_password")) {
             (None, None) => None,
             (Some(u), Some(p)) => Some((u, p)),
@@ -565,19 +571,51 @@ fn check_peers(
     Ok(())
 }
 
-/// `[routes]`: `default` as a peer index, and `ported_file`.
+/// `[routes]`: `default` as a peer index, `ported_file`, and the
+/// numbering plan.
 fn routes(
     sections: &Sections,
     peer_index: &impl Fn(&str) -> Option<usize>,
-) -> Result<(Option<usize>, Option<PathBuf>), ConfigError> {
+) -> Result<(Option<usize>, Option<PathBuf>, Numbering), ConfigError> {
     let s = sections.section("routes", ROUTES_KEYS)?;
+    let digits = |key: &str, most: usize| {
+        s.parse(key, |v| {
+            let v = v.trim();
+            if v.len() > most || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("expected at most {most} digits"));
+            }
+            Ok(v.to_string())
+        })
+    };
+    let numbering = Numbering {
+        country_code: Some(digits("country_code", 3)?).filter(|c| !c.is_empty()),
+        national_prefix: digits("national_prefix", 4)?,
+        international_prefix: digits("international_prefix", 4)?,
+    };
+    if numbering.international_prefix.is_empty() {
+        return Err(s.err("international_prefix", "", "must not be empty"));
+    }
+    if numbering
+        .national_prefix
+        .starts_with(&numbering.international_prefix)
+    {
+        return Err(s.err(
+            "national_prefix",
+            s.raw("national_prefix"),
+            "must not start with the international_prefix",
+        ));
+    }
     let default_peer = match s.string("default") {
         Some(v) => Some(
             peer_index(&v).ok_or_else(|| s.err("default", &v, format!("no peer named {v:?}")))?,
         ),
         None => None,
     };
-    Ok((default_peer, s.string("ported_file").map(PathBuf::from)))
+    Ok((
+        default_peer,
+        s.string("ported_file").map(PathBuf::from),
+        numbering,
+    ))
 }
 
 /// `[ported]`: number and peer index.

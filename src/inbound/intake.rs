@@ -13,7 +13,7 @@ use crate::message::{Job, Location, Message, received_header};
 use crate::mm4;
 use crate::mm4::dedup;
 use crate::route::access::ClientClass;
-use crate::route::{Address, PeerId};
+use crate::route::{Address, AddressKind, Numbering, PeerId};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler};
 use crate::spool::{NewMessage, SpoolError};
@@ -95,7 +95,8 @@ impl Handler for RelayHandler {
             });
             return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
         }
-        let addr = match Address::parse_envelope(rcpt) {
+        let tables = self.inbound.tables();
+        let addr = match Address::parse_envelope_in(rcpt, tables.router.numbering()) {
             Ok(a) => a,
             Err(e) => {
                 stats.rcpt_bad_address.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +105,6 @@ impl Handler for RelayHandler {
                 return Err(Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")));
             }
         };
-        let tables = self.inbound.tables();
         let Some(peer) = tables.router.route(&addr) else {
             stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
             self.refusals
@@ -185,10 +185,23 @@ impl Handler for RelayHandler {
         }
     }
 
-    fn message(&mut self, env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
+    fn message(&mut self, mut env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
         let inbound = self.inbound.clone();
         let tables = inbound.tables();
-        let info = match self.check(&env, &data, &tables) {
+        // Numbers in national forms are checked, and go out to the peers
+        // that ask for it, as `+` and digits.
+        let numbering = tables.router.numbering();
+        let international: Vec<String> = env
+            .rcpts
+            .iter()
+            .map(|(r, _)| international(r, numbering))
+            .collect();
+        for ((r, peer), i) in env.rcpts.iter_mut().zip(&international) {
+            if tables.rcpt_international[*peer] {
+                r.clone_from(i);
+            }
+        }
+        let info = match self.check(&env, &international, &data, &tables) {
             Ok(info) => info,
             Err(reply) => return reply,
         };
@@ -300,10 +313,11 @@ impl RelayHandler {
     fn check(
         &mut self,
         env: &Envelope<PeerId>,
+        international: &[String],
         data: &[u8],
         tables: &Tables,
     ) -> Result<mm4::Mm4Info, Reply> {
-        let rcpts: Vec<&str> = env.rcpts.iter().map(|(r, _)| r.as_str()).collect();
+        let rcpts: Vec<&str> = international.iter().map(String::as_str).collect();
         mm4::check(data, &rcpts, tables.mm4_check, &tables.limits).map_err(|e| {
             let n = rcpts.len();
             self.refusals.note("rejected", || {
@@ -360,6 +374,19 @@ impl RelayHandler {
                 }
             }
         })
+    }
+}
+
+/// `rcpt` with its number as `+` and digits, if it is a `/TYPE=PLMN`
+/// address; else as it is.
+fn international(rcpt: &str, numbering: &Numbering) -> String {
+    match Address::parse_envelope_in(rcpt, numbering) {
+        Ok(Address {
+            kind: AddressKind::Plmn(number),
+            domain,
+            ..
+        }) => format!("{number}/TYPE=PLMN@{domain}"),
+        _ => rcpt.to_string(),
     }
 }
 

@@ -90,6 +90,8 @@ struct Tables {
     router: Router,
     access: AccessControl,
     peer_names: Vec<String>,
+    /// Per peer: recipients' numbers go out as `+` and digits.
+    rcpt_international: Vec<bool>,
     mm4_check: Mm4Check,
     command_timeout: Duration,
     data_timeout: Duration,
@@ -136,6 +138,7 @@ impl Tables {
             router: config.router(),
             access: config.access_control(),
             peer_names: config.peers.iter().map(|p| p.name.clone()).collect(),
+            rcpt_international: config.peers.iter().map(|p| p.rcpt_international).collect(),
             mm4_check: l.mm4_check,
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,

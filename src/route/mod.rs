@@ -75,8 +75,23 @@ impl Address {
         Ok(a)
     }
 
+    /// Parses an envelope address whose number may be in the national
+    /// forms `numbering` allows.
+    pub fn parse_envelope_in(s: &str, numbering: &Numbering) -> Result<Address, AddressError> {
+        let a = Address::parse_in(s, numbering)?;
+        if a.domain.is_empty() {
+            return Err(AddressError("address needs a domain"));
+        }
+        Ok(a)
+    }
+
     /// Parses an address as found in a header: `@domain` may be missing.
     pub fn parse(s: &str) -> Result<Address, AddressError> {
+        Address::parse_in(s, &Numbering::default())
+    }
+
+    /// As [`Address::parse`], with numbers read by `numbering`.
+    pub fn parse_in(s: &str, numbering: &Numbering) -> Result<Address, AddressError> {
         let s = s.trim();
         let (local, domain) = match s.rfind('@') {
             Some(i) if !s[i..].contains('"') => (&s[..i], &s[i + 1..]),
@@ -100,7 +115,7 @@ impl Address {
             Some(i) => {
                 let (value, ty) = (&local[..i], &local[i + 6..]);
                 if ty.eq_ignore_ascii_case("PLMN") {
-                    AddressKind::Plmn(normalise_number(value)?)
+                    AddressKind::Plmn(numbering.international(value)?)
                 } else if ty.eq_ignore_ascii_case("IPv4") {
                     AddressKind::Ipv4(
                         value
@@ -143,20 +158,57 @@ fn find_ci(haystack: &str, needle: &str) -> Option<usize> {
         .position(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
-/// `+4477...` or `004477...` becomes `+4477...`; anything else is refused:
-/// national forms cannot be routed without a numbering plan.
-fn normalise_number(s: &str) -> Result<String, AddressError> {
-    let digits = s
-        .strip_prefix('+')
-        .or_else(|| s.strip_prefix("00"))
-        .ok_or(AddressError("PLMN number must be international (+CC...)"))?;
-    if digits.is_empty()
-        || digits.len() > MAX_E164_DIGITS
-        || !digits.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Err(AddressError("PLMN number must be + and 1 to 15 digits"));
+/// How numbers in national and international forms read (`[routes]
+/// country_code`, `national_prefix`, `international_prefix`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Numbering {
+    /// The country code of national numbers (`None`: national forms are
+    /// refused, since they cannot be routed without it).
+    pub country_code: Option<String>,
+    /// What a national number starts with instead of the country code.
+    pub national_prefix: String,
+    /// What an international number starts with instead of `+`.
+    pub international_prefix: String,
+}
+
+impl Default for Numbering {
+    /// No country code; `0` and `00`.
+    fn default() -> Numbering {
+        Numbering {
+            country_code: None,
+            national_prefix: "0".into(),
+            international_prefix: "00".into(),
+        }
     }
-    Ok(format!("+{digits}"))
+}
+
+impl Numbering {
+    /// A number as `+` and digits: `+4477...`, `004477...` (the
+    /// international prefix) and, with a country code, `077...` (the
+    /// national prefix) all become `+4477...`.
+    pub fn international(&self, s: &str) -> Result<String, AddressError> {
+        let ip = &self.international_prefix;
+        let digits = if let Some(d) = s.strip_prefix('+') {
+            d.to_string()
+        } else if let Some(d) = s.strip_prefix(ip.as_str()).filter(|_| !ip.is_empty()) {
+            d.to_string()
+        } else if let (Some(cc), Some(d)) = (
+            &self.country_code,
+            s.strip_prefix(self.national_prefix.as_str())
+                .filter(|d| !d.is_empty()),
+        ) {
+            format!("{cc}{d}")
+        } else {
+            return Err(AddressError("PLMN number must be international (+CC...)"));
+        };
+        if digits.is_empty()
+            || digits.len() > MAX_E164_DIGITS
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(AddressError("PLMN number must be + and 1 to 15 digits"));
+        }
+        Ok(format!("+{digits}"))
+    }
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -216,6 +268,7 @@ pub struct Router {
     /// `(".suffix", peer)`, longest suffix first.
     suffixes: Vec<(String, PeerId)>,
     default: Option<PeerId>,
+    numbering: Numbering,
 }
 
 impl Router {
@@ -250,6 +303,16 @@ impl Router {
         }
     }
 
+    /// Reads recipients' numbers by `numbering`.
+    pub fn set_numbering(&mut self, numbering: Numbering) {
+        self.numbering = numbering;
+    }
+
+    /// How recipients' numbers are read.
+    pub fn numbering(&self) -> &Numbering {
+        &self.numbering
+    }
+
     /// Sends everything no other rule matches to `peer`.
     pub fn set_default(&mut self, peer: PeerId) {
         self.default = Some(peer);
@@ -282,7 +345,7 @@ impl Router {
     /// What `mm4relay route` prints for `rcpt`: the peer and the rule, or
     /// why there is none; `peer_names` by peer id.
     pub fn explain_text(&self, rcpt: &str, peer_names: &[String]) -> String {
-        let addr = match Address::parse_envelope(rcpt) {
+        let addr = match Address::parse_envelope_in(rcpt, &self.numbering) {
             Ok(a) => a,
             Err(e) => return format!("error: {rcpt:?} is not an address: {e}\n"),
         };
@@ -344,6 +407,50 @@ mod tests {
         ] {
             assert!(Address::parse_envelope(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn national_and_international_forms_read_by_the_numbering_plan() {
+        let none = Numbering::default();
+        let uk = Numbering {
+            country_code: Some("44".into()),
+            ..Numbering::default()
+        };
+        let us = Numbering {
+            country_code: Some("1".into()),
+            national_prefix: "1".into(),
+            international_prefix: "011".into(),
+        };
+        for (n, s, want) in [
+            (&none, "+447700900123", Ok("+447700900123")),
+            (&none, "00447700900123", Ok("+447700900123")),
+            (&none, "07700900123", Err(())),
+            (&uk, "07700900123", Ok("+447700900123")),
+            (&uk, "00447700900123", Ok("+447700900123")),
+            (&uk, "+447700900123", Ok("+447700900123")),
+            (&uk, "7700900123", Err(())),
+            (&uk, "0", Err(())),
+            (&uk, "0770090012345678", Err(())),
+            (&us, "12025550142", Ok("+12025550142")),
+            (&us, "01144770090012", Ok("+44770090012")),
+            (&us, "0012025550142", Err(())),
+        ] {
+            assert_eq!(
+                n.international(s).map_err(|_| ()),
+                want.map(String::from),
+                "{s}"
+            );
+        }
+        let a = Address::parse_envelope_in("07700900123/TYPE=PLMN@x.gprs", &uk).unwrap();
+        assert_eq!(a.kind, AddressKind::Plmn("+447700900123".into()));
+        let mut r = router();
+        let refused = r.explain_text("07700900123/TYPE=PLMN@x.gprs", &[]);
+        assert!(refused.contains("not an address"), "{refused}");
+        r.set_numbering(uk);
+        assert_eq!(
+            r.explain_text("07700900123/TYPE=PLMN@x.gprs", &["A".into()]),
+            "07700900123/TYPE=PLMN@x.gprs -> A by prefix +447700900\n"
+        );
     }
 
     fn router() -> Router {

@@ -92,3 +92,40 @@ fn a_report_from_a_partner_reaches_the_local_mmsc() {
     );
     assert_eq!(reply.code, 554, "{reply}");
 }
+
+/// `ini` with a UK numbering plan, and A asking for recipients in
+/// international form.
+fn uk_numbering(ini: &str) -> String {
+    let ini = ini.replacen("[peer.A]\n", "[peer.A]\nrcpt_format = international\n", 1);
+    format!("{ini}\n[routes]\ncountry_code = 44\nnational_prefix = 0\ninternational_prefix = 00\n")
+}
+
+#[test]
+fn national_forms_route_by_the_numbering_plan_and_go_out_as_each_peer_asks() {
+    let mut h = Harness::start();
+    let national = "07700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    // Without a country code a national number cannot be routed.
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{national}>")).code, 553);
+    drop(c);
+    h.reload(&uk_numbering(&h.ini())).unwrap();
+    let to_b = "0012025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    let mut c = h.client(LOCAL);
+    send_forward(&mut c, 1, national, 500);
+    send_forward(&mut c, 2, to_b, 500);
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    assert!(h.sims[1].wait_for_recipients(1, DEADLINE));
+    // A asked for the international form; B gets what the sender wrote.
+    assert_eq!(
+        h.sims[0].received()[0].rcpts,
+        ["+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs"]
+    );
+    assert_eq!(h.sims[1].received()[0].rcpts, [to_b]);
+    assert_eq!(
+        h.control(&format!("route {national}")),
+        format!("{national} -> A by prefix +447700900\n")
+    );
+    assert_eq!(h.stop_relay().undelivered, 0);
+}
