@@ -55,7 +55,8 @@ impl Draft {
             }
             if let Some(path) = &files.ca_file {
                 let err = |p: String| at(&section, "tls_ca_file", path, p);
-                let pem = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+                let pem =
+                    read_file(Path::new(path)).map_err(|e| err(format!("cannot read: {e}")))?;
                 let roots = native_tls::Certificate::stack_from_pem(&pem)
                     .ok()
                     .filter(|c| !c.is_empty())
@@ -66,7 +67,7 @@ impl Draft {
         let started = std::time::Instant::now();
         if let Some(path) = &config.ported_file {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path)
+            let text = read_text(path)
                 .map_err(|e| ConfigError::at(&shown, "", "", "", format!("cannot read: {e}")))?;
             let np = np_table(&config.ported, Some((&text, &config.peers)))
                 .map_err(|e| ConfigError::at(&shown, "", "", "", e.to_string()))?;
@@ -101,7 +102,7 @@ fn read_users(
     path: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<super::AuthUser>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let text = read_text(Path::new(path)).map_err(|e| format!("cannot read: {e}"))?;
     if let Some(w) = readable_by_others(Path::new(path)) {
         warnings.push(format!("{path}: {w}"));
     }
@@ -131,7 +132,7 @@ fn identity(
     let [cert_v, key_v, p12_v, password] = &f.values;
     let err = |k: &str, v: &str, problem: String| ConfigError::at(file, &f.section, k, v, problem);
     let read = |k: &str, path: &str| {
-        std::fs::read(path).map_err(|e| err(k, path, format!("cannot read: {e}")))
+        read_file(Path::new(path)).map_err(|e| err(k, path, format!("cannot read: {e}")))
     };
     let (path, identity) = if p12_v.is_empty() {
         let (c, k) = (read(cert, cert_v)?, read(key, key_v)?);
@@ -174,6 +175,35 @@ fn identity(
         warnings.push(format!("{file}: [{}] {}: {w}", f.section, path.display()));
     }
     Ok(identity)
+}
+
+/// The contents of a file the configuration names, which must be a
+/// regular file (through a link is fine): not a FIFO, whose open would
+/// wait for a writer, nor a device such as /dev/zero, which never ends.
+/// The file is opened without blocking and checked before it is read.
+pub(super) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len().min(1 << 30) as usize);
+    file.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// As [`read_file`], as UTF-8 text.
+pub(super) fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_file(path)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// A warning if `cert` has expired or is not valid yet.

@@ -375,7 +375,7 @@ impl Config {
     /// exist on this system.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
+        let text = load::read_text(path)
             .map_err(|e| ConfigError::at(&file, "", "", "", format!("cannot read: {e}")))?;
         let config = Config::parse(&text, path)?;
         // The system's users and groups: a configuration error found at

@@ -130,6 +130,24 @@ fn a_bad_ported_file_is_refused_with_its_line_and_the_table_in_force_stays() {
         let route = h.control(&format!("route {TO_B}"));
         assert_eq!(route, format!("{TO_B} -> C by ported (exact number)\n"));
     }
+    // Not a regular file: refused without waiting (a FIFO) or reading
+    // forever (a device).
+    for special in ["/dev/zero", "fifo"] {
+        let path = dir.path().join(special.trim_start_matches("/dev/"));
+        if special == "fifo" {
+            assert!(
+                Command::new("mkfifo")
+                    .arg(&path)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        } else {
+            std::os::unix::fs::symlink(special, &path).unwrap();
+        }
+        let err = h.reload(&with_ported(&ini, &path)).unwrap_err();
+        assert!(err.contains("cannot read: not a regular file"), "{err}");
+    }
     // A file that cannot be read is refused the same way.
     let err = h
         .reload(&with_ported(&ini, &dir.path().join("missing.txt")))
