@@ -14,11 +14,14 @@
 //!
 //! `cargo bench --bench balance`
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{PEERS, env_or};
 use mm4relay::config::Config;
 use mm4relay::relay::Relay;
 use mm4relay::sim::{Fault, Gauge, Outgoing, SimPeer, forward_req, send_load};
@@ -29,13 +32,6 @@ const RCPT: [&str; 3] = [
     "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs",
 ];
 const INTERVAL: Duration = Duration::from_millis(500);
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Setup {
     relay: Relay,
@@ -54,14 +50,7 @@ fn setup(budget: usize, min: usize, max: usize, keep: [bool; 3]) -> Setup {
         dir.path().join("spool").display(),
         INTERVAL.as_millis()
     );
-    for (i, (name, domain, prefix)) in [
-        ("A", "mms.mnc010.mcc001.gprs", "+447700900"),
-        ("B", "mms.mnc020.mcc001.gprs", "+1202555"),
-        ("C", "mms.mnc456.mcc999.gprs", "+61491570"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (name, domain, prefix)) in PEERS.into_iter().enumerate() {
         ini.push_str(&format!(
             "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\nmin_connections = {min}\n\
              max_connections = {max}\npool_size = 1000\nconnect_timeout = 2s\nhelo_timeout = 3s\n\

@@ -15,6 +15,8 @@
 //!
 //! `cargo bench --bench ported`
 
+mod common;
+
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;
@@ -22,21 +24,15 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{PEERS, env_or};
 use mm4relay::config::Config;
 use mm4relay::relay::Relay;
 use mm4relay::route::np::NpBuilder;
 use mm4relay::sim::{Outgoing, SimPeer, forward_req, send_load};
 use mm4relay::smtp::command::Command;
 
-const PEERS: [&str; 3] = ["A", "B", "C"];
+const NAMES: [&str; 3] = ["A", "B", "C"];
 const TO_B: &str = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A deterministic spread of 11-digit numbers under +44 7.
 fn number(i: usize) -> u64 {
@@ -55,7 +51,7 @@ fn rss_kib() -> u64 {
 fn write_file(path: &Path, entries: usize) {
     let mut text = String::with_capacity(entries * 17);
     for i in 0..entries {
-        let peer = PEERS[i % 3];
+        let peer = NAMES[i % 3];
         if i % 10 == 9 {
             // A block: the first nine digits.
             let _ = writeln!(text, "{}* {peer}", number(i) / 100);
@@ -88,7 +84,7 @@ fn main() {
     let t = Instant::now();
     let text = std::fs::read_to_string(&file).unwrap();
     let mut b = NpBuilder::new();
-    b.add_file(&text, |n| PEERS.iter().position(|p| *p == n))
+    b.add_file(&text, |n| NAMES.iter().position(|p| *p == n))
         .unwrap();
     drop(text);
     let table = b.build().unwrap();
@@ -153,14 +149,7 @@ fn main() {
         dir.path().join("spool").display(),
         file.display()
     );
-    for (i, (name, domain, prefix)) in [
-        ("A", "mms.mnc010.mcc001.gprs", "+447700900"),
-        ("B", "mms.mnc020.mcc001.gprs", "+1202555"),
-        ("C", "mms.mnc456.mcc999.gprs", "+61491570"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (name, domain, prefix)) in PEERS.into_iter().enumerate() {
         let _ = write!(
             ini,
             "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\n\
