@@ -188,20 +188,17 @@ impl Handler for RelayHandler {
     fn message(&mut self, mut env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
         let inbound = self.inbound.clone();
         let tables = inbound.tables();
-        // Numbers in national forms are checked, and go out to the peers
-        // that ask for it, as `+` and digits.
+        // Numbers in national forms go out as `+` and digits to the peers
+        // that ask for it; the check reads them, and the To header, by the
+        // same plan.
         let numbering = tables.router.numbering();
-        let international: Vec<String> = env
-            .rcpts
-            .iter()
-            .map(|(r, _)| international(r, numbering))
-            .collect();
-        for ((r, peer), i) in env.rcpts.iter_mut().zip(&international) {
+        let as_received: Vec<String> = env.rcpts.iter().map(|(r, _)| r.clone()).collect();
+        for (r, peer) in env.rcpts.iter_mut() {
             if tables.rcpt_international[*peer] {
-                r.clone_from(i);
+                *r = international(r, numbering);
             }
         }
-        let info = match self.check(&env, &international, &data, &tables) {
+        let info = match self.check(&env, &as_received, &data, &tables) {
             Ok(info) => info,
             Err(reply) => return reply,
         };
@@ -313,12 +310,13 @@ impl RelayHandler {
     fn check(
         &mut self,
         env: &Envelope<PeerId>,
-        international: &[String],
+        rcpts: &[String],
         data: &[u8],
         tables: &Tables,
     ) -> Result<mm4::Mm4Info, Reply> {
-        let rcpts: Vec<&str> = international.iter().map(String::as_str).collect();
-        mm4::check(data, &rcpts, tables.mm4_check, &tables.limits).map_err(|e| {
+        let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        let numbering = tables.router.numbering();
+        mm4::check_in(data, &rcpts, tables.mm4_check, &tables.limits, numbering).map_err(|e| {
             let n = rcpts.len();
             self.refusals.note("rejected", || {
                 format!(

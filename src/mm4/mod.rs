@@ -27,7 +27,7 @@ pub mod dedup;
 use std::fmt;
 
 use crate::config::Mm4Check;
-use crate::route::Address;
+use crate::route::{Address, Numbering};
 
 /// Bounds on a message's structure that hold in every check mode, so a
 /// hostile message costs bounded work.
@@ -340,6 +340,19 @@ pub fn check(
     mode: Mm4Check,
     limits: &Limits,
 ) -> Result<Mm4Info, Mm4Error> {
+    check_in(data, rcpts, mode, limits, &Numbering::default())
+}
+
+/// As [`check`], with the numbers of `rcpts` and of the `To` header read
+/// by `numbering` (national forms, where the relay is configured for
+/// them).
+pub fn check_in(
+    data: &[u8],
+    rcpts: &[&str],
+    mode: Mm4Check,
+    limits: &Limits,
+    numbering: &Numbering,
+) -> Result<Mm4Info, Mm4Error> {
     check_limits(data, limits)?;
     let parsed = parse_header(data);
     if mode == Mm4Check::Off {
@@ -363,7 +376,7 @@ pub fn check(
         return Err(Mm4Error::format("missing X-Mms-Transaction-ID"));
     }
     if strict {
-        check_strict(&fields, data, body_start, pdu, rcpts)?;
+        check_strict(&fields, data, body_start, pdu, rcpts, numbering)?;
     }
     if let Some(fc) = find(&fields, "X-Mms-Forward-Counter") {
         let n: u32 = fc
@@ -402,6 +415,7 @@ fn check_strict(
     body_start: usize,
     pdu: Pdu,
     rcpts: &[&str],
+    numbering: &Numbering,
 ) -> Result<(), Mm4Error> {
     if !data[..body_start].is_ascii() {
         return Err(Mm4Error::format(
@@ -472,13 +486,18 @@ fn check_strict(
         }
     }
     if pdu != Pdu::ForwardReq {
-        check_point_to_point(fields, pdu, rcpts)?;
+        check_point_to_point(fields, pdu, rcpts, numbering)?;
     }
     Ok(())
 }
 
 /// RES and report PDUs go to one recipient, the one their `To` names.
-fn check_point_to_point(fields: &[Field<'_>], pdu: Pdu, rcpts: &[&str]) -> Result<(), Mm4Error> {
+fn check_point_to_point(
+    fields: &[Field<'_>],
+    pdu: Pdu,
+    rcpts: &[&str],
+    numbering: &Numbering,
+) -> Result<(), Mm4Error> {
     let [rcpt] = rcpts else {
         return Err(Mm4Error::format(format!(
             "{pdu} must have exactly one recipient"
@@ -486,11 +505,11 @@ fn check_point_to_point(fields: &[Field<'_>], pdu: Pdu, rcpts: &[&str]) -> Resul
     };
     let to =
         find(fields, "To").ok_or_else(|| Mm4Error::format(format!("{pdu} without a To header")))?;
-    let rcpt =
-        Address::parse_envelope(rcpt).map_err(|e| Mm4Error::format(format!("recipient: {e}")))?;
+    let rcpt = Address::parse_envelope_in(rcpt, numbering)
+        .map_err(|e| Mm4Error::format(format!("recipient: {e}")))?;
     let matches = split_addresses(&to.text())
         .iter()
-        .filter_map(|a| Address::parse(a).ok())
+        .filter_map(|a| Address::parse_in(a, numbering).ok())
         .any(|a| rcpt.same_recipient(&a));
     if !matches {
         return Err(Mm4Error::format(format!(
@@ -750,6 +769,35 @@ mod tests {
                 .reason
                 .contains("Delivered")
         );
+    }
+
+    #[test]
+    fn a_report_in_national_form_matches_by_the_numbering_plan() {
+        let report = "X-Mms-3GPP-MMS-Version: 6.8.0\r\nX-Mms-Message-Type: MM4_delivery_report.REQ\r\n\
+            X-Mms-Transaction-ID: t\r\nX-Mms-Message-ID: m\r\nX-Mms-MM-Status-Code: Retrieved\r\n\
+            From: +12025550142/TYPE=PLMN\r\nTo: 07700900123/TYPE=PLMN\r\nDate: x\r\n\r\n";
+        let uk = Numbering {
+            country_code: Some("44".into()),
+            ..Numbering::default()
+        };
+        let strict_in = |rcpt: &str, n: &Numbering| {
+            check_in(
+                report.as_bytes(),
+                &[rcpt],
+                Mm4Check::Strict,
+                &Limits::default(),
+                n,
+            )
+        };
+        // The envelope in either form, the To header national.
+        for rcpt in [
+            "07700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs",
+            "+447700900123/TYPE=PLMN@mms.mnc010.mcc001.gprs",
+        ] {
+            assert!(strict_in(rcpt, &uk).is_ok(), "{rcpt}");
+            assert!(strict_in(rcpt, &Numbering::default()).is_err(), "{rcpt}");
+        }
+        assert!(strict_in("07700900999/TYPE=PLMN@mms.mnc010.mcc001.gprs", &uk).is_err());
     }
 
     #[test]
