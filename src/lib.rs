@@ -9,6 +9,7 @@
 //! the small helpers everything shares. ARCHITECTURE.md draws the map.
 
 pub mod config;
+pub mod dns;
 pub mod inbound;
 pub mod message;
 pub mod mm4;

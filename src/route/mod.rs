@@ -211,7 +211,9 @@ impl Numbering {
     }
 }
 
-fn valid_domain(d: &str) -> bool {
+/// True if `d` is a domain name (labels of letters, digits and `-`) or an
+/// address literal.
+pub fn valid_domain(d: &str) -> bool {
     if let Some(lit) = d.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
         return lit.parse::<Ipv4Addr>().is_ok()
             || lit
