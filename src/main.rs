@@ -328,7 +328,11 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             // Not running: the file's tables, said to be the file's.
             (Err(Failure::NotRunning(_)), Some(config)) => {
                 let names: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
-                let answer = config.router().explain_text(&rcpt, &names);
+                let resolver = mm4relay::dns::Resolver::new(config.dns.clone());
+                let answer = config.router().explain_text(&rcpt, &names, |n| {
+                    let suffix = config.enum_domain.as_deref()?;
+                    resolver.enum_domain(n, suffix).ok().flatten()
+                });
                 match answer.strip_prefix("error:") {
                     Some(why) => return Err(Failure::Runtime(why.trim().to_string())),
                     None => println!(

@@ -65,7 +65,24 @@ pub const ROUTES_KEYS: &[(&str, &str)] = &[
     ("country_code", ""),
     ("national_prefix", "0"),
     ("international_prefix", "00"),
+    ("dynamic", "no"),
+    ("max_dynamic_peers", "100"),
 ];
+
+/// `[dns]` keys and their defaults (servers: resolv.conf's).
+pub const DNS_KEYS: &[(&str, &str)] = &[
+    ("servers", ""),
+    ("timeout", "2s"),
+    ("attempts", "2"),
+    ("smtp_port", "25"),
+];
+
+/// `[enum]` keys and their defaults.
+pub const ENUM_KEYS: &[(&str, &str)] = &[("domain", "")];
+
+/// Peer keys `[peer_defaults]` may not set: what a dynamic peer takes
+/// from DNS and its domain, or what only a configured peer can be.
+pub const NOT_PEER_DEFAULTS: &[&str] = &["hosts", "domains", "prefixes", "local", "accept_from"];
 
 /// `[auth]` keys besides the user entries (`NAME = PEER:PASSWORD`).
 pub const AUTH_KEYS: &[(&str, &str)] = &[("users_file", "")];

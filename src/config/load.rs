@@ -24,6 +24,8 @@ impl Draft {
             listener_identity,
             peer_files,
             users_file,
+            dns_servers,
+            defaults_files,
             secrets,
         } = self;
         let file = config.path.display().to_string();
@@ -50,18 +52,26 @@ impl Draft {
         }
         for (peer, files) in config.peers.iter_mut().zip(&peer_files) {
             let section = format!("peer.{}", peer.name);
-            if let Some(f) = &files.identity {
-                peer.tls_client_identity = Some(identity(&file, f, &mut warnings)?);
-            }
-            if let Some(path) = &files.ca_file {
-                let err = |p: String| at(&section, "tls_ca_file", path, p);
-                let pem =
-                    read_file(Path::new(path)).map_err(|e| err(format!("cannot read: {e}")))?;
-                let roots = native_tls::Certificate::stack_from_pem(&pem)
-                    .ok()
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| err("holds no PEM certificate".into()))?;
-                peer.tls_ca = Some(TlsRoots(roots));
+            load_peer_files(&file, &section, peer, files, &mut warnings)?;
+        }
+        if let Some(d) = &mut config.dynamic {
+            load_peer_files(
+                &file,
+                "peer_defaults",
+                &mut d.defaults,
+                &defaults_files,
+                &mut warnings,
+            )?;
+        }
+        if let (None, needed) = &dns_servers {
+            config.dns.servers = resolv_conf_servers(Path::new(RESOLV_CONF));
+            if *needed && config.dns.servers.is_empty() {
+                return Err(at(
+                    "dns",
+                    "servers",
+                    "",
+                    format!("{RESOLV_CONF} names no nameserver: give [dns] servers"),
+                ));
             }
         }
         let started = std::time::Instant::now();
@@ -93,6 +103,45 @@ impl Draft {
         config.warnings = warnings;
         Ok(config)
     }
+}
+
+/// Where the system's resolvers are listed.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The `nameserver` lines of a resolv.conf, on port 53 (none if it cannot
+/// be read).
+fn resolv_conf_servers(path: &Path) -> Vec<SocketAddr> {
+    let Ok(text) = read_text(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// A peer's client identity and CA bundle, read from the files it names.
+fn load_peer_files(
+    file: &str,
+    section: &str,
+    peer: &mut super::PeerConfig,
+    files: &super::parse::PeerFiles,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    if let Some(f) = &files.identity {
+        peer.tls_client_identity = Some(identity(file, f, warnings)?);
+    }
+    if let Some(path) = &files.ca_file {
+        let err = |p: String| ConfigError::at(file, section, "tls_ca_file", path, p);
+        let pem = read_file(Path::new(path)).map_err(|e| err(format!("cannot read: {e}")))?;
+        let roots = native_tls::Certificate::stack_from_pem(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| err("holds no PEM certificate".into()))?;
+        peer.tls_ca = Some(TlsRoots(roots));
+    }
+    Ok(())
 }
 
 /// The accounts of a users file: one `NAME:PEER:PASSWORD` a line, `#`

@@ -31,7 +31,7 @@ mod section;
 use crate::route::np::NpTable;
 use crate::route::{Numbering, Router};
 use crate::tls::Identity;
-pub use keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
+pub use keys::{AUTH_KEYS, DNS_KEYS, ENUM_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
 pub use parse::{Draft, parse};
 pub use section::parse_duration;
 
@@ -214,8 +214,13 @@ pub struct ListenerConfig {
 pub struct PeerConfig {
     /// The NAME of the section.
     pub name: String,
-    /// `host:port` to connect to, tried in order.
+    /// `host:port` to connect to, tried in order (empty with `mx`).
     pub hosts: Vec<String>,
+    /// `hosts = mx:DOMAIN`: the hosts are DOMAIN's MX exchanges, found
+    /// through `[dns]` when a connection opens.
+    pub mx: Option<String>,
+    /// Made at run time for a domain no peer claims (`[routes] dynamic`).
+    pub dynamic: bool,
     /// Domains that route here (exact, or `*.suffix`).
     pub domains: Vec<String>,
     /// Number prefixes that route here (`+` and digits).
@@ -275,6 +280,16 @@ pub struct PeerConfig {
     pub auth_plaintext: bool,
 }
 
+/// `[routes] dynamic = yes`: how peers made at run time are set up.
+#[derive(Clone, Debug)]
+pub struct DynamicPeers {
+    /// `[routes] max_dynamic_peers`: most dynamic peers at once.
+    pub max_peers: usize,
+    /// `[peer_defaults]`: the settings of every dynamic peer (its name,
+    /// hosts and domain are its own).
+    pub defaults: PeerConfig,
+}
+
 /// How the number-portability table in force was loaded.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PortedLoad {
@@ -315,6 +330,14 @@ pub struct Config {
     pub ported_load: PortedLoad,
     /// `[auth]`: partner accounts for inbound AUTH.
     pub auth_users: Vec<AuthUser>,
+    /// `[dns]`: how the relay's resolver asks.
+    pub dns: crate::dns::Settings,
+    /// `[dns] smtp_port`: the port of hosts found through DNS.
+    pub smtp_port: u16,
+    /// `[enum] domain`: the ENUM suffix, when ENUM routes numbers.
+    pub enum_domain: Option<String>,
+    /// `[routes] dynamic = yes`: a peer for every domain no peer claims.
+    pub dynamic: Option<DynamicPeers>,
     /// Problems worth a warning that do not stop the relay (secrets
     /// readable by others).
     pub warnings: Vec<String>,
@@ -413,6 +436,10 @@ impl Config {
         }
         r.set_ported(self.np.clone());
         r.set_numbering(self.numbering.clone());
+        if self.dynamic.is_some() {
+            let made = (0..self.peers.len()).filter(|&i| self.peers[i].dynamic);
+            r.set_dynamic(made.collect());
+        }
         if let Some(d) = self.default_peer {
             r.set_default(d);
         }
@@ -497,7 +524,8 @@ impl Config {
                 p.pool_size,
                 format!("{:?}", p.tls).to_lowercase(),
                 if p.auth.is_some() { "yes" } else { "no" },
-                p.hosts.join(","),
+                p.mx.as_ref()
+                    .map_or_else(|| p.hosts.join(","), |d| format!("mx:{d}")),
                 p.domains.join(","),
                 p.prefixes.join(","),
                 p.accept_from
@@ -670,6 +698,8 @@ default = B
             .chain(LISTENER_KEYS)
             .chain(PEER_KEYS)
             .chain(ROUTES_KEYS)
+            .chain(DNS_KEYS)
+            .chain(ENUM_KEYS)
             .chain(AUTH_KEYS)
         {
             let documented = text

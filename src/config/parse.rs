@@ -11,11 +11,14 @@ use crate::route::np::{NpBuilder, NpError, NpTable};
 use crate::route::{Address, AddressKind, Numbering};
 use crate::sys::logging::Target;
 
-use super::keys::{AUTH_KEYS, LISTENER_KEYS, PEER_KEYS, RELAY_KEYS, ROUTES_KEYS};
+use super::keys::{
+    AUTH_KEYS, DNS_KEYS, ENUM_KEYS, LISTENER_KEYS, NOT_PEER_DEFAULTS, PEER_KEYS, RELAY_KEYS,
+    ROUTES_KEYS,
+};
 use super::section::{Section, host_port, parse_auth_user, parse_level};
 use super::{
-    AuthUser, Config, ConfigError, ListenerConfig, Mm4Check, PeerConfig, PortedLoad, RelayConfig,
-    TlsMode,
+    AuthUser, Config, ConfigError, DynamicPeers, ListenerConfig, Mm4Check, PeerConfig, PortedLoad,
+    RelayConfig, TlsMode,
 };
 
 /// A certificate and key as a section names them: PEM files or a PKCS#12
@@ -59,6 +62,11 @@ pub struct Draft {
     pub(super) peer_files: Vec<PeerFiles>,
     /// `[auth] users_file`, as (key, value).
     pub(super) users_file: Option<(String, String)>,
+    /// `[dns] servers` as written (`None`: resolv.conf's, read by the
+    /// load step), and whether anything needs DNS.
+    pub(super) dns_servers: (Option<String>, bool),
+    /// What `[peer_defaults]` names.
+    pub(super) defaults_files: PeerFiles,
     /// The file itself holds passwords.
     pub(super) secrets: bool,
 }
@@ -153,13 +161,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
         let s = sections.section(name, PEER_KEYS)?;
         secrets |=
             s.secret("tls_client_pkcs12_password").is_some() || s.secret("auth_password").is_some();
-        let (p, files) = peer(&s, &mut warnings)?;
+        let (p, files) = peer(&s, &s.name["peer.".len()..], &mut warnings)?;
         peers.push(p);
         peer_files.push(files);
     }
     check_peers(&sections, &relay, &peers)?;
     let peer_index = |n: &str| peers.iter().position(|p| p.name == n);
     let (default_peer, ported_file, numbering) = routes(&sections, &peer_index)?;
+    let (dns, smtp_port, dns_servers) = dns(&sections)?;
+    let enum_domain = enum_domain(&sections)?;
+    let (dynamic, defaults_files) = dynamic(&sections, &mut warnings)?;
+    let needs_dns =
+        enum_domain.is_some() || dynamic.is_some() || peers.iter().any(|p| p.mx.is_some());
     let ported = ported(&sections, &peer_index)?;
     let np =
         Arc::new(np_table(&ported, None).map_err(|e| sections.err("ported", "", "", e.problem))?);
@@ -181,6 +194,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
             },
             np,
             auth_users,
+            dns,
+            smtp_port,
+            enum_domain,
+            dynamic,
             warnings,
         },
         listen,
@@ -189,6 +206,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
         listener_identity,
         peer_files,
         users_file,
+        dns_servers: (dns_servers, needs_dns),
+        defaults_files,
         secrets,
     })
 }
@@ -220,14 +239,15 @@ fn split_sections(text: &str, file: &str) -> Result<Vec<RawSection>, ConfigError
         }
         let known = matches!(
             name.as_str(),
-            "relay" | "listener" | "routes" | "ported" | "auth"
+            "relay" | "listener" | "routes" | "ported" | "auth" | "dns" | "enum" | "peer_defaults"
         ) || name.starts_with("peer.");
         if !known {
             return Err(err(
                 &name,
                 "",
                 "",
-                "unknown section; expected relay, listener, peer.NAME, routes, ported or auth",
+                "unknown section; expected relay, listener, peer.NAME, routes, ported, auth, \
+                 dns, enum or peer_defaults",
             ));
         }
         let mut values = HashMap::new();
@@ -394,19 +414,41 @@ fn identity_files(
     }))
 }
 
-/// One `[peer.NAME]`, with the files it names apart.
-fn peer(s: &Section, warnings: &mut Vec<String>) -> Result<(PeerConfig, PeerFiles), ConfigError> {
-    let peer_name = s.name["peer.".len()..].to_string();
-    if peer_name.is_empty()
-        || !peer_name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+/// One `[peer.NAME]` (or `[peer_defaults]`, with an empty `name`), with
+/// the files it names apart.
+fn peer(
+    s: &Section,
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(PeerConfig, PeerFiles), ConfigError> {
+    let peer_name = name.to_string();
+    let template = s.name == "peer_defaults";
+    if !template
+        && (peer_name.is_empty()
+            || !peer_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
     {
         return Err(s.err("", "", "peer name must be letters, digits, - or _"));
     }
-    let hosts = s.list("hosts");
-    if hosts.is_empty() {
-        return Err(s.err("hosts", "", "a peer needs at least one host:port"));
+    let mut hosts = s.list("hosts");
+    let mut mx = None;
+    if let [one] = hosts.as_slice()
+        && let Some(domain) = one.strip_prefix("mx:")
+    {
+        let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        if !crate::route::valid_domain(&domain) || domain.starts_with('[') {
+            return Err(s.err("hosts", s.raw("hosts"), "mx: needs a domain name"));
+        }
+        mx = Some(domain);
+        hosts.clear();
+    }
+    if hosts.is_empty() && mx.is_none() && !template {
+        return Err(s.err(
+            "hosts",
+            "",
+            "a peer needs at least one host:port, or mx:DOMAIN",
+        ));
     }
     for h in &hosts {
         host_port(h).map_err(|p| s.err("hosts", s.raw("hosts"), p))?;
@@ -448,6 +490,8 @@ fn peer(s: &Section, warnings: &mut Vec<String>) -> Result<(PeerConfig, PeerFile
     let peer = PeerConfig {
         name: peer_name,
         hosts,
+        mx,
+        dynamic: false,
         domains,
         prefixes,
         min_connections: s.count("min_connections", 0)?,
@@ -569,6 +613,102 @@ fn check_peers(
         }
     }
     Ok(())
+}
+
+/// `[dns]`: the resolver's settings (servers empty until the load step
+/// reads them), the SMTP port of hosts found through DNS, and the
+/// servers as written.
+fn dns(sections: &Sections) -> Result<(crate::dns::Settings, u16, Option<String>), ConfigError> {
+    let s = sections.section("dns", DNS_KEYS)?;
+    let servers = s
+        .list("servers")
+        .iter()
+        .map(|v| dns_server(v).map_err(|p| s.err("servers", s.raw("servers"), p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = s.duration("timeout")?;
+    if timeout.is_zero() {
+        return Err(s.err("timeout", s.raw("timeout"), "must be more than 0"));
+    }
+    let attempts = s.count("attempts", 1)?;
+    if attempts > 10 {
+        return Err(s.err("attempts", s.raw("attempts"), "at most 10"));
+    }
+    let smtp_port = s.parse("smtp_port", |v| {
+        v.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| "expected a port, 1 to 65535".to_string())
+    })?;
+    let settings = crate::dns::Settings {
+        servers,
+        timeout,
+        attempts: attempts as u32,
+    };
+    Ok((settings, smtp_port, s.string("servers")))
+}
+
+/// A DNS server: an IP address, with `:PORT` (default 53).
+pub(super) fn dns_server(v: &str) -> Result<std::net::SocketAddr, String> {
+    let v = v.trim();
+    if let Ok(ip) = v.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    v.parse()
+        .map_err(|_| format!("{v:?} is not an IP address or IP:PORT"))
+}
+
+/// `[enum] domain`: the ENUM suffix, if ENUM is on.
+fn enum_domain(sections: &Sections) -> Result<Option<String>, ConfigError> {
+    let s = sections.section("enum", ENUM_KEYS)?;
+    let Some(d) = s.string("domain") else {
+        return Ok(None);
+    };
+    let d = d.trim_end_matches('.').to_ascii_lowercase();
+    if !crate::route::valid_domain(&d) || d.starts_with('[') {
+        return Err(s.err(
+            "domain",
+            s.raw("domain"),
+            "expected a domain such as e164.arpa",
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// `[routes] dynamic` with `max_dynamic_peers` and `[peer_defaults]`.
+fn dynamic(
+    sections: &Sections,
+    warnings: &mut Vec<String>,
+) -> Result<(Option<DynamicPeers>, PeerFiles), ConfigError> {
+    let r = sections.section("routes", ROUTES_KEYS)?;
+    let s = sections.section("peer_defaults", PEER_KEYS)?;
+    if let Some(k) = NOT_PEER_DEFAULTS
+        .iter()
+        .find(|k| s.values.contains_key(**k))
+    {
+        return Err(s.err(
+            k,
+            s.raw(k),
+            "a dynamic peer's hosts, domain and role are its own, not a default",
+        ));
+    }
+    let (mut defaults, files) = peer(&s, "", warnings)?;
+    // A destination found at run time holds no connection while idle,
+    // unless the operator says otherwise.
+    if !s.values.contains_key("min_connections") {
+        defaults.min_connections = 0;
+    }
+    if !r.boolean("dynamic")? {
+        return Ok((None, files));
+    }
+    let max_peers = r.count("max_dynamic_peers", 1)?;
+    Ok((
+        Some(DynamicPeers {
+            max_peers,
+            defaults,
+        }),
+        files,
+    ))
 }
 
 /// `[routes]`: `default` as a peer index, `ported_file`, and the

@@ -125,6 +125,23 @@ pub struct Stats {
     pub enum_failures: AtomicU64,
 }
 
+impl Stats {
+    /// The counters by name, as status and metrics show them.
+    pub fn counts(&self) -> [(&'static str, u64); 8] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("queries", n(&self.queries)),
+            ("cache_hits", n(&self.cache_hits)),
+            ("failures", n(&self.failures)),
+            ("timeouts", n(&self.timeouts)),
+            ("tcp_retries", n(&self.tcp_retries)),
+            ("enum_lookups", n(&self.enum_lookups)),
+            ("enum_answers", n(&self.enum_answers)),
+            ("enum_failures", n(&self.enum_failures)),
+        ]
+    }
+}
+
 /// The resolver: its settings, cache and counters; shared by every thread.
 #[derive(Debug)]
 pub struct Resolver {

@@ -13,13 +13,13 @@ use crate::message::{Job, Location, Message, received_header};
 use crate::mm4;
 use crate::mm4::dedup;
 use crate::route::access::ClientClass;
-use crate::route::{Address, AddressKind, Numbering, PeerId};
+use crate::route::{Address, AddressKind, Numbering, PeerId, Routed};
 use crate::smtp::Reply;
 use crate::smtp::session::{Envelope, Handler};
 use crate::spool::{NewMessage, SpoolError};
 use crate::sys::printable::Brief;
 
-use super::{Inbound, Tables};
+use super::{Inbound, NewPeerError, Tables};
 
 /// What one session was refused, logged once per reason: the first time
 /// with its details, and at the end of the session how often in all. A
@@ -82,6 +82,48 @@ pub(super) struct RelayHandler {
     pub(super) session_deadline: Option<Instant>,
 }
 
+impl RelayHandler {
+    /// A recipient in a domain no peer claims, with `[routes] dynamic`:
+    /// only the local MMSC may send there; the domain must exist in DNS
+    /// (else 550), DNS must answer (else 451), and the relay must have
+    /// room for another dynamic peer (else 451).
+    fn new_peer(&mut self, rcpt: &str, domain: &str) -> Result<PeerId, Reply> {
+        let stats = &self.inbound.stats;
+        if self.class != ClientClass::Local {
+            stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);
+            self.refusals.note("relay denied", || {
+                format!("class={:?} to=<{}> (dynamic)", self.class, Brief(rcpt))
+            });
+            return Err(Reply::new(550, format!("5.7.1 <{rcpt}>: relaying denied")));
+        }
+        match self.inbound.new_peer(domain) {
+            Ok(peer) => Ok(peer),
+            Err(NewPeerError::NoSuchDomain) => {
+                stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
+                self.refusals
+                    .note("no such domain", || format!("to=<{}>", Brief(rcpt)));
+                Err(Reply::new(
+                    550,
+                    format!("5.1.2 <{rcpt}>: no mail exchanger for this domain"),
+                ))
+            }
+            Err(NewPeerError::Dns(e)) => {
+                self.refusals
+                    .note("DNS failed", || format!("to=<{}>: {e}", Brief(rcpt)));
+                Err(Reply::new(
+                    451,
+                    format!("4.4.3 <{rcpt}>: cannot look the domain up now, try again later"),
+                ))
+            }
+            Err(NewPeerError::Refused(why)) => {
+                self.refusals
+                    .note("no dynamic peer", || format!("to=<{}>: {why}", Brief(rcpt)));
+                Err(Reply::new(451, format!("4.4.5 <{rcpt}>: {why}")))
+            }
+        }
+    }
+}
+
 impl Handler for RelayHandler {
     type Route = PeerId;
 
@@ -105,14 +147,21 @@ impl Handler for RelayHandler {
                 return Err(Reply::new(553, format!("5.1.3 <{rcpt}>: {e}")));
             }
         };
-        let Some(peer) = tables.router.route(&addr) else {
-            stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
-            self.refusals
-                .note("no route", || format!("to=<{}>", Brief(rcpt)));
-            return Err(Reply::new(
-                550,
-                format!("5.1.2 <{rcpt}>: no route to this recipient"),
-            ));
+        let routed = tables
+            .router
+            .explain_with(&addr, |n| self.inbound.enum_domain(&tables, n));
+        let peer = match routed {
+            Some(Routed::Peer(p, _)) => p,
+            Some(Routed::NewPeer(domain)) => return self.new_peer(rcpt, &domain),
+            None => {
+                stats.rcpt_unroutable.fetch_add(1, Ordering::Relaxed);
+                self.refusals
+                    .note("no route", || format!("to=<{}>", Brief(rcpt)));
+                return Err(Reply::new(
+                    550,
+                    format!("5.1.2 <{rcpt}>: no route to this recipient"),
+                ));
+            }
         };
         if !tables.access.may_send(self.class, peer) {
             stats.rcpt_relay_denied.fetch_add(1, Ordering::Relaxed);

@@ -29,16 +29,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
+
 use log::{debug, warn};
 use parking_lot::RwLock;
 
 use crate::config::{AuthUser, Config, ConfigError, Mm4Check, PortedLoad};
+use crate::dns::{MxError, Resolver};
 use crate::message::IdSource;
 use crate::mm4;
 use crate::mm4::dedup::Dedup;
 use crate::queue::Queue;
-use crate::route::Router;
 use crate::route::access::{AccessControl, Cidr};
+use crate::route::{PeerId, Router};
 use crate::smtp::session::SessionConfig;
 use crate::spool::Spool;
 use crate::tls;
@@ -104,6 +107,10 @@ struct Tables {
     max_sessions_per_ip: usize,
     connection_rate_per_ip: u32,
     ported_load: PortedLoad,
+    /// `[enum] domain`.
+    enum_domain: Option<String>,
+    /// `[dns] smtp_port`.
+    smtp_port: u16,
 }
 
 impl Tables {
@@ -155,6 +162,8 @@ impl Tables {
             max_sessions_per_ip: l.max_sessions_per_ip,
             connection_rate_per_ip: l.connection_rate_per_ip,
             ported_load: config.ported_load.clone(),
+            enum_domain: config.enum_domain.clone(),
+            smtp_port: config.smtp_port,
         })
     }
 }
@@ -172,6 +181,28 @@ pub struct Inbound {
     dedup: Dedup,
     auth_throttle: AuthThrottle,
     stats: Arc<InboundStats>,
+    /// The resolver ENUM asks.
+    resolver: Arc<Resolver>,
+    /// Where sessions ask the relay for a dynamic peer.
+    new_peers: Sender<NewPeerRequest>,
+}
+
+/// A session's request for a dynamic peer: the domain, and where the relay
+/// answers with the new peer's id or why there is none.
+pub type NewPeerRequest = (String, Sender<Result<PeerId, String>>);
+
+/// Longest a session waits for the relay to make a dynamic peer.
+const NEW_PEER_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a recipient's domain got no dynamic peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NewPeerError {
+    /// NXDOMAIN, a null MX, or no exchange with an address.
+    NoSuchDomain,
+    /// DNS did not answer: try later.
+    Dns(String),
+    /// The relay would not make one (the cap, a stop).
+    Refused(String),
 }
 
 impl Inbound {
@@ -194,6 +225,8 @@ impl Inbound {
         ids: Arc<IdSource>,
         queue: Arc<Queue>,
         spool: Arc<Spool>,
+        resolver: Arc<Resolver>,
+        new_peers: Sender<NewPeerRequest>,
     ) -> Inbound {
         // What was accepted within the window before the last stop, or
         // crash, still counts: a sender retrying after losing our 250 at
@@ -215,6 +248,8 @@ impl Inbound {
             dedup,
             auth_throttle: AuthThrottle::default(),
             stats: Arc::default(),
+            resolver,
+            new_peers,
         }
     }
 
@@ -247,7 +282,39 @@ impl Inbound {
     /// `mm4relay route`: how the tables in force route `rcpt`.
     pub fn explain_route(&self, rcpt: &str) -> String {
         let t = self.tables();
-        t.router.explain_text(rcpt, &t.peer_names)
+        t.router
+            .explain_text(rcpt, &t.peer_names, |n| self.enum_domain(&t, n))
+    }
+
+    /// The domain ENUM gives `number`, when `[enum]` is on and DNS answers.
+    fn enum_domain(&self, tables: &Tables, number: &str) -> Option<String> {
+        let suffix = tables.enum_domain.as_deref()?;
+        self.resolver.enum_domain(number, suffix).ok().flatten()
+    }
+
+    /// The peer for `domain`, made by the relay once DNS says the domain
+    /// takes mail.
+    fn new_peer(&self, domain: &str) -> Result<PeerId, NewPeerError> {
+        let port = self.tables().smtp_port;
+        match self.resolver.mx_targets(domain, port) {
+            Ok(_) => {}
+            Err(MxError::NotFound) => return Err(NewPeerError::NoSuchDomain),
+            Err(MxError::Failed(e)) => return Err(NewPeerError::Dns(e.to_string())),
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let refused = |why: &str| NewPeerError::Refused(why.to_string());
+        self.new_peers
+            .send((domain.to_string(), tx))
+            .map_err(|_| refused("the relay is stopping"))?;
+        match rx.recv_timeout(NEW_PEER_WAIT) {
+            Ok(answer) => answer.map_err(NewPeerError::Refused),
+            Err(_) => Err(refused("the relay did not make the peer in time")),
+        }
+    }
+
+    /// The resolver's counters.
+    pub fn resolver(&self) -> &Arc<Resolver> {
+        &self.resolver
     }
 
     fn tables(&self) -> Arc<Tables> {

@@ -210,6 +210,8 @@ pub struct Totals<'a> {
     pub inbound: &'a InboundStats,
     /// How the number-portability table in force was loaded.
     pub ported: PortedLoad,
+    /// The resolver's counters (MX and ENUM look-ups) and cached names.
+    pub dns: ([(&'static str, u64); 8], usize),
 }
 
 impl Totals<'_> {
@@ -219,6 +221,10 @@ impl Totals<'_> {
             spool: sources.spool.stats(),
             inbound: &sources.inbound,
             ported: sources.intake.ported_load(),
+            dns: {
+                let r = sources.intake.resolver();
+                (r.stats().counts(), r.cached())
+            },
         }
     }
 }
@@ -282,6 +288,9 @@ pub fn text(peers: &[PeerSnapshot], totals: &Totals) -> String {
         let _ = write!(out, ", {} ago", short_age(ago));
     }
     out.push('\n');
+    let (counts, cached) = &totals.dns;
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(out, "dns: {} cached={cached}", counts.join(" "));
     out
 }
 
@@ -340,11 +349,14 @@ pub fn json(peers: &[PeerSnapshot], totals: &Totals) -> String {
         file.as_deref().map_or("null".into(), json_str),
         at.map_or("null".into(), |a| a.to_string())
     );
+    let (counts, cached) = &totals.dns;
+    let dns: Vec<String> = counts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
     format!(
-        "{{\"peers\":[{}],\"listener\":{{{}}},{},{routes}}}\n",
+        "{{\"peers\":[{}],\"listener\":{{{}}},{},{routes},\"dns\":{{{},\"cached\":{cached}}}}}\n",
         items.join(","),
         listener.join(","),
-        spool.join(",")
+        spool.join(","),
+        dns.join(",")
     )
 }
 
@@ -371,6 +383,7 @@ mod tests {
             spool: SpoolStats::default(),
             inbound: &inbound,
             ported: PortedLoad::default(),
+            dns: (crate::dns::Stats::default().counts(), 0),
         };
         let text = text(&[], &totals);
         assert!(
@@ -408,6 +421,11 @@ mod tests {
                 seconds: 1.5,
                 at: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000)),
             },
+            dns: {
+                let stats = crate::dns::Stats::default();
+                stats.enum_lookups.fetch_add(3, Ordering::Relaxed);
+                (stats.counts(), 2)
+            },
         };
         let text = text(std::slice::from_ref(&p), &totals);
         assert!(text.contains("B          probing"), "{text}");
@@ -422,6 +440,13 @@ mod tests {
         assert!(
             text.contains(
                 "\nroutes: 10 ported entries from /var/lib/ported.txt, loaded in 1.50s, "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "\ndns: queries=0 cache_hits=0 failures=0 timeouts=0 tcp_retries=0 \
+                 enum_lookups=3 enum_answers=0 enum_failures=0 cached=2\n"
             ),
             "{text}"
         );
@@ -450,7 +475,10 @@ mod tests {
             json.trim_end().ends_with(
                 "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3,\
                  \"routes\":{\"ported_entries\":10,\"ported_file\":\"/var/lib/ported.txt\",\
-                 \"ported_load_seconds\":1.500,\"ported_loaded_at\":1000}}"
+                 \"ported_load_seconds\":1.500,\"ported_loaded_at\":1000},\
+                 \"dns\":{\"queries\":0,\"cache_hits\":0,\"failures\":0,\"timeouts\":0,\
+                 \"tcp_retries\":0,\"enum_lookups\":3,\"enum_answers\":0,\"enum_failures\":0,\
+                 \"cached\":2}}"
             ),
             "{json}"
         );

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -318,7 +318,19 @@ impl Connection {
         timeouts: &Timeouts,
         security: &Security,
     ) -> Result<Connection, ConnError> {
-        match Connection::open_once(host, helo_name, timeouts, security) {
+        Connection::open_to(host, None, helo_name, timeouts, security)
+    }
+
+    /// As [`Connection::open`], to `addrs` when DNS found them (`host`
+    /// then only names the peer, for TLS and the log).
+    pub fn open_to(
+        host: &str,
+        addrs: Option<&[SocketAddr]>,
+        helo_name: &str,
+        timeouts: &Timeouts,
+        security: &Security,
+    ) -> Result<Connection, ConnError> {
+        match Connection::open_once(host, addrs, helo_name, timeouts, security) {
             Err(ConnError {
                 stage: Stage::Tls,
                 trouble: Trouble::Tls(e),
@@ -331,7 +343,7 @@ impl Connection {
                     mode: TlsMode::Off,
                     ..security.clone()
                 };
-                Connection::open_once(host, helo_name, timeouts, &plain)
+                Connection::open_once(host, addrs, helo_name, timeouts, &plain)
             }
             other => other,
         }
@@ -339,14 +351,19 @@ impl Connection {
 
     fn open_once(
         host: &str,
+        addrs: Option<&[SocketAddr]>,
         helo_name: &str,
         timeouts: &Timeouts,
         security: &Security,
     ) -> Result<Connection, ConnError> {
         let connect = |e: String| ConnError::new(Stage::Connect, Trouble::Io(e));
-        let addrs = host
-            .to_socket_addrs()
-            .map_err(|e| connect(format!("{host}: {e}")))?;
+        let addrs: Vec<SocketAddr> = match addrs {
+            Some(a) => a.to_vec(),
+            None => host
+                .to_socket_addrs()
+                .map_err(|e| connect(format!("{host}: {e}")))?
+                .collect(),
+        };
         let mut errors = Vec::new();
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {

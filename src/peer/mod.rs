@@ -20,12 +20,14 @@ pub mod bounce;
 mod connection;
 mod control;
 mod expire;
+pub mod hosts;
 pub mod policy;
 mod worker;
 
 pub use connection::{ConnError, Connection, Delivery, Outbound, Security, Timeouts};
-pub use control::{Change, Control, Hosts};
+pub use control::{Change, Control};
 pub use expire::Expirer;
+pub use hosts::{Dns, Host, Hosts};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
@@ -205,6 +207,8 @@ pub struct PeerSnapshot {
     pub removed: bool,
     /// Our TLS or AUTH settings and the peer's do not agree.
     pub misconfigured: bool,
+    /// Made at run time for a domain no peer claims.
+    pub dynamic: bool,
     /// Age in seconds of the oldest message queued for it.
     pub oldest_secs: Option<u64>,
     /// Recipients delivered per second lately, times 1000.
@@ -213,7 +217,7 @@ pub struct PeerSnapshot {
 
 impl PeerSnapshot {
     /// One word for the status table: removed, held, misconfigured,
-    /// probing or ok.
+    /// probing, dynamic (a healthy dynamic peer) or ok.
     pub fn state(&self) -> &'static str {
         if self.removed {
             "removed"
@@ -223,6 +227,8 @@ impl PeerSnapshot {
             "misconfigured"
         } else if !self.healthy {
             "probing"
+        } else if self.dynamic {
+            "dynamic"
         } else {
             "ok"
         }
@@ -298,13 +304,18 @@ pub struct Settings {
 }
 
 impl Settings {
-    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>) -> Settings {
+    fn new(cfg: PeerConfig, hosts: Option<Arc<Hosts>>, dns: &Dns) -> Settings {
         Settings {
             security: Security::of(&cfg),
             timeouts: Timeouts::of(&cfg),
             rate: (cfg.max_rate > 0).then(|| TokenBucket::new(cfg.max_rate)),
             hosts: hosts.unwrap_or_else(|| {
-                Arc::new(Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max))
+                Arc::new(match &cfg.mx {
+                    Some(domain) => {
+                        Hosts::mx(domain.clone(), dns.clone(), cfg.probe_min, cfg.probe_max)
+                    }
+                    None => Hosts::new(cfg.hosts.clone(), cfg.probe_min, cfg.probe_max),
+                })
             }),
             cfg,
             learned_limit: AtomicU32::new(0),
@@ -343,6 +354,8 @@ struct Shared {
     workers: usize,
     settings: RwLock<Arc<Settings>>,
     helo_name: String,
+    /// The resolver, for `mx:` hosts.
+    dns: Dns,
     stats: PeerStats,
     /// Health and allowance.
     control: Control,
@@ -387,6 +400,8 @@ pub struct WorkerContext {
     pub stop: Receiver<()>,
     /// Dropped by each worker when it ends, so the relay can wait for all.
     pub done: Sender<()>,
+    /// How hosts are found through DNS.
+    pub dns: Dns,
 }
 
 impl Peer {
@@ -407,7 +422,8 @@ impl Peer {
             streams: Mutex::new((0..cfg.max_connections).map(|_| None).collect()),
             stats: PeerStats::default(),
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
-            settings: RwLock::new(Arc::new(Settings::new(cfg, None))),
+            settings: RwLock::new(Arc::new(Settings::new(cfg, None, &ctx.dns))),
+            dns: ctx.dns.clone(),
         });
         // Before any worker runs, so that a held peer sends nothing.
         shared.control.set_held(held);
@@ -460,6 +476,7 @@ impl PeerView {
             held: self.shared.control.held(),
             removed: self.shared.control.removed(),
             misconfigured: self.shared.control.misconfigured(),
+            dynamic: self.shared.settings().cfg.dynamic,
             oldest_secs: queue
                 .oldest(self.shared.id)
                 .map(|t| queue.now().duration_since(t).unwrap_or_default().as_secs()),
@@ -499,8 +516,9 @@ impl PeerView {
     /// Host failure marks are kept when the host list did not change.
     pub fn reload(&self, cfg: PeerConfig) {
         let old = self.shared.settings();
-        let hosts = (old.cfg.hosts == cfg.hosts).then(|| old.hosts.clone());
-        *self.shared.settings.write() = Arc::new(Settings::new(cfg, hosts));
+        let same = old.cfg.hosts == cfg.hosts && old.cfg.mx == cfg.mx;
+        let hosts = same.then(|| old.hosts.clone());
+        *self.shared.settings.write() = Arc::new(Settings::new(cfg, hosts, &self.shared.dns));
     }
 
     /// The peer's health and allowance.

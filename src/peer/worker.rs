@@ -173,11 +173,29 @@ impl Worker {
         let hosts = &settings.hosts;
         let mut last = None;
         let mut refused = true;
-        for i in hosts.order() {
-            let host = hosts.name(i);
-            match Connection::open(host, &p.helo_name, &settings.timeouts, &settings.security) {
+        let order = hosts.order().unwrap_or_else(|e| {
+            last = Some((
+                ConnError {
+                    stage: Stage::Connect,
+                    trouble: Trouble::Io(e),
+                },
+                Health::ConnectionFailed,
+                hosts.describe(),
+            ));
+            Vec::new()
+        });
+        for target in order {
+            let host = target.name.as_str();
+            let opened = Connection::open_to(
+                host,
+                target.addrs.as_deref(),
+                &p.helo_name,
+                &settings.timeouts,
+                &settings.security,
+            );
+            match opened {
                 Ok(c) => {
-                    hosts.up(i);
+                    hosts.up(host);
                     if p.control.set_misconfigured(false) {
                         info!("peer={} TLS and AUTH work again", p.name);
                     }
@@ -202,7 +220,7 @@ impl Worker {
                     } else {
                         info!("peer={} host={host} failed: {said}", p.name);
                     }
-                    hosts.failed(i);
+                    hosts.failed(host);
                     p.stats.connections_failed.fetch_add(1, Ordering::Relaxed);
                     // One host our settings do not fit makes the peer
                     // misconfigured, whatever the others did: its error is

@@ -36,6 +36,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
 use crate::config::{Config, PeerConfig};
+use crate::dns::Resolver;
+use crate::inbound::NewPeerRequest;
 use crate::inbound::{self, Bound, Inbound, Listener, Prepared};
 use crate::message::{IdSource, Job, Message};
 use crate::mm4::Mm4Info;
@@ -43,7 +45,7 @@ use crate::ops::control::{ControlSocket, Sources};
 use crate::ops::metrics::MetricsServer;
 use crate::peer::balancer::Balancer;
 use crate::peer::bounce::Bounce;
-use crate::peer::{Budget, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
+use crate::peer::{Budget, Dns, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
 use crate::spool::{Holds, Recovered, Spool, SpoolOptions};
 use crate::sys::clock::{self, SharedClock};
@@ -74,10 +76,15 @@ pub struct Relay {
     /// Reload requests from the control socket, each with where to answer;
     /// [`run`] serves them.
     reloads: (Sender<Sender<String>>, Receiver<Sender<String>>),
+    /// Sessions' requests for dynamic peers; [`run`] serves them.
+    new_peers: (Sender<NewPeerRequest>, Receiver<NewPeerRequest>),
     shutdown_timeout: Duration,
     /// The configuration in force (reload compares against it).
     config: Config,
     spool: Option<Arc<Spool>>,
+    /// The resolver peers (`mx:` hosts) and sessions (ENUM, dynamic
+    /// peers) share.
+    dns: Dns,
 }
 
 /// Sends a panic's message, with the name of its thread, to the log as
@@ -148,9 +155,14 @@ impl Relay {
             stop: Some(stop_tx),
             done: done_rx,
             reloads: crossbeam_channel::unbounded(),
+            new_peers: crossbeam_channel::unbounded(),
             shutdown_timeout: config.relay.shutdown_timeout,
             config: config.clone(),
             spool: Some(spool.clone()),
+            dns: Dns {
+                resolver: Arc::new(Resolver::new(config.dns.clone())),
+                smtp_port: config.smtp_port,
+            },
         };
         relay.orphans = requeue(config, &queue, recovered);
         let holds = restore_holds(&spool, &queue);
@@ -166,6 +178,7 @@ impl Relay {
         let budget = Arc::new(Budget::new(config.relay.max_connections));
         relay.budget = Some(budget.clone());
         let ctx = WorkerContext {
+            dns: relay.dns.clone(),
             bounce,
             helo_name: config.relay.hostname.clone(),
             queue: queue.clone(),
@@ -202,6 +215,8 @@ impl Relay {
             ids,
             queue.clone(),
             spool.clone(),
+            relay.dns.resolver.clone(),
+            relay.new_peers.0.clone(),
         ));
         relay.inbound = Some(inbound.clone());
         relay.start_ops(config, queue, spool, &inbound)?;
@@ -218,6 +233,7 @@ impl Relay {
                 return Err(RelayError::system("starting the listener", e));
             }
         }
+        relay.remake_dynamic();
         info!(
             "mm4relay {} started: {} peers, budget {} connections",
             env!("CARGO_PKG_VERSION"),
@@ -379,8 +395,20 @@ impl Relay {
         let mut peers = Vec::new();
         let mut removed = Vec::new();
         for (id, p) in self.peers.iter().enumerate() {
+            let old = &self.config.peers[id];
             match new.peers.iter().find(|c| c.name == p.view().name()) {
                 Some(c) => peers.push(c.clone()),
+                // Dynamic peers are not in the file: they stay while
+                // dynamic peers are on, with the new defaults.
+                None if old.dynamic && new.dynamic.is_some() => {
+                    let defaults = new.dynamic.as_ref().map(|d| d.defaults.clone());
+                    let mut cfg = defaults.unwrap_or_else(|| old.clone());
+                    cfg.name = old.name.clone();
+                    cfg.mx = old.mx.clone();
+                    cfg.domains = old.domains.clone();
+                    cfg.dynamic = true;
+                    peers.push(cfg);
+                }
                 None => {
                     let mut old = self.config.peers[id].clone();
                     old.domains.clear();
@@ -422,6 +450,62 @@ impl Relay {
         (effective, removed, added)
     }
 
+    /// Makes again the dynamic peers the spool holds messages for.
+    fn remake_dynamic(&mut self) {
+        if self.config.dynamic.is_none() {
+            return;
+        }
+        let mut names: Vec<String> = self
+            .orphans
+            .iter()
+            .map(|o| o.peer.clone())
+            .filter(|n| n.contains('.') && crate::route::valid_domain(n))
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            if let Err(e) = self.make_dynamic(&name) {
+                warn!("peer {name}: its queued messages wait: {e}");
+            }
+        }
+    }
+
+    /// The dynamic peer for `domain`: the one made before, or a new one
+    /// with `[peer_defaults]`, its hosts `domain`'s MX, within
+    /// `max_dynamic_peers`.
+    pub fn make_dynamic(&mut self, domain: &str) -> Result<usize, String> {
+        let Some(dynamic) = self.config.dynamic.clone() else {
+            return Err("dynamic peers are off".into());
+        };
+        if let Some(id) = self.config.peers.iter().position(|p| p.name == domain) {
+            return Ok(id);
+        }
+        let made = self.config.peers.iter().filter(|p| p.dynamic).count();
+        if made >= dynamic.max_peers {
+            warn!("no dynamic peer for {domain}: {made} made, as many as max_dynamic_peers allows");
+            return Err("too many destinations now, try again later".into());
+        }
+        let mut cfg = dynamic.defaults;
+        cfg.name = domain.to_string();
+        cfg.mx = Some(domain.to_string());
+        cfg.domains = vec![domain.to_string()];
+        cfg.dynamic = true;
+        let id = self.peers.len();
+        self.add_peer(cfg.clone())
+            .map_err(|e| format!("cannot start a peer: {e}"))?;
+        self.config.peers.push(cfg);
+        let tables = Inbound::prepare(&self.config).map_err(|e| e.to_string())?;
+        if let Some(inbound) = &self.inbound {
+            inbound.reload(tables);
+        }
+        info!(
+            "peer {domain} made (dynamic, {} of at most {})",
+            made + 1,
+            dynamic.max_peers
+        );
+        Ok(id)
+    }
+
     /// Starts a peer a reload added, with the next id.
     fn add_peer(&mut self, cfg: PeerConfig) -> io::Result<()> {
         let ctx = self
@@ -436,14 +520,14 @@ impl Relay {
         debug_assert_eq!(queue_id, id, "queue and peers out of step");
         self.views.push(peer.view().clone());
         self.peers.push(peer);
-        info!("reload: peer {name} added");
+        info!("peer {name} added");
         let (mine, rest) = std::mem::take(&mut self.orphans)
             .into_iter()
             .partition::<Vec<_>, _>(|o| o.peer == name);
         self.orphans = rest;
         if !mine.is_empty() {
             info!(
-                "reload: {} jobs for {name} found in the spool at start are queued",
+                "{} jobs for {name} found in the spool at start are queued",
                 mine.len()
             );
         }
@@ -661,6 +745,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
         }
     };
     let requests = relay.reloads.1.clone();
+    let new_peers = relay.new_peers.1.clone();
     loop {
         crossbeam_channel::select! {
             recv(sig_rx) -> sig => match sig {
@@ -678,6 +763,11 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
                 }
                 Err(_) => break,
             },
+            recv(new_peers) -> request => {
+                if let Ok((domain, answer)) = request {
+                    let _ = answer.send(relay.make_dynamic(&domain));
+                }
+            }
             recv(requests) -> answer => {
                 if let Ok(answer) = answer {
                     info!("reload asked on the control socket: reloading {}", config.path.display());

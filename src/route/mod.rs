@@ -237,6 +237,8 @@ pub enum Rule {
     PortedExact,
     /// A number-portability block of this many digits.
     PortedBlock(usize),
+    /// The domain an ENUM answer gave the number.
+    Enum(String),
     /// A peer's number prefix.
     Prefix(String),
     /// A peer's domain, exactly.
@@ -245,6 +247,17 @@ pub enum Rule {
     Suffix(String),
     /// `[routes] default`.
     Default,
+    /// A peer made at run time for this domain (`[routes] dynamic`).
+    Dynamic(String),
+}
+
+/// Where a recipient goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// To a peer, by a rule.
+    Peer(PeerId, Rule),
+    /// To a dynamic peer not made yet, for this domain.
+    NewPeer(String),
 }
 
 impl fmt::Display for Rule {
@@ -252,10 +265,12 @@ impl fmt::Display for Rule {
         match self {
             Rule::PortedExact => f.write_str("ported (exact number)"),
             Rule::PortedBlock(n) => write!(f, "ported (block of {n} digits)"),
+            Rule::Enum(d) => write!(f, "ENUM answer {d}"),
             Rule::Prefix(p) => write!(f, "prefix {p}"),
             Rule::Domain(d) => write!(f, "domain {d}"),
             Rule::Suffix(s) => write!(f, "domain *{s}"),
             Rule::Default => f.write_str("default"),
+            Rule::Dynamic(d) => write!(f, "dynamic peer for {d}"),
         }
     }
 }
@@ -271,6 +286,10 @@ pub struct Router {
     suffixes: Vec<(String, PeerId)>,
     default: Option<PeerId>,
     numbering: Numbering,
+    /// `[routes] dynamic`: domains no peer claims get a peer of their own.
+    dynamic: bool,
+    /// The peers made that way.
+    dynamic_peers: Vec<PeerId>,
 }
 
 impl Router {
@@ -315,6 +334,13 @@ impl Router {
         &self.numbering
     }
 
+    /// Makes a peer for every domain no peer claims; `made` are those
+    /// made so far.
+    pub fn set_dynamic(&mut self, made: Vec<PeerId>) {
+        self.dynamic = true;
+        self.dynamic_peers = made;
+    }
+
     /// Sends everything no other rule matches to `peer`.
     pub fn set_default(&mut self, peer: PeerId) {
         self.default = Some(peer);
@@ -327,41 +353,87 @@ impl Router {
 
     /// The peer for `addr` and the rule that chose it.
     pub fn explain(&self, addr: &Address) -> Option<(PeerId, Rule)> {
+        match self.explain_with(addr, |_| None)? {
+            Routed::Peer(p, rule) => Some((p, rule)),
+            Routed::NewPeer(_) => None,
+        }
+    }
+
+    /// As [`Router::explain`], asking `enum_domain` for the domain of a
+    /// number that has no number-portability entry: a domain a peer
+    /// claims routes there; with `dynamic`, one no peer claims gets a peer
+    /// of its own, ahead of prefixes, and so does a recipient's domain no
+    /// peer claims, ahead of the default.
+    pub fn explain_with(
+        &self,
+        addr: &Address,
+        enum_domain: impl FnOnce(&str) -> Option<String>,
+    ) -> Option<Routed> {
         if let AddressKind::Plmn(number) = &addr.kind {
             match self.ported.lookup(number) {
-                Some((p, NpMatch::Exact)) => return Some((p, Rule::PortedExact)),
-                Some((p, NpMatch::Block(n))) => return Some((p, Rule::PortedBlock(n))),
+                Some((p, NpMatch::Exact)) => return Some(Routed::Peer(p, Rule::PortedExact)),
+                Some((p, NpMatch::Block(n))) => {
+                    return Some(Routed::Peer(p, Rule::PortedBlock(n)));
+                }
                 None => {}
+            }
+            if let Some(domain) = enum_domain(number) {
+                match self.route_domain(&domain) {
+                    Some((p, _)) => return Some(Routed::Peer(p, Rule::Enum(domain))),
+                    None if self.dynamic && domain.contains('.') => {
+                        return Some(Routed::NewPeer(domain));
+                    }
+                    None => {}
+                }
             }
             let longest = self.longest_prefix.min(number.len());
             for len in (2..=longest).rev() {
                 if let Some(&p) = self.prefixes.get(&number[..len]) {
-                    return Some((p, Rule::Prefix(number[..len].to_string())));
+                    return Some(Routed::Peer(p, Rule::Prefix(number[..len].to_string())));
                 }
             }
         }
-        self.route_domain(&addr.domain)
-            .or_else(|| self.default.map(|p| (p, Rule::Default)))
+        if let Some((p, rule)) = self.route_domain(&addr.domain) {
+            return Some(Routed::Peer(p, rule));
+        }
+        // A dotted name, not a literal: a dynamic peer's name is its
+        // domain, which can then never be a configured peer's name.
+        if self.dynamic && addr.domain.contains('.') && !addr.domain.starts_with('[') {
+            return Some(Routed::NewPeer(addr.domain.clone()));
+        }
+        self.default.map(|p| Routed::Peer(p, Rule::Default))
     }
 
     /// What `mm4relay route` prints for `rcpt`: the peer and the rule, or
-    /// why there is none; `peer_names` by peer id.
-    pub fn explain_text(&self, rcpt: &str, peer_names: &[String]) -> String {
+    /// why there is none; `peer_names` by peer id, `enum_domain` as for
+    /// [`Router::explain_with`].
+    pub fn explain_text(
+        &self,
+        rcpt: &str,
+        peer_names: &[String],
+        enum_domain: impl FnOnce(&str) -> Option<String>,
+    ) -> String {
         let addr = match Address::parse_envelope_in(rcpt, &self.numbering) {
             Ok(a) => a,
             Err(e) => return format!("error: {rcpt:?} is not an address: {e}\n"),
         };
-        match self.explain(&addr) {
-            Some((p, rule)) => format!(
+        match self.explain_with(&addr, enum_domain) {
+            Some(Routed::Peer(p, rule)) => format!(
                 "{rcpt} -> {} by {rule}\n",
                 peer_names.get(p).map_or("?", String::as_str)
             ),
+            Some(Routed::NewPeer(d)) => {
+                format!("{rcpt} -> a new dynamic peer for {d}, if DNS finds it\n")
+            }
             None => format!("{rcpt} -> no peer: 550 5.1.2 at RCPT\n"),
         }
     }
 
     fn route_domain(&self, domain: &str) -> Option<(PeerId, Rule)> {
         if let Some(&p) = self.domains.get(domain) {
+            if self.dynamic_peers.contains(&p) {
+                return Some((p, Rule::Dynamic(domain.to_string())));
+            }
             return Some((p, Rule::Domain(domain.to_string())));
         }
         self.suffixes
@@ -446,11 +518,11 @@ mod tests {
         let a = Address::parse_envelope_in("07700900123/TYPE=PLMN@x.gprs", &uk).unwrap();
         assert_eq!(a.kind, AddressKind::Plmn("+447700900123".into()));
         let mut r = router();
-        let refused = r.explain_text("07700900123/TYPE=PLMN@x.gprs", &[]);
+        let refused = r.explain_text("07700900123/TYPE=PLMN@x.gprs", &[], |_| None);
         assert!(refused.contains("not an address"), "{refused}");
         r.set_numbering(uk);
         assert_eq!(
-            r.explain_text("07700900123/TYPE=PLMN@x.gprs", &["A".into()]),
+            r.explain_text("07700900123/TYPE=PLMN@x.gprs", &["A".into()], |_| None),
             "07700900123/TYPE=PLMN@x.gprs -> A by prefix +447700900\n"
         );
     }
@@ -500,6 +572,67 @@ mod tests {
         assert_eq!(
             route(&r, "+99955501234/TYPE=PLMN@mms.mnc099.mcc998.gprs"),
             Some(0)
+        );
+    }
+
+    #[test]
+    fn enum_comes_after_number_portability_and_before_prefixes() {
+        let r = router();
+        let addr = |s: &str| Address::parse_envelope(s).unwrap();
+        let to_b = |_: &str| Some("mms.mnc020.mcc001.gprs".to_string());
+        let ported = addr("+12025550177/TYPE=PLMN@x.gprs");
+        assert_eq!(
+            r.explain_with(&ported, to_b),
+            Some(Routed::Peer(2, Rule::PortedExact))
+        );
+        let plain = addr("+447700900123/TYPE=PLMN@x.gprs");
+        assert_eq!(
+            r.explain_with(&plain, to_b),
+            Some(Routed::Peer(1, Rule::Enum("mms.mnc020.mcc001.gprs".into())))
+        );
+        let nobody = |_: &str| Some("unclaimed.test".to_string());
+        assert_eq!(
+            r.explain_with(&plain, nobody),
+            Some(Routed::Peer(0, Rule::Prefix("+447700900".into())))
+        );
+        let mailbox = addr("x@mms.mnc010.mcc001.gprs");
+        let never = |_: &str| -> Option<String> { panic!("ENUM asked for a mailbox") };
+        assert_eq!(
+            r.explain_with(&mailbox, never),
+            Some(Routed::Peer(
+                0,
+                Rule::Domain("mms.mnc010.mcc001.gprs".into())
+            ))
+        );
+    }
+
+    #[test]
+    fn dynamic_peers_for_unclaimed_domains_ahead_of_prefix_and_default() {
+        let mut r = router();
+        r.set_default(0);
+        r.add_domain("made.test", 3);
+        r.set_dynamic(vec![3]);
+        let addr = |s: &str| Address::parse_envelope(s).unwrap();
+        let plain = addr("+447700900123/TYPE=PLMN@x.gprs");
+        assert_eq!(
+            r.explain_with(&plain, |_| Some("new.test".into())),
+            Some(Routed::NewPeer("new.test".into()))
+        );
+        assert_eq!(
+            r.explain_with(&plain, |_| Some("made.test".into())),
+            Some(Routed::Peer(3, Rule::Enum("made.test".into())))
+        );
+        assert_eq!(
+            r.explain_with(&addr("x@other.test"), |_| None),
+            Some(Routed::NewPeer("other.test".into()))
+        );
+        assert_eq!(
+            r.explain_with(&addr("x@made.test"), |_| None),
+            Some(Routed::Peer(3, Rule::Dynamic("made.test".into())))
+        );
+        assert_eq!(
+            r.explain_with(&addr("x@[127.0.0.1]"), |_| None),
+            Some(Routed::Peer(0, Rule::Default))
         );
     }
 

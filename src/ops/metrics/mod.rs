@@ -133,6 +133,22 @@ pub fn render(sources: &Sources) -> String {
     }
     queued.write(&mut out);
     ported_families(&mut out, &sources.intake.ported_load());
+    let resolver = sources.intake.resolver();
+    let mut dns = Family::new(
+        "mm4relay_dns_total",
+        "counter",
+        "The resolver's queries, cache hits, failures and timeouts, and ENUM look-ups.",
+    );
+    for (kind, n) in resolver.stats().counts() {
+        dns.samples.push((format!("{{kind=\"{kind}\"}}"), n));
+    }
+    dns.write(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP mm4relay_dns_cached_names Names held in the resolver's cache.\n\
+         # TYPE mm4relay_dns_cached_names gauge\nmm4relay_dns_cached_names {}",
+        resolver.cached()
+    );
     out
 }
 
