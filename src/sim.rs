@@ -115,6 +115,17 @@ impl SimPeer {
         security: SimSecurity,
     ) -> io::Result<SimPeer> {
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        SimPeer::start_at(addr, keep, group, security)
+    }
+
+    /// As [`SimPeer::start_with`], listening on `addr` (hosts found
+    /// through DNS share one port on several loopback addresses).
+    pub fn start_at(
+        addr: SocketAddr,
+        keep: bool,
+        group: Option<Arc<Gauge>>,
+        security: SimSecurity,
+    ) -> io::Result<SimPeer> {
         let l = TcpListener::bind(addr)?;
         let addr = l.local_addr()?;
         let shared = Arc::new(Shared {

@@ -145,7 +145,7 @@ impl Stats {
 /// The resolver: its settings, cache and counters; shared by every thread.
 #[derive(Debug)]
 pub struct Resolver {
-    settings: Settings,
+    settings: Mutex<Arc<Settings>>,
     cache: Mutex<Cache>,
     stats: Stats,
     /// ENUM is failing now: said once when it starts, once when it ends.
@@ -168,11 +168,16 @@ impl Resolver {
     /// A resolver asking as `settings` say.
     pub fn new(settings: Settings) -> Resolver {
         Resolver {
-            settings,
+            settings: Mutex::new(Arc::new(settings)),
             cache: Mutex::default(),
             stats: Stats::default(),
             enum_failing: AtomicBool::new(false),
         }
+    }
+
+    /// Asks as `settings` say from now on (a reload); what is cached stays.
+    pub fn set_settings(&self, settings: Settings) {
+        *self.settings.lock() = Arc::new(settings);
     }
 
     /// Its counters.
@@ -211,14 +216,15 @@ impl Resolver {
 
     /// Asks the servers in turn, `attempts` rounds: the answer and its TTL.
     fn ask(&self, name: &Name, rtype: RecordType) -> Result<(Answer, Duration), DnsError> {
+        let settings = self.settings.lock().clone();
         let mut last = DnsError::Io("no DNS servers".into());
-        for _ in 0..self.settings.attempts.max(1) {
-            for &server in &self.settings.servers {
+        for _ in 0..settings.attempts.max(1) {
+            for &server in &settings.servers {
                 let mut query = Message::query();
                 query.metadata.recursion_desired = true;
                 query.add_query(Query::query(name.clone(), rtype));
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                let deadline = Instant::now() + self.settings.timeout;
+                let deadline = Instant::now() + settings.timeout;
                 let m = match transport::exchange(server, &query, deadline) {
                     Ok((m, via_tcp)) => {
                         if via_tcp {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use log::warn;
@@ -19,8 +20,8 @@ use crate::dns::{MxError, Resolver};
 pub struct Dns {
     /// The resolver every peer shares.
     pub resolver: Arc<Resolver>,
-    /// `[dns] smtp_port`.
-    pub smtp_port: u16,
+    /// `[dns] smtp_port` (a reload may change it).
+    pub smtp_port: Arc<AtomicU16>,
 }
 
 /// One host to try.
@@ -98,32 +99,35 @@ impl Hosts {
                     addrs: None,
                 })
                 .collect(),
-            Source::Mx { domain, dns } => match dns.resolver.mx_targets(domain, dns.smtp_port) {
-                Ok(targets) => {
-                    let hosts: Vec<Host> = targets
-                        .into_iter()
-                        .map(|t| Host {
-                            name: format!("{}:{}", t.name, dns.smtp_port),
-                            addrs: Some(t.addrs),
-                        })
-                        .collect();
-                    let mut state = self.state.lock();
-                    state.down.retain(|n, _| hosts.iter().any(|h| &h.name == n));
-                    state.found = hosts.clone();
-                    hosts
-                }
-                Err(MxError::NotFound) => {
-                    return Err(format!("mx:{domain}: no such mail domain"));
-                }
-                Err(MxError::Failed(e)) => {
-                    let found = self.state.lock().found.clone();
-                    if found.is_empty() {
-                        return Err(format!("mx:{domain}: {e}"));
+            Source::Mx { domain, dns } => {
+                let port = dns.smtp_port.load(Ordering::Relaxed);
+                match dns.resolver.mx_targets(domain, port) {
+                    Ok(targets) => {
+                        let hosts: Vec<Host> = targets
+                            .into_iter()
+                            .map(|t| Host {
+                                name: format!("{}:{port}", t.name),
+                                addrs: Some(t.addrs),
+                            })
+                            .collect();
+                        let mut state = self.state.lock();
+                        state.down.retain(|n, _| hosts.iter().any(|h| &h.name == n));
+                        state.found = hosts.clone();
+                        hosts
                     }
-                    warn!("mx:{domain}: {e}; trying the hosts it gave last");
-                    found
+                    Err(MxError::NotFound) => {
+                        return Err(format!("mx:{domain}: no such mail domain"));
+                    }
+                    Err(MxError::Failed(e)) => {
+                        let found = self.state.lock().found.clone();
+                        if found.is_empty() {
+                            return Err(format!("mx:{domain}: {e}"));
+                        }
+                        warn!("mx:{domain}: {e}; trying the hosts it gave last");
+                        found
+                    }
                 }
-            },
+            }
         };
         let state = self.state.lock();
         let now = Instant::now();

@@ -161,7 +161,7 @@ impl Relay {
             spool: Some(spool.clone()),
             dns: Dns {
                 resolver: Arc::new(Resolver::new(config.dns.clone())),
-                smtp_port: config.smtp_port,
+                smtp_port: Arc::new(config.smtp_port.into()),
             },
         };
         relay.orphans = requeue(config, &queue, recovered);
@@ -344,6 +344,10 @@ impl Relay {
         if let Some(inbound) = &self.inbound {
             inbound.reload(tables);
         }
+        self.dns.resolver.set_settings(new.dns.clone());
+        self.dns
+            .smtp_port
+            .store(new.smtp_port, std::sync::atomic::Ordering::Relaxed);
         if let Some(b) = &self.budget {
             b.set_max(new.relay.max_connections);
         }

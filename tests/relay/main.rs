@@ -7,6 +7,7 @@ mod clients;
 mod corpus;
 mod crash;
 mod dedup;
+mod dns;
 mod expiry;
 mod hardening;
 mod intake;

@@ -1,0 +1,258 @@
+//! Routing through DNS (issue 14): a peer whose hosts are a domain's MX
+//! exchanges, ENUM ahead of prefixes, and dynamic peers, against the small
+//! DNS server of `mm4relay::dns::server` on a loopback UDP and TCP port,
+//! with SMTP peers on several 127.0.1.x addresses sharing one port.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use mm4relay::dns::naptr::enum_name;
+use mm4relay::dns::server::{DnsServer, Reply, a, mms_naptr, mx};
+use mm4relay::sim::{SimPeer, SimSecurity};
+
+use crate::support::*;
+
+/// A sink on `ip` at `port`, keeping what it receives.
+fn sim_at(ip: [u8; 4], port: u16) -> SimPeer {
+    let addr = SocketAddr::from((Ipv4Addr::from(ip), port));
+    SimPeer::start_at(addr, true, None, SimSecurity::default()).expect("bind a 127.0.1.x address")
+}
+
+/// `name` has address `ip` and no IPv6 address.
+fn host(dns: &DnsServer, name: &str, ip: [u8; 4], ttl: u32) {
+    dns.set(
+        name,
+        RecordType::A,
+        Reply::Records(vec![a(Ipv4Addr::from(ip))], ttl),
+    );
+    dns.set(name, RecordType::AAAA, Reply::Records(vec![], ttl));
+}
+
+/// The harness's INI with C's hosts replaced by `mx:c.test`, one message
+/// per connection (so every message looks its hosts up), and `[dns]`.
+fn with_mx(ini: &str, dns: &DnsServer, port: u16, c_addr: SocketAddr) -> String {
+    let ini = ini.replace(
+        &format!("hosts = {c_addr}\n"),
+        "hosts = mx:c.test\nmax_messages_per_connection = 1\n",
+    );
+    assert!(ini.contains("mx:c.test"), "C's hosts line not found");
+    format!(
+        "{ini}\n[dns]\nservers = {}\ntimeout = 500ms\nattempts = 1\nsmtp_port = {port}\n",
+        dns.addr()
+    )
+}
+
+#[test]
+fn mx_hosts_in_preference_order_fail_over_and_follow_a_changed_answer() {
+    let mut h = Harness::start();
+    let dns = DnsServer::start().unwrap();
+    let first = SimPeer::start(true).unwrap();
+    let port = first.addr().port();
+    let second = sim_at([127, 0, 1, 2], port);
+    let third = sim_at([127, 0, 1, 3], port);
+    dns.set(
+        "c.test",
+        RecordType::MX,
+        Reply::Records(vec![mx(20, "mx2.c.test"), mx(10, "mx1.c.test")], 1),
+    );
+    host(&dns, "mx1.c.test", [127, 0, 0, 1], 300);
+    host(&dns, "mx2.c.test", [127, 0, 1, 2], 300);
+    host(&dns, "mx3.c.test", [127, 0, 1, 3], 300);
+    let ini = with_mx(&h.ini(), &dns, port, h.sims[2].addr());
+    h.reload(&ini).unwrap();
+    let mut c = h.client(LOCAL);
+    // The lower preference first.
+    send_forward(&mut c, 1, TO_C, 300);
+    assert!(
+        first.wait_for_recipients(1, DEADLINE),
+        "{}",
+        h.control("status")
+    );
+    assert_eq!(second.received().len(), 0);
+    // The first exchange gone: the next one takes the mail.
+    first.stop();
+    send_forward(&mut c, 2, TO_C, 300);
+    assert!(second.wait_for_recipients(1, DEADLINE));
+    // A new answer once the TTL (1s) has run out: mail goes to mx3.
+    dns.set(
+        "c.test",
+        RecordType::MX,
+        Reply::Records(vec![mx(10, "mx3.c.test")], 1),
+    );
+    let mut seq = 3;
+    wait_until("mail at the changed MX", || {
+        send_forward(&mut c, seq, TO_C, 300);
+        seq += 1;
+        !third.received().is_empty()
+    });
+    let status = h.control("status");
+    assert!(status.contains("\ndns: queries="), "{status}");
+    drop(c);
+    h.stop_relay();
+}
+
+#[test]
+fn enum_routes_ahead_of_prefixes_and_a_silent_server_costs_only_its_timeout() {
+    let mut h = Harness::start();
+    let dns = DnsServer::start().unwrap();
+    // An A number (by prefix) that ENUM says is now C's.
+    let moved = "+447700900555/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    dns.set(
+        &enum_name("+447700900555", "e164.test"),
+        RecordType::NAPTR,
+        Reply::Records(vec![mms_naptr(10, 10, "mms.mnc456.mcc999.gprs")], 60),
+    );
+    let quiet = "+447700900777/TYPE=PLMN@mms.mnc010.mcc001.gprs";
+    dns.set(
+        &enum_name("+447700900777", "e164.test"),
+        RecordType::NAPTR,
+        Reply::Silent,
+    );
+    let ini = format!(
+        "{}\n[dns]\nservers = {}\ntimeout = 300ms\nattempts = 2\n[enum]\ndomain = e164.test\n",
+        h.ini(),
+        dns.addr()
+    );
+    h.reload(&ini).unwrap();
+    assert_eq!(
+        h.control(&format!("route {moved}")),
+        format!("{moved} -> C by ENUM answer mms.mnc456.mcc999.gprs\n")
+    );
+    assert_eq!(
+        h.control(&format!("route {TO_A}")),
+        format!("{TO_A} -> A by prefix +447700900\n")
+    );
+    let mut c = h.client(LOCAL);
+    send_forward(&mut c, 1, moved, 300);
+    assert!(h.sims[2].wait_for_recipients(1, DEADLINE));
+    // No answer at all: the RCPT reply still comes, by the static rules,
+    // within timeout x attempts (600ms) and a margin for a loaded machine.
+    let asked = Instant::now();
+    send_forward(&mut c, 2, quiet, 300);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    let status = h.control("status json");
+    // Answered twice: for `route` and for the RCPT.
+    assert!(status.contains("\"enum_answers\":2,"), "{status}");
+    assert!(status.contains("\"enum_failures\":1,"), "{status}");
+    drop(c);
+    h.stop_relay();
+}
+
+/// The relay binary with dynamic peers on, its DNS at `dns`, its peers'
+/// hosts on `port`: the local MMSC A and partner B as fixed peers.
+fn dynamic_ini(
+    dir: &std::path::Path,
+    dns: &DnsServer,
+    port: u16,
+    a: SocketAddr,
+    cap: usize,
+) -> String {
+    format!(
+        "[relay]\nhostname = relay.test\nspool_dir = {d}\ncontrol_socket = {d}/control.sock\n\
+         retry_min = 100ms\nretry_max = 400ms\nshutdown_timeout = 5s\n\
+         [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\n\
+         [peer.A]\nhosts = {a}\ndomains = mms.mnc010.mcc001.gprs\nlocal = yes\n\
+         [peer.B]\nhosts = 127.0.0.1:1\ndomains = mms.mnc020.mcc001.gprs\naccept_from = {PARTNER_B}/32\n\
+         min_connections = 0\n\
+         [routes]\ndynamic = yes\nmax_dynamic_peers = {cap}\n\
+         [peer_defaults]\nmax_connections = 2\nprobe_min = 100ms\nprobe_max = 400ms\n\
+         [dns]\nservers = {}\ntimeout = 300ms\nattempts = 1\nsmtp_port = {port}\n",
+        dns.addr(),
+        d = dir.display(),
+    )
+}
+
+#[test]
+fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_and_outlive_a_restart() {
+    let dns = DnsServer::start().unwrap();
+    let sink = SimPeer::start(true).unwrap();
+    let port = sink.addr().port();
+    let local = SimPeer::start(true).unwrap();
+    dns.set(
+        "d1.test",
+        RecordType::MX,
+        Reply::Records(vec![mx(10, "mx.d1.test")], 60),
+    );
+    host(&dns, "mx.d1.test", [127, 0, 0, 1], 60);
+    dns.set(
+        "d2.test",
+        RecordType::MX,
+        Reply::Records(vec![mx(10, "mx.d1.test")], 60),
+    );
+    dns.set("fail.test", RecordType::MX, Reply::ServFail);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.ini");
+    std::fs::write(&path, dynamic_ini(dir.path(), &dns, port, local.addr(), 1)).unwrap();
+    let mut relay = Running::start(&path, &[], true);
+    let (addr, _, _log) = relay.listening();
+
+    let to_d1 = "+33612345678/TYPE=PLMN@d1.test";
+    let mut c = Client::connect(LOCAL, addr);
+    send_forward(&mut c, 1, to_d1, 300);
+    assert!(sink.wait_for_recipients(1, DEADLINE));
+    drop(c);
+    let status = ask(dir.path(), "status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("d1.test") && l.contains("dynamic")),
+        "{status}"
+    );
+    let mut c = Client::connect(LOCAL, addr);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    let rcpt = |c: &mut Client, to: &str| c.cmd(&format!("RCPT TO:<{to}>"));
+    assert_eq!(rcpt(&mut c, "x@gone.test").code, 550);
+    let r = rcpt(&mut c, "x@fail.test");
+    assert!(r.code == 451 && r.text().contains("4.4.3"), "{r}");
+    // The cap (1) is taken by d1.test.
+    let r = rcpt(&mut c, "x@d2.test");
+    assert!(r.code == 451 && r.text().contains("4.4.5"), "{r}");
+    assert_eq!(rcpt(&mut c, "y@d1.test").code, 250);
+    drop(c);
+    // A partner may not send to a dynamic peer.
+    let mut p = Client::connect(PARTNER_B, addr);
+    assert_eq!(p.cmd("EHLO partner.test").code, 250);
+    assert_eq!(p.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(rcpt(&mut p, to_d1).code, 550);
+    drop(p);
+
+    // A message queued for d1.test while it refuses, then a restart: the
+    // peer is made again from the spool and delivers it.
+    sink.set_fault(mm4relay::sim::Fault::TempFail);
+    let mut c = Client::connect(LOCAL, addr);
+    send_forward(&mut c, 2, to_d1, 300);
+    drop(c);
+    wait_until("a deferral at d1.test", || {
+        let status = ask(dir.path(), "status");
+        let row = status.lines().find(|l| l.starts_with("d1.test"));
+        // name health allow open/busy pool overflow waiting oldest sent deferred
+        row.and_then(|r| r.split_whitespace().nth(9))
+            .is_some_and(|d| d != "0")
+    });
+    assert!(relay.terminate().success());
+    sink.set_fault(mm4relay::sim::Fault::None);
+    let mut relay = Running::start(&path, &[], true);
+    let (_addr, _, _log) = relay.listening();
+    assert!(sink.wait_for_recipients(2, DEADLINE));
+    assert!(relay.terminate().success());
+}
+
+/// `mm4relay status` (`status json`: with `--json`) of the relay whose
+/// spool is `dir`.
+fn ask(dir: &std::path::Path, command: &str) -> String {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["status", "--socket"])
+        .arg(dir.join("control.sock"));
+    if command == "status json" {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
