@@ -15,7 +15,11 @@
 //! verified certificates from a CA the bench makes) to every peer, and
 //! reports its throughput as a ratio of the plain run of the same round.
 //! `E2E_DOWN=1` instead runs the load with peer C down and prints
-//! `mm4relay status` and `mm4relay queue age` meanwhile.
+//! `mm4relay status` and `mm4relay queue age` meanwhile. `E2E_DNS=1` puts
+//! the three peers on 127.0.1.1-3 sharing one port and adds two runs per
+//! round, each reported as a ratio of the static-hosts run of the same
+//! round: every peer as `hosts = mx:DOMAIN`, and B and C as dynamic peers
+//! (only A configured), their MX served by a DNS server on loopback.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -23,6 +27,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hickory_proto::rr::RecordType;
+use mm4relay::dns::server::{DnsServer, Reply, a, mx};
 use mm4relay::sim::{LoadReport, Outgoing, SimPeer, SimSecurity, forward_req, send_load};
 
 #[path = "../tests/relay/pki.rs"]
@@ -84,6 +90,17 @@ fn baseline(sims: &[SimPeer; 3], per_peer: &[Vec<Outgoing>], sessions: usize) ->
     start.elapsed()
 }
 
+/// How the relay finds the peers' hosts.
+#[derive(Clone, Copy)]
+enum Hosts {
+    /// `hosts = ADDR`.
+    Static,
+    /// `hosts = mx:DOMAIN`, through this DNS server; hosts on this port.
+    Mx(SocketAddr, u16),
+    /// Only A configured; B and C made at RCPT time from their MX.
+    Dynamic(SocketAddr, u16),
+}
+
 fn config(
     sims: &[SimPeer; 3],
     dir: &std::path::Path,
@@ -91,6 +108,7 @@ fn config(
     log_level: &str,
     sync: &str,
     tls: Option<&pki::Pki>,
+    hosts: Hosts,
 ) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
@@ -100,11 +118,34 @@ fn config(
         dir.join("spool").display(),
         dir.join("control.sock").display(),
     );
-    for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
+    let settings = format!(
+        "min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n"
+    );
+    match hosts {
+        Hosts::Static => {}
+        Hosts::Mx(dns, port) | Hosts::Dynamic(dns, port) => {
+            ini.push_str(&format!("[dns]\nservers = {dns}\nsmtp_port = {port}\n\n"));
+        }
+    }
+    if let Hosts::Dynamic(..) = hosts {
         ini.push_str(&format!(
-            "[peer.{name}]\nhosts = {}\ndomains = {domain}\nprefixes = {prefix}\nlocal = {}\n\
-             min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n{}\n",
-            sim.addr(),
+            "[routes]\ndynamic = yes\n\n[peer_defaults]\n{settings}tls = off\n\n"
+        ));
+    }
+    for ((name, domain, prefix, local), sim) in PEERS.iter().zip(sims) {
+        let (host, prefix) = match hosts {
+            Hosts::Static => (sim.addr().to_string(), *prefix),
+            Hosts::Mx(..) => (format!("mx:{domain}"), *prefix),
+            Hosts::Dynamic(..) if *local => (sim.addr().to_string(), ""),
+            Hosts::Dynamic(..) => continue,
+        };
+        let prefixes = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("prefixes = {prefix}\n")
+        };
+        ini.push_str(&format!(
+            "[peer.{name}]\nhosts = {host}\ndomains = {domain}\n{prefixes}local = {}\n{settings}{}\n",
             if *local { "yes" } else { "no" },
             tls.map_or("tls = off\n".to_string(), |p| format!(
                 "tls = required\ntls_ca_file = {}\ntls_server_name = localhost\n",
@@ -133,7 +174,7 @@ fn relay_run(
     sessions: usize,
     log_level: &str,
     sync: &str,
-    tls: Option<&pki::Pki>,
+    (tls, hosts): (Option<&pki::Pki>, Hosts),
 ) -> Run {
     let n = all.len();
     let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
@@ -143,7 +184,7 @@ fn relay_run(
     let addr = free_addr();
     std::fs::write(
         &config_path,
-        config(sims, dir.path(), addr, log_level, sync, tls),
+        config(sims, dir.path(), addr, log_level, sync, tls, hosts),
     )
     .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
@@ -317,7 +358,7 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     let addr = free_addr();
     std::fs::write(
         &config_path,
-        config(&sims, dir.path(), addr, "info", "yes", None),
+        config(&sims, dir.path(), addr, "info", "yes", None, Hosts::Static),
     )
     .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
@@ -361,6 +402,35 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
 }
 
+/// Three sinks on 127.0.1.1, .2 and .3 sharing one port, as hosts found
+/// through DNS are (one `smtp_port`).
+fn shared_port_sims() -> [SimPeer; 3] {
+    let at = |i: u8, port: u16| {
+        let addr = SocketAddr::from(([127, 0, 1, i], port));
+        SimPeer::start_at(addr, false, None, SimSecurity::default())
+    };
+    let first = at(1, 0).unwrap();
+    let port = first.addr().port();
+    [first, at(2, port).unwrap(), at(3, port).unwrap()]
+}
+
+/// A DNS server whose zone gives each peer's domain one MX on 127.0.1.x.
+fn dns_zone() -> DnsServer {
+    let server = DnsServer::start().unwrap();
+    for (i, (_, domain, _, _)) in PEERS.iter().enumerate() {
+        let exchange = format!("mx.{domain}");
+        server.set(
+            domain,
+            RecordType::MX,
+            Reply::Records(vec![mx(10, &exchange)], 300),
+        );
+        let ip = std::net::Ipv4Addr::new(127, 0, 1, i as u8 + 1);
+        server.set(&exchange, RecordType::A, Reply::Records(vec![a(ip)], 300));
+        server.set(&exchange, RecordType::AAAA, Reply::Records(vec![], 300));
+    }
+    server
+}
+
 fn main() {
     // `cargo test --benches` runs benches with --bench absent: stay quick.
     if !std::env::args().any(|a| a == "--bench") {
@@ -400,16 +470,29 @@ fn main() {
     );
     let mut ratios = Vec::new();
     let mut tls_ratios = Vec::new();
+    let mut dns_ratios = [Vec::new(), Vec::new()];
     let pki = std::env::var_os("E2E_TLS").map(|_| pki::Pki::new());
+    let dns = std::env::var_os("E2E_DNS").map(|_| dns_zone());
     for round in 1..=rounds {
-        let sims = [
-            SimPeer::start(false).unwrap(),
-            SimPeer::start(false).unwrap(),
-            SimPeer::start(false).unwrap(),
-        ];
+        let sims = match &dns {
+            None => [
+                SimPeer::start(false).unwrap(),
+                SimPeer::start(false).unwrap(),
+                SimPeer::start(false).unwrap(),
+            ],
+            Some(_) => shared_port_sims(),
+        };
         let direct = baseline(&sims, &per_peer, sessions);
 
-        let run = relay_run(&sims, &all, &want, sessions, &log_level, &sync, None);
+        let run = relay_run(
+            &sims,
+            &all,
+            &want,
+            sessions,
+            &log_level,
+            &sync,
+            (None, Hosts::Static),
+        );
         let direct_rate = n as f64 / direct.as_secs_f64();
         let relay_rate = n as f64 / run.elapsed.as_secs_f64();
         let ratio = relay_rate / direct_rate;
@@ -422,6 +505,35 @@ fn main() {
             percentiles(run.report.latencies),
         );
         println!("      {}", run.spool);
+        if let Some(server) = &dns {
+            let port = sims[0].addr().port();
+            let modes = [
+                ("mx:", Hosts::Mx(server.addr(), port)),
+                ("dyn", Hosts::Dynamic(server.addr(), port)),
+            ];
+            for (i, (label, mode)) in modes.into_iter().enumerate() {
+                let r = relay_run(
+                    &sims,
+                    &all,
+                    &want,
+                    sessions,
+                    &log_level,
+                    &sync,
+                    (None, mode),
+                );
+                let rate = n as f64 / r.elapsed.as_secs_f64();
+                dns_ratios[i].push(rate / relay_rate);
+                println!(
+                    "  {label} {:>12} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: / static hosts)",
+                    "",
+                    n as f64 / r.report.elapsed.as_secs_f64(),
+                    rate / relay_rate,
+                    r.conns,
+                    r.rss,
+                    percentiles(r.report.latencies),
+                );
+            }
+        }
         for s in sims {
             s.stop();
         }
@@ -433,7 +545,15 @@ fn main() {
                 };
                 SimPeer::start_with(false, None, sec).unwrap()
             });
-            let tls = relay_run(&sims, &all, &want, sessions, &log_level, &sync, Some(p));
+            let tls = relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                (Some(p), Hosts::Static),
+            );
             let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
             tls_ratios.push(tls_rate / relay_rate);
             println!(
@@ -456,6 +576,12 @@ fn main() {
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
+    for (label, mut r) in ["mx: peers", "dynamic peers"].into_iter().zip(dns_ratios) {
+        if !r.is_empty() {
+            r.sort_by(f64::total_cmp);
+            println!("median ratio {label} / static hosts: {:.2}", r[r.len() / 2]);
+        }
+    }
     if !tls_ratios.is_empty() {
         tls_ratios.sort_by(f64::total_cmp);
         println!(
