@@ -31,7 +31,7 @@ pub use hosts::{Dns, Host, Hosts};
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -209,6 +209,9 @@ pub struct PeerSnapshot {
     pub misconfigured: bool,
     /// Made at run time for a domain no peer claims.
     pub dynamic: bool,
+    /// A dynamic peer retired when idle: no workers until its domain
+    /// comes back.
+    pub retired: bool,
     /// Age in seconds of the oldest message queued for it.
     pub oldest_secs: Option<u64>,
     /// Recipients delivered per second lately, times 1000.
@@ -216,10 +219,12 @@ pub struct PeerSnapshot {
 }
 
 impl PeerSnapshot {
-    /// One word for the status table: removed, held, misconfigured,
-    /// probing, dynamic (a healthy dynamic peer) or ok.
+    /// One word for the status table: retired, removed, held,
+    /// misconfigured, probing, dynamic (a healthy dynamic peer) or ok.
     pub fn state(&self) -> &'static str {
-        if self.removed {
+        if self.retired {
+            "retired"
+        } else if self.removed {
             "removed"
         } else if self.held {
             "held"
@@ -249,6 +254,11 @@ impl PeerViews {
     /// Appends a peer; its id must be the next.
     pub fn push(&self, view: PeerView) {
         self.0.write().push(view);
+    }
+
+    /// Puts `view` in place of peer `id`'s (a dynamic peer started again).
+    pub fn replace(&self, id: usize, view: PeerView) {
+        self.0.write()[id] = view;
     }
 }
 
@@ -356,6 +366,8 @@ struct Shared {
     helo_name: String,
     /// The resolver, for `mx:` hosts.
     dns: Dns,
+    /// Its workers were stopped: a retired dynamic peer.
+    retired: AtomicBool,
     stats: PeerStats,
     /// Health and allowance.
     control: Control,
@@ -424,6 +436,7 @@ impl Peer {
             control: Control::new(cfg.min_connections, cfg.probe_min, cfg.probe_max),
             settings: RwLock::new(Arc::new(Settings::new(cfg, None, &ctx.dns))),
             dns: ctx.dns.clone(),
+            retired: AtomicBool::new(false),
         });
         // Before any worker runs, so that a held peer sends nothing.
         shared.control.set_held(held);
@@ -444,6 +457,15 @@ impl Peer {
         &self.view
     }
 
+    /// Waits for the workers of a peer whose own stop channel closed, and
+    /// marks it retired.
+    pub fn retire(&mut self) {
+        for w in self.workers.drain(..) {
+            w.join();
+        }
+        self.view.shared.retired.store(true, Ordering::Release);
+    }
+
     /// Waits for the workers (after the stop channel closed); returns how
     /// many jobs were left in the pool.
     pub fn join(self) -> usize {
@@ -455,6 +477,11 @@ impl Peer {
 }
 
 impl PeerView {
+    /// The peer's message pool.
+    pub fn pool(&self) -> Receiver<Job> {
+        self.jobs.clone()
+    }
+
     /// The peer's counters now.
     pub fn snapshot(&self, queue: &Queue) -> PeerSnapshot {
         let s = &self.shared.stats;
@@ -477,6 +504,7 @@ impl PeerView {
             removed: self.shared.control.removed(),
             misconfigured: self.shared.control.misconfigured(),
             dynamic: self.shared.settings().cfg.dynamic,
+            retired: self.shared.retired.load(Ordering::Acquire),
             oldest_secs: queue
                 .oldest(self.shared.id)
                 .map(|t| queue.now().duration_since(t).unwrap_or_default().as_secs()),

@@ -27,6 +27,7 @@ mod error;
 
 pub use error::RelayError;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ pub struct Relay {
     reloads: (Sender<Sender<String>>, Receiver<Sender<String>>),
     /// Sessions' requests for dynamic peers; [`run`] serves them.
     new_peers: (Sender<NewPeerRequest>, Receiver<NewPeerRequest>),
+    /// Each running dynamic peer's own stop channel, by id.
+    dynamic_stops: HashMap<usize, Sender<()>>,
+    /// Per idle dynamic peer: its activity count when last seen idle.
+    idle_marks: HashMap<usize, u64>,
     shutdown_timeout: Duration,
     /// The configuration in force (reload compares against it).
     config: Config,
@@ -156,6 +161,8 @@ impl Relay {
             done: done_rx,
             reloads: crossbeam_channel::unbounded(),
             new_peers: crossbeam_channel::unbounded(),
+            dynamic_stops: HashMap::new(),
+            idle_marks: HashMap::new(),
             shutdown_timeout: config.relay.shutdown_timeout,
             config: config.clone(),
             spool: Some(spool.clone()),
@@ -481,10 +488,13 @@ impl Relay {
         let Some(dynamic) = self.config.dynamic.clone() else {
             return Err("dynamic peers are off".into());
         };
-        if let Some(id) = self.config.peers.iter().position(|p| p.name == domain) {
+        let existing = self.config.peers.iter().position(|p| p.name == domain);
+        if let Some(id) = existing
+            && self.dynamic_stops.contains_key(&id)
+        {
             return Ok(id);
         }
-        let made = self.config.peers.iter().filter(|p| p.dynamic).count();
+        let made = self.dynamic_stops.len();
         if made >= dynamic.max_peers {
             warn!("no dynamic peer for {domain}: {made} made, as many as max_dynamic_peers allows");
             return Err("too many destinations now, try again later".into());
@@ -494,10 +504,20 @@ impl Relay {
         cfg.mx = Some(domain.to_string());
         cfg.domains = vec![domain.to_string()];
         cfg.dynamic = true;
-        let id = self.peers.len();
-        self.add_peer(cfg.clone())
-            .map_err(|e| format!("cannot start a peer: {e}"))?;
-        self.config.peers.push(cfg);
+        let id = match existing {
+            Some(id) => {
+                self.revive(id, cfg.clone())
+                    .map_err(|e| format!("cannot start a peer: {e}"))?;
+                self.config.peers[id] = cfg;
+                id
+            }
+            None => {
+                self.add_peer(cfg.clone())
+                    .map_err(|e| format!("cannot start a peer: {e}"))?;
+                self.config.peers.push(cfg);
+                self.peers.len() - 1
+            }
+        };
         let tables = Inbound::prepare(&self.config).map_err(|e| e.to_string())?;
         if let Some(inbound) = &self.inbound {
             inbound.reload(tables);
@@ -510,6 +530,67 @@ impl Relay {
         Ok(id)
     }
 
+    /// Starts retired dynamic peer `id` again, on the pool it kept.
+    fn revive(&mut self, id: usize, cfg: PeerConfig) -> io::Result<()> {
+        let mut ctx = self
+            .ctx
+            .clone()
+            .ok_or_else(|| io::Error::other("relay stopping"))?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        ctx.stop = stop_rx;
+        let jobs = self.peers[id].view().pool();
+        let peer = Peer::start(id, cfg, jobs, &ctx, false)?;
+        self.dynamic_stops.insert(id, stop_tx);
+        self.views.replace(id, peer.view().clone());
+        self.peers[id] = peer;
+        self.idle_marks.remove(&id);
+        Ok(())
+    }
+
+    /// Retires the dynamic peers that did nothing since the last call and
+    /// have nothing queued: their workers end (closing their connections),
+    /// their domain routes nowhere until a RCPT makes them again. Called
+    /// every `[peer_defaults] idle_timeout`.
+    pub fn retire_idle(&mut self) {
+        let ids: Vec<usize> = self.dynamic_stops.keys().copied().collect();
+        let mut retired = false;
+        for id in ids {
+            let s = self.peers[id].view().snapshot(&self.queue);
+            let activity = s.sent + s.deferred + s.failed + s.connections_opened;
+            let idle = self.queue.queued_len(id) == 0 && s.busy == 0;
+            if !idle {
+                self.idle_marks.remove(&id);
+                continue;
+            }
+            if self.idle_marks.insert(id, activity) != Some(activity) {
+                continue;
+            }
+            self.dynamic_stops.remove(&id);
+            self.peers[id].retire();
+            self.peers[id].view().control().set_removed(true);
+            self.config.peers[id].domains.clear();
+            self.idle_marks.remove(&id);
+            info!("peer {} retired: idle, nothing queued", s.name);
+            retired = true;
+        }
+        if retired {
+            match Inbound::prepare(&self.config) {
+                Ok(tables) => {
+                    if let Some(inbound) = &self.inbound {
+                        inbound.reload(tables);
+                    }
+                }
+                Err(e) => warn!("retiring dynamic peers: {e}"),
+            }
+        }
+    }
+
+    /// How often idle dynamic peers are looked for (`None`: they are off).
+    fn retire_interval(&self) -> Option<Duration> {
+        let d = self.config.dynamic.as_ref()?;
+        Some(d.defaults.idle_timeout.max(Duration::from_millis(100)))
+    }
+
     /// Starts a peer a reload added, with the next id.
     fn add_peer(&mut self, cfg: PeerConfig) -> io::Result<()> {
         let ctx = self
@@ -519,7 +600,14 @@ impl Relay {
         let id = self.peers.len();
         let (tx, rx) = crossbeam_channel::bounded(cfg.pool_size);
         let name = cfg.name.clone();
-        let peer = Peer::start(id, cfg, rx.clone(), ctx, false)?;
+        let mut ctx = ctx.clone();
+        if cfg.dynamic {
+            // Its own stop, closed when it retires or the relay stops.
+            let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+            ctx.stop = stop_rx;
+            self.dynamic_stops.insert(id, stop_tx);
+        }
+        let peer = Peer::start(id, cfg, rx.clone(), &ctx, false)?;
         let queue_id = self.queue.add_peer((tx, rx));
         debug_assert_eq!(queue_id, id, "queue and peers out of step");
         self.views.push(peer.view().clone());
@@ -590,6 +678,7 @@ impl Relay {
         // Closing the stop channel tells every worker; each drops its `done`
         // sender when it ends, so the channel disconnects when all have.
         self.stop.take();
+        self.dynamic_stops.clear();
         self.ctx.take();
         let timeout = self.shutdown_timeout;
         if let Err(RecvTimeoutError::Timeout) = self.done.recv_timeout(timeout) {
@@ -750,8 +839,15 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
     };
     let requests = relay.reloads.1.clone();
     let new_peers = relay.new_peers.1.clone();
+    let ticker = |relay: &Relay| {
+        relay
+            .retire_interval()
+            .map_or_else(crossbeam_channel::never, crossbeam_channel::tick)
+    };
+    let mut ticks = ticker(&relay);
     loop {
         crossbeam_channel::select! {
+            recv(ticks) -> _ => relay.retire_idle(),
             recv(sig_rx) -> sig => match sig {
                 Ok(SIGHUP) => {
                     info!(
@@ -760,6 +856,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
                     );
                     on_hup();
                     reload_from(&mut relay, &config.path);
+                    ticks = ticker(&relay);
                 }
                 Ok(sig) => {
                     info!("signal {sig} received: stopping");
@@ -776,6 +873,7 @@ pub fn run(config: &Config, on_hup: impl Fn()) -> Result<(), RelayError> {
                 if let Ok(answer) = answer {
                     info!("reload asked on the control socket: reloading {}", config.path.display());
                     let _ = answer.send(reload_from(&mut relay, &config.path));
+                    ticks = ticker(&relay);
                 }
             }
         }

@@ -145,13 +145,14 @@ fn enum_routes_ahead_of_prefixes_and_a_silent_server_costs_only_its_timeout() {
 }
 
 /// The relay binary with dynamic peers on, its DNS at `dns`, its peers'
-/// hosts on `port`: the local MMSC A and partner B as fixed peers.
+/// hosts on `port`: the local MMSC A and partner B as fixed peers; one
+/// dynamic peer at most, retired after `idle` with nothing to do.
 fn dynamic_ini(
     dir: &std::path::Path,
     dns: &DnsServer,
     port: u16,
     a: SocketAddr,
-    cap: usize,
+    idle: &str,
 ) -> String {
     format!(
         "[relay]\nhostname = relay.test\nspool_dir = {d}\ncontrol_socket = {d}/control.sock\n\
@@ -160,8 +161,9 @@ fn dynamic_ini(
          [peer.A]\nhosts = {a}\ndomains = mms.mnc010.mcc001.gprs\nlocal = yes\n\
          [peer.B]\nhosts = 127.0.0.1:1\ndomains = mms.mnc020.mcc001.gprs\naccept_from = {PARTNER_B}/32\n\
          min_connections = 0\n\
-         [routes]\ndynamic = yes\nmax_dynamic_peers = {cap}\n\
+         [routes]\ndynamic = yes\nmax_dynamic_peers = 1\n\
          [peer_defaults]\nmax_connections = 2\nprobe_min = 100ms\nprobe_max = 400ms\n\
+         idle_timeout = {idle}\n\
          [dns]\nservers = {}\ntimeout = 300ms\nattempts = 1\nsmtp_port = {port}\n",
         dns.addr(),
         d = dir.display(),
@@ -169,7 +171,7 @@ fn dynamic_ini(
 }
 
 #[test]
-fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_and_outlive_a_restart() {
+fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a_restart() {
     let dns = DnsServer::start().unwrap();
     let sink = SimPeer::start(true).unwrap();
     let port = sink.addr().port();
@@ -188,7 +190,11 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_and_outlive_a_restar
     dns.set("fail.test", RecordType::MX, Reply::ServFail);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.ini");
-    std::fs::write(&path, dynamic_ini(dir.path(), &dns, port, local.addr(), 1)).unwrap();
+    std::fs::write(
+        &path,
+        dynamic_ini(dir.path(), &dns, port, local.addr(), "1h"),
+    )
+    .unwrap();
     let mut relay = Running::start(&path, &[], true);
     let (addr, _, _log) = relay.listening();
 
@@ -223,11 +229,50 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_and_outlive_a_restar
     assert_eq!(rcpt(&mut p, to_d1).code, 550);
     drop(p);
 
+    // Idle with nothing queued, d1.test retires and frees its place under
+    // the cap: d2.test may be made; d1.test is made again once d2.test
+    // retires in turn.
+    std::fs::write(
+        &path,
+        dynamic_ini(dir.path(), &dns, port, local.addr(), "200ms"),
+    )
+    .unwrap();
+    relay.signal("-HUP");
+    let state = |name: &str| {
+        let status = ask(dir.path(), "status");
+        let row = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(str::to_string);
+        row.and_then(|r| r.split_whitespace().nth(1).map(str::to_string))
+    };
+    wait_until("d1.test retired", || {
+        state("d1.test").as_deref() == Some("retired")
+    });
+    let to_d2 = "+33612345679/TYPE=PLMN@d2.test";
+    let mut c = Client::connect(LOCAL, addr);
+    send_forward(&mut c, 3, to_d2, 300);
+    assert!(sink.wait_for_recipients(2, DEADLINE));
+    drop(c);
+    wait_until("d2.test retired", || {
+        state("d2.test").as_deref() == Some("retired")
+    });
+    let mut c = Client::connect(LOCAL, addr);
+    send_forward(&mut c, 4, to_d1, 300);
+    assert!(sink.wait_for_recipients(3, DEADLINE));
+    drop(c);
+    std::fs::write(
+        &path,
+        dynamic_ini(dir.path(), &dns, port, local.addr(), "1h"),
+    )
+    .unwrap();
+    relay.signal("-HUP");
+
     // A message queued for d1.test while it refuses, then a restart: the
     // peer is made again from the spool and delivers it.
     sink.set_fault(mm4relay::sim::Fault::TempFail);
     let mut c = Client::connect(LOCAL, addr);
-    send_forward(&mut c, 2, to_d1, 300);
+    send_forward(&mut c, 5, to_d1, 300);
     drop(c);
     wait_until("a deferral at d1.test", || {
         let status = ask(dir.path(), "status");
@@ -240,7 +285,7 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_and_outlive_a_restar
     sink.set_fault(mm4relay::sim::Fault::None);
     let mut relay = Running::start(&path, &[], true);
     let (_addr, _, _log) = relay.listening();
-    assert!(sink.wait_for_recipients(2, DEADLINE));
+    assert!(sink.wait_for_recipients(4, DEADLINE));
     assert!(relay.terminate().success());
 }
 
