@@ -19,19 +19,34 @@ pub(super) const MAX_TTL: Duration = Duration::from_secs(86_400);
 /// How long a negative answer is kept when it carries no SOA.
 pub(super) const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
-/// The cache: (lower-case name, type) to an answer and when it expires.
-#[derive(Debug, Default)]
-pub(super) struct Cache {
-    entries: HashMap<(String, RecordType), (Instant, Arc<Answer>)>,
+/// The cache: (lower-case name, type) to an answer (or what was made of
+/// one) and when it expires.
+#[derive(Debug)]
+pub(super) struct Cache<V = Answer> {
+    entries: HashMap<(String, RecordType), (Instant, Arc<V>)>,
 }
 
-impl Cache {
-    /// The answer for `name` and `rtype`, while it is fresh at `now`.
-    pub(super) fn get(&self, name: &str, rtype: RecordType, now: Instant) -> Option<Arc<Answer>> {
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Cache {
+            entries: HashMap::new(),
+        }
+    }
+}
+
+impl<V> Cache<V> {
+    /// The answer for `name` and `rtype` while it is fresh at `now`, and
+    /// when it expires.
+    pub(super) fn get(
+        &self,
+        name: &str,
+        rtype: RecordType,
+        now: Instant,
+    ) -> Option<(Arc<V>, Instant)> {
         self.entries
             .get(&(name.to_string(), rtype))
             .filter(|(expires, _)| *expires > now)
-            .map(|(_, a)| a.clone())
+            .map(|(e, a)| (a.clone(), *e))
     }
 
     /// Keeps `answer` for `ttl` from `now` (nothing is kept for a TTL of 0).
@@ -41,7 +56,7 @@ impl Cache {
         &mut self,
         name: &str,
         rtype: RecordType,
-        answer: Arc<Answer>,
+        answer: Arc<V>,
         ttl: Duration,
         now: Instant,
     ) {
@@ -73,7 +88,7 @@ mod tests {
 
     #[test]
     fn fresh_answers_only_and_a_bounded_size() {
-        let mut c = Cache::default();
+        let mut c: Cache = Cache::default();
         let now = Instant::now();
         let a = Arc::new(Answer::NxDomain);
         c.put(

@@ -147,6 +147,9 @@ impl Stats {
 pub struct Resolver {
     settings: Mutex<Arc<Settings>>,
     cache: Mutex<Cache>,
+    /// What ENUM made of each cached NAPTR answer (the domain, or none),
+    /// kept as long as the answer: a hit compiles no regexp.
+    enum_results: Mutex<Cache<Option<String>>>,
     stats: Stats,
     /// ENUM is failing now: said once when it starts, once when it ends.
     enum_failing: AtomicBool,
@@ -170,6 +173,7 @@ impl Resolver {
         Resolver {
             settings: Mutex::new(Arc::new(settings)),
             cache: Mutex::default(),
+            enum_results: Mutex::default(),
             stats: Stats::default(),
             enum_failing: AtomicBool::new(false),
         }
@@ -193,9 +197,21 @@ impl Resolver {
     /// The answer for `name` and `rtype`, from the cache while it is fresh.
     pub fn lookup(&self, name: &str, rtype: RecordType) -> Result<Arc<Answer>, DnsError> {
         let key = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(a) = self.cache.lock().get(&key, rtype, Instant::now()) {
+        Ok(self.lookup_until(&key, rtype)?.0)
+    }
+
+    /// As [`Resolver::lookup`] for a lower-case name without the final
+    /// dot; also when the answer expires from the cache (`None`: it was
+    /// not kept).
+    fn lookup_until(
+        &self,
+        key: &str,
+        rtype: RecordType,
+    ) -> Result<(Arc<Answer>, Option<Instant>), DnsError> {
+        let now = Instant::now();
+        if let Some((a, expires)) = self.cache.lock().get(key, rtype, now) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(a);
+            return Ok((a, Some(expires)));
         }
         let fqdn = Name::from_ascii(format!("{key}."))
             .map_err(|e| DnsError::Malformed(format!("{key}: {e}")))?;
@@ -208,10 +224,12 @@ impl Resolver {
             }
         };
         let answer = Arc::new(answer);
-        self.cache
-            .lock()
-            .put(&key, rtype, answer.clone(), ttl, Instant::now());
-        Ok(answer)
+        let now = Instant::now();
+        self.cache.lock().put(key, rtype, answer.clone(), ttl, now);
+        Ok((
+            answer,
+            (!ttl.is_zero()).then(|| now + ttl.min(cache::MAX_TTL)),
+        ))
     }
 
     /// Asks the servers in turn, `attempts` rounds: the answer and its TTL.
@@ -340,8 +358,17 @@ impl Resolver {
     pub fn enum_domain(&self, number: &str, suffix: &str) -> Result<Option<String>, DnsError> {
         self.stats.enum_lookups.fetch_add(1, Ordering::Relaxed);
         let name = naptr::enum_name(number, suffix);
-        match self.lookup(&name, RecordType::NAPTR) {
-            Ok(answer) => {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        let now = Instant::now();
+        if let Some((domain, _)) = self.enum_results.lock().get(&key, RecordType::NAPTR, now) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            if domain.is_some() {
+                self.stats.enum_answers.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok((*domain).clone());
+        }
+        match self.lookup_until(&key, RecordType::NAPTR) {
+            Ok((answer, expires)) => {
                 if self.enum_failing.swap(false, Ordering::Relaxed) {
                     info!("ENUM answers again");
                 }
@@ -358,6 +385,13 @@ impl Resolver {
                 let domain = naptr::best_domain(&records, number);
                 if domain.is_some() {
                     self.stats.enum_answers.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(expires) = expires {
+                    let ttl = expires.saturating_duration_since(now);
+                    let kept = Arc::new(domain.clone());
+                    self.enum_results
+                        .lock()
+                        .put(&key, RecordType::NAPTR, kept, ttl, now);
                 }
                 Ok(domain)
             }
