@@ -552,6 +552,30 @@ impl Config {
                     .peers[d]
                     .name)
         ));
+        if let Some(d) = &self.dynamic {
+            out.push_str(&format!(
+                "dynamic peers: on, at most {}, each {} to {} connections, pool {}\n",
+                d.max_peers,
+                d.defaults.min_connections,
+                d.defaults.max_connections,
+                d.defaults.pool_size
+            ));
+        }
+        if let Some(e) = &self.enum_domain {
+            out.push_str(&format!("enum: NAPTR under {e}\n"));
+        }
+        let servers: Vec<String> = self.dns.servers.iter().map(|s| s.to_string()).collect();
+        out.push_str(&format!(
+            "dns: {}, timeout {:?} x {} attempts, smtp_port {}\n",
+            if servers.is_empty() {
+                "no servers".to_string()
+            } else {
+                servers.join(",")
+            },
+            self.dns.timeout,
+            self.dns.attempts,
+            self.smtp_port
+        ));
         out
     }
 }
@@ -897,6 +921,58 @@ default = B
             assert_eq!((e.section.as_str(), e.key.as_str()), (section, key), "{e}");
             assert!(e.problem.contains(problem), "{e}");
             assert!(!e.to_string().contains("pw"), "{e}");
+        }
+    }
+
+    #[test]
+    fn dns_enum_and_dynamic_peer_keys() {
+        let text = format!(
+            "{}\n[dns]\nservers = 127.0.0.1:5353, ::1\ntimeout = 300ms\nsmtp_port = 2525\n\
+             [enum]\ndomain = E164.Arpa.\n[peer_defaults]\nmax_connections = 2\n",
+            GOOD.replace("hosts = 127.0.0.1:2600", "hosts = mx:MMS.example.")
+                .replace(
+                    "[routes]\n",
+                    "[routes]\ndynamic = yes\nmax_dynamic_peers = 3\n"
+                )
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.peers[0].mx.as_deref(), Some("mms.example"));
+        assert!(c.peers[0].hosts.is_empty());
+        assert_eq!(
+            c.dns.servers,
+            [
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.smtp_port, 2525);
+        assert_eq!(c.enum_domain.as_deref(), Some("e164.arpa"));
+        let d = c.dynamic.as_ref().unwrap();
+        assert_eq!((d.max_peers, d.defaults.max_connections), (3, 2));
+        assert_eq!(
+            d.defaults.min_connections, 0,
+            "no connection held while idle"
+        );
+        for (bad, section, key) in [
+            ("hosts = mx:bad_domain", "peer.A", "hosts"),
+            ("[dns]\nservers = resolver.example", "dns", "servers"),
+            ("[dns]\nsmtp_port = 0", "dns", "smtp_port"),
+            ("[dns]\ntimeout = 0s", "dns", "timeout"),
+            ("[enum]\ndomain = not a domain", "enum", "domain"),
+            (
+                "[peer_defaults]\nhosts = 127.0.0.1:25",
+                "peer_defaults",
+                "hosts",
+            ),
+            ("[peer_defaults]\nlocal = yes", "peer_defaults", "local"),
+        ] {
+            let text = if bad.starts_with("hosts") {
+                GOOD.replace("hosts = 127.0.0.1:2600", bad)
+            } else {
+                format!("{GOOD}\n{bad}\n")
+            };
+            let e = parse(&text).unwrap_err();
+            assert_eq!((e.section.as_str(), e.key.as_str()), (section, key), "{e}");
         }
     }
 
