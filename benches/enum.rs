@@ -5,6 +5,9 @@
 //! look-up a miss (a new number each time, each with its NAPTR record on a
 //! DNS server on loopback). Ratios are against the baseline of the same run.
 //!
+//! The three modes run in turn, `ENUM_ROUNDS` times (default 3), so that
+//! the machine's noise falls on all of them alike.
+//!
 //! `cargo bench --bench enum`; `ENUM_RCPTS` (default 5000) per mode.
 
 mod common;
@@ -97,31 +100,48 @@ fn main() {
         "{base}[dns]\nservers = {}\n\n[enum]\ndomain = {SUFFIX}\n",
         dns.addr()
     );
-    println!("enum: {n} RCPTs per mode over one session");
-    let mut medians = Vec::new();
-    for (label, ini, numbers) in [
-        ("ENUM off", &base, &cold),
+    let rounds = env_or("ENUM_ROUNDS", 3);
+    println!("enum: {n} RCPTs per mode over one session, {rounds} rounds");
+    let modes = [
+        ("ENUM off", &base, &hot),
         ("ENUM on, cache hits", &with_enum, &hot),
         ("ENUM on, cache misses", &with_enum, &cold),
-    ] {
-        let config = Config::parse(ini, std::path::Path::new("enum-bench.ini")).unwrap();
-        let relay = Relay::start(&config).unwrap();
-        let times = rcpt_times(&relay, numbers);
-        relay.shutdown();
-        let median = times[times.len() / 2];
-        let p99 = times[times.len() * 99 / 100];
-        let ratio = medians.first().map_or(String::new(), |b: &Duration| {
-            format!(
-                ", ratio to ENUM off {:.2}",
-                median.as_secs_f64() / b.as_secs_f64()
-            )
-        });
+    ];
+    let mut ratios = [Vec::new(), Vec::new()];
+    for round in 1..=rounds {
+        let mut off = None;
+        for (m, (label, ini, numbers)) in modes.iter().enumerate() {
+            // A new relay each time: a new resolver, its cache empty.
+            let config = Config::parse(ini, std::path::Path::new("enum-bench.ini")).unwrap();
+            let relay = Relay::start(&config).unwrap();
+            let times = rcpt_times(&relay, numbers);
+            relay.shutdown();
+            let median = times[times.len() / 2];
+            let p99 = times[times.len() * 99 / 100];
+            let ratio = match off {
+                None => {
+                    off = Some(median);
+                    String::new()
+                }
+                Some(b) => {
+                    let r = median.as_secs_f64() / Duration::as_secs_f64(&b);
+                    ratios[m - 1].push(r);
+                    format!(", ratio to ENUM off {r:.2}")
+                }
+            };
+            println!(
+                "{round:>2} {label:<22} median {:>6.1} us, p99 {:>6.1} us{ratio}",
+                median.as_secs_f64() * 1e6,
+                p99.as_secs_f64() * 1e6
+            );
+        }
+    }
+    for (label, mut r) in ["cache hits", "cache misses"].into_iter().zip(ratios) {
+        r.sort_by(f64::total_cmp);
         println!(
-            "{label:<22} median {:>6.1} us, p99 {:>6.1} us{ratio}",
-            median.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6
+            "median ratio ENUM on, {label} / ENUM off: {:.2}",
+            r[r.len() / 2]
         );
-        medians.push(median);
     }
     println!("DNS queries answered by the test server: {}", dns.queries());
 }
