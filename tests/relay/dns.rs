@@ -146,7 +146,8 @@ fn enum_routes_ahead_of_prefixes_and_a_silent_server_costs_only_its_timeout() {
 
 /// The relay binary with dynamic peers on, its DNS at `dns`, its peers'
 /// hosts on `port`: the local MMSC A and partner B as fixed peers; one
-/// dynamic peer at most, retired after `idle` with nothing to do.
+/// dynamic peer at most, retired after `idle` with nothing to do; a
+/// budget of two connections, one of them A's.
 fn dynamic_ini(
     dir: &std::path::Path,
     dns: &DnsServer,
@@ -156,6 +157,7 @@ fn dynamic_ini(
 ) -> String {
     format!(
         "[relay]\nhostname = relay.test\nspool_dir = {d}\ncontrol_socket = {d}/control.sock\n\
+         max_connections = 2\n\
          retry_min = 100ms\nretry_max = 400ms\nshutdown_timeout = 5s\n\
          [listener]\nlisten = 127.0.0.1:0\nrelay_from = {LOCAL}/32\n\
          [peer.A]\nhosts = {a}\ndomains = mms.mnc010.mcc001.gprs\nlocal = yes\n\
@@ -200,9 +202,15 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
 
     let to_d1 = "+33612345678/TYPE=PLMN@d1.test";
     let mut c = Client::connect(LOCAL, addr);
-    send_forward(&mut c, 1, to_d1, 300);
+    send_forward(&mut c, 100_001, to_d1, 300);
     assert!(sink.wait_for_recipients(1, DEADLINE));
     drop(c);
+    // A burst: d1.test may have two connections, but the budget leaves it
+    // one beside A's.
+    let report = mm4relay::sim::send_load(addr, 4, load(&[to_d1], 30));
+    assert_eq!(report.accepted, 30, "{report:?}");
+    assert!(sink.wait_for_recipients(31, DEADLINE));
+    assert_eq!(sink.max_open(), 1, "within the global budget");
     let status = ask(dir.path(), "status");
     assert!(
         status
@@ -251,15 +259,15 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     });
     let to_d2 = "+33612345679/TYPE=PLMN@d2.test";
     let mut c = Client::connect(LOCAL, addr);
-    send_forward(&mut c, 3, to_d2, 300);
-    assert!(sink.wait_for_recipients(2, DEADLINE));
+    send_forward(&mut c, 100_003, to_d2, 300);
+    assert!(sink.wait_for_recipients(32, DEADLINE));
     drop(c);
     wait_until("d2.test retired", || {
         state("d2.test").as_deref() == Some("retired")
     });
     let mut c = Client::connect(LOCAL, addr);
-    send_forward(&mut c, 4, to_d1, 300);
-    assert!(sink.wait_for_recipients(3, DEADLINE));
+    send_forward(&mut c, 100_004, to_d1, 300);
+    assert!(sink.wait_for_recipients(33, DEADLINE));
     drop(c);
     std::fs::write(
         &path,
@@ -272,7 +280,7 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     // peer is made again from the spool and delivers it.
     sink.set_fault(mm4relay::sim::Fault::TempFail);
     let mut c = Client::connect(LOCAL, addr);
-    send_forward(&mut c, 5, to_d1, 300);
+    send_forward(&mut c, 100_005, to_d1, 300);
     drop(c);
     wait_until("a deferral at d1.test", || {
         let status = ask(dir.path(), "status");
@@ -285,7 +293,7 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     sink.set_fault(mm4relay::sim::Fault::None);
     let mut relay = Running::start(&path, &[], true);
     let (_addr, _, _log) = relay.listening();
-    assert!(sink.wait_for_recipients(4, DEADLINE));
+    assert!(sink.wait_for_recipients(34, DEADLINE));
     assert!(relay.terminate().success());
 }
 

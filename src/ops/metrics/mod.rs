@@ -197,7 +197,7 @@ fn peer_families(peers: &[PeerSnapshot]) -> Vec<Family> {
     }
     type Get = fn(&PeerSnapshot) -> u64;
     #[rustfmt::skip]
-    let series: [(&'static str, &'static str, &'static str, Get); 10] = [
+    let series: [(&'static str, &'static str, &'static str, Get); 12] = [
         ("mm4relay_connections_opened_total", "counter", "SMTP connections opened to each peer.", |s| s.connections_opened),
         ("mm4relay_connections_failed_total", "counter", "Connection attempts to each peer's hosts that failed (connect, greeting, TLS, AUTH).", |s| s.connections_failed),
         ("mm4relay_pool_depth", "gauge", "Jobs in the peer's pool.", |s| s.pool_depth as u64),
@@ -208,6 +208,8 @@ fn peer_families(peers: &[PeerSnapshot]) -> Vec<Family> {
         ("mm4relay_connections_busy", "gauge", "Connections delivering now.", |s| s.busy as u64),
         ("mm4relay_peer_healthy", "gauge", "1 when healthy, 0 while isolated and probed.", |s| u64::from(s.healthy)),
         ("mm4relay_peer_misconfigured", "gauge", "1 while our TLS or AUTH settings and the peer's do not agree.", |s| u64::from(s.misconfigured)),
+        ("mm4relay_peer_dynamic", "gauge", "1 for a peer made at run time for its domain ([routes] dynamic).", |s| u64::from(s.dynamic)),
+        ("mm4relay_peer_retired", "gauge", "1 for a dynamic peer retired while idle (no workers).", |s| u64::from(s.retired)),
     ];
     let mut families = vec![recipients];
     families.extend(
