@@ -549,9 +549,26 @@ impl Relay {
 
     /// Retires the dynamic peers that did nothing since the last call and
     /// have nothing queued: their workers end (closing their connections),
-    /// their domain routes nowhere until a RCPT makes them again. Called
-    /// every `[peer_defaults] idle_timeout`.
+    /// their domain routes nowhere until a RCPT makes them again; a retired
+    /// one that a message is queued for starts again. Called every
+    /// `[peer_defaults] idle_timeout`.
     pub fn retire_idle(&mut self) {
+        // A message a session routed just before its peer retired: the
+        // peer starts again for it.
+        let waiting: Vec<String> = (0..self.peers.len())
+            .filter(|&id| {
+                self.config.peers[id].dynamic
+                    && !self.dynamic_stops.contains_key(&id)
+                    && self.queue.queued_len(id) > 0
+            })
+            .map(|id| self.config.peers[id].name.clone())
+            .collect();
+        for name in waiting {
+            match self.make_dynamic(&name) {
+                Ok(_) => info!("peer {name} made again: a message is queued for it"),
+                Err(e) => warn!("peer {name}: its queued messages wait: {e}"),
+            }
+        }
         let ids: Vec<usize> = self.dynamic_stops.keys().copied().collect();
         let mut retired = false;
         for id in ids {
