@@ -9,7 +9,7 @@ set -eu
 cd "$(dirname "$0")"
 SECONDS_EACH=${1:-300}
 [ $# -gt 0 ] && shift
-TARGETS=${*:-smtp_server smtp_client mm4_check address_route config_parse intake}
+TARGETS=${*:-smtp_server smtp_client mm4_check address_route config_parse intake dns_answer}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 SHARED=../../shared/mm4-corpus

@@ -155,6 +155,28 @@ pub struct Resolver {
     enum_failing: AtomicBool,
 }
 
+/// What a server's answer to a query for `rtype` says, and for how long
+/// (no I/O): the records of that type with their smallest TTL, NXDOMAIN
+/// or no such record for the SOA minimum, or the server's error.
+pub fn read_answer(m: &Message, rtype: RecordType) -> Result<(Answer, Duration), DnsError> {
+    match m.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Ok((Answer::NxDomain, negative_ttl(m))),
+        code => return Err(DnsError::Server(code.to_string())),
+    }
+    let records: Vec<&Record> = m
+        .answers
+        .iter()
+        .filter(|r| r.record_type() == rtype)
+        .collect();
+    if records.is_empty() {
+        return Ok((Answer::NoData, negative_ttl(m)));
+    }
+    let ttl = records.iter().map(|r| r.ttl).min().unwrap_or(0);
+    let data = records.into_iter().map(|r| r.data.clone()).collect();
+    Ok((Answer::Records(data), Duration::from_secs(u64::from(ttl))))
+}
+
 /// The TTL to keep a negative answer for: the SOA's minimum (no more
 /// than the SOA record's own TTL), RFC 2308 §5.
 fn negative_ttl(m: &Message) -> Duration {
@@ -259,25 +281,10 @@ impl Resolver {
                         continue;
                     }
                 };
-                match m.metadata.response_code {
-                    ResponseCode::NoError => {}
-                    ResponseCode::NXDomain => return Ok((Answer::NxDomain, negative_ttl(&m))),
-                    code => {
-                        last = DnsError::Server(code.to_string());
-                        continue;
-                    }
+                match read_answer(&m, rtype) {
+                    Ok(answer) => return Ok(answer),
+                    Err(e) => last = e,
                 }
-                let records: Vec<&Record> = m
-                    .answers
-                    .iter()
-                    .filter(|r| r.record_type() == rtype)
-                    .collect();
-                if records.is_empty() {
-                    return Ok((Answer::NoData, negative_ttl(&m)));
-                }
-                let ttl = records.iter().map(|r| r.ttl).min().unwrap_or(0);
-                let data = records.into_iter().map(|r| r.data.clone()).collect();
-                return Ok((Answer::Records(data), Duration::from_secs(u64::from(ttl))));
             }
         }
         Err(last)
