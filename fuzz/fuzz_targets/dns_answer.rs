@@ -15,8 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(m) = Message::from_vec(data) else {
         return;
     };
+    let Some(name) = m.queries.first().map(|q| q.name.clone()) else {
+        return;
+    };
     for rtype in [RecordType::MX, RecordType::A, RecordType::NAPTR] {
-        if let Ok((Answer::Records(rs), _)) = read_answer(&m, rtype) {
+        if let Ok((Answer::Records(rs), _)) = read_answer(&m, &name, rtype) {
             let naptrs: Vec<_> = rs
                 .iter()
                 .filter_map(|r| match r {

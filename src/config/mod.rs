@@ -437,8 +437,7 @@ impl Config {
         r.set_ported(self.np.clone());
         r.set_numbering(self.numbering.clone());
         if self.dynamic.is_some() {
-            let made = (0..self.peers.len()).filter(|&i| self.peers[i].dynamic);
-            r.set_dynamic(made.collect());
+            r.set_dynamic((0..self.peers.len()).filter(|&i| self.peers[i].dynamic));
         }
         if let Some(d) = self.default_peer {
             r.set_default(d);

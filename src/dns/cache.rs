@@ -1,6 +1,8 @@
 //! Answers kept for their TTL: records for the smallest TTL among them,
 //! a name that does not exist or has no such record for the SOA minimum
-//! (RFC 2308). Bounded: a flood of invented names cannot grow it.
+//! (RFC 2308). Bounded: at most 20,000 names, each answer at most
+//! `MAX_RECORDS` records; a flood of invented names pushes out the
+//! entries that expire soonest.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,8 +1,9 @@
 //! The relay's own stub resolver: MX and address look-ups for peers whose
 //! hosts come from DNS (`hosts = mx:DOMAIN`), NAPTR for ENUM, each answer
 //! cached for its TTL. Queries go to `[dns] servers` (resolv.conf's by
-//! default) over UDP, and over TCP when the answer is truncated; every
-//! look-up ends within `timeout` × `attempts` per server.
+//! default) over UDP, and over TCP when the answer is truncated; a
+//! look-up ends within `timeout` × `attempts` × servers, and so does a
+//! domain's MX look-up with its exchanges' addresses (the first ten).
 //!
 //! `transport.rs` is the socket I/O, `cache.rs` the TTL cache, `naptr.rs`
 //! ENUM's rules with no I/O, `server.rs` a small authoritative server for
@@ -26,6 +27,23 @@ use log::{info, warn};
 use parking_lot::Mutex;
 
 use cache::{Cache, NEGATIVE_TTL};
+
+/// Most MX exchanges of a domain that are looked up and tried.
+pub const MAX_EXCHANGES: usize = 10;
+
+/// Most addresses kept per host.
+pub const MAX_ADDRESSES: usize = 8;
+
+/// Most records of one answer kept (a TCP answer may hold thousands).
+pub const MAX_RECORDS: usize = 32;
+
+/// Most CNAME links followed within one answer.
+const MAX_CNAMES: usize = 8;
+
+/// After an ENUM failure, how long numbers go straight to the static
+/// rules before ENUM is asked again: an outage costs one timeout per
+/// hold-down, not one per recipient.
+pub const ENUM_HOLD_DOWN: Duration = Duration::from_secs(30);
 
 /// How the resolver asks (`[dns]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +129,8 @@ pub struct Stats {
     pub queries: AtomicU64,
     /// Look-ups answered from the cache.
     pub cache_hits: AtomicU64,
-    /// Look-ups that failed (every server timed out, or said SERVFAIL).
+    /// Look-ups that failed: no server answered in time, or each said an
+    /// error (SERVFAIL, REFUSED), or the name could not be asked.
     pub failures: AtomicU64,
     /// Queries no server answered in time.
     pub timeouts: AtomicU64,
@@ -153,21 +172,42 @@ pub struct Resolver {
     stats: Stats,
     /// ENUM is failing now: said once when it starts, once when it ends.
     enum_failing: AtomicBool,
+    /// Until when ENUM is not asked after a failure.
+    enum_held_until: Mutex<Option<Instant>>,
 }
 
-/// What a server's answer to a query for `rtype` says, and for how long
-/// (no I/O): the records of that type with their smallest TTL, NXDOMAIN
-/// or no such record for the SOA minimum, or the server's error.
-pub fn read_answer(m: &Message, rtype: RecordType) -> Result<(Answer, Duration), DnsError> {
+/// What a server's answer to a query for `name` and `rtype` says, and for
+/// how long (no I/O): the records of that type owned by `name` or the
+/// CNAME chain from it (at most [`MAX_RECORDS`]) with their smallest TTL,
+/// NXDOMAIN or no such record for the SOA minimum, or the server's error.
+pub fn read_answer(
+    m: &Message,
+    name: &Name,
+    rtype: RecordType,
+) -> Result<(Answer, Duration), DnsError> {
     match m.metadata.response_code {
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => return Ok((Answer::NxDomain, negative_ttl(m))),
         code => return Err(DnsError::Server(code.to_string())),
     }
+    let mut owners = vec![name.to_lowercase()];
+    for _ in 0..MAX_CNAMES {
+        let next = m.answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(c) if owners.contains(&r.name.to_lowercase()) => {
+                Some(c.0.to_lowercase()).filter(|t| !owners.contains(t))
+            }
+            _ => None,
+        });
+        match next {
+            Some(t) => owners.push(t),
+            None => break,
+        }
+    }
     let records: Vec<&Record> = m
         .answers
         .iter()
-        .filter(|r| r.record_type() == rtype)
+        .filter(|r| r.record_type() == rtype && owners.contains(&r.name.to_lowercase()))
+        .take(MAX_RECORDS)
         .collect();
     if records.is_empty() {
         return Ok((Answer::NoData, negative_ttl(m)));
@@ -198,6 +238,7 @@ impl Resolver {
             enum_results: Mutex::default(),
             stats: Stats::default(),
             enum_failing: AtomicBool::new(false),
+            enum_held_until: Mutex::new(None),
         }
     }
 
@@ -219,16 +260,23 @@ impl Resolver {
     /// The answer for `name` and `rtype`, from the cache while it is fresh.
     pub fn lookup(&self, name: &str, rtype: RecordType) -> Result<Arc<Answer>, DnsError> {
         let key = name.trim_end_matches('.').to_ascii_lowercase();
-        Ok(self.lookup_until(&key, rtype)?.0)
+        Ok(self.lookup_until(&key, rtype, None)?.0)
+    }
+
+    /// Longest one look-up may take: `timeout` x `attempts` x servers.
+    pub fn budget(&self) -> Duration {
+        let s = self.settings.lock().clone();
+        s.timeout * s.attempts.max(1) * u32::try_from(s.servers.len().max(1)).unwrap_or(u32::MAX)
     }
 
     /// As [`Resolver::lookup`] for a lower-case name without the final
-    /// dot; also when the answer expires from the cache (`None`: it was
-    /// not kept).
+    /// dot, asking no server after `until`; also when the answer expires
+    /// from the cache (`None`: it was not kept).
     fn lookup_until(
         &self,
         key: &str,
         rtype: RecordType,
+        until: Option<Instant>,
     ) -> Result<(Arc<Answer>, Option<Instant>), DnsError> {
         let now = Instant::now();
         if let Some((a, expires)) = self.cache.lock().get(key, rtype, now) {
@@ -237,7 +285,7 @@ impl Resolver {
         }
         let fqdn = Name::from_ascii(format!("{key}."))
             .map_err(|e| DnsError::Malformed(format!("{key}: {e}")))?;
-        let result = self.ask(&fqdn, rtype);
+        let result = self.ask(&fqdn, rtype, until);
         let (answer, ttl) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -254,8 +302,14 @@ impl Resolver {
         ))
     }
 
-    /// Asks the servers in turn, `attempts` rounds: the answer and its TTL.
-    fn ask(&self, name: &Name, rtype: RecordType) -> Result<(Answer, Duration), DnsError> {
+    /// Asks the servers in turn, `attempts` rounds, none after `until`:
+    /// the answer and its TTL.
+    fn ask(
+        &self,
+        name: &Name,
+        rtype: RecordType,
+        until: Option<Instant>,
+    ) -> Result<(Answer, Duration), DnsError> {
         let settings = self.settings.lock().clone();
         let mut last = DnsError::Io("no DNS servers".into());
         for _ in 0..settings.attempts.max(1) {
@@ -264,7 +318,13 @@ impl Resolver {
                 query.metadata.recursion_desired = true;
                 query.add_query(Query::query(name.clone(), rtype));
                 self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                let deadline = Instant::now() + settings.timeout;
+                let now = Instant::now();
+                let deadline = now + settings.timeout;
+                let deadline = until.map_or(deadline, |u| deadline.min(u));
+                if deadline <= now {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(DnsError::Timeout);
+                }
                 let m = match transport::exchange(server, &query, deadline) {
                     Ok((m, via_tcp)) => {
                         if via_tcp {
@@ -281,7 +341,7 @@ impl Resolver {
                         continue;
                     }
                 };
-                match read_answer(&m, rtype) {
+                match read_answer(&m, name, rtype) {
                     Ok(answer) => return Ok(answer),
                     Err(e) => last = e,
                 }
@@ -292,11 +352,16 @@ impl Resolver {
 
     /// The addresses of `host`, IPv4 first, each with `port`; `Ok(None)`
     /// if it has none.
-    fn addresses(&self, host: &str, port: u16) -> Result<Option<Vec<SocketAddr>>, DnsError> {
+    fn addresses(
+        &self,
+        host: &str,
+        port: u16,
+        until: Instant,
+    ) -> Result<Option<Vec<SocketAddr>>, DnsError> {
         let mut addrs = Vec::new();
         let mut exists = false;
         for rtype in [RecordType::A, RecordType::AAAA] {
-            match &*self.lookup(host, rtype)? {
+            match &*self.lookup_until(host, rtype, Some(until))?.0 {
                 Answer::Records(rs) => {
                     exists = true;
                     addrs.extend(rs.iter().filter_map(|r| match r {
@@ -310,17 +375,22 @@ impl Resolver {
                 Answer::NxDomain => return Ok(None),
             }
         }
+        addrs.truncate(MAX_ADDRESSES);
         Ok((exists && !addrs.is_empty()).then_some(addrs))
     }
 
     /// The hosts mail for `domain` goes to, in MX preference order, each
     /// with its addresses and `port` (RFC 5321 §5.1): with no MX record,
-    /// the domain itself; a null MX (RFC 7505) means none.
+    /// the domain itself; a null MX (RFC 7505) means none. The first
+    /// [`MAX_EXCHANGES`] exchanges are looked up, all within one
+    /// [`Resolver::budget`].
     pub fn mx_targets(&self, domain: &str, port: u16) -> Result<Vec<Target>, MxError> {
-        let domain = domain.trim_end_matches('.');
+        let until = Instant::now() + self.budget();
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let mut exchanges: Vec<(u16, String)> = match &*self
-            .lookup(domain, RecordType::MX)
+            .lookup_until(&domain, RecordType::MX, Some(until))
             .map_err(MxError::Failed)?
+            .0
         {
             Answer::NxDomain => return Err(MxError::NotFound),
             Answer::NoData => vec![(0, domain.to_string())],
@@ -342,11 +412,13 @@ impl Resolver {
             return Err(MxError::NotFound);
         }
         exchanges.sort();
-        exchanges.dedup_by(|a, b| a.1 == b.1);
+        let mut seen = std::collections::HashSet::new();
+        exchanges.retain(|(_, name)| seen.insert(name.clone()));
+        exchanges.truncate(MAX_EXCHANGES);
         let mut targets = Vec::new();
         let mut failure = None;
         for (_, name) in exchanges {
-            match self.addresses(&name, port) {
+            match self.addresses(&name, port, until) {
                 Ok(Some(addrs)) => targets.push(Target { name, addrs }),
                 Ok(None) => {}
                 Err(e) => failure = Some(e),
@@ -374,8 +446,13 @@ impl Resolver {
             }
             return Ok((*domain).clone());
         }
-        match self.lookup_until(&key, RecordType::NAPTR) {
+        if self.enum_held_until.lock().is_some_and(|u| now < u) {
+            self.stats.enum_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(DnsError::Server("ENUM held down after a failure".into()));
+        }
+        match self.lookup_until(&key, RecordType::NAPTR, None) {
             Ok((answer, expires)) => {
+                *self.enum_held_until.lock() = None;
                 if self.enum_failing.swap(false, Ordering::Relaxed) {
                     info!("ENUM answers again");
                 }
@@ -404,9 +481,12 @@ impl Resolver {
             }
             Err(e) => {
                 self.stats.enum_failures.fetch_add(1, Ordering::Relaxed);
+                *self.enum_held_until.lock() = Some(Instant::now() + ENUM_HOLD_DOWN);
                 if !self.enum_failing.swap(true, Ordering::Relaxed) {
                     warn!(
-                        "ENUM fails ({e}): numbers are routed by the static rules until it answers"
+                        "ENUM fails ({e}): numbers are routed by the static rules; ENUM is asked \
+                         again every {}s until it answers",
+                        ENUM_HOLD_DOWN.as_secs()
                     );
                 }
                 Err(e)

@@ -97,7 +97,8 @@ pub fn best_domain(records: &[NAPTR], number: &str) -> Option<String> {
         }
         let domain = rest.rsplit_once('@')?.1.trim_end_matches('.');
         let domain = domain.to_ascii_lowercase();
-        crate::route::valid_domain(&domain).then_some(domain)
+        // A name, not an address literal: the relay routes by domain.
+        (crate::route::valid_domain(&domain) && !domain.starts_with('[')).then_some(domain)
     })
 }
 
@@ -159,6 +160,7 @@ mod tests {
             "!^(.*$!mailto:x@a.test!",
             "!^.*$!mailto:x@a.test!x",
             "!^.*$!mailto:nodomain!",
+            "!^.*$!mailto:x@[10.0.0.1]!",
             "1^.*1mailto:x@a.test1",
         ] {
             let r = naptr(1, 1, "u", "E2U+mms:mailto", bad);

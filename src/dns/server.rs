@@ -341,7 +341,7 @@ mod tests {
         s.set("big.test", RecordType::MX, Reply::Records(many, 60));
         let r = resolver(&s, 2000);
         match &*r.lookup("big.test", RecordType::MX).unwrap() {
-            Answer::Records(rs) => assert_eq!(rs.len(), 40),
+            Answer::Records(rs) => assert_eq!(rs.len(), crate::dns::MAX_RECORDS, "kept of 40"),
             other => panic!("{other:?}"),
         }
         assert_eq!(r.stats().tcp_retries.load(Ordering::Relaxed), 1);
@@ -392,6 +392,82 @@ mod tests {
         let asked = s.queries();
         assert_eq!(r.enum_domain("+447700900999", "e164.test"), Ok(None));
         assert_eq!(s.queries(), asked, "NXDOMAIN is cached for the SOA minimum");
+    }
+
+    #[test]
+    fn an_mx_look_up_ends_within_one_budget_however_many_exchanges_are_silent() {
+        let s = DnsServer::start().unwrap();
+        let many: Vec<RData> = (0..20)
+            .map(|i| mx(10, &format!("mx{i}.slow.test")))
+            .collect();
+        s.set("slow.test", RecordType::MX, Reply::Records(many, 60));
+        for i in 0..20 {
+            s.set(&format!("mx{i}.slow.test"), RecordType::A, Reply::Silent);
+        }
+        let r = resolver(&s, 200);
+        let t = std::time::Instant::now();
+        assert!(matches!(
+            r.mx_targets("slow.test", 25),
+            Err(MxError::Failed(DnsError::Timeout))
+        ));
+        // timeout x attempts x servers = 400ms; one in-flight query may end it.
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn records_of_other_names_are_dropped_and_cname_chains_followed() {
+        let m = |answers: Vec<Record>| {
+            let mut m = Message::response(1, hickory_proto::op::OpCode::Query);
+            for a in answers {
+                m.add_answer(a);
+            }
+            m
+        };
+        let asked = name("victim.test");
+        let evil = Record::from_rdata(name("elsewhere.evil"), 60, a(Ipv4Addr::new(10, 6, 6, 6)));
+        let answer = crate::dns::read_answer(&m(vec![evil.clone()]), &asked, RecordType::A);
+        assert_eq!(answer.unwrap().0, Answer::NoData);
+        let cname = Record::from_rdata(
+            asked.clone(),
+            60,
+            RData::CNAME(hickory_proto::rr::rdata::CNAME(name("real.test"))),
+        );
+        let real = Record::from_rdata(name("real.test"), 30, a(Ipv4Addr::new(127, 0, 1, 9)));
+        let (answer, ttl) =
+            crate::dns::read_answer(&m(vec![evil, cname, real]), &asked, RecordType::A).unwrap();
+        assert_eq!(
+            answer,
+            Answer::Records(vec![a(Ipv4Addr::new(127, 0, 1, 9))])
+        );
+        assert_eq!(ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_enum_outage_costs_one_timeout_per_hold_down_not_one_per_number() {
+        let s = DnsServer::start().unwrap();
+        let r = resolver(&s, 200);
+        s.set(
+            &crate::dns::naptr::enum_name("+441", "e164.test"),
+            RecordType::NAPTR,
+            Reply::Silent,
+        );
+        assert_eq!(r.enum_domain("+441", "e164.test"), Err(DnsError::Timeout));
+        let asked = s.queries();
+        let t = std::time::Instant::now();
+        for n in ["+442", "+443", "+444"] {
+            assert!(r.enum_domain(n, "e164.test").is_err());
+        }
+        assert_eq!(s.queries(), asked, "held down: no query");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(r.stats().enum_failures.load(Ordering::Relaxed), 4);
     }
 
     use crate::dns::DnsError;

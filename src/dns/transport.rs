@@ -10,9 +10,9 @@ use hickory_proto::op::{Message, MessageType};
 
 use super::DnsError;
 
-/// Largest answer read over UDP (no EDNS is sent, so a server keeps to
-/// 512 octets; a larger one is still read whole).
-const UDP_MAX: usize = 4096;
+/// Largest answer read over UDP: a datagram's most (no EDNS is sent, so
+/// a server keeps to 512 octets, but a larger one is still read whole).
+const UDP_MAX: usize = 65_535;
 
 /// Sends `query` to `server` and returns its answer, by `deadline`.
 pub(super) fn exchange(
@@ -49,7 +49,9 @@ fn io_error(server: SocketAddr, e: io::Error) -> DnsError {
 fn answers(answer: &Message, query: &Message) -> bool {
     answer.metadata.id == query.metadata.id
         && answer.metadata.message_type == MessageType::Response
-        && (answer.queries.is_empty() || answer.queries == query.queries)
+        && answer.queries.len() == 1
+        && answer.queries[0].query_type == query.queries[0].query_type
+        && answer.queries[0].name.to_lowercase() == query.queries[0].name.to_lowercase()
 }
 
 fn udp(

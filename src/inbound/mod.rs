@@ -111,6 +111,9 @@ struct Tables {
     enum_domain: Option<String>,
     /// `[dns] smtp_port`.
     smtp_port: u16,
+    /// As many dynamic peers run as `max_dynamic_peers` allows: a new
+    /// domain is refused before any DNS query.
+    dynamic_full: bool,
 }
 
 impl Tables {
@@ -164,6 +167,13 @@ impl Tables {
             ported_load: config.ported_load.clone(),
             enum_domain: config.enum_domain.clone(),
             smtp_port: config.smtp_port,
+            dynamic_full: config.dynamic.as_ref().is_some_and(|d| {
+                let running = config
+                    .peers
+                    .iter()
+                    .filter(|p| p.dynamic && !p.domains.is_empty());
+                running.count() >= d.max_peers
+            }),
         })
     }
 }
@@ -295,14 +305,18 @@ impl Inbound {
     /// The peer for `domain`, made by the relay once DNS says the domain
     /// takes mail.
     fn new_peer(&self, domain: &str) -> Result<PeerId, NewPeerError> {
-        let port = self.tables().smtp_port;
+        let refused = |why: &str| NewPeerError::Refused(why.to_string());
+        let tables = self.tables();
+        if tables.dynamic_full {
+            return Err(refused("too many destinations now, try again later"));
+        }
+        let port = tables.smtp_port;
         match self.resolver.mx_targets(domain, port) {
             Ok(_) => {}
             Err(MxError::NotFound) => return Err(NewPeerError::NoSuchDomain),
             Err(MxError::Failed(e)) => return Err(NewPeerError::Dns(e.to_string())),
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let refused = |why: &str| NewPeerError::Refused(why.to_string());
         self.new_peers
             .send((domain.to_string(), tx))
             .map_err(|_| refused("the relay is stopping"))?;

@@ -457,13 +457,11 @@ impl Peer {
         &self.view
     }
 
-    /// Waits for the workers of a peer whose own stop channel closed, and
-    /// marks it retired.
-    pub fn retire(&mut self) {
-        for w in self.workers.drain(..) {
-            w.join();
-        }
+    /// Marks a peer whose own stop channel closed retired; its workers,
+    /// ending, for the caller to join.
+    pub fn retire(&mut self) -> Vec<Owned<()>> {
         self.view.shared.retired.store(true, Ordering::Release);
+        std::mem::take(&mut self.workers)
     }
 
     /// Waits for the workers (after the stop channel closed); returns how
@@ -477,6 +475,11 @@ impl Peer {
 }
 
 impl PeerView {
+    /// A dynamic peer retired while idle: its workers are gone.
+    pub fn retired(&self) -> bool {
+        self.shared.retired.load(Ordering::Acquire)
+    }
+
     /// The peer's message pool.
     pub fn pool(&self) -> Receiver<Job> {
         self.jobs.clone()

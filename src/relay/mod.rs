@@ -83,6 +83,8 @@ pub struct Relay {
     dynamic_stops: HashMap<usize, Sender<()>>,
     /// Per idle dynamic peer: its activity count when last seen idle.
     idle_marks: HashMap<usize, u64>,
+    /// The workers of retired dynamic peers, still ending.
+    retiring: Vec<Owned<()>>,
     shutdown_timeout: Duration,
     /// The configuration in force (reload compares against it).
     config: Config,
@@ -163,6 +165,7 @@ impl Relay {
             new_peers: crossbeam_channel::unbounded(),
             dynamic_stops: HashMap::new(),
             idle_marks: HashMap::new(),
+            retiring: Vec::new(),
             shutdown_timeout: config.relay.shutdown_timeout,
             config: config.clone(),
             spool: Some(spool.clone()),
@@ -337,7 +340,9 @@ impl Relay {
             let view = p.view();
             let was_removed = view.control().removed();
             view.reload(effective.peers[id].clone());
-            view.control().set_removed(removed.contains(&id));
+            // A retired dynamic peer stays out of the balancer's plan.
+            view.control()
+                .set_removed(removed.contains(&id) || view.retired());
             match (was_removed, removed.contains(&id)) {
                 (false, true) => warn!(
                     "reload: peer {} removed: it takes no new messages; its {} queued stay in the spool",
@@ -400,7 +405,8 @@ impl Relay {
 
     /// `new` with its peers in the running order (peer ids never change):
     /// running peers first, a removed one keeping its old section without
-    /// routes or partner hosts, then the peers `new` adds. Returns it with
+    /// routes or partner hosts, a dynamic one (while dynamic peers stay on)
+    /// with the new `[peer_defaults]`, then the peers `new` adds. Returns it with
     /// the removed ids and the added sections.
     fn arrange(&self, new: &Config) -> (Config, Vec<usize>, Vec<PeerConfig>) {
         let mut peers = Vec::new();
@@ -416,7 +422,17 @@ impl Relay {
                     let mut cfg = defaults.unwrap_or_else(|| old.clone());
                     cfg.name = old.name.clone();
                     cfg.mx = old.mx.clone();
-                    cfg.domains = old.domains.clone();
+                    // Routed while it runs; a retired one is made again
+                    // by the next RCPT, with the new defaults whole.
+                    let retired = p.view().retired();
+                    cfg.domains = if retired {
+                        Vec::new()
+                    } else {
+                        vec![old.name.clone()]
+                    };
+                    // Its workers and pool were made with the old ones.
+                    cfg.max_connections = old.max_connections;
+                    cfg.pool_size = old.pool_size;
                     cfg.dynamic = true;
                     peers.push(cfg);
                 }
@@ -504,21 +520,35 @@ impl Relay {
         cfg.mx = Some(domain.to_string());
         cfg.domains = vec![domain.to_string()];
         cfg.dynamic = true;
-        let id = match existing {
+        // Its own slot if it had one, else a retired peer's with nothing
+        // queued: retired peers never pile up past the cap.
+        let slot = existing.or_else(|| {
+            (0..self.peers.len()).find(|&id| {
+                self.config.peers[id].dynamic
+                    && !self.dynamic_stops.contains_key(&id)
+                    && self.queue.queued_len(id) == 0
+            })
+        });
+        // The tables first: if they cannot be built, nothing has started.
+        let mut next = self.config.clone();
+        match slot {
+            Some(id) => next.peers[id] = cfg.clone(),
+            None => next.peers.push(cfg.clone()),
+        }
+        let tables = Inbound::prepare(&next).map_err(|e| e.to_string())?;
+        let id = match slot {
             Some(id) => {
-                self.revive(id, cfg.clone())
+                self.revive(id, cfg)
                     .map_err(|e| format!("cannot start a peer: {e}"))?;
-                self.config.peers[id] = cfg;
                 id
             }
             None => {
-                self.add_peer(cfg.clone())
+                self.add_peer(cfg)
                     .map_err(|e| format!("cannot start a peer: {e}"))?;
-                self.config.peers.push(cfg);
                 self.peers.len() - 1
             }
         };
-        let tables = Inbound::prepare(&self.config).map_err(|e| e.to_string())?;
+        self.config = next;
         if let Some(inbound) = &self.inbound {
             inbound.reload(tables);
         }
@@ -530,7 +560,8 @@ impl Relay {
         Ok(id)
     }
 
-    /// Starts retired dynamic peer `id` again, on the pool it kept.
+    /// Starts dynamic peer `cfg` in retired peer `id`'s place, on the pool
+    /// it kept (its own domain again, or another).
     fn revive(&mut self, id: usize, cfg: PeerConfig) -> io::Result<()> {
         let mut ctx = self
             .ctx
@@ -553,6 +584,13 @@ impl Relay {
     /// one that a message is queued for starts again. Called every
     /// `[peer_defaults] idle_timeout`.
     pub fn retire_idle(&mut self) {
+        let (ended, going): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(Owned::is_finished);
+        ended.into_iter().for_each(|w| {
+            w.join();
+        });
+        self.retiring = going;
         // A message a session routed just before its peer retired: the
         // peer starts again for it.
         let waiting: Vec<String> = (0..self.peers.len())
@@ -583,7 +621,10 @@ impl Relay {
                 continue;
             }
             self.dynamic_stops.remove(&id);
-            self.peers[id].retire();
+            // Its workers end on their own (a QUIT may take a while): they
+            // are joined at a later check, not waited for here.
+            let workers = self.peers[id].retire();
+            self.retiring.extend(workers);
             self.peers[id].view().control().set_removed(true);
             self.config.peers[id].domains.clear();
             self.idle_marks.remove(&id);
@@ -618,13 +659,17 @@ impl Relay {
         let (tx, rx) = crossbeam_channel::bounded(cfg.pool_size);
         let name = cfg.name.clone();
         let mut ctx = ctx.clone();
-        if cfg.dynamic {
-            // Its own stop, closed when it retires or the relay stops.
+        // A dynamic peer's own stop, closed when it retires or the relay
+        // stops; kept only once its workers have started.
+        let own_stop = cfg.dynamic.then(|| {
             let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
             ctx.stop = stop_rx;
+            stop_tx
+        });
+        let peer = Peer::start(id, cfg, rx.clone(), &ctx, false)?;
+        if let Some(stop_tx) = own_stop {
             self.dynamic_stops.insert(id, stop_tx);
         }
-        let peer = Peer::start(id, cfg, rx.clone(), &ctx, false)?;
         let queue_id = self.queue.add_peer((tx, rx));
         debug_assert_eq!(queue_id, id, "queue and peers out of step");
         self.views.push(peer.view().clone());
@@ -703,6 +748,9 @@ impl Relay {
             self.peers.iter().for_each(|p| p.view().cut_connections());
         }
         let mut undelivered: usize = self.peers.drain(..).map(Peer::join).sum();
+        self.retiring.drain(..).for_each(|w| {
+            w.join();
+        });
         undelivered += self.qmgr.take().map_or(0, QueueManager::stop);
         undelivered += self.expirer.take().map_or(0, Expirer::stop);
         if let Some(spool) = self.spool.take() {

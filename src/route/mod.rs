@@ -16,7 +16,7 @@
 pub mod access;
 pub mod np;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -289,7 +289,7 @@ pub struct Router {
     /// `[routes] dynamic`: domains no peer claims get a peer of their own.
     dynamic: bool,
     /// The peers made that way.
-    dynamic_peers: Vec<PeerId>,
+    dynamic_peers: HashSet<PeerId>,
 }
 
 impl Router {
@@ -336,9 +336,9 @@ impl Router {
 
     /// Makes a peer for every domain no peer claims; `made` are those
     /// made so far.
-    pub fn set_dynamic(&mut self, made: Vec<PeerId>) {
+    pub fn set_dynamic(&mut self, made: impl IntoIterator<Item = PeerId>) {
         self.dynamic = true;
-        self.dynamic_peers = made;
+        self.dynamic_peers = made.into_iter().collect();
     }
 
     /// Sends everything no other rule matches to `peer`.
@@ -380,7 +380,7 @@ impl Router {
             if let Some(domain) = enum_domain(number) {
                 match self.route_domain(&domain) {
                     Some((p, _)) => return Some(Routed::Peer(p, Rule::Enum(domain))),
-                    None if self.dynamic && domain.contains('.') => {
+                    None if self.dynamic && domain.contains('.') && !domain.starts_with('[') => {
                         return Some(Routed::NewPeer(domain));
                     }
                     None => {}

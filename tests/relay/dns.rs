@@ -201,6 +201,15 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     let (addr, _, _log) = relay.listening();
 
     let to_d1 = "+33612345678/TYPE=PLMN@d1.test";
+    let rcpt = |c: &mut Client, to: &str| c.cmd(&format!("RCPT TO:<{to}>"));
+    // Domains DNS does not know, or cannot look up now: no peer is made.
+    let mut c = Client::connect(LOCAL, addr);
+    assert_eq!(c.cmd("EHLO client.test").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(rcpt(&mut c, "x@gone.test").code, 550);
+    let r = rcpt(&mut c, "x@fail.test");
+    assert!(r.code == 451 && r.text().contains("4.4.3"), "{r}");
+    drop(c);
     let mut c = Client::connect(LOCAL, addr);
     send_forward(&mut c, 100_001, to_d1, 300);
     assert!(sink.wait_for_recipients(1, DEADLINE));
@@ -221,12 +230,10 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     let mut c = Client::connect(LOCAL, addr);
     assert_eq!(c.cmd("EHLO client.test").code, 250);
     assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
-    let rcpt = |c: &mut Client, to: &str| c.cmd(&format!("RCPT TO:<{to}>"));
-    assert_eq!(rcpt(&mut c, "x@gone.test").code, 550);
-    let r = rcpt(&mut c, "x@fail.test");
-    assert!(r.code == 451 && r.text().contains("4.4.3"), "{r}");
-    // The cap (1) is taken by d1.test.
+    // The cap (1) is taken by d1.test: refused before any DNS query.
+    let asked = dns.queries();
     let r = rcpt(&mut c, "x@d2.test");
+    assert_eq!(dns.queries(), asked);
     assert!(r.code == 451 && r.text().contains("4.4.5"), "{r}");
     assert_eq!(rcpt(&mut c, "y@d1.test").code, 250);
     drop(c);
@@ -262,6 +269,12 @@ fn dynamic_peers_are_made_for_the_local_mmsc_within_the_cap_retire_and_outlive_a
     send_forward(&mut c, 100_003, to_d2, 300);
     assert!(sink.wait_for_recipients(32, DEADLINE));
     drop(c);
+    // d2.test took retired d1.test's place: retired peers do not pile up.
+    let status = ask(dir.path(), "status");
+    assert!(
+        !status.lines().any(|l| l.starts_with("d1.test")),
+        "{status}"
+    );
     wait_until("d2.test retired", || {
         state("d2.test").as_deref() == Some("retired")
     });
