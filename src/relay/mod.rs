@@ -591,6 +591,9 @@ impl Relay {
             w.join();
         });
         self.retiring = going;
+        // Spooled messages whose dynamic peer could not be made at start
+        // (the cap was full): it may be made now.
+        self.remake_dynamic();
         // A message a session routed just before its peer retired: the
         // peer starts again for it.
         let waiting: Vec<String> = (0..self.peers.len())
