@@ -18,11 +18,15 @@
 //!   forward counter.
 //! - `off`: nothing; the IDs are still read for the logs.
 //!
+//! `summary.rs` reads an accepted message with mail-parser for what
+//! operators see of its content (Subject, parts), apart from the checks.
+//!
 //! This part knows MM4 (PDUs, their dates, what makes two of them
 //! duplicates) and nothing about sockets, the spool or peers.
 
 pub mod date;
 pub mod dedup;
+pub mod summary;
 
 use std::fmt;
 

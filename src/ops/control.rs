@@ -289,12 +289,38 @@ fn queue_show(sources: &Sources, id: &str) -> String {
             for line in String::from_utf8_lossy(&data[..end]).split_terminator("\r\n") {
                 let _ = writeln!(head, "{}", Printable(&line.replace('\t', " ")));
             }
+            content_summary(&mut head, &data);
         }
         Err(e) => {
             let _ = writeln!(head, "(data unreadable: {e})");
         }
     }
     head
+}
+
+/// The decoded Subject and the MIME parts of a message, after its header.
+fn content_summary(out: &mut String, data: &[u8]) {
+    let Some(s) = crate::mm4::summary::summarize(data) else {
+        let _ = writeln!(out, "\n(content: mail-parser cannot read it)");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\ncontent: subject=\"{}\"",
+        Printable(&s.subject.unwrap_or_default().replace('"', "'"))
+    );
+    for (i, p) in s.parts.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  part {}: {} {} octets",
+            i + 1,
+            Printable(&p.content_type),
+            p.size
+        );
+    }
+    if s.more > 0 {
+        let _ = writeln!(out, "  and {} more parts", s.more);
+    }
 }
 
 /// Deletes a queued message for good: it is recorded done in the spool

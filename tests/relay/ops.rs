@@ -36,6 +36,11 @@ fn an_operator_can_hold_release_and_retry() {
         show.contains("X-Mms-Message-Type: MM4_forward.REQ"),
         "{show}"
     );
+    // The content as mail-parser reads it: no Subject, one text part.
+    assert!(
+        show.contains("\ncontent: subject=\"\"\n  part 1: text/plain "),
+        "{show}"
+    );
     assert!(
         h.control(&format!("queue delete {id} sent in error"))
             .contains("deleted")
