@@ -5,10 +5,10 @@
 #![no_main]
 
 use hickory_proto::op::Message;
-use hickory_proto::rr::{RData, RecordType};
+use hickory_proto::rr::RecordType;
 use libfuzzer_sys::fuzz_target;
 
-use mm4relay::dns::naptr::best_domain;
+use mm4relay::dns::naptr::{best_domain, naptrs};
 use mm4relay::dns::{Answer, read_answer};
 
 fuzz_target!(|data: &[u8]| {
@@ -20,14 +20,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for rtype in [RecordType::MX, RecordType::A, RecordType::NAPTR] {
         if let Ok((Answer::Records(rs), _)) = read_answer(&m, &name, rtype) {
-            let naptrs: Vec<_> = rs
-                .iter()
-                .filter_map(|r| match r {
-                    RData::NAPTR(n) => Some(n.clone()),
-                    _ => None,
-                })
-                .collect();
-            let _ = best_domain(&naptrs, "+447700900123");
+            let _ = best_domain(&naptrs(&rs), "+447700900123");
         }
     }
 });

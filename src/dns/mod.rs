@@ -459,14 +459,7 @@ impl Resolver {
                 let Answer::Records(rs) = &*answer else {
                     return Ok(None);
                 };
-                let records: Vec<_> = rs
-                    .iter()
-                    .filter_map(|r| match r {
-                        RData::NAPTR(n) => Some(n.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                let domain = naptr::best_domain(&records, number);
+                let domain = naptr::best_domain(&naptr::naptrs(rs), number);
                 if domain.is_some() {
                     self.stats.enum_answers.fetch_add(1, Ordering::Relaxed);
                 }

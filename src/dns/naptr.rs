@@ -2,6 +2,7 @@
 //! best `E2U+mms` NAPTR record (RFC 3403 order and preference, RFC 4355's
 //! "mms" Enumservice) and its regexp applied to the number (RFC 3402 §3.2).
 
+use hickory_proto::rr::RData;
 use hickory_proto::rr::rdata::NAPTR;
 use regex::RegexBuilder;
 
@@ -81,6 +82,17 @@ fn apply(record: &NAPTR, number: &str) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// The NAPTR records among an answer's `records`.
+pub fn naptrs(records: &[RData]) -> Vec<NAPTR> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            RData::NAPTR(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The domain of the best usable `E2U+mms` record for `number`: the

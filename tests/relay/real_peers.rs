@@ -39,11 +39,21 @@ struct Rig {
 
 impl Rig {
     /// The corpus profile with B at `b` and `b_lines` added to B.
-    fn start(b: SocketAddr, mut profile: Profile, b_lines: String) -> Result<Rig, String> {
+    fn start(b: SocketAddr, profile: Profile, b_lines: String) -> Result<Rig, String> {
+        Rig::start_edited(b, profile, b_lines, |ini| ini)
+    }
+
+    /// As [`Rig::start`], the INI text passed through `edit` first.
+    fn start_edited(
+        b: SocketAddr,
+        mut profile: Profile,
+        b_lines: String,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<Rig, String> {
         let sims = [SimPeer::start(true).unwrap(), SimPeer::start(true).unwrap()];
         let spool = tempfile::tempdir().unwrap();
         profile.extra_peer[1] = Box::leak(b_lines.into_boxed_str());
-        let ini = profile.ini([sims[0].addr(), b, sims[1].addr()], spool.path());
+        let ini = edit(profile.ini([sims[0].addr(), b, sims[1].addr()], spool.path()));
         let config = Config::parse(&ini, Path::new("test.ini")).map_err(|e| e.to_string())?;
         let relay = Relay::start(&config).map_err(|e| e.to_string())?;
         let addr = relay.local_addrs()[0];
@@ -282,6 +292,53 @@ fn smtp_sink_gets_fifty_byte_identical_over_two_connections() {
         return;
     };
     fifty_over_two_connections(&sink);
+}
+
+/// B's hosts found through DNS (`hosts = mx:`, its MX served on loopback)
+/// and B a real Postfix: every message arrives whole, nothing deferred.
+#[test]
+fn a_postfix_found_through_its_mx_gets_everything() {
+    use hickory_proto::rr::RecordType;
+    use mm4relay::dns::server::{DnsServer, Reply, a, mx};
+    let Some(pf) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let dns = DnsServer::start().unwrap();
+    let domain = "mms.mnc020.mcc001.gprs";
+    dns.set(
+        domain,
+        RecordType::MX,
+        Reply::Records(vec![mx(10, "mx1.b.test")], 300),
+    );
+    let ip = match pf.addr().ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("Postfix on {other}"),
+    };
+    dns.set(
+        "mx1.b.test",
+        RecordType::A,
+        Reply::Records(vec![a(ip)], 300),
+    );
+    dns.set("mx1.b.test", RecordType::AAAA, Reply::Records(vec![], 300));
+    let b = pf.addr();
+    let mut rig = Rig::start_edited(b, Profile::default(), String::new(), |ini| {
+        let ini = ini.replace(&format!("hosts = {b}\n"), &format!("hosts = mx:{domain}\n"));
+        assert!(ini.contains("mx:"), "B's hosts line not found");
+        format!(
+            "{ini}\n[dns]\nservers = {}\nsmtp_port = {}\n",
+            dns.addr(),
+            b.port()
+        )
+    })
+    .unwrap();
+    let sent = rig.send(0..10);
+    let got = arrivals(&pf, &sent);
+    let seen = rig.stop();
+    let what = summary(&pf, sent.len(), &got, &seen);
+    assert_eq!(got.len(), 10, "{what}");
+    assert_identical(&pf, &sent);
+    assert_eq!(seen.deferred, 0, "{what}");
+    assert!(dns.queries() > 0, "the MX was asked");
 }
 
 /// Messages after a restart of the peer, whose pooled connections are then
