@@ -70,6 +70,7 @@ fn main() {
                                 )],
                             )],
                             dedup_key: None,
+                            account: String::new(),
                         })
                         .unwrap();
                 }

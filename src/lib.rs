@@ -8,6 +8,7 @@
 //! `ops` is what operators see; `smtp` is the protocol with no I/O; `sys`
 //! the small helpers everything shares. ARCHITECTURE.md draws the map.
 
+pub mod cdr;
 pub mod config;
 pub mod dns;
 pub mod inbound;

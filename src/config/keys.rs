@@ -77,6 +77,14 @@ pub const DNS_KEYS: &[(&str, &str)] = &[
     ("smtp_port", "25"),
 ];
 
+/// `[cdr]` keys and their defaults (no `dir`: no CDRs).
+pub const CDR_KEYS: &[(&str, &str)] = &[
+    ("dir", ""),
+    ("rotate", "1h"),
+    ("ack_timeout", "15m"),
+    ("max_pending", "100000"),
+];
+
 /// `[enum]` keys and their defaults.
 pub const ENUM_KEYS: &[(&str, &str)] = &[("domain", "")];
 

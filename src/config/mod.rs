@@ -338,6 +338,8 @@ pub struct Config {
     pub enum_domain: Option<String>,
     /// `[routes] dynamic = yes`: a peer for every domain no peer claims.
     pub dynamic: Option<DynamicPeers>,
+    /// `[cdr]`: CDR files, when `dir` is set.
+    pub cdr: Option<crate::cdr::CdrConfig>,
     /// Problems worth a warning that do not stop the relay (secrets
     /// readable by others).
     pub warnings: Vec<String>,
@@ -562,6 +564,15 @@ impl Config {
         }
         if let Some(e) = &self.enum_domain {
             out.push_str(&format!("enum: NAPTR under {e}\n"));
+        }
+        if let Some(c) = &self.cdr {
+            out.push_str(&format!(
+                "cdr: {}, a new file every {:?}, RES awaited {:?} (at most {} waiting)\n",
+                c.dir.display(),
+                c.rotate,
+                c.ack_timeout,
+                c.max_pending
+            ));
         }
         let servers: Vec<String> = self.dns.servers.iter().map(|s| s.to_string()).collect();
         out.push_str(&format!(

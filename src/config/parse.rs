@@ -12,8 +12,8 @@ use crate::route::{Address, AddressKind, Numbering};
 use crate::sys::logging::Target;
 
 use super::keys::{
-    AUTH_KEYS, DNS_KEYS, ENUM_KEYS, LISTENER_KEYS, NOT_PEER_DEFAULTS, PEER_KEYS, RELAY_KEYS,
-    ROUTES_KEYS,
+    AUTH_KEYS, CDR_KEYS, DNS_KEYS, ENUM_KEYS, LISTENER_KEYS, NOT_PEER_DEFAULTS, PEER_KEYS,
+    RELAY_KEYS, ROUTES_KEYS,
 };
 use super::section::{Section, host_port, parse_auth_user, parse_level};
 use super::{
@@ -170,6 +170,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
     let (default_peer, ported_file, numbering) = routes(&sections, &peer_index)?;
     let (dns, smtp_port, dns_servers) = dns(&sections)?;
     let enum_domain = enum_domain(&sections)?;
+    let cdr = cdr(&sections)?;
     let (dynamic, defaults_files) = dynamic(&sections, &mut warnings)?;
     let needs_dns =
         enum_domain.is_some() || dynamic.is_some() || peers.iter().any(|p| p.mx.is_some());
@@ -198,6 +199,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Draft, ConfigError> {
             smtp_port,
             enum_domain,
             dynamic,
+            cdr,
             warnings,
         },
         listen,
@@ -239,7 +241,15 @@ fn split_sections(text: &str, file: &str) -> Result<Vec<RawSection>, ConfigError
         }
         let known = matches!(
             name.as_str(),
-            "relay" | "listener" | "routes" | "ported" | "auth" | "dns" | "enum" | "peer_defaults"
+            "relay"
+                | "listener"
+                | "routes"
+                | "ported"
+                | "auth"
+                | "dns"
+                | "enum"
+                | "cdr"
+                | "peer_defaults"
         ) || name.starts_with("peer.");
         if !known {
             return Err(err(
@@ -247,7 +257,7 @@ fn split_sections(text: &str, file: &str) -> Result<Vec<RawSection>, ConfigError
                 "",
                 "",
                 "unknown section; expected relay, listener, peer.NAME, routes, ported, auth, \
-                 dns, enum or peer_defaults",
+                 dns, enum, cdr or peer_defaults",
             ));
         }
         let mut values = HashMap::new();
@@ -656,6 +666,33 @@ pub(super) fn dns_server(v: &str) -> Result<std::net::SocketAddr, String> {
     }
     v.parse()
         .map_err(|_| format!("{v:?} is not an IP address or IP:PORT"))
+}
+
+/// `[cdr]`: where CDRs go, if anywhere, and how.
+fn cdr(sections: &Sections) -> Result<Option<crate::cdr::CdrConfig>, ConfigError> {
+    let s = sections.section("cdr", CDR_KEYS)?;
+    let Some(dir) = s.string("dir") else {
+        return Ok(None);
+    };
+    let rotate = s.duration("rotate")?;
+    if rotate < std::time::Duration::from_secs(1) || rotate > std::time::Duration::from_secs(86_400)
+    {
+        return Err(s.err("rotate", s.raw("rotate"), "expected 1s to 24h"));
+    }
+    let ack_timeout = s.duration("ack_timeout")?;
+    if ack_timeout.is_zero() || ack_timeout > std::time::Duration::from_secs(7 * 86_400) {
+        return Err(s.err("ack_timeout", s.raw("ack_timeout"), "expected 1s to 7d"));
+    }
+    let max_pending = s.count("max_pending", 1)?;
+    if max_pending > 10_000_000 {
+        return Err(s.err("max_pending", s.raw("max_pending"), "at most 10000000"));
+    }
+    Ok(Some(crate::cdr::CdrConfig {
+        dir: dir.into(),
+        rotate,
+        ack_timeout,
+        max_pending,
+    }))
 }
 
 /// `[enum] domain`: the ENUM suffix, if ENUM is on.

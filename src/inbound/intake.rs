@@ -9,6 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use log::{error, info, warn};
 
+use crate::cdr::account::{Event, Facts};
 use crate::message::{Job, Location, Message, received_header};
 use crate::mm4;
 use crate::mm4::dedup;
@@ -256,6 +257,25 @@ impl Handler for RelayHandler {
             .rcpts
             .into_iter()
             .partition(|(r, _)| !inbound.dedup.seen(dedup_key.as_deref(), r));
+        let facts = Facts::of(&info, &self.origin(&tables), &self.client_ip.to_string());
+        if let Some(journal) = &inbound.journal {
+            let at = inbound.queue.now();
+            for (to, peer) in &dups {
+                journal.event(
+                    Event::Duplicate {
+                        at,
+                        from: env.from.clone(),
+                        to: to.clone(),
+                        peer: tables.peer_names[*peer].clone(),
+                        transaction_id: info.transaction_id.clone().unwrap_or_default(),
+                        message_id: info.message_id.clone().unwrap_or_default(),
+                        size: data.len() as u64,
+                        facts: Box::new(facts.clone()),
+                    }
+                    .encode(),
+                );
+            }
+        }
         if fresh.is_empty() {
             info!(
                 "- status=duplicate client=[{}] from=<{}> to={} mid={} tid={}",
@@ -303,6 +323,7 @@ impl Handler for RelayHandler {
                 .map(|(p, r)| (tables.peer_names[*p].clone(), r.clone()))
                 .collect(),
             dedup_key: dedup_key.clone(),
+            account: facts.encode(),
         };
         let from = record.from.clone();
         let location = match self.commit(record) {
@@ -403,6 +424,16 @@ impl RelayHandler {
                 info.transaction_id.as_deref().unwrap_or("-"),
             )
         })
+    }
+
+    /// Where the client comes from, as the CDR says: `local`, `partner
+    /// NAME` or `unknown`.
+    fn origin(&self, tables: &Tables) -> String {
+        match self.class {
+            ClientClass::Partner(p) => format!("partner {}", tables.peer_names[p]),
+            ClientClass::Local => "local".to_string(),
+            ClientClass::Unknown => "unknown".to_string(),
+        }
     }
 
     /// Makes the message durable: where it is, or the 452 or 451.

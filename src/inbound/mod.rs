@@ -43,7 +43,7 @@ use crate::queue::Queue;
 use crate::route::access::{AccessControl, Cidr};
 use crate::route::{PeerId, Router};
 use crate::smtp::session::SessionConfig;
-use crate::spool::Spool;
+use crate::spool::{Appender, Spool};
 use crate::tls;
 
 mod accept;
@@ -195,6 +195,8 @@ pub struct Inbound {
     resolver: Arc<Resolver>,
     /// Where sessions ask the relay for a dynamic peer.
     new_peers: Sender<NewPeerRequest>,
+    /// Where duplicates are journaled for the CDR, when CDRs are on.
+    journal: Option<Appender>,
 }
 
 /// A session's request for a dynamic peer: the domain, and where the relay
@@ -250,6 +252,7 @@ impl Inbound {
             let at = now.checked_sub(age).unwrap_or(now);
             dedup.record_digests(&[*digest], at);
         }
+        let journal = config.cdr.as_ref().map(|_| spool.appender());
         Inbound {
             tables: RwLock::new(Arc::new(tables.0)),
             ids,
@@ -258,6 +261,7 @@ impl Inbound {
             dedup,
             auth_throttle: AuthThrottle::default(),
             stats: Arc::default(),
+            journal,
             resolver,
             new_peers,
         }

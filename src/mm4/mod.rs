@@ -181,6 +181,14 @@ pub struct Mm4Info {
     pub transaction_id: Option<String>,
     /// `X-Mms-Expiry`, when it parses.
     pub expiry: Option<Expiry>,
+    /// `X-Mms-Ack-Request: Yes`: the sender wants an MM4_forward.RES.
+    pub ack_request: bool,
+    /// `X-Mms-Delivery-Report: Yes`.
+    pub delivery_report: bool,
+    /// `X-Mms-Request-Status-Code`, or for a report `X-Mms-MM-Status-Code`.
+    pub status: Option<String>,
+    /// `X-Mms-Status-Text`.
+    pub status_text: Option<String>,
 }
 
 /// `X-Mms-Expiry`: an RFC 2822 date, or (seen in the wild) seconds.
@@ -410,6 +418,11 @@ fn info(fields: &[Field<'_>], pdu: Option<Pdu>) -> Mm4Info {
         message_id: text("X-Mms-Message-ID"),
         transaction_id: text("X-Mms-Transaction-ID"),
         expiry: text("X-Mms-Expiry").and_then(|v| Expiry::parse(&v)),
+        ack_request: text("X-Mms-Ack-Request").is_some_and(|v| v.eq_ignore_ascii_case("yes")),
+        delivery_report: text("X-Mms-Delivery-Report")
+            .is_some_and(|v| v.eq_ignore_ascii_case("yes")),
+        status: text("X-Mms-Request-Status-Code").or_else(|| text("X-Mms-MM-Status-Code")),
+        status_text: text("X-Mms-Status-Text"),
     }
 }
 

@@ -27,7 +27,7 @@ use crate::inbound::{Inbound, InboundStats};
 use crate::ops::status;
 use crate::peer::{PeerSnapshot, PeerViews};
 use crate::queue::Queue;
-use crate::spool::{Holds, Spool};
+use crate::spool::{Holds, Outcome, OutcomeKind, Spool};
 use crate::sys::owned::Owned;
 use crate::sys::printable::Printable;
 
@@ -49,6 +49,8 @@ pub struct Sources {
     pub spool: Arc<Spool>,
     /// Where `reload` asks the relay's main loop, with where to answer.
     pub reload: Sender<Sender<String>>,
+    /// The CDR ledger's figures, when CDRs are on.
+    pub cdr: Option<Arc<crate::cdr::LedgerStats>>,
 }
 
 /// How long `reload` waits for the main loop's answer.
@@ -337,7 +339,14 @@ fn queue_delete(sources: &Sources, id: &str, reason: &str) -> String {
     };
     for (peer, rcpts) in &removed {
         let name = sources.peers.list()[*peer].name().to_string();
-        sources.spool.done(id, &name, rcpts);
+        let outcome = Outcome {
+            kind: OutcomeKind::Deleted,
+            code: 0,
+            reply: format!("deleted by an operator: {reason}"),
+            attempts: 0,
+            at: sources.queue.now(),
+        };
+        sources.spool.done(id, &name, rcpts, outcome);
         info!(
             "{id} peer={name} to={} status=deleted reason=\"{}\"",
             rcpts

@@ -6,6 +6,9 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
+use crate::cdr::{EVENTS, LedgerStats};
 use crate::config::PortedLoad;
 use crate::inbound::InboundStats;
 use crate::ops::control::Sources;
@@ -212,6 +215,8 @@ pub struct Totals<'a> {
     pub ported: PortedLoad,
     /// The resolver's counters (MX and ENUM look-ups) and cached names.
     pub dns: ([(&'static str, u64); 8], usize),
+    /// The CDR ledger's figures, when CDRs are on.
+    pub cdr: Option<Arc<LedgerStats>>,
 }
 
 impl Totals<'_> {
@@ -225,8 +230,88 @@ impl Totals<'_> {
                 let r = sources.intake.resolver();
                 (r.stats().counts(), r.cached())
             },
+            cdr: sources.cdr.clone(),
         }
     }
+}
+
+/// The share of `ok` in `asked`, in per cent.
+fn share(ok: u64, asked: u64) -> f64 {
+    if asked == 0 {
+        0.0
+    } else {
+        ok as f64 * 100.0 / asked as f64
+    }
+}
+
+/// The `cdr:` line and one `acks PEER:` line per peer that was asked.
+fn cdr_text(out: &mut String, c: &LedgerStats) {
+    let rows: Vec<String> = EVENTS
+        .iter()
+        .zip(&c.rows)
+        .map(|(e, n)| format!("{e}={}", n.load(Ordering::Relaxed)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "cdr: rows {}; checkpoint {}, {} waiting for a RES, {} files closed, {} write errors",
+        rows.join(" "),
+        c.checkpoint.load(Ordering::Relaxed),
+        c.waiting.load(Ordering::Relaxed),
+        c.files_closed.load(Ordering::Relaxed),
+        c.write_errors.load(Ordering::Relaxed)
+    );
+    for (peer, a) in c.peers.lock().iter() {
+        let ok = a.ok();
+        let other: u64 = a.answered.values().sum::<u64>() - ok;
+        let _ = writeln!(
+            out,
+            "acks {}: {} asked, {ok} Ok ({:.1}%), {other} other, {} missing ({} pushed out by the cap)",
+            Printable(peer),
+            a.asked,
+            share(ok, a.asked),
+            a.missing,
+            a.evicted
+        );
+    }
+}
+
+fn cdr_json(c: &LedgerStats) -> String {
+    let rows: Vec<String> = EVENTS
+        .iter()
+        .zip(&c.rows)
+        .map(|(e, n)| format!("\"{e}\":{}", n.load(Ordering::Relaxed)))
+        .collect();
+    let acks: Vec<String> = c
+        .peers
+        .lock()
+        .iter()
+        .map(|(peer, a)| {
+            let ok = a.ok();
+            let answered: Vec<String> = a
+                .answered
+                .iter()
+                .map(|(s, n)| format!("{}:{n}", json_str(s)))
+                .collect();
+            format!(
+                "{}:{{\"asked\":{},\"ok\":{ok},\"ok_share\":{:.3},\"answered\":{{{}}},\"missing\":{},\"evicted\":{}}}",
+                json_str(peer),
+                a.asked,
+                share(ok, a.asked) / 100.0,
+                answered.join(","),
+                a.missing,
+                a.evicted
+            )
+        })
+        .collect();
+    format!(
+        "\"cdr\":{{\"rows\":{{{}}},\"checkpoint\":{},\"waiting\":{},\"files_closed\":{},\"write_errors\":{},\"acks\":{{{}}}}}",
+        rows.join(","),
+        c.checkpoint.load(Ordering::Relaxed),
+        c.waiting.load(Ordering::Relaxed),
+        c.files_closed.load(Ordering::Relaxed),
+        c.write_errors.load(Ordering::Relaxed),
+        acks.join(",")
+    )
 }
 
 /// The table's figures, for both forms: entries, file, seconds to load,
@@ -291,6 +376,9 @@ pub fn text(peers: &[PeerSnapshot], totals: &Totals) -> String {
     let (counts, cached) = &totals.dns;
     let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "dns: {} cached={cached}", counts.join(" "));
+    if let Some(c) = &totals.cdr {
+        cdr_text(&mut out, c);
+    }
     out
 }
 
@@ -351,8 +439,12 @@ pub fn json(peers: &[PeerSnapshot], totals: &Totals) -> String {
     );
     let (counts, cached) = &totals.dns;
     let dns: Vec<String> = counts.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    let cdr = totals
+        .cdr
+        .as_deref()
+        .map_or(String::new(), |c| format!(",{}", cdr_json(c)));
     format!(
-        "{{\"peers\":[{}],\"listener\":{{{}}},{},{routes},\"dns\":{{{},\"cached\":{cached}}}}}\n",
+        "{{\"peers\":[{}],\"listener\":{{{}}},{},{routes},\"dns\":{{{},\"cached\":{cached}}}{cdr}}}\n",
         items.join(","),
         listener.join(","),
         spool.join(","),
@@ -384,6 +476,7 @@ mod tests {
             inbound: &inbound,
             ported: PortedLoad::default(),
             dns: (crate::dns::Stats::default().counts(), 0),
+            cdr: None,
         };
         let text = text(&[], &totals);
         assert!(
@@ -426,8 +519,26 @@ mod tests {
                 stats.enum_lookups.fetch_add(3, Ordering::Relaxed);
                 (stats.counts(), 2)
             },
+            cdr: {
+                let c = LedgerStats::default();
+                c.rows[0].fetch_add(7, Ordering::Relaxed);
+                let mut peers = c.peers.lock();
+                let b = peers.entry("B".into()).or_default();
+                b.asked = 4;
+                b.answered.insert("Ok", 3);
+                b.missing = 1;
+                drop(peers);
+                Some(Arc::new(c))
+            },
         };
         let text = text(std::slice::from_ref(&p), &totals);
+        assert!(
+            text.contains("cdr: rows sent=7 failed=0 ")
+                && text.ends_with(
+                    "\nacks B: 4 asked, 3 Ok (75.0%), 0 other, 1 missing (0 pushed out by the cap)\n"
+                ),
+            "{text}"
+        );
         assert!(text.contains("B          probing"), "{text}");
         assert!(
             text.contains("listener: sessions_open=0 sessions_total=0 tls_sessions=0 accepted=5"),
@@ -444,7 +555,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.ends_with(
+            text.contains(
                 "\ndns: queries=0 cache_hits=0 failures=0 timeouts=0 tcp_retries=0 \
                  enum_lookups=3 enum_answers=0 enum_failures=0 cached=2\n"
             ),
@@ -455,6 +566,10 @@ mod tests {
         assert_eq!(short_age(7200), "2h");
         assert_eq!(short_age(3 * 86_400), "3d");
         let json = json(&[p], &totals);
+        assert!(
+            json.contains("\"acks\":{\"B\":{\"asked\":4,\"ok\":3,\"ok_share\":0.750,"),
+            "{json}"
+        );
         assert!(
             json.contains("\"state\":\"probing\",\"oldest_secs\":null"),
             "{json}"
@@ -472,13 +587,13 @@ mod tests {
             "{json}"
         );
         assert!(
-            json.trim_end().ends_with(
+            json.contains(
                 "\"spool_bytes\":42,\"spool_live_bytes\":40,\"spool_segments\":1,\"spool_compactions\":3,\
                  \"routes\":{\"ported_entries\":10,\"ported_file\":\"/var/lib/ported.txt\",\
                  \"ported_load_seconds\":1.500,\"ported_loaded_at\":1000},\
                  \"dns\":{\"queries\":0,\"cache_hits\":0,\"failures\":0,\"timeouts\":0,\
                  \"tcp_retries\":0,\"enum_lookups\":3,\"enum_answers\":0,\"enum_failures\":0,\
-                 \"cached\":2}}"
+                 \"cached\":2},\"cdr\":{"
             ),
             "{json}"
         );

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{info, warn};
 use parking_lot::Mutex;
 
+use crate::cdr::account::Facts;
 use crate::config::Config;
 use crate::message::{IdSource, Job, Message};
 use crate::queue::Queue;
@@ -206,6 +207,12 @@ impl Bounce {
             data: dsn.clone(),
             jobs: vec![(self.peers[local].0.clone(), vec![m.from.clone()])],
             dedup_key: None,
+            // The relay's own: no PDU, from no client.
+            account: Facts {
+                origin: "relay".into(),
+                ..Facts::default()
+            }
+            .encode(),
         };
         let location = match self.spool.commit(record) {
             Ok(l) => l,

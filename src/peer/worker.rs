@@ -23,7 +23,7 @@ use crate::peer::bounce::Bounce;
 use crate::queue::{Admission, Queue};
 use crate::smtp::Reply;
 use crate::smtp::client::Refusal;
-use crate::spool::Spool;
+use crate::spool::{Outcome, OutcomeKind, Spool};
 use crate::sys::printable::{Brief, Printable};
 
 /// First wait after a failed connect; doubles up to the maximum.
@@ -614,7 +614,16 @@ impl Worker {
             let now = self.ctx.queue.now();
             let delay = now.duration_since(job.message.accepted).unwrap_or_default();
             stats.delay.observe(delay, rcpts.len() as u64);
-            self.ctx.spool.done(&job.message.id, &self.peer.name, rcpts);
+            let outcome = Outcome {
+                kind: OutcomeKind::Sent,
+                code: reply.code,
+                reply: reply.text(),
+                attempts: job.attempts,
+                at: now,
+            };
+            self.ctx
+                .spool
+                .done(&job.message.id, &self.peer.name, rcpts, outcome);
             self.ctx.queue.done(job.peer, &job.message.id, rcpts);
             log_disposition(
                 &job,
@@ -642,11 +651,29 @@ impl Worker {
             .deferred
             .fetch_add(job.rcpts.len() as u64, Ordering::Relaxed);
         let delay = self.ctx.queue.retry_delay(job.attempts);
-        let at = self.ctx.queue.now() + delay;
+        let now = self.ctx.queue.now();
+        let at = now + delay;
         let name = &self.peer.name;
+        // The reason starts with the reply's code when a peer gave one.
+        let code = reason
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .filter(|c| (400..600).contains(c))
+            .unwrap_or(0);
+        let outcome = Outcome {
+            kind: OutcomeKind::Deferred,
+            code,
+            reply: reason
+                .get(4..)
+                .filter(|_| code > 0)
+                .unwrap_or(reason)
+                .to_string(),
+            attempts: job.attempts,
+            at: now,
+        };
         self.ctx
             .spool
-            .retry(&job.message.id, name, &job.rcpts, job.attempts, at);
+            .retry(&job.message.id, name, &job.rcpts, at, outcome);
         log_disposition(
             &job,
             name,
@@ -689,9 +716,16 @@ impl Records<'_> {
         // Before the spool lets the message go: a job without its data
         // (one the queue manager expired) reads it back from there.
         self.bounce.failed(job, peer, remote, rcpts, reply);
-        self.spool.done(&job.message.id, peer, rcpts);
-        self.queue.done(job.peer, &job.message.id, rcpts);
         let now = self.queue.now();
+        let outcome = Outcome {
+            kind: OutcomeKind::Failed,
+            code: reply.code,
+            reply: reply.text(),
+            attempts: job.attempts,
+            at: now,
+        };
+        self.spool.done(&job.message.id, peer, rcpts, outcome);
+        self.queue.done(job.peer, &job.message.id, rcpts);
         log_disposition(job, peer, rcpts, "failed", &reply.to_string(), None, now);
     }
 }

@@ -30,12 +30,14 @@ pub use error::RelayError;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{info, warn};
 
+use crate::cdr::{self, Ledger};
 use crate::config::{Config, PeerConfig};
 use crate::dns::Resolver;
 use crate::inbound::NewPeerRequest;
@@ -48,7 +50,7 @@ use crate::peer::balancer::Balancer;
 use crate::peer::bounce::Bounce;
 use crate::peer::{Budget, Dns, Expirer, Peer, PeerSnapshot, PeerViews, WorkerContext};
 use crate::queue::{Queue, QueueManager, RetryPolicy};
-use crate::spool::{Holds, Recovered, Spool, SpoolOptions};
+use crate::spool::{Entry, Holds, Recovered, Spool, SpoolOptions};
 use crate::sys::clock::{self, SharedClock};
 use crate::sys::owned::Owned;
 use crate::sys::privilege;
@@ -89,6 +91,8 @@ pub struct Relay {
     /// The configuration in force (reload compares against it).
     config: Config,
     spool: Option<Arc<Spool>>,
+    /// The CDR ledger, closed after the spool.
+    ledger: Option<Ledger>,
     /// The resolver peers (`mx:` hosts) and sessions (ENUM, dynamic
     /// peers) share.
     dns: Dns,
@@ -138,8 +142,15 @@ impl Relay {
             min: config.relay.retry_min,
             max: config.relay.retry_max,
         };
-        let (tables, listeners, spool, recovered) = open(config)?;
+        let (tables, listeners, spool, recovered, ledger) = open(config, &clock)?;
         let spool = Arc::new(spool);
+        let ledger = match ledger {
+            Some((opened, entries)) => Some(
+                Ledger::start(opened, entries, spool.appender(), spool.reader())
+                    .map_err(|e| RelayError::system("starting the CDR ledger", e))?,
+            ),
+            None => None,
+        };
         let pools = senders.into_iter().zip(receivers.iter().cloned()).collect();
         let (expired_tx, expired_rx) = crossbeam_channel::unbounded();
         let (qmgr, queue) = QueueManager::start(pools, retry, spool.clone(), clock, expired_tx)?;
@@ -169,6 +180,7 @@ impl Relay {
             shutdown_timeout: config.relay.shutdown_timeout,
             config: config.clone(),
             spool: Some(spool.clone()),
+            ledger,
             dns: Dns {
                 resolver: Arc::new(Resolver::new(config.dns.clone())),
                 smtp_port: Arc::new(config.smtp_port.into()),
@@ -290,6 +302,7 @@ impl Relay {
             inbound: inbound.stats(),
             intake: inbound.clone(),
             reload: self.reloads.0.clone(),
+            cdr: self.ledger.as_ref().map(Ledger::stats),
         };
         if let Some(path) = &config.relay.control_socket {
             self.control = Some(ControlSocket::start(path, sources.clone())?);
@@ -762,6 +775,9 @@ impl Relay {
                 Err(_) => warn!("spool still in use at stop; it closes when released"),
             }
         }
+        if let Some(l) = self.ledger.take() {
+            l.close();
+        }
         if undelivered > 0 {
             info!("stopped; {undelivered} jobs left in the spool for the next start");
         } else {
@@ -800,10 +816,9 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
             from: m.from,
             body_type: m.body_type,
             info: Mm4Info {
-                pdu: None,
                 message_id: m.message_id,
                 transaction_id: m.transaction_id,
-                expiry: None,
+                ..Mm4Info::default()
             },
             accepted: m.accepted,
             expires: m.expires,
@@ -843,22 +858,53 @@ fn requeue(config: &Config, queue: &Queue, recovered: Vec<Recovered>) -> Vec<Orp
 /// anything touches the spool; then the spool, recovered. The inbound
 /// tables are prepared first of all, so that a certificate the TLS
 /// library refuses stops the start before anything is bound.
-fn open(config: &Config) -> Result<(Prepared, Vec<Bound>, Spool, Vec<Recovered>), RelayError> {
+/// What [`open`] makes ready: the inbound tables, the bound listeners, the
+/// spool and what it recovered, and the CDR ledger with its entries.
+type Opening = (
+    Prepared,
+    Vec<Bound>,
+    Spool,
+    Vec<Recovered>,
+    Option<(cdr::Opened, Vec<Entry>)>,
+);
+
+fn open(config: &Config, clock: &SharedClock) -> Result<Opening, RelayError> {
     let tables = Inbound::prepare(config)?;
     let listeners = Listener::bind(&config.listener.listen, &config.listener.listen_tls)?;
     if let Some(user) = &config.relay.user {
+        let mut dirs: Vec<(&str, &Path)> = vec![("spool_dir", &config.relay.spool_dir)];
+        if let Some(c) = &config.cdr {
+            dirs.push(("[cdr] dir", &c.dir));
+        }
         // Its errors say which user and which path.
-        privilege::drop_to(user, config.relay.group.as_deref(), &config.relay.spool_dir)?;
+        privilege::drop_to(user, config.relay.group.as_deref(), &dirs)?;
     }
-    let (spool, recovered) = Spool::open(&SpoolOptions {
-        dir: config.relay.spool_dir.clone(),
-        sync: config.relay.spool_sync,
-        max_bytes: config.relay.spool_max_bytes,
-        segment_size: config.relay.spool_segment_size,
-        dedup_window: config.relay.dedup_window,
-    })
+    let ledger = match &config.cdr {
+        Some(c) => Some(
+            cdr::open(c, &config.relay.spool_dir, clock.clone())
+                .map_err(|e| RelayError::system(format!("[cdr] dir {}", c.dir.display()), e))?,
+        ),
+        None => None,
+    };
+    let journal = ledger.as_ref().map(cdr::Opened::journal);
+    let (spool, recovered, entries) = Spool::open_with(
+        &SpoolOptions {
+            dir: config.relay.spool_dir.clone(),
+            sync: config.relay.spool_sync,
+            max_bytes: config.relay.spool_max_bytes,
+            segment_size: config.relay.spool_segment_size,
+            dedup_window: config.relay.dedup_window,
+        },
+        journal,
+    )
     .map_err(|e| RelayError::system(format!("spool {}", config.relay.spool_dir.display()), e))?;
-    Ok((tables, listeners, spool, recovered))
+    Ok((
+        tables,
+        listeners,
+        spool,
+        recovered,
+        ledger.map(|l| (l, entries)),
+    ))
 }
 
 /// What an operator held before the stop stays held: messages at once,

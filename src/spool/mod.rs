@@ -8,7 +8,14 @@
 //!   data alone), queue ID, envelope, IDs, times, its jobs (peer,
 //!   recipients), then the data itself;
 //! - `D` recipients of a message done at a peer (sent, failed or expired);
-//! - `R` recipients deferred: attempts so far and the next attempt time.
+//! - `R` recipients deferred: attempts so far and the next attempt time;
+//! - `E` an event about no queued message (a duplicate, a missing
+//!   MM4_forward.RES), for the CDR.
+//!
+//! `D` and `R` records carry the outcome (code, reply, attempts, time).
+//! Every new `M`, `D`, `R` and `E` record has a sequence number, rising
+//! across restarts: the CDR ledger derives its rows from the records in
+//! that order (see [`Journal`]).
 //!
 //! # Group commit
 //! One writer thread owns the files. Sessions hand it messages and wait;
@@ -43,6 +50,13 @@
 //! `M` record of an ID supersede the earlier one, so a crash between copy
 //! and delete brings each message back once; the copy's segment refers to
 //! the old one, so it never goes first. Readers find moved data by ID.
+//!
+//! # The journal feed
+//! With a [`Journal`], every record is handed to it once it is durable
+//! (done and retry records then get a flush of their own when no commit
+//! takes them along), and no segment is deleted, nor the spool emptied,
+//! before the journal has checkpointed past its records: what the ledger
+//! has not made durable can always be derived again at the next start.
 //!
 //! # Side files
 //! `recent` holds the duplicate-suppression keys a clean stop saved;
@@ -157,6 +171,104 @@ pub struct NewMessage {
     pub jobs: Vec<(String, Vec<String>)>,
     /// What names this PDU for duplicate suppression, if anything does.
     pub dedup_key: Option<String>,
+    /// What the CDR ledger keeps about it (its own encoding; kept as is).
+    pub account: String,
+}
+
+/// What became of some recipients at a peer, as the CDR records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Sent, failed, deleted or deferred.
+    pub kind: OutcomeKind,
+    /// The SMTP code (0: none, as for a deletion).
+    pub code: u16,
+    /// The reply text (or an operator's reason).
+    pub reply: String,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// The kinds of [`Outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// Delivered.
+    Sent = 1,
+    /// Failed for good (expiry included).
+    Failed = 2,
+    /// Removed by an operator.
+    Deleted = 3,
+    /// To be tried again.
+    Deferred = 4,
+}
+
+impl OutcomeKind {
+    fn from_u8(v: u8) -> Option<OutcomeKind> {
+        [
+            OutcomeKind::Sent,
+            OutcomeKind::Failed,
+            OutcomeKind::Deleted,
+            OutcomeKind::Deferred,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == v)
+    }
+}
+
+/// A durable record, as handed to a [`Journal`], in sequence order.
+#[derive(Debug)]
+pub enum Entry {
+    /// A message accepted (at recovery also a copy, with its first
+    /// sequence number). The data is there when it was just accepted.
+    Accepted {
+        /// Sequence number.
+        seq: u64,
+        /// The message.
+        message: Box<NewMessage>,
+        /// Where its data is.
+        location: Location,
+    },
+    /// Recipients sent, failed, deleted or deferred.
+    Outcome {
+        /// Sequence number.
+        seq: u64,
+        /// Queue ID.
+        id: String,
+        /// Peer name.
+        peer: String,
+        /// The recipients.
+        rcpts: Vec<String>,
+        /// What became of them.
+        outcome: Outcome,
+    },
+    /// An event the ledger journaled with [`Spool::event`].
+    Event {
+        /// Sequence number.
+        seq: u64,
+        /// What the ledger wrote.
+        payload: Vec<u8>,
+    },
+    /// Every recipient of the message is done: nothing more will name it.
+    Finished {
+        /// Queue ID.
+        id: String,
+    },
+}
+
+/// Where the writer hands durable records (the CDR ledger), and how far
+/// the ledger has made its own output durable.
+pub struct Journal {
+    /// Batches of entries, in sequence order.
+    pub tx: Sender<Vec<Entry>>,
+    /// The ledger's checkpoint: records up to this sequence number are
+    /// accounted for and their segments may go.
+    pub checkpoint: Arc<AtomicU64>,
+    /// Recovery hands back the records after this sequence number as
+    /// entries.
+    pub from: u64,
+    /// New sequence numbers go on above this one (and above the journal's).
+    pub floor: u64,
 }
 
 /// A (PDU, recipient) pair accepted within the dedup window before the
@@ -238,6 +350,10 @@ impl Drop for Ack {
 enum Request {
     Commit(Box<NewMessage>, Ack),
     Mark(Mark),
+    /// An event payload for the journal.
+    Event(Vec<u8>),
+    /// The journal's checkpoint moved: segments may go.
+    Nudge,
 }
 
 /// What happened to some recipients of a message at a peer.
@@ -254,6 +370,63 @@ struct Note {
     /// `None`: done (sent, failed or expired); else deferred with its
     /// attempts so far and the next attempt.
     retry: Option<(u32, SystemTime)>,
+    /// What happened, for the CDR (`None` in records copied forward).
+    outcome: Option<Outcome>,
+}
+
+/// Journals events beside the spool's own records (see [`Spool::appender`]).
+#[derive(Clone)]
+pub struct Appender(Option<Sender<Request>>);
+
+impl Appender {
+    /// Journals `payload` as an `E` record; it comes back as an
+    /// [`Entry::Event`] once durable. Lost if the spool is stopping.
+    pub fn event(&self, payload: Vec<u8>) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Request::Event(payload));
+        }
+    }
+
+    /// The journal's checkpoint moved: the writer looks again at what it
+    /// may delete.
+    pub fn nudge(&self) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(Request::Nudge);
+        }
+    }
+}
+
+/// Reads messages back from the spool (see [`Spool::reader`]).
+#[derive(Clone)]
+pub struct Reader {
+    dir: PathBuf,
+    moved: Moved,
+}
+
+impl Reader {
+    /// Reads message `id`'s data back and checks its CRC. `loc` is where
+    /// it was accepted; compaction may have copied it forward since.
+    pub fn read(&self, id: &str, loc: &Location) -> io::Result<Vec<u8>> {
+        let now = || self.moved.lock().get(id).copied().unwrap_or(*loc);
+        let mut at = now();
+        let f = match File::open(self.dir.join(segment_name(at.segment))) {
+            // Copied forward and its old segment deleted since we looked.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                at = now();
+                File::open(self.dir.join(segment_name(at.segment)))?
+            }
+            r => r?,
+        };
+        let mut buf = vec![0u8; at.len as usize];
+        f.read_exact_at(&mut buf, at.offset)?;
+        if crc32fast::hash(&buf) != at.crc {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "spooled data fails its CRC",
+            ));
+        }
+        Ok(buf)
+    }
 }
 
 /// The spool: a handle on the writer thread.
@@ -274,9 +447,20 @@ impl Spool {
     /// Opens (or creates) the spool, recovers what it holds, and starts the
     /// writer thread.
     pub fn open(opts: &SpoolOptions) -> io::Result<(Spool, Vec<Recovered>)> {
+        Spool::open_with(opts, None).map(|(s, r, _)| (s, r))
+    }
+
+    /// As [`Spool::open`], feeding `journal`: also returns, in order, the
+    /// entries of the records after its `from` (and every message record
+    /// they need, whatever its number).
+    pub fn open_with(
+        opts: &SpoolOptions,
+        journal: Option<Journal>,
+    ) -> io::Result<(Spool, Vec<Recovered>, Vec<Entry>)> {
         fs::create_dir_all(&opts.dir)?;
         fs::set_permissions(&opts.dir, fs::Permissions::from_mode(0o700))?;
-        let (mut state, recovered) = recover(&opts.dir, opts.dedup_window)?;
+        let from = journal.as_ref().map(|j| j.from);
+        let (mut state, recovered, entries) = recover(&opts.dir, opts.dedup_window, from)?;
         let highest_id = state.highest_id.take();
         let mut recent = std::mem::take(&mut state.recent);
         if let Some(since) = SystemTime::now().checked_sub(opts.dedup_window) {
@@ -296,7 +480,8 @@ impl Spool {
         }
         let gauges = Arc::new(Gauges::default());
         let moved = Moved::default();
-        let mut writer = Writer::start(opts.clone(), state, gauges.clone(), moved.clone())?;
+        let mut writer =
+            Writer::start(opts.clone(), state, gauges.clone(), moved.clone(), journal)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (marks_tx, marks_rx) = crossbeam_channel::unbounded();
         let handle = Owned::spawn("spool-writer", move || writer.run(&rx, &marks_rx))?;
@@ -313,6 +498,7 @@ impl Spool {
                 holds: parking_lot::Mutex::new(read_holds(&opts.dir)),
             },
             recovered,
+            entries,
         ))
     }
 
@@ -335,17 +521,33 @@ impl Spool {
         }
     }
 
-    /// Records that these recipients are done (sent, failed or expired).
-    pub fn done(&self, id: &str, peer: &str, rcpts: &[String]) {
-        self.mark(id, peer, rcpts, None);
+    /// Records that these recipients are done (sent, failed, expired or
+    /// deleted), and how.
+    pub fn done(&self, id: &str, peer: &str, rcpts: &[String], outcome: Outcome) {
+        self.mark(id, peer, rcpts, None, outcome);
     }
 
-    /// Records a deferral: attempts so far and when to try next.
-    pub fn retry(&self, id: &str, peer: &str, rcpts: &[String], attempts: u32, next: SystemTime) {
-        self.mark(id, peer, rcpts, Some((attempts, next)));
+    /// Records a deferral: attempts so far, when to try next, and why.
+    pub fn retry(
+        &self,
+        id: &str,
+        peer: &str,
+        rcpts: &[String],
+        next: SystemTime,
+        outcome: Outcome,
+    ) {
+        let attempts = outcome.attempts;
+        self.mark(id, peer, rcpts, Some((attempts, next)), outcome);
     }
 
-    fn mark(&self, id: &str, peer: &str, rcpts: &[String], retry: Option<(u32, SystemTime)>) {
+    fn mark(
+        &self,
+        id: &str,
+        peer: &str,
+        rcpts: &[String],
+        retry: Option<(u32, SystemTime)>,
+        outcome: Outcome,
+    ) {
         if let Some(tx) = &self.marks {
             let _ = tx.send(Request::Mark(Mark {
                 id: id.to_string(),
@@ -353,35 +555,30 @@ impl Spool {
                     peer: peer.to_string(),
                     rcpts: rcpts.to_vec(),
                     retry,
+                    outcome: Some(outcome),
                 },
             }));
         }
     }
 
+    /// A handle that journals events and tells the writer the journal's
+    /// checkpoint moved (for the CDR ledger).
+    pub fn appender(&self) -> Appender {
+        Appender(self.marks.clone())
+    }
+
     /// Reads message `id`'s data back and checks its CRC. `loc` is where
     /// it was accepted; compaction may have copied it forward since.
     pub fn read(&self, id: &str, loc: &Location) -> io::Result<Vec<u8>> {
-        let now = || self.moved.lock().get(id).copied().unwrap_or(*loc);
-        let mut at = now();
-        let f = match File::open(self.dir.join(segment_name(at.segment))) {
-            Ok(f) => f,
-            // Copied forward and its old segment deleted since we looked.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                at = now();
-                File::open(self.dir.join(segment_name(at.segment)))?
-            }
-            Err(e) => return Err(e),
-        };
-        let loc = &at;
-        let mut buf = vec![0u8; loc.len as usize];
-        f.read_exact_at(&mut buf, loc.offset)?;
-        if crc32fast::hash(&buf) != loc.crc {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "spooled data fails its CRC",
-            ));
+        self.reader().read(id, loc)
+    }
+
+    /// A handle that reads messages back, for another thread.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            dir: self.dir.clone(),
+            moved: self.moved.clone(),
         }
-        Ok(buf)
     }
 
     /// The highest queue ID in the spool when it was opened: new IDs must
@@ -522,6 +719,17 @@ mod tests {
                 .map(|(p, r)| (p.to_string(), r.iter().map(|s| s.to_string()).collect()))
                 .collect(),
             dedup_key: None,
+            account: String::new(),
+        }
+    }
+
+    fn sent() -> Outcome {
+        Outcome {
+            kind: OutcomeKind::Sent,
+            code: 250,
+            reply: "2.0.0 ok".into(),
+            attempts: 1,
+            at: UNIX_EPOCH + Duration::from_secs(2000),
         }
     }
 
@@ -626,15 +834,20 @@ mod tests {
             .unwrap();
         spool.commit(msg("m2", &[("A", &["w"])])).unwrap();
         assert_eq!(spool.read("m1", &l1).unwrap(), b"data of m1\r\n");
-        spool.done("m1", "A", &["x".into()]);
+        spool.done("m1", "A", &["x".into()], sent());
+        let deferred = Outcome {
+            kind: OutcomeKind::Deferred,
+            attempts: 3,
+            ..sent()
+        };
         spool.retry(
             "m1",
             "B",
             &["z".into()],
-            3,
             UNIX_EPOCH + Duration::from_secs(5000),
+            deferred,
         );
-        spool.done("m2", "A", &["w".into()]);
+        spool.done("m2", "A", &["w".into()], sent());
         spool.close();
 
         let (spool, rec) = Spool::open(&opts(dir.path())).unwrap();
@@ -712,11 +925,11 @@ mod tests {
         }
         assert!(spool.bytes() > 500_000);
         for i in 0..50 {
-            spool.done(&format!("m{i}"), "A", &["x".into()]);
+            spool.done(&format!("m{i}"), "A", &["x".into()], sent());
         }
         // A commit is a barrier: every mark sent before it is applied.
         spool.commit(msg("last", &[("A", &["x"])])).unwrap();
-        spool.done("last", "A", &["x".into()]);
+        spool.done("last", "A", &["x".into()], sent());
         spool.commit(msg("probe", &[])).unwrap();
         assert!(spool.bytes() < 200, "{} bytes left", spool.bytes());
         spool.close();
@@ -732,7 +945,7 @@ mod tests {
         m.data = Arc::from(vec![b'x'; 5000]);
         // Past the segment size: what follows goes to a fresh segment.
         spool.commit(m).unwrap();
-        spool.done("m", "A", &["x".into()]);
+        spool.done("m", "A", &["x".into()], sent());
         let mut probe = msg("probe", &[]);
         probe.data = Arc::from(&[][..]);
         spool.commit(probe).unwrap();
@@ -773,11 +986,16 @@ mod tests {
             let data = format!("data of {id} {}\r\n", "z".repeat(300)).into_bytes();
             m.data = Arc::from(data.clone());
             let loc = spool.commit(m).unwrap();
-            spool.done(&id, "A", &["a".into()]);
+            spool.done(&id, "A", &["a".into()], sent());
             if keep {
-                spool.retry(&id, "C", &["x".into(), "y".into()], 2, next);
+                let deferred = Outcome {
+                    kind: OutcomeKind::Deferred,
+                    attempts: 2,
+                    ..sent()
+                };
+                spool.retry(&id, "C", &["x".into(), "y".into()], next, deferred);
                 if i % 40 == 0 {
-                    spool.done(&id, "C", &["y".into()]);
+                    spool.done(&id, "C", &["y".into()], sent());
                 }
                 kept.push((id, data, loc));
             }

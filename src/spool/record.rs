@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::message::Location;
 use crate::smtp::command::BodyType;
 
-use super::{MAX_RECORD, Mark, NewMessage, Note, from_unix_ms, unix_ms};
+use super::{MAX_RECORD, Mark, NewMessage, Note, Outcome, OutcomeKind, from_unix_ms, unix_ms};
 
 pub(super) struct Enc(pub(super) Vec<u8>);
 
@@ -50,8 +50,9 @@ pub(super) fn frame_parts(out: &mut Vec<u8>, head: &[u8], tail: &[u8]) {
 /// octet and the segment number), so it can be filled in once known.
 pub(super) const M_OFFSET_AT: usize = 9;
 
-/// The `M` record's payload without the data that follows it.
-pub(super) fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
+/// The `M` record's payload without the data that follows it; `seq` is
+/// the journal sequence number of its acceptance (a copy keeps it).
+pub(super) fn encode_message(m: &NewMessage, loc: &Location, seq: u64) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(256));
     e.u8(b'M');
     e.u64(loc.segment);
@@ -70,15 +71,16 @@ pub(super) fn encode_message(m: &NewMessage, loc: &Location) -> Vec<u8> {
         e.str(peer);
         e.strs(rcpts);
     }
-    // Optional trailing fields: a reader tells them from the data by the
-    // data's length, so records without them still read.
-    if let Some(k) = &m.dedup_key {
-        e.str(k);
-    }
+    // Trailing fields: a reader tells them from the data by the data's
+    // length, so records written before them still read.
+    e.str(m.dedup_key.as_deref().unwrap_or(""));
+    e.u64(seq);
+    e.str(&m.account);
     e.0
 }
 
-pub(super) fn encode_mark(id: &str, n: &Note) -> Vec<u8> {
+/// A `D` or `R` record; `seq` 0 for a copy (it records no new event).
+pub(super) fn encode_mark(id: &str, n: &Note, seq: u64) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(128));
     e.u8(if n.retry.is_some() { b'R' } else { b'D' });
     e.str(id);
@@ -88,6 +90,24 @@ pub(super) fn encode_mark(id: &str, n: &Note) -> Vec<u8> {
         e.u32(attempts);
         e.u64(unix_ms(next));
     }
+    // Trailing: the outcome, for the CDR (records without it still read).
+    if let (Some(o), true) = (&n.outcome, seq > 0) {
+        e.u64(seq);
+        e.u8(o.kind as u8);
+        e.u16(o.code);
+        e.str(&o.reply);
+        e.u32(o.attempts);
+        e.u64(unix_ms(o.at));
+    }
+    e.0
+}
+
+/// An `E` record: an event for the CDR that is about no queued message.
+pub(super) fn encode_event(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(16 + payload.len()));
+    e.u8(b'E');
+    e.u64(seq);
+    e.0.extend_from_slice(payload);
     e.0
 }
 
@@ -128,8 +148,12 @@ impl Dec<'_> {
 }
 
 pub(super) enum Record {
-    Message(Box<NewMessage>, Location),
-    Mark(Mark),
+    /// A message, where its data is, and its acceptance's sequence number.
+    Message(Box<NewMessage>, Location, u64),
+    /// A done or retry record, with its sequence number (0: none).
+    Mark(Mark, u64),
+    /// An event, with its sequence number.
+    Event(u64, Vec<u8>),
 }
 
 fn decode(payload: &[u8]) -> Option<Record> {
@@ -158,9 +182,14 @@ fn decode(payload: &[u8]) -> Option<Record> {
                 .map(|_| Some((d.str()?, d.strs()?)))
                 .collect::<Option<Vec<_>>>()?;
             let dedup_key = if d.0.len() > loc.len as usize {
-                Some(d.str()?)
+                Some(d.str()?).filter(|k| !k.is_empty())
             } else {
                 None
+            };
+            let (seq, account) = if d.0.len() > loc.len as usize {
+                (d.u64()?, d.str()?)
+            } else {
+                (0, String::new())
             };
             // The data is what is left of the payload.
             if d.0.len() != loc.len as usize {
@@ -177,8 +206,9 @@ fn decode(payload: &[u8]) -> Option<Record> {
                 data: Arc::from(&[][..]),
                 jobs,
                 dedup_key,
+                account,
             };
-            Some(Record::Message(Box::new(m), loc))
+            Some(Record::Message(Box::new(m), loc, seq))
         }
         kind @ (b'D' | b'R') => {
             let (id, peer, rcpts) = (d.str()?, d.str()?, d.strs()?);
@@ -186,10 +216,31 @@ fn decode(payload: &[u8]) -> Option<Record> {
                 b'R' => Some((d.u32()?, from_unix_ms(d.u64()?))),
                 _ => None,
             };
-            Some(Record::Mark(Mark {
-                id,
-                note: Note { peer, rcpts, retry },
-            }))
+            let (seq, outcome) = if d.0.is_empty() {
+                (0, None)
+            } else {
+                let seq = d.u64()?;
+                let kind = OutcomeKind::from_u8(d.u8()?)?;
+                let o = Outcome {
+                    kind,
+                    code: d.u16()?,
+                    reply: d.str()?,
+                    attempts: d.u32()?,
+                    at: from_unix_ms(d.u64()?),
+                };
+                (seq, Some(o))
+            };
+            let note = Note {
+                peer,
+                rcpts,
+                retry,
+                outcome,
+            };
+            Some(Record::Mark(Mark { id, note }, seq))
+        }
+        b'E' => {
+            let seq = d.u64()?;
+            Some(Record::Event(seq, d.0.to_vec()))
         }
         _ => None,
     }

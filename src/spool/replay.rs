@@ -13,7 +13,7 @@ use crate::message::Location;
 
 use super::record::{Record, read_records};
 use super::state::State;
-use super::{Mark, NewMessage, Recovered, RecoveredJob, segment_name};
+use super::{Entry, Mark, NewMessage, Recovered, RecoveredJob, segment_name};
 
 /// A recipient still to do: indexes into its message's jobs.
 struct Left {
@@ -40,11 +40,19 @@ struct Replay {
     /// no duplicate window).
     dedup_since: Option<SystemTime>,
     records: usize,
+    /// With a journal: the entries after this sequence number are kept.
+    from: Option<u64>,
+    entries: Vec<Entry>,
 }
 
 /// Replays every segment of `dir` in order: the state the writer goes on
-/// from, and the messages with recipients left.
-pub(super) fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, Vec<Recovered>)> {
+/// from, the messages with recipients left, and (with a journal from
+/// `from`) the journal's entries.
+pub(super) fn recover(
+    dir: &Path,
+    dedup_window: Duration,
+    from: Option<u64>,
+) -> io::Result<(State, Vec<Recovered>, Vec<Entry>)> {
     let started = std::time::Instant::now();
     let numbers = segment_numbers(dir)?;
     let mut replay = Replay {
@@ -55,6 +63,8 @@ pub(super) fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, 
             .checked_sub(dedup_window)
             .filter(|_| !dedup_window.is_zero()),
         records: 0,
+        from,
+        entries: Vec::new(),
     };
     // One buffer for every segment: no fresh pages per segment.
     let mut data = Vec::new();
@@ -62,6 +72,7 @@ pub(super) fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, 
         replay.segment(dir, n, &mut data)?;
     }
     let records = replay.records;
+    let entries = std::mem::take(&mut replay.entries);
     let (state, recovered) = replay.finish();
     info!(
         "spool: recovered {} messages ({} jobs) from {} segments, {records} records, in {:.3}s",
@@ -70,7 +81,7 @@ pub(super) fn recover(dir: &Path, dedup_window: Duration) -> io::Result<(State, 
         numbers.len(),
         started.elapsed().as_secs_f64()
     );
-    Ok((state, recovered))
+    Ok((state, recovered, entries))
 }
 
 /// The numbers of the segment files in `dir`, in order.
@@ -109,8 +120,28 @@ impl Replay {
         self.records += recs.len();
         for (record, frame, r) in recs {
             match r {
-                Record::Message(m, loc) => self.message(n, good as u64, record, frame, *m, loc),
-                Record::Mark(mark) => self.mark(n, mark),
+                Record::Message(m, loc, seq) => {
+                    self.state.saw_seq(n, seq);
+                    if self.from.is_some() {
+                        let message = Box::new(m.as_ref().clone());
+                        self.entries.push(Entry::Accepted {
+                            seq,
+                            message,
+                            location: loc,
+                        });
+                    }
+                    self.message(n, good as u64, record, frame, *m, loc)
+                }
+                Record::Mark(mark, seq) => {
+                    self.state.saw_seq(n, seq);
+                    self.mark(n, mark, seq)
+                }
+                Record::Event(seq, payload) => {
+                    self.state.saw_seq(n, seq);
+                    if self.from.is_some_and(|f| seq > f) {
+                        self.entries.push(Entry::Event { seq, payload });
+                    }
+                }
             }
         }
         Ok(())
@@ -176,8 +207,19 @@ impl Replay {
         }
     }
 
-    /// A `D` or `R` record of segment `n`.
-    fn mark(&mut self, n: u64, Mark { id, note }: Mark) {
+    /// A `D` or `R` record of segment `n`, numbered `seq`.
+    fn mark(&mut self, n: u64, Mark { id, note }: Mark, seq: u64) {
+        if let (Some(outcome), Some(from)) = (&note.outcome, self.from) {
+            if seq > from {
+                self.entries.push(Entry::Outcome {
+                    seq,
+                    id: id.clone(),
+                    peer: note.peer.clone(),
+                    rcpts: note.rcpts.clone(),
+                    outcome: outcome.clone(),
+                });
+            }
+        }
         let Some(p) = self.index.get(&id).map(|&i| &mut self.pending[i]) else {
             return;
         };
@@ -194,7 +236,10 @@ impl Replay {
                 }
             }
         }
-        self.state.apply(n, &id, &note, before - p.left.len());
+        let finished = self.state.apply(n, &id, &note, before - p.left.len());
+        if finished.is_some() && self.from.is_some() {
+            self.entries.push(Entry::Finished { id });
+        }
     }
 
     /// The state, and every message with recipients left, its recipients

@@ -17,6 +17,9 @@ pub(super) struct Segment {
     /// messages its done and retry records speak of, the earlier copies of
     /// the messages it holds copies of. It may not go before they do.
     refs: HashSet<u64>,
+    /// The highest sequence number of its records: it may not go before
+    /// the journal's checkpoint has passed it.
+    pub(super) max_seq: u64,
 }
 
 /// A message with recipients left.
@@ -44,9 +47,18 @@ pub(super) struct State {
     /// Keyed messages recovery met that were accepted within the dedup
     /// window, done or not.
     pub(super) recent: Vec<RecentKey>,
+    /// The highest sequence number met.
+    pub(super) max_seq: u64,
 }
 
 impl State {
+    /// Notes a record numbered `seq` in `segment`.
+    pub(super) fn saw_seq(&mut self, segment: u64, seq: u64) {
+        let s = self.segments.entry(segment).or_default();
+        s.max_seq = s.max_seq.max(seq);
+        self.max_seq = self.max_seq.max(seq);
+    }
+
     pub(super) fn total_bytes(&self) -> u64 {
         self.segments.values().map(|s| s.bytes).sum()
     }
@@ -133,15 +145,16 @@ impl State {
         Some(m)
     }
 
-    /// Segments that may go now (never `active`), in an order in which
-    /// they may go: none before a segment it builds on.
-    pub(super) fn deletable(&self, active: u64) -> Vec<u64> {
+    /// Segments that may go now (never `active`, none with a record past
+    /// `checkpoint`), in an order in which they may go: none before a
+    /// segment it builds on.
+    pub(super) fn deletable(&self, active: u64, checkpoint: u64) -> Vec<u64> {
         let mut gone: Vec<u64> = Vec::new();
         let mut set: HashSet<u64> = HashSet::new();
         loop {
             let before = gone.len();
             for (&n, s) in &self.segments {
-                if n == active || set.contains(&n) || s.live > 0 {
+                if n == active || set.contains(&n) || s.live > 0 || s.max_seq > checkpoint {
                     continue;
                 }
                 let pinned = s

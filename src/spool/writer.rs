@@ -14,11 +14,13 @@ use log::{error, info, warn};
 
 use crate::message::Location;
 
-use super::record::{M_OFFSET_AT, Record, encode_mark, encode_message, frame_parts, read_records};
+use super::record::{
+    M_OFFSET_AT, Record, encode_event, encode_mark, encode_message, frame_parts, read_records,
+};
 use super::state::{Live, Segment, State};
 use super::{
-    COMPACT_CHUNK, Gauges, MARK_INTERVAL, MAX_BATCH, Mark, Note, Request, SpoolError, SpoolOptions,
-    segment_name,
+    COMPACT_CHUNK, Entry, Gauges, Journal, MARK_INTERVAL, MAX_BATCH, Mark, Note, Request,
+    SpoolError, SpoolOptions, segment_name,
 };
 
 struct Active {
@@ -56,6 +58,12 @@ pub(super) struct Writer {
     /// space): new records go to a new segment, the old one's tail being
     /// in doubt.
     failed: bool,
+    /// Where durable records go, if anywhere.
+    journal: Option<Journal>,
+    /// Events a failed write could not store; written with the next batch.
+    unwritten_events: Vec<Vec<u8>>,
+    /// The sequence number of the next record.
+    next_seq: u64,
 }
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
@@ -88,8 +96,10 @@ impl Writer {
         mut state: State,
         gauges: Arc<Gauges>,
         moved: Moved,
+        journal: Option<Journal>,
     ) -> io::Result<Writer> {
         let number = state.segments.keys().next_back().map_or(1, |n| n + 1);
+        let next_seq = state.max_seq.max(journal.as_ref().map_or(0, |j| j.floor)) + 1;
         let active = open_segment(&opts.dir, number)?;
         state.segments.insert(number, Segment::default());
         let mut w = Writer {
@@ -103,9 +113,25 @@ impl Writer {
             moved,
             compaction: None,
             failed: false,
+            journal,
+            unwritten_events: Vec::new(),
+            next_seq,
         };
         w.collect();
         Ok(w)
+    }
+
+    /// How far the journal has made its rows durable (no journal: all).
+    fn checkpoint(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(u64::MAX, |j| j.checkpoint.load(Ordering::Acquire))
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
     }
 
     /// Wakes for commits, which sessions wait for; marks, which nobody
@@ -168,7 +194,7 @@ impl Writer {
             }
             self.compact_step();
         }
-        if !self.unwritten.is_empty() {
+        if !self.unwritten.is_empty() || !self.unwritten_events.is_empty() {
             // One last try for records a full disk refused earlier.
             self.write_batch(Vec::new());
         }
@@ -181,8 +207,26 @@ impl Writer {
         let mut buf = Vec::new();
         let mut commits = Vec::new();
         let mut marks = std::mem::take(&mut self.unwritten);
+        let mut events = std::mem::take(&mut self.unwritten_events);
+        // What the journal gets once this is durable, in sequence order.
+        let mut entries = Vec::new();
+        let feed = self.journal.is_some();
         for mark in &marks {
-            frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
+            let seq = self.seq();
+            frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note, seq), &[]);
+            if feed {
+                entries.push(outcome_entry(seq, mark));
+            }
+        }
+        for payload in &events {
+            let seq = self.seq();
+            frame_parts(&mut buf, &encode_event(seq, payload), &[]);
+            if feed {
+                entries.push(Some(Entry::Event {
+                    seq,
+                    payload: payload.clone(),
+                }));
+            }
         }
         let limit = self.opts.max_bytes;
         for r in batch {
@@ -200,39 +244,86 @@ impl Writer {
                         crc: crc32fast::hash(&m.data),
                     };
                     let record = self.active.len + buf.len() as u64;
-                    let mut head = encode_message(&m, &loc);
+                    let seq = self.seq();
+                    let mut head = encode_message(&m, &loc, seq);
                     // The data follows the frame header and this head.
                     loc.offset = record + 8 + head.len() as u64;
                     head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
                     frame_parts(&mut buf, &head, &m.data);
                     let frame = (self.active.len + buf.len() as u64 - record) as u32;
-                    commits.push((m, loc, record, frame, ack));
+                    // Filled in once durable (the message moves there).
+                    entries.push(None);
+                    commits.push((m, loc, record, frame, ack, seq, entries.len() - 1));
                 }
                 Request::Mark(mark) => {
-                    frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note), &[]);
+                    let seq = self.seq();
+                    frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note, seq), &[]);
+                    if feed {
+                        entries.push(outcome_entry(seq, &mark));
+                    }
                     marks.push(mark);
                 }
+                Request::Event(payload) => {
+                    let seq = self.seq();
+                    frame_parts(&mut buf, &encode_event(seq, &payload), &[]);
+                    if feed {
+                        entries.push(Some(Entry::Event {
+                            seq,
+                            payload: payload.clone(),
+                        }));
+                    }
+                    events.push(payload);
+                }
+                Request::Nudge => {}
             }
         }
-        let result = self.append(&buf, !commits.is_empty());
+        // Records the journal is told of must be on disk first: with a
+        // journal, done and retry records get a flush of their own.
+        let flush = !commits.is_empty() || (feed && !buf.is_empty());
+        let result = if buf.is_empty() {
+            Ok(())
+        } else {
+            self.append(&buf, flush)
+        };
         let mut acks = Vec::with_capacity(commits.len());
         match result {
             Ok(()) => {
                 self.written = self.written.saturating_add(buf.len() as u64);
-                for (m, loc, record, frame, ack) in commits {
+                let active = self.active.number;
+                if !buf.is_empty() {
+                    self.state.saw_seq(active, self.next_seq - 1);
+                }
+                for (m, loc, record, frame, ack, seq, at) in commits {
                     let total = m.jobs.iter().map(|(_, r)| r.len()).sum();
                     self.state
                         .add_message(&m.id, loc.segment, record, frame, total);
                     acks.push((ack, Ok(loc)));
+                    if feed {
+                        entries[at] = Some(Entry::Accepted {
+                            seq,
+                            message: m,
+                            location: loc,
+                        });
+                    }
                 }
+                let mut entries: Vec<Entry> = entries.into_iter().flatten().collect();
                 for mark in marks {
-                    self.apply(self.active.number, &mark);
+                    if self.apply(active, &mark) && feed {
+                        entries.push(Entry::Finished { id: mark.id });
+                    }
+                }
+                if let Some(j) = &self.journal {
+                    if !entries.is_empty() && j.tx.send(entries).is_err() {
+                        error!(
+                            "spool: the CDR ledger is gone; its rows come back at the next start"
+                        );
+                    }
                 }
             }
             Err(e) => {
                 error!("spool: write to segment {} failed: {e}", self.active.number);
                 let full = e.raw_os_error() == Some(libc::ENOSPC);
-                for (_, _, _, _, ack) in commits {
+                for (_, _, _, _, ack, _, _) in commits {
                     let err = if full {
                         SpoolError::Full
                     } else {
@@ -250,6 +341,7 @@ impl Writer {
                         self.unwritten.push(mark);
                     }
                 }
+                self.unwritten_events = events;
             }
         }
         // Clean up before answering, so that what a caller sees next
@@ -260,17 +352,22 @@ impl Writer {
         }
     }
 
-    /// Applies a done or retry record in memory.
-    pub(super) fn apply(&mut self, segment: u64, mark: &Mark) {
+    /// Applies a done or retry record in memory; true when that finished
+    /// its message.
+    pub(super) fn apply(&mut self, segment: u64, mark: &Mark) -> bool {
         let done = if mark.note.retry.is_none() {
             mark.note.rcpts.len()
         } else {
             0
         };
-        if let Some(finished) = self.state.apply(segment, &mark.id, &mark.note, done) {
-            if finished.moved {
-                self.moved.lock().remove(&mark.id);
+        match self.state.apply(segment, &mark.id, &mark.note, done) {
+            Some(finished) => {
+                if finished.moved {
+                    self.moved.lock().remove(&mark.id);
+                }
+                true
             }
+            None => false,
         }
     }
 
@@ -325,7 +422,8 @@ impl Writer {
                 Err(e) => error!("spool: cannot open segment {}: {e}", active + 1),
             }
         }
-        for n in self.state.deletable(self.active.number) {
+        let checkpoint = self.checkpoint();
+        for n in self.state.deletable(self.active.number, checkpoint) {
             let path = self.opts.dir.join(segment_name(n));
             if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -334,9 +432,11 @@ impl Writer {
             }
             self.state.segments.remove(&n);
         }
-        if self.state.messages.is_empty() && self.active.len > 0 {
-            // Nothing is live anywhere: empty the active segment in place
-            // (no new file needed, so this works on a full disk too).
+        if self.state.messages.is_empty() && self.active.len > 0 && self.state.max_seq <= checkpoint
+        {
+            // Nothing is live anywhere, and the journal has it all: empty
+            // the active segment in place (no new file needed, so this
+            // works on a full disk too).
             self.unwritten.clear();
             self.moved.lock().clear();
             match self.active.file.set_len(0) {
@@ -480,7 +580,7 @@ impl Writer {
         let mut frame = vec![0u8; m.frame as usize];
         file.read_exact_at(&mut frame, m.record)?;
         let (mut recs, _) = read_records(&frame);
-        let Some((_, _, Record::Message(mut msg, old))) = recs.pop() else {
+        let Some((_, _, Record::Message(mut msg, old, seq))) = recs.pop() else {
             return Err(bad("its record does not read back"));
         };
         if msg.id != id {
@@ -504,7 +604,7 @@ impl Writer {
             segment: self.active.number,
             ..old
         };
-        let mut head = encode_message(&msg, &loc);
+        let mut head = encode_message(&msg, &loc, seq);
         loc.offset = record + 8 + head.len() as u64;
         head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
         frame_parts(buf, &head, data);
@@ -513,10 +613,21 @@ impl Writer {
             let mut n = n.clone();
             n.rcpts.retain(|r| !done(&n.peer, r));
             if !n.rcpts.is_empty() {
-                frame_parts(buf, &encode_mark(id, &n), &[]);
+                frame_parts(buf, &encode_mark(id, &n, 0), &[]);
                 notes.push(n);
             }
         }
         Ok((loc, left, notes))
     }
+}
+
+/// The journal's entry for a done or retry record numbered `seq`.
+fn outcome_entry(seq: u64, mark: &Mark) -> Option<Entry> {
+    mark.note.outcome.as_ref().map(|o| Entry::Outcome {
+        seq,
+        id: mark.id.clone(),
+        peer: mark.note.peer.clone(),
+        rcpts: mark.note.rcpts.clone(),
+        outcome: o.clone(),
+    })
 }

@@ -74,8 +74,13 @@ fn group(name: &str) -> io::Result<libc::gid_t> {
     Ok(grp.gr_gid)
 }
 
-/// Becomes `user` (and `group`), after giving `spool_dir` to them.
-pub fn drop_to(user_name: &str, group_name: Option<&str>, spool_dir: &Path) -> io::Result<()> {
+/// Becomes `user` (and `group`), after giving `dirs` (each named by its
+/// key, for errors) to them.
+pub fn drop_to(
+    user_name: &str,
+    group_name: Option<&str>,
+    dirs: &[(&str, &Path)],
+) -> io::Result<()> {
     let (uid, user_gid, cname) = user(user_name)?;
     let gid = match group_name {
         Some(g) => group(g)?,
@@ -91,27 +96,9 @@ pub fn drop_to(user_name: &str, group_name: Option<&str>, spool_dir: &Path) -> i
             "[relay] user = {user_name:?} needs the relay to be started as root"
         )));
     }
-    std::fs::create_dir_all(spool_dir)?;
-    // chown(2) on the path would follow a symbolic link planted there and
-    // hand its target to the user: change the directory we opened instead.
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(spool_dir)
-        .map_err(|e| {
-            if spool_dir
-                .symlink_metadata()
-                .is_ok_and(|m| m.file_type().is_symlink())
-            {
-                err(format!(
-                    "spool_dir {} is a symbolic link: refusing to hand it to user {user_name}",
-                    spool_dir.display()
-                ))
-            } else {
-                io::Error::new(e.kind(), format!("spool_dir {}: {e}", spool_dir.display()))
-            }
-        })?;
-    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))?;
+    for (what, path) in dirs {
+        hand_over(what, path, user_name, uid, gid)?;
+    }
     // Supplementary groups first (needs root), then the group, then the user.
     // SAFETY: cname is a valid C string; the rest are plain values.
     unsafe {
@@ -128,6 +115,38 @@ pub fn drop_to(user_name: &str, group_name: Option<&str>, spool_dir: &Path) -> i
     }
     log::info!("running as user {user_name} (uid {uid}, gid {gid})");
     Ok(())
+}
+
+/// Creates directory `path` if missing and gives it to the user; refuses
+/// a symbolic link there.
+fn hand_over(
+    what: &str,
+    path: &Path,
+    user_name: &str,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+) -> io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    // chown(2) on the path would follow a symbolic link planted there and
+    // hand its target to the user: change the directory we opened instead.
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if path
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                err(format!(
+                    "{what} {} is a symbolic link: refusing to hand it to user {user_name}",
+                    path.display()
+                ))
+            } else {
+                io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+            }
+        })?;
+    std::os::unix::fs::fchown(&dir, Some(uid), Some(gid))
 }
 
 /// Opens `path` for writing as root may on the relay user's behalf (the

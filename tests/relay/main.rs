@@ -3,6 +3,7 @@
 
 mod binary;
 mod bounces;
+mod cdr;
 mod clients;
 mod corpus;
 mod crash;

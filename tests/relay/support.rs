@@ -80,6 +80,9 @@ pub struct Profile {
     pub sim_security: [SimSecurity; 3],
     /// Where A, B or C is instead of its simulated MMSC (which still runs).
     pub peer_addr: [Option<SocketAddr>; 3],
+    /// Whole sections appended (`[cdr]` ...); `{spool}` becomes the spool
+    /// directory.
+    pub extra_sections: String,
 }
 
 impl Default for Profile {
@@ -95,6 +98,7 @@ impl Default for Profile {
             spool_tmpfs_kib: None,
             sim_security: Default::default(),
             peer_addr: [None; 3],
+            extra_sections: String::new(),
         }
     }
 }
@@ -209,6 +213,7 @@ impl Profile {
 
         // A number of B's that was ported to C.
         ini.push_str("[ported]\n+12025550177 = C\n");
+        ini.push_str(&self.extra_sections.replace("{spool}", &spool.to_string()));
         ini
     }
 }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::info;
 
+use crate::cdr::{EVENTS, LedgerStats};
 use crate::config::PortedLoad;
 use crate::inbound::InboundStats;
 use crate::ops::control::Sources;
@@ -149,7 +150,103 @@ pub fn render(sources: &Sources) -> String {
          # TYPE mm4relay_dns_cached_names gauge\nmm4relay_dns_cached_names {}",
         resolver.cached()
     );
+    if let Some(c) = &sources.cdr {
+        cdr_families(&mut out, c);
+    }
     out
+}
+
+/// CDR rows by event, and per peer the RESs by status, the missing ones
+/// and their latency.
+fn cdr_families(out: &mut String, c: &LedgerStats) {
+    let mut rows = Family::new(
+        "mm4relay_cdr_rows_total",
+        "counter",
+        "CDR rows written, by event.",
+    );
+    for (e, n) in EVENTS.iter().zip(&c.rows) {
+        rows.samples
+            .push((format!("{{event=\"{e}\"}}"), n.load(Ordering::Relaxed)));
+    }
+    rows.write(out);
+    for f in singles([
+        (
+            "mm4relay_cdr_waiting",
+            "gauge",
+            "forward.REQs waiting for their MM4_forward.RES.",
+            c.waiting.load(Ordering::Relaxed),
+        ),
+        (
+            "mm4relay_cdr_files_closed_total",
+            "counter",
+            "CDR files closed since start.",
+            c.files_closed.load(Ordering::Relaxed),
+        ),
+        (
+            "mm4relay_cdr_write_errors_total",
+            "counter",
+            "Failed writes or flushes of the CDR files or checkpoint.",
+            c.write_errors.load(Ordering::Relaxed),
+        ),
+    ]) {
+        f.write(out);
+    }
+    let peers = c.peers.lock();
+    let mut asked = Family::new(
+        "mm4relay_res_asked_total",
+        "counter",
+        "Recipients of forward.REQs taken by the peer that asked for a RES.",
+    );
+    let mut res = Family::new(
+        "mm4relay_res_total",
+        "counter",
+        "MM4_forward.RES matched to a forward.REQ, per recipient, by status.",
+    );
+    let mut missing = Family::new(
+        "mm4relay_res_missing_total",
+        "counter",
+        "forward.REQ recipients whose RES did not come within ack_timeout (or the cap pushed out).",
+    );
+    for (peer, a) in peers.iter() {
+        let peer = label(peer);
+        asked
+            .samples
+            .push((format!("{{peer=\"{peer}\"}}"), a.asked));
+        missing
+            .samples
+            .push((format!("{{peer=\"{peer}\"}}"), a.missing));
+        for (status, n) in &a.answered {
+            res.samples
+                .push((format!("{{peer=\"{peer}\",status=\"{status}\"}}"), *n));
+        }
+    }
+    for f in [asked, res, missing] {
+        f.write(out);
+    }
+    let name = "mm4relay_res_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The peer's 250 for a forward.REQ to its MM4_forward.RES.\n\
+         # TYPE {name} histogram"
+    );
+    for (peer, a) in peers.iter() {
+        let peer = label(peer);
+        let (counts, sum) = a.latency.read();
+        for (bound, n) in DELAY_BUCKETS.iter().zip(counts) {
+            let _ = writeln!(out, "{name}_bucket{{peer=\"{peer}\",le=\"{bound}\"}} {n}");
+        }
+        let total = counts[DELAY_BUCKETS.len()];
+        let _ = writeln!(out, "{name}_bucket{{peer=\"{peer}\",le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_sum{{peer=\"{peer}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{peer=\"{peer}\"}} {total}");
+    }
+}
+
+/// A label value with `\\`, `"` and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The number-portability table in force: entries, and how its load went.

@@ -1,0 +1,995 @@
+//! Charging data records: one CSV row for every final outcome of a
+//! recipient, every deferral, duplicate and deletion, and every
+//! MM4_forward.RES matched to the forward.REQ it answers (or missing).
+//!
+//! # Exactly once
+//! Rows are not written by the threads that decide outcomes. The spool
+//! numbers every record it makes durable and hands it to the ledger
+//! ([`crate::spool::Journal`]); the ledger derives rows from those entries
+//! in order, each row named by its record's number and its place among
+//! that record's rows (`cdr_id`). Every second the ledger flushes its file
+//! and saves its checkpoint (the last record it accounted for, and the
+//! transactions waiting for a RES) in the spool directory; the spool keeps
+//! every segment holding records past the checkpoint. After a crash the
+//! spool hands back the records past the checkpoint, and the ledger
+//! derives their rows again, writing only those past the last row found in
+//! the file left open: no row is lost, and none is written twice. A
+//! second `sent` row appears only for a second delivery (a crash between
+//! a peer's 250 and the spool's done record).
+//!
+//! Decisions that hang on time (a RES that did not come) are journaled as
+//! events first, so a replay makes the same rows.
+//!
+//! # Files of this part
+//! `row.rs` the columns and CSV, `files.rs` the files and rotation,
+//! `account.rs` what is journaled for the ledger, `track.rs` the waiting
+//! transactions, `trace.rs` the search behind `mm4relay trace`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, info, warn};
+use parking_lot::Mutex;
+
+use crate::message::Location;
+use crate::mm4::Pdu;
+use crate::mm4::summary;
+use crate::peer::DelayHistogram;
+use crate::spool::{Appender, Entry, Journal, NewMessage, Outcome, OutcomeKind, Reader};
+use crate::sys::clock::SharedClock;
+use crate::sys::owned::Owned;
+
+pub mod account;
+mod files;
+pub mod row;
+pub mod trace;
+mod track;
+
+use account::{Event, Facts};
+use files::Files;
+use row::Row;
+use track::{Early, Tracker, Waiting};
+
+/// The checkpoint file, in the spool directory.
+pub const STATE_FILE: &str = "cdr-state";
+/// How often the ledger flushes its file and saves its checkpoint (when
+/// anything changed), and looks at rotation and missing RESs.
+const TICK: Duration = Duration::from_secs(1);
+/// Most entry batches queued from the spool's writer: past it the writer
+/// waits (a stalled CDR disk slows the relay rather than lose rows).
+const QUEUE: usize = 1024;
+
+/// The `[cdr]` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CdrConfig {
+    /// Where the files go.
+    pub dir: PathBuf,
+    /// A new file every this long (aligned on the epoch: `1h` on the hour).
+    pub rotate: Duration,
+    /// How long a forward.REQ that asked for a RES waits for it.
+    pub ack_timeout: Duration,
+    /// Most transactions waiting for a RES.
+    pub max_pending: usize,
+}
+
+/// The `event` values.
+pub const EVENTS: [&str; 8] = [
+    "sent",
+    "failed",
+    "deleted",
+    "deferred",
+    "duplicate",
+    "res",
+    "res_missing",
+    "report",
+];
+
+/// The `X-Mms-Request-Status-Code` values counted by name; any other is
+/// counted as `other` (a partner cannot grow the figures without bound).
+pub const RES_STATUSES: [&str; 9] = [
+    "Ok",
+    "Error-unspecified",
+    "Error-service-denied",
+    "Error-message-format-corrupt",
+    "Error-sending-address-unresolved",
+    "Error-message-not-found",
+    "Error-network-problem",
+    "Error-content-not-accepted",
+    "Error-unsupported-message",
+];
+
+/// `status` as the figures count it: one of [`RES_STATUSES`] or `other`.
+fn status_class(status: &str) -> &'static str {
+    RES_STATUSES
+        .iter()
+        .find(|s| s.eq_ignore_ascii_case(status))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// RES accounting of one peer.
+#[derive(Debug, Default)]
+pub struct PeerAcks {
+    /// forward.REQs taken by the peer that asked for a RES (per recipient).
+    pub asked: u64,
+    /// RESs by X-Mms-Request-Status-Code (per recipient; see
+    /// [`RES_STATUSES`]).
+    pub answered: BTreeMap<&'static str, u64>,
+    /// Given up: no RES within `ack_timeout`, or pushed out by the cap.
+    pub missing: u64,
+    /// Of those, pushed out by `max_pending`.
+    pub evicted: u64,
+    /// From the peer's 250 to the RES.
+    pub latency: DelayHistogram,
+}
+
+impl PeerAcks {
+    /// RESs with status `Ok`.
+    pub fn ok(&self) -> u64 {
+        self.answered
+            .iter()
+            .filter(|(s, _)| **s == "Ok")
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// What the ledger did, for `status` and the metrics.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    /// Per peer name.
+    pub peers: Mutex<BTreeMap<String, PeerAcks>>,
+    /// Rows written, per [`EVENTS`] entry.
+    pub rows: [AtomicU64; EVENTS.len()],
+    /// Transactions waiting for a RES now.
+    pub waiting: AtomicU64,
+    /// Files closed since start.
+    pub files_closed: AtomicU64,
+    /// Failed writes or flushes of the CDR files or the checkpoint.
+    pub write_errors: AtomicU64,
+    /// The last record accounted for and made durable.
+    pub checkpoint: AtomicU64,
+}
+
+/// The ledger before the spool has opened: its checkpoint read, the files
+/// a crash left open closed.
+pub struct Opened {
+    books: Books,
+    tx: Sender<Vec<Entry>>,
+    rx: Receiver<Vec<Entry>>,
+}
+
+impl Opened {
+    /// What the spool feeds.
+    pub fn journal(&self) -> Journal {
+        Journal {
+            tx: self.tx.clone(),
+            checkpoint: self.books.checkpoint.clone(),
+            from: self.books.processed,
+            floor: self.books.processed.max(self.books.written.0),
+        }
+    }
+}
+
+/// Reads the checkpoint in `spool_dir` and closes leftover files.
+pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result<Opened> {
+    let (files, leftover) = Files::open(&cfg.dir, cfg.rotate)?;
+    let state_path = spool_dir.join(STATE_FILE);
+    let saved = read_state(&state_path)?;
+    let mut tracker = Tracker::new(cfg.max_pending);
+    for (tid, peer, w) in saved.waiting {
+        tracker.wait(&tid, &peer, w);
+    }
+    let written = saved.last_row.max(leftover.unwrap_or((0, 0)));
+    info!(
+        "cdr: writing to {}; accounted up to record {}, last row {}.{}, {} waiting for a RES",
+        cfg.dir.display(),
+        saved.processed,
+        written.0,
+        written.1,
+        tracker.len()
+    );
+    let stats = Arc::new(LedgerStats::default());
+    stats.checkpoint.store(saved.processed, Ordering::Release);
+    stats.waiting.store(tracker.len() as u64, Ordering::Relaxed);
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+    let books = Books {
+        cfg: cfg.clone(),
+        clock,
+        files,
+        tracker,
+        metas: HashMap::new(),
+        asked: HashSet::new(),
+        processed: saved.processed,
+        written,
+        dirty: false,
+        checkpoint: Arc::new(AtomicU64::new(saved.processed)),
+        state_path,
+        stats,
+        appender: None,
+        reader: None,
+        failing: false,
+    };
+    Ok(Opened { books, tx, rx })
+}
+
+/// The running ledger.
+pub struct Ledger {
+    stop: Option<Sender<()>>,
+    handle: Option<Owned<()>>,
+    stats: Arc<LedgerStats>,
+}
+
+impl Ledger {
+    /// Starts the ledger on what the spool recovered (`entries`, from
+    /// [`crate::spool::Spool::open_with`]); `appender` journals its
+    /// events, `reader` reads messages back for their summaries.
+    pub fn start(
+        opened: Opened,
+        entries: Vec<Entry>,
+        appender: Appender,
+        reader: Reader,
+    ) -> io::Result<Ledger> {
+        let Opened { mut books, tx, rx } = opened;
+        drop(tx);
+        books.appender = Some(appender);
+        books.reader = Some(reader);
+        let stats = books.stats.clone();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let handle = Owned::spawn("cdr-ledger", move || {
+            let n = entries.len();
+            books.take_all(entries);
+            if n > 0 {
+                info!("cdr: {n} records of the journal accounted again");
+            }
+            books.run(&rx, &stop_rx);
+        })?;
+        Ok(Ledger {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+            stats,
+        })
+    }
+
+    /// Its figures.
+    pub fn stats(&self) -> Arc<LedgerStats> {
+        self.stats.clone()
+    }
+
+    /// Accounts for what the spool has handed over, flushes, saves the
+    /// checkpoint and closes the file. Call after the spool has closed.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.handle.take() {
+            h.join();
+        }
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// What the ledger knows of a message the spool holds.
+struct Meta {
+    from: String,
+    message_id: String,
+    transaction_id: String,
+    accepted: SystemTime,
+    size: u64,
+    facts: Facts,
+    location: Location,
+    /// Subject and parts, once read.
+    summary: Option<(String, String)>,
+}
+
+/// The ledger's state, owned by its thread.
+struct Books {
+    cfg: CdrConfig,
+    clock: SharedClock,
+    files: Files,
+    tracker: Tracker,
+    metas: HashMap<String, Meta>,
+    /// Waits given up and journaled, not yet back as events.
+    asked: HashSet<(String, String)>,
+    /// The last record accounted for.
+    processed: u64,
+    /// The last row in the files: rows up to it are not written again.
+    written: (u64, u32),
+    dirty: bool,
+    checkpoint: Arc<AtomicU64>,
+    state_path: PathBuf,
+    stats: Arc<LedgerStats>,
+    appender: Option<Appender>,
+    reader: Option<Reader>,
+    /// The last write failed (logged once until one succeeds).
+    failing: bool,
+}
+
+/// The rows of one record, numbered as they come.
+struct Rows {
+    seq: u64,
+    k: u32,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `type:size` of each part, space-separated.
+fn parts_of(s: &summary::Summary) -> String {
+    let mut out: Vec<String> = s
+        .parts
+        .iter()
+        .map(|p| format!("{}:{}", p.content_type, p.size))
+        .collect();
+    if s.more > 0 {
+        out.push(format!("+{}", s.more));
+    }
+    out.join(" ")
+}
+
+/// TS 32.298's record type for a row about `pdu` that came from `origin`.
+fn record_type(event: &str, pdu: &str, origin: &str) -> &'static str {
+    let out = origin == "local";
+    match (event, pdu, out) {
+        ("res" | "res_missing", _, _) => "MMO4FRs",
+        ("report", _, _) => "MMO4D",
+        (_, "MM4_forward.REQ", true) => "MMO4FRq",
+        (_, "MM4_forward.REQ", false) => "MMR4F",
+        (_, "MM4_forward.RES", _) => "MMR4F",
+        (_, "MM4_delivery_report.REQ", true) => "MMR4DRq",
+        (_, "MM4_delivery_report.REQ", false) => "MMO4D",
+        (_, "MM4_delivery_report.RES", _) => "MMR4DRs",
+        (_, "MM4_read_reply_report.REQ", true) => "MMR4RRq",
+        (_, "MM4_read_reply_report.REQ", false) => "MMO4R",
+        (_, "MM4_read_reply_report.RES", _) => "MMR4RRs",
+        _ => "",
+    }
+}
+
+/// What one row says beyond its message.
+struct Line<'a> {
+    event: &'static str,
+    at: SystemTime,
+    queue_id: &'a str,
+    to: &'a str,
+    peer: &'a str,
+    status: String,
+    reply: &'a str,
+    attempts: String,
+    latency: String,
+}
+
+impl Books {
+    fn take_all(&mut self, batch: Vec<Entry>) {
+        for e in batch {
+            self.take(e);
+        }
+    }
+
+    fn take(&mut self, e: Entry) {
+        match e {
+            Entry::Accepted {
+                seq,
+                message,
+                location,
+            } => self.accepted(seq, message, location),
+            Entry::Outcome {
+                seq,
+                id,
+                peer,
+                rcpts,
+                outcome,
+            } if seq > self.processed => {
+                self.advance(seq);
+                self.outcome(seq, &id, &peer, &rcpts, &outcome);
+            }
+            Entry::Event { seq, payload } if seq > self.processed => {
+                self.advance(seq);
+                match Event::decode(&payload) {
+                    Some(ev) => self.event(seq, ev),
+                    None => warn!("cdr: record {seq}: an event this version does not know"),
+                }
+            }
+            Entry::Outcome { .. } | Entry::Event { .. } => {}
+            Entry::Finished { id } => {
+                self.metas.remove(&id);
+            }
+        }
+    }
+
+    fn advance(&mut self, seq: u64) {
+        self.processed = seq;
+        self.dirty = true;
+    }
+
+    fn accepted(&mut self, seq: u64, m: Box<NewMessage>, location: Location) {
+        let facts = Facts::decode(&m.account);
+        let summary = (!m.data.is_empty()).then(|| summarize(&m.data));
+        let meta = Meta {
+            from: m.from,
+            message_id: m.message_id.unwrap_or_default(),
+            transaction_id: m.transaction_id.unwrap_or_default(),
+            accepted: m.accepted,
+            size: m.data.len() as u64,
+            facts,
+            location,
+            summary,
+        };
+        let new = seq > self.processed;
+        if new {
+            self.advance(seq);
+            if meta.facts.is(Pdu::ForwardRes) && !meta.transaction_id.is_empty() {
+                self.res(seq, &meta);
+            }
+        }
+        // A message's data length is its location's (replayed records
+        // carry no data).
+        let meta = Meta {
+            size: u64::from(location.len).max(meta.size),
+            ..meta
+        };
+        self.metas.insert(m.id, meta);
+    }
+
+    /// A RES accepted: the rows of the REQ it answers, or kept a while if
+    /// its REQ is not recorded sent yet.
+    fn res(&mut self, seq: u64, res: &Meta) {
+        let origin = res.facts.origin.strip_prefix("partner ");
+        let tid = res.transaction_id.clone();
+        let Some((peer, w)) = self.tracker.answer(&tid, origin) else {
+            self.tracker.early(
+                &tid,
+                Early {
+                    status: res.facts.status.clone(),
+                    text: res.facts.status_text.clone(),
+                    at_ms: ms(res.accepted),
+                    origin: origin.map(str::to_string),
+                },
+            );
+            return;
+        };
+        self.asked.remove(&(tid.clone(), peer.clone()));
+        let status = res.facts.status.clone();
+        self.answered(
+            seq,
+            &tid,
+            &peer,
+            &w,
+            &status,
+            &res.facts.status_text,
+            res.accepted,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answered(
+        &mut self,
+        seq: u64,
+        tid: &str,
+        peer: &str,
+        w: &Waiting,
+        status: &str,
+        text: &str,
+        at: SystemTime,
+    ) {
+        let mut rows = Rows { seq, k: 0 };
+        self.answered_now(&mut rows, tid, peer, w, status, text, at);
+        self.update_waiting();
+    }
+
+    fn outcome(&mut self, seq: u64, id: &str, peer: &str, rcpts: &[String], o: &Outcome) {
+        let event = match o.kind {
+            OutcomeKind::Sent => "sent",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::Deleted => "deleted",
+            OutcomeKind::Deferred => "deferred",
+        };
+        let mut rows = Rows { seq, k: 0 };
+        for to in rcpts {
+            let line = Line {
+                event,
+                at: o.at,
+                queue_id: id,
+                to,
+                peer,
+                status: if o.code == 0 {
+                    String::new()
+                } else {
+                    o.code.to_string()
+                },
+                reply: &o.reply,
+                attempts: o.attempts.to_string(),
+                latency: String::new(),
+            };
+            self.emit(&mut rows, line);
+        }
+        if o.kind != OutcomeKind::Sent {
+            return;
+        }
+        let Some(meta) = self.metas.get(id) else {
+            return;
+        };
+        if !(meta.facts.is(Pdu::ForwardReq) && meta.facts.ack) || meta.transaction_id.is_empty() {
+            return;
+        }
+        let tid = meta.transaction_id.clone();
+        let w = Waiting {
+            queue_id: id.to_string(),
+            message_id: meta.message_id.clone(),
+            from: meta.from.clone(),
+            rcpts: rcpts.to_vec(),
+            size: meta.size,
+            sent_ms: ms(o.at),
+            deadline_ms: ms(o.at).saturating_add(self.cfg.ack_timeout.as_millis() as u64),
+            seq,
+        };
+        self.stats
+            .peers
+            .lock()
+            .entry(peer.to_string())
+            .or_default()
+            .asked += rcpts.len() as u64;
+        if let Some(e) = self.tracker.take_early(&tid, peer, w.sent_ms) {
+            let at = UNIX_EPOCH + Duration::from_millis(e.at_ms.max(w.sent_ms));
+            self.answered_now(&mut rows, &tid, peer, &w, &e.status, &e.text, at);
+            return;
+        }
+        for (t, p, gone) in self.tracker.wait(&tid, peer, w) {
+            self.asked.remove(&(t.clone(), p.clone()));
+            let mut peers = self.stats.peers.lock();
+            let acks = peers.entry(p.clone()).or_default();
+            acks.missing += gone.rcpts.len() as u64;
+            acks.evicted += gone.rcpts.len() as u64;
+            drop(peers);
+            let reply = format!(
+                "no longer waited for: [cdr] max_pending ({}) reached",
+                self.cfg.max_pending
+            );
+            for to in &gone.rcpts {
+                let line = Line {
+                    event: "res_missing",
+                    at: o.at,
+                    queue_id: &gone.queue_id,
+                    to,
+                    peer: &p,
+                    status: String::new(),
+                    reply: &reply,
+                    attempts: String::new(),
+                    latency: String::new(),
+                };
+                self.emit_waiting(&mut rows, &t, &gone, line);
+            }
+        }
+        self.update_waiting();
+    }
+
+    /// As [`Books::answered`], continuing the rows of the record at hand.
+    #[allow(clippy::too_many_arguments)]
+    fn answered_now(
+        &mut self,
+        rows: &mut Rows,
+        tid: &str,
+        peer: &str,
+        w: &Waiting,
+        status: &str,
+        text: &str,
+        at: SystemTime,
+    ) {
+        let latency = Duration::from_millis(ms(at).saturating_sub(w.sent_ms));
+        {
+            let mut peers = self.stats.peers.lock();
+            let p = peers.entry(peer.to_string()).or_default();
+            *p.answered.entry(status_class(status)).or_default() += w.rcpts.len() as u64;
+            p.latency.observe(latency, w.rcpts.len() as u64);
+        }
+        for to in &w.rcpts {
+            let line = Line {
+                event: "res",
+                at,
+                queue_id: &w.queue_id,
+                to,
+                peer,
+                status: status.to_string(),
+                reply: text,
+                attempts: String::new(),
+                latency: format!("{:.3}", latency.as_secs_f64()),
+            };
+            self.emit_waiting(rows, tid, w, line);
+        }
+    }
+
+    fn event(&mut self, seq: u64, ev: Event) {
+        let mut rows = Rows { seq, k: 0 };
+        match ev {
+            Event::Duplicate {
+                at,
+                from,
+                to,
+                peer,
+                transaction_id,
+                message_id,
+                size,
+                facts,
+            } => {
+                let mut row = Row::default();
+                let f = &mut row.0;
+                f[0] = "duplicate".into();
+                f[1] = row::time(at);
+                f[3] = facts.pdu.clone();
+                f[4] = transaction_id;
+                f[5] = message_id;
+                f[6] = from;
+                f[7] = to;
+                f[8] = peer;
+                f[9] = size.to_string();
+                f[10] = "250".into();
+                f[11] = "2.0.0 duplicate of a message already queued".into();
+                f[14] = record_type("duplicate", &facts.pdu, &facts.origin).into();
+                f[16] = facts.origin;
+                f[17] = facts.client;
+                self.write(&mut rows, row, "duplicate");
+            }
+            Event::ResMissing {
+                at,
+                transaction_id,
+                peer,
+            } => {
+                let key = (transaction_id, peer);
+                self.asked.remove(&key);
+                let Some((_, w)) = self.tracker.answer(&key.0, Some(&key.1)) else {
+                    return;
+                };
+                self.stats
+                    .peers
+                    .lock()
+                    .entry(key.1.clone())
+                    .or_default()
+                    .missing += w.rcpts.len() as u64;
+                let reply = format!(
+                    "no MM4_forward.RES within {}s",
+                    self.cfg.ack_timeout.as_secs()
+                );
+                for to in &w.rcpts {
+                    let line = Line {
+                        event: "res_missing",
+                        at,
+                        queue_id: &w.queue_id,
+                        to,
+                        peer: &key.1,
+                        status: String::new(),
+                        reply: &reply,
+                        attempts: String::new(),
+                        latency: String::new(),
+                    };
+                    self.emit_waiting(&mut rows, &key.0, &w, line);
+                }
+                self.update_waiting();
+            }
+        }
+    }
+
+    fn update_waiting(&self) {
+        self.stats
+            .waiting
+            .store(self.tracker.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A row about a queued message (its facts from what the ledger knows).
+    fn emit(&mut self, rows: &mut Rows, l: Line<'_>) {
+        let mut row = Row::default();
+        self.fill_message(&mut row, l.queue_id);
+        self.fill_line(&mut row, &l);
+        self.write(rows, row, l.event);
+    }
+
+    /// A row about a forward.REQ waiting for its RES.
+    fn emit_waiting(&mut self, rows: &mut Rows, tid: &str, w: &Waiting, l: Line<'_>) {
+        let mut row = Row::default();
+        if self.metas.contains_key(l.queue_id) {
+            self.fill_message(&mut row, l.queue_id);
+        } else {
+            let f = &mut row.0;
+            f[3] = Pdu::ForwardReq.name().into();
+            f[5] = w.message_id.clone();
+            f[6] = w.from.clone();
+            f[9] = w.size.to_string();
+        }
+        row.0[4] = tid.to_string();
+        self.fill_line(&mut row, &l);
+        row.0[3] = Pdu::ForwardRes.name().into();
+        row.0[14] = record_type(l.event, "", "").into();
+        self.write(rows, row, l.event);
+    }
+
+    fn fill_message(&mut self, row: &mut Row, id: &str) {
+        let reader = self.reader.as_ref();
+        let Some(m) = self.metas.get_mut(id) else {
+            return;
+        };
+        if m.summary.is_none() {
+            // Recovered records carry no data: read it back once.
+            m.summary = Some(
+                reader
+                    .and_then(|r| r.read(id, &m.location).ok())
+                    .map_or((String::new(), String::new()), |d| summarize(&d)),
+            );
+        }
+        let f = &mut row.0;
+        f[3] = m.facts.pdu.clone();
+        f[4] = m.transaction_id.clone();
+        f[5] = m.message_id.clone();
+        f[6] = m.from.clone();
+        f[9] = m.size.to_string();
+        f[15] = row::time(m.accepted);
+        f[16] = m.facts.origin.clone();
+        f[17] = m.facts.client.clone();
+        if let Some((subject, parts)) = &m.summary {
+            f[19] = subject.clone();
+            f[20] = parts.clone();
+        }
+    }
+
+    fn fill_line(&self, row: &mut Row, l: &Line<'_>) {
+        let f = &mut row.0;
+        f[0] = l.event.into();
+        f[1] = row::time(l.at);
+        f[2] = l.queue_id.into();
+        f[7] = l.to.into();
+        f[8] = l.peer.into();
+        f[10] = l.status.clone();
+        f[11] = l.reply.into();
+        f[12] = l.attempts.clone();
+        f[14] = record_type(l.event, &f[3], &f[16]).into();
+        f[18] = l.latency.clone();
+    }
+
+    /// Numbers the row and queues it, unless the files have it already.
+    fn write(&mut self, rows: &mut Rows, mut row: Row, event: &str) {
+        let id = (rows.seq, rows.k);
+        rows.k += 1;
+        if id <= self.written {
+            return;
+        }
+        row.0[13] = row::format_id(id.0, id.1);
+        if let Err(e) = self.files.push(&row, self.clock.now(), id.0) {
+            self.failed("open a CDR file", &e);
+            // Not lost: the checkpoint stays behind it, and the next
+            // start derives it again.
+            return;
+        }
+        self.written = id;
+        if let Some(i) = EVENTS.iter().position(|e| *e == event) {
+            self.stats.rows[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn failed(&mut self, what: &str, e: &io::Error) {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        if !self.failing {
+            error!(
+                "cdr: cannot {what} in {}: {e}; the checkpoint waits (the spool keeps what is not accounted for)",
+                self.cfg.dir.display()
+            );
+            self.failing = true;
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Vec<Entry>>, stop: &Receiver<()>) {
+        let tick = crossbeam_channel::tick(TICK);
+        let mut last_checkpoint = Instant::now();
+        loop {
+            let open = crossbeam_channel::select! {
+                recv(rx) -> b => match b {
+                    Ok(b) => {
+                        self.take_all(b);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                recv(stop) -> _ => false,
+                recv(tick) -> _ => true,
+            };
+            // Whatever else is there, so a busy spool costs one write per
+            // wake-up, not one per batch.
+            for b in rx.try_iter().take(QUEUE) {
+                self.take_all(b);
+            }
+            if !open {
+                break;
+            }
+            if let Err(e) = self.files.write() {
+                self.failed("write a CDR file", &e);
+            }
+            let now = self.clock.now();
+            if self.files.due(now) {
+                self.save();
+                if let Err(e) = self.files.close() {
+                    self.failed("close a CDR file", &e);
+                }
+                self.stats
+                    .files_closed
+                    .store(self.files.closed, Ordering::Relaxed);
+            }
+            if self.dirty && last_checkpoint.elapsed() >= TICK {
+                self.save();
+                last_checkpoint = Instant::now();
+            }
+            self.give_up(now);
+        }
+        self.save();
+        if let Err(e) = self.files.close() {
+            self.failed("close a CDR file", &e);
+        }
+    }
+
+    /// Journals the waits that are due (once each): their rows come when
+    /// the events come back.
+    fn give_up(&mut self, now: SystemTime) {
+        let Some(appender) = &self.appender else {
+            return;
+        };
+        for key in self.tracker.due(ms(now)) {
+            if self.asked.insert(key.clone()) {
+                appender.event(
+                    Event::ResMissing {
+                        at: now,
+                        transaction_id: key.0,
+                        peer: key.1,
+                    }
+                    .encode(),
+                );
+            }
+        }
+    }
+
+    /// Flushes the file, then saves the checkpoint; only then may the
+    /// spool let go of what it accounts for.
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        if let Err(e) = self.files.sync() {
+            self.failed("flush a CDR file", &e);
+            return;
+        }
+        if let Err(e) = write_state(
+            &self.state_path,
+            self.processed,
+            self.written,
+            &self.tracker,
+        ) {
+            self.failed("save the CDR checkpoint", &e);
+            return;
+        }
+        self.failing = false;
+        self.dirty = false;
+        self.checkpoint.store(self.processed, Ordering::Release);
+        self.stats
+            .checkpoint
+            .store(self.processed, Ordering::Release);
+        if let Some(a) = &self.appender {
+            a.nudge();
+        }
+    }
+}
+
+fn summarize(data: &[u8]) -> (String, String) {
+    match summary::summarize(data) {
+        Some(s) => (row::clean(s.subject.as_deref().unwrap_or("")), parts_of(&s)),
+        None => (String::new(), String::new()),
+    }
+}
+
+/// The checkpoint: the last record accounted for, the last row written,
+/// and the transactions waiting for a RES.
+struct State {
+    processed: u64,
+    last_row: (u64, u32),
+    waiting: Vec<(String, String, Waiting)>,
+}
+
+const STATE_HEAD: &str = "mm4relay-cdr-state 1";
+
+fn write_state(
+    path: &Path,
+    processed: u64,
+    last_row: (u64, u32),
+    tracker: &Tracker,
+) -> io::Result<()> {
+    let mut out = format!("{STATE_HEAD} {processed} {} {}\n", last_row.0, last_row.1).into_bytes();
+    for (tid, peer, w) in tracker.entries() {
+        let nums = [
+            w.size.to_string(),
+            w.sent_ms.to_string(),
+            w.deadline_ms.to_string(),
+            w.seq.to_string(),
+        ];
+        let fields = [tid, peer, &w.queue_id, &w.message_id, &w.from]
+            .into_iter()
+            .chain(nums.iter().map(String::as_str))
+            .chain(w.rcpts.iter().map(String::as_str));
+        row::line(fields, &mut out);
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(&out)?;
+    f.sync_data()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_state(path: &Path) -> io::Result<State> {
+    let empty = State {
+        processed: 0,
+        last_row: (0, 0),
+        waiting: Vec::new(),
+    };
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(empty),
+        Err(e) => return Err(e),
+    };
+    let mut lines = data.split(|&b| b == b'\n');
+    let head = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+    let nums: Vec<u64> = head
+        .strip_prefix(STATE_HEAD)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [processed, seq, k] = nums[..] else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not a CDR checkpoint", path.display()),
+        ));
+    };
+    let mut s = State {
+        processed,
+        last_row: (seq, k as u32),
+        waiting: Vec::new(),
+    };
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some(f) = row::split(line).filter(|f| f.len() > 9) else {
+            warn!("{}: a line that does not read, skipped", path.display());
+            continue;
+        };
+        let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+        let w = Waiting {
+            queue_id: f[2].clone(),
+            message_id: f[3].clone(),
+            from: f[4].clone(),
+            size: n(5),
+            sent_ms: n(6),
+            deadline_ms: n(7),
+            seq: n(8),
+            rcpts: f[9..].to_vec(),
+        };
+        s.waiting.push((f[0].clone(), f[1].clone(), w));
+    }
+    Ok(s)
+}
