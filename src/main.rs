@@ -50,6 +50,10 @@ USAGE:
                                 envelope, state per peer and headers of a message
     mm4relay queue delete ID [REASON...] [-c FILE | --socket PATH]
                                 remove a message for good (logged with the reason)
+    mm4relay trace WHAT [--since DURATION] -c FILE
+                                a message's history from the CDR files ([cdr] dir)
+                                and the running relay's queue, in time order: WHAT
+                                is a queue ID, transaction ID, message ID or number
     mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
     mm4relay --version | --help
 
@@ -78,6 +82,12 @@ enum Cmd {
         socket: PathBuf,
         rcpt: String,
         config: Option<Box<Config>>,
+    },
+    /// `trace WHAT`: the CDR rows naming it, and what is queued of it.
+    Trace {
+        config: Box<Config>,
+        what: String,
+        since: Option<Duration>,
     },
     Demo(DemoOptions),
     Help,
@@ -218,6 +228,33 @@ fn parse_words(args: &[String]) -> Result<Cmd, String> {
                 command: format!("queue {}", words.join(" ")),
             })
         }
+        "trace" => {
+            let (mut config, mut what, mut since) = (None, None, None);
+            let mut it = rest.iter();
+            while let Some(arg) = it.next() {
+                match arg.as_str() {
+                    "-c" | "--config" => {
+                        let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
+                        config = Some(Box::new(Config::load(&file).map_err(|e| e.to_string())?));
+                    }
+                    "--since" => {
+                        let v = it.next().ok_or("--since needs a duration")?;
+                        since = Some(
+                            mm4relay::config::parse_duration(v)
+                                .map_err(|e| format!("--since {v:?}: {e}"))?,
+                        );
+                    }
+                    w if !w.starts_with('-') && what.is_none() => what = Some(w.to_string()),
+                    other => return Err(format!("unknown trace option {other}")),
+                }
+            }
+            Ok(Cmd::Trace {
+                config: config.ok_or("trace needs -c FILE")?,
+                what: what
+                    .ok_or("trace needs WHAT: a queue ID, transaction ID, message ID or number")?,
+                since,
+            })
+        }
         "demo" => {
             let mut opts = DemoOptions::default();
             let mut it = rest.iter();
@@ -352,10 +389,61 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             println!("{}: OK", path.display());
         }
         Cmd::Run(path, pidfile) => serve(&path, pidfile)?,
+        Cmd::Trace {
+            config,
+            what,
+            since,
+        } => trace(&config, &what, since)?,
         Cmd::Demo(opts) => {
             let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr, None)
                 .map_err(|e| eprintln!("mm4relay: {e}"));
             demo::run(&opts).map_err(|e| Failure::Runtime(format!("demo: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Most queued messages `trace` asks the running relay about.
+const TRACE_QUEUED: usize = 20;
+
+/// `mm4relay trace`: the CDR rows naming `what`, then what the running
+/// relay still has queued of the messages they name.
+fn trace(config: &Config, what: &str, since: Option<Duration>) -> Result<(), Failure> {
+    use mm4relay::cdr::{row, trace};
+    let cdr = config.cdr.as_ref().ok_or_else(|| {
+        Failure::Config(format!("{}: [cdr] dir is not set", config.path.display()))
+    })?;
+    let query = trace::Query {
+        what: what.to_string(),
+        since: since.map(|d| std::time::SystemTime::now() - d),
+    };
+    let found = trace::search(&cdr.dir, &query)
+        .map_err(|e| Failure::Runtime(format!("[cdr] dir {}: {e}", cdr.dir.display())))?;
+    let mut out = std::io::stdout().lock();
+    trace::print(&found.rows, &mut out).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let _ = writeln!(
+        out,
+        "({} rows, from {} files, {} octets)",
+        found.rows.len(),
+        found.files,
+        found.bytes
+    );
+    // What is still queued: the queue IDs the rows name, or WHAT itself.
+    let mut ids: Vec<&str> = vec![what];
+    for r in &found.rows {
+        let id = r.0[row::col::QUEUE_ID].as_str();
+        if !id.is_empty() && !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if let Some(socket) = &config.relay.control_socket {
+        for id in ids.into_iter().take(TRACE_QUEUED) {
+            match mm4relay::ops::control::request(socket, &format!("queue show {id}")) {
+                Ok(answer) if !answer.starts_with("error") => {
+                    let _ = write!(out, "queued now:\n{answer}");
+                }
+                _ => {}
+            }
         }
     }
     Ok(())

@@ -14,6 +14,9 @@ use log::{info, warn};
 
 use super::row::Row;
 
+/// A row's `cdr_id`: (journal record, row within it).
+pub type RowId = (u64, u32);
+
 /// Suffix of the file being written.
 pub const OPEN_SUFFIX: &str = ".open";
 
@@ -68,9 +71,12 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl Files {
-    /// Opens the directory and closes what a crash left open; returns the
-    /// last row found in those leftovers (by `cdr_id`).
-    pub fn open(dir: &Path, rotate: Duration) -> io::Result<(Files, Option<(u64, u32)>)> {
+    /// Opens the directory and cuts what a crash left open back to its
+    /// last whole row; returns those files and the last row found in them
+    /// (by `cdr_id`). The caller records that row, then closes them
+    /// ([`close_leftovers`]): a closed leftover's rows must never be
+    /// written again, even if it is collected before the next start.
+    pub fn open(dir: &Path, rotate: Duration) -> io::Result<(Files, Vec<PathBuf>, Option<RowId>)> {
         prepare_dir(dir)?;
         let mut last = None;
         let mut names: Vec<PathBuf> = fs::read_dir(dir)?
@@ -84,8 +90,8 @@ impl Files {
             })
             .collect();
         names.sort();
-        for path in names {
-            if let Some(id) = close_leftover(&path)? {
+        for path in &names {
+            if let Some(id) = cut_leftover(path)? {
                 last = last.max(Some(id));
             }
         }
@@ -96,18 +102,16 @@ impl Files {
             pending: Vec::new(),
             closed: 0,
         };
-        Ok((files, last))
+        Ok((files, names, last))
     }
 
-    /// Queues `row`, written at `now` (it goes to `now`'s period's file,
-    /// opened as `first` if it is not open yet).
+    /// Queues `row`, written at `now`, to the file open, or to a new one
+    /// for `now`'s period named after `first`. Only [`Files::close`]
+    /// ends a file (the ledger saves its checkpoint first), so a row may
+    /// go to the last period's file until the ledger's next tick.
     pub fn push(&mut self, row: &Row, now: SystemTime, first: u64) -> io::Result<()> {
-        let period = period_of(now, self.rotate);
-        if self.current.as_ref().is_some_and(|c| c.period != period) {
-            self.close()?;
-        }
         if self.current.is_none() {
-            self.current = Some(self.create(period, first)?);
+            self.current = Some(self.create(period_of(now, self.rotate), first)?);
         }
         row.write_to(&mut self.pending);
         Ok(())
@@ -196,9 +200,9 @@ fn closed_name(open: &Path) -> PathBuf {
     PathBuf::from(s.strip_suffix(OPEN_SUFFIX).unwrap_or(&s).to_string())
 }
 
-/// Cuts a leftover file back to its last whole row, flushes and closes it;
-/// one with no row at all is removed. Returns its last row's `cdr_id`.
-fn close_leftover(path: &Path) -> io::Result<Option<(u64, u32)>> {
+/// Cuts a leftover file back to its last whole row and flushes it.
+/// Returns its last row's `cdr_id`.
+fn cut_leftover(path: &Path) -> io::Result<Option<(u64, u32)>> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -221,21 +225,29 @@ fn close_leftover(path: &Path) -> io::Result<Option<(u64, u32)>> {
         .rev()
         .filter(|l| !l.is_empty())
         .find_map(|l| Row::parse(l).and_then(|r| r.cdr_id()));
-    let rows = body
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .count();
     f.sync_all()?;
-    drop(f);
-    if rows <= 1 {
-        fs::remove_file(path)?;
-    } else {
-        let done = closed_name(path);
-        fs::rename(path, &done)?;
-        info!("cdr: closed {} left open by the last run", done.display());
-    }
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
     Ok(last)
+}
+
+/// Closes the files a crash left open (see [`Files::open`]): renamed to
+/// `*.csv`, or removed when they hold no row.
+pub fn close_leftovers(paths: &[PathBuf]) -> io::Result<()> {
+    for path in paths {
+        let data = fs::read(path)?;
+        let rows = data
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
+        if rows <= 1 {
+            fs::remove_file(path)?;
+        } else {
+            let done = closed_name(path);
+            fs::rename(path, &done)?;
+            info!("cdr: closed {} left open by the last run", done.display());
+        }
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
 }

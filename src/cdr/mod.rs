@@ -54,6 +54,7 @@ mod track;
 
 use account::{Event, Facts};
 use files::Files;
+
 use row::Row;
 use track::{Early, Tracker, Waiting};
 
@@ -180,7 +181,7 @@ impl Opened {
 
 /// Reads the checkpoint in `spool_dir` and closes leftover files.
 pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result<Opened> {
-    let (files, leftover) = Files::open(&cfg.dir, cfg.rotate)?;
+    let (files, leftovers, leftover) = Files::open(&cfg.dir, cfg.rotate)?;
     let state_path = spool_dir.join(STATE_FILE);
     let saved = read_state(&state_path)?;
     let mut tracker = Tracker::new(cfg.max_pending);
@@ -188,6 +189,12 @@ pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result
         tracker.wait(&tid, &peer, w);
     }
     let written = saved.last_row.max(leftover.unwrap_or((0, 0)));
+    if written > saved.last_row {
+        // Recorded before the leftovers are closed: once closed they may
+        // be collected, and their rows must still never come twice.
+        write_state(&state_path, saved.processed, written, &tracker)?;
+    }
+    files::close_leftovers(&leftovers)?;
     info!(
         "cdr: writing to {}; accounted up to record {}, last row {}.{}, {} waiting for a RES",
         cfg.dir.display(),

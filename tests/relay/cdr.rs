@@ -306,7 +306,7 @@ fn files_close_at_their_time_and_a_leftover_is_closed_at_start() {
     );
 
     let mut c = h.client(LOCAL);
-    send_forward(&mut c, 1, TO_B, 512);
+    let first = queued_as(&send_forward(&mut c, 1, TO_B, 512));
     let open_files = || {
         std::fs::read_dir(&dir)
             .unwrap()
@@ -329,7 +329,7 @@ fn files_close_at_their_time_and_a_leftover_is_closed_at_start() {
     let rows = rows_in(&dir, ".csv");
     assert_eq!(events(&rows, "sent").len(), 2);
     let mut c = h.client(LOCAL);
-    send_forward(&mut c, 2, TO_B, 512);
+    let second = queued_as(&send_forward(&mut c, 2, TO_B, 512));
     wait_until("a new file for the new hour", || open_files() == 1);
     h.stop_relay();
     let names: Vec<String> = std::fs::read_dir(&dir)
@@ -344,4 +344,33 @@ fn files_close_at_their_time_and_a_leftover_is_closed_at_start() {
         .collect();
     assert_eq!(ids.len(), 3);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3, "{ids:?}");
+
+    // trace finds both messages of the number across the rotated files,
+    // in time order, and one message by its transaction ID.
+    let trace = |what: &str| {
+        let out = std::process::Command::new(BIN)
+            .arg("trace")
+            .arg(what)
+            .arg("-c")
+            .arg(h.spool.path().join("test.ini"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = trace("+12025550142");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(" sent ")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains(&first) && lines[1].contains(&second),
+        "{out}"
+    );
+    assert!(out.contains("from 3 files"), "the leftover too: {out}");
+    let out = trace("T00000002");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(" sent ")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].contains(&second) && lines[0].contains("status=250"),
+        "{out}"
+    );
 }

@@ -5,6 +5,8 @@
 //! duplicates are counted and bounded by what was in flight at the kills.
 //! One peer defers everything until the last run, with small segments, so
 //! compaction copies its messages forward between and across the kills.
+//! CDRs are on: every delivered recipient has exactly one final row, and
+//! a second row only where the peer got the message twice.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -48,6 +50,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     sims[2].set_fault(Fault::TempFail);
     let ini = Profile {
         extra_relay: "spool_segment_size = 16384".into(),
+        extra_sections: "[cdr]\ndir = {spool}/cdr\n".into(),
         ..Profile::default()
     }
     .ini(
@@ -206,4 +209,49 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     );
     // In flight at a kill: at most every connection of every peer, each with a chained successor.
     assert!(duplicates <= KILLS * 3 * 4 * 2, "{duplicates} duplicates");
+
+    // The CDRs: exactly one final row per delivered recipient, a second
+    // only for a second delivery, none for what never arrived.
+    let rows = crate::cdr::rows_in(&dir.path().join("spool/cdr"), ".csv");
+    assert!(
+        crate::cdr::rows_in(&dir.path().join("spool/cdr"), ".csv.open").is_empty(),
+        "a clean stop leaves no open file"
+    );
+    let ids: HashSet<&str> = rows.iter().map(|r| r["cdr_id"].as_str()).collect();
+    assert_eq!(ids.len(), rows.len(), "a row written twice");
+    let mut finals: HashMap<String, usize> = HashMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| r["event"] == "sent" || r["event"] == "failed")
+    {
+        assert_eq!(r["event"], "sent", "nothing fails here: {r:?}");
+        *finals.entry(r["transaction_id"].clone()).or_default() += 1;
+    }
+    let lost: Vec<&String> = arrivals
+        .keys()
+        .filter(|t| !finals.contains_key(*t))
+        .collect();
+    let invented: Vec<&String> = finals
+        .keys()
+        .filter(|t| !arrivals.contains_key(*t))
+        .collect();
+    let extra_rows: usize = finals.values().map(|n| n - 1).sum();
+    for (tid, n) in &finals {
+        let got = arrivals.get(tid).copied().unwrap_or(0);
+        assert!(*n <= got, "{tid}: {n} sent rows for {got} deliveries");
+    }
+    eprintln!(
+        "crash test CDRs: {KILLS} kills, {} rows ({} final), {} lost, {} invented, \
+         {extra_rows} second sent rows for {duplicates} duplicate deliveries",
+        rows.len(),
+        finals.values().sum::<usize>(),
+        lost.len(),
+        invented.len()
+    );
+    assert!(lost.is_empty(), "delivered without a row: {lost:?}");
+    assert!(
+        invented.is_empty(),
+        "a row for what never arrived: {invented:?}"
+    );
+    assert!(want.iter().all(|t| finals.contains_key(t)));
 }
