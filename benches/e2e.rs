@@ -14,7 +14,9 @@
 //! flushing). `E2E_TLS=1` adds a run per round with STARTTLS (TLS 1.2+,
 //! verified certificates from a CA the bench makes) to every peer, and
 //! reports its throughput as a ratio of the plain run of the same round.
-//! `E2E_DOWN=1` instead runs the load with peer C down and prints
+//! `E2E_CDR=1` adds a run per round with `[cdr]` on (and checks one `sent`
+//! row per message), reported as a ratio of the run without of the same
+//! round. `E2E_DOWN=1` instead runs the load with peer C down and prints
 //! `mm4relay status` and `mm4relay queue age` meanwhile. `E2E_DNS=1` puts
 //! the three peers on 127.0.1.1-3 sharing one port and adds two runs per
 //! round, each reported as a ratio of the static-hosts run of the same
@@ -107,8 +109,7 @@ fn config(
     listen: SocketAddr,
     log_level: &str,
     sync: &str,
-    tls: Option<&pki::Pki>,
-    hosts: Hosts,
+    (tls, hosts, cdr): (Option<&pki::Pki>, Hosts, bool),
 ) -> String {
     let mut ini = format!(
         "[relay]\nhostname = relay.bench.test\nmax_connections = 64\nlog_level = {log_level}\nlog_file = {}\n\
@@ -118,6 +119,9 @@ fn config(
         dir.join("spool").display(),
         dir.join("control.sock").display(),
     );
+    if cdr {
+        ini.push_str(&format!("[cdr]\ndir = {}\n\n", dir.join("cdr").display()));
+    }
     let settings = format!(
         "min_connections = 2\nmax_connections = {MAX_CONNECTIONS}\npool_size = 1000\nhelo_timeout = 3s\n"
     );
@@ -174,7 +178,7 @@ fn relay_run(
     sessions: usize,
     log_level: &str,
     sync: &str,
-    (tls, hosts): (Option<&pki::Pki>, Hosts),
+    (tls, hosts, cdr): (Option<&pki::Pki>, Hosts, bool),
 ) -> Run {
     let n = all.len();
     let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
@@ -184,7 +188,7 @@ fn relay_run(
     let addr = free_addr();
     std::fs::write(
         &config_path,
-        config(sims, dir.path(), addr, log_level, sync, tls, hosts),
+        config(sims, dir.path(), addr, log_level, sync, (tls, hosts, cdr)),
     )
     .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
@@ -201,6 +205,14 @@ fn relay_run(
         report.refused
     );
     assert!(delivered, "relay did not deliver everything");
+    if cdr {
+        let mut sent = 0;
+        for e in std::fs::read_dir(dir.path().join("cdr")).unwrap() {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            sent += text.lines().filter(|l| l.starts_with("sent,")).count();
+        }
+        assert_eq!(sent, n, "one sent row per message");
+    }
 
     let conns: Vec<u64> = sims
         .iter()
@@ -358,7 +370,14 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     let addr = free_addr();
     std::fs::write(
         &config_path,
-        config(&sims, dir.path(), addr, "info", "yes", None, Hosts::Static),
+        config(
+            &sims,
+            dir.path(),
+            addr,
+            "info",
+            "yes",
+            (None, Hosts::Static, false),
+        ),
     )
     .unwrap();
     let relay = RelayProcess::start(&config_path, addr);
@@ -473,6 +492,8 @@ fn main() {
     let mut dns_ratios = [Vec::new(), Vec::new()];
     let pki = std::env::var_os("E2E_TLS").map(|_| pki::Pki::new());
     let dns = std::env::var_os("E2E_DNS").map(|_| dns_zone());
+    let cdr = std::env::var_os("E2E_CDR").is_some();
+    let mut cdr_ratios = Vec::new();
     for round in 1..=rounds {
         let sims = match &dns {
             None => [
@@ -491,7 +512,7 @@ fn main() {
             sessions,
             &log_level,
             &sync,
-            (None, Hosts::Static),
+            (None, Hosts::Static, false),
         );
         let direct_rate = n as f64 / direct.as_secs_f64();
         let relay_rate = n as f64 / run.elapsed.as_secs_f64();
@@ -505,6 +526,28 @@ fn main() {
             percentiles(run.report.latencies),
         );
         println!("      {}", run.spool);
+        if cdr {
+            let r = relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                (None, Hosts::Static, true),
+            );
+            let rate = n as f64 / r.elapsed.as_secs_f64();
+            cdr_ratios.push(rate / relay_rate);
+            println!(
+                "  CDR {:>12} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: CDRs on / off)",
+                "",
+                n as f64 / r.report.elapsed.as_secs_f64(),
+                rate / relay_rate,
+                r.conns,
+                r.rss,
+                percentiles(r.report.latencies),
+            );
+        }
         if let Some(server) = &dns {
             let port = sims[0].addr().port();
             let modes = [
@@ -519,7 +562,7 @@ fn main() {
                     sessions,
                     &log_level,
                     &sync,
-                    (None, mode),
+                    (None, mode, false),
                 );
                 let rate = n as f64 / r.elapsed.as_secs_f64();
                 dns_ratios[i].push(rate / relay_rate);
@@ -552,7 +595,7 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (Some(p), Hosts::Static),
+                (Some(p), Hosts::Static, false),
             );
             let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
             tls_ratios.push(tls_rate / relay_rate);
@@ -576,6 +619,14 @@ fn main() {
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
+    if !cdr_ratios.is_empty() {
+        let all = cdr_ratios.clone();
+        cdr_ratios.sort_by(f64::total_cmp);
+        println!(
+            "median ratio CDRs on / off: {:.2} (rounds: {all:.2?})",
+            cdr_ratios[cdr_ratios.len() / 2]
+        );
+    }
     for (label, mut r) in ["mx: peers", "dynamic peers"].into_iter().zip(dns_ratios) {
         if !r.is_empty() {
             r.sort_by(f64::total_cmp);

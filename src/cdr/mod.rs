@@ -65,7 +65,9 @@ pub const STATE_FILE: &str = "cdr-state";
 const TICK: Duration = Duration::from_secs(1);
 /// Most entry batches queued from the spool's writer: past it the writer
 /// waits (a stalled CDR disk slows the relay rather than lose rows).
-const QUEUE: usize = 1024;
+const QUEUE: usize = 16_384;
+/// How long the ledger lets batches gather once one has come.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// The `[cdr]` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +80,9 @@ pub struct CdrConfig {
     pub ack_timeout: Duration,
     /// Most transactions waiting for a RES.
     pub max_pending: usize,
+    /// Fill the `subject` and `parts` columns (mail-parser reads every
+    /// message once, on the ledger's thread).
+    pub summary: bool,
 }
 
 /// The `event` values.
@@ -427,7 +432,11 @@ impl Books {
 
     fn accepted(&mut self, seq: u64, m: Box<NewMessage>, location: Location) {
         let facts = Facts::decode(&m.account);
-        let summary = (!m.data.is_empty()).then(|| summarize(&m.data));
+        let summary = if !self.cfg.summary {
+            Some((String::new(), String::new()))
+        } else {
+            (!m.data.is_empty()).then(|| summarize(&m.data))
+        };
         let meta = Meta {
             from: m.from,
             message_id: m.message_id.unwrap_or_default(),
@@ -801,23 +810,30 @@ impl Books {
         let tick = crossbeam_channel::tick(TICK);
         let mut last_checkpoint = Instant::now();
         loop {
-            let open = crossbeam_channel::select! {
+            let (open, busy) = crossbeam_channel::select! {
                 recv(rx) -> b => match b {
                     Ok(b) => {
                         self.take_all(b);
-                        true
+                        (true, true)
                     }
-                    Err(_) => false,
+                    Err(_) => (false, false),
                 },
-                recv(stop) -> _ => false,
-                recv(tick) -> _ => true,
+                recv(stop) -> _ => (false, false),
+                recv(tick) -> _ => (true, false),
             };
-            // Whatever else is there, so a busy spool costs one write per
-            // wake-up, not one per batch.
-            for b in rx.try_iter().take(QUEUE) {
-                self.take_all(b);
+            if busy {
+                // Not synchronisation: a busy spool's batches pile up a
+                // moment, so they cost one wake-up and one write together.
+                std::thread::sleep(GATHER);
             }
-            if !open {
+            let gone = loop {
+                match rx.try_recv() {
+                    Ok(b) => self.take_all(b),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break false,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break true,
+                }
+            };
+            if !open || gone {
                 break;
             }
             if let Err(e) = self.files.write() {

@@ -83,6 +83,7 @@ pub const CDR_KEYS: &[(&str, &str)] = &[
     ("rotate", "1h"),
     ("ack_timeout", "15m"),
     ("max_pending", "100000"),
+    ("summary", "yes"),
 ];
 
 /// `[enum]` keys and their defaults.

@@ -969,6 +969,14 @@ default = B
             ("[dns]\nsmtp_port = 0", "dns", "smtp_port"),
             ("[dns]\ntimeout = 0s", "dns", "timeout"),
             ("[enum]\ndomain = not a domain", "enum", "domain"),
+            ("[cdr]\ndir = /tmp/x\nrotate = 0s", "cdr", "rotate"),
+            (
+                "[cdr]\ndir = /tmp/x\nack_timeout = 8d",
+                "cdr",
+                "ack_timeout",
+            ),
+            ("[cdr]\ndir = /tmp/x\nmax_pending = 0", "cdr", "max_pending"),
+            ("[cdr]\ndir = /tmp/x\nsummary = maybe", "cdr", "summary"),
             (
                 "[peer_defaults]\nhosts = 127.0.0.1:25",
                 "peer_defaults",

@@ -692,6 +692,7 @@ fn cdr(sections: &Sections) -> Result<Option<crate::cdr::CdrConfig>, ConfigError
         rotate,
         ack_timeout,
         max_pending,
+        summary: s.boolean("summary")?,
     }))
 }
 

@@ -5,7 +5,7 @@
 //! nothing is decided, only shown. Never on a session's path: `queue
 //! show` asks for it.
 
-use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mail_parser::{HeaderName, MessageParser, MimeHeaders, PartType};
 
 /// Most octets read: anything longer is summarised from its start.
 pub const MAX_SUMMARY: usize = 32 * 1024 * 1024;
@@ -37,7 +37,11 @@ pub struct Summary {
 /// mail-parser cannot read it at all.
 pub fn summarize(data: &[u8]) -> Option<Summary> {
     let data = &data[..data.len().min(MAX_SUMMARY)];
-    let m = MessageParser::default().parse(data)?;
+    // Only what the summary reads: the MIME headers and the Subject.
+    let m = MessageParser::new()
+        .with_mime_headers()
+        .header_text(HeaderName::Subject)
+        .parse(data)?;
     let mut summary = Summary {
         subject: m.subject().map(str::to_string),
         ..Summary::default()

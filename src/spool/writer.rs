@@ -9,6 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
@@ -64,7 +66,14 @@ pub(super) struct Writer {
     unwritten_events: Vec<Vec<u8>>,
     /// The sequence number of the next record.
     next_seq: u64,
+    /// Entries of records written but not yet flushed: the journal gets
+    /// them with the next flush, within [`PUBLISH_WAIT`].
+    unpublished: Vec<Entry>,
 }
+
+/// Longest a done or retry record waits, written but not flushed, before
+/// it gets a flush of its own for the journal.
+const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
     let file = OpenOptions::new()
@@ -88,6 +97,8 @@ enum Wake {
     Mark(Option<Request>),
     /// Nothing waiting, and a compaction has work.
     Idle,
+    /// Nothing came for a while, and the journal waits for a flush.
+    Publish,
 }
 
 impl Writer {
@@ -116,6 +127,7 @@ impl Writer {
             journal,
             unwritten_events: Vec::new(),
             next_seq,
+            unpublished: Vec::new(),
         };
         w.collect();
         Ok(w)
@@ -149,6 +161,12 @@ impl Writer {
                     recv(marks) -> m => Wake::Mark(m.ok()),
                     default => Wake::Idle,
                 }
+            } else if !self.unpublished.is_empty() {
+                crossbeam_channel::select! {
+                    recv(commits) -> c => Wake::Commit(c.ok()),
+                    recv(marks) -> m => Wake::Mark(m.ok()),
+                    default(PUBLISH_WAIT) => Wake::Publish,
+                }
             } else {
                 crossbeam_channel::select! {
                     recv(commits) -> c => Wake::Commit(c.ok()),
@@ -158,6 +176,10 @@ impl Writer {
             let open = match wake {
                 Wake::Idle => {
                     self.compact_step();
+                    continue;
+                }
+                Wake::Publish => {
+                    self.publish_now();
                     continue;
                 }
                 Wake::Commit(Some(c)) => {
@@ -200,6 +222,31 @@ impl Writer {
         }
         if let Err(e) = self.active.file.sync_data() {
             error!("spool: final flush failed: {e}");
+        }
+        self.publish_now();
+    }
+
+    /// Flushes what is written and hands the journal what waited for it.
+    fn publish_now(&mut self) {
+        if self.unpublished.is_empty() {
+            return;
+        }
+        if self.opts.sync {
+            if let Err(e) = self.active.file.sync_data() {
+                // Kept: the next flush that works hands them over.
+                error!("spool: flush of segment {} failed: {e}", self.active.number);
+                return;
+            }
+        }
+        let entries = std::mem::take(&mut self.unpublished);
+        self.send(entries);
+    }
+
+    fn send(&self, entries: Vec<Entry>) {
+        if let Some(j) = &self.journal {
+            if !entries.is_empty() && j.tx.send(entries).is_err() {
+                error!("spool: the CDR ledger is gone; its rows come back at the next start");
+            }
         }
     }
 
@@ -277,9 +324,9 @@ impl Writer {
                 Request::Nudge => {}
             }
         }
-        // Records the journal is told of must be on disk first: with a
-        // journal, done and retry records get a flush of their own.
-        let flush = !commits.is_empty() || (feed && !buf.is_empty());
+        // Records the journal is told of must be on disk first: done and
+        // retry records alone wait for the next flush (PUBLISH_WAIT at most).
+        let flush = !commits.is_empty();
         let result = if buf.is_empty() {
             Ok(())
         } else {
