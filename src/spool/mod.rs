@@ -14,8 +14,8 @@
 //!
 //! `D` and `R` records carry the outcome (code, reply, attempts, time).
 //! Every new `M`, `D`, `R` and `E` record has a sequence number, rising
-//! across restarts: the CDR ledger derives its rows from the records in
-//! that order (see [`Journal`]).
+//! (with a [`Journal`], also across restarts): the CDR ledger derives its
+//! rows from the records in that order.
 //!
 //! # Group commit
 //! One writer thread owns the files. Sessions hand it messages and wait;
@@ -242,7 +242,7 @@ pub enum Entry {
         /// What became of them.
         outcome: Outcome,
     },
-    /// An event the ledger journaled with [`Spool::event`].
+    /// An event the ledger journaled with [`Appender::event`].
     Event {
         /// Sequence number.
         seq: u64,
@@ -1097,6 +1097,47 @@ mod tests {
         }
         let (spool, rec) = Spool::open(&small(crashed.path())).unwrap();
         check_recovered(&rec, &kept);
+        spool.close();
+    }
+
+    #[test]
+    fn a_message_segment_stays_until_the_journal_has_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let checkpoint = Arc::new(AtomicU64::new(0));
+        let journal = Journal {
+            tx,
+            checkpoint: checkpoint.clone(),
+            from: 0,
+            floor: 0,
+        };
+        let o = SpoolOptions {
+            segment_size: 1,
+            ..opts(dir.path())
+        };
+        let (spool, _, _) = Spool::open_with(&o, Some(journal)).unwrap();
+        let home = spool.commit(msg("m1", &[("A", &["x"])])).unwrap().segment;
+        spool.commit(msg("m2", &[("A", &["y"])])).unwrap();
+        spool.done("m1", "A", &["x".to_string()], sent());
+        // Records 1 and 2 are the messages, 3 the done record; the journal
+        // gets it once durable.
+        let seq = loop {
+            let batch = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            if let Some(s) = batch.iter().find_map(|e| match e {
+                Entry::Outcome { seq, .. } => Some(*seq),
+                _ => None,
+            }) {
+                break s;
+            }
+        };
+        let path = dir.path().join(segment_name(home));
+        checkpoint.store(seq - 1, Ordering::Release);
+        // A commit runs the writer's clean-up before it answers.
+        spool.commit(msg("probe1", &[])).unwrap();
+        assert!(path.exists(), "m1's segment went before its outcome was accounted");
+        checkpoint.store(seq, Ordering::Release);
+        spool.commit(msg("probe2", &[])).unwrap();
+        assert!(!path.exists(), "m1's segment is free once it is");
         spool.close();
     }
 }

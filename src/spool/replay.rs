@@ -236,7 +236,7 @@ impl Replay {
                 }
             }
         }
-        let finished = self.state.apply(n, &id, &note, before - p.left.len());
+        let finished = self.state.apply(n, &id, &note, before - p.left.len(), seq);
         if finished.is_some() && self.from.is_some() {
             self.entries.push(Entry::Finished { id });
         }

@@ -18,8 +18,13 @@ pub(super) struct Segment {
     /// the messages it holds copies of. It may not go before they do.
     refs: HashSet<u64>,
     /// The highest sequence number of its records: it may not go before
-    /// the journal's checkpoint has passed it.
+    /// the journal's checkpoint has passed it. A message's home segment
+    /// also takes the numbers of its done and retry records, so that a
+    /// replay never meets an outcome without its message.
     pub(super) max_seq: u64,
+    /// Done records of its messages that a failed write could not store
+    /// yet: it may not go before they are written.
+    pub(super) pins: usize,
 }
 
 /// A message with recipients left.
@@ -111,17 +116,21 @@ impl State {
         }
     }
 
-    /// Applies a done or retry record written to `segment`, which took
-    /// `done` recipients off. Returns the message's entry when that
-    /// finished it.
+    /// Applies a done or retry record numbered `seq` (0: none yet) written
+    /// to `segment`, which took `done` recipients off. Returns the
+    /// message's entry when that finished it.
     pub(super) fn apply(
         &mut self,
         segment: u64,
         id: &str,
         note: &Note,
         done: usize,
+        seq: u64,
     ) -> Option<Live> {
         let m = self.messages.get_mut(id)?;
+        if let Some(home) = self.segments.get_mut(&m.segment) {
+            home.max_seq = home.max_seq.max(seq);
+        }
         if m.segment != segment {
             let target = m.segment;
             self.segments
@@ -154,7 +163,12 @@ impl State {
         loop {
             let before = gone.len();
             for (&n, s) in &self.segments {
-                if n == active || set.contains(&n) || s.live > 0 || s.max_seq > checkpoint {
+                if n == active
+                    || set.contains(&n)
+                    || s.live > 0
+                    || s.pins > 0
+                    || s.max_seq > checkpoint
+                {
                     continue;
                 }
                 let pinned = s

@@ -49,9 +49,9 @@ pub(super) struct Writer {
     active: Active,
     gauges: Arc<Gauges>,
     /// Done/retry records a failed write could not store; written with the
-    /// next batch. They are applied in memory at once, so that a full
-    /// disk can still free the segments whose messages are all done.
-    unwritten: Vec<Mark>,
+    /// next batch. Done records are applied in memory at once, so that a
+    /// full disk can still free the segments whose messages are all done.
+    unwritten: Vec<Unwritten>,
     pub(super) moved: Moved,
     compaction: Option<Compaction>,
     /// Octets appended for new work since the last compaction ended.
@@ -69,6 +69,18 @@ pub(super) struct Writer {
     /// Entries of records written but not yet flushed: the journal gets
     /// them with the next flush, within [`PUBLISH_WAIT`].
     unpublished: Vec<Entry>,
+}
+
+/// A done or retry record a failed write could not store.
+struct Unwritten {
+    mark: Mark,
+    /// Applied in memory already (not again when written).
+    applied: bool,
+    /// That finished its message (the journal learns it once written).
+    finished: bool,
+    /// The message's home segment, kept until this is written: the journal
+    /// must meet this outcome with its message.
+    pin: Option<u64>,
 }
 
 /// Longest a done or retry record waits, written but not flushed, before
@@ -253,17 +265,18 @@ impl Writer {
     fn write_batch(&mut self, batch: Vec<Request>) {
         let mut buf = Vec::new();
         let mut commits = Vec::new();
-        let mut marks = std::mem::take(&mut self.unwritten);
+        let mut marks: Vec<(Unwritten, u64)> = Vec::new();
         let mut events = std::mem::take(&mut self.unwritten_events);
         // What the journal gets once this is durable, in sequence order.
         let mut entries = Vec::new();
         let feed = self.journal.is_some();
-        for mark in &marks {
+        for u in std::mem::take(&mut self.unwritten) {
             let seq = self.seq();
-            frame_parts(&mut buf, &encode_mark(&mark.id, &mark.note, seq), &[]);
+            frame_parts(&mut buf, &encode_mark(&u.mark.id, &u.mark.note, seq), &[]);
             if feed {
-                entries.push(outcome_entry(seq, mark));
+                entries.push(outcome_entry(seq, &u.mark));
             }
+            marks.push((u, seq));
         }
         for payload in &events {
             let seq = self.seq();
@@ -308,7 +321,13 @@ impl Writer {
                     if feed {
                         entries.push(outcome_entry(seq, &mark));
                     }
-                    marks.push(mark);
+                    let u = Unwritten {
+                        mark,
+                        applied: false,
+                        finished: false,
+                        pin: None,
+                    };
+                    marks.push((u, seq));
                 }
                 Request::Event(payload) => {
                     let seq = self.seq();
@@ -354,17 +373,30 @@ impl Writer {
                     }
                 }
                 let mut entries: Vec<Entry> = entries.into_iter().flatten().collect();
-                for mark in marks {
-                    if self.apply(active, &mark) && feed {
-                        entries.push(Entry::Finished { id: mark.id });
+                for (u, seq) in marks {
+                    if let Some(home) = u.pin {
+                        if let Some(s) = self.state.segments.get_mut(&home) {
+                            s.pins -= 1;
+                            s.max_seq = s.max_seq.max(seq);
+                        }
+                    }
+                    let finished = if u.applied {
+                        u.finished
+                    } else {
+                        self.apply(active, &u.mark, seq)
+                    };
+                    if finished && feed {
+                        entries.push(Entry::Finished { id: u.mark.id });
                     }
                 }
-                if let Some(j) = &self.journal {
-                    if !entries.is_empty() && j.tx.send(entries).is_err() {
-                        error!(
-                            "spool: the CDR ledger is gone; its rows come back at the next start"
-                        );
-                    }
+                if flush || !self.opts.sync {
+                    let mut all = std::mem::take(&mut self.unpublished);
+                    all.extend(entries);
+                    self.send(all);
+                } else {
+                    // Written, not yet flushed: the journal may not see
+                    // them before they are durable.
+                    self.unpublished.extend(entries);
                 }
             }
             Err(e) => {
@@ -380,12 +412,23 @@ impl Writer {
                 }
                 // Deliveries go on; what they record is kept for the next
                 // write and counted now, so done segments can still go.
-                for mark in marks {
-                    if mark.note.retry.is_none() {
-                        self.apply(self.active.number, &mark);
+                // With a journal, every outcome is kept (it is a row), and
+                // its message's home segment stays until it is written.
+                for (mut u, _) in marks {
+                    let outcome = feed && u.mark.note.outcome.is_some();
+                    if !u.applied && u.mark.note.retry.is_none() {
+                        let home = self.state.messages.get(&u.mark.id).map(|m| m.segment);
+                        u.finished = self.apply(self.active.number, &u.mark, 0);
+                        u.applied = true;
+                        if let (true, Some(home)) = (outcome, home) {
+                            if let Some(s) = self.state.segments.get_mut(&home) {
+                                s.pins += 1;
+                                u.pin = Some(home);
+                            }
+                        }
                     }
-                    if self.state.messages.contains_key(&mark.id) {
-                        self.unwritten.push(mark);
+                    if outcome || self.state.messages.contains_key(&u.mark.id) {
+                        self.unwritten.push(u);
                     }
                 }
                 self.unwritten_events = events;
@@ -401,13 +444,13 @@ impl Writer {
 
     /// Applies a done or retry record in memory; true when that finished
     /// its message.
-    pub(super) fn apply(&mut self, segment: u64, mark: &Mark) -> bool {
+    pub(super) fn apply(&mut self, segment: u64, mark: &Mark, seq: u64) -> bool {
         let done = if mark.note.retry.is_none() {
             mark.note.rcpts.len()
         } else {
             0
         };
-        match self.state.apply(segment, &mark.id, &mark.note, done) {
+        match self.state.apply(segment, &mark.id, &mark.note, done, seq) {
             Some(finished) => {
                 if finished.moved {
                     self.moved.lock().remove(&mark.id);
@@ -479,7 +522,12 @@ impl Writer {
             }
             self.state.segments.remove(&n);
         }
-        if self.state.messages.is_empty() && self.active.len > 0 && self.state.max_seq <= checkpoint
+        // With a journal, outcomes not yet written hold the spool as it is.
+        let held = self.journal.is_some() && !self.unwritten.is_empty();
+        if self.state.messages.is_empty()
+            && self.active.len > 0
+            && self.state.max_seq <= checkpoint
+            && !held
         {
             // Nothing is live anywhere, and the journal has it all: empty
             // the active segment in place (no new file needed, so this
