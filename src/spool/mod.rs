@@ -1134,7 +1134,10 @@ mod tests {
         checkpoint.store(seq - 1, Ordering::Release);
         // A commit runs the writer's clean-up before it answers.
         spool.commit(msg("probe1", &[])).unwrap();
-        assert!(path.exists(), "m1's segment went before its outcome was accounted");
+        assert!(
+            path.exists(),
+            "m1's segment went before its outcome was accounted"
+        );
         checkpoint.store(seq, Ordering::Release);
         spool.commit(msg("probe2", &[])).unwrap();
         assert!(!path.exists(), "m1's segment is free once it is");
