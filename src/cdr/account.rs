@@ -117,6 +117,8 @@ pub enum Event {
         transaction_id: String,
         /// The peer.
         peer: String,
+        /// The REQ's queue ID (empty in records of versions before it).
+        queue_id: String,
     },
 }
 
@@ -159,11 +161,13 @@ impl Event {
                 at,
                 transaction_id,
                 peer,
+                queue_id,
             } => [
                 "res_missing",
                 &ms(*at),
                 &tidy_long(transaction_id),
                 &tidy(peer),
+                &tidy(queue_id),
             ]
             .join("\t"),
         }
@@ -185,10 +189,11 @@ impl Event {
                 size: f[7].parse().unwrap_or(0),
                 facts: Box::new(Facts::decode(f[8])),
             }),
-            "res_missing" if f.len() == 4 => Some(Event::ResMissing {
+            "res_missing" if (4..=5).contains(&f.len()) => Some(Event::ResMissing {
                 at: from_ms(f[1]),
                 transaction_id: f[2].into(),
                 peer: f[3].into(),
+                queue_id: f.get(4).map_or("", |q| q).into(),
             }),
             _ => None,
         }
@@ -242,5 +247,26 @@ mod tests {
         assert_eq!((from.as_str(), size), ("a?@b", 77));
         assert_eq!(at, UNIX_EPOCH + Duration::from_millis(1234));
         assert!(Event::decode(b"nonsense\t1").is_none());
+        let missing = Event::ResMissing {
+            at: UNIX_EPOCH,
+            transaction_id: "T\t1".into(),
+            peer: "B".into(),
+            queue_id: "Q1".into(),
+        };
+        let Some(Event::ResMissing {
+            transaction_id,
+            queue_id,
+            ..
+        }) = Event::decode(&missing.encode())
+        else {
+            panic!("does not read back");
+        };
+        assert_eq!((transaction_id.as_str(), queue_id.as_str()), ("T?1", "Q1"));
+        // As versions before the queue ID wrote it.
+        let Some(Event::ResMissing { queue_id, .. }) = Event::decode(b"res_missing\t0\tT\tB")
+        else {
+            panic!("an older record does not read");
+        };
+        assert_eq!(queue_id, "");
     }
 }

@@ -4,9 +4,9 @@
 //! a half-written file. At start a leftover `.open` file (a crash) is cut
 //! back to its last whole line and closed.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,9 @@ pub struct Files {
     current: Option<Current>,
     /// Rows not yet written to the file (kept over a failed write).
     pending: Vec<u8>,
+    /// The period and first row of the file to create for `pending` when
+    /// none is open.
+    next: Option<(SystemTime, u64)>,
     /// Files closed since start.
     pub closed: u64,
 }
@@ -63,8 +66,7 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
         ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir)?;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
+            DirBuilder::new().recursive(true).mode(0o750).create(dir)
         }
         Err(e) => Err(e),
     }
@@ -100,21 +102,22 @@ impl Files {
             rotate,
             current: None,
             pending: Vec::new(),
+            next: None,
             closed: 0,
         };
         Ok((files, names, last))
     }
 
-    /// Queues `row`, written at `now`, to the file open, or to a new one
-    /// for `now`'s period named after `first`. Only [`Files::close`]
-    /// ends a file (the ledger saves its checkpoint first), so a row may
-    /// go to the last period's file until the ledger's next tick.
-    pub fn push(&mut self, row: &Row, now: SystemTime, first: u64) -> io::Result<()> {
-        if self.current.is_none() {
-            self.current = Some(self.create(period_of(now, self.rotate), first)?);
+    /// Queues `row`, written at `now`, for the file open, or for a new one
+    /// for `now`'s period named after `first` (made by the next
+    /// [`Files::write`]). Only [`Files::close`] ends a file (the ledger
+    /// saves its checkpoint first), so a row may go to the last period's
+    /// file until the ledger's next tick.
+    pub fn push(&mut self, row: &Row, now: SystemTime, first: u64) {
+        if self.current.is_none() && self.next.is_none() {
+            self.next = Some((period_of(now, self.rotate), first));
         }
         row.write_to(&mut self.pending);
-        Ok(())
     }
 
     fn create(&mut self, period: SystemTime, first: u64) -> io::Result<Current> {
@@ -141,15 +144,23 @@ impl Files {
         })
     }
 
-    /// Writes the queued rows to the file (to the system, not yet to the
-    /// disk). On failure they stay queued and the file is cut back.
+    /// Writes the queued rows to the file, creating it first if none is
+    /// open (to the system, not yet to the disk). On failure they stay
+    /// queued and the file is cut back.
     pub fn write(&mut self) -> io::Result<()> {
-        let Some(c) = self.current.as_mut() else {
-            return Ok(());
-        };
         if self.pending.is_empty() {
             return Ok(());
         }
+        if self.current.is_none() {
+            let Some((period, first)) = self.next else {
+                return Ok(());
+            };
+            self.current = Some(self.create(period, first)?);
+            self.next = None;
+        }
+        let Some(c) = self.current.as_mut() else {
+            return Ok(());
+        };
         match c.file.write_all(&self.pending) {
             Ok(()) => {
                 c.len += self.pending.len() as u64;
@@ -179,25 +190,66 @@ impl Files {
             .is_some_and(|c| c.period != period_of(now, self.rotate))
     }
 
-    /// Flushes, closes and renames the open file to `*.csv`.
+    /// Flushes, closes and renames the open file to `*.csv`. On failure
+    /// the file stays open, to be closed by a later call (or, after a
+    /// stop, by the next start).
     pub fn close(&mut self) -> io::Result<()> {
         self.sync()?;
-        let Some(c) = self.current.take() else {
+        let Some(c) = self.current.as_ref() else {
             return Ok(());
         };
-        drop(c.file);
-        let done = closed_name(&c.path);
-        fs::rename(&c.path, &done)?;
-        File::open(&self.dir)?.sync_all()?;
+        let done = publish(&c.path)?;
+        self.current = None;
         self.closed += 1;
         info!("cdr: closed {}", done.display());
         Ok(())
     }
 }
 
-fn closed_name(open: &Path) -> PathBuf {
+/// `….csv.open` as `….csv`, or `…-N.csv` for the `n`th other name.
+fn closed_name(open: &Path, n: u32) -> PathBuf {
     let s = open.to_string_lossy();
-    PathBuf::from(s.strip_suffix(OPEN_SUFFIX).unwrap_or(&s).to_string())
+    let base = s.strip_suffix(OPEN_SUFFIX).unwrap_or(&s);
+    if n == 0 {
+        return PathBuf::from(base);
+    }
+    let stem = base.strip_suffix(".csv").unwrap_or(base);
+    PathBuf::from(format!("{stem}-{n}.csv"))
+}
+
+/// Most other names tried for a closed file whose name is taken.
+const MAX_NAMES: u32 = 1000;
+
+/// Gives the open file at `open` its closed name: linked under the first
+/// free one (never over a file already there, which a rename would
+/// replace: a spool started afresh numbers its rows from 1 again), then
+/// unlinked. A crash between the two leaves both names on one file: the
+/// next start finds it closed already and only unlinks the open name.
+fn publish(open: &Path) -> io::Result<PathBuf> {
+    let ino = fs::symlink_metadata(open)?;
+    for n in 0..MAX_NAMES {
+        let done = closed_name(open, n);
+        match fs::hard_link(open, &done) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let same = fs::symlink_metadata(&done)
+                    .is_ok_and(|m| m.dev() == ino.dev() && m.ino() == ino.ino());
+                if !same {
+                    continue;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        fs::remove_file(open)?;
+        if let Some(dir) = open.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        return Ok(done);
+    }
+    Err(io::Error::other(format!(
+        "{}: {MAX_NAMES} closed names taken",
+        open.display()
+    )))
 }
 
 /// Cuts a leftover file back to its last whole row and flushes it.
@@ -240,14 +292,103 @@ pub fn close_leftovers(paths: &[PathBuf]) -> io::Result<()> {
             .count();
         if rows <= 1 {
             fs::remove_file(path)?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
         } else {
-            let done = closed_name(path);
-            fs::rename(path, &done)?;
+            let done = publish(path)?;
             info!("cdr: closed {} left open by the last run", done.display());
-        }
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(event: &str) -> Row {
+        let mut r = Row::default();
+        r.0[0] = event.into();
+        r
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rows_wait_for_a_file_that_cannot_be_made_yet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cdr");
+        let (mut files, _, _) = Files::open(&dir, Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
+        fs::remove_dir(&dir).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(7200);
+        files.push(&row("sent"), t, 5);
+        assert!(files.sync().is_err(), "no directory to write in");
+        fs::create_dir(&dir).unwrap();
+        files.push(&row("failed"), t, 6);
+        files.sync().unwrap();
+        files.close().unwrap();
+        let [name] = &names(&dir)[..] else {
+            panic!("one file: {:?}", names(&dir));
+        };
+        assert!(name.ends_with("-00000000000000000005.csv"), "{name}");
+        let data = fs::read_to_string(dir.join(name)).unwrap();
+        let events: Vec<&str> = data
+            .lines()
+            .skip(1)
+            .map(|l| &l[..l.find(',').unwrap()])
+            .collect();
+        assert_eq!(events, ["sent", "failed"], "kept, in order, once");
+    }
+
+    #[test]
+    fn a_closed_name_taken_is_never_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let t = UNIX_EPOCH + Duration::from_secs(7200);
+        let (mut files, _, _) = Files::open(dir, Duration::from_secs(3600)).unwrap();
+        files.push(&row("sent"), t, 1);
+        files.close().unwrap();
+        // A spool started afresh numbers its rows from 1 again.
+        files.push(&row("deleted"), t, 1);
+        files.close().unwrap();
+        let got = names(dir);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].ends_with("-00000000000000000001-1.csv"), "{got:?}");
+        assert!(got[1].ends_with("-00000000000000000001.csv"), "{got:?}");
+        let first = fs::read_to_string(dir.join(&got[1])).unwrap();
+        assert!(first.lines().nth(1).unwrap().starts_with("sent,"));
+    }
+
+    #[test]
+    fn a_leftover_closed_already_is_not_closed_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let open = dir.join("mm4relay-19700101T020000Z-00000000000000000001.csv.open");
+        let mut data = Row::header();
+        let mut r = row("sent");
+        r.0[13] = "1.0".into();
+        r.write_to(&mut data);
+        fs::write(&open, &data).unwrap();
+        // A crash between the link and the unlink of the open name.
+        fs::hard_link(&open, closed_name(&open, 0)).unwrap();
+        let (_, leftovers, last) = Files::open(dir, Duration::from_secs(3600)).unwrap();
+        assert_eq!(last, Some((1, 0)));
+        close_leftovers(&leftovers).unwrap();
+        assert_eq!(
+            names(dir),
+            ["mm4relay-19700101T020000Z-00000000000000000001.csv"]
+        );
+    }
 }

@@ -7,8 +7,9 @@
 //! numbers every record it makes durable and hands it to the ledger
 //! ([`crate::spool::Journal`]); the ledger derives rows from those entries
 //! in order, each row named by its record's number and its place among
-//! that record's rows (`cdr_id`). Every second the ledger flushes its file
-//! and saves its checkpoint (the last record it accounted for, and the
+//! that record's rows (`cdr_id`). Every second the ledger writes its file;
+//! every second too (less often while many transactions wait) it flushes
+//! it and saves its checkpoint (the last record it accounted for, and the
 //! transactions waiting for a RES) in the spool directory; the spool keeps
 //! every segment holding records past the checkpoint. After a crash the
 //! spool hands back the records past the checkpoint, and the ledger
@@ -66,6 +67,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// Most entry batches queued from the spool's writer: past it the writer
 /// waits (a stalled CDR disk slows the relay rather than lose rows).
 const QUEUE: usize = 16_384;
+/// Waits saved per tick: with more, the checkpoint is saved less often.
+const WAITS_PER_TICK: usize = 10_000;
+/// The longest between two checkpoints while records come.
+const MAX_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 /// How long the ledger lets batches gather once one has come.
 const GATHER: Duration = Duration::from_millis(20);
 
@@ -191,7 +196,10 @@ pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result
     let saved = read_state(&state_path)?;
     let mut tracker = Tracker::new(cfg.max_pending);
     for (tid, peer, w) in saved.waiting {
-        tracker.wait(&tid, &peer, w);
+        tracker.restore(&tid, &peer, w);
+    }
+    for (tid, e) in saved.early {
+        tracker.restore_early(&tid, e);
     }
     let written = saved.last_row.max(leftover.unwrap_or((0, 0)));
     if written > saved.last_row {
@@ -315,8 +323,9 @@ struct Books {
     files: Files,
     tracker: Tracker,
     metas: HashMap<String, Meta>,
-    /// Waits given up and journaled, not yet back as events.
-    asked: HashSet<(String, String)>,
+    /// Waits given up and journaled, not yet back as events: transaction
+    /// ID, peer, queue ID.
+    asked: HashSet<(String, String, String)>,
     /// The last record accounted for.
     processed: u64,
     /// The last row in the files: rows up to it are not written again.
@@ -439,8 +448,10 @@ impl Books {
         };
         let meta = Meta {
             from: m.from,
-            message_id: m.message_id.unwrap_or_default(),
-            transaction_id: m.transaction_id.unwrap_or_default(),
+            message_id: row::clean(&m.message_id.unwrap_or_default()),
+            // Cut as the checkpoint writes it, so a wait keeps its key
+            // across a restart.
+            transaction_id: row::clean(&m.transaction_id.unwrap_or_default()),
             accepted: m.accepted,
             size: m.data.len() as u64,
             facts,
@@ -480,7 +491,8 @@ impl Books {
             );
             return;
         };
-        self.asked.remove(&(tid.clone(), peer.clone()));
+        self.asked
+            .remove(&(tid.clone(), peer.clone(), w.queue_id.clone()));
         let status = res.facts.status.clone();
         self.answered(
             seq,
@@ -549,6 +561,7 @@ impl Books {
             queue_id: id.to_string(),
             message_id: meta.message_id.clone(),
             from: meta.from.clone(),
+            origin: meta.facts.origin.clone(),
             rcpts: rcpts.to_vec(),
             size: meta.size,
             sent_ms: ms(o.at),
@@ -567,32 +580,54 @@ impl Books {
             return;
         }
         for (t, p, gone) in self.tracker.wait(&tid, peer, w) {
-            self.asked.remove(&(t.clone(), p.clone()));
-            let mut peers = self.stats.peers.lock();
-            let acks = peers.entry(p.clone()).or_default();
-            acks.missing += gone.rcpts.len() as u64;
-            acks.evicted += gone.rcpts.len() as u64;
-            drop(peers);
+            self.asked
+                .remove(&(t.clone(), p.clone(), gone.queue_id.clone()));
+            self.stats
+                .peers
+                .lock()
+                .entry(p.clone())
+                .or_default()
+                .evicted += gone.rcpts.len() as u64;
             let reply = format!(
-                "no longer waited for: [cdr] max_pending ({}) reached",
-                self.cfg.max_pending
+                "no longer waited for: [cdr] max_pending ({}) or {} for one transaction ID reached",
+                self.cfg.max_pending,
+                track::PER_TRANSACTION
             );
-            for to in &gone.rcpts {
-                let line = Line {
-                    event: "res_missing",
-                    at: o.at,
-                    queue_id: &gone.queue_id,
-                    to,
-                    peer: &p,
-                    status: String::new(),
-                    reply: &reply,
-                    attempts: String::new(),
-                    latency: String::new(),
-                };
-                self.emit_waiting(&mut rows, &t, &gone, line);
-            }
+            self.emit_missing(&mut rows, &t, &p, &gone, o.at, &reply);
         }
         self.update_waiting();
+    }
+
+    /// The `res_missing` rows of a wait ended without its RES.
+    fn emit_missing(
+        &mut self,
+        rows: &mut Rows,
+        tid: &str,
+        peer: &str,
+        w: &Waiting,
+        at: SystemTime,
+        reply: &str,
+    ) {
+        self.stats
+            .peers
+            .lock()
+            .entry(peer.to_string())
+            .or_default()
+            .missing += w.rcpts.len() as u64;
+        for to in &w.rcpts {
+            let line = Line {
+                event: "res_missing",
+                at,
+                queue_id: &w.queue_id,
+                to,
+                peer,
+                status: String::new(),
+                reply,
+                attempts: String::new(),
+                latency: String::new(),
+            };
+            self.emit_waiting(rows, tid, w, line);
+        }
     }
 
     /// As [`Books::answered`], continuing the rows of the record at hand.
@@ -665,36 +700,24 @@ impl Books {
                 at,
                 transaction_id,
                 peer,
+                queue_id,
             } => {
-                let key = (transaction_id, peer);
+                let key = (transaction_id, peer, queue_id);
                 self.asked.remove(&key);
-                let Some((_, w)) = self.tracker.answer(&key.0, Some(&key.1)) else {
+                let w = if key.2.is_empty() {
+                    // Journaled by a version that did not name the REQ.
+                    self.tracker.answer(&key.0, Some(&key.1)).map(|(_, w)| w)
+                } else {
+                    self.tracker.give_up(&key.0, &key.1, &key.2)
+                };
+                let Some(w) = w else {
                     return;
                 };
-                self.stats
-                    .peers
-                    .lock()
-                    .entry(key.1.clone())
-                    .or_default()
-                    .missing += w.rcpts.len() as u64;
                 let reply = format!(
                     "no MM4_forward.RES within {}s",
                     self.cfg.ack_timeout.as_secs()
                 );
-                for to in &w.rcpts {
-                    let line = Line {
-                        event: "res_missing",
-                        at,
-                        queue_id: &w.queue_id,
-                        to,
-                        peer: &key.1,
-                        status: String::new(),
-                        reply: &reply,
-                        attempts: String::new(),
-                        latency: String::new(),
-                    };
-                    self.emit_waiting(&mut rows, &key.0, &w, line);
-                }
+                self.emit_missing(&mut rows, &key.0, &key.1, &w, at, &reply);
                 self.update_waiting();
             }
         }
@@ -783,12 +806,9 @@ impl Books {
             return;
         }
         row.0[13] = row::format_id(id.0, id.1);
-        if let Err(e) = self.files.push(&row, self.clock.now(), id.0) {
-            self.failed("open a CDR file", &e);
-            // Not lost: the checkpoint stays behind it, and the next
-            // start derives it again.
-            return;
-        }
+        // Queued even when no file can be made: the checkpoint stays
+        // behind it until it is written and flushed.
+        self.files.push(&row, self.clock.now(), id.0);
         self.written = id;
         if let Some(i) = EVENTS.iter().position(|e| *e == event) {
             self.stats.rows[i].fetch_add(1, Ordering::Relaxed);
@@ -841,24 +861,42 @@ impl Books {
             }
             let now = self.clock.now();
             if self.files.due(now) {
-                self.save();
-                if let Err(e) = self.files.close() {
-                    self.failed("close a CDR file", &e);
+                // Closed only once the checkpoint covers its rows: a
+                // closed file may be collected, and its rows must never
+                // be written again.
+                if self.save(true) {
+                    self.close_file();
                 }
-                self.stats
-                    .files_closed
-                    .store(self.files.closed, Ordering::Relaxed);
+                last_checkpoint = Instant::now();
             }
-            if self.dirty && last_checkpoint.elapsed() >= TICK {
-                self.save();
+            if self.dirty && last_checkpoint.elapsed() >= self.checkpoint_every() {
+                self.save(false);
                 last_checkpoint = Instant::now();
             }
             self.give_up(now);
         }
-        self.save();
+        if self.save(true) {
+            self.close_file();
+        }
+        // Otherwise the file stays open: the next start reads its last
+        // row, then closes it.
+    }
+
+    fn close_file(&mut self) {
         if let Err(e) = self.files.close() {
             self.failed("close a CDR file", &e);
         }
+        self.stats
+            .files_closed
+            .store(self.files.closed, Ordering::Relaxed);
+    }
+
+    /// How often the checkpoint is saved: every tick, but less often as
+    /// more transactions wait (each save writes them all), and at least
+    /// every [`MAX_CHECKPOINT_EVERY`].
+    fn checkpoint_every(&self) -> Duration {
+        let n = (self.tracker.len() / WAITS_PER_TICK).max(1) as u32;
+        (TICK * n).min(MAX_CHECKPOINT_EVERY)
     }
 
     /// Journals the waits that are due (once each): their rows come when
@@ -869,11 +907,13 @@ impl Books {
         };
         for key in self.tracker.due(ms(now)) {
             if self.asked.insert(key.clone()) {
+                let (transaction_id, peer, queue_id) = key;
                 appender.event(
                     Event::ResMissing {
                         at: now,
-                        transaction_id: key.0,
-                        peer: key.1,
+                        transaction_id,
+                        peer,
+                        queue_id,
                     }
                     .encode(),
                 );
@@ -882,14 +922,18 @@ impl Books {
     }
 
     /// Flushes the file, then saves the checkpoint; only then may the
-    /// spool let go of what it accounts for.
-    fn save(&mut self) {
-        if !self.dirty {
-            return;
+    /// spool let go of what it accounts for. True when the checkpoint
+    /// covers every row (nothing was left to save, or this saved it).
+    fn save(&mut self, force: bool) -> bool {
+        if !self.dirty && !force {
+            return true;
         }
         if let Err(e) = self.files.sync() {
             self.failed("flush a CDR file", &e);
-            return;
+            return false;
+        }
+        if !self.dirty {
+            return true;
         }
         if let Err(e) = write_state(
             &self.state_path,
@@ -898,7 +942,7 @@ impl Books {
             &self.tracker,
         ) {
             self.failed("save the CDR checkpoint", &e);
-            return;
+            return false;
         }
         self.failing = false;
         self.dirty = false;
@@ -909,25 +953,40 @@ impl Books {
         if let Some(a) = &self.appender {
             a.nudge();
         }
+        true
     }
 }
 
+/// The `subject` and `parts` columns of a message. A panic in the parser
+/// (a message no test foresaw) leaves them empty rather than stop the
+/// ledger.
 fn summarize(data: &[u8]) -> (String, String) {
-    match summary::summarize(data) {
-        Some(s) => (row::clean(s.subject.as_deref().unwrap_or("")), parts_of(&s)),
-        None => (String::new(), String::new()),
+    let parsed = std::panic::catch_unwind(|| summary::summarize(data));
+    match parsed {
+        Ok(Some(s)) => (row::clean(s.subject.as_deref().unwrap_or("")), parts_of(&s)),
+        Ok(None) => (String::new(), String::new()),
+        Err(_) => {
+            warn!("cdr: the MIME parser failed on a message; its subject and parts are left empty");
+            (String::new(), String::new())
+        }
     }
 }
 
 /// The checkpoint: the last record accounted for, the last row written,
-/// and the transactions waiting for a RES.
+/// the transactions waiting for a RES and the RESs that came before their
+/// REQ's delivery was recorded.
 struct State {
     processed: u64,
     last_row: (u64, u32),
     waiting: Vec<(String, String, Waiting)>,
+    early: Vec<(String, Early)>,
 }
 
-const STATE_HEAD: &str = "mm4relay-cdr-state 1";
+/// The checkpoint's first line, before its version.
+const STATE_HEAD: &str = "mm4relay-cdr-state";
+/// The version written: lines typed `w` (a wait) and `e` (an early RES).
+/// Version 1 held waits only, untyped and without their origin.
+const STATE_VERSION: u32 = 2;
 
 fn write_state(
     path: &Path,
@@ -935,7 +994,11 @@ fn write_state(
     last_row: (u64, u32),
     tracker: &Tracker,
 ) -> io::Result<()> {
-    let mut out = format!("{STATE_HEAD} {processed} {} {}\n", last_row.0, last_row.1).into_bytes();
+    let mut out = format!(
+        "{STATE_HEAD} {STATE_VERSION} {processed} {} {}\n",
+        last_row.0, last_row.1
+    )
+    .into_bytes();
     for (tid, peer, w) in tracker.entries() {
         let nums = [
             w.size.to_string(),
@@ -943,10 +1006,25 @@ fn write_state(
             w.deadline_ms.to_string(),
             w.seq.to_string(),
         ];
-        let fields = [tid, peer, &w.queue_id, &w.message_id, &w.from]
+        let fields = [
+            "w",
+            tid,
+            peer,
+            &w.queue_id,
+            &w.message_id,
+            &w.from,
+            &w.origin,
+        ]
+        .into_iter()
+        .chain(nums.iter().map(String::as_str))
+        .chain(w.rcpts.iter().map(String::as_str));
+        row::line(fields, &mut out);
+    }
+    for (tid, e) in tracker.early_entries() {
+        let at = e.at_ms.to_string();
+        let fields = ["e", tid, &e.status, &e.text, &at]
             .into_iter()
-            .chain(nums.iter().map(String::as_str))
-            .chain(w.rcpts.iter().map(String::as_str));
+            .chain(e.origin.as_deref());
         row::line(fields, &mut out);
     }
     let tmp = path.with_extension("tmp");
@@ -967,14 +1045,15 @@ fn write_state(
 }
 
 fn read_state(path: &Path) -> io::Result<State> {
-    let empty = State {
+    let mut s = State {
         processed: 0,
         last_row: (0, 0),
         waiting: Vec::new(),
+        early: Vec::new(),
     };
     let data = match fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(empty),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(s),
         Err(e) => return Err(e),
     };
     let mut lines = data.split(|&b| b == b'\n');
@@ -983,36 +1062,132 @@ fn read_state(path: &Path) -> io::Result<State> {
         .strip_prefix(STATE_HEAD)
         .unwrap_or("")
         .split_whitespace()
-        .filter_map(|n| n.parse().ok())
+        .map(|n| n.parse().unwrap_or(u64::MAX))
         .collect();
-    let [processed, seq, k] = nums[..] else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: not a CDR checkpoint", path.display()),
-        ));
+    let (version, processed, seq, k) = match nums[..] {
+        [1, processed, seq, k] | [2, processed, seq, k] if k <= u64::from(u32::MAX) => {
+            (nums[0], processed, seq, k as u32)
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: not a CDR checkpoint this version reads (a later version's?)",
+                    path.display()
+                ),
+            ));
+        }
     };
-    let mut s = State {
-        processed,
-        last_row: (seq, k as u32),
-        waiting: Vec::new(),
-    };
+    s.processed = processed;
+    s.last_row = (seq, k);
     for line in lines.filter(|l| !l.is_empty()) {
-        let Some(f) = row::split(line).filter(|f| f.len() > 9) else {
+        let read = row::split(line).and_then(|f| match version {
+            1 => wait_line(&f, false).map(|w| s.waiting.push(w)),
+            _ => match f[0].as_str() {
+                "w" => wait_line(&f[1..], true).map(|w| s.waiting.push(w)),
+                "e" => early_line(&f[1..]).map(|e| s.early.push(e)),
+                _ => None,
+            },
+        });
+        if read.is_none() {
             warn!("{}: a line that does not read, skipped", path.display());
-            continue;
-        };
-        let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
-        let w = Waiting {
-            queue_id: f[2].clone(),
-            message_id: f[3].clone(),
-            from: f[4].clone(),
-            size: n(5),
-            sent_ms: n(6),
-            deadline_ms: n(7),
-            seq: n(8),
-            rcpts: f[9..].to_vec(),
-        };
-        s.waiting.push((f[0].clone(), f[1].clone(), w));
+        }
     }
     Ok(s)
+}
+
+/// A wait: transaction ID, peer, queue ID, message ID, sender, origin
+/// (unless `with_origin` is false: version 1), size, sent, deadline, the
+/// sequence number, then the recipients.
+fn wait_line(f: &[String], with_origin: bool) -> Option<(String, String, Waiting)> {
+    let o = usize::from(with_origin);
+    if f.len() <= 9 + o {
+        return None;
+    }
+    let n = |i: usize| f[i + o].parse::<u64>().ok();
+    let w = Waiting {
+        queue_id: f[2].clone(),
+        message_id: f[3].clone(),
+        from: f[4].clone(),
+        origin: if with_origin {
+            f[5].clone()
+        } else {
+            String::new()
+        },
+        size: n(5)?,
+        sent_ms: n(6)?,
+        deadline_ms: n(7)?,
+        seq: n(8)?,
+        rcpts: f[9 + o..].to_vec(),
+    };
+    Some((f[0].clone(), f[1].clone(), w))
+}
+
+/// An early RES: transaction ID, status, text, when, and its partner if
+/// known.
+fn early_line(f: &[String]) -> Option<(String, Early)> {
+    if !(4..=5).contains(&f.len()) {
+        return None;
+    }
+    let e = Early {
+        status: f[1].clone(),
+        text: f[2].clone(),
+        at_ms: f[3].parse().ok()?,
+        origin: f.get(4).cloned(),
+    };
+    Some((f[0].clone(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checkpoint_keeps_waits_and_early_res_and_reads_version_1() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(STATE_FILE);
+        let mut t = Tracker::new(10);
+        let w = Waiting {
+            queue_id: "Q1".into(),
+            message_id: "M,1".into(),
+            from: "+1/TYPE=PLMN@a".into(),
+            origin: "partner b".into(),
+            rcpts: vec!["r1".into(), "r\"2".into()],
+            size: 7,
+            sent_ms: 1000,
+            deadline_ms: 5000,
+            seq: 3,
+        };
+        t.restore("T1", "B", w.clone());
+        let early = |origin: Option<&str>| Early {
+            status: "Ok".into(),
+            text: "fine, thanks".into(),
+            at_ms: 900,
+            origin: origin.map(str::to_string),
+        };
+        t.restore_early("T2", early(Some("B")));
+        t.restore_early("T3", early(None));
+        write_state(&path, 42, (41, 2), &t).unwrap();
+        let s = read_state(&path).unwrap();
+        assert_eq!((s.processed, s.last_row), (42, (41, 2)));
+        assert_eq!(s.waiting, [("T1".into(), "B".into(), w.clone())]);
+        assert_eq!(
+            s.early,
+            [("T2".into(), early(Some("B"))), ("T3".into(), early(None))]
+        );
+        fs::write(
+            &path,
+            "mm4relay-cdr-state 1 9 8 0\nT1,B,Q1,\"M,1\",+1/TYPE=PLMN@a,7,1000,5000,3,r1,\"r\"\"2\"\n",
+        )
+        .unwrap();
+        let s = read_state(&path).unwrap();
+        assert_eq!((s.processed, s.last_row), (9, (8, 0)));
+        let old = Waiting {
+            origin: String::new(),
+            ..w
+        };
+        assert_eq!(s.waiting, [("T1".into(), "B".into(), old)]);
+        fs::write(&path, "mm4relay-cdr-state 3 9 8 0\n").unwrap();
+        assert!(read_state(&path).is_err(), "a later version's");
+    }
 }

@@ -203,13 +203,19 @@ fn list(dir: &Path) -> io::Result<Vec<Listed>> {
         .collect())
 }
 
-/// The start time of `mm4relay-<compact time>-<20-digit seq>.csv[.open]`.
+/// The start time of `mm4relay-<compact time>-<20-digit seq>[-N].csv[.open]`
+/// (`-N` when a closed file's name was taken).
 fn start_time(name: &str) -> Option<&str> {
     let rest = name.strip_prefix("mm4relay-")?;
     let rest = rest
         .strip_suffix(".csv.open")
         .or_else(|| rest.strip_suffix(".csv"))?;
     let (start, seq) = rest.split_once('-')?;
+    let seq = match seq.split_once('-') {
+        Some((seq, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => seq,
+        Some(_) => return None,
+        None => seq,
+    };
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     let (date, clock) = start.split_once('T')?;
     let clock = clock.strip_suffix('Z')?;

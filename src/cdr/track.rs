@@ -1,16 +1,23 @@
 //! Transactions waiting for their MM4_forward.RES: a forward.REQ that asked
 //! for one (`X-Mms-Ack-Request: Yes`) and that a peer took, by transaction
-//! ID and peer. Bounded: past the cap the oldest goes first (counted, and
-//! made a `res_missing` row by the ledger). Fed only by the journal's
-//! entries in order, so replaying the same entries gives the same state.
+//! ID and peer. Bounded: past the cap the soonest due wait of the origin
+//! holding the most goes first (counted, and made a `res_missing` row by
+//! the ledger), so one sender flooding acks cannot push out the others'.
+//! One transaction ID holds a few waits at most, one per message, and a RES
+//! answers the oldest: a sender repeating an ID cannot grow one wait, nor
+//! take another message's rows. Fed only by the journal's entries in order,
+//! and every choice is ordered (never by hash order), so replaying the same
+//! entries gives the same state.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// How long a RES that came before its REQ's delivery was recorded (a fast
 /// partner) waits for it.
 pub const EARLY_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Most such early RESs kept.
 pub const MAX_EARLY: usize = 10_000;
+/// Most waits for one transaction ID, over every peer.
+pub const PER_TRANSACTION: usize = 16;
 
 /// A forward.REQ waiting for its RES.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +28,8 @@ pub struct Waiting {
     pub message_id: String,
     /// Its envelope sender.
     pub from: String,
+    /// Where it came from (`local` or `partner NAME`).
+    pub origin: String,
     /// The recipients the peer took.
     pub rcpts: Vec<String>,
     /// Its size.
@@ -46,17 +55,34 @@ pub struct Early {
     pub origin: Option<String>,
 }
 
-/// Key: (transaction ID, peer).
-type Key = (String, String);
+/// A wait's place: (deadline, journal sequence number), one per wait.
+type Place = (u64, u64);
+
+/// An early RES's key: (transaction ID, the partner it came from).
+type EarlyKey = (String, Option<String>);
+
+/// One wait and whose it is.
+#[derive(Debug)]
+struct Slot {
+    tid: String,
+    peer: String,
+    w: Waiting,
+}
+
+/// What a wait is given back as: transaction ID, peer, the wait.
+pub type Gone = (String, String, Waiting);
 
 /// The waiting transactions.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    waiting: HashMap<Key, Waiting>,
-    /// By deadline: which is due first (and goes first past the cap).
-    order: BTreeMap<(u64, u64), Key>,
-    early: HashMap<String, Early>,
-    early_order: VecDeque<(u64, String)>,
+    /// By deadline: which is due first.
+    slots: BTreeMap<Place, Slot>,
+    /// Each transaction ID's waits, oldest first.
+    by_tid: HashMap<String, Vec<Place>>,
+    /// Each origin's waits, by deadline.
+    by_origin: HashMap<String, BTreeSet<Place>>,
+    early: HashMap<EarlyKey, Early>,
+    early_order: VecDeque<(u64, EarlyKey)>,
     /// Most transactions waiting.
     pub cap: usize,
 }
@@ -72,97 +98,186 @@ impl Tracker {
 
     /// Transactions waiting.
     pub fn len(&self) -> usize {
-        self.waiting.len()
+        self.slots.len()
     }
 
-    /// Starts (or widens) the wait of transaction `tid` at `peer`; returns
-    /// what the cap pushed out, oldest first.
-    pub fn wait(&mut self, tid: &str, peer: &str, w: Waiting) -> Vec<(String, String, Waiting)> {
-        let key = (tid.to_string(), peer.to_string());
-        if let Some(old) = self.waiting.get_mut(&key) {
-            // More recipients of the same transaction, delivered later.
-            for r in w.rcpts {
-                if !old.rcpts.contains(&r) {
-                    old.rcpts.push(r);
+    /// Starts the wait of transaction `tid` at `peer` (or widens the one
+    /// of the same message); returns what the bounds pushed out.
+    pub fn wait(&mut self, tid: &str, peer: &str, w: Waiting) -> Vec<Gone> {
+        let mine = self.by_tid.get(tid).cloned().unwrap_or_default();
+        for place in &mine {
+            let Some(old) = self.slots.get_mut(place) else {
+                continue;
+            };
+            if old.peer == peer && old.w.queue_id == w.queue_id {
+                // More recipients of the same message, delivered later.
+                for r in w.rcpts {
+                    if !old.w.rcpts.contains(&r) {
+                        old.w.rcpts.push(r);
+                    }
                 }
+                return Vec::new();
             }
-            return Vec::new();
         }
         let mut out = Vec::new();
-        while self.waiting.len() >= self.cap {
-            let Some((_, k)) = self.order.pop_first() else {
+        if mine.len() >= PER_TRANSACTION {
+            out.extend(self.remove(mine[0]));
+        }
+        while self.slots.len() >= self.cap {
+            let Some(place) = self.heaviest_first() else {
                 break;
             };
-            if let Some(gone) = self.waiting.remove(&k) {
-                out.push((k.0, k.1, gone));
-            }
+            out.extend(self.remove(place));
         }
-        self.order.insert((w.deadline_ms, w.seq), key.clone());
-        self.waiting.insert(key, w);
+        self.insert(tid, peer, w);
         out
     }
 
-    /// Ends the wait of `tid`: at `peer` if given, else at the one peer
-    /// waiting for it (none if several are: a RES must say which).
-    pub fn answer(&mut self, tid: &str, peer: Option<&str>) -> Option<(String, Waiting)> {
-        let peer = match peer {
-            Some(p) => p.to_string(),
-            None => {
-                let mut peers = self.waiting.keys().filter(|k| k.0 == tid).map(|k| &k.1);
-                let p = peers.next()?.clone();
-                if peers.next().is_some() {
-                    return None;
-                }
-                p
-            }
-        };
-        let key = (tid.to_string(), peer);
-        let w = self.waiting.remove(&key)?;
-        self.order.remove(&(w.deadline_ms, w.seq));
-        Some((key.1, w))
+    /// Puts back a wait the checkpoint held, as it was (no bound applies:
+    /// they held when it was saved).
+    pub fn restore(&mut self, tid: &str, peer: &str, w: Waiting) {
+        self.insert(tid, peer, w);
     }
 
-    /// The waits due by `now_ms`, soonest first (they stay until answered
-    /// or given up through the journal).
-    pub fn due(&self, now_ms: u64) -> Vec<(String, String)> {
-        self.order
+    fn insert(&mut self, tid: &str, peer: &str, w: Waiting) {
+        let place = (w.deadline_ms, w.seq);
+        if self.slots.contains_key(&place) {
+            return;
+        }
+        let v = self.by_tid.entry(tid.to_string()).or_default();
+        let at = v.partition_point(|p| p.1 < place.1);
+        v.insert(at, place);
+        self.by_origin
+            .entry(w.origin.clone())
+            .or_default()
+            .insert(place);
+        let slot = Slot {
+            tid: tid.to_string(),
+            peer: peer.to_string(),
+            w,
+        };
+        self.slots.insert(place, slot);
+    }
+
+    /// The soonest due wait of the origin holding the most (ties to the
+    /// first origin by name).
+    fn heaviest_first(&self) -> Option<Place> {
+        let (_, set) = self
+            .by_origin
+            .iter()
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| b.0.cmp(a.0)))?;
+        set.first().copied()
+    }
+
+    fn remove(&mut self, place: Place) -> Option<Gone> {
+        let slot = self.slots.remove(&place)?;
+        if let Some(v) = self.by_tid.get_mut(&slot.tid) {
+            v.retain(|p| *p != place);
+            if v.is_empty() {
+                self.by_tid.remove(&slot.tid);
+            }
+        }
+        if let Some(set) = self.by_origin.get_mut(&slot.w.origin) {
+            set.remove(&place);
+            if set.is_empty() {
+                self.by_origin.remove(&slot.w.origin);
+            }
+        }
+        Some((slot.tid, slot.peer, slot.w))
+    }
+
+    /// Ends the oldest wait of `tid`: at `peer` if given, else at the one
+    /// peer waiting for it (none if several are: a RES must say which).
+    pub fn answer(&mut self, tid: &str, peer: Option<&str>) -> Option<(String, Waiting)> {
+        let places = self.by_tid.get(tid)?;
+        let peer_of = |p: &Place| self.slots.get(p).map(|s| s.peer.as_str());
+        let place = match peer {
+            Some(peer) => *places.iter().find(|p| peer_of(p) == Some(peer))?,
+            None => {
+                let first = peer_of(&places[0]);
+                if places.iter().any(|p| peer_of(p) != first) {
+                    return None;
+                }
+                places[0]
+            }
+        };
+        self.remove(place).map(|(_, p, w)| (p, w))
+    }
+
+    /// Ends the wait of message `queue_id` for `tid` at `peer`.
+    pub fn give_up(&mut self, tid: &str, peer: &str, queue_id: &str) -> Option<Waiting> {
+        let place = *self.by_tid.get(tid)?.iter().find(|p| {
+            self.slots
+                .get(p)
+                .is_some_and(|s| s.peer == peer && s.w.queue_id == queue_id)
+        })?;
+        self.remove(place).map(|(_, _, w)| w)
+    }
+
+    /// The waits due by `now_ms`, soonest first, as (transaction ID, peer,
+    /// queue ID): they stay until answered or given up through the journal.
+    pub fn due(&self, now_ms: u64) -> Vec<(String, String, String)> {
+        self.slots
             .range(..=(now_ms, u64::MAX))
-            .map(|(_, k)| k.clone())
+            .map(|(_, s)| (s.tid.clone(), s.peer.clone(), s.w.queue_id.clone()))
             .collect()
     }
 
-    /// Keeps a RES that came first.
+    /// Puts back an early RES the checkpoint held, after those before it.
+    pub fn restore_early(&mut self, tid: &str, e: Early) {
+        let key = (tid.to_string(), e.origin.clone());
+        self.early_order.push_back((e.at_ms, key.clone()));
+        self.early.insert(key, e);
+    }
+
+    /// Keeps a RES that came first (the first one, for its transaction ID
+    /// and sender).
     pub fn early(&mut self, tid: &str, e: Early) {
         while let Some((at, _)) = self.early_order.front() {
-            if self.early_order.len() < MAX_EARLY && at + EARLY_WINDOW_MS >= e.at_ms {
+            if self.early.len() < MAX_EARLY && at + EARLY_WINDOW_MS >= e.at_ms {
                 break;
             }
-            if let Some((_, t)) = self.early_order.pop_front() {
-                self.early.remove(&t);
+            if let Some((at, key)) = self.early_order.pop_front()
+                && self.early.get(&key).is_some_and(|k| k.at_ms == at)
+            {
+                self.early.remove(&key);
             }
         }
-        if self.early.insert(tid.to_string(), e.clone()).is_none() {
-            self.early_order.push_back((e.at_ms, tid.to_string()));
+        let key = (tid.to_string(), e.origin.clone());
+        if !self.early.contains_key(&key) {
+            self.early_order.push_back((e.at_ms, key.clone()));
+            self.early.insert(key, e);
         }
     }
 
     /// A RES that came before the REQ it answers was recorded sent at
-    /// `sent_ms` to `peer`.
+    /// `sent_ms` to `peer`: one from `peer`, else one from no known partner.
     pub fn take_early(&mut self, tid: &str, peer: &str, sent_ms: u64) -> Option<Early> {
-        let e = self.early.get(tid)?;
-        let fits =
-            e.origin.as_deref().is_none_or(|o| o == peer) && e.at_ms + EARLY_WINDOW_MS >= sent_ms;
-        if !fits {
-            return None;
-        }
-        self.early.remove(tid)
+        let keys = [
+            (tid.to_string(), Some(peer.to_string())),
+            (tid.to_string(), None),
+        ];
+        let key = keys.into_iter().find(|k| {
+            self.early
+                .get(k)
+                .is_some_and(|e| e.at_ms + EARLY_WINDOW_MS >= sent_ms)
+        })?;
+        self.early.remove(&key)
     }
 
     /// Every wait, for the checkpoint.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str, &Waiting)> {
-        self.waiting
-            .iter()
-            .map(|((t, p), w)| (t.as_str(), p.as_str(), w))
+        self.slots
+            .values()
+            .map(|s| (s.tid.as_str(), s.peer.as_str(), &s.w))
+    }
+
+    /// Every early RES, oldest first, for the checkpoint.
+    pub fn early_entries(&self) -> impl Iterator<Item = (&str, &Early)> {
+        self.early_order.iter().filter_map(|(at, key)| {
+            let e = self.early.get(key).filter(|e| e.at_ms == *at)?;
+            Some((key.0.as_str(), e))
+        })
     }
 }
 
@@ -171,10 +286,15 @@ mod tests {
     use super::*;
 
     fn w(seq: u64, deadline_ms: u64) -> Waiting {
+        wo(seq, deadline_ms, "local")
+    }
+
+    fn wo(seq: u64, deadline_ms: u64, origin: &str) -> Waiting {
         Waiting {
             queue_id: format!("q{seq}"),
             message_id: String::new(),
             from: String::new(),
+            origin: origin.into(),
             rcpts: vec!["r".into()],
             size: 1,
             sent_ms: 0,
@@ -191,28 +311,73 @@ mod tests {
         let out = t.wait("T3", "B", w(3, 200));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, "T2");
-        assert_eq!(t.due(150), [("T1".to_string(), "A".to_string())]);
+        assert_eq!(
+            t.due(150),
+            [("T1".to_string(), "A".to_string(), "q1".to_string())]
+        );
         assert!(t.answer("T3", Some("A")).is_none(), "wrong peer");
         assert_eq!(t.answer("T3", None).unwrap().0, "B");
         assert_eq!(t.len(), 1);
     }
 
     #[test]
+    fn the_cap_takes_from_the_origin_holding_the_most() {
+        let mut t = Tracker::new(4);
+        t.wait("L1", "A", wo(1, 10, "local"));
+        t.wait("F1", "A", wo(2, 20, "partner X"));
+        t.wait("F2", "A", wo(3, 30, "partner X"));
+        t.wait("F3", "A", wo(4, 40, "partner X"));
+        // The local wait is due first, but partner X holds three.
+        let out = t.wait("F4", "A", wo(5, 50, "partner X"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, "F1");
+        assert!(t.answer("L1", Some("A")).is_some());
+    }
+
+    #[test]
+    fn one_transaction_id_holds_a_few_waits_and_a_res_answers_the_oldest() {
+        let mut t = Tracker::new(1000);
+        // The same message delivered in two parts: one wait.
+        t.wait("T", "A", w(1, 100));
+        let mut more = w(1, 100);
+        more.rcpts = vec!["s".into()];
+        more.seq = 2;
+        assert!(t.wait("T", "A", more).is_empty());
+        assert_eq!(t.len(), 1);
+        // Other messages reusing the ID: their own waits, at most a few.
+        let mut pushed = Vec::new();
+        for seq in 3..(3 + PER_TRANSACTION as u64) {
+            pushed.extend(t.wait("T", "A", w(seq, 100 + seq)));
+        }
+        assert_eq!(t.len(), PER_TRANSACTION);
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(pushed[0].2.rcpts, ["r", "s"]);
+        let (_, oldest) = t.answer("T", Some("A")).unwrap();
+        assert_eq!(oldest.queue_id, "q3");
+        assert!(t.give_up("T", "A", "q5").is_some());
+        assert!(t.give_up("T", "A", "q5").is_none(), "once");
+    }
+
+    #[test]
     fn an_early_res_is_kept_for_its_req_and_no_longer() {
         let mut t = Tracker::new(10);
-        let e = |at_ms| Early {
+        let e = |at_ms, origin: &str| Early {
             status: "Ok".into(),
             text: String::new(),
             at_ms,
-            origin: Some("A".into()),
+            origin: Some(origin.into()),
         };
-        t.early("T1", e(1000));
-        assert!(t.take_early("T1", "B", 1000).is_none(), "another peer");
+        t.early("T1", e(1000, "A"));
+        // Another partner's RES with the same ID takes nothing from A's.
+        t.early("T1", e(1500, "B"));
+        assert_eq!(t.early_entries().count(), 2);
+        assert!(t.take_early("T1", "C", 1000).is_none(), "another peer");
         assert!(
             t.take_early("T1", "A", 1000 + EARLY_WINDOW_MS + 1)
                 .is_none()
         );
-        assert!(t.take_early("T1", "A", 2000).is_some());
+        assert_eq!(t.take_early("T1", "A", 2000).unwrap().at_ms, 1000);
         assert!(t.take_early("T1", "A", 2000).is_none(), "once");
+        assert_eq!(t.take_early("T1", "B", 2000).unwrap().at_ms, 1500);
     }
 }

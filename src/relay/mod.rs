@@ -394,6 +394,7 @@ impl Relay {
             ),
             ("stats_interval", old.stats_interval != r.stats_interval),
             ("dedup_window", old.dedup_window != r.dedup_window),
+            ("[cdr] section", self.config.cdr != new.cdr),
             (
                 "max_sessions",
                 self.config.listener.max_sessions != new.listener.max_sessions,

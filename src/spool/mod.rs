@@ -220,7 +220,8 @@ impl OutcomeKind {
 #[derive(Debug)]
 pub enum Entry {
     /// A message accepted (at recovery also a copy, with its first
-    /// sequence number). The data is there when it was just accepted.
+    /// sequence number). The data is there when it was just accepted and
+    /// is at most 64 KiB; otherwise it is read back from `location`.
     Accepted {
         /// Sequence number.
         seq: u64,

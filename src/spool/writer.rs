@@ -86,6 +86,9 @@ struct Unwritten {
 /// Longest a done or retry record waits, written but not flushed, before
 /// it gets a flush of its own for the journal.
 const PUBLISH_WAIT: Duration = Duration::from_millis(50);
+/// Largest message data handed to the journal with its record; a larger
+/// one goes without (the journal reads it back from the spool).
+const FED_DATA: usize = 64 * 1024;
 
 fn open_segment(dir: &Path, number: u64) -> io::Result<Active> {
     let file = OpenOptions::new()
@@ -365,6 +368,13 @@ impl Writer {
                         .add_message(&m.id, loc.segment, record, frame, total);
                     acks.push((ack, Ok(loc)));
                     if feed {
+                        let mut m = m;
+                        if m.data.len() > FED_DATA {
+                            // The ledger reads a large message back when
+                            // it needs it: a stalled ledger's queue holds
+                            // no more than this per message.
+                            m.data = Arc::from(&[][..]);
+                        }
                         entries[at] = Some(Entry::Accepted {
                             seq,
                             message: m,

@@ -374,3 +374,61 @@ fn files_close_at_their_time_and_a_leftover_is_closed_at_start() {
         "{out}"
     );
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_saved_keeps_its_file_open_and_no_row_comes_twice() {
+    let mut h = Harness::with(cdr_profile(""));
+    let dir = h.spool.path().join("cdr");
+    // The checkpoint is written beside it first: a directory in its way
+    // makes every save fail, as a full or broken disk would.
+    let blocker = h.spool.path().join("cdr-state.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut c = h.client(LOCAL);
+    for seq in 1..=3 {
+        send_forward(&mut c, seq, TO_B, 512);
+    }
+    wait_until("three rows written", || {
+        events(&rows_in(&dir, ".csv.open"), "sent").len() == 3
+    });
+    h.stop_relay();
+    assert!(
+        rows_in(&dir, ".csv").is_empty(),
+        "a file whose rows the checkpoint does not cover is not closed"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    h.restart();
+    h.stop_relay();
+    assert!(rows_in(&dir, ".csv.open").is_empty(), "closed at start");
+    let rows = rows_in(&dir, ".csv");
+    assert_eq!(events(&rows, "sent").len(), 3, "each row once: {rows:?}");
+    let ids: HashSet<&String> = rows.iter().map(|r| &r["cdr_id"]).collect();
+    assert_eq!(ids.len(), rows.len());
+}
+
+#[test]
+fn a_res_that_came_before_its_req_was_delivered_is_matched_across_a_restart() {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let mut h = Harness::with_clock(cdr_profile("ack_timeout = 10m"), clock.clone());
+    let dir = h.spool.path().join("cdr");
+    h.sims[1].set_fault(Fault::TempFail);
+    let mut c = h.client(LOCAL);
+    let req = queued_as(&send_message(&mut c, FROM, &[TO_B], &acked_req(12, TO_B)));
+    wait_row(&dir, "deferred", "T00000012");
+    // A fast partner: its RES comes while the REQ waits for its retry.
+    let mut p = h.client(PARTNER_B);
+    send_message(&mut p, RES_FROM, &[RES_TO], &res(12, "Ok"));
+    wait_until("the early RES is checkpointed", || {
+        std::fs::read_to_string(h.spool.path().join("cdr-state"))
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("e,T00000012,")))
+    });
+    h.sims[1].set_fault(Fault::None);
+    h.restart();
+    clock.advance(Duration::from_secs(1));
+    wait_until("B has the REQ", || h.sims[1].recipients() == 1);
+    let row = wait_row(&dir, "res", "T00000012");
+    assert_eq!(row["queue_id"], req);
+    assert_eq!(row["status"], "Ok");
+    h.stop_relay();
+    let rows = all_rows(&dir);
+    assert!(events(&rows, "res_missing").is_empty(), "{rows:?}");
+}

@@ -223,15 +223,26 @@ fn cdr_families(out: &mut String, c: &LedgerStats) {
     for f in [asked, res, missing] {
         f.write(out);
     }
-    let name = "mm4relay_res_latency_seconds";
-    let _ = writeln!(
+    histograms(
         out,
-        "# HELP {name} The peer's 250 for a forward.REQ to its MM4_forward.RES.\n\
-         # TYPE {name} histogram"
+        "mm4relay_res_latency_seconds",
+        "The peer's 250 for a forward.REQ to its MM4_forward.RES.",
+        peers
+            .iter()
+            .map(|(peer, a)| (peer.as_str(), a.latency.read())),
     );
-    for (peer, a) in peers.iter() {
+}
+
+/// A histogram family of one series per peer: (peer, (counts, sum)).
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (&'a str, ([u64; 9], f64))>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (peer, (counts, sum)) in series {
         let peer = label(peer);
-        let (counts, sum) = a.latency.read();
         for (bound, n) in DELAY_BUCKETS.iter().zip(counts) {
             let _ = writeln!(out, "{name}_bucket{{peer=\"{peer}\",le=\"{bound}\"}} {n}");
         }
@@ -319,23 +330,15 @@ fn peer_families(peers: &[PeerSnapshot]) -> Vec<Family> {
 
 /// Acceptance to the peer's 250, as one histogram per peer.
 fn delay_histograms(out: &mut String, views: &[PeerView], peers: &[PeerSnapshot]) {
-    let name = "mm4relay_delivery_delay_seconds";
-    let _ = writeln!(
+    histograms(
         out,
-        "# HELP {name} Acceptance to the peer's 250, per delivered recipient.\n\
-         # TYPE {name} histogram"
+        "mm4relay_delivery_delay_seconds",
+        "Acceptance to the peer's 250, per delivered recipient.",
+        views
+            .iter()
+            .zip(peers)
+            .map(|(p, s)| (s.name.as_str(), p.stats().delay.read())),
     );
-    for (p, s) in views.iter().zip(peers) {
-        let (counts, sum) = p.stats().delay.read();
-        let peer = &s.name;
-        for (bound, n) in DELAY_BUCKETS.iter().zip(counts) {
-            let _ = writeln!(out, "{name}_bucket{{peer=\"{peer}\",le=\"{bound}\"}} {n}");
-        }
-        let total = counts[DELAY_BUCKETS.len()];
-        let _ = writeln!(out, "{name}_bucket{{peer=\"{peer}\",le=\"+Inf\"}} {total}");
-        let _ = writeln!(out, "{name}_sum{{peer=\"{peer}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{peer=\"{peer}\"}} {total}");
-    }
 }
 
 /// Families of one unlabelled sample each: name, type, help, value.
