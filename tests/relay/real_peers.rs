@@ -33,7 +33,7 @@ struct Rig {
     relay: Option<Relay>,
     /// A (the local MMSC: DSNs arrive here) and C.
     sims: [SimPeer; 2],
-    _spool: tempfile::TempDir,
+    spool: tempfile::TempDir,
     addr: SocketAddr,
 }
 
@@ -60,7 +60,7 @@ impl Rig {
         Ok(Rig {
             relay: Some(relay),
             sims,
-            _spool: spool,
+            spool,
             addr,
         })
     }
@@ -733,4 +733,58 @@ fn a_postfix_client_sends_in_over_tls_1_3() {
         text.contains("by relay.test (mm4relay) with ESMTPS"),
         "{text}"
     );
+}
+
+/// CDR rows built from what real servers answered: Postfix's 250 (its
+/// queue ID in `reply`, the same ID its Received: line names) for each
+/// message, and smtp-sink's 5xx at the final dot as `failed`.
+#[test]
+fn cdr_rows_carry_what_postfix_and_smtp_sink_answered() {
+    let cdr = || Profile {
+        extra_sections: "[cdr]\ndir = {spool}/cdr\n".into(),
+        ..Profile::default()
+    };
+    let Some(pf) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let mut rig = Rig::start(pf.addr(), cdr(), String::new()).unwrap();
+    let sent = rig.send(0..5);
+    let got = arrivals(&pf, &sent);
+    assert_eq!(got.len(), 5, "{}", pf.log());
+    rig.stop();
+    let rows = crate::cdr::rows_in(&rig.spool.path().join("cdr"), ".csv");
+    let sent_rows: Vec<_> = rows.iter().filter(|r| r["event"] == "sent").collect();
+    assert_eq!(sent_rows.len(), 5, "{rows:?}");
+    let stored = pf.messages();
+    for r in &sent_rows {
+        assert_eq!(
+            (r["peer"].as_str(), r["status"].as_str(), r["to"].as_str()),
+            ("B", "250", TO_B),
+            "{r:?}"
+        );
+        let id = r["reply"]
+            .split("queued as ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no Postfix queue ID in {r:?}"))
+            .trim();
+        let m = stored
+            .iter()
+            .find(|m| tid(m).as_deref() == Some(r["transaction_id"].as_str()))
+            .unwrap_or_else(|| panic!("{} not stored", r["transaction_id"]));
+        let text = String::from_utf8_lossy(m);
+        assert!(text.contains(&format!("id {id}")), "{id} not in\n{text}");
+    }
+
+    let Some(sink) = SmtpSink::start(&["-f", "."]) else {
+        return;
+    };
+    let mut rig = Rig::start(sink.addr(), cdr(), String::new()).unwrap();
+    rig.send(0..1);
+    assert!(rig.sims[0].wait_for_recipients(1, DEADLINE), "no DSN at A");
+    rig.stop();
+    let rows = crate::cdr::rows_in(&rig.spool.path().join("cdr"), ".csv");
+    let failed: Vec<_> = rows.iter().filter(|r| r["event"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{rows:?}");
+    assert!(failed[0]["status"].starts_with('5'), "{:?}", failed[0]);
+    assert_eq!(failed[0]["attempts"], "1");
 }
