@@ -16,7 +16,7 @@
 //! reports its throughput as a ratio of the plain run of the same round.
 //! `E2E_CDR=1` adds a run per round with `[cdr]` on (and checks one `sent`
 //! row per message), reported as a ratio of the run without of the same
-//! round. `E2E_DOWN=1` instead runs the load with peer C down and prints
+//! round (the CDR run first in even rounds, second in odd ones). `E2E_DOWN=1` instead runs the load with peer C down and prints
 //! `mm4relay status` and `mm4relay queue age` meanwhile. `E2E_DNS=1` puts
 //! the three peers on 127.0.1.1-3 sharing one port and adds two runs per
 //! round, each reported as a ratio of the static-hosts run of the same
@@ -505,15 +505,41 @@ fn main() {
         };
         let direct = baseline(&sims, &per_peer, sessions);
 
-        let run = relay_run(
-            &sims,
-            &all,
-            &want,
-            sessions,
-            &log_level,
-            &sync,
-            (None, Hosts::Static, false),
-        );
+        let plain = || {
+            relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                (None, Hosts::Static, false),
+            )
+        };
+        let with_cdr = || {
+            relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                (None, Hosts::Static, true),
+            )
+        };
+        // The CDR run goes first in even rounds: neither run gains from
+        // its place (a warm page cache, a spool disk still writing back).
+        let (run, cdr_run) = match (cdr, round % 2 == 0) {
+            (false, _) => (plain(), None),
+            (true, false) => {
+                let run = plain();
+                (run, Some(with_cdr()))
+            }
+            (true, true) => {
+                let r = with_cdr();
+                (plain(), Some(r))
+            }
+        };
         let direct_rate = n as f64 / direct.as_secs_f64();
         let relay_rate = n as f64 / run.elapsed.as_secs_f64();
         let ratio = relay_rate / direct_rate;
@@ -526,16 +552,7 @@ fn main() {
             percentiles(run.report.latencies),
         );
         println!("      {}", run.spool);
-        if cdr {
-            let r = relay_run(
-                &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
-                (None, Hosts::Static, true),
-            );
+        if let Some(r) = cdr_run {
             let rate = n as f64 / r.elapsed.as_secs_f64();
             cdr_ratios.push(rate / relay_rate);
             println!(
