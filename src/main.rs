@@ -16,88 +16,16 @@ use mm4relay::relay::demo::{self, DemoOptions};
 use mm4relay::relay::{self, RelayError};
 use mm4relay::sys::{logging, privilege};
 
-const USAGE: &str = "\
-mm4relay — MM4 relay: one message pool and one persistent SMTP sub-pool per destination MMSC
+mod cli;
 
-USAGE:
-    mm4relay run -c FILE [--pidfile PATH]
-                                run in the foreground until SIGTERM/SIGINT;
-                                SIGHUP reopens the log file and reloads FILE
-    mm4relay check -c FILE      validate FILE, print the peers and the routing table
-    mm4relay status [-c FILE | --socket PATH] [--json]
-                                per-peer health, allowance, connections, queues and
-                                totals of the running relay (socket from FILE's
-                                [relay] control_socket, default /run/mm4relay.sock)
-    mm4relay route ADDRESS [-c FILE | --socket PATH]
-                                the peer a recipient goes to and the rule that chose it
-                                (ported exact or block, prefix, domain, default), by the
-                                running relay's tables, else by FILE's
-    mm4relay reload [-c FILE | --socket PATH]
-                                re-read the configuration and say whether it was
-                                taken (exit 1 and why, if refused)
-    mm4relay queue age [-c FILE | --socket PATH]
-                                queued messages per peer by age (like qshape)
-    mm4relay queue list [PEER] [-c FILE | --socket PATH]
-                                queued messages, oldest first: id, age, attempts,
-                                sender, recipients, last reply
-    mm4relay queue retry ID|PEER|all [-c FILE | --socket PATH]
-                                try deferred messages now
-    mm4relay queue hold PEER|ID | release PEER|ID [-c FILE | --socket PATH]
-                                a held peer keeps its queue and sends nothing; a
-                                held message stays queued, unattempted, until
-                                released (or the next restart)
-    mm4relay queue show ID [-c FILE | --socket PATH]
-                                envelope, state per peer and headers of a message
-    mm4relay queue delete ID [REASON...] [-c FILE | --socket PATH]
-                                remove a message for good (logged with the reason)
-    mm4relay trace WHAT [--since DURATION] -c FILE
-                                a message's history from the CDR files ([cdr] dir)
-                                and the running relay's queue, in time order: WHAT
-                                is a queue ID, transaction ID, message ID or number
-    mm4relay demo [OPTIONS]     run against three simulated MMSCs on loopback
-    mm4relay --version | --help
+use clap::Parser as _;
+use cli::{Cli, Command};
 
-DEMO OPTIONS:
-    --messages N    messages to send (default 3000)
-    --sessions N    parallel inbound SMTP sessions (default 8)
-    --slow-ms N     delay of the slow peer per message, ms (default 20)
-
-The configuration keys and their defaults are documented in conf/mm4relay.ini.
-";
-
-enum Cmd {
-    Run(PathBuf, Option<PathBuf>),
-    Check(PathBuf),
-    Status {
-        socket: PathBuf,
-        json: bool,
-    },
-    Ask {
-        socket: PathBuf,
-        command: String,
-    },
-    /// `route ADDRESS`: asked of the running relay, else answered from
-    /// the configuration given with `-c`.
-    Route {
-        socket: PathBuf,
-        rcpt: String,
-        config: Option<Box<Config>>,
-    },
-    /// `trace WHAT`: the CDR rows naming it, and what is queued of it.
-    Trace {
-        config: Box<Config>,
-        what: String,
-        since: Option<Duration>,
-    },
-    Demo(DemoOptions),
-    Help,
-    Version,
-}
+/// The control socket when neither `-c` nor `--socket` names one.
+const DEFAULT_SOCKET: &str = "/run/mm4relay.sock";
 
 /// Why a command failed; its kind says how the process exits.
 enum Failure {
-    /// Bad arguments: said with the usage text.
-    Usage(String),
     /// A configuration that cannot be used: fix the file.
     Config(String),
     /// Nothing answers on the control socket.
@@ -110,7 +38,7 @@ impl Failure {
     /// The exit code of each kind, as the README documents them.
     fn code(&self) -> u8 {
         match self {
-            Failure::Usage(_) | Failure::Config(_) => 2,
+            Failure::Config(_) => 2,
             Failure::NotRunning(_) => 3,
             Failure::Runtime(_) => 1,
         }
@@ -139,142 +67,19 @@ impl From<logging::LogError> for Failure {
     }
 }
 
-fn parse_args(args: &[String]) -> Result<Cmd, Failure> {
-    parse_words(args).map_err(Failure::Usage)
-}
-
-/// The command line as a command; `-c FILE` of the control commands is
-/// loaded here for its socket path.
-fn parse_words(args: &[String]) -> Result<Cmd, String> {
-    let Some(cmd) = args.first() else {
-        return Err("no command given".into());
-    };
-    let rest = &args[1..];
-    if rest.iter().any(|a| a == "--help" || a == "-h") {
-        return Ok(Cmd::Help);
-    }
-    let config_path = |rest: &[String]| -> Result<PathBuf, String> {
-        match rest {
-            [flag, path] if flag == "-c" || flag == "--config" => Ok(PathBuf::from(path)),
-            _ => Err(format!("{cmd} needs -c FILE")),
+/// The socket a control command asks, and the configuration it was
+/// read from when `-c` named one.
+fn control(to: &cli::Control) -> Result<(PathBuf, Option<Box<Config>>), Failure> {
+    match (&to.config, &to.socket) {
+        (Some(file), _) => {
+            let config = Config::load(file)?;
+            let socket = config.relay.control_socket.clone().ok_or_else(|| {
+                Failure::Config(format!("{}: [relay] control_socket is off", file.display()))
+            })?;
+            Ok((socket, Some(Box::new(config))))
         }
-    };
-    match cmd.as_str() {
-        "run" => match rest {
-            [c, file, p, pid] if p == "--pidfile" => Ok(Cmd::Run(
-                config_path(&[c.clone(), file.clone()])?,
-                Some(PathBuf::from(pid)),
-            )),
-            _ => Ok(Cmd::Run(config_path(rest)?, None)),
-        },
-        "check" => config_path(rest).map(Cmd::Check),
-        "status" | "queue" | "reload" | "route" => {
-            let mut socket = PathBuf::from("/run/mm4relay.sock");
-            let mut loaded = None;
-            let mut json = false;
-            let mut words = Vec::new();
-            let mut it = rest.iter();
-            while let Some(arg) = it.next() {
-                match arg.as_str() {
-                    "--json" if cmd == "status" => json = true,
-                    "--socket" => socket = PathBuf::from(it.next().ok_or("--socket needs a path")?),
-                    "-c" | "--config" => {
-                        let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
-                        let config = Config::load(&file).map_err(|e| e.to_string())?;
-                        socket = config.relay.control_socket.clone().ok_or_else(|| {
-                            format!("{}: [relay] control_socket is off", file.display())
-                        })?;
-                        loaded = Some(Box::new(config));
-                    }
-                    word if matches!(cmd.as_str(), "queue" | "route") && !word.starts_with('-') => {
-                        words.push(word.to_string())
-                    }
-                    other => return Err(format!("unknown {cmd} option {other}")),
-                }
-            }
-            if cmd == "status" {
-                return Ok(Cmd::Status { socket, json });
-            }
-            if cmd == "route" {
-                let [rcpt] = &words[..] else {
-                    return Err("route needs one ADDRESS".into());
-                };
-                return Ok(Cmd::Route {
-                    socket,
-                    rcpt: rcpt.clone(),
-                    config: loaded,
-                });
-            }
-            if cmd == "reload" {
-                return Ok(Cmd::Ask {
-                    socket,
-                    command: "reload".into(),
-                });
-            }
-            match (words.first().map(String::as_str), words.len()) {
-                (Some("age"), 1) | (Some("list"), 1 | 2) => {}
-                (Some("retry" | "hold" | "release" | "show"), 2) => {}
-                (Some("delete"), n) if n >= 2 => {}
-                _ => {
-                    return Err(
-                        "queue needs age, list [PEER], show ID, retry ID|PEER|all, hold PEER|ID, \
-                         release PEER|ID or delete ID [REASON]"
-                            .into(),
-                    );
-                }
-            }
-            Ok(Cmd::Ask {
-                socket,
-                command: format!("queue {}", words.join(" ")),
-            })
-        }
-        "trace" => {
-            let (mut config, mut what, mut since) = (None, None, None);
-            let mut it = rest.iter();
-            while let Some(arg) = it.next() {
-                match arg.as_str() {
-                    "-c" | "--config" => {
-                        let file = PathBuf::from(it.next().ok_or("-c needs a file")?);
-                        config = Some(Box::new(Config::load(&file).map_err(|e| e.to_string())?));
-                    }
-                    "--since" => {
-                        let v = it.next().ok_or("--since needs a duration")?;
-                        since = Some(
-                            mm4relay::config::parse_duration(v)
-                                .map_err(|e| format!("--since {v:?}: {e}"))?,
-                        );
-                    }
-                    w if !w.starts_with('-') && what.is_none() => what = Some(w.to_string()),
-                    other => return Err(format!("unknown trace option {other}")),
-                }
-            }
-            Ok(Cmd::Trace {
-                config: config.ok_or("trace needs -c FILE")?,
-                what: what
-                    .ok_or("trace needs WHAT: a queue ID, transaction ID, message ID or number")?,
-                since,
-            })
-        }
-        "demo" => {
-            let mut opts = DemoOptions::default();
-            let mut it = rest.iter();
-            while let Some(flag) = it.next() {
-                let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-                let n: u64 = value
-                    .parse()
-                    .map_err(|_| format!("{flag} needs a number, not {value:?}"))?;
-                match flag.as_str() {
-                    "--messages" => opts.messages = n as usize,
-                    "--sessions" => opts.sessions = (n as usize).max(1),
-                    "--slow-ms" => opts.slow_delay = Duration::from_millis(n),
-                    _ => return Err(format!("unknown demo option {flag}")),
-                }
-            }
-            Ok(Cmd::Demo(opts))
-        }
-        "-h" | "--help" | "help" => Ok(Cmd::Help),
-        "-V" | "--version" => Ok(Cmd::Version),
-        other => Err(format!("unknown command {other:?}")),
+        (None, Some(socket)) => Ok((socket.clone(), None)),
+        (None, None) => Ok((PathBuf::from(DEFAULT_SOCKET), None)),
     }
 }
 
@@ -320,12 +125,18 @@ impl Drop for Pidfile {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse_args(&args).and_then(run) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and usage errors, said by clap: 0 for help, 2 for errors.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             match &f {
-                Failure::Usage(e) => eprintln!("mm4relay: {e}\n\n{USAGE}"),
                 Failure::Config(e) | Failure::Runtime(e) => eprintln!("mm4relay: {e}"),
                 Failure::NotRunning(e) => eprintln!("mm4relay: {e}"),
             }
@@ -334,53 +145,66 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd) -> Result<(), Failure> {
-    match cmd {
-        Cmd::Help => print!("{USAGE}"),
-        Cmd::Version => println!(
-            "mm4relay {} ({} {})\n\
-             TLS: native-tls on {} ({}), TLS 1.2 and newer\n\
-             features: durable spool with group commit, per-peer pools and balancer, \
-             STARTTLS and implicit TLS in, STARTTLS out, AUTH PLAIN/LOGIN both ways, \
-             control socket, Prometheus metrics, syslog",
-            env!("CARGO_PKG_VERSION"),
-            std::env::consts::OS,
-            std::env::consts::ARCH,
-            openssl::version::version(),
-            if cfg!(feature = "vendored-openssl") {
-                "built in, linked statically"
-            } else {
-                "the system library, linked dynamically"
-            },
-        ),
-        Cmd::Status { socket, json } => {
-            ask(&socket, if json { "status json" } else { "status" })?;
-        }
-        Cmd::Ask { socket, command } => ask(&socket, &command)?,
-        Cmd::Route {
-            socket,
-            rcpt,
-            config,
-        } => match (ask(&socket, &format!("route {rcpt}")), config) {
-            // Not running: the file's tables, said to be the file's.
-            (Err(Failure::NotRunning(_)), Some(config)) => {
-                let names: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
-                let resolver = mm4relay::dns::Resolver::new(config.dns.clone());
-                let answer = config.router().explain_text(&rcpt, &names, |n| {
-                    let suffix = config.enum_domain.as_deref()?;
-                    resolver.enum_domain(n, suffix).ok().flatten()
-                });
-                match answer.strip_prefix("error:") {
-                    Some(why) => return Err(Failure::Runtime(why.trim().to_string())),
-                    None => println!(
-                        "{answer}(by {}: the relay is not running)",
-                        config.path.display()
-                    ),
-                }
-            }
-            (outcome, _) => outcome?,
+fn version() {
+    println!(
+        "mm4relay {} ({} {})\n\
+         TLS: native-tls on {} ({}), TLS 1.2 and newer\n\
+         features: durable spool with group commit, per-peer pools and balancer, \
+         STARTTLS and implicit TLS in, STARTTLS out, AUTH PLAIN/LOGIN both ways, \
+         control socket, Prometheus metrics, syslog, CDRs",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        openssl::version::version(),
+        if cfg!(feature = "vendored-openssl") {
+            "built in, linked statically"
+        } else {
+            "the system library, linked dynamically"
         },
-        Cmd::Check(path) => {
+    );
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let command = match (cli.version, cli.command) {
+        (true, _) | (false, None) => {
+            version();
+            return Ok(());
+        }
+        (false, Some(c)) => c,
+    };
+    match command {
+        Command::Status { to, json, watch } => {
+            let (socket, _) = control(&to)?;
+            match watch {
+                Some(secs) => watch_status(&socket, Duration::from_secs(secs))?,
+                None => ask(&socket, if json { "status json" } else { "status" })?,
+            }
+        }
+        Command::Reload { to } => ask(&control(&to)?.0, "reload")?,
+        Command::Queue { action, to } => ask(&control(&to)?.0, &action.request())?,
+        Command::Route { rcpt, to } => {
+            let (socket, config) = control(&to)?;
+            match (ask(&socket, &format!("route {rcpt}")), config) {
+                // Not running: the file's tables, said to be the file's.
+                (Err(Failure::NotRunning(_)), Some(config)) => {
+                    let names: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
+                    let resolver = mm4relay::dns::Resolver::new(config.dns.clone());
+                    let answer = config.router().explain_text(&rcpt, &names, |n| {
+                        let suffix = config.enum_domain.as_deref()?;
+                        resolver.enum_domain(n, suffix).ok().flatten()
+                    });
+                    match answer.strip_prefix("error:") {
+                        Some(why) => return Err(Failure::Runtime(why.trim().to_string())),
+                        None => println!(
+                            "{answer}(by {}: the relay is not running)",
+                            config.path.display()
+                        ),
+                    }
+                }
+                (outcome, _) => outcome?,
+            }
+        }
+        Command::Check { config: path } => {
             let c = Config::load(&path)?;
             print!("{}", c.describe());
             for w in &c.warnings {
@@ -388,19 +212,86 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             }
             println!("{}: OK", path.display());
         }
-        Cmd::Run(path, pidfile) => serve(&path, pidfile)?,
-        Cmd::Trace {
-            config,
+        Command::Run { config, pidfile } => serve(&config, pidfile)?,
+        Command::Trace {
             what,
             since,
-        } => trace(&config, &what, since)?,
-        Cmd::Demo(opts) => {
+            config,
+        } => trace(&Config::load(&config)?, &what, since)?,
+        Command::Demo {
+            messages,
+            sessions,
+            slow_ms,
+        } => {
+            let opts = DemoOptions {
+                messages,
+                sessions: sessions as usize,
+                slow_delay: Duration::from_millis(slow_ms),
+            };
             let _log = logging::init(LevelFilter::Warn, &logging::Target::Stderr, None)
                 .map_err(|e| eprintln!("mm4relay: {e}"));
             demo::run(&opts).map_err(|e| Failure::Runtime(format!("demo: {e}")))?;
         }
+        Command::Man { dir } => {
+            let pages = cli::write_man(&dir)
+                .map_err(|e| Failure::Runtime(format!("{}: {e}", dir.display())))?;
+            for p in pages {
+                println!("{}", p.display());
+            }
+        }
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&cli::completions(shell))
+                .and_then(|()| out.flush())
+                .map_err(|e| Failure::Runtime(format!("stdout: {e}")))?;
+        }
     }
     Ok(())
+}
+
+/// `status --watch`: the table redrawn in place every `every` until
+/// interrupted; a relay that stops (a restart) is waited for, not an end.
+fn watch_status(socket: &std::path::Path, every: Duration) -> Result<(), Failure> {
+    // SAFETY: isatty only reads the descriptor's state.
+    let tty = unsafe { libc::isatty(1) } == 1;
+    let mut out = std::io::stdout().lock();
+    if tty {
+        // Clear once; later frames go home and overwrite.
+        let _ = write!(out, "\x1b[2J");
+    }
+    loop {
+        let now = mm4relay::mm4::date::rfc3339(std::time::SystemTime::now());
+        let body = match mm4relay::ops::control::request(socket, "status") {
+            Ok(answer) => answer,
+            Err(e) => format!("{e}\n"),
+        };
+        let mut frame = String::new();
+        if tty {
+            frame.push_str("\x1b[H");
+        }
+        frame.push_str(&format!(
+            "mm4relay status, every {}s, {now} (Ctrl-C to stop)\n\n",
+            every.as_secs()
+        ));
+        for line in body.lines() {
+            frame.push_str(line);
+            if tty {
+                // Clear what a longer line of the last frame left.
+                frame.push_str("\x1b[K");
+            }
+            frame.push('\n');
+        }
+        if tty {
+            frame.push_str("\x1b[J");
+        } else {
+            frame.push('\n');
+        }
+        out.write_all(frame.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::Runtime(format!("stdout: {e}")))?;
+        // Pacing for the eye, not synchronisation.
+        std::thread::sleep(every);
+    }
 }
 
 /// Most queued messages `trace` asks the running relay about.
