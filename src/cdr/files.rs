@@ -6,7 +6,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -126,22 +126,49 @@ impl Files {
             crate::mm4::date::compact(period)
         );
         let path = self.dir.join(name);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)?;
-        file.set_permissions(fs::Permissions::from_mode(0o640))?;
         let header = Row::header();
-        file.write_all(&header)?;
-        File::open(&self.dir)?.sync_all()?;
+        let file = new_file(&path, &header)?;
         Ok(Current {
             file,
             path,
             period,
             len: header.len() as u64,
         })
+    }
+
+    /// Pending octets: rows not yet written to a file.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Forgets the pending rows (the open file stays as it is).
+    pub fn drop_pending(&mut self) {
+        self.pending = Vec::new();
+    }
+
+    /// Makes sure the open file is still in the directory under its name:
+    /// if it was removed (or the directory with it), its rows so far are
+    /// written again to a new file of that name. Until then nothing is
+    /// flushed, so the checkpoint waits.
+    fn still_there(&mut self) -> io::Result<()> {
+        let Some(c) = self.current.as_mut() else {
+            return Ok(());
+        };
+        let ours = c.file.metadata()?;
+        if same_file(&c.path, &ours) && ours.nlink() > 0 {
+            return Ok(());
+        }
+        prepare_dir(&self.dir)?;
+        let mut rows = vec![0; c.len as usize];
+        c.file.read_exact_at(&mut rows, 0)?;
+        let file = new_file(&c.path, &rows)?;
+        warn!(
+            "cdr: {} was removed while open: its {} octets written again",
+            c.path.display(),
+            rows.len()
+        );
+        c.file = file;
+        Ok(())
     }
 
     /// Writes the queued rows to the file, creating it first if none is
@@ -174,9 +201,10 @@ impl Files {
         }
     }
 
-    /// Writes and flushes to the disk.
+    /// Writes and flushes to the disk (the file checked to be still there).
     pub fn sync(&mut self) -> io::Result<()> {
         self.write()?;
+        self.still_there()?;
         match &self.current {
             Some(c) => c.file.sync_data(),
             None => Ok(()),
@@ -220,36 +248,141 @@ fn closed_name(open: &Path, n: u32) -> PathBuf {
 /// Most other names tried for a closed file whose name is taken.
 const MAX_NAMES: u32 = 1000;
 
-/// Gives the open file at `open` its closed name: linked under the first
-/// free one (never over a file already there, which a rename would
-/// replace: a spool started afresh numbers its rows from 1 again), then
-/// unlinked. A crash between the two leaves both names on one file: the
-/// next start finds it closed already and only unlinks the open name.
+/// Makes the file at `path` (0640, never over another) holding `head`,
+/// flushed with its directory entry; on failure nothing is left there.
+fn new_file(path: &Path, head: &[u8]) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let done = file
+        .set_permissions(fs::Permissions::from_mode(0o640))
+        .and_then(|()| (&file).write_all(head))
+        .and_then(|()| file.sync_data())
+        .and_then(|()| File::open(dir)?.sync_all());
+    match done {
+        Ok(()) => Ok(file),
+        Err(e) => {
+            // A disk full after the inode was made: the next try makes
+            // the same name again.
+            let _ = fs::remove_file(path);
+            Err(e)
+        }
+    }
+}
+
+/// Gives the open file at `open` its closed name, never over a file
+/// already there (a spool started afresh numbers its rows from 1 again):
+/// the first free one of `….csv`, `…-1.csv`… It is renamed with
+/// RENAME_NOREPLACE, atomically; where the kernel or file system lacks it,
+/// linked under the new name then unlinked (a crash between the two leaves
+/// both names on one file: the next start finds it closed already and only
+/// unlinks the open name). Once the file has its closed name this returns
+/// it, even if the directory could not be flushed after.
 fn publish(open: &Path) -> io::Result<PathBuf> {
-    let ino = fs::symlink_metadata(open)?;
+    let ours = fs::symlink_metadata(open)?;
     for n in 0..MAX_NAMES {
+        let done = closed_name(open, n);
+        match rename_noreplace(open, &done) {
+            Ok(()) => {
+                sync_dir(open);
+                return Ok(done);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if same_file(&done, &ours) {
+                    // Linked there by a run without RENAME_NOREPLACE.
+                    return publish_linked(open, n, &ours);
+                }
+            }
+            Err(e) if unsupported(&e) => return publish_linked(open, n, &ours),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "{}: {MAX_NAMES} closed names taken",
+        open.display()
+    )))
+}
+
+/// True when `path` is the file `ours` describes.
+fn same_file(path: &Path, ours: &fs::Metadata) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino())
+}
+
+/// [`publish`] by link and unlink, from the `from`th name on.
+fn publish_linked(open: &Path, from: u32, ours: &fs::Metadata) -> io::Result<PathBuf> {
+    for n in from..MAX_NAMES {
         let done = closed_name(open, n);
         match fs::hard_link(open, &done) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let same = fs::symlink_metadata(&done)
-                    .is_ok_and(|m| m.dev() == ino.dev() && m.ino() == ino.ino());
-                if !same {
+                if !same_file(&done, ours) {
                     continue;
                 }
             }
             Err(e) => return Err(e),
         }
-        fs::remove_file(open)?;
-        if let Some(dir) = open.parent() {
-            File::open(dir)?.sync_all()?;
+        if let Err(e) = fs::remove_file(open) {
+            warn!(
+                "cdr: {} closed as {}, but {e}",
+                open.display(),
+                done.display()
+            );
         }
+        sync_dir(open);
         return Ok(done);
     }
     Err(io::Error::other(format!(
         "{}: {MAX_NAMES} closed names taken",
         open.display()
     )))
+}
+
+/// True for the errors of a kernel (before 3.15) or file system without
+/// RENAME_NOREPLACE.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS | libc::EINVAL | libc::ENOTSUP)
+    )
+}
+
+/// rename(2) that fails with EEXIST rather than replace `to`. Through the
+/// system call itself: glibc has a wrapper only since 2.28, and the
+/// release binary runs on 2.17.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated and outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Flushes the directory holding `path`; a failure is logged (the rename
+/// is done, and will reach the disk with the next flush).
+fn sync_dir(path: &Path) {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        warn!("cdr: cannot flush {}: {e}", dir.display());
+    }
 }
 
 /// Cuts a leftover file back to its last whole row and flushes it.
@@ -350,6 +483,27 @@ mod tests {
             .map(|l| &l[..l.find(',').unwrap()])
             .collect();
         assert_eq!(events, ["sent", "failed"], "kept, in order, once");
+    }
+
+    #[test]
+    fn a_file_removed_while_open_is_written_again_before_a_flush() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cdr");
+        let t = UNIX_EPOCH + Duration::from_secs(7200);
+        let (mut files, _, _) = Files::open(&dir, Duration::from_secs(3600)).unwrap();
+        files.push(&row("sent"), t, 1);
+        files.sync().unwrap();
+        // An operator's rm -rf of the directory, which comes back later.
+        fs::remove_dir_all(&dir).unwrap();
+        files.push(&row("failed"), t, 2);
+        files.sync().unwrap();
+        files.close().unwrap();
+        let [name] = &names(&dir)[..] else {
+            panic!("one file: {:?}", names(&dir));
+        };
+        let data = fs::read_to_string(dir.join(name)).unwrap();
+        let events: Vec<&str> = data.lines().map(|l| &l[..l.find(',').unwrap()]).collect();
+        assert_eq!(events, ["event", "sent", "failed"], "{data}");
     }
 
     #[test]

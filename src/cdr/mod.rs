@@ -57,7 +57,7 @@ use account::{Event, Facts};
 use files::Files;
 
 use row::Row;
-use track::{Early, Tracker, Waiting};
+use track::{Answer, Early, Tracker, Waiting};
 
 /// The checkpoint file, in the spool directory.
 pub const STATE_FILE: &str = "cdr-state";
@@ -67,8 +67,14 @@ const TICK: Duration = Duration::from_secs(1);
 /// Most entry batches queued from the spool's writer: past it the writer
 /// waits (a stalled CDR disk slows the relay rather than lose rows).
 const QUEUE: usize = 16_384;
-/// Waits saved per tick: with more, the checkpoint is saved less often.
-const WAITS_PER_TICK: usize = 10_000;
+/// Checkpoint octets saved per tick: a larger checkpoint is saved less
+/// often.
+const STATE_BYTES_PER_TICK: usize = 2 << 20;
+/// Rows kept in memory while they cannot be written (the CDR directory
+/// gone or full). Past it they are dropped, and no row is written nor the
+/// checkpoint saved again until a restart, which derives them all again
+/// from the spool (it keeps every record past the checkpoint).
+const MAX_PENDING: usize = 64 << 20;
 /// The longest between two checkpoints while records come.
 const MAX_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 /// How long the ledger lets batches gather once one has come.
@@ -209,12 +215,13 @@ pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result
     }
     files::close_leftovers(&leftovers)?;
     info!(
-        "cdr: writing to {}; accounted up to record {}, last row {}.{}, {} waiting for a RES",
+        "cdr: writing to {}; accounted up to record {}, last row {}.{}, {} waiting for a RES, {} RES before their REQ",
         cfg.dir.display(),
         saved.processed,
         written.0,
         written.1,
-        tracker.len()
+        tracker.len(),
+        tracker.early_len()
     );
     let stats = Arc::new(LedgerStats::default());
     stats.checkpoint.store(saved.processed, Ordering::Release);
@@ -236,6 +243,8 @@ pub fn open(cfg: &CdrConfig, spool_dir: &Path, clock: SharedClock) -> io::Result
         appender: None,
         reader: None,
         failing: false,
+        state_bytes: 0,
+        dropped: false,
     };
     Ok(Opened { books, tx, rx })
 }
@@ -338,6 +347,11 @@ struct Books {
     reader: Option<Reader>,
     /// The last write failed (logged once until one succeeds).
     failing: bool,
+    /// Size of the last checkpoint saved.
+    state_bytes: usize,
+    /// Rows were dropped ([`MAX_PENDING`]): none is written, and the
+    /// checkpoint stays, until a restart.
+    dropped: bool,
 }
 
 /// The rows of one record, numbered as they come.
@@ -401,6 +415,18 @@ impl Books {
         for e in batch {
             self.take(e);
         }
+        if !self.dropped && self.files.pending_len() > MAX_PENDING {
+            self.files.drop_pending();
+            self.dropped = true;
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            error!(
+                "cdr: {} MiB of rows could not be written to {}: CDRs stop until a restart, \
+                 which writes every row from record {} on (the spool keeps them until then)",
+                MAX_PENDING >> 20,
+                self.cfg.dir.display(),
+                self.checkpoint.load(Ordering::Acquire) + 1
+            );
+        }
     }
 
     fn take(&mut self, e: Entry) {
@@ -462,7 +488,20 @@ impl Books {
         if new {
             self.advance(seq);
             if meta.facts.is(Pdu::ForwardRes) && !meta.transaction_id.is_empty() {
-                self.res(seq, &meta);
+                // From partner P: about a REQ that went to P. From the
+                // local MMSC to P: about one that came from P. From anyone
+                // else: about nothing.
+                let answers = match meta.facts.origin.strip_prefix("partner ") {
+                    Some(p) => Some(Answer::SentTo(p.to_string())),
+                    None if meta.facts.origin == "local" => m
+                        .jobs
+                        .first()
+                        .map(|(peer, _)| Answer::CameFrom(peer.clone())),
+                    None => None,
+                };
+                if let Some(answers) = answers {
+                    self.res(seq, &meta, answers);
+                }
             }
         }
         // A message's data length is its location's (replayed records
@@ -476,17 +515,16 @@ impl Books {
 
     /// A RES accepted: the rows of the REQ it answers, or kept a while if
     /// its REQ is not recorded sent yet.
-    fn res(&mut self, seq: u64, res: &Meta) {
-        let origin = res.facts.origin.strip_prefix("partner ");
+    fn res(&mut self, seq: u64, res: &Meta, answers: Answer) {
         let tid = res.transaction_id.clone();
-        let Some((peer, w)) = self.tracker.answer(&tid, origin) else {
+        let Some((peer, w)) = self.tracker.answer(&tid, &answers) else {
             self.tracker.early(
                 &tid,
                 Early {
                     status: res.facts.status.clone(),
                     text: res.facts.status_text.clone(),
                     at_ms: ms(res.accepted),
-                    origin: origin.map(str::to_string),
+                    answers,
                 },
             );
             return;
@@ -574,7 +612,7 @@ impl Books {
             .entry(peer.to_string())
             .or_default()
             .asked += rcpts.len() as u64;
-        if let Some(e) = self.tracker.take_early(&tid, peer, w.sent_ms) {
+        if let Some(e) = self.tracker.take_early(&tid, peer, &w) {
             let at = UNIX_EPOCH + Duration::from_millis(e.at_ms.max(w.sent_ms));
             self.answered_now(&mut rows, &tid, peer, &w, &e.status, &e.text, at);
             return;
@@ -706,7 +744,7 @@ impl Books {
                 self.asked.remove(&key);
                 let w = if key.2.is_empty() {
                     // Journaled by a version that did not name the REQ.
-                    self.tracker.answer(&key.0, Some(&key.1)).map(|(_, w)| w)
+                    self.tracker.answer_at(&key.0, &key.1)
                 } else {
                     self.tracker.give_up(&key.0, &key.1, &key.2)
                 };
@@ -802,7 +840,7 @@ impl Books {
     fn write(&mut self, rows: &mut Rows, mut row: Row, event: &str) {
         let id = (rows.seq, rows.k);
         rows.k += 1;
-        if id <= self.written {
+        if id <= self.written || self.dropped {
             return;
         }
         row.0[13] = row::format_id(id.0, id.1);
@@ -892,10 +930,10 @@ impl Books {
     }
 
     /// How often the checkpoint is saved: every tick, but less often as
-    /// more transactions wait (each save writes them all), and at least
-    /// every [`MAX_CHECKPOINT_EVERY`].
+    /// it grows (each save writes every wait), and at least every
+    /// [`MAX_CHECKPOINT_EVERY`].
     fn checkpoint_every(&self) -> Duration {
-        let n = (self.tracker.len() / WAITS_PER_TICK).max(1) as u32;
+        let n = (self.state_bytes / STATE_BYTES_PER_TICK).max(1) as u32;
         (TICK * n).min(MAX_CHECKPOINT_EVERY)
     }
 
@@ -925,6 +963,9 @@ impl Books {
     /// spool let go of what it accounts for. True when the checkpoint
     /// covers every row (nothing was left to save, or this saved it).
     fn save(&mut self, force: bool) -> bool {
+        if self.dropped {
+            return false;
+        }
         if !self.dirty && !force {
             return true;
         }
@@ -935,14 +976,17 @@ impl Books {
         if !self.dirty {
             return true;
         }
-        if let Err(e) = write_state(
+        match write_state(
             &self.state_path,
             self.processed,
             self.written,
             &self.tracker,
         ) {
-            self.failed("save the CDR checkpoint", &e);
-            return false;
+            Ok(n) => self.state_bytes = n,
+            Err(e) => {
+                self.failed("save the CDR checkpoint", &e);
+                return false;
+            }
         }
         self.failing = false;
         self.dirty = false;
@@ -988,12 +1032,13 @@ const STATE_HEAD: &str = "mm4relay-cdr-state";
 /// Version 1 held waits only, untyped and without their origin.
 const STATE_VERSION: u32 = 2;
 
+/// Writes the checkpoint; returns its size.
 fn write_state(
     path: &Path,
     processed: u64,
     last_row: (u64, u32),
     tracker: &Tracker,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let mut out = format!(
         "{STATE_HEAD} {STATE_VERSION} {processed} {} {}\n",
         last_row.0, last_row.1
@@ -1022,10 +1067,11 @@ fn write_state(
     }
     for (tid, e) in tracker.early_entries() {
         let at = e.at_ms.to_string();
-        let fields = ["e", tid, &e.status, &e.text, &at]
-            .into_iter()
-            .chain(e.origin.as_deref());
-        row::line(fields, &mut out);
+        let answers = e.answers.encode();
+        row::line(
+            ["e", tid, &e.status, &e.text, &at, &answers].into_iter(),
+            &mut out,
+        );
     }
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
@@ -1041,7 +1087,7 @@ fn write_state(
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
-    Ok(())
+    Ok(out.len())
 }
 
 fn read_state(path: &Path) -> io::Result<State> {
@@ -1062,8 +1108,9 @@ fn read_state(path: &Path) -> io::Result<State> {
         .strip_prefix(STATE_HEAD)
         .unwrap_or("")
         .split_whitespace()
-        .map(|n| n.parse().unwrap_or(u64::MAX))
-        .collect();
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()
+        .unwrap_or_default();
     let (version, processed, seq, k) = match nums[..] {
         [1, processed, seq, k] | [2, processed, seq, k] if k <= u64::from(u32::MAX) => {
             (nums[0], processed, seq, k as u32)
@@ -1123,19 +1170,19 @@ fn wait_line(f: &[String], with_origin: bool) -> Option<(String, String, Waiting
     Some((f[0].clone(), f[1].clone(), w))
 }
 
-/// An early RES: transaction ID, status, text, when, and its partner if
-/// known.
+/// An early RES: transaction ID, status, text, when, and which REQs it
+/// can answer.
 fn early_line(f: &[String]) -> Option<(String, Early)> {
-    if !(4..=5).contains(&f.len()) {
+    let [tid, status, text, at, answers] = f else {
         return None;
-    }
-    let e = Early {
-        status: f[1].clone(),
-        text: f[2].clone(),
-        at_ms: f[3].parse().ok()?,
-        origin: f.get(4).cloned(),
     };
-    Some((f[0].clone(), e))
+    let e = Early {
+        status: status.clone(),
+        text: text.clone(),
+        at_ms: at.parse().ok()?,
+        answers: Answer::decode(answers)?,
+    };
+    Some((tid.clone(), e))
 }
 
 #[cfg(test)]
@@ -1159,21 +1206,22 @@ mod tests {
             seq: 3,
         };
         t.restore("T1", "B", w.clone());
-        let early = |origin: Option<&str>| Early {
+        let early = |answers: Answer| Early {
             status: "Ok".into(),
             text: "fine, thanks".into(),
             at_ms: 900,
-            origin: origin.map(str::to_string),
+            answers,
         };
-        t.restore_early("T2", early(Some("B")));
-        t.restore_early("T3", early(None));
+        let (to_b, from_c) = (Answer::SentTo("B".into()), Answer::CameFrom("C, d".into()));
+        t.restore_early("T2", early(to_b.clone()));
+        t.restore_early("T3", early(from_c.clone()));
         write_state(&path, 42, (41, 2), &t).unwrap();
         let s = read_state(&path).unwrap();
         assert_eq!((s.processed, s.last_row), (42, (41, 2)));
         assert_eq!(s.waiting, [("T1".into(), "B".into(), w.clone())]);
         assert_eq!(
             s.early,
-            [("T2".into(), early(Some("B"))), ("T3".into(), early(None))]
+            [("T2".into(), early(to_b)), ("T3".into(), early(from_c))]
         );
         fs::write(
             &path,
@@ -1189,5 +1237,7 @@ mod tests {
         assert_eq!(s.waiting, [("T1".into(), "B".into(), old)]);
         fs::write(&path, "mm4relay-cdr-state 3 9 8 0\n").unwrap();
         assert!(read_state(&path).is_err(), "a later version's");
+        fs::write(&path, "mm4relay-cdr-state 2 9x 8 0\n").unwrap();
+        assert!(read_state(&path).is_err(), "a number that does not read");
     }
 }

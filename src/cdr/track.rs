@@ -1,23 +1,61 @@
 //! Transactions waiting for their MM4_forward.RES: a forward.REQ that asked
 //! for one (`X-Mms-Ack-Request: Yes`) and that a peer took, by transaction
-//! ID and peer. Bounded: past the cap the soonest due wait of the origin
-//! holding the most goes first (counted, and made a `res_missing` row by
-//! the ledger), so one sender flooding acks cannot push out the others'.
-//! One transaction ID holds a few waits at most, one per message, and a RES
-//! answers the oldest: a sender repeating an ID cannot grow one wait, nor
-//! take another message's rows. Fed only by the journal's entries in order,
-//! and every choice is ordered (never by hash order), so replaying the same
-//! entries gives the same state.
+//! ID and peer. A RES answers only the REQs it can be about ([`Answer`]): one
+//! from partner P those that went to P, one from the local MMSC to P those
+//! that came from P. Bounded: past the cap the soonest due wait of the
+//! origin holding the most goes first (counted, and made a `res_missing`
+//! row by the ledger), so one sender flooding acks cannot push out the
+//! others'. One transaction ID holds a few waits per origin at most, one
+//! per message, and a RES answers the oldest it can: a sender repeating an
+//! ID cannot grow one wait, nor push out or take another sender's. Fed only
+//! by the journal's entries in order, and every choice is ordered (never by
+//! hash order), so replaying the same entries gives the same state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// How long a RES that came before its REQ's delivery was recorded (a fast
 /// partner) waits for it.
 pub const EARLY_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Most such early RESs kept.
 pub const MAX_EARLY: usize = 10_000;
-/// Most waits for one transaction ID, over every peer.
+/// Most waits for one transaction ID from one origin.
 pub const PER_TRANSACTION: usize = 16;
+
+/// Which waits a RES can answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Answer {
+    /// A RES from this partner: the REQs that went to it.
+    SentTo(String),
+    /// A RES from the local MMSC to this partner: the REQs that came
+    /// from it.
+    CameFrom(String),
+}
+
+impl Answer {
+    fn fits(&self, peer: &str, w: &Waiting) -> bool {
+        match self {
+            Answer::SentTo(p) => p == peer,
+            Answer::CameFrom(p) => w.origin.strip_prefix("partner ") == Some(p.as_str()),
+        }
+    }
+
+    /// As the checkpoint writes it.
+    pub fn encode(&self) -> String {
+        match self {
+            Answer::SentTo(p) => format!("to {p}"),
+            Answer::CameFrom(p) => format!("from {p}"),
+        }
+    }
+
+    /// Reads [`Answer::encode`] back.
+    pub fn decode(s: &str) -> Option<Answer> {
+        match s.split_once(' ')? {
+            ("to", p) => Some(Answer::SentTo(p.into())),
+            ("from", p) => Some(Answer::CameFrom(p.into())),
+            _ => None,
+        }
+    }
+}
 
 /// A forward.REQ waiting for its RES.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,15 +89,15 @@ pub struct Early {
     pub text: String,
     /// When it was accepted (ms since the epoch).
     pub at_ms: u64,
-    /// The partner it came from, if a known one.
-    pub origin: Option<String>,
+    /// The REQs it can answer.
+    pub answers: Answer,
 }
 
 /// A wait's place: (deadline, journal sequence number), one per wait.
 type Place = (u64, u64);
 
-/// An early RES's key: (transaction ID, the partner it came from).
-type EarlyKey = (String, Option<String>);
+/// An early RES's key: (transaction ID, the REQs it can answer).
+type EarlyKey = (String, Answer);
 
 /// One wait and whose it is.
 #[derive(Debug)]
@@ -81,8 +119,12 @@ pub struct Tracker {
     by_tid: HashMap<String, Vec<Place>>,
     /// Each origin's waits, by deadline.
     by_origin: HashMap<String, BTreeSet<Place>>,
-    early: HashMap<EarlyKey, Early>,
-    early_order: VecDeque<(u64, EarlyKey)>,
+    /// Early RESs, each with its place in `early_order`.
+    early: HashMap<EarlyKey, ((u64, u64), Early)>,
+    /// By (accepted, arrival): which goes first.
+    early_order: BTreeMap<(u64, u64), EarlyKey>,
+    /// Arrivals of early RESs so far (orders ties).
+    early_count: u64,
     /// Most transactions waiting.
     pub cap: usize,
 }
@@ -120,8 +162,13 @@ impl Tracker {
             }
         }
         let mut out = Vec::new();
-        if mine.len() >= PER_TRANSACTION {
-            out.extend(self.remove(mine[0]));
+        let same_origin: Vec<Place> = mine
+            .iter()
+            .copied()
+            .filter(|p| self.slots.get(p).is_some_and(|s| s.w.origin == w.origin))
+            .collect();
+        if same_origin.len() >= PER_TRANSACTION {
+            out.extend(self.remove(same_origin[0]));
         }
         while self.slots.len() >= self.cap {
             let Some(place) = self.heaviest_first() else {
@@ -186,22 +233,20 @@ impl Tracker {
         Some((slot.tid, slot.peer, slot.w))
     }
 
-    /// Ends the oldest wait of `tid`: at `peer` if given, else at the one
-    /// peer waiting for it (none if several are: a RES must say which).
-    pub fn answer(&mut self, tid: &str, peer: Option<&str>) -> Option<(String, Waiting)> {
-        let places = self.by_tid.get(tid)?;
-        let peer_of = |p: &Place| self.slots.get(p).map(|s| s.peer.as_str());
-        let place = match peer {
-            Some(peer) => *places.iter().find(|p| peer_of(p) == Some(peer))?,
-            None => {
-                let first = peer_of(&places[0]);
-                if places.iter().any(|p| peer_of(p) != first) {
-                    return None;
-                }
-                places[0]
-            }
-        };
+    /// Ends the oldest wait of `tid` that a RES can answer.
+    pub fn answer(&mut self, tid: &str, by: &Answer) -> Option<(String, Waiting)> {
+        let place = *self
+            .by_tid
+            .get(tid)?
+            .iter()
+            .find(|p| self.slots.get(p).is_some_and(|s| by.fits(&s.peer, &s.w)))?;
         self.remove(place).map(|(_, p, w)| (p, w))
+    }
+
+    /// Ends the oldest wait of `tid` at `peer`.
+    pub fn answer_at(&mut self, tid: &str, peer: &str) -> Option<Waiting> {
+        self.answer(tid, &Answer::SentTo(peer.to_string()))
+            .map(|(_, w)| w)
     }
 
     /// Ends the wait of message `queue_id` for `tid` at `peer`.
@@ -225,44 +270,51 @@ impl Tracker {
 
     /// Puts back an early RES the checkpoint held, after those before it.
     pub fn restore_early(&mut self, tid: &str, e: Early) {
-        let key = (tid.to_string(), e.origin.clone());
-        self.early_order.push_back((e.at_ms, key.clone()));
-        self.early.insert(key, e);
+        self.insert_early(tid, e);
+    }
+
+    fn insert_early(&mut self, tid: &str, e: Early) {
+        let key = (tid.to_string(), e.answers.clone());
+        if self.early.contains_key(&key) {
+            return;
+        }
+        self.early_count += 1;
+        let place = (e.at_ms, self.early_count);
+        self.early_order.insert(place, key.clone());
+        self.early.insert(key, (place, e));
     }
 
     /// Keeps a RES that came first (the first one, for its transaction ID
-    /// and sender).
+    /// and the REQs it can answer), dropping those out of their window
+    /// and, past [`MAX_EARLY`], the oldest.
     pub fn early(&mut self, tid: &str, e: Early) {
-        while let Some((at, _)) = self.early_order.front() {
+        while let Some((&(at, n), _)) = self.early_order.first_key_value() {
             if self.early.len() < MAX_EARLY && at + EARLY_WINDOW_MS >= e.at_ms {
                 break;
             }
-            if let Some((at, key)) = self.early_order.pop_front()
-                && self.early.get(&key).is_some_and(|k| k.at_ms == at)
-            {
+            if let Some(key) = self.early_order.remove(&(at, n)) {
                 self.early.remove(&key);
             }
         }
-        let key = (tid.to_string(), e.origin.clone());
-        if !self.early.contains_key(&key) {
-            self.early_order.push_back((e.at_ms, key.clone()));
-            self.early.insert(key, e);
-        }
+        self.insert_early(tid, e);
     }
 
-    /// A RES that came before the REQ it answers was recorded sent at
-    /// `sent_ms` to `peer`: one from `peer`, else one from no known partner.
-    pub fn take_early(&mut self, tid: &str, peer: &str, sent_ms: u64) -> Option<Early> {
-        let keys = [
-            (tid.to_string(), Some(peer.to_string())),
-            (tid.to_string(), None),
-        ];
+    /// A RES that came before the REQ it answers (`w`, sent to `peer`) was
+    /// recorded sent: one from `peer`, else one from the local MMSC to the
+    /// REQ's partner.
+    pub fn take_early(&mut self, tid: &str, peer: &str, w: &Waiting) -> Option<Early> {
+        let mut keys = vec![(tid.to_string(), Answer::SentTo(peer.to_string()))];
+        if let Some(p) = w.origin.strip_prefix("partner ") {
+            keys.push((tid.to_string(), Answer::CameFrom(p.to_string())));
+        }
         let key = keys.into_iter().find(|k| {
             self.early
                 .get(k)
-                .is_some_and(|e| e.at_ms + EARLY_WINDOW_MS >= sent_ms)
+                .is_some_and(|(_, e)| e.at_ms + EARLY_WINDOW_MS >= w.sent_ms)
         })?;
-        self.early.remove(&key)
+        let (place, e) = self.early.remove(&key)?;
+        self.early_order.remove(&place);
+        Some(e)
     }
 
     /// Every wait, for the checkpoint.
@@ -274,10 +326,14 @@ impl Tracker {
 
     /// Every early RES, oldest first, for the checkpoint.
     pub fn early_entries(&self) -> impl Iterator<Item = (&str, &Early)> {
-        self.early_order.iter().filter_map(|(at, key)| {
-            let e = self.early.get(key).filter(|e| e.at_ms == *at)?;
-            Some((key.0.as_str(), e))
-        })
+        self.early_order
+            .values()
+            .filter_map(|key| Some((key.0.as_str(), &self.early.get(key)?.1)))
+    }
+
+    /// Early RESs kept.
+    pub fn early_len(&self) -> usize {
+        self.early.len()
     }
 }
 
@@ -303,6 +359,14 @@ mod tests {
         }
     }
 
+    fn to(p: &str) -> Answer {
+        Answer::SentTo(p.into())
+    }
+
+    fn from(p: &str) -> Answer {
+        Answer::CameFrom(p.into())
+    }
+
     #[test]
     fn the_cap_pushes_out_the_soonest_due_and_answers_need_the_right_peer() {
         let mut t = Tracker::new(2);
@@ -315,9 +379,28 @@ mod tests {
             t.due(150),
             [("T1".to_string(), "A".to_string(), "q1".to_string())]
         );
-        assert!(t.answer("T3", Some("A")).is_none(), "wrong peer");
-        assert_eq!(t.answer("T3", None).unwrap().0, "B");
+        assert!(t.answer("T3", &to("A")).is_none(), "wrong peer");
+        assert!(t.answer("T3", &from("B")).is_none(), "not from B");
+        assert_eq!(t.answer("T3", &to("B")).unwrap().0, "B");
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_res_of_the_local_mmsc_answers_only_its_partners_req() {
+        let mut t = Tracker::new(100);
+        // Partner A reuses partner B's transaction ID, first.
+        t.wait("T", "LOCAL", wo(1, 100, "partner A"));
+        t.wait("T", "LOCAL", wo(2, 100, "partner B"));
+        let (_, w) = t.answer("T", &from("B")).unwrap();
+        assert_eq!(w.queue_id, "q2", "B's own REQ");
+        // A flood of A's REQs with the ID cannot push out B's wait.
+        t.wait("T", "LOCAL", wo(3, 100, "partner B"));
+        let mut out = Vec::new();
+        for seq in 10..(10 + 2 * PER_TRANSACTION as u64) {
+            out.extend(t.wait("T", "LOCAL", wo(seq, 100 + seq, "partner A")));
+        }
+        assert!(out.iter().all(|g| g.2.origin == "partner A"), "{out:?}");
+        assert_eq!(t.answer("T", &from("B")).unwrap().1.queue_id, "q3");
     }
 
     #[test]
@@ -331,7 +414,7 @@ mod tests {
         let out = t.wait("F4", "A", wo(5, 50, "partner X"));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0, "F1");
-        assert!(t.answer("L1", Some("A")).is_some());
+        assert!(t.answer_at("L1", "A").is_some());
     }
 
     #[test]
@@ -352,8 +435,7 @@ mod tests {
         assert_eq!(t.len(), PER_TRANSACTION);
         assert_eq!(pushed.len(), 1);
         assert_eq!(pushed[0].2.rcpts, ["r", "s"]);
-        let (_, oldest) = t.answer("T", Some("A")).unwrap();
-        assert_eq!(oldest.queue_id, "q3");
+        assert_eq!(t.answer_at("T", "A").unwrap().queue_id, "q3");
         assert!(t.give_up("T", "A", "q5").is_some());
         assert!(t.give_up("T", "A", "q5").is_none(), "once");
     }
@@ -361,23 +443,55 @@ mod tests {
     #[test]
     fn an_early_res_is_kept_for_its_req_and_no_longer() {
         let mut t = Tracker::new(10);
-        let e = |at_ms, origin: &str| Early {
+        let e = |at_ms, answers| Early {
             status: "Ok".into(),
             text: String::new(),
             at_ms,
-            origin: Some(origin.into()),
+            answers,
         };
-        t.early("T1", e(1000, "A"));
+        t.early("T1", e(1000, to("A")));
         // Another partner's RES with the same ID takes nothing from A's.
-        t.early("T1", e(1500, "B"));
+        t.early("T1", e(1500, to("B")));
         assert_eq!(t.early_entries().count(), 2);
-        assert!(t.take_early("T1", "C", 1000).is_none(), "another peer");
+        let req = |sent_ms| Waiting { sent_ms, ..w(1, 0) };
         assert!(
-            t.take_early("T1", "A", 1000 + EARLY_WINDOW_MS + 1)
+            t.take_early("T1", "C", &req(1000)).is_none(),
+            "another peer"
+        );
+        assert!(
+            t.take_early("T1", "A", &req(1000 + EARLY_WINDOW_MS + 1))
                 .is_none()
         );
-        assert_eq!(t.take_early("T1", "A", 2000).unwrap().at_ms, 1000);
-        assert!(t.take_early("T1", "A", 2000).is_none(), "once");
-        assert_eq!(t.take_early("T1", "B", 2000).unwrap().at_ms, 1500);
+        assert_eq!(t.take_early("T1", "A", &req(2000)).unwrap().at_ms, 1000);
+        assert!(t.take_early("T1", "A", &req(2000)).is_none(), "once");
+        assert_eq!(t.take_early("T1", "B", &req(2000)).unwrap().at_ms, 1500);
+        // The local MMSC's RES to partner X: for X's REQ to us.
+        t.early("T2", e(3000, from("X")));
+        let theirs = Waiting {
+            origin: "partner X".into(),
+            ..req(3000)
+        };
+        assert!(t.take_early("T2", "LOCAL", &req(3000)).is_none());
+        assert!(t.take_early("T2", "LOCAL", &theirs).is_some());
+    }
+
+    #[test]
+    fn early_res_taken_leave_nothing_behind() {
+        let mut t = Tracker::new(10);
+        for i in 0..1000u64 {
+            let e = Early {
+                status: "Ok".into(),
+                text: String::new(),
+                at_ms: i,
+                answers: to("A"),
+            };
+            t.early(&format!("T{i}"), e);
+            let req = Waiting {
+                sent_ms: i,
+                ..w(i, 0)
+            };
+            assert!(t.take_early(&format!("T{i}"), "A", &req).is_some());
+        }
+        assert_eq!((t.early_len(), t.early_order.len()), (0, 0));
     }
 }

@@ -504,6 +504,7 @@ mod tests {
             live_bytes: 40,
             segments: 1,
             compactions: 3,
+            max_bytes: 0,
         };
         let totals = Totals {
             spool,

@@ -137,6 +137,9 @@ pub struct SpoolStats {
     pub segments: u64,
     /// Compactions started since the spool was opened.
     pub compactions: u64,
+    /// `[relay] spool_max_bytes`: past it messages are refused (0: no
+    /// limit but the disk's).
+    pub max_bytes: u64,
 }
 
 /// The writer's figures, read by any thread.
@@ -437,6 +440,7 @@ pub struct Spool {
     marks: Option<Sender<Request>>,
     handle: Option<Owned<()>>,
     gauges: Arc<Gauges>,
+    max_bytes: u64,
     moved: Moved,
     highest_id: Option<String>,
     recent: parking_lot::Mutex<Vec<RecentKey>>,
@@ -493,6 +497,7 @@ impl Spool {
                 marks: Some(marks_tx),
                 handle: Some(handle),
                 gauges,
+                max_bytes: opts.max_bytes,
                 moved,
                 highest_id,
                 recent: parking_lot::Mutex::new(recent),
@@ -652,6 +657,7 @@ impl Spool {
             live_bytes: g.live_bytes.load(Ordering::Acquire),
             segments: g.segments.load(Ordering::Acquire),
             compactions: g.compactions.load(Ordering::Acquire),
+            max_bytes: self.max_bytes,
         }
     }
 

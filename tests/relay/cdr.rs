@@ -432,3 +432,36 @@ fn a_res_that_came_before_its_req_was_delivered_is_matched_across_a_restart() {
     let rows = all_rows(&dir);
     assert!(events(&rows, "res_missing").is_empty(), "{rows:?}");
 }
+
+/// The local MMSC's RES to partner B answers B's forward.REQ, not one that
+/// partner C sent first with the same transaction ID.
+#[test]
+fn a_local_res_answers_the_partner_it_goes_to() {
+    let mut h = Harness::with(cdr_profile(""));
+    let dir = h.spool.path().join("cdr");
+    let from_c = "+61491570156/TYPE=PLMN@mms.mnc456.mcc999.gprs";
+    let from_b = "+12025550142/TYPE=PLMN@mms.mnc020.mcc001.gprs";
+    let mut c = h.client(PARTNER_C);
+    let theirs = queued_as(&send_message(&mut c, from_c, &[TO_A], &acked_req(20, TO_A)));
+    let mut b = h.client(PARTNER_B);
+    let ours = queued_as(&send_message(&mut b, from_b, &[TO_A], &acked_req(20, TO_A)));
+    wait_until("A has both REQs", || h.sims[0].recipients() == 2);
+    wait_until("both wait", || {
+        std::fs::read_to_string(h.spool.path().join("cdr-state"))
+            .is_ok_and(|s| s.lines().filter(|l| l.starts_with("w,T00000020,")).count() == 2)
+    });
+    let mut local = h.client(LOCAL);
+    // The RES the other way: from the local MMSC's system address to B's.
+    let back = String::from_utf8(res(20, "Ok"))
+        .unwrap()
+        .replace(&format!("Sender: {RES_FROM}"), "Sender: X")
+        .replace(&format!("To: {RES_TO}"), &format!("To: {RES_FROM}"))
+        .replace("Sender: X", &format!("Sender: {RES_TO}"));
+    let reply = send_message(&mut local, RES_TO, &[RES_FROM], back.as_bytes());
+    assert_eq!(reply.code, 250, "{reply}");
+    let row = wait_row(&dir, "res", "T00000020");
+    assert_eq!(row["queue_id"], ours, "B's REQ, not C's ({theirs})");
+    assert_eq!(row["peer"], "A");
+    h.stop_relay();
+    assert_eq!(events(&all_rows(&dir), "res").len(), 1);
+}

@@ -305,12 +305,13 @@ fn peer_families(peers: &[PeerSnapshot]) -> Vec<Family> {
     }
     type Get = fn(&PeerSnapshot) -> u64;
     #[rustfmt::skip]
-    let series: [(&'static str, &'static str, &'static str, Get); 12] = [
+    let series: [(&'static str, &'static str, &'static str, Get); 13] = [
         ("mm4relay_connections_opened_total", "counter", "SMTP connections opened to each peer.", |s| s.connections_opened),
         ("mm4relay_connections_failed_total", "counter", "Connection attempts to each peer's hosts that failed (connect, greeting, TLS, AUTH).", |s| s.connections_failed),
         ("mm4relay_pool_depth", "gauge", "Jobs in the peer's pool.", |s| s.pool_depth as u64),
         ("mm4relay_overflow", "gauge", "Jobs waiting for room in the pool.", |s| s.overflow as u64),
         ("mm4relay_waiting_retry", "gauge", "Jobs waiting for their retry time.", |s| s.waiting_retry as u64),
+        ("mm4relay_oldest_queued_seconds", "gauge", "Age of the oldest message queued for the peer (0: none).", |s| s.oldest_secs.unwrap_or(0)),
         ("mm4relay_allowance", "gauge", "Workers that may hold a connection.", |s| s.allowance as u64),
         ("mm4relay_connections_open", "gauge", "Connections open now.", |s| s.connections_open as u64),
         ("mm4relay_connections_busy", "gauge", "Connections delivering now.", |s| s.busy as u64),
@@ -399,5 +400,6 @@ fn spool_families(spool: &SpoolStats) -> impl Iterator<Item = Family> {
         ("mm4relay_spool_live_bytes", "gauge", "Bytes of spooled messages with recipients left.", spool.live_bytes),
         ("mm4relay_spool_segments", "gauge", "Segment files of the spool.", spool.segments),
         ("mm4relay_spool_compactions_total", "counter", "Compactions (live messages copied forward) since start.", spool.compactions),
+        ("mm4relay_spool_max_bytes", "gauge", "[relay] spool_max_bytes: past it messages are refused (0: no limit).", spool.max_bytes),
     ])
 }
