@@ -90,7 +90,7 @@ fn events<'a>(rows: &'a [CsvRow], event: &str) -> Vec<&'a CsvRow> {
 }
 
 /// A forward.REQ that asks for an MM4_forward.RES.
-fn acked_req(seq: usize, rcpt: &str) -> Vec<u8> {
+pub fn acked_req(seq: usize, rcpt: &str) -> Vec<u8> {
     let m = String::from_utf8(forward_req(seq, rcpt, 1024)).unwrap();
     m.replacen(
         "X-Mms-Message-Type: MM4_forward.REQ\r\n",
@@ -103,7 +103,7 @@ fn acked_req(seq: usize, rcpt: &str) -> Vec<u8> {
 }
 
 /// The MM4_forward.RES partner B sends for transaction `seq`.
-fn res(seq: usize, status: &str) -> Vec<u8> {
+pub fn res(seq: usize, status: &str) -> Vec<u8> {
     format!(
         "X-Mms-3GPP-MMS-Version: 6.8.0\r\n\
          X-Mms-Message-Type: MM4_forward.RES\r\n\
@@ -121,8 +121,8 @@ fn res(seq: usize, status: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-const RES_FROM: &str = "mm4@mms.mnc020.mcc001.gprs";
-const RES_TO: &str = "system-user@mms.mnc010.mcc001.gprs";
+pub const RES_FROM: &str = "mm4@mms.mnc020.mcc001.gprs";
+pub const RES_TO: &str = "system-user@mms.mnc010.mcc001.gprs";
 
 #[test]
 fn every_event_is_a_row_that_reads_back_as_csv() {

@@ -7,6 +7,7 @@ mod cdr;
 mod clients;
 mod corpus;
 mod crash;
+mod dashboards;
 mod dedup;
 mod dns;
 mod expiry;
