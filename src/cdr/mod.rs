@@ -800,12 +800,11 @@ impl Books {
             return;
         };
         if m.summary.is_none() {
-            // Recovered records carry no data: read it back once.
-            m.summary = Some(
-                reader
-                    .and_then(|r| r.read(id, &m.location).ok())
-                    .map_or((String::new(), String::new()), |d| summarize(&d)),
-            );
+            // Recovered records (and large ones) carry no data: read it
+            // back once; a read that fails is tried again for the next row.
+            m.summary = reader
+                .and_then(|r| r.read(id, &m.location).ok())
+                .map(|d| summarize(&d));
         }
         let f = &mut row.0;
         f[3] = m.facts.pdu.clone();
