@@ -16,6 +16,7 @@ mod intake;
 mod metrics_limits;
 mod mta;
 mod ops;
+mod packages;
 mod pki;
 mod pools;
 mod ported;
