@@ -147,9 +147,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct Control {
     /// Ask the relay of this configuration (its [relay] control_socket)
+    /// [default: /etc/mm4relay/mm4relay.ini, if there]
     #[arg(short, long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
-    /// Ask the relay on this control socket [default: /run/mm4relay.sock]
+    /// Ask the relay on this control socket [default, with no
+    /// configuration: /run/mm4relay.sock]
     #[arg(long, value_name = "PATH", global = true, conflicts_with = "config")]
     pub socket: Option<PathBuf>,
 }

@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,7 +21,10 @@ mod cli;
 use clap::Parser as _;
 use cli::{Cli, Command};
 
-/// The control socket when neither `-c` nor `--socket` names one.
+/// The configuration a control command reads when neither `-c` nor
+/// `--socket` is given, if it is there (where the packages install it).
+const DEFAULT_CONFIG: &str = "/etc/mm4relay/mm4relay.ini";
+/// The control socket when no configuration names one.
 const DEFAULT_SOCKET: &str = "/run/mm4relay.sock";
 
 /// Why a command failed; its kind says how the process exits.
@@ -79,6 +82,12 @@ fn control(to: &cli::Control) -> Result<(PathBuf, Option<Box<Config>>), Failure>
             Ok((socket, Some(Box::new(config))))
         }
         (None, Some(socket)) => Ok((socket.clone(), None)),
+        // The packaged relay's, whose socket is in its spool; else the
+        // default socket.
+        (None, None) if Path::new(DEFAULT_CONFIG).exists() => control(&cli::Control {
+            config: Some(PathBuf::from(DEFAULT_CONFIG)),
+            socket: None,
+        }),
         (None, None) => Ok((PathBuf::from(DEFAULT_SOCKET), None)),
     }
 }

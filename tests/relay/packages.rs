@@ -285,6 +285,16 @@ fn the_deb_installs_runs_a_message_and_removes() {
         "{peers}"
     );
     eprintln!("mm4relay status -c {INI}:\n{}", peers.trim_end());
+    // Without -c the control commands read the packaged configuration.
+    assert_eq!(
+        ok("/usr/sbin/mm4relay", &["status"]).lines().next(),
+        peers.lines().next()
+    );
+    // The man page installed renders.
+    if Command::new("man").arg("--version").output().is_ok() {
+        let page = ok("man", &["-P", "cat", "8", "mm4relay-queue"]);
+        assert!(page.contains("hold"), "{page}");
+    }
     assert_eq!(stat(LOG), (0o640, uid, gid), "{LOG}");
     eprintln!("delivered: message T00000001 reached the simulated MMSC");
 
