@@ -5,7 +5,9 @@
 //! baseline: what the generator and sinks can do on this machine now), then
 //! through the relay, and reports the relay's throughput as a ratio of the
 //! baseline measured in the same round. Also reported: TCP connections the
-//! relay opened per peer, and the relay's peak RSS (VmHWM).
+//! relay opened per peer, the relay's peak RSS (VmHWM), and its context
+//! switches and CPU time per message (the whole process, from start to
+//! stop, as wait4 reports them).
 //!
 //! `cargo bench --bench e2e`; `E2E_MESSAGES` (default 20000), `E2E_ROUNDS`
 //! (default 3), `E2E_SESSIONS` (default 16), `E2E_SIZE` (default 2048) and
@@ -167,6 +169,8 @@ struct Run {
     conns: String,
     rss: u64,
     spool: String,
+    /// Context switches and CPU per message, start to stop.
+    cost: String,
 }
 
 /// Starts the relay in front of `sims`, sends `all`, waits for every
@@ -198,7 +202,8 @@ fn relay_run(
     let delivered = wait_delivered(sims, targets, Duration::from_secs(300));
     let relay_time = start.elapsed();
     let rss = relay.peak_rss_kib();
-    assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
+    let (exited_0, usage) = relay.stop();
+    assert!(exited_0, "relay did not exit 0 on SIGTERM");
     assert_eq!(
         report.accepted, n,
         "relay refused {} messages",
@@ -227,6 +232,7 @@ fn relay_run(
             conns[0], conns[1], conns[2]
         ),
         rss,
+        cost: Usage::per_message(usage, n),
         spool: {
             let spool = dir.path().join("spool");
             let (segments, other) = dir_bytes(&spool);
@@ -275,20 +281,66 @@ impl RelayProcess {
             .unwrap_or(0)
     }
 
-    /// SIGTERM, then wait for the drain; returns whether it exited 0.
-    fn stop(mut self) -> bool {
+    /// SIGTERM, then wait for the drain; returns whether it exited 0, and
+    /// what the whole process (every thread, gone ones too) used.
+    fn stop(self) -> (bool, Option<Usage>) {
+        let pid = self.0.id() as libc::pid_t;
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status();
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is a valid value to overwrite.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: pid is our child; status and ru outlive the call.
+            // Reaped here, so the Drop's try_wait finds nothing to do.
+            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+            if r == pid {
+                let exited_0 = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                return (exited_0, Some(Usage::of(&ru)));
             }
-            if Instant::now() > end {
-                return false;
+            if r < 0 || Instant::now() > end {
+                return (false, None);
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// What a relay process used in a run.
+#[derive(Clone, Copy)]
+struct Usage {
+    /// Context switches, voluntary and not.
+    switches: (u64, u64),
+    /// User and system CPU time.
+    cpu: Duration,
+}
+
+impl Usage {
+    fn of(ru: &libc::rusage) -> Usage {
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Usage {
+            switches: (ru.ru_nvcsw as u64, ru.ru_nivcsw as u64),
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        }
+    }
+
+    /// Per relayed message, as the table prints it.
+    fn per_message(u: Option<Usage>, n: usize) -> String {
+        match u {
+            Some(u) => {
+                let n = n.max(1) as f64;
+                format!(
+                    "relay per message: {:.1} context switches ({:.1} voluntary), {:.0} µs CPU",
+                    (u.switches.0 + u.switches.1) as f64 / n,
+                    u.switches.0 as f64 / n,
+                    u.cpu.as_secs_f64() * 1e6 / n
+                )
+            }
+            None => "relay usage unknown".into(),
         }
     }
 }
@@ -418,7 +470,7 @@ fn down_run(n: usize, sessions: usize, size: usize) {
     ask(&["status"]);
     ask(&["queue", "age"]);
     println!("accepted {} of {n}; A and B done, C down", report.accepted);
-    assert!(relay.stop(), "relay did not exit 0 on SIGTERM");
+    assert!(relay.stop().0, "relay did not exit 0 on SIGTERM");
 }
 
 /// Three sinks on 127.0.1.1, .2 and .3 sharing one port, as hosts found
@@ -552,6 +604,7 @@ fn main() {
             percentiles(run.report.latencies),
         );
         println!("      {}", run.spool);
+        println!("      {}", run.cost);
         if let Some(r) = cdr_run {
             let rate = n as f64 / r.elapsed.as_secs_f64();
             cdr_ratios.push(rate / relay_rate);
@@ -564,6 +617,7 @@ fn main() {
                 r.rss,
                 percentiles(r.report.latencies),
             );
+            println!("      {}", r.cost);
         }
         if let Some(server) = &dns {
             let port = sims[0].addr().port();
