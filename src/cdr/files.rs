@@ -17,6 +17,9 @@ use super::row::Row;
 /// A row's `cdr_id`: (journal record, row within it).
 pub type RowId = (u64, u32);
 
+/// Octets copied at a time when a removed file is written again.
+const COPY_PIECE: usize = 1 << 20;
+
 /// Suffix of the file being written.
 pub const OPEN_SUFFIX: &str = ".open";
 
@@ -159,13 +162,32 @@ impl Files {
             return Ok(());
         }
         prepare_dir(&self.dir)?;
-        let mut rows = vec![0; c.len as usize];
-        c.file.read_exact_at(&mut rows, 0)?;
-        let file = new_file(&c.path, &rows)?;
+        let file = new_file(&c.path, &[])?;
+        // Copied a piece at a time: an hour's file may be large.
+        let mut piece = vec![0; COPY_PIECE];
+        let mut at = 0;
+        let copied = loop {
+            if at >= c.len {
+                break file.sync_data();
+            }
+            let n = COPY_PIECE.min((c.len - at) as usize);
+            if let Err(e) = c
+                .file
+                .read_exact_at(&mut piece[..n], at)
+                .and_then(|()| (&file).write_all(&piece[..n]))
+            {
+                break Err(e);
+            }
+            at += n as u64;
+        };
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&c.path);
+            return Err(e);
+        }
         warn!(
             "cdr: {} was removed while open: its {} octets written again",
             c.path.display(),
-            rows.len()
+            c.len
         );
         c.file = file;
         Ok(())
