@@ -272,7 +272,7 @@ pub fn write_man(dir: &Path) -> io::Result<Vec<PathBuf>> {
     man_of(cmd.clone()).render(&mut top)?;
     top.extend_from_slice(MORE.as_bytes());
     let path = dir.join("mm4relay.8");
-    std::fs::write(&path, top)?;
+    write_new(&path, &top)?;
     written.push(path);
     let mut todo: Vec<(String, clap::Command)> = cmd
         .get_subcommands()
@@ -285,11 +285,27 @@ pub fn write_man(dir: &Path) -> io::Result<Vec<PathBuf>> {
         let mut page = Vec::new();
         man_of(sub.name(name.clone())).render(&mut page)?;
         let path = dir.join(format!("{name}.8"));
-        std::fs::write(&path, page)?;
+        write_new(&path, &page)?;
         written.push(path);
     }
     written.sort();
     Ok(written)
+}
+
+/// Writes `data` to a new file at `path`, replacing what is there by
+/// unlinking it first: never through a link someone left there (`man` may
+/// run as root in a shared directory).
+fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(data)
 }
 
 fn man_of(cmd: clap::Command) -> clap_mangen::Man {

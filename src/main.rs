@@ -82,12 +82,22 @@ fn control(to: &cli::Control) -> Result<(PathBuf, Option<Box<Config>>), Failure>
             Ok((socket, Some(Box::new(config))))
         }
         (None, Some(socket)) => Ok((socket.clone(), None)),
-        // The packaged relay's, whose socket is in its spool; else the
+        // The packaged relay's, whose socket is in its spool; else, or if
+        // that file does not load (not configured yet, half edited), the
         // default socket.
-        (None, None) if Path::new(DEFAULT_CONFIG).exists() => control(&cli::Control {
-            config: Some(PathBuf::from(DEFAULT_CONFIG)),
-            socket: None,
-        }),
+        (None, None) if Path::new(DEFAULT_CONFIG).exists() => {
+            match control(&cli::Control {
+                config: Some(PathBuf::from(DEFAULT_CONFIG)),
+                socket: None,
+            }) {
+                Ok(found) => Ok(found),
+                Err(Failure::Config(e)) => {
+                    eprintln!("mm4relay: {e}; asking {DEFAULT_SOCKET}");
+                    Ok((PathBuf::from(DEFAULT_SOCKET), None))
+                }
+                Err(f) => Err(f),
+            }
+        }
         (None, None) => Ok((PathBuf::from(DEFAULT_SOCKET), None)),
     }
 }
@@ -100,9 +110,27 @@ fn ask(socket: &std::path::Path, command: &str) -> Result<(), Failure> {
     match answer.strip_prefix("error:") {
         Some(why) => Err(Failure::Runtime(why.trim().to_string())),
         None => {
-            print!("{answer}");
+            print!("{}", for_terminal(&answer));
             Ok(())
         }
+    }
+}
+
+/// `text` with every control character but newline and tab (and the bidi
+/// overrides) shown as `?`: whoever answers on the control socket (its
+/// directory is the relay user's) cannot drive the operator's terminal.
+fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if text.chars().any(bad) {
+        text.chars()
+            .map(|c| if bad(c) { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
     }
 }
 
@@ -282,7 +310,7 @@ fn watch_status(socket: &std::path::Path, every: Duration) -> Result<(), Failure
             "mm4relay status, every {}s, {now} (Ctrl-C to stop)\n\n",
             every.as_secs()
         ));
-        for line in body.lines() {
+        for line in for_terminal(&body).lines() {
             frame.push_str(line);
             if tty {
                 // Clear what a longer line of the last frame left.
@@ -376,4 +404,18 @@ fn serve(path: &std::path::Path, pidfile: Option<PathBuf>) -> Result<(), Failure
         .transpose()
         .map_err(logged)?;
     relay::run(&config, || log_guard.reopen()).map_err(|e| logged(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_socket_says_cannot_drive_the_terminal() {
+        assert_eq!(for_terminal("peer A\tok\n"), "peer A\tok\n");
+        assert_eq!(
+            for_terminal("\u{1b}]52;c;AAAA\u{7}\u{9b}2J\u{202e}x\n"),
+            "?]52;c;AAAA??2J?x\n"
+        );
+    }
 }

@@ -5,10 +5,9 @@
 # when missing: an operator's changes are kept.
 [ -d /var/spool/mm4relay ] || install -d -o mm4relay -g mm4relay -m 0700 /var/spool/mm4relay
 [ -d /var/log/mm4relay ] || install -d -o mm4relay -g mm4relay -m 0750 /var/log/mm4relay
-# The log file too: root opens it before the relay becomes its user, and
-# one that root made would then be closed to the relay at SIGHUP.
-[ -e /var/log/mm4relay/mm4relay.log ] ||
-    install -o mm4relay -g mm4relay -m 0640 /dev/null /var/log/mm4relay/mm4relay.log
+# Not the log file: root makes nothing in a directory the relay user owns
+# (a link planted there would turn it on another file); the relay gives
+# the file it makes at start to its user.
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi

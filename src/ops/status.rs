@@ -389,7 +389,12 @@ fn json_str(s: &str) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+            // Control characters (C0, DEL, C1: a terminal acts on them),
+            // line separators and bidi overrides, as escapes: a peer's
+            // reply text cannot drive the terminal that reads this.
+            c if c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -455,6 +460,14 @@ pub fn json(peers: &[PeerSnapshot], totals: &Totals) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_escape_c1_controls_and_bidi_overrides() {
+        assert_eq!(
+            json_str("550 \u{9b}31m\u{202e}x\u{1b}"),
+            "\"550 \\u009b31m\\u202ex\\u001b\""
+        );
+    }
 
     #[test]
     fn the_table_shows_every_field_with_a_column_once() {

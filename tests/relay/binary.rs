@@ -167,12 +167,22 @@ fn usage_errors_exit_2_and_name_what_is_wrong() {
 #[test]
 fn man_pages_and_completions_cover_every_command() {
     let dir = tempfile::tempdir().unwrap();
+    // A link left where a page goes is replaced, not written through.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("mm4relay-status.8")).unwrap();
     let out = Command::new(BIN)
         .arg("man")
         .arg(dir.path())
         .output()
         .unwrap();
     assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("mm4relay-status.8"))
+            .unwrap()
+            .is_file()
+    );
     let page = |name: &str| {
         std::fs::read_to_string(dir.path().join(format!("{name}.8")))
             .unwrap_or_else(|e| panic!("{name}.8: {e}"))
