@@ -557,7 +557,7 @@ fn main() {
         };
         let direct = baseline(&sims, &per_peer, sessions);
 
-        let plain = || {
+        let static_run = |cdr| {
             relay_run(
                 &sims,
                 &all,
@@ -565,20 +565,10 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (None, Hosts::Static, false),
+                (None, Hosts::Static, cdr),
             )
         };
-        let with_cdr = || {
-            relay_run(
-                &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
-                (None, Hosts::Static, true),
-            )
-        };
+        let (plain, with_cdr) = (|| static_run(false), || static_run(true));
         // The CDR run goes first in even rounds: neither run gains from
         // its place (a warm page cache, a spool disk still writing back).
         let (run, cdr_run) = match (cdr, round % 2 == 0) {

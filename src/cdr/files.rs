@@ -324,10 +324,15 @@ fn publish(open: &Path) -> io::Result<PathBuf> {
             Err(e) => return Err(e),
         }
     }
-    Err(io::Error::other(format!(
+    Err(names_taken(open))
+}
+
+/// The error when every closed name of `open` is taken.
+fn names_taken(open: &Path) -> io::Error {
+    io::Error::other(format!(
         "{}: {MAX_NAMES} closed names taken",
         open.display()
-    )))
+    ))
 }
 
 /// True when `path` is the file `ours` describes.
@@ -358,10 +363,7 @@ fn publish_linked(open: &Path, from: u32, ours: &fs::Metadata) -> io::Result<Pat
         sync_dir(open);
         return Ok(done);
     }
-    Err(io::Error::other(format!(
-        "{}: {MAX_NAMES} closed names taken",
-        open.display()
-    )))
+    Err(names_taken(open))
 }
 
 /// True for the errors of a kernel (before 3.15) or file system without
@@ -477,6 +479,20 @@ mod tests {
         v
     }
 
+    /// The name of the one file in `dir`, and the first field of each of
+    /// its lines (the header's first).
+    fn the_one_file(dir: &Path) -> (String, Vec<String>) {
+        let [name] = &names(dir)[..] else {
+            panic!("one file: {:?}", names(dir));
+        };
+        let data = fs::read_to_string(dir.join(name)).unwrap();
+        let firsts = data
+            .lines()
+            .map(|l| l[..l.find(',').unwrap()].to_string())
+            .collect();
+        (name.clone(), firsts)
+    }
+
     #[test]
     fn rows_wait_for_a_file_that_cannot_be_made_yet() {
         let tmp = tempfile::tempdir().unwrap();
@@ -494,17 +510,9 @@ mod tests {
         files.push(&row("failed"), t, 6);
         files.sync().unwrap();
         files.close().unwrap();
-        let [name] = &names(&dir)[..] else {
-            panic!("one file: {:?}", names(&dir));
-        };
+        let (name, events) = the_one_file(&dir);
         assert!(name.ends_with("-00000000000000000005.csv"), "{name}");
-        let data = fs::read_to_string(dir.join(name)).unwrap();
-        let events: Vec<&str> = data
-            .lines()
-            .skip(1)
-            .map(|l| &l[..l.find(',').unwrap()])
-            .collect();
-        assert_eq!(events, ["sent", "failed"], "kept, in order, once");
+        assert_eq!(events[1..], ["sent", "failed"], "kept, in order, once");
     }
 
     #[test]
@@ -520,12 +528,8 @@ mod tests {
         files.push(&row("failed"), t, 2);
         files.sync().unwrap();
         files.close().unwrap();
-        let [name] = &names(&dir)[..] else {
-            panic!("one file: {:?}", names(&dir));
-        };
-        let data = fs::read_to_string(dir.join(name)).unwrap();
-        let events: Vec<&str> = data.lines().map(|l| &l[..l.find(',').unwrap()]).collect();
-        assert_eq!(events, ["event", "sent", "failed"], "{data}");
+        let (name, events) = the_one_file(&dir);
+        assert_eq!(events, ["event", "sent", "failed"], "{name}");
     }
 
     #[test]

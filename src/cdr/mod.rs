@@ -606,12 +606,7 @@ impl Books {
             deadline_ms: ms(o.at).saturating_add(self.cfg.ack_timeout.as_millis() as u64),
             seq,
         };
-        self.stats
-            .peers
-            .lock()
-            .entry(peer.to_string())
-            .or_default()
-            .asked += rcpts.len() as u64;
+        self.count(peer, |a| a.asked += rcpts.len() as u64);
         if let Some(e) = self.tracker.take_early(&tid, peer, &w) {
             let at = UNIX_EPOCH + Duration::from_millis(e.at_ms.max(w.sent_ms));
             self.answered_now(&mut rows, &tid, peer, &w, &e.status, &e.text, at);
@@ -620,12 +615,7 @@ impl Books {
         for (t, p, gone) in self.tracker.wait(&tid, peer, w) {
             self.asked
                 .remove(&(t.clone(), p.clone(), gone.queue_id.clone()));
-            self.stats
-                .peers
-                .lock()
-                .entry(p.clone())
-                .or_default()
-                .evicted += gone.rcpts.len() as u64;
+            self.count(&p, |a| a.evicted += gone.rcpts.len() as u64);
             let reply = format!(
                 "no longer waited for: [cdr] max_pending ({}) or {} for one transaction ID reached",
                 self.cfg.max_pending,
@@ -646,12 +636,7 @@ impl Books {
         at: SystemTime,
         reply: &str,
     ) {
-        self.stats
-            .peers
-            .lock()
-            .entry(peer.to_string())
-            .or_default()
-            .missing += w.rcpts.len() as u64;
+        self.count(peer, |a| a.missing += w.rcpts.len() as u64);
         for to in &w.rcpts {
             let line = Line {
                 event: "res_missing",
@@ -681,12 +666,10 @@ impl Books {
         at: SystemTime,
     ) {
         let latency = Duration::from_millis(ms(at).saturating_sub(w.sent_ms));
-        {
-            let mut peers = self.stats.peers.lock();
-            let p = peers.entry(peer.to_string()).or_default();
-            *p.answered.entry(status_class(status)).or_default() += w.rcpts.len() as u64;
-            p.latency.observe(latency, w.rcpts.len() as u64);
-        }
+        self.count(peer, |a| {
+            *a.answered.entry(status_class(status)).or_default() += w.rcpts.len() as u64;
+            a.latency.observe(latency, w.rcpts.len() as u64);
+        });
         for to in &w.rcpts {
             let line = Line {
                 event: "res",
@@ -759,6 +742,11 @@ impl Books {
                 self.update_waiting();
             }
         }
+    }
+
+    /// Changes `peer`'s RES figures.
+    fn count(&self, peer: &str, change: impl FnOnce(&mut PeerAcks)) {
+        change(self.stats.peers.lock().entry(peer.to_string()).or_default());
     }
 
     fn update_waiting(&self) {

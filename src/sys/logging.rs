@@ -246,27 +246,23 @@ fn open(path: &Path, relay_uid: Option<libc::uid_t>) -> Result<File, LogError> {
     // by the descriptor, so that SIGHUP can reopen it. Nothing else has to
     // make it beforehand.
     if let Some(uid) = relay_uid {
-        use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         let owner = file.metadata().map_err(|e| LogError::new("", e))?.uid();
         let group = path
             .parent()
             .and_then(|d| std::fs::metadata(d).ok())
-            .map_or(libc::gid_t::MAX, |m| m.gid());
+            .map(|m| m.gid());
         // SAFETY: a plain system call without pointers.
         if owner == 0 && unsafe { libc::geteuid() } == 0 && uid != 0 {
-            // SAFETY: on a descriptor we hold; gid -1 would keep the group.
-            let r = unsafe { libc::fchown(file.as_raw_fd(), uid, group) };
-            if r != 0 {
-                return Err(LogError::new(
+            std::os::unix::fs::fchown(&file, Some(uid), group).map_err(|e| {
+                LogError::new(
                     "",
                     std::io::Error::other(format!(
-                        "cannot give log file {} to the relay user: {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
+                        "cannot give log file {} to the relay user: {e}",
+                        path.display()
                     )),
-                ));
-            }
+                )
+            })?;
         }
     }
     Ok(file)
