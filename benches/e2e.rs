@@ -24,8 +24,14 @@
 //! round, each reported as a ratio of the static-hosts run of the same
 //! round: every peer as `hosts = mx:DOMAIN`, and B and C as dynamic peers
 //! (only A configured), their MX served by a DNS server on loopback.
+//! `E2E_BEFORE=PATH` adds a run per round of another `mm4relay` binary
+//! (an earlier build: copy `target/release/mm4relay` aside before the
+//! change), and reports this build's throughput as a ratio of that one's,
+//! so a change is judged against what it changes in the same run (the
+//! earlier build first in even rounds).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread;
@@ -45,6 +51,8 @@ const PEERS: [(&str, &str, &str, bool); 3] = [
     ("C", "mms.mnc456.mcc999.gprs", "+61491570", false),
 ];
 const MAX_CONNECTIONS: usize = 4;
+/// The relay binary cargo built with this bench.
+const THIS_BUILD: &str = env!("CARGO_BIN_EXE_mm4relay");
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -107,7 +115,7 @@ enum Hosts {
 
 fn config(
     sims: &[SimPeer; 3],
-    dir: &std::path::Path,
+    dir: &Path,
     listen: SocketAddr,
     log_level: &str,
     sync: &str,
@@ -182,7 +190,7 @@ fn relay_run(
     sessions: usize,
     log_level: &str,
     sync: &str,
-    (tls, hosts, cdr): (Option<&pki::Pki>, Hosts, bool),
+    (tls, hosts, cdr, bin): (Option<&pki::Pki>, Hosts, bool, &Path),
 ) -> Run {
     let n = all.len();
     let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
@@ -195,7 +203,7 @@ fn relay_run(
         config(sims, dir.path(), addr, log_level, sync, (tls, hosts, cdr)),
     )
     .unwrap();
-    let relay = RelayProcess::start(&config_path, addr);
+    let relay = RelayProcess::start(bin, &config_path, addr);
     let start = Instant::now();
     let report = send_load(addr, sessions, all.clone());
     let targets = [base[0] + want[0], base[1] + want[1], base[2] + want[2]];
@@ -249,8 +257,8 @@ fn relay_run(
 struct RelayProcess(Child);
 
 impl RelayProcess {
-    fn start(config_path: &std::path::Path, addr: SocketAddr) -> RelayProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_mm4relay"))
+    fn start(bin: &Path, config_path: &Path, addr: SocketAddr) -> RelayProcess {
+        let child = Command::new(bin)
             .args(["run", "-c"])
             .arg(config_path)
             .stdin(Stdio::null())
@@ -366,7 +374,7 @@ fn percentiles(mut l: Vec<Duration>) -> String {
 }
 
 /// Bytes of the segment files, and of the other files, in the spool directory.
-fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
+fn dir_bytes(dir: &Path) -> (u64, u64) {
     let mut sizes = (0, 0);
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let Ok(m) = e.metadata() else { continue };
@@ -383,7 +391,7 @@ fn dir_bytes(dir: &std::path::Path) -> (u64, u64) {
 }
 
 /// The number of the newest spool segment: how many were used.
-fn last_segment(dir: &std::path::Path) -> u64 {
+fn last_segment(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| {
@@ -432,7 +440,7 @@ fn down_run(n: usize, sessions: usize, size: usize) {
         ),
     )
     .unwrap();
-    let relay = RelayProcess::start(&config_path, addr);
+    let relay = RelayProcess::start(Path::new(THIS_BUILD), &config_path, addr);
     let socket = dir.path().join("control.sock");
     let ask = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mm4relay"))
@@ -546,6 +554,9 @@ fn main() {
     let dns = std::env::var_os("E2E_DNS").map(|_| dns_zone());
     let cdr = std::env::var_os("E2E_CDR").is_some();
     let mut cdr_ratios = Vec::new();
+    let this = Path::new(THIS_BUILD);
+    let before = std::env::var_os("E2E_BEFORE").map(PathBuf::from);
+    let mut before_ratios = Vec::new();
     for round in 1..=rounds {
         let sims = match &dns {
             None => [
@@ -565,10 +576,26 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (None, Hosts::Static, cdr),
+                (None, Hosts::Static, cdr, this),
             )
         };
         let (plain, with_cdr) = (|| static_run(false), || static_run(true));
+        let earlier = |bin: &Path| {
+            relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                (None, Hosts::Static, false, bin),
+            )
+        };
+        // The earlier build goes first in even rounds.
+        let before_first = match &before {
+            Some(bin) if round % 2 == 0 => Some(earlier(bin)),
+            _ => None,
+        };
         // The CDR run goes first in even rounds: neither run gains from
         // its place (a warm page cache, a spool disk still writing back).
         let (run, cdr_run) = match (cdr, round % 2 == 0) {
@@ -581,6 +608,10 @@ fn main() {
                 let r = with_cdr();
                 (plain(), Some(r))
             }
+        };
+        let before_run = match &before {
+            Some(bin) if before_first.is_none() => Some(earlier(bin)),
+            _ => before_first,
         };
         let direct_rate = n as f64 / direct.as_secs_f64();
         let relay_rate = n as f64 / run.elapsed.as_secs_f64();
@@ -595,6 +626,20 @@ fn main() {
         );
         println!("      {}", run.spool);
         println!("      {}", run.cost);
+        if let Some(r) = before_run {
+            let rate = n as f64 / r.elapsed.as_secs_f64();
+            before_ratios.push(relay_rate / rate);
+            println!(
+                "  was {direct_rate:>12.0} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (E2E_BEFORE; this build / it: {:.2})",
+                n as f64 / r.report.elapsed.as_secs_f64(),
+                rate / direct_rate,
+                r.conns,
+                r.rss,
+                percentiles(r.report.latencies),
+                relay_rate / rate,
+            );
+            println!("      {}", r.cost);
+        }
         if let Some(r) = cdr_run {
             let rate = n as f64 / r.elapsed.as_secs_f64();
             cdr_ratios.push(rate / relay_rate);
@@ -623,7 +668,7 @@ fn main() {
                     sessions,
                     &log_level,
                     &sync,
-                    (None, mode, false),
+                    (None, mode, false, this),
                 );
                 let rate = n as f64 / r.elapsed.as_secs_f64();
                 dns_ratios[i].push(rate / relay_rate);
@@ -656,7 +701,7 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (Some(p), Hosts::Static, false),
+                (Some(p), Hosts::Static, false, this),
             );
             let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
             tls_ratios.push(tls_rate / relay_rate);
@@ -680,6 +725,14 @@ fn main() {
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
+    if !before_ratios.is_empty() {
+        let all = before_ratios.clone();
+        before_ratios.sort_by(f64::total_cmp);
+        println!(
+            "median ratio this build / E2E_BEFORE: {:.2} (rounds: {all:.2?})",
+            before_ratios[before_ratios.len() / 2]
+        );
+    }
     if !cdr_ratios.is_empty() {
         let all = cdr_ratios.clone();
         cdr_ratios.sort_by(f64::total_cmp);
