@@ -1,6 +1,7 @@
 //! Line framing and the DATA transparency procedure (RFC 5321 §4.5.2).
 //!
-//! Inbound, [`DataDecoder`] removes dot-stuffing and finds the end of data.
+//! Inbound, [`DataDecoder`] removes dot-stuffing and finds the end of data;
+//! for BDAT chunks ([`DataDecoder::chunks`]) it only checks the lines.
 //! Only `CRLF . CRLF` ends it: a bare LF or CR anywhere, alone or around a
 //! dot (`LF.LF`, `CRLF.LF`, `LF.CRLF`), is a fault that rejects the message
 //! but never ends the data early. That closes the SMTP smuggling hole where
@@ -57,6 +58,8 @@ enum State {
 /// Incremental DATA reader: feed it what the socket gives, in any pieces.
 #[derive(Debug)]
 pub struct DataDecoder {
+    /// DATA: dot-stuffed, ended by `CRLF . CRLF`. Not for BDAT chunks.
+    dots: bool,
     state: State,
     line_len: usize,
     max_size: usize,
@@ -69,11 +72,23 @@ impl DataDecoder {
     /// unstuffing) without holding more than that in memory.
     pub fn new(max_size: usize) -> DataDecoder {
         DataDecoder {
+            dots: true,
             state: State::LineStart,
             line_len: 0,
             max_size,
             out: Vec::with_capacity(max_size.min(16 * 1024)),
             fault: None,
+        }
+    }
+
+    /// A decoder for a message sent in BDAT chunks (RFC 3030): the octets
+    /// are the message as it is, with no dot-stuffing and no end marker,
+    /// held to the same rules (CRLF lines of at most 998 octets, no NUL,
+    /// at most `max_size`). [`DataDecoder::feed`] then never finds an end.
+    pub fn chunks(max_size: usize) -> DataDecoder {
+        DataDecoder {
+            dots: false,
+            ..DataDecoder::new(max_size)
         }
     }
 
@@ -98,7 +113,7 @@ impl DataDecoder {
             let b = input[i];
             i += 1;
             match (self.state, b) {
-                (State::LineStart, b'.') => self.state = State::Dot,
+                (State::LineStart, b'.') if self.dots => self.state = State::Dot,
                 (State::Dot, b'\r') => self.state = State::DotCr,
                 (State::DotCr, b'\n') => return Some(i),
                 (State::DotCr, _) => {
@@ -139,8 +154,13 @@ impl DataDecoder {
         None
     }
 
-    /// The message once the end marker was seen, or the first fault.
-    pub fn finish(self) -> Result<Vec<u8>, DataFault> {
+    /// The message once the end marker was seen (or, for chunks, after the
+    /// last one), or the first fault.
+    pub fn finish(mut self) -> Result<Vec<u8>, DataFault> {
+        if self.state == State::Cr {
+            // Chunks that end between a CR and its LF.
+            self.fail(DataFault::BareCr);
+        }
         match self.fault {
             Some(f) => Err(f),
             None => Ok(self.out),
@@ -280,6 +300,33 @@ mod tests {
         let mut d = DataDecoder::new(1 << 20);
         assert_eq!(d.feed(&ok), Some(ok.len()));
         assert!(d.finish().is_ok());
+    }
+
+    #[test]
+    fn chunks_are_taken_as_they_are_and_checked_like_data() {
+        // A dot line is text, not an end, in any cut.
+        let wire = b"a\r\n.\r\n..b\r\n";
+        for cut in 0..=wire.len() {
+            let mut d = DataDecoder::chunks(1 << 20);
+            assert_eq!(d.feed(&wire[..cut]), None);
+            assert_eq!(d.feed(&wire[cut..]), None);
+            assert_eq!(d.finish().unwrap(), wire, "cut {cut}");
+        }
+        let cases: [(&[u8], DataFault); 5] = [
+            (b"a\0b\r\n", DataFault::Nul),
+            (b"a\nb\r\n", DataFault::BareLf),
+            (b"a\rb\r\n", DataFault::BareCr),
+            (b"ab\r", DataFault::BareCr),
+            (b"0123456789\r\n", DataFault::TooBig),
+        ];
+        for (wire, fault) in cases {
+            let mut d = DataDecoder::chunks(8);
+            assert_eq!(d.feed(wire), None);
+            assert_eq!(d.finish(), Err(fault), "{wire:?}");
+        }
+        let mut d = DataDecoder::chunks(8);
+        d.feed(b"no CRLF");
+        assert_eq!(d.finish().unwrap(), b"no CRLF");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! SMTP commands (RFC 5321 §4.1): parsed from one line on the server side,
-//! formatted on the client side. Extensions honoured: SIZE (RFC 1870) and
-//! 8BITMIME (RFC 6152); PIPELINING needs nothing at this level.
+//! formatted on the client side. Extensions honoured: SIZE (RFC 1870),
+//! 8BITMIME (RFC 6152) and CHUNKING's BDAT (RFC 3030); PIPELINING needs
+//! nothing at this level.
 
 use std::fmt;
 
@@ -43,6 +44,14 @@ pub enum Command {
     Rcpt(String),
     /// `DATA`.
     Data,
+    /// `BDAT size [LAST]` (RFC 3030): `size` octets of message data follow
+    /// the line, as they are (no dot-stuffing, no end marker).
+    Bdat {
+        /// Octets in this chunk.
+        size: u64,
+        /// The message's last chunk.
+        last: bool,
+    },
     /// `RSET`.
     Rset,
     /// `NOOP`.
@@ -80,6 +89,9 @@ pub enum CommandError {
     /// A control character (below 0x20, or DEL) in the line (501 5.5.2):
     /// it would reach `Received:`, the logs and operators' terminals.
     ControlCharacter,
+    /// BDAT without a chunk size we can read (501 5.5.4): where the chunk
+    /// ends is unknown, so the session must close.
+    ChunkSize,
 }
 
 impl CommandError {
@@ -97,6 +109,9 @@ impl CommandError {
             CommandError::ControlCharacter => {
                 Reply::new(501, "5.5.2 control characters are not allowed in commands")
             }
+            CommandError::ChunkSize => {
+                Reply::new(501, "5.5.4 syntax error: expected BDAT <size> [LAST]")
+            }
         }
     }
 }
@@ -111,9 +126,7 @@ impl std::error::Error for CommandError {}
 
 /// Verbs of RFC 5321, its predecessors and extensions that we know and do
 /// not implement: they get 502, not the 500 of a verb nobody defined.
-const NOT_IMPLEMENTED: &[&str] = &[
-    "EXPN", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML",
-];
+const NOT_IMPLEMENTED: &[&str] = &["EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"];
 
 /// Longest EHLO/HELO domain (RFC 1035's limit on a name; an address
 /// literal is shorter still).
@@ -180,6 +193,25 @@ impl Command {
                 Ok(Command::Rcpt(to))
             }
             "DATA" => no_args(Command::Data),
+            "BDAT" => {
+                let mut words = rest.split(' ');
+                // Digits only, and few enough for a u64: no sign, no space.
+                let size = words
+                    .next()
+                    .filter(|w| !w.is_empty() && w.len() <= 20)
+                    .filter(|w| w.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|w| w.parse().ok())
+                    .ok_or(CommandError::ChunkSize)?;
+                let last = match words.next() {
+                    None => false,
+                    Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+                    Some(_) => return Err(CommandError::ChunkSize),
+                };
+                if words.next().is_some() {
+                    return Err(CommandError::ChunkSize);
+                }
+                Ok(Command::Bdat { size, last })
+            }
             "RSET" => no_args(Command::Rset),
             "QUIT" => no_args(Command::Quit),
             // NOOP and HELP may carry an argument, which is ignored.
@@ -348,7 +380,6 @@ mod tests {
     fn known_but_unimplemented_verbs_get_502() {
         for line in [
             "EXPN staff",
-            "BDAT 10 LAST",
             "TURN",
             "ETRN example.com",
             "ATRN",
@@ -366,6 +397,31 @@ mod tests {
         // VRFY keeps its own answer, and a verb nobody defined stays 500.
         assert_eq!(Command::parse(b"VRFY x"), Ok(Command::Vrfy));
         assert_eq!(Command::parse(b"XYZZY").unwrap_err().reply().code, 500);
+    }
+
+    #[test]
+    fn bdat_takes_a_size_and_last_and_nothing_else() {
+        let bdat = |size, last| Ok(Command::Bdat { size, last });
+        assert_eq!(Command::parse(b"BDAT 10 LAST"), bdat(10, true));
+        assert_eq!(Command::parse(b"bdat 0 last"), bdat(0, true));
+        assert_eq!(Command::parse(b"BDAT 4096"), bdat(4096, false));
+        let max = format!("BDAT {}", u64::MAX);
+        assert_eq!(Command::parse(max.as_bytes()), bdat(u64::MAX, false));
+        for bad in [
+            "BDAT",
+            "BDAT LAST",
+            "BDAT -1",
+            "BDAT +1",
+            "BDAT 1x",
+            "BDAT 1  LAST",
+            "BDAT 1 LAST x",
+            "BDAT 1 FIRST",
+            "BDAT 18446744073709551616",
+        ] {
+            let e = Command::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e, CommandError::ChunkSize, "{bad}");
+            assert_eq!(e.reply().code, 501, "{bad}");
+        }
     }
 
     #[test]

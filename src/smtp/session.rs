@@ -17,7 +17,7 @@
 //! has no more input to give.
 
 use super::codec::{DataDecoder, DataFault};
-use super::command::{Command, MailParams};
+use super::command::{Command, CommandError, MailParams};
 use super::reply::Reply;
 
 /// Longest command line we read, CRLF included (RFC 5321 says 512; leave
@@ -115,6 +115,15 @@ enum Phase {
     /// Skipping the rest of an over-long command line.
     Discarding,
     Data(Box<DataDecoder>),
+    /// Inside a BDAT chunk of `size` octets, `left` of them still to come;
+    /// with the reply it gets instead of being taken, if it is refused
+    /// (its octets are read and dropped).
+    Chunk {
+        size: u64,
+        left: u64,
+        last: bool,
+        refusal: Option<Reply>,
+    },
     /// Inside an AUTH exchange: the next line is a base64 response.
     Auth(AuthStep),
     Closed,
@@ -128,6 +137,8 @@ pub struct Session<R> {
     /// The client greeted with EHLO, not HELO.
     ehlo: bool,
     envelope: Option<Envelope<R>>,
+    /// The message of this transaction so far, once BDAT started it.
+    chunks: Option<Box<DataDecoder>>,
     tls: bool,
     tls_required: bool,
     user: Option<String>,
@@ -146,6 +157,7 @@ impl<R> Session<R> {
             helo: None,
             ehlo: false,
             envelope: None,
+            chunks: None,
             tls: false,
             tls_required: false,
             user: None,
@@ -164,7 +176,7 @@ impl<R> Session<R> {
     pub fn tls_started(&mut self) {
         self.tls = true;
         self.helo = None;
-        self.envelope = None;
+        self.reset();
     }
 
     /// The user this session authenticated as, if it did.
@@ -181,9 +193,15 @@ impl<R> Session<R> {
         Reply::new(220, format!("{} ESMTP mm4relay", self.cfg.hostname))
     }
 
-    /// True while message data is being received.
+    /// True while message data is being received (DATA, or a BDAT chunk).
     pub fn in_data(&self) -> bool {
-        matches!(self.phase, Phase::Data(_))
+        matches!(self.phase, Phase::Data(_) | Phase::Chunk { .. })
+    }
+
+    /// Ends the transaction, if one is open.
+    fn reset(&mut self) {
+        self.envelope = None;
+        self.chunks = None;
     }
 
     /// Processes every complete command or data line in `input`, appending
@@ -232,6 +250,32 @@ impl<R> Session<R> {
                         reply.write_to(out);
                     }
                 },
+                Phase::Chunk { left, .. } => {
+                    let take = (*left).min(rest.len() as u64) as usize;
+                    *left -= take as u64;
+                    let done = *left == 0;
+                    if let (Some(d), Phase::Chunk { refusal: None, .. }) =
+                        (self.chunks.as_mut(), &self.phase)
+                    {
+                        d.feed(&rest[..take]);
+                    }
+                    pos += take;
+                    if !done {
+                        return more(input.len(), line_ended, data_started);
+                    }
+                    line_ended = true;
+                    let Phase::Chunk {
+                        size,
+                        last,
+                        refusal,
+                        ..
+                    } = std::mem::replace(&mut self.phase, Phase::Commands)
+                    else {
+                        unreachable!("matched Chunk above")
+                    };
+                    let reply = self.end_of_chunk(size, last, refusal, handler);
+                    self.answer(reply, out);
+                }
                 Phase::Discarding => match rest.iter().position(|&b| b == b'\n') {
                     None => {
                         return more(input.len(), line_ended, data_started);
@@ -266,7 +310,22 @@ impl<R> Session<R> {
                                 starttls = reply.code == 220;
                                 reply
                             }
+                            Ok(Command::Bdat { size, last }) => match self.bdat(size, last) {
+                                // The reply comes after the chunk.
+                                None => {
+                                    data_started = true;
+                                    continue;
+                                }
+                                Some(reply) => reply,
+                            },
                             Ok(cmd) => self.command(cmd, handler),
+                            Err(CommandError::ChunkSize) => {
+                                // Where the chunk ends is unknown: nothing
+                                // after this line can be read as commands.
+                                self.close_with =
+                                    Some(Reply::new(421, "4.5.0 BDAT not understood, closing"));
+                                CommandError::ChunkSize.reply()
+                            }
                             Err(e) => e.reply(),
                         }
                     };
@@ -450,13 +509,14 @@ impl<R> Session<R> {
             Command::Ehlo(domain) => {
                 self.helo = Some(domain);
                 self.ehlo = true;
-                self.envelope = None;
+                self.reset();
                 let mut lines = vec![
                     self.cfg.hostname.clone(),
                     "PIPELINING".into(),
                     format!("SIZE {}", self.cfg.max_message_size),
                     "8BITMIME".into(),
                     "ENHANCEDSTATUSCODES".into(),
+                    "CHUNKING".into(),
                 ];
                 if self.cfg.starttls && !self.tls {
                     lines.push("STARTTLS".into());
@@ -469,7 +529,7 @@ impl<R> Session<R> {
             Command::Helo(domain) => {
                 self.helo = Some(domain);
                 self.ehlo = false;
-                self.envelope = None;
+                self.reset();
                 Reply::new(250, self.cfg.hostname.clone())
             }
             Command::Mail { from, params } => {
@@ -521,6 +581,11 @@ impl<R> Session<R> {
             }
             Command::Data => match &self.envelope {
                 None => Reply::new(503, "5.5.1 need MAIL before DATA"),
+                // RFC 3030 §3: not both in one transaction.
+                Some(_) if self.chunks.is_some() => {
+                    self.reset();
+                    Reply::new(503, "5.5.1 DATA after BDAT")
+                }
                 Some(env) if env.rcpts.is_empty() => {
                     self.envelope = None;
                     Reply::new(554, "5.5.1 no valid recipients")
@@ -531,9 +596,11 @@ impl<R> Session<R> {
                 }
             },
             Command::Rset => {
-                self.envelope = None;
+                self.reset();
                 Reply::new(250, "2.0.0 reset")
             }
+            // `feed` takes BDAT itself: its reply comes after its octets.
+            Command::Bdat { .. } => Reply::new(503, "5.5.1 BDAT out of place"),
             Command::Noop => Reply::new(250, "2.0.0 ok"),
             Command::Vrfy => Reply::new(252, "2.5.0 cannot VRFY user, but will accept message"),
             Command::Help => Reply::new(214, "2.0.0 see RFC 5321"),
@@ -541,12 +608,66 @@ impl<R> Session<R> {
             Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial, handler),
             Command::Quit => {
                 self.phase = Phase::Closed;
-                self.envelope = None;
+                self.reset();
                 Reply::new(
                     221,
                     format!("2.0.0 {} closing connection", self.cfg.hostname),
                 )
             }
+        }
+    }
+
+    /// A BDAT line: the chunk that follows is read (`None`), into the
+    /// message or to be dropped with the reply it will get; or it cannot
+    /// be read at all (larger than any message may be), and the reply
+    /// closes the session.
+    fn bdat(&mut self, size: u64, last: bool) -> Option<Reply> {
+        if size > self.cfg.max_message_size as u64 {
+            // Not worth reading, and nothing after it can be trusted to
+            // be a command.
+            self.close_with = Some(Reply::new(421, "4.3.4 closing after an oversized chunk"));
+            return Some(Reply::new(552, "5.3.4 message size exceeds fixed limit"));
+        }
+        let refusal = match &self.envelope {
+            None => Some(Reply::new(503, "5.5.1 need MAIL before BDAT")),
+            Some(env) if env.rcpts.is_empty() => {
+                self.reset();
+                Some(Reply::new(554, "5.5.1 no valid recipients"))
+            }
+            Some(_) => {
+                let max = self.cfg.max_message_size;
+                self.chunks
+                    .get_or_insert_with(|| Box::new(DataDecoder::chunks(max)));
+                None
+            }
+        };
+        self.phase = Phase::Chunk {
+            size,
+            left: size,
+            last,
+            refusal,
+        };
+        None
+    }
+
+    /// The reply to a chunk once all its octets are in: 250 for one of
+    /// several, the message's answer for the last.
+    fn end_of_chunk<H: Handler<Route = R>>(
+        &mut self,
+        size: u64,
+        last: bool,
+        refusal: Option<Reply>,
+        handler: &mut H,
+    ) -> Reply {
+        if let Some(reply) = refusal {
+            return reply;
+        }
+        if !last {
+            return Reply::new(250, format!("2.0.0 {size} octets received"));
+        }
+        match (self.chunks.take(), &self.envelope) {
+            (Some(d), Some(_)) => self.end_of_data(d.finish(), handler),
+            _ => Reply::new(503, "5.5.1 need MAIL before BDAT"),
         }
     }
 
@@ -631,6 +752,74 @@ mod tests {
             .filter(|l| l.as_bytes().get(3) == Some(&b' '))
             .map(|l| &l[..3])
             .collect()
+    }
+
+    #[test]
+    fn bdat_chunks_make_one_message_at_every_cut() {
+        // Two chunks, the second one LAST, then a second message in one
+        // LAST chunk; dots and a command-like line are only data.
+        let input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 7\r\nhi\r\n.\r\nBDAT 11 LAST\r\nQUIT\r\n..x\r\n\
+                      MAIL FROM:<c@d>\r\nRCPT TO:<y@ok>\r\nBDAT 5 LAST\r\nz\r\n\r\nQUIT\r\n";
+        for cut in 0..=input.len() {
+            let (out, h, close) = run(input, cut);
+            assert_eq!(
+                codes(&out),
+                [
+                    "250", "250", "250", "250", "250", "250", "250", "250", "221"
+                ],
+                "cut {cut}: {out}"
+            );
+            assert!(out.contains("250 2.0.0 7 octets received"), "{out}");
+            assert!(out.contains("CHUNKING"), "{out}");
+            assert!(close);
+            assert_eq!(h.messages.len(), 2, "cut {cut}");
+            assert_eq!(h.messages[0].1, b"hi\r\n.\r\nQUIT\r\n..x\r\n");
+            assert_eq!(h.messages[1].0.from, "c@d");
+            assert_eq!(h.messages[1].1, b"z\r\n\r\n");
+        }
+    }
+
+    #[test]
+    fn bdat_refused_chunks_are_read_and_dropped() {
+        // No MAIL; no valid recipient; DATA after BDAT; a bare LF; too big
+        // in all (the limit is 100). Each chunk's octets are skipped, and
+        // the session goes on.
+        let big = "x".repeat(60);
+        let input = format!(
+            "EHLO c\r\nBDAT 4 LAST\r\nNOOPMAIL FROM:<a@b>\r\nRCPT TO:<x@no>\r\nBDAT 4 LAST\r\nNOOP\
+             MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 2\r\nabDATA\r\n\
+             MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 3 LAST\r\na\nb\
+             MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 60\r\n{big}BDAT 60 LAST\r\n{big}NOOP\r\n"
+        );
+        let (out, h, close) = run(input.as_bytes(), 0);
+        assert_eq!(
+            codes(&out),
+            [
+                "250", "503", "250", "550", "554", "250", "250", "250", "503", "250", "250", "554",
+                "250", "250", "250", "552", "250"
+            ],
+            "{out}"
+        );
+        assert!(out.contains("503 5.5.1 DATA after BDAT"), "{out}");
+        assert!(out.contains("554 5.6.0 bare LF"), "{out}");
+        assert!(h.messages.is_empty());
+        assert!(!close);
+    }
+
+    #[test]
+    fn bdat_that_cannot_be_read_closes_the_session() {
+        for (line, code) in [
+            ("BDAT x LAST", "501"),
+            ("BDAT 99999999999999999999", "501"),
+            ("BDAT 101 LAST", "552"),
+        ] {
+            let input =
+                format!("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\n{line}\r\nNOOP\r\n");
+            let (out, h, close) = run(input.as_bytes(), 0);
+            assert!(close, "{line}: {out}");
+            assert_eq!(codes(&out)[3..], [code, "421"][..], "{line}: {out}");
+            assert!(!out.contains("NOOP") && h.messages.is_empty());
+        }
     }
 
     #[test]
@@ -923,7 +1112,7 @@ mod tests {
 
     #[test]
     fn unimplemented_commands_get_502_and_the_session_goes_on() {
-        let (out, _, close) = run(b"EHLO c\r\nEXPN staff\r\nBDAT 4 LAST\r\nNOOP\r\n", 0);
+        let (out, _, close) = run(b"EHLO c\r\nEXPN staff\r\nTURN\r\nNOOP\r\n", 0);
         assert_eq!(codes(&out), ["250", "502", "502", "250"]);
         assert!(out.contains("502 5.5.1 EXPN not implemented"), "{out}");
         assert!(!close);

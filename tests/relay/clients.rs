@@ -255,3 +255,60 @@ print("sent")
     assert!(out.contains("sent"), "{out}");
     assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
 }
+
+/// smtplib, speaking BDAT by hand (it has no CHUNKING of its own): a
+/// message in two pipelined chunks reaches the peer as it was sent, and a
+/// chunk over the size limit is answered 552 and the session closed.
+#[test]
+fn smtplib_sends_bdat_chunks() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let h = Harness::start();
+    let script = r#"
+import smtplib, sys
+port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+data = open(msg, "rb").read()
+half = len(data) // 2
+s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+s.ehlo("python.test")
+print("chunking", s.has_extn("chunking"))
+s.send(b"MAIL FROM:<+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs>\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
+       + b"BDAT %d\r\n" % half + data[:half] + b"BDAT %d LAST\r\n" % (len(data) - half) + data[half:])
+for what in ["mail", "rcpt", "chunk", "last"]:
+    print(what, *s.getreply())
+s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<" + rcpt.encode() + b">\r\nBDAT 3000000 LAST\r\n")
+for what in ["mail2", "rcpt2", "huge", "bye"]:
+    print(what, s.getreply()[0])
+try:
+    print("after", s.noop()[0])
+except smtplib.SMTPServerDisconnected:
+    print("closed")
+"#;
+    let msg = h.spool.path().join("msg.eml");
+    let body = mm4relay::sim::forward_req(7, TO_A, 1500);
+    std::fs::write(&msg, &body).unwrap();
+    let (ok, out) = python(
+        script,
+        &[
+            h.addr.port().to_string(),
+            TO_A.into(),
+            msg.display().to_string(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("chunking True"), "{out}");
+    assert!(out.contains("chunk 250"), "{out}");
+    assert!(out.contains("last 250 b'2.0.0 queued as"), "{out}");
+    assert!(out.contains("huge 552") && out.contains("bye 421"), "{out}");
+    assert!(out.contains("closed"), "{out}");
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    let got = &h.sims[0].received()[0].data;
+    // The peer gets it as sent, after the relay's one Received: line.
+    assert!(
+        got.starts_with(b"Received: "),
+        "{}",
+        String::from_utf8_lossy(got)
+    );
+    assert!(got.ends_with(&body), "{}", String::from_utf8_lossy(got));
+}
