@@ -521,6 +521,11 @@ pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing
                             &Security::plain(),
                         )
                         .ok();
+                        // The load is what an MMSC sends: one message at a
+                        // time, with DATA, whatever the target offers.
+                        if let Some(c) = conn.as_mut() {
+                            c.set_chunking(false);
+                        }
                     }
                     let Some(c) = conn.as_mut() else {
                         report.refused += 1;

@@ -113,6 +113,7 @@ pub const PEER_KEYS: &[(&str, &str)] = &[
     ("data_timeout", "180s"),
     ("data_done_timeout", "600s"),
     ("keepalive", "60s"),
+    ("chunking", "yes"),
     ("max_rate", "0"),
     ("max_messages_per_connection", "0"),
     ("max_connection_age", "1h"),

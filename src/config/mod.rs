@@ -249,6 +249,9 @@ pub struct PeerConfig {
     pub data_done_timeout: Duration,
     /// NOOP interval on an idle connection.
     pub keepalive: Duration,
+    /// Send with BDAT (RFC 3030), several messages per write, when the
+    /// peer offers CHUNKING and PIPELINING.
+    pub chunking: bool,
     /// Messages per second to this peer, all workers together (0: no limit).
     pub max_rate: u32,
     /// A connection is closed and reopened after this many messages (0: never).

@@ -516,6 +516,7 @@ fn peer(
         data_timeout: s.duration("data_timeout")?,
         data_done_timeout: s.duration("data_done_timeout")?,
         keepalive: s.duration("keepalive")?,
+        chunking: s.boolean("chunking")?,
         max_rate: s.count("max_rate", 0)? as u32,
         max_messages_per_connection: s.count("max_messages_per_connection", 0)? as u32,
         max_connection_age: s.duration("max_connection_age")?,

@@ -298,7 +298,14 @@ pub struct Connection {
     read_timeout: Duration,
     /// Transactions begun on it.
     begun: u32,
+    /// Use CHUNKING when the peer offers it with PIPELINING.
+    chunking: bool,
 }
+
+/// Most transactions written together with CHUNKING, and the octets
+/// after which no more are added (a larger message still goes alone).
+const BATCH_MESSAGES: usize = 32;
+const BATCH_OCTETS: usize = 1 << 20;
 
 /// A transaction under way: the message, its state, and how many were
 /// begun on the connection before it.
@@ -528,6 +535,7 @@ impl Connection {
             wbuf: Vec::with_capacity(8192),
             read_timeout: Duration::ZERO,
             begun: 0,
+            chunking: true,
         };
         let greeting = c
             .read_reply(c.timeouts.helo)
@@ -562,6 +570,16 @@ impl Connection {
         &self.host
     }
 
+    /// Sends with DATA even to a peer that offers CHUNKING (`false`).
+    pub fn set_chunking(&mut self, on: bool) {
+        self.chunking = on;
+    }
+
+    /// True if transactions go out as BDAT chunks, several per write.
+    pub fn chunked(&self) -> bool {
+        self.chunking && self.caps.chunking && self.caps.pipelining
+    }
+
     /// A handle on the socket, so a stop can cut a stuck connection.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
         self.stream.tcp().try_clone()
@@ -583,12 +601,18 @@ impl Connection {
     /// trip instead of two. `finished` gets every item whose outcome is
     /// known. On `Err` the connection is unusable, and the error comes with
     /// the items whose outcome is not known, each with how far it got.
+    ///
+    /// With CHUNKING as well (see [`Connection::chunked`]), whole
+    /// transactions go out together instead: see `deliver_batches`.
     pub fn deliver_chain<T: Outbound>(
         &mut self,
         first: T,
         mut next: impl FnMut() -> Option<T>,
         mut finished: impl FnMut(T, Delivery),
     ) -> Result<(), Broken<T>> {
+        if self.chunked() {
+            return self.deliver_batches(first, next, finished);
+        }
         let mut queued = Some(first);
         let mut in_flight: Option<InFlight<T>> = None;
         loop {
@@ -684,6 +708,131 @@ impl Connection {
         }
     }
 
+    /// Delivers `first` and whatever `next` yields in batches: every
+    /// transaction waiting (up to [`BATCH_MESSAGES`] and [`BATCH_OCTETS`])
+    /// is written at once as `[RSET] MAIL RCPT… BDAT n LAST` and its
+    /// message, then the replies are read in order. One round trip carries
+    /// a batch, where DATA needs one per message at best.
+    ///
+    /// If the connection breaks, what each message left unknown can have
+    /// got depends on where: a message whose chunk was written may have
+    /// been taken (the peer's reply lost), so it is unknown at
+    /// [`Stage::Final`] (a possible duplicate), unless a reply that ends
+    /// the session (421, a session limit) came before it: the peer then
+    /// took nothing after that reply.
+    fn deliver_batches<T: Outbound>(
+        &mut self,
+        first: T,
+        mut next: impl FnMut() -> Option<T>,
+        mut finished: impl FnMut(T, Delivery),
+    ) -> Result<(), Broken<T>> {
+        let mut queued = Some(first);
+        loop {
+            let mut buf = std::mem::take(&mut self.wbuf);
+            buf.clear();
+            // Each with where its octets end in `buf`.
+            let mut batch: Vec<(InFlight<T>, usize)> = Vec::new();
+            while batch.len() < BATCH_MESSAGES && buf.len() < BATCH_OCTETS {
+                let Some(item) = queued.take().or_else(&mut next) else {
+                    break;
+                };
+                let reset = self.begun > 0;
+                match Transaction::start_chunked(
+                    &self.caps,
+                    item.from(),
+                    item.rcpts(),
+                    item.data(),
+                    item.body_type(),
+                    reset,
+                    &mut buf,
+                ) {
+                    Ok(t) => {
+                        let earlier = self.begun;
+                        self.begun += 1;
+                        batch.push(((item, t, earlier), buf.len()));
+                    }
+                    Err(refusal) => finished(item, Delivery::Refused(refusal)),
+                }
+            }
+            if batch.is_empty() {
+                self.wbuf = buf;
+                return Ok(());
+            }
+            let written = self.write_counted(&buf);
+            self.wbuf = buf;
+            if let Err((trouble, sent)) = written {
+                // Only a chunk written whole can have been taken.
+                let unknown = batch
+                    .into_iter()
+                    .map(|((item, _, earlier), end)| Unknown {
+                        item,
+                        stage: if end <= sent {
+                            Stage::Final
+                        } else {
+                            Stage::Mail
+                        },
+                        earlier,
+                    })
+                    .collect();
+                return Err(Broken {
+                    error: ConnError::new(Stage::Mail, trouble),
+                    unknown,
+                });
+            }
+            let mut batch = batch.into_iter().map(|(x, _)| x);
+            while let Some((item, mut t, earlier)) = batch.next() {
+                loop {
+                    let expect = t.expecting();
+                    let stage = stage_of(expect);
+                    let reply = self.read_reply(self.timeout_for(&t));
+                    let trouble = match reply {
+                        Ok(r) if expect == Expect::Reset && !r.is_positive() => Trouble::Reply(r),
+                        Ok(r) if policy::ends_session(stage, &r, earlier) => Trouble::Reply(r),
+                        Ok(r) => match t.on_reply(r) {
+                            Step::Done => break,
+                            _ => continue,
+                        },
+                        Err(trouble) => trouble,
+                    };
+                    // The peer's own word ends the session: it took
+                    // nothing after it. Else this message and the rest
+                    // were all written, and may all have been taken.
+                    let said = matches!(trouble, Trouble::Reply(_));
+                    let (this, rest) = if said {
+                        (stage, Stage::Mail)
+                    } else {
+                        (Stage::Final, Stage::Final)
+                    };
+                    let mut unknown = vec![Unknown {
+                        item,
+                        stage: this,
+                        earlier,
+                    }];
+                    unknown.extend(batch.map(|(item, _, earlier)| Unknown {
+                        item,
+                        stage: rest,
+                        earlier,
+                    }));
+                    let at = match (said, expect) {
+                        (false, _) => Stage::Final,
+                        (true, Expect::Reset) => Stage::Reset,
+                        (true, _) => stage,
+                    };
+                    return Err(Broken {
+                        error: ConnError::new(at, trouble),
+                        unknown,
+                    });
+                }
+                let replies = t
+                    .outcomes()
+                    .iter()
+                    .map(|o| o.clone().expect("transaction done"))
+                    .collect();
+                finished(item, Delivery::Replies(replies));
+            }
+        }
+    }
+
     /// Plans the next transaction: its state, its first commands, and how
     /// many were begun before it.
     fn begin<T: Outbound>(&mut self, item: &T) -> Result<(Transaction, Vec<u8>, u32), Refusal> {
@@ -701,10 +850,10 @@ impl Connection {
 
     fn timeout_for(&self, t: &Transaction) -> Duration {
         match t.expecting() {
-            Expect::Mail => self.timeouts.mail,
+            Expect::Reset | Expect::Mail => self.timeouts.mail,
             Expect::Rcpt(_) => self.timeouts.rcpt,
             Expect::Data | Expect::EmptyData => self.timeouts.data,
-            Expect::Final | Expect::Done => self.timeouts.data_done,
+            Expect::Final | Expect::Chunk | Expect::Done => self.timeouts.data_done,
         }
     }
 
@@ -777,6 +926,20 @@ impl Connection {
         self.stream.write_all(bytes).map_err(|e| io_trouble(&e))
     }
 
+    /// Like `write`; on failure also says how many octets went out first.
+    fn write_counted(&mut self, bytes: &[u8]) -> Result<(), (Trouble, usize)> {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match self.stream.write(&bytes[sent..]) {
+                Ok(0) => return Err((Trouble::Closed, sent)),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((io_trouble(&e), sent)),
+            }
+        }
+        Ok(())
+    }
+
     fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Trouble> {
         let timeout = timeout.max(Duration::from_millis(1));
         if timeout != self.read_timeout {
@@ -806,10 +969,11 @@ impl Connection {
 /// The stage a transaction waiting for `e` is at.
 fn stage_of(e: Expect) -> Stage {
     match e {
-        Expect::Mail => Stage::Mail,
+        // Nothing of the transaction is taken before its MAIL.
+        Expect::Reset | Expect::Mail => Stage::Mail,
         Expect::Rcpt(_) => Stage::Rcpt,
         Expect::Data | Expect::EmptyData => Stage::Data,
-        Expect::Final | Expect::Done => Stage::Final,
+        Expect::Final | Expect::Chunk | Expect::Done => Stage::Final,
     }
 }
 
@@ -834,5 +998,182 @@ fn broken<T>(
     Broken {
         error: ConnError::new(stage, trouble),
         unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A message for the tests: sender, one recipient, data.
+    struct Item(Vec<String>, Vec<u8>);
+
+    impl Outbound for &Item {
+        fn from(&self) -> &str {
+            "a@x"
+        }
+        fn rcpts(&self) -> &[String] {
+            &self.0
+        }
+        fn data(&self) -> &[u8] {
+            &self.1
+        }
+        fn body_type(&self) -> BodyType {
+            BodyType::SevenBit
+        }
+    }
+
+    fn items() -> Vec<Item> {
+        (1..=3)
+            .map(|i| Item(vec![format!("r{i}@y")], format!("m{i}\r\n").into_bytes()))
+            .collect()
+    }
+
+    /// A peer that offers PIPELINING and CHUNKING, reads until it has
+    /// `until` (everything the client writes before any reply), then
+    /// sends `replies` and closes. Returns its address and what it read.
+    fn peer(
+        until: &'static [u8],
+        replies: &'static str,
+    ) -> (SocketAddr, thread::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"220 peer\r\n").unwrap();
+            let mut got = Vec::new();
+            read_until(&mut s, &mut got, b"\r\n");
+            s.write_all(b"250-peer\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                .unwrap();
+            got.clear();
+            read_until(&mut s, &mut got, until);
+            s.write_all(replies.as_bytes()).unwrap();
+            got
+        });
+        (addr, t)
+    }
+
+    /// Reads from `s` onto `got` until `got` holds `end`.
+    fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, end: &[u8]) {
+        let mut chunk = [0u8; 4096];
+        while !got.windows(end.len()).any(|w| w == end) {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(
+                n > 0,
+                "client closed early: {}",
+                String::from_utf8_lossy(got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> Connection {
+        let d = Duration::from_secs(10);
+        let timeouts = Timeouts {
+            connect: d,
+            helo: d,
+            mail: d,
+            rcpt: d,
+            data: d,
+            data_done: d,
+        };
+        Connection::open(
+            &addr.to_string(),
+            "relay.test",
+            &timeouts,
+            &Security::plain(),
+        )
+        .unwrap()
+    }
+
+    /// Where a chain broke, and the stage of each message it left unknown.
+    type Cut = (Stage, Vec<Stage>);
+
+    /// Delivers the three items as one chain: what `finished` got, and
+    /// the error with the stages of what was left unknown.
+    fn deliver(c: &mut Connection, items: &[Item]) -> (Vec<Vec<u16>>, Option<Cut>) {
+        let mut rest = items[1..].iter();
+        let mut done = Vec::new();
+        let r = c.deliver_chain(
+            &items[0],
+            || rest.next(),
+            |_, d| match d {
+                Delivery::Replies(r) => done.push(r.iter().map(|r| r.code).collect()),
+                Delivery::Refused(_) => done.push(vec![0]),
+            },
+        );
+        let broken = r.err().map(|b| {
+            let stages = b.unknown.iter().map(|u| u.stage).collect();
+            (b.error.stage, stages)
+        });
+        (done, broken)
+    }
+
+    #[test]
+    fn chunking_sends_every_waiting_message_in_one_write() {
+        let replies = "250 mail\r\n250 rcpt\r\n250 1\r\n\
+                       250 reset\r\n250 mail\r\n550 no such user\r\n554 no valid recipients\r\n\
+                       250 reset\r\n250 mail\r\n250 rcpt\r\n250 3\r\n";
+        let (addr, server) = peer(b"m3\r\n", replies);
+        let mut c = connect(addr);
+        assert!(c.chunked());
+        let (done, broken) = deliver(&mut c, &items());
+        assert_eq!(broken, None);
+        assert_eq!(done, [vec![250], vec![550], vec![250]]);
+        let wire = String::from_utf8(server.join().unwrap()).unwrap();
+        // All three before any reply, the first without RSET.
+        assert_eq!(
+            wire,
+            "MAIL FROM:<a@x>\r\nRCPT TO:<r1@y>\r\nBDAT 4 LAST\r\nm1\r\n\
+             RSET\r\nMAIL FROM:<a@x>\r\nRCPT TO:<r2@y>\r\nBDAT 4 LAST\r\nm2\r\n\
+             RSET\r\nMAIL FROM:<a@x>\r\nRCPT TO:<r3@y>\r\nBDAT 4 LAST\r\nm3\r\n"
+        );
+    }
+
+    #[test]
+    fn a_batch_cut_off_leaves_its_written_chunks_possible_duplicates() {
+        // The peer took everything and closed without a word.
+        let (addr, server) = peer(b"m3\r\n", "");
+        let mut c = connect(addr);
+        let (done, broken) = deliver(&mut c, &items());
+        server.join().unwrap();
+        assert!(done.is_empty());
+        let (_, stages) = broken.unwrap();
+        assert_eq!(stages, [Stage::Final, Stage::Final, Stage::Final]);
+    }
+
+    #[test]
+    fn a_421_in_a_batch_leaves_what_follows_untaken() {
+        // The first goes; the second's RSET is answered 421.
+        let (addr, server) = peer(
+            b"m3\r\n",
+            "250 mail\r\n250 rcpt\r\n250 1\r\n421 closing\r\n",
+        );
+        let mut c = connect(addr);
+        let (done, broken) = deliver(&mut c, &items());
+        server.join().unwrap();
+        assert_eq!(done, [vec![250]]);
+        let (at, stages) = broken.unwrap();
+        assert_eq!(at, Stage::Reset);
+        assert_eq!(stages, [Stage::Mail, Stage::Mail]);
+    }
+
+    #[test]
+    fn without_chunking_it_is_data() {
+        let (addr, server) = peer(b"DATA\r\n", "250 mail\r\n250 rcpt\r\n554 no\r\n");
+        let mut c = connect(addr);
+        c.set_chunking(false);
+        assert!(!c.chunked());
+        let items = items();
+        let mut done = Vec::new();
+        // The RSET after the refused DATA finds the peer gone: that is
+        // the chain's error, after the message was decided.
+        let _ = c.deliver_chain(&items[0], || None, |_, d| done.push(d));
+        assert!(matches!(&done[..], [Delivery::Replies(r)] if r[0].code == 554));
+        let wire = String::from_utf8(server.join().unwrap()).unwrap();
+        assert_eq!(wire, "MAIL FROM:<a@x>\r\nRCPT TO:<r1@y>\r\nDATA\r\n");
     }
 }

@@ -194,7 +194,8 @@ impl Worker {
                 &settings.security,
             );
             match opened {
-                Ok(c) => {
+                Ok(mut c) => {
+                    c.set_chunking(settings.cfg.chunking);
                     hosts.up(host);
                     if p.control.set_misconfigured(false) {
                         info!("peer={} TLS and AUTH work again", p.name);
@@ -509,6 +510,14 @@ impl Worker {
                         Printable(&e.to_string())
                     );
                     again = Some(u.item);
+                }
+                // The rest of a batch the peer took nothing of (it ended
+                // the session at an earlier message): back in line,
+                // untried, for the next connection.
+                Fate::RetryNow if !stopping && u.stage == Stage::Mail => {
+                    let mut job = u.item;
+                    job.attempts = job.attempts.saturating_sub(1);
+                    self.ctx.queue.put_back(job);
                 }
                 Fate::Expired => self.expire(u.item, &e.to_string()),
                 _ => self.defer(u.item, &e.to_string()),

@@ -6,7 +6,14 @@
 //!  with PIPELINING:     send MAIL+RCPT…+DATA ─► read MAIL, each RCPT, DATA
 //!  without:             MAIL ─► read ─► RCPT ─► read … ─► DATA ─► read
 //!  then, on 354:        send body + "." ─► read final reply ─► Done
+//!  with CHUNKING too:   send [RSET+]MAIL+RCPT…+BDAT n LAST+body ─► read
+//!                       [RSET,] MAIL, each RCPT, BDAT ─► Done
 //! ```
+//!
+//! With CHUNKING (RFC 3030) nothing waits for a 354, so whole transactions
+//! can follow each other in one write; each but a connection's first
+//! starts with RSET, so that however the one before it ended at the peer,
+//! its MAIL meets no open transaction.
 //!
 //! A recipient's outcome is the reply that decided it: the MAIL reply if
 //! MAIL failed, its RCPT reply if that failed, the DATA reply if DATA
@@ -28,6 +35,8 @@ pub struct Capabilities {
     pub starttls: bool,
     /// AUTH mechanisms offered (RFC 4954), upper case.
     pub auth: Vec<String>,
+    /// CHUNKING (RFC 3030): BDAT.
+    pub chunking: bool,
 }
 
 impl Capabilities {
@@ -42,6 +51,7 @@ impl Capabilities {
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "STARTTLS" => caps.starttls = true,
+                "CHUNKING" => caps.chunking = true,
                 "AUTH" => caps.auth = words.map(str::to_ascii_uppercase).collect(),
                 _ => {}
             }
@@ -80,6 +90,9 @@ pub enum Refusal {
 /// Which reply the transaction waits for (the caller picks its timeout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
+    /// The reply to the RSET a chunked transaction starts with: anything
+    /// but 2xx leaves the peer's state unknown.
+    Reset,
     /// The MAIL reply.
     Mail,
     /// The reply to the RCPT of this recipient index.
@@ -90,6 +103,8 @@ pub enum Expect {
     EmptyData,
     /// The reply to the final dot.
     Final,
+    /// The reply to `BDAT n LAST`, which carried the whole message.
+    Chunk,
     /// Nothing: the transaction is over.
     Done,
 }
@@ -103,6 +118,8 @@ pub struct Transaction {
     mail_failed: Option<Reply>,
     outcomes: Vec<Option<Reply>>,
     completed: bool,
+    /// Sent with BDAT: the RCPT replies are followed by BDAT's.
+    chunked: bool,
 }
 
 impl Transaction {
@@ -135,13 +152,45 @@ impl Transaction {
             mail_failed: None,
             outcomes: vec![None; rcpts.len()],
             completed: false,
+            chunked: false,
         };
         Ok((t, first))
+    }
+
+    /// Plans a transaction that sends everything at once: MAIL, the RCPTs
+    /// and the message as one `BDAT LAST` chunk, appended to `out` (after
+    /// RSET when `reset`). For a peer that offers PIPELINING and CHUNKING.
+    pub fn start_chunked(
+        caps: &Capabilities,
+        from: &str,
+        rcpts: &[String],
+        data: &[u8],
+        body: BodyType,
+        reset: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Transaction, Refusal> {
+        let (mut t, first) = Transaction::start(caps, from, rcpts, data.len() as u64, body)?;
+        if reset {
+            out.extend_from_slice(b"RSET\r\n");
+            t.expect = Expect::Reset;
+        }
+        // `first` ends with DATA when pipelining: BDAT takes its place.
+        let commands = first.strip_suffix(b"DATA\r\n").unwrap_or(&first);
+        out.extend_from_slice(commands);
+        out.extend_from_slice(format!("BDAT {} LAST\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        t.chunked = true;
+        Ok(t)
     }
 
     /// Takes the next reply and says what to do.
     pub fn on_reply(&mut self, reply: Reply) -> Step {
         match self.expect {
+            Expect::Reset => {
+                // The caller ends the connection on anything but 2xx.
+                self.expect = Expect::Mail;
+                Step::Read
+            }
             Expect::Mail => {
                 if !reply.is_positive() {
                     self.mail_failed = Some(reply);
@@ -168,7 +217,11 @@ impl Transaction {
                         Step::Send(format_rcpt(&self.rcpts[i + 1]).into_bytes())
                     }
                 } else {
-                    self.expect = Expect::Data;
+                    self.expect = if self.chunked {
+                        Expect::Chunk
+                    } else {
+                        Expect::Data
+                    };
                     if self.pipelining {
                         Step::Read
                     } else if self.accepted() == 0 {
@@ -194,6 +247,13 @@ impl Transaction {
                 }
             }
             Expect::EmptyData => self.finish(),
+            Expect::Chunk => {
+                // Whatever the reply, the chunk ended the transaction at
+                // the peer, and the next one starts with RSET anyway.
+                self.completed = true;
+                self.decide_accepted(reply);
+                self.finish()
+            }
             Expect::Final => {
                 self.completed = true;
                 self.decide_accepted(reply);
@@ -280,6 +340,7 @@ mod tests {
                 "8BITMIME".into(),
                 "STARTTLS".into(),
                 "AUTH login Plain".into(),
+                "Chunking".into(),
             ],
         };
         assert_eq!(
@@ -290,8 +351,57 @@ mod tests {
                 eight_bit_mime: true,
                 starttls: true,
                 auth: vec!["LOGIN".into(), "PLAIN".into()],
+                chunking: true,
             }
         );
+    }
+
+    #[test]
+    fn chunked_sends_all_at_once_and_the_bdat_reply_decides() {
+        let caps = Capabilities {
+            chunking: true,
+            ..caps(true)
+        };
+        let mut out = Vec::new();
+        let mut t = Transaction::start_chunked(
+            &caps,
+            "s@y",
+            &rcpts(),
+            b"hi\r\n",
+            BodyType::SevenBit,
+            true,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            b"RSET\r\nMAIL FROM:<s@y> SIZE=4\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 4 LAST\r\nhi\r\n"
+        );
+        assert_eq!(t.expecting(), Expect::Reset);
+        assert_eq!(t.on_reply(r(250)), Step::Read);
+        assert_eq!(t.on_reply(r(250)), Step::Read);
+        assert_eq!(t.on_reply(r(550)), Step::Read);
+        assert_eq!(t.on_reply(r(250)), Step::Read);
+        assert_eq!(t.expecting(), Expect::Chunk);
+        assert_eq!(t.on_reply(r(451)), Step::Done);
+        assert_eq!(codes(&t), [550, 451]);
+        // Done at the peer whatever BDAT got: no RSET round trip after it.
+        assert!(!t.needs_reset());
+        // A refused MAIL decides everyone, whatever BDAT got.
+        let mut t = Transaction::start_chunked(
+            &caps,
+            "s@y",
+            &rcpts(),
+            b"",
+            BodyType::SevenBit,
+            false,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        for code in [553, 503, 503, 503] {
+            t.on_reply(r(code));
+        }
+        assert_eq!(codes(&t), [553, 553]);
     }
 
     #[test]

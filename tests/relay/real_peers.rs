@@ -296,6 +296,56 @@ fn smtp_sink_gets_fifty_byte_identical_over_two_connections() {
 
 /// B's hosts found through DNS (`hosts = mx:`, its MX served on loopback)
 /// and B a real Postfix: every message arrives whole, nothing deferred.
+/// Postfix offers CHUNKING: fifty messages held at B, then released, go
+/// out as BDAT (no DATA on the wire), several per write, and arrive byte
+/// for byte, with no deferral.
+#[test]
+fn postfix_gets_bdat_batches_byte_identical() {
+    let Some(pf) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let tap = Tap::start(pf.addr());
+    let mut rig = Rig::start(tap.addr(), Profile::default(), String::new()).unwrap();
+    let control = |cmd: &str| {
+        mm4relay::ops::control::request(&rig.spool.path().join("control.sock"), cmd).unwrap()
+    };
+    assert!(control("queue hold B").contains("held"));
+    let sent = rig.send(0..50);
+    assert!(control("queue release B").contains("released"));
+    let got = arrivals(&pf, &sent);
+    let b = rig.stop();
+    let what = summary(&pf, sent.len(), &got, &b);
+    assert_eq!(got.len(), 50, "{what}");
+    assert_identical(&pf, &sent);
+    assert_eq!(b.deferred, 0, "{what}");
+    let reads = tap.reads();
+    let count = |r: &[u8], what: &[u8]| r.windows(what.len()).filter(|w| *w == what).count();
+    let wire: Vec<u8> = reads.concat();
+    assert_eq!(count(&wire, b"BDAT "), 50, "{what}");
+    assert_eq!(count(&wire, b"\r\nDATA\r\n"), 0, "{what}");
+    let most = reads.iter().map(|r| count(r, b"BDAT ")).max().unwrap_or(0);
+    assert!(most > 1, "one message per write at most: {what}");
+    eprintln!("{what}; most BDATs in one read at Postfix: {most}");
+}
+
+/// `chunking = no`: the same Postfix gets DATA, never BDAT.
+#[test]
+fn chunking_off_sends_data_to_postfix() {
+    let Some(pf) = Postfix::start(PostfixOptions::default()) else {
+        return;
+    };
+    let tap = Tap::start(pf.addr());
+    let mut rig = Rig::start(tap.addr(), Profile::default(), "chunking = no\n".into()).unwrap();
+    let sent = rig.send(0..3);
+    let got = arrivals(&pf, &sent);
+    let b = rig.stop();
+    assert_eq!(got.len(), 3, "{}", summary(&pf, 3, &got, &b));
+    assert_identical(&pf, &sent);
+    let wire = tap.reads().concat();
+    let count = |what: &[u8]| wire.windows(what.len()).filter(|w| *w == what).count();
+    assert_eq!((count(b"BDAT "), count(b"\r\nDATA\r\n")), (0, 3));
+}
+
 #[test]
 fn a_postfix_found_through_its_mx_gets_everything() {
     use hickory_proto::rr::RecordType;

@@ -641,3 +641,96 @@ pub fn tid_of(data: &[u8]) -> String {
         .unwrap();
     line["X-Mms-Transaction-ID:".len()..].trim().to_string()
 }
+
+/// A TCP forwarder on loopback in front of `target` that keeps what
+/// clients write, one entry per read, so a test can look at the wire.
+/// Dropping it cuts every connection and joins its threads.
+pub struct Tap {
+    addr: SocketAddr,
+    reads: Arc<parking_lot::Mutex<Vec<Vec<u8>>>>,
+    conns: Arc<parking_lot::Mutex<Vec<TcpStream>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Tap {
+    pub fn start(target: SocketAddr) -> Tap {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reads: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let conns: Arc<parking_lot::Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let threads: Arc<parking_lot::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (r, c, s, t) = (reads.clone(), conns.clone(), stop.clone(), threads.clone());
+        let accept = thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut list = c.lock();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                drop(list);
+                let (mut from_client, mut to_server) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut from_server, mut to_client) = (server, client);
+                let r = r.clone();
+                let up = thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = from_client.read(&mut buf) {
+                        if n == 0 || to_server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        r.lock().push(buf[..n].to_vec());
+                    }
+                    let _ = to_server.shutdown(std::net::Shutdown::Write);
+                });
+                let down = thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                    let _ = to_client.shutdown(std::net::Shutdown::Write);
+                });
+                t.lock().extend([up, down]);
+            }
+        });
+        Tap {
+            addr,
+            reads,
+            conns,
+            stop,
+            threads,
+            accept: Some(accept),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What clients wrote, one entry per read.
+    pub fn reads(&self) -> Vec<Vec<u8>> {
+        self.reads.lock().clone()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wakes the accept loop, which then sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+        for c in self.conns.lock().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        for t in std::mem::take(&mut *self.threads.lock()) {
+            let _ = t.join();
+        }
+    }
+}
