@@ -504,7 +504,12 @@ impl Client {
                 return r;
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).expect("reply from relay");
+            // A signal (a child's SIGCHLD, the relay's own handlers in this
+            // process) may interrupt the wait: that is no answer yet.
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("reply from relay"),
+            };
             assert!(n > 0, "relay closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
