@@ -24,6 +24,8 @@
 //! round, each reported as a ratio of the static-hosts run of the same
 //! round: every peer as `hosts = mx:DOMAIN`, and B and C as dynamic peers
 //! (only A configured), their MX served by a DNS server on loopback.
+//! `E2E_HALF=1` adds a run per round at half the load the relay just
+//! carried (the generator's sessions paced, open loop), for its latency.
 //! `E2E_BEFORE=PATH` adds a run per round of another `mm4relay` binary
 //! (an earlier build: copy `target/release/mm4relay` aside before the
 //! change), and reports this build's throughput as a ratio of that one's,
@@ -39,7 +41,9 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
 use mm4relay::dns::server::{DnsServer, Reply, a, mx};
-use mm4relay::sim::{LoadReport, Outgoing, SimPeer, SimSecurity, forward_req, send_load};
+use mm4relay::sim::{
+    LoadReport, Outgoing, SimPeer, SimSecurity, forward_req, send_load, send_load_at,
+};
 
 #[path = "../tests/relay/pki.rs"]
 #[allow(dead_code)]
@@ -170,6 +174,37 @@ fn config(
     ini
 }
 
+/// How a run through the relay differs from the plain one.
+#[derive(Clone, Copy)]
+struct Variant<'a> {
+    /// STARTTLS to every peer, with certificates from this PKI.
+    tls: Option<&'a pki::Pki>,
+    hosts: Hosts,
+    /// `[cdr]` on.
+    cdr: bool,
+    /// The relay binary.
+    bin: &'a Path,
+    /// The offered load, messages per second (`None`: as fast as the
+    /// sessions go).
+    rate: Option<f64>,
+}
+
+impl<'a> Variant<'a> {
+    fn plain(bin: &'a Path) -> Variant<'a> {
+        Variant {
+            tls: None,
+            hosts: Hosts::Static,
+            cdr: false,
+            bin,
+            rate: None,
+        }
+    }
+
+    fn cdr(self, cdr: bool) -> Variant<'a> {
+        Variant { cdr, ..self }
+    }
+}
+
 /// What one run through the relay gave.
 struct Run {
     elapsed: Duration,
@@ -190,8 +225,15 @@ fn relay_run(
     sessions: usize,
     log_level: &str,
     sync: &str,
-    (tls, hosts, cdr, bin): (Option<&pki::Pki>, Hosts, bool, &Path),
+    v: Variant,
 ) -> Run {
+    let Variant {
+        tls,
+        hosts,
+        cdr,
+        bin,
+        rate,
+    } = v;
     let n = all.len();
     let base: Vec<u64> = sims.iter().map(SimPeer::recipients).collect();
     let conns_before: Vec<u64> = sims.iter().map(SimPeer::connections).collect();
@@ -205,7 +247,7 @@ fn relay_run(
     .unwrap();
     let relay = RelayProcess::start(bin, &config_path, addr);
     let start = Instant::now();
-    let report = send_load(addr, sessions, all.clone());
+    let report = send_load_at(addr, sessions, all.clone(), rate);
     let targets = [base[0] + want[0], base[1] + want[1], base[2] + want[2]];
     let delivered = wait_delivered(sims, targets, Duration::from_secs(300));
     let relay_time = start.elapsed();
@@ -556,6 +598,7 @@ fn main() {
     let mut cdr_ratios = Vec::new();
     let this = Path::new(THIS_BUILD);
     let before = std::env::var_os("E2E_BEFORE").map(PathBuf::from);
+    let half = std::env::var_os("E2E_HALF").is_some();
     let mut before_ratios = Vec::new();
     for round in 1..=rounds {
         let sims = match &dns {
@@ -576,7 +619,7 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (None, Hosts::Static, cdr, this),
+                Variant::plain(this).cdr(cdr),
             )
         };
         let (plain, with_cdr) = (|| static_run(false), || static_run(true));
@@ -588,7 +631,7 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (None, Hosts::Static, false, bin),
+                Variant::plain(bin),
             )
         };
         // The earlier build goes first in even rounds.
@@ -626,6 +669,32 @@ fn main() {
         );
         println!("      {}", run.spool);
         println!("      {}", run.cost);
+        if half {
+            let r = relay_run(
+                &sims,
+                &all,
+                &want,
+                sessions,
+                &log_level,
+                &sync,
+                Variant {
+                    rate: Some(relay_rate / 2.0),
+                    ..Variant::plain(this)
+                },
+            );
+            let rate = n as f64 / r.elapsed.as_secs_f64();
+            println!(
+                "  1/2 {:>12} {:>12.0} {rate:>12.0} {:>8} {:>22} {:>9} KiB {:>16}   (offered: {:.0} msg/s)",
+                "",
+                n as f64 / r.report.elapsed.as_secs_f64(),
+                "",
+                r.conns,
+                r.rss,
+                percentiles(r.report.latencies),
+                relay_rate / 2.0,
+            );
+            println!("      {}", r.cost);
+        }
         if let Some(r) = before_run {
             let rate = n as f64 / r.elapsed.as_secs_f64();
             before_ratios.push(relay_rate / rate);
@@ -668,7 +737,10 @@ fn main() {
                     sessions,
                     &log_level,
                     &sync,
-                    (None, mode, false, this),
+                    Variant {
+                        hosts: mode,
+                        ..Variant::plain(this)
+                    },
                 );
                 let rate = n as f64 / r.elapsed.as_secs_f64();
                 dns_ratios[i].push(rate / relay_rate);
@@ -701,7 +773,10 @@ fn main() {
                 sessions,
                 &log_level,
                 &sync,
-                (Some(p), Hosts::Static, false, this),
+                Variant {
+                    tls: Some(p),
+                    ..Variant::plain(this)
+                },
             );
             let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
             tls_ratios.push(tls_rate / relay_rate);

@@ -497,6 +497,22 @@ pub struct LoadReport {
 /// Sends `messages` to `target` over `sessions` parallel SMTP sessions
 /// (message `i` goes on session `i % sessions`), each one persistent.
 pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing>>) -> LoadReport {
+    send_load_at(target, sessions, messages, None)
+}
+
+/// As [`send_load`], at most `rate` messages per second in all when given:
+/// each session starts its messages on a fixed schedule (open loop, so a
+/// slow reply does not slow the offered load), as an MMSC under a steady
+/// load would.
+pub fn send_load_at(
+    target: SocketAddr,
+    sessions: usize,
+    messages: Arc<Vec<Outgoing>>,
+    rate: Option<f64>,
+) -> LoadReport {
+    let gap = rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(sessions as f64 / r));
     let timeouts = Timeouts {
         connect: Duration::from_secs(10),
         helo: Duration::from_secs(30),
@@ -512,7 +528,14 @@ pub fn send_load(target: SocketAddr, sessions: usize, messages: Arc<Vec<Outgoing
             thread::spawn(move || {
                 let mut report = LoadReport::default();
                 let mut conn = None;
-                for m in messages.iter().skip(s).step_by(sessions) {
+                // Sessions start spread over one gap, not all at once.
+                let first =
+                    start + gap.map_or(Duration::ZERO, |g| g.mul_f64(s as f64 / sessions as f64));
+                for (k, m) in messages.iter().skip(s).step_by(sessions).enumerate() {
+                    if let Some(g) = gap {
+                        let due = first + g * k as u32;
+                        thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
                     if conn.is_none() {
                         conn = Connection::open(
                             &target.to_string(),
