@@ -32,8 +32,8 @@ const LAST_WORD: Duration = Duration::from_secs(1);
 ///
 /// Deadlines, against slow clients: a command line must be complete within
 /// `command_timeout` of the end of the previous one (octets of an
-/// over-long line do not restart it), the whole DATA phase within
-/// `data_timeout`, and the session within `session_timeout` (checked
+/// over-long line do not restart it), the whole DATA phase (each BDAT
+/// chunk) within `data_timeout`, and the session within `session_timeout` (checked
 /// between transactions). A TLS handshake must end by the command
 /// deadline. Each ends the session with a 421. Every read and write
 /// system call ends by the deadline in force (see `tls::Socket`): a

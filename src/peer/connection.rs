@@ -306,6 +306,8 @@ pub struct Connection {
 /// after which no more are added (a larger message still goes alone).
 const BATCH_MESSAGES: usize = 32;
 const BATCH_OCTETS: usize = 1 << 20;
+/// How long replies are waited for after a write to the peer failed.
+const AFTER_FAILED_WRITE: Duration = Duration::from_secs(2);
 
 /// A transaction under way: the message, its state, and how many were
 /// begun on the connection before it.
@@ -758,77 +760,150 @@ impl Connection {
                 self.wbuf = buf;
                 return Ok(());
             }
-            let written = self.write_counted(&buf);
-            self.wbuf = buf;
-            if let Err((trouble, sent)) = written {
-                // Only a chunk written whole can have been taken.
-                let unknown = batch
-                    .into_iter()
-                    .map(|((item, _, earlier), end)| Unknown {
-                        item,
-                        stage: if end <= sent {
-                            Stage::Final
-                        } else {
-                            Stage::Mail
-                        },
-                        earlier,
-                    })
-                    .collect();
+            if !self.rbuf.is_empty() {
+                // A reply nobody asked for would be taken for the first of
+                // this batch's: nothing more goes on this connection.
+                self.wbuf = buf;
                 return Err(Broken {
-                    error: ConnError::new(Stage::Mail, trouble),
-                    unknown,
+                    error: ConnError::new(
+                        Stage::Mail,
+                        Trouble::Protocol("data after the last reply".into()),
+                    ),
+                    unknown: batch
+                        .into_iter()
+                        .map(|((item, _, earlier), _)| Unknown {
+                            item,
+                            stage: Stage::Mail,
+                            earlier,
+                        })
+                        .collect(),
                 });
             }
-            let mut batch = batch.into_iter().map(|(x, _)| x);
-            while let Some((item, mut t, earlier)) = batch.next() {
-                loop {
+            let written = self.write_counted(&buf);
+            self.wbuf = buf;
+            // After a failed write the peer may still have answered what
+            // it got (a session limit's 421 after N messages): those
+            // replies are read, briefly, and settle what they settle.
+            let (sent, write_failed) = match written {
+                Ok(()) => (usize::MAX, false),
+                Err((_, sent)) => (sent, true),
+            };
+            // Messages the peer took nothing of although the connection
+            // lives on (a session limit at MAIL, a refused RSET), and the
+            // first such reply.
+            let mut untried: Vec<Unknown<T>> = Vec::new();
+            let mut refusal: Option<ConnError> = None;
+            let mut batch = batch.into_iter();
+            while let Some(((item, mut t, earlier), end)) = batch.next() {
+                let mut refused = None;
+                let cut = loop {
                     let expect = t.expecting();
                     let stage = stage_of(expect);
-                    let reply = self.read_reply(self.timeout_for(&t));
-                    let trouble = match reply {
-                        Ok(r) if expect == Expect::Reset && !r.is_positive() => Trouble::Reply(r),
-                        Ok(r) if policy::ends_session(stage, &r, earlier) => Trouble::Reply(r),
-                        Ok(r) => match t.on_reply(r) {
-                            Step::Done => break,
-                            _ => continue,
-                        },
-                        Err(trouble) => trouble,
-                    };
-                    // The peer's own word ends the session: it took
-                    // nothing after it. Else this message and the rest
-                    // were all written, and may all have been taken.
-                    let said = matches!(trouble, Trouble::Reply(_));
-                    let (this, rest) = if said {
-                        (stage, Stage::Mail)
+                    let timeout = if write_failed {
+                        AFTER_FAILED_WRITE
                     } else {
-                        (Stage::Final, Stage::Final)
+                        self.timeout_for(&t)
                     };
-                    let mut unknown = vec![Unknown {
-                        item,
-                        stage: this,
-                        earlier,
-                    }];
-                    unknown.extend(batch.map(|(item, _, earlier)| Unknown {
-                        item,
-                        stage: rest,
-                        earlier,
-                    }));
-                    let at = match (said, expect) {
-                        (false, _) => Stage::Final,
+                    let r = match self.read_reply(timeout) {
+                        Ok(r) => r,
+                        Err(trouble) => break Some((false, stage, trouble)),
+                    };
+                    if r.code == 421 {
+                        break Some((true, stage, Trouble::Reply(r)));
+                    }
+                    if expect == Expect::Chunk && t.awaits_data() && (500..=504).contains(&r.code) {
+                        // BDAT not understood although offered: the peer
+                        // may read the message as commands, and nothing
+                        // after it on this stream can be trusted.
+                        self.chunking = false;
+                        let why = format!("CHUNKING offered but BDAT refused: {r}");
+                        break Some((true, Stage::Mail, Trouble::Protocol(why)));
+                    }
+                    let refuses = match expect {
+                        Expect::Reset => (!r.is_positive()).then_some(Stage::Reset),
+                        // 503: the peer saw a transaction open, so our RSET
+                        // did not take; it is not this message's fault.
+                        Expect::Mail
+                            if (r.code == 503 && earlier > 0)
+                                || policy::ends_session(stage, &r, earlier) =>
+                        {
+                            Some(Stage::Mail)
+                        }
+                        _ => None,
+                    };
+                    if let (Some(at), None) = (refuses, &refused) {
+                        refused = Some(ConnError::new(at, Trouble::Reply(r.clone())));
+                    }
+                    if t.on_reply(r) == Step::Done {
+                        break None;
+                    }
+                };
+                let Some((said, stage, trouble)) = cut else {
+                    match refused {
+                        None => {
+                            let replies = t
+                                .outcomes()
+                                .iter()
+                                .map(|o| o.clone().expect("transaction done"))
+                                .collect();
+                            finished(item, Delivery::Replies(replies));
+                        }
+                        Some(e) => {
+                            refusal.get_or_insert(e);
+                            untried.push(Unknown {
+                                item,
+                                stage: Stage::Mail,
+                                earlier,
+                            });
+                        }
+                    }
+                    continue;
+                };
+                // The peer's own word (421, BDAT refused) ends the session:
+                // it took nothing after it. Otherwise every chunk written
+                // whole may have been taken.
+                let taken = |end: usize| {
+                    if !said && end <= sent {
+                        Stage::Final
+                    } else {
+                        Stage::Mail
+                    }
+                };
+                let this = match (said, &refused) {
+                    (_, Some(_)) => Stage::Mail,
+                    (true, None) => stage,
+                    (false, None) => taken(end),
+                };
+                let error = refusal.take().unwrap_or_else(|| {
+                    let at = match (said, t.expecting()) {
                         (true, Expect::Reset) => Stage::Reset,
                         (true, _) => stage,
+                        (false, _) => this,
                     };
-                    return Err(Broken {
-                        error: ConnError::new(at, trouble),
-                        unknown,
-                    });
-                }
-                let replies = t
-                    .outcomes()
-                    .iter()
-                    .map(|o| o.clone().expect("transaction done"))
-                    .collect();
-                finished(item, Delivery::Replies(replies));
+                    ConnError::new(at, trouble)
+                });
+                untried.push(Unknown {
+                    item,
+                    stage: this,
+                    earlier,
+                });
+                untried.extend(batch.map(|((item, _, earlier), end)| Unknown {
+                    item,
+                    stage: taken(end),
+                    earlier,
+                }));
+                return Err(Broken {
+                    error,
+                    unknown: untried,
+                });
+            }
+            if let Some(error) = refusal {
+                // Answered to the end, but the peer said it is done with
+                // this session (or its state is in doubt): a new one.
+                return Err(Broken {
+                    error,
+                    unknown: untried,
+                });
             }
         }
     }
@@ -850,7 +925,8 @@ impl Connection {
 
     fn timeout_for(&self, t: &Transaction) -> Duration {
         match t.expecting() {
-            Expect::Reset | Expect::Mail => self.timeouts.mail,
+            Expect::Reset => self.timeouts.helo,
+            Expect::Mail => self.timeouts.mail,
             Expect::Rcpt(_) => self.timeouts.rcpt,
             Expect::Data | Expect::EmptyData => self.timeouts.data,
             Expect::Final | Expect::Chunk | Expect::Done => self.timeouts.data_done,
@@ -1158,6 +1234,65 @@ mod tests {
         assert_eq!(done, [vec![250]]);
         let (at, stages) = broken.unwrap();
         assert_eq!(at, Stage::Reset);
+        assert_eq!(stages, [Stage::Mail, Stage::Mail]);
+    }
+
+    #[test]
+    fn a_session_limit_at_mail_in_a_batch_keeps_reading_the_rest() {
+        // The second's MAIL is refused for the session (its message is
+        // untried), yet the peer goes on and takes the third: the third
+        // is done, not sent again.
+        let replies = "250 mail\r\n250 rcpt\r\n250 1\r\n\
+                       250 reset\r\n452 4.5.3 too many messages\r\n503 rcpt\r\n503 bdat\r\n\
+                       250 reset\r\n250 mail\r\n250 rcpt\r\n250 3\r\n";
+        let (addr, server) = peer(b"m3\r\n", replies);
+        let mut c = connect(addr);
+        let (done, broken) = deliver(&mut c, &items());
+        server.join().unwrap();
+        assert_eq!(done, [vec![250], vec![250]]);
+        assert_eq!(broken, Some((Stage::Mail, vec![Stage::Mail])));
+    }
+
+    #[test]
+    fn bdat_not_understood_turns_chunking_off() {
+        let replies = "250 mail\r\n250 rcpt\r\n502 5.5.1 BDAT not implemented\r\n";
+        let (addr, server) = peer(b"m3\r\n", replies);
+        let mut c = connect(addr);
+        let (done, broken) = deliver(&mut c, &items());
+        server.join().unwrap();
+        assert!(done.is_empty(), "nobody fails for it: {done:?}");
+        let (_, stages) = broken.unwrap();
+        assert_eq!(stages, [Stage::Mail, Stage::Mail, Stage::Mail]);
+        assert!(!c.chunked());
+    }
+
+    #[test]
+    fn a_reply_nobody_asked_for_stops_the_next_batch() {
+        // One too many after the first batch: the second is not sent.
+        let (addr, server) = peer(b"m1\r\n", "250 mail\r\n250 rcpt\r\n250 1\r\n250 extra\r\n");
+        let mut c = connect(addr);
+        let items = items();
+        let mut later = items[1..].iter();
+        let mut calls = 0;
+        let mut done = Vec::new();
+        let r = c.deliver_chain(
+            &items[0],
+            || {
+                calls += 1;
+                // Nothing waits at the first batch; the rest come after.
+                (calls > 1).then(|| later.next()).flatten()
+            },
+            |_, d| done.push(d),
+        );
+        server.join().unwrap();
+        assert_eq!(done.len(), 1);
+        let b = r.err().unwrap();
+        assert!(
+            matches!(b.error.trouble, Trouble::Protocol(_)),
+            "{}",
+            b.error
+        );
+        let stages: Vec<Stage> = b.unknown.iter().map(|u| u.stage).collect();
         assert_eq!(stages, [Stage::Mail, Stage::Mail]);
     }
 

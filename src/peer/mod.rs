@@ -311,6 +311,9 @@ pub struct Settings {
     /// Messages per connection the peer was seen to allow (0: none seen),
     /// kept until the next reload replaces these settings.
     learned_limit: AtomicU32,
+    /// The peer offered CHUNKING and then did not understand BDAT: DATA
+    /// until the next reload.
+    no_chunking: AtomicBool,
 }
 
 impl Settings {
@@ -329,6 +332,7 @@ impl Settings {
             }),
             cfg,
             learned_limit: AtomicU32::new(0),
+            no_chunking: AtomicBool::new(false),
         }
     }
 
@@ -340,6 +344,17 @@ impl Settings {
             (0, l) | (l, 0) => l,
             (c, l) => c.min(l),
         }
+    }
+
+    /// BDAT to this peer when it offers CHUNKING: configured, and not seen
+    /// to fail.
+    pub fn chunking(&self) -> bool {
+        self.cfg.chunking && !self.no_chunking.load(Ordering::Acquire)
+    }
+
+    /// Turns CHUNKING off until the next reload; true if it was on.
+    fn learn_no_chunking(&self) -> bool {
+        !self.no_chunking.swap(true, Ordering::AcqRel)
     }
 
     /// Takes `n` as the peer's limit if it is lower than the one in force;

@@ -8,7 +8,8 @@
 //!                             (expired when the message's time is up)
 //!  nothing accepted yet       the connection is closed and the message
 //!   (first write, MAIL reply,  tried once more at once on a new one;
-//!    421, session used up)     only a failure there defers it
+//!    421, session used up)     only a failure there defers it (BDAT:
+//!                              a chunk written whole counts as sent)
 //!  after MAIL was accepted    closed; the undecided recipients deferred
 //!  after the final dot        closed; deferred (the peer may have it)
 //!  5xx greeting or HELO       QUIT, next host; every host so: failed

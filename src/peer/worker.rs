@@ -195,7 +195,7 @@ impl Worker {
             );
             match opened {
                 Ok(mut c) => {
-                    c.set_chunking(settings.cfg.chunking);
+                    c.set_chunking(settings.chunking());
                     hosts.up(host);
                     if p.control.set_misconfigured(false) {
                         info!("peer={} TLS and AUTH work again", p.name);
@@ -475,8 +475,15 @@ impl Worker {
         };
         let retried_id = retried.then(|| job.message.id.clone());
         let host = conn.host().to_string();
+        let chunked = conn.chunked();
         let result =
             conn.deliver_chain(job, next, |job, delivery| self.finish(job, delivery, &host));
+        if chunked && !conn.chunked() && settings.learn_no_chunking() {
+            warn!(
+                "peer={} host={host} offers CHUNKING but refused BDAT: DATA until the next reload (set chunking = no)",
+                self.peer.name
+            );
+        }
         self.conn_messages = taken.get();
         self.conn = Some(conn);
         let broken = match result {
@@ -516,6 +523,13 @@ impl Worker {
                 // untried, for the next connection.
                 Fate::RetryNow if !stopping && u.stage == Stage::Mail => {
                     let mut job = u.item;
+                    info!(
+                        "{} peer={} worker={} back in line, untried: {}",
+                        job.message.id,
+                        self.peer.name,
+                        self.index,
+                        Printable(&e.to_string())
+                    );
                     job.attempts = job.attempts.saturating_sub(1);
                     self.ctx.queue.put_back(job);
                 }

@@ -17,7 +17,7 @@
 //!
 //! A recipient's outcome is the reply that decided it: the MAIL reply if
 //! MAIL failed, its RCPT reply if that failed, the DATA reply if DATA
-//! failed, or the reply to the final dot.
+//! failed, or the reply to the final dot (with BDAT: to `BDAT n LAST`).
 
 use super::command::{BodyType, format_mail, format_rcpt};
 use super::reply::Reply;
@@ -169,6 +169,7 @@ impl Transaction {
         reset: bool,
         out: &mut Vec<u8>,
     ) -> Result<Transaction, Refusal> {
+        debug_assert!(caps.pipelining && caps.chunking, "BDAT batches need both");
         let (mut t, first) = Transaction::start(caps, from, rcpts, data.len() as u64, body)?;
         if reset {
             out.extend_from_slice(b"RSET\r\n");
@@ -261,6 +262,12 @@ impl Transaction {
             }
             Expect::Done => Step::Done,
         }
+    }
+
+    /// True while the message still has somewhere to go: MAIL was not
+    /// refused and some recipient was not (or is not decided yet).
+    pub fn awaits_data(&self) -> bool {
+        self.mail_failed.is_none() && self.accepted() > 0
     }
 
     /// The reply the transaction is waiting for.

@@ -154,6 +154,11 @@ impl DataDecoder {
         None
     }
 
+    /// The first fault found so far, if any.
+    pub fn fault(&self) -> Option<DataFault> {
+        self.fault
+    }
+
     /// The message once the end marker was seen (or, for chunks, after the
     /// last one), or the first fault.
     pub fn finish(mut self) -> Result<Vec<u8>, DataFault> {

@@ -17,7 +17,7 @@
 //! has no more input to give.
 
 use super::codec::{DataDecoder, DataFault};
-use super::command::{Command, CommandError, MailParams};
+use super::command::{Command, MailParams};
 use super::reply::Reply;
 
 /// Longest command line we read, CRLF included (RFC 5321 says 512; leave
@@ -95,8 +95,8 @@ pub struct Progress {
     /// over-long line or of the data): what restarts the command deadline.
     /// Octets of a line still open do not.
     pub line_ended: bool,
-    /// A DATA command was answered 354 in this input: a message started
-    /// (the last one may have ended just before it).
+    /// A DATA command was answered 354, or a BDAT chunk began, in this
+    /// input: message data started (the last may have ended just before).
     pub data_started: bool,
 }
 
@@ -291,6 +291,7 @@ impl<R> Session<R> {
                         if rest.len() >= MAX_COMMAND_LINE {
                             // Counted as a bad command wherever TCP cut it.
                             self.phase = Phase::Discarding;
+                            self.close_if_bdat(rest);
                             self.answer(Reply::new(500, "5.5.2 line too long"), out);
                             continue;
                         }
@@ -319,16 +320,12 @@ impl<R> Session<R> {
                                 Some(reply) => reply,
                             },
                             Ok(cmd) => self.command(cmd, handler),
-                            Err(CommandError::ChunkSize) => {
-                                // Where the chunk ends is unknown: nothing
-                                // after this line can be read as commands.
-                                self.close_with =
-                                    Some(Reply::new(421, "4.5.0 BDAT not understood, closing"));
-                                CommandError::ChunkSize.reply()
-                            }
                             Err(e) => e.reply(),
                         }
                     };
+                    // A BDAT line answered now is one we could not take:
+                    // its chunk's octets must not be read as commands.
+                    self.close_if_bdat(&rest[..=nl]);
                     data_started |= reply.code == 354;
                     self.answer(reply, out);
                     if starttls {
@@ -362,6 +359,18 @@ impl<R> Session<R> {
                     self.answer(reply, out);
                 }
             }
+        }
+    }
+
+    /// After a reply to a line that began as a BDAT command but could not
+    /// be taken (bad syntax, a control character, bare LF, too long):
+    /// where its chunk ends is unknown, so the session closes.
+    fn close_if_bdat(&mut self, line: &[u8]) {
+        let bdat = line.len() > 4
+            && line[..4].eq_ignore_ascii_case(b"BDAT")
+            && matches!(line[4], b' ' | b'\t' | b'\r' | b'\n');
+        if bdat && self.close_with.is_none() {
+            self.close_with = Some(Reply::new(421, "4.5.0 BDAT not understood, closing"));
         }
     }
 
@@ -568,6 +577,10 @@ impl<R> Session<R> {
                 let Some(env) = &mut self.envelope else {
                     return Reply::new(503, "5.5.1 need MAIL before RCPT");
                 };
+                if self.chunks.is_some() {
+                    // Part of the message is in: its recipients are fixed.
+                    return Reply::new(503, "5.5.1 RCPT after BDAT");
+                }
                 if env.rcpts.len() >= self.cfg.max_recipients {
                     return Reply::new(452, "4.5.3 too many recipients");
                 }
@@ -662,6 +675,12 @@ impl<R> Session<R> {
         if let Some(reply) = refusal {
             return reply;
         }
+        if let Some(fault) = self.chunks.as_ref().and_then(|d| d.fault()) {
+            // Said at once, not after the last chunk: the client need not
+            // send the rest of a message that cannot be taken.
+            self.reset();
+            return fault_reply(fault);
+        }
         if !last {
             return Reply::new(250, format!("2.0.0 {size} octets received"));
         }
@@ -686,9 +705,16 @@ impl<R> Session<R> {
                 }
                 reply
             }
-            Err(DataFault::TooBig) => Reply::new(552, "5.3.4 message size exceeds fixed limit"),
-            Err(fault) => Reply::new(554, format!("5.6.0 {fault}")),
+            Err(fault) => fault_reply(fault),
         }
+    }
+}
+
+/// The reply to a message that cannot be taken for `fault`.
+fn fault_reply(fault: DataFault) -> Reply {
+    match fault {
+        DataFault::TooBig => Reply::new(552, "5.3.4 message size exceeds fixed limit"),
+        fault => Reply::new(554, format!("5.6.0 {fault}")),
     }
 }
 
@@ -807,14 +833,46 @@ mod tests {
     }
 
     #[test]
+    fn bdat_fixes_the_recipients_and_stops_a_failed_message_at_once() {
+        // RCPT after a chunk: 503. A bare LF in a chunk: that chunk is
+        // answered 554 and the transaction is over (the LAST chunk after
+        // it needs MAIL again).
+        let input =
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 3\r\nabcRCPT TO:<y@ok>\r\n\
+                      BDAT 2\r\nc\nBDAT 2 LAST\r\nde";
+        let (out, h, close) = run(input, 0);
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "250", "503", "554", "503"],
+            "{out}"
+        );
+        assert!(out.contains("503 5.5.1 RCPT after BDAT"), "{out}");
+        assert!(h.messages.is_empty() && !close);
+    }
+
+    #[test]
+    fn a_long_line_that_starts_as_bdat_closes_the_session() {
+        let mut input = b"EHLO c\r\nBDAT 1".to_vec();
+        input.extend(std::iter::repeat_n(b'0', MAX_COMMAND_LINE));
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        let (out, _, close) = run(&input, 0);
+        assert_eq!(codes(&out), ["250", "500", "421"], "{out}");
+        assert!(close);
+    }
+
+    #[test]
     fn bdat_that_cannot_be_read_closes_the_session() {
         for (line, code) in [
-            ("BDAT x LAST", "501"),
-            ("BDAT 99999999999999999999", "501"),
-            ("BDAT 101 LAST", "552"),
+            ("BDAT x LAST\r\n", "501"),
+            ("BDAT 99999999999999999999\r\n", "501"),
+            ("BDAT 101 LAST\r\n", "552"),
+            // Not a command we can take, whatever the reason: bare LF,
+            // a control character, a tab.
+            ("BDAT 4 LAST\n", "500"),
+            ("BDAT 4 LAST\x01\r\n", "501"),
+            ("bdat\t4\r\n", "501"),
         ] {
-            let input =
-                format!("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\n{line}\r\nNOOP\r\n");
+            let input = format!("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\n{line}NOOP\r\n");
             let (out, h, close) = run(input.as_bytes(), 0);
             assert!(close, "{line}: {out}");
             assert_eq!(codes(&out)[3..], [code, "421"][..], "{line}: {out}");
