@@ -1018,19 +1018,21 @@ impl Connection {
 
     fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Trouble> {
         let timeout = timeout.max(Duration::from_millis(1));
-        if timeout != self.read_timeout {
-            self.stream
-                .tcp()
-                .set_read_timeout(Some(timeout))
-                .map_err(|e| io_trouble(&e))?;
-            self.read_timeout = timeout;
-        }
         loop {
             if let Some((reply, used)) =
                 Reply::parse(&self.rbuf).map_err(|e| Trouble::Protocol(e.to_string()))?
             {
                 self.rbuf.drain(..used);
                 return Ok(reply);
+            }
+            // Set only before a read that waits: a batch's replies mostly
+            // come together, and each stage has its own timeout.
+            if timeout != self.read_timeout {
+                self.stream
+                    .tcp()
+                    .set_read_timeout(Some(timeout))
+                    .map_err(|e| io_trouble(&e))?;
+                self.read_timeout = timeout;
             }
             let mut chunk = [0u8; 4096];
             let n = self.stream.read(&mut chunk).map_err(|e| io_trouble(&e))?;
