@@ -687,12 +687,7 @@ impl Connection {
                 Next::Reset => self.command(Stage::Reset, "RSET\r\n"),
                 _ => Ok(()),
             };
-            let replies = t
-                .outcomes()
-                .iter()
-                .map(|o| o.clone().expect("transaction done"))
-                .collect();
-            finished(item, Delivery::Replies(replies));
+            finished(item, Delivery::Replies(replies(&t)));
             if let Err(error) = reset {
                 return Err(Broken {
                     error,
@@ -840,14 +835,7 @@ impl Connection {
                 };
                 let Some((said, stage, trouble)) = cut else {
                     match refused {
-                        None => {
-                            let replies = t
-                                .outcomes()
-                                .iter()
-                                .map(|o| o.clone().expect("transaction done"))
-                                .collect();
-                            finished(item, Delivery::Replies(replies));
-                        }
+                        None => finished(item, Delivery::Replies(replies(&t))),
                         Some(e) => {
                             refusal.get_or_insert(e);
                             untried.push(Unknown {
@@ -1042,6 +1030,14 @@ impl Connection {
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// The reply that decided each recipient of a finished transaction.
+fn replies(t: &Transaction) -> Vec<Reply> {
+    t.outcomes()
+        .iter()
+        .map(|o| o.clone().expect("transaction done"))
+        .collect()
 }
 
 /// The stage a transaction waiting for `e` is at.
