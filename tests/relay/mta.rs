@@ -40,14 +40,24 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A loopback port that was free a moment ago: bound to port 0 and
-/// released, for the server to bind next.
+/// A loopback port that was free a moment ago, for a server to bind next.
+/// Taken below the kernel's ephemeral range (32768 and up): a port 0 that
+/// is bound and released there can go to any other test's listener or
+/// outgoing connection before the server binds it (Postfix once lost
+/// its port that way). Among these, a counter per process keeps the
+/// callers apart, and a bind proves the port free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Tests in other processes start elsewhere in the range.
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = if port >= 32_000 { port - 12_000 } else { port };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// True if something listens on 127.0.0.1:`port` (from /proc/net/tcp,
