@@ -208,48 +208,83 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Arms the socket's timeouts with what is left until the deadline.
-    /// A setsockopt per call would cost as much as the call: the timeout
-    /// is whole seconds while more than one is left (never past the
-    /// deadline), so it changes about once a second.
-    fn arm(&mut self) -> io::Result<()> {
+    /// Arms the socket's timeouts for a call that must end by the deadline:
+    /// when the call started and the timeout armed, or `None` without a
+    /// deadline. A setsockopt per call would cost as much as the call, so
+    /// the timeout changes only as [`rearm`] says: a session's command and
+    /// DATA deadlines take turns without one, and near a deadline it
+    /// changes about once a second.
+    fn arm(&mut self) -> io::Result<Option<(Instant, Duration)>> {
         let Some(deadline) = self.deadline else {
-            return Ok(());
+            return Ok(None);
         };
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(io::Error::new(io::ErrorKind::WouldBlock, "deadline passed"));
         }
-        let timeout = if left > Duration::from_secs(1) {
-            Duration::from_secs(left.as_secs())
-        } else {
-            left.max(Duration::from_millis(1))
+        let Some(timeout) = rearm(self.timeout, left) else {
+            return Ok(self.timeout.map(|t| (now, t)));
         };
-        if self.timeout != Some(timeout) {
-            self.tcp.set_read_timeout(Some(timeout))?;
-            self.tcp.set_write_timeout(Some(timeout))?;
-            self.timeout = Some(timeout);
+        self.tcp.set_read_timeout(Some(timeout))?;
+        self.tcp.set_write_timeout(Some(timeout))?;
+        self.timeout = Some(timeout);
+        Ok(Some((now, timeout)))
+    }
+
+    /// Runs `call` by the deadline: a timeout armed shorter than the
+    /// deadline that runs out is tried again (a call on a non-blocking
+    /// socket, which returns at once, is not).
+    fn by_deadline<T>(
+        &mut self,
+        mut call: impl FnMut(&mut TcpStream) -> io::Result<T>,
+    ) -> io::Result<T> {
+        loop {
+            let armed = self.arm()?;
+            match call(&mut self.tcp) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && armed.is_some_and(|(at, t)| at.elapsed() >= t / 2) =>
+                {
+                    continue;
+                }
+                r => return r,
+            }
         }
-        Ok(())
     }
 }
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.tcp.read(buf)
+        self.by_deadline(|tcp| tcp.read(buf))
     }
 }
 
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.tcp.write(buf)
+        self.by_deadline(|tcp| tcp.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.tcp.flush()
     }
+}
+
+/// The timeout to arm with `left` until the deadline, or `None` to keep
+/// `armed`: kept while it cannot pass the deadline and is at least a
+/// quarter of what is left; else whole seconds of what is left while more
+/// than one is, then what is left (at least 1 ms).
+fn rearm(armed: Option<Duration>, left: Duration) -> Option<Duration> {
+    if armed.is_some_and(|t| t <= left && t * 4 >= left) {
+        return None;
+    }
+    Some(if left > Duration::from_secs(1) {
+        Duration::from_secs(left.as_secs())
+    } else {
+        left.max(Duration::from_millis(1))
+    })
 }
 
 /// A connection that is plain TCP or TLS over TCP.
@@ -418,5 +453,78 @@ impl Write for Stream {
             Stream::Client(s) => s.flush(),
             Stream::Server(s) => s.flush(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn a_timeout_that_fits_is_kept_and_one_that_does_not_is_rearmed() {
+        // The command deadline's timeout serves the DATA deadline after it.
+        assert_eq!(rearm(Some(S(299)), Duration::from_millis(599_900)), None);
+        // The DATA deadline's would pass the command deadline.
+        assert_eq!(
+            rearm(Some(S(599)), Duration::from_millis(299_900)),
+            Some(S(299))
+        );
+        // Far shorter than what is left: a wake-up a second for nothing.
+        assert_eq!(
+            rearm(Some(S(1)), Duration::from_millis(300_500)),
+            Some(S(300))
+        );
+        assert_eq!(rearm(None, Duration::from_millis(2_500)), Some(S(2)));
+        // Near the deadline: what is left, never less than a millisecond.
+        let left = Duration::from_millis(400);
+        assert_eq!(rearm(Some(S(1)), left), Some(left));
+        assert_eq!(
+            rearm(None, Duration::from_micros(10)),
+            Some(Duration::from_millis(1))
+        );
+    }
+
+    /// A connected pair on loopback: ours as a `Socket`, and the other end.
+    fn pair() -> (Socket, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (other, _) = listener.accept().unwrap();
+        let socket = Socket {
+            tcp,
+            deadline: None,
+            timeout: None,
+        };
+        (socket, other)
+    }
+
+    #[test]
+    fn a_read_waits_until_the_deadline_past_a_shorter_timeout() {
+        let (mut socket, _other) = pair();
+        let started = Instant::now();
+        socket.deadline = Some(started + Duration::from_millis(1_500));
+        let mut buf = [0u8; 16];
+        let err = socket.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        // Armed with 1 s first: that running out is not the deadline.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1_450),
+            "returned after {waited:?}"
+        );
+    }
+
+    #[test]
+    fn a_non_blocking_read_returns_at_once() {
+        let (mut socket, _other) = pair();
+        socket.tcp.set_nonblocking(true).unwrap();
+        let started = Instant::now();
+        socket.deadline = Some(started + S(30));
+        let mut buf = [0u8; 16];
+        let err = socket.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(started.elapsed() < S(5), "a non-blocking read was retried");
     }
 }
