@@ -205,6 +205,8 @@ impl fmt::Display for ConnError {
             (Stage::Tls, _) => write!(f, "TLS: {t}"),
             (Stage::Auth, Trouble::Reply(r)) => write!(f, "AUTH: refused: {r}"),
             (Stage::Auth, _) => write!(f, "AUTH: {t}"),
+            // The peer answered the end of the message: it did not take it.
+            (Stage::Final, Trouble::Reply(_)) => write!(f, "{t} (at end of data)"),
             (Stage::Final, _) => write!(
                 f,
                 "{t} after the final dot, before the reply: possible duplicate"
@@ -1233,6 +1235,24 @@ mod tests {
         let (at, stages) = broken.unwrap();
         assert_eq!(at, Stage::Reset);
         assert_eq!(stages, [Stage::Mail, Stage::Mail]);
+    }
+
+    #[test]
+    fn a_421_answering_a_chunk_is_no_possible_duplicate() {
+        let (addr, server) = peer(b"m3\r\n", "250 mail\r\n250 rcpt\r\n421 4.3.2 closing\r\n");
+        let mut c = connect(addr);
+        let items = items();
+        let mut rest = items[1..].iter();
+        let r = c.deliver_chain(&items[0], || rest.next(), |_, _| {});
+        server.join().unwrap();
+        let e = r.err().unwrap().error;
+        assert_eq!(e.stage, Stage::Final);
+        let said = e.to_string();
+        assert!(said.contains("421 4.3.2 closing"), "{said}");
+        assert!(!said.contains("possible duplicate"), "{said}");
+        // Without a word, it is one.
+        let cut = ConnError::new(Stage::Final, Trouble::Closed).to_string();
+        assert!(cut.contains("possible duplicate"), "{cut}");
     }
 
     #[test]
