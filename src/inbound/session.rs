@@ -113,10 +113,19 @@ pub(super) fn serve(
             }
             Err(e) => return Err(e),
         };
-        buf.extend_from_slice(&chunk[..n]);
         out.clear();
-        let progress = session.feed(&buf, &mut handler, &mut out);
-        buf.drain(..progress.consumed);
+        // What is left of the last read comes first; else the read is fed
+        // as it is, not copied.
+        let progress = if buf.is_empty() {
+            let progress = session.feed(&chunk[..n], &mut handler, &mut out);
+            buf.extend_from_slice(&chunk[progress.consumed..n]);
+            progress
+        } else {
+            buf.extend_from_slice(&chunk[..n]);
+            let progress = session.feed(&buf, &mut handler, &mut out);
+            buf.drain(..progress.consumed);
+            progress
+        };
         if !out.is_empty() {
             // Answering may have taken past the deadline (an AUTH delay, a
             // spool commit): the replies still get their moment.
