@@ -17,7 +17,8 @@ use log::{error, info, warn};
 use crate::message::Location;
 
 use super::record::{
-    M_OFFSET_AT, Record, encode_event, encode_mark, encode_message, frame_parts, read_records,
+    M_OFFSET_AT, Record, encode_event, encode_mark, encode_message, frame_hashed, frame_parts,
+    read_records,
 };
 use super::state::{Live, Segment, State};
 use super::{
@@ -300,11 +301,13 @@ impl Writer {
                         ack.send(Err(SpoolError::Full));
                         continue;
                     }
+                    let mut data_crc = crc32fast::Hasher::new();
+                    data_crc.update(&m.data);
                     let mut loc = Location {
                         segment: self.active.number,
                         offset: 0,
                         len: m.data.len() as u32,
-                        crc: crc32fast::hash(&m.data),
+                        crc: data_crc.clone().finalize(),
                     };
                     let record = self.active.len + buf.len() as u64;
                     let seq = self.seq();
@@ -312,7 +315,7 @@ impl Writer {
                     // The data follows the frame header and this head.
                     loc.offset = record + 8 + head.len() as u64;
                     head[M_OFFSET_AT..M_OFFSET_AT + 8].copy_from_slice(&loc.offset.to_le_bytes());
-                    frame_parts(&mut buf, &head, &m.data);
+                    frame_hashed(&mut buf, &head, &m.data, &data_crc);
                     let frame = (self.active.len + buf.len() as u64 - record) as u32;
                     // Filled in once durable (the message moves there).
                     entries.push(None);
