@@ -72,7 +72,8 @@ fn ten_thousand_at_a_refusing_peer_fail_when_their_lifetime_ends() {
         "DSNs at A: {}",
         h.sims[0].recipients()
     );
-    assert_eq!(queue.queued_len(1), 0);
+    // Counted and bounced before it leaves the queue (see below).
+    wait_until("nothing queued for B", || queue.queued_len(1) == 0);
     let dsns = h.sims[0].received();
     assert!(
         dsns.iter()
@@ -180,7 +181,10 @@ fn lifetimes_that_ended_while_the_relay_was_down_fail_at_the_start() {
         "DSNs at A: {}",
         h.sims[0].recipients()
     );
-    assert_eq!(h.relay.as_ref().unwrap().queue().queued_len(1), 0);
+    // The expirer counts a failure and sends its DSN before it takes the
+    // message off the queue: the last one may still be on it for a moment.
+    let relay = h.relay.as_ref().unwrap();
+    wait_until("nothing queued for B", || relay.queue().queued_len(1) == 0);
     assert_eq!(h.stop_relay().undelivered, 0);
 }
 
