@@ -232,6 +232,17 @@ impl Socket {
         Ok(Some((now, timeout)))
     }
 
+    /// Sets the deadline. From none, the timeouts are armed afresh at the
+    /// next call: meanwhile they may have been set on the TCP socket
+    /// itself (see [`Stream::tcp`]), and one kept as it is could wait
+    /// past the deadline.
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if self.deadline.is_none() {
+            self.timeout = None;
+        }
+        self.deadline = deadline;
+    }
+
     /// Runs `call` by the deadline: a timeout armed shorter than the
     /// deadline that runs out is tried again (a call on a non-blocking
     /// socket, which returns at once, is not).
@@ -242,11 +253,10 @@ impl Socket {
         loop {
             let armed = self.arm()?;
             match call(&mut self.tcp) {
+                // A timeout is EAGAIN; ETIMEDOUT is a connection TCP gave up.
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) && armed.is_some_and(|(at, t)| at.elapsed() >= t / 2) =>
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && armed.is_some_and(|(at, t)| at.elapsed() >= t / 2) =>
                 {
                     continue;
                 }
@@ -325,7 +335,7 @@ impl Stream {
             Stream::Client(s) => s.get_mut(),
             Stream::Server(s) => s.get_mut(),
         };
-        socket.deadline = deadline;
+        socket.set_deadline(deadline);
     }
 
     /// True once TLS runs.
@@ -513,6 +523,28 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(1_450),
             "returned after {waited:?}"
+        );
+    }
+
+    #[test]
+    fn timeouts_set_on_the_socket_itself_do_not_outlast_a_new_deadline() {
+        let (mut socket, mut other) = pair();
+        other.write_all(b"x").unwrap();
+        // Arms (and keeps) 1 s.
+        socket.set_deadline(Some(Instant::now() + Duration::from_millis(1_500)));
+        let mut buf = [0u8; 16];
+        assert_eq!(socket.read(&mut buf).unwrap(), 1);
+        socket.set_deadline(None);
+        socket.tcp.set_read_timeout(Some(S(30))).unwrap();
+        // 1 s would fit this deadline; the socket's real timeout is 30 s.
+        let started = Instant::now();
+        socket.set_deadline(Some(started + Duration::from_millis(1_900)));
+        let err = socket.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        let waited = started.elapsed();
+        assert!(
+            waited < S(5),
+            "returned after {waited:?}, past the deadline"
         );
     }
 
