@@ -25,7 +25,9 @@ use super::{Inbound, InboundStats, Tables};
 /// A live session as the listener sees it, so a stop can reach it.
 struct Slot {
     stream: TcpStream,
-    in_data: Arc<AtomicBool>,
+    /// A message is under way (see `Session::in_message`): a stop lets it
+    /// finish within `shutdown_timeout`.
+    in_message: Arc<AtomicBool>,
     /// A TLS session cannot be told 421 through the raw socket.
     tls: Arc<AtomicBool>,
 }
@@ -274,7 +276,7 @@ impl Listener {
             t.join();
         }
         for slot in sessions.live.lock().values() {
-            if !slot.in_data.load(Ordering::Acquire) {
+            if !slot.in_message.load(Ordering::Acquire) {
                 if !slot.tls.load(Ordering::Acquire) {
                     // A client that does not read must not hold up the stop.
                     send_nowait(&slot.stream, b"421 4.3.2 shutting down\r\n");
@@ -454,20 +456,20 @@ fn accept_loop(b: &Bound, sessions: &Arc<Sessions>, inbound: &Arc<Inbound>, limi
                 continue;
             }
         };
-        let in_data = Arc::new(AtomicBool::new(false));
+        let in_message = Arc::new(AtomicBool::new(false));
         let tls = Arc::new(AtomicBool::new(b.implicit_tls));
         sessions.live.lock().insert(
             id,
             Slot {
                 stream: clone,
-                in_data: in_data.clone(),
+                in_message: in_message.clone(),
                 tls: tls.clone(),
             },
         );
         let inbound = inbound.clone();
         let implicit_tls = b.implicit_tls;
         let state = SessionState {
-            in_data,
+            in_message,
             tls,
             sessions: sessions.clone(),
         };

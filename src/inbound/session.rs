@@ -19,7 +19,7 @@ use super::{Inbound, Tables};
 
 /// What a session shares with the listener.
 pub(super) struct SessionState {
-    pub(super) in_data: Arc<AtomicBool>,
+    pub(super) in_message: Arc<AtomicBool>,
     pub(super) tls: Arc<AtomicBool>,
     pub(super) sessions: Arc<Sessions>,
 }
@@ -144,7 +144,9 @@ pub(super) fn serve(
             session.tls_started();
         }
         let now_receiving = session.in_data();
-        state.in_data.store(now_receiving, Ordering::Release);
+        // A stop lets a message under way finish, BDAT chunks too.
+        let in_message = session.in_message();
+        state.in_message.store(in_message, Ordering::Release);
         if now_receiving && progress.data_started {
             if let Err(due) = deadlines.data_started(Instant::now()) {
                 return last_word(&mut stream, due.reply());
@@ -152,7 +154,7 @@ pub(super) fn serve(
         } else if !now_receiving && (receiving || progress.line_ended) {
             deadlines.command_started(Instant::now());
         }
-        if state.sessions.stopping.load(Ordering::Acquire) && !now_receiving {
+        if state.sessions.stopping.load(Ordering::Acquire) && !in_message {
             return last_word(&mut stream, b"421 4.3.2 shutting down\r\n");
         }
     }

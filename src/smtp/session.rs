@@ -198,6 +198,12 @@ impl<R> Session<R> {
         matches!(self.phase, Phase::Data(_) | Phase::Chunk { .. })
     }
 
+    /// True while a message is under way: data being received, or BDAT
+    /// chunks taken and the last still to come.
+    pub fn in_message(&self) -> bool {
+        self.in_data() || self.chunks.is_some()
+    }
+
     /// Ends the transaction, if one is open.
     fn reset(&mut self) {
         self.envelope = None;

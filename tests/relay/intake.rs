@@ -1,6 +1,6 @@
 //! What the listener takes in: commands smuggled into DATA are refused
-//! once, and sessions over the limit get 421 while the local MMSC keeps
-//! room of its own.
+//! once, sessions over the limit get 421 while the local MMSC keeps room
+//! of its own, and a stop lets a message under way finish.
 
 use crate::support::*;
 
@@ -43,4 +43,43 @@ fn sessions_over_the_limit_get_421_and_the_local_mmsc_has_room_of_its_own() {
     let _a2 = h.client(LOCAL);
     assert!(first_line(LOCAL).starts_with("421 4.3.2"));
     send_forward(&mut a1, 1, TO_B, 300);
+}
+
+/// A stop lets a message under way finish within shutdown_timeout: in
+/// BDAT chunks as in DATA. Between two chunks the session is not idle.
+#[test]
+fn a_stop_between_bdat_chunks_lets_the_message_finish() {
+    let mut h = Harness::start();
+    let data = mm4relay::sim::forward_req(1, TO_B, 400);
+    let half = data.len() / 2;
+    let mut c = h.client(LOCAL);
+    assert_eq!(c.cmd("EHLO t").code, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<{FROM}>")).code, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<{TO_B}>")).code, 250);
+    c.send(format!("BDAT {half}\r\n").as_bytes());
+    c.send(&data[..half]);
+    assert_eq!(c.reply().code, 250);
+    // An idle session, cut by the stop in the same pass over sessions.
+    let mut idle = h.client(LOCAL);
+    assert_eq!(idle.cmd("EHLO t").code, 250);
+    let stopped = {
+        let relay = h.relay.take().unwrap();
+        std::thread::spawn(move || relay.shutdown())
+    };
+    let mut idle = idle.into_tcp();
+    idle.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut said = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut idle, &mut said);
+    assert!(
+        said.starts_with(b"421 "),
+        "{:?}",
+        String::from_utf8_lossy(&said)
+    );
+    // The stop has passed the idle sessions: the rest of the message.
+    c.send(format!("BDAT {} LAST\r\n", data.len() - half).as_bytes());
+    c.send(&data[half..]);
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.reply().code, 421, "then the stop's word");
+    assert_eq!(stopped.join().unwrap().undelivered, 0);
 }
