@@ -55,6 +55,17 @@ enum State {
     Cr,
 }
 
+/// What one octet did to the state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Taken; on to the next.
+    Next,
+    /// Not taken: the same octet again, in the new state.
+    Again,
+    /// It ended the data.
+    End,
+}
+
 /// Incremental DATA reader: feed it what the socket gives, in any pieces.
 #[derive(Debug)]
 pub struct DataDecoder {
@@ -106,46 +117,56 @@ impl DataDecoder {
             }
             let b = input[i];
             i += 1;
-            match (self.state, b) {
-                (State::LineStart, b'.') if self.dots => self.state = State::Dot,
-                (State::Dot, b'\r') => self.state = State::DotCr,
-                (State::DotCr, b'\n') => return Some(i),
-                (State::DotCr, _) => {
-                    // `CRLF . CR x`: the line was ".", then a bare CR.
-                    self.fail(DataFault::BareCr);
-                    self.state = State::InLine;
-                    i -= 1;
-                }
-                (State::LineStart | State::InLine, b'\r') => self.state = State::Cr,
-                (State::Cr, b'\n') => {
-                    self.push(b"\r\n");
-                    self.line_len = 0;
-                    self.state = State::LineStart;
-                }
-                (State::Cr, _) => {
-                    self.fail(DataFault::BareCr);
-                    self.state = State::InLine;
-                    i -= 1;
-                }
-                (_, b'\n') => {
-                    // Bare LF: fault, and stay inside the line so that no
-                    // dot after it can end the data.
-                    self.fail(DataFault::BareLf);
-                    self.state = State::InLine;
-                }
-                (_, 0) => {
-                    self.fail(DataFault::Nul);
-                    self.state = State::InLine;
-                }
-                // A leading dot is dropped (unstuffing); the octet after it
-                // is ordinary text.
-                (State::LineStart | State::Dot | State::InLine, _) => {
-                    self.push(&[b]);
-                    self.state = State::InLine;
-                }
+            match self.step(b) {
+                Step::End => return Some(i),
+                Step::Again => i -= 1,
+                Step::Next => {}
             }
         }
         None
+    }
+
+    /// The state machine, one octet `b` at a time.
+    fn step(&mut self, b: u8) -> Step {
+        match (self.state, b) {
+            (State::LineStart, b'.') if self.dots => self.state = State::Dot,
+            (State::Dot, b'\r') => self.state = State::DotCr,
+            (State::DotCr, b'\n') => return Step::End,
+            (State::DotCr, _) => {
+                // `CRLF . CR x`: the line was ".", then a bare CR.
+                self.fail(DataFault::BareCr);
+                self.state = State::InLine;
+                return Step::Again;
+            }
+            (State::LineStart | State::InLine, b'\r') => self.state = State::Cr,
+            (State::Cr, b'\n') => {
+                self.push(b"\r\n");
+                self.line_len = 0;
+                self.state = State::LineStart;
+            }
+            (State::Cr, _) => {
+                self.fail(DataFault::BareCr);
+                self.state = State::InLine;
+                return Step::Again;
+            }
+            (_, b'\n') => {
+                // Bare LF: fault, and stay inside the line so that no
+                // dot after it can end the data.
+                self.fail(DataFault::BareLf);
+                self.state = State::InLine;
+            }
+            (_, 0) => {
+                self.fail(DataFault::Nul);
+                self.state = State::InLine;
+            }
+            // A leading dot is dropped (unstuffing); the octet after it
+            // is ordinary text.
+            (State::LineStart | State::Dot | State::InLine, _) => {
+                self.push(&[b]);
+                self.state = State::InLine;
+            }
+        }
+        Step::Next
     }
 
     /// The fast path, at the start of a line or inside one: takes whole
@@ -396,28 +417,23 @@ mod tests {
         assert_eq!(d.finish().unwrap(), b"no CRLF");
     }
 
-    /// The decoder as it was before `memchr` and whole lines: one state
-    /// step per octet but for runs of text inside a line. The new one must
-    /// agree with it on every input, cut anywhere.
-    struct Reference {
-        dots: bool,
-        state: State,
-        line_len: usize,
-        max_size: usize,
-        out: Vec<u8>,
-        fault: Option<DataFault>,
-    }
+    /// The decoder as it was before `memchr` and whole lines: the same
+    /// state machine, but for runs of text inside a line scanned octet by
+    /// octet. The fast path must agree with it on every input, cut
+    /// anywhere.
+    struct Reference(DataDecoder);
 
     impl Reference {
         fn feed(&mut self, input: &[u8]) -> Option<usize> {
+            let d = &mut self.0;
             let mut i = 0;
             while i < input.len() {
-                if self.state == State::InLine {
+                if d.state == State::InLine {
                     let run = input[i..]
                         .iter()
                         .position(|&b| b == b'\r' || b == b'\n' || b == 0)
                         .unwrap_or(input.len() - i);
-                    self.push(&input[i..i + run]);
+                    d.push(&input[i..i + run]);
                     i += run;
                     if i == input.len() {
                         break;
@@ -425,72 +441,13 @@ mod tests {
                 }
                 let b = input[i];
                 i += 1;
-                match (self.state, b) {
-                    (State::LineStart, b'.') if self.dots => self.state = State::Dot,
-                    (State::Dot, b'\r') => self.state = State::DotCr,
-                    (State::DotCr, b'\n') => return Some(i),
-                    (State::DotCr, _) => {
-                        self.fail(DataFault::BareCr);
-                        self.state = State::InLine;
-                        i -= 1;
-                    }
-                    (State::LineStart | State::InLine, b'\r') => self.state = State::Cr,
-                    (State::Cr, b'\n') => {
-                        self.push(b"\r\n");
-                        self.line_len = 0;
-                        self.state = State::LineStart;
-                    }
-                    (State::Cr, _) => {
-                        self.fail(DataFault::BareCr);
-                        self.state = State::InLine;
-                        i -= 1;
-                    }
-                    (_, b'\n') => {
-                        self.fail(DataFault::BareLf);
-                        self.state = State::InLine;
-                    }
-                    (_, 0) => {
-                        self.fail(DataFault::Nul);
-                        self.state = State::InLine;
-                    }
-                    (State::LineStart | State::Dot | State::InLine, _) => {
-                        self.push(&[b]);
-                        self.state = State::InLine;
-                    }
+                match d.step(b) {
+                    Step::End => return Some(i),
+                    Step::Again => i -= 1,
+                    Step::Next => {}
                 }
             }
             None
-        }
-
-        fn push(&mut self, bytes: &[u8]) {
-            if bytes != b"\r\n" {
-                self.line_len += bytes.len();
-                if self.line_len > MAX_TEXT_LINE {
-                    self.fail(DataFault::LineTooLong);
-                }
-            }
-            if self.fault.is_some() {
-                return;
-            }
-            if self.out.len() + bytes.len() > self.max_size {
-                self.fail(DataFault::TooBig);
-                return;
-            }
-            self.out.extend_from_slice(bytes);
-        }
-
-        fn fail(&mut self, fault: DataFault) {
-            if self.fault.is_none() {
-                self.fault = Some(fault);
-                self.out = Vec::new();
-            }
-        }
-
-        fn finish(mut self) -> Result<Vec<u8>, DataFault> {
-            if self.state == State::Cr {
-                self.fail(DataFault::BareCr);
-            }
-            self.fault.map_or(Ok(self.out), Err)
         }
     }
 
@@ -526,14 +483,11 @@ mod tests {
             } else {
                 DataDecoder::chunks(max_size)
             };
-            let mut slow = Reference {
-                dots,
-                state: State::LineStart,
-                line_len: 0,
-                max_size,
-                out: Vec::new(),
-                fault: None,
-            };
+            let mut slow = Reference(if dots {
+                DataDecoder::new(max_size)
+            } else {
+                DataDecoder::chunks(max_size)
+            });
             // Fed in up to three pieces, as the socket may give them.
             let (a, b) = (next(wire.len() + 1), next(wire.len() + 1));
             let (a, b) = (a.min(b), a.max(b));
@@ -546,7 +500,7 @@ mod tests {
             }
             assert_eq!(
                 fast.finish(),
-                slow.finish(),
+                slow.0.finish(),
                 "case {case}: {wire:?} max {max_size}"
             );
         }
