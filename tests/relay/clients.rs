@@ -312,3 +312,88 @@ except smtplib.SMTPServerDisconnected:
     );
     assert!(got.ends_with(&body), "{}", String::from_utf8_lossy(got));
 }
+
+/// smtplib, speaking BDAT by hand, is between two chunks when the relay
+/// is stopped: it is not idle, so it may send its last chunk, gets the 250
+/// and then the stop's 421, while an idle session is cut at once.
+#[test]
+fn smtplib_between_bdat_chunks_at_a_stop_gets_its_message_in() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let mut h = Harness::start();
+    let script = r#"
+import smtplib, sys
+port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+data = open(msg, "rb").read()
+half = len(data) // 2
+s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+s.ehlo("python.test")
+s.send(b"MAIL FROM:<+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs>\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
+       + b"BDAT %d\r\n" % half + data[:half])
+for what in ["mail", "rcpt", "chunk"]:
+    print(what, s.getreply()[0])
+print("ready", flush=True)
+sys.stdin.readline()
+s.send(b"BDAT %d LAST\r\n" % (len(data) - half) + data[half:])
+print("last", s.getreply()[0])
+print("then", s.getreply()[0], flush=True)
+"#;
+    let msg = h.spool.path().join("msg.eml");
+    let body = mm4relay::sim::forward_req(8, TO_A, 1500);
+    std::fs::write(&msg, &body).unwrap();
+    let child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([
+            h.addr.port().to_string(),
+            TO_A.into(),
+            msg.display().to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed, and waited for, however the test ends.
+    struct Python(std::process::Child);
+    impl Drop for Python {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut py = Python(child);
+    let mut said = std::io::BufReader::new(py.0.stdout.take().unwrap());
+    let mut out = String::new();
+    while !out.ends_with("ready\n") {
+        let before = out.len();
+        std::io::BufRead::read_line(&mut said, &mut out).unwrap();
+        assert!(out.len() > before, "python ended early: {out}");
+    }
+    assert!(out.contains("chunk 250"), "{out}");
+    // An idle session, cut by the stop in the same pass over sessions.
+    let mut idle = h.client(LOCAL);
+    assert_eq!(idle.cmd("EHLO t").code, 250);
+    let stopped = {
+        let relay = h.relay.take().unwrap();
+        std::thread::spawn(move || relay.shutdown())
+    };
+    let mut idle = idle.into_tcp();
+    idle.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut cut = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut idle, &mut cut);
+    assert!(
+        cut.starts_with(b"421 "),
+        "{:?}",
+        String::from_utf8_lossy(&cut)
+    );
+    // The stop has passed the idle sessions: the rest of the message.
+    py.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    std::io::Read::read_to_string(&mut said, &mut out).unwrap();
+    assert!(py.0.wait().unwrap().success(), "{out}");
+    assert!(out.contains("last 250"), "{out}");
+    assert!(out.contains("then 421"), "{out}");
+    assert_eq!(stopped.join().unwrap().undelivered, 0);
+    assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
+    assert!(h.sims[0].received()[0].data.ends_with(&body));
+}
