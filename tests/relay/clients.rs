@@ -22,14 +22,16 @@ fn have(program: &str, version_arg: &str) -> bool {
     ok
 }
 
+/// `python3` to run `script` with `args`.
+fn python_command(script: &str, args: &[String]) -> Command {
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(script).args(args);
+    c
+}
+
 /// Runs a Python script with `args`; its stdout, and whether it succeeded.
 fn python(script: &str, args: &[String]) -> (bool, String) {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = python_command(script, args).output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
@@ -256,6 +258,18 @@ print("sent")
     assert!(h.sims[0].wait_for_recipients(2, DEADLINE));
 }
 
+/// The start of the smtplib scripts that speak BDAT by hand: arguments
+/// port, recipient and message file; the message read and halved, and
+/// the session greeted.
+const BDAT_HEAD: &str = r#"
+import smtplib, sys
+port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+data = open(msg, "rb").read()
+half = len(data) // 2
+s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+s.ehlo("python.test")
+"#;
+
 /// smtplib, speaking BDAT by hand (it has no CHUNKING of its own): a
 /// message in two pipelined chunks reaches the peer as it was sent, and a
 /// chunk over the size limit is answered 552 and the session closed.
@@ -265,13 +279,7 @@ fn smtplib_sends_bdat_chunks() {
         return;
     }
     let h = Harness::start();
-    let script = r#"
-import smtplib, sys
-port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-data = open(msg, "rb").read()
-half = len(data) // 2
-s = smtplib.SMTP("127.0.0.1", port, timeout=20)
-s.ehlo("python.test")
+    let script = [BDAT_HEAD, r#"
 print("chunking", s.has_extn("chunking"))
 s.send(b"MAIL FROM:<+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs>\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
        + b"BDAT %d\r\n" % half + data[:half] + b"BDAT %d LAST\r\n" % (len(data) - half) + data[half:])
@@ -284,12 +292,13 @@ try:
     print("after", s.noop()[0])
 except smtplib.SMTPServerDisconnected:
     print("closed")
-"#;
+"#]
+    .concat();
     let msg = h.spool.path().join("msg.eml");
     let body = mm4relay::sim::forward_req(7, TO_A, 1500);
     std::fs::write(&msg, &body).unwrap();
     let (ok, out) = python(
-        script,
+        &script,
         &[
             h.addr.port().to_string(),
             TO_A.into(),
@@ -322,13 +331,7 @@ fn smtplib_between_bdat_chunks_at_a_stop_gets_its_message_in() {
         return;
     }
     let mut h = Harness::start();
-    let script = r#"
-import smtplib, sys
-port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-data = open(msg, "rb").read()
-half = len(data) // 2
-s = smtplib.SMTP("127.0.0.1", port, timeout=20)
-s.ehlo("python.test")
+    let script = [BDAT_HEAD, r#"
 s.send(b"MAIL FROM:<+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs>\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
        + b"BDAT %d\r\n" % half + data[:half])
 for what in ["mail", "rcpt", "chunk"]:
@@ -338,22 +341,23 @@ sys.stdin.readline()
 s.send(b"BDAT %d LAST\r\n" % (len(data) - half) + data[half:])
 print("last", s.getreply()[0])
 print("then", s.getreply()[0], flush=True)
-"#;
+"#]
+    .concat();
     let msg = h.spool.path().join("msg.eml");
     let body = mm4relay::sim::forward_req(8, TO_A, 1500);
     std::fs::write(&msg, &body).unwrap();
-    let child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args([
+    let child = python_command(
+        &script,
+        &[
             h.addr.port().to_string(),
             TO_A.into(),
             msg.display().to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     // Killed, and waited for, however the test ends.
     struct Python(std::process::Child);
     impl Drop for Python {
@@ -371,22 +375,7 @@ print("then", s.getreply()[0], flush=True)
         assert!(out.len() > before, "python ended early: {out}");
     }
     assert!(out.contains("chunk 250"), "{out}");
-    // An idle session, cut by the stop in the same pass over sessions.
-    let mut idle = h.client(LOCAL);
-    assert_eq!(idle.cmd("EHLO t").code, 250);
-    let stopped = {
-        let relay = h.relay.take().unwrap();
-        std::thread::spawn(move || relay.shutdown())
-    };
-    let mut idle = idle.into_tcp();
-    idle.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut cut = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut idle, &mut cut);
-    assert!(
-        cut.starts_with(b"421 "),
-        "{:?}",
-        String::from_utf8_lossy(&cut)
-    );
+    let stopped = h.stop_past_an_idle_session();
     // The stop has passed the idle sessions: the rest of the message.
     py.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
     std::io::Read::read_to_string(&mut said, &mut out).unwrap();

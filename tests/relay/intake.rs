@@ -59,22 +59,7 @@ fn a_stop_between_bdat_chunks_lets_the_message_finish() {
     c.send(format!("BDAT {half}\r\n").as_bytes());
     c.send(&data[..half]);
     assert_eq!(c.reply().code, 250);
-    // An idle session, cut by the stop in the same pass over sessions.
-    let mut idle = h.client(LOCAL);
-    assert_eq!(idle.cmd("EHLO t").code, 250);
-    let stopped = {
-        let relay = h.relay.take().unwrap();
-        std::thread::spawn(move || relay.shutdown())
-    };
-    let mut idle = idle.into_tcp();
-    idle.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut said = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut idle, &mut said);
-    assert!(
-        said.starts_with(b"421 "),
-        "{:?}",
-        String::from_utf8_lossy(&said)
-    );
+    let stopped = h.stop_past_an_idle_session();
     // The stop has passed the idle sessions: the rest of the message.
     c.send(format!("BDAT {} LAST\r\n", data.len() - half).as_bytes());
     c.send(&data[half..]);

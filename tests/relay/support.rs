@@ -337,6 +337,27 @@ impl Harness {
     pub fn client(&self, from_ip: &str) -> Client {
         Client::connect(from_ip, self.addr)
     }
+
+    /// Stops the relay in a thread of its own, and returns once an idle
+    /// session has had the stop's 421: the stop has then passed the
+    /// sessions, and a message under way may finish. The thread gives the
+    /// stop's report.
+    pub fn stop_past_an_idle_session(&mut self) -> JoinHandle<StopReport> {
+        let mut idle = self.client(LOCAL);
+        assert_eq!(idle.cmd("EHLO t").code, 250);
+        let relay = self.relay.take().expect("the relay runs");
+        let stopped = thread::spawn(move || relay.shutdown());
+        let mut idle = idle.into_tcp();
+        idle.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut said = Vec::new();
+        let _ = idle.read_to_end(&mut said);
+        assert!(
+            said.starts_with(b"421 "),
+            "{:?}",
+            String::from_utf8_lossy(&said)
+        );
+        stopped
+    }
 }
 
 /// A tmpfs mounted for a test; unmounted on drop.
