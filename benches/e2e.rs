@@ -25,17 +25,23 @@
 //! round: every peer as `hosts = mx:DOMAIN`, and B and C as dynamic peers
 //! (only A configured), their MX served by a DNS server on loopback.
 //! `E2E_HALF=1` adds a run per round at half the load the relay just
-//! carried (the generator's sessions paced, open loop), for its latency.
+//! carried (the generator's sessions paced, open loop), for its latency;
+//! with `E2E_PROBE=1` too, a bare flush is timed beside that run and, for
+//! as long, alone before it (see [`FlushProbe`]): the disk's own latency
+//! under the load and without it, the floor under the relay's.
 //! `E2E_BEFORE=PATH` adds a run per round of another `mm4relay` binary
 //! (an earlier build: copy `target/release/mm4relay` aside before the
 //! change), and reports this build's throughput as a ratio of that one's,
 //! so a change is judged against what it changes in the same run (the
 //! earlier build first in even rounds).
 
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -415,6 +421,72 @@ fn percentiles(mut l: Vec<Duration>) -> String {
     format!("{:.2}/{:.2}", p(0.5), p(0.99))
 }
 
+/// A bare flush: 4 KiB appended to a file of its own on the spool's file
+/// system and `fdatasync`ed, every [`PROBE_EVERY`], by a thread at
+/// real-time priority where it may have it, so that no other thread can
+/// delay it on the CPU: what it sees is the disk's latency, under whatever
+/// load runs beside it.
+struct FlushProbe {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<(Vec<Duration>, bool)>,
+}
+
+/// How often the probe flushes: a tenth or less of the relay's flushes.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+
+impl FlushProbe {
+    fn start() -> FlushProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = thread::spawn(move || {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: sets the calling thread's own policy (pid 0); the
+            // parameter outlives the call.
+            let fifo = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0;
+            let dir = tempfile::tempdir().unwrap();
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.path().join("probe"))
+                .unwrap();
+            let block = [0x55u8; 4096];
+            let mut flushes = Vec::new();
+            let mut next = Instant::now();
+            while !stopped.load(Ordering::Acquire) {
+                let t = Instant::now();
+                file.write_all(&block).unwrap();
+                file.sync_data().unwrap();
+                flushes.push(t.elapsed());
+                next += PROBE_EVERY;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (flushes, fifo)
+        });
+        FlushProbe { stop, handle }
+    }
+
+    /// Stops the probe; what it saw, as a line.
+    fn stop(self) -> String {
+        self.stop.store(true, Ordering::Release);
+        let (mut l, fifo) = self.handle.join().unwrap();
+        l.sort();
+        let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+        format!(
+            "{} flushes of 4 KiB, p50/p99/max {:.2}/{:.2}/{:.2} ms, {:.1}% over 2 ms{}",
+            l.len(),
+            p(0.5),
+            p(0.99),
+            p(1.0),
+            100.0 * l.iter().filter(|d| d.as_millis() >= 2).count() as f64 / l.len() as f64,
+            if fifo {
+                ""
+            } else {
+                " (no real-time priority here: the CPU may have delayed it)"
+            },
+        )
+    }
+}
+
 /// Bytes of the segment files, and of the other files, in the spool directory.
 fn dir_bytes(dir: &Path) -> (u64, u64) {
     let mut sizes = (0, 0);
@@ -599,6 +671,7 @@ fn main() {
     let this = Path::new(THIS_BUILD);
     let before = std::env::var_os("E2E_BEFORE").map(PathBuf::from);
     let half = std::env::var_os("E2E_HALF").is_some();
+    let probe = std::env::var_os("E2E_PROBE").is_some();
     let mut before_ratios = Vec::new();
     for round in 1..=rounds {
         let sims = match &dns {
@@ -670,6 +743,13 @@ fn main() {
         println!("      {}", run.spool);
         println!("      {}", run.cost);
         if half {
+            // The disk alone first, for about as long as the run takes.
+            let alone = probe.then(|| {
+                let p = FlushProbe::start();
+                thread::sleep(run.elapsed * 2);
+                p.stop()
+            });
+            let beside = probe.then(FlushProbe::start);
             let r = relay_run(
                 &sims,
                 &all,
@@ -694,6 +774,10 @@ fn main() {
                 relay_rate / 2.0,
             );
             println!("      {}", r.cost);
+            if let (Some(alone), Some(beside)) = (alone, beside) {
+                println!("      bare flush beside the run: {}", beside.stop());
+                println!("      bare flush alone, before:  {alone}");
+            }
         }
         if let Some(r) = before_run {
             let rate = n as f64 / r.elapsed.as_secs_f64();
