@@ -222,6 +222,36 @@ struct Run {
     cost: String,
 }
 
+impl Run {
+    /// Relayed messages per second, of `n`.
+    fn rate(&self, n: usize) -> f64 {
+        n as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Prints its row of the table (`direct` and `ratio` where the row has
+    /// them, `note` after), then its cost per message.
+    fn print(&self, n: usize, label: &str, direct: Option<f64>, ratio: Option<f64>, note: &str) {
+        println!(
+            "{label:>5} {:>12} {:>12.0} {:>12.0} {:>8} {:>22} {:>9} KiB {:>16}{note}",
+            direct.map_or(String::new(), |d| format!("{d:.0}")),
+            n as f64 / self.report.elapsed.as_secs_f64(),
+            self.rate(n),
+            ratio.map_or(String::new(), |r| format!("{r:.2}")),
+            self.conns,
+            self.rss,
+            percentiles(&self.report.latencies),
+        );
+        println!("      {}", self.cost);
+    }
+}
+
+/// The median of `v`, and `v` in the order given.
+fn median(v: &[f64]) -> (f64, String) {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (sorted[sorted.len() / 2], format!("{v:.2?}"))
+}
+
 /// Starts the relay in front of `sims`, sends `all`, waits for every
 /// message at its peer, and stops the relay.
 fn relay_run(
@@ -412,10 +442,11 @@ impl Drop for RelayProcess {
 
 /// p50/p99 of the inbound transaction time (MAIL to the 250 after the
 /// final dot), an upper bound on the end-of-DATA-to-250 latency.
-fn percentiles(mut l: Vec<Duration>) -> String {
+fn percentiles(l: &[Duration]) -> String {
     if l.is_empty() {
         return "-".into();
     }
+    let mut l = l.to_vec();
     l.sort();
     let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
     format!("{:.2}/{:.2}", p(0.5), p(0.99))
@@ -730,18 +761,11 @@ fn main() {
             _ => before_first,
         };
         let direct_rate = n as f64 / direct.as_secs_f64();
-        let relay_rate = n as f64 / run.elapsed.as_secs_f64();
+        let relay_rate = run.rate(n);
         let ratio = relay_rate / direct_rate;
         ratios.push(ratio);
-        println!(
-            "{round:>5} {direct_rate:>12.0} {:>12.0} {relay_rate:>12.0} {ratio:>8.2} {:>22} {:>9} KiB {:>16}",
-            n as f64 / run.report.elapsed.as_secs_f64(),
-            run.conns,
-            run.rss,
-            percentiles(run.report.latencies),
-        );
+        run.print(n, &round.to_string(), Some(direct_rate), Some(ratio), "");
         println!("      {}", run.spool);
-        println!("      {}", run.cost);
         if half {
             // The disk alone first, for about as long as the run takes.
             let alone = probe.then(|| {
@@ -762,50 +786,23 @@ fn main() {
                     ..Variant::plain(this)
                 },
             );
-            let rate = n as f64 / r.elapsed.as_secs_f64();
-            println!(
-                "  1/2 {:>12} {:>12.0} {rate:>12.0} {:>8} {:>22} {:>9} KiB {:>16}   (offered: {:.0} msg/s)",
-                "",
-                n as f64 / r.report.elapsed.as_secs_f64(),
-                "",
-                r.conns,
-                r.rss,
-                percentiles(r.report.latencies),
-                relay_rate / 2.0,
-            );
-            println!("      {}", r.cost);
+            let note = format!("   (offered: {:.0} msg/s)", relay_rate / 2.0);
+            r.print(n, "1/2", None, None, &note);
             if let (Some(alone), Some(beside)) = (alone, beside) {
                 println!("      bare flush beside the run: {}", beside.stop());
                 println!("      bare flush alone, before:  {alone}");
             }
         }
         if let Some(r) = before_run {
-            let rate = n as f64 / r.elapsed.as_secs_f64();
+            let rate = r.rate(n);
             before_ratios.push(relay_rate / rate);
-            println!(
-                "  was {direct_rate:>12.0} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (E2E_BEFORE; this build / it: {:.2})",
-                n as f64 / r.report.elapsed.as_secs_f64(),
-                rate / direct_rate,
-                r.conns,
-                r.rss,
-                percentiles(r.report.latencies),
-                relay_rate / rate,
-            );
-            println!("      {}", r.cost);
+            let note = format!("   (E2E_BEFORE; this build / it: {:.2})", relay_rate / rate);
+            r.print(n, "was", Some(direct_rate), Some(rate / direct_rate), &note);
         }
         if let Some(r) = cdr_run {
-            let rate = n as f64 / r.elapsed.as_secs_f64();
-            cdr_ratios.push(rate / relay_rate);
-            println!(
-                "  CDR {:>12} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: CDRs on / off)",
-                "",
-                n as f64 / r.report.elapsed.as_secs_f64(),
-                rate / relay_rate,
-                r.conns,
-                r.rss,
-                percentiles(r.report.latencies),
-            );
-            println!("      {}", r.cost);
+            let ratio = r.rate(n) / relay_rate;
+            cdr_ratios.push(ratio);
+            r.print(n, "CDR", None, Some(ratio), "   (ratio: CDRs on / off)");
         }
         if let Some(server) = &dns {
             let port = sims[0].addr().port();
@@ -826,17 +823,9 @@ fn main() {
                         ..Variant::plain(this)
                     },
                 );
-                let rate = n as f64 / r.elapsed.as_secs_f64();
-                dns_ratios[i].push(rate / relay_rate);
-                println!(
-                    "  {label} {:>12} {:>12.0} {rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: / static hosts)",
-                    "",
-                    n as f64 / r.report.elapsed.as_secs_f64(),
-                    rate / relay_rate,
-                    r.conns,
-                    r.rss,
-                    percentiles(r.report.latencies),
-                );
+                let ratio = r.rate(n) / relay_rate;
+                dns_ratios[i].push(ratio);
+                r.print(n, label, None, Some(ratio), "   (ratio: / static hosts)");
             }
         }
         for s in sims {
@@ -862,17 +851,9 @@ fn main() {
                     ..Variant::plain(this)
                 },
             );
-            let tls_rate = n as f64 / tls.elapsed.as_secs_f64();
-            tls_ratios.push(tls_rate / relay_rate);
-            println!(
-                "  TLS {:>12} {:>12.0} {tls_rate:>12.0} {:>8.2} {:>22} {:>9} KiB {:>16}   (ratio: TLS / plain relay)",
-                "",
-                n as f64 / tls.report.elapsed.as_secs_f64(),
-                tls_rate / relay_rate,
-                tls.conns,
-                tls.rss,
-                percentiles(tls.report.latencies),
-            );
+            let ratio = tls.rate(n) / relay_rate;
+            tls_ratios.push(ratio);
+            tls.print(n, "TLS", None, Some(ratio), "   (ratio: TLS / plain relay)");
             for s in sims {
                 assert!(
                     s.received().iter().all(|m| m.tls) && s.messages() > 0,
@@ -882,35 +863,19 @@ fn main() {
             }
         }
     }
-    ratios.sort_by(f64::total_cmp);
-    println!("median ratio relay/direct: {:.2}", ratios[ratios.len() / 2]);
-    if !before_ratios.is_empty() {
-        let all = before_ratios.clone();
-        before_ratios.sort_by(f64::total_cmp);
-        println!(
-            "median ratio this build / E2E_BEFORE: {:.2} (rounds: {all:.2?})",
-            before_ratios[before_ratios.len() / 2]
-        );
-    }
-    if !cdr_ratios.is_empty() {
-        let all = cdr_ratios.clone();
-        cdr_ratios.sort_by(f64::total_cmp);
-        println!(
-            "median ratio CDRs on / off: {:.2} (rounds: {all:.2?})",
-            cdr_ratios[cdr_ratios.len() / 2]
-        );
-    }
-    for (label, mut r) in ["mx: peers", "dynamic peers"].into_iter().zip(dns_ratios) {
+    let [mx_ratios, dynamic_ratios] = dns_ratios;
+    let medians = [
+        ("relay/direct", ratios),
+        ("this build / E2E_BEFORE", before_ratios),
+        ("CDRs on / off", cdr_ratios),
+        ("mx: peers / static hosts", mx_ratios),
+        ("dynamic peers / static hosts", dynamic_ratios),
+        ("TLS relay / plain relay", tls_ratios),
+    ];
+    for (label, r) in medians {
         if !r.is_empty() {
-            r.sort_by(f64::total_cmp);
-            println!("median ratio {label} / static hosts: {:.2}", r[r.len() / 2]);
+            let (m, rounds) = median(&r);
+            println!("median ratio {label}: {m:.2} (rounds: {rounds})");
         }
-    }
-    if !tls_ratios.is_empty() {
-        tls_ratios.sort_by(f64::total_cmp);
-        println!(
-            "median ratio TLS relay / plain relay: {:.2}",
-            tls_ratios[tls_ratios.len() / 2]
-        );
     }
 }
