@@ -704,6 +704,10 @@ fn main() {
     let half = std::env::var_os("E2E_HALF").is_some();
     let probe = std::env::var_os("E2E_PROBE").is_some();
     let mut before_ratios = Vec::new();
+    // A run through the relay in front of `sims`, with this bench's load.
+    let go = |sims: &[SimPeer; 3], v: Variant| {
+        relay_run(sims, &all, &want, sessions, &log_level, &sync, v)
+    };
     for round in 1..=rounds {
         let sims = match &dns {
             None => [
@@ -715,29 +719,9 @@ fn main() {
         };
         let direct = baseline(&sims, &per_peer, sessions);
 
-        let static_run = |cdr| {
-            relay_run(
-                &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
-                Variant::plain(this).cdr(cdr),
-            )
-        };
+        let static_run = |cdr| go(&sims, Variant::plain(this).cdr(cdr));
         let (plain, with_cdr) = (|| static_run(false), || static_run(true));
-        let earlier = |bin: &Path| {
-            relay_run(
-                &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
-                Variant::plain(bin),
-            )
-        };
+        let earlier = |bin: &Path| go(&sims, Variant::plain(bin));
         // The earlier build goes first in even rounds.
         let before_first = match &before {
             Some(bin) if round % 2 == 0 => Some(earlier(bin)),
@@ -774,13 +758,8 @@ fn main() {
                 p.stop()
             });
             let beside = probe.then(FlushProbe::start);
-            let r = relay_run(
+            let r = go(
                 &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
                 Variant {
                     rate: Some(relay_rate / 2.0),
                     ..Variant::plain(this)
@@ -811,13 +790,8 @@ fn main() {
                 ("dyn", Hosts::Dynamic(server.addr(), port)),
             ];
             for (i, (label, mode)) in modes.into_iter().enumerate() {
-                let r = relay_run(
+                let r = go(
                     &sims,
-                    &all,
-                    &want,
-                    sessions,
-                    &log_level,
-                    &sync,
                     Variant {
                         hosts: mode,
                         ..Variant::plain(this)
@@ -839,13 +813,8 @@ fn main() {
                 };
                 SimPeer::start_with(false, None, sec).unwrap()
             });
-            let tls = relay_run(
+            let tls = go(
                 &sims,
-                &all,
-                &want,
-                sessions,
-                &log_level,
-                &sync,
                 Variant {
                     tls: Some(p),
                     ..Variant::plain(this)
