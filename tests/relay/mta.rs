@@ -194,6 +194,65 @@ pub trait Mta {
     fn log(&self) -> String;
 }
 
+/// A server run from a private directory on loopback ports: the
+/// directory, the ports, and the process while it runs (stopped when this
+/// is dropped).
+struct Daemon {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// A private directory and `ports` free ports; nothing runs yet.
+    fn new(ports: usize) -> Daemon {
+        Daemon {
+            dir: open_tempdir(),
+            ports: (0..ports).map(|_| free_port()).collect(),
+            child: None,
+        }
+    }
+
+    /// `name` in the directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The first port's address.
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[0]))
+    }
+
+    /// Runs `cmd`, its output into `out` in the directory, and waits until
+    /// it listens on every port; if it does not, panics with `log`.
+    fn run(&mut self, cmd: &mut Command, what: &str, out: &str, log: &Path) {
+        let out = std::fs::File::create(self.path(out)).unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        wait_listening(&mut child, &self.ports, what, log);
+        self.child = Some(child);
+    }
+
+    /// Stops the process if it runs; whether it did.
+    fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        stop_child(&mut c);
+        true
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 // ---------------------------------------------------------------- Postfix
 
 /// What a private Postfix offers.
@@ -214,10 +273,9 @@ pub struct PostfixOptions {
 /// A private Postfix instance (`postfix -c DIR start-fg`), delivering the
 /// MM4 domains into one Maildir with virtual(8).
 pub struct Postfix {
-    dir: tempfile::TempDir,
-    port: u16,
+    daemon: Daemon,
+    /// The wrappermode smtpd's, if any (the daemon's second port).
     tls_port: Option<u16>,
-    child: Option<Child>,
 }
 
 impl Postfix {
@@ -234,8 +292,8 @@ impl Postfix {
             skipped("postfix");
             return None;
         }
-        let dir = open_tempdir();
-        let d = dir.path();
+        let daemon = Daemon::new(1 + usize::from(opts.wrappermode));
+        let d = daemon.dir.path();
         for sub in ["conf", "queue"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
@@ -296,8 +354,7 @@ impl Postfix {
             ));
         }
         std::fs::write(d.join("conf/main.cf"), main).unwrap();
-        let port = free_port();
-        let tls_port = opts.wrappermode.then(free_port);
+        let (port, tls_port) = (daemon.ports[0], daemon.ports.get(1).copied());
         let mut master = format!("127.0.0.1:{port} inet n - n - - smtpd\n");
         if let Some(p) = tls_port {
             assert!(opts.tls.is_some(), "wrappermode needs a certificate");
@@ -307,44 +364,30 @@ impl Postfix {
         }
         master.push_str(POSTFIX_SERVICES);
         std::fs::write(d.join("conf/master.cf"), master).unwrap();
-        let mut pf = Postfix {
-            dir,
-            port,
-            tls_port,
-            child: None,
-        };
+        let mut pf = Postfix { daemon, tls_port };
         pf.run();
         Some(pf)
     }
 
     fn conf(&self) -> PathBuf {
-        self.dir.path().join("conf")
+        self.daemon.path("conf")
     }
 
     fn maillog(&self) -> PathBuf {
-        self.dir.path().join("maillog")
+        self.daemon.path("maillog")
     }
 
     fn run(&mut self) {
-        let out = std::fs::File::create(self.dir.path().join("start.out")).unwrap();
-        let mut child = Command::new("/usr/sbin/postfix")
-            .arg("-c")
-            .arg(self.conf())
-            .arg("start-fg")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let ports: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
-        wait_listening(&mut child, &ports, "postfix", &self.maillog());
-        self.child = Some(child);
+        let (conf, log) = (self.conf(), self.maillog());
+        let mut cmd = Command::new("/usr/sbin/postfix");
+        cmd.arg("-c").arg(conf).arg("start-fg");
+        self.daemon.run(&mut cmd, "postfix", "start.out", &log);
     }
 
     /// `postfix stop`, and waits for master to exit (it takes its
     /// children with it); then nothing of this instance runs.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if self.daemon.child.is_some() {
             let _ = Command::new("/usr/sbin/postfix")
                 .arg("-c")
                 .arg(self.conf())
@@ -352,11 +395,11 @@ impl Postfix {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            stop_child(&mut child);
+            self.daemon.stop();
             // Its smtpd processes end at their earliest convenience: the
             // stop is over when none holds a connection any more.
             let end = Instant::now() + DEADLINE;
-            while std::iter::once(self.port).chain(self.tls_port).any(served) {
+            while self.daemon.ports.iter().any(|&p| served(p)) {
                 assert!(
                     Instant::now() < end,
                     "postfix's smtpd processes outlived it"
@@ -400,13 +443,13 @@ impl Mta for Postfix {
         "postfix"
     }
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.daemon.addr()
     }
     fn connections(&self) -> usize {
         count_lines(&self.maillog(), ": connect from ")
     }
     fn messages(&self) -> Vec<Vec<u8>> {
-        read_all(&self.dir.path().join("mail/inbox/new"))
+        read_all(&self.daemon.path("mail/inbox/new"))
     }
     fn log(&self) -> String {
         std::fs::read_to_string(self.maillog()).unwrap_or_default()
@@ -453,9 +496,7 @@ tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 /// Postfix's smtp-sink with fault flags, dumping each transaction to a
 /// file and counting sessions (`-c`).
 pub struct SmtpSink {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl SmtpSink {
@@ -469,11 +510,8 @@ impl SmtpSink {
             skipped("smtp-sink (postfix)");
             return None;
         }
-        let dir = open_tempdir();
         let mut sink = SmtpSink {
-            port: free_port(),
-            dir,
-            child: None,
+            daemon: Daemon::new(1),
         };
         sink.run(flags);
         Some(sink)
@@ -481,40 +519,22 @@ impl SmtpSink {
 
     /// Stops this sink and starts one with `flags` on the same port.
     pub fn restart(&mut self, flags: &[&str]) {
-        self.stop();
+        self.daemon.stop();
         self.run(flags);
     }
 
     fn run(&mut self, flags: &[&str]) {
-        let d = self.dir.path();
+        let d = self.daemon.dir.path();
         let n = files_under(d).len();
         mkdir_owned(&d.join("dump"), "nobody");
-        let out = std::fs::File::create(d.join(format!("counters.{n}"))).unwrap();
-        let mut child = Command::new("/usr/sbin/smtp-sink")
-            .args(["-u", "nobody", "-c", "-h", "sink.test", "-d"])
+        let mut cmd = Command::new("/usr/sbin/smtp-sink");
+        cmd.args(["-u", "nobody", "-c", "-h", "sink.test", "-d"])
             .arg(d.join("dump/%M."))
             .args(flags)
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("64")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, &[self.port], "smtp-sink", &d.join("counters"));
-        self.child = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c);
-        }
-    }
-}
-
-impl Drop for SmtpSink {
-    fn drop(&mut self) {
-        self.stop();
+            .arg(self.daemon.addr().to_string())
+            .arg("64");
+        let (out, log) = (format!("counters.{n}"), d.join("counters"));
+        self.daemon.run(&mut cmd, "smtp-sink", &out, &log);
     }
 }
 
@@ -523,12 +543,12 @@ impl Mta for SmtpSink {
         "smtp-sink"
     }
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.daemon.addr()
     }
     /// Sessions that ended, summed over every run of the sink (its
     /// counters are written as a session ends).
     fn connections(&self) -> usize {
-        files_under(self.dir.path())
+        files_under(self.daemon.dir.path())
             .iter()
             .filter(|p| {
                 p.file_name()
@@ -544,10 +564,11 @@ impl Mta for SmtpSink {
             .sum()
     }
     fn messages(&self) -> Vec<Vec<u8>> {
-        read_all(&self.dir.path().join("dump"))
+        read_all(&self.daemon.path("dump"))
     }
     fn log(&self) -> String {
-        self.dir
+        self.daemon
+            .dir
             .path()
             .read_dir()
             .unwrap()
@@ -566,9 +587,7 @@ impl Mta for SmtpSink {
 /// with -C, Exim gives up root for its deliveries, which run as
 /// Debian-exim into a directory that user owns.
 pub struct Exim {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl Exim {
@@ -587,8 +606,8 @@ impl Exim {
             skipped("exim (exim4-daemon-light unpacked)");
             return None;
         }
-        let dir = open_tempdir();
-        let d = dir.path();
+        let mut daemon = Daemon::new(1);
+        let d = daemon.dir.path().to_path_buf();
         for sub in ["spool", "log", "mail"] {
             mkdir_owned(&d.join(sub), "Debian-exim");
         }
@@ -625,32 +644,13 @@ impl Exim {
             d = d.display(),
         );
         std::fs::write(d.join("exim.conf"), conf).unwrap();
-        let port = free_port();
-        let out = std::fs::File::create(d.join("daemon.out")).unwrap();
-        let mut child = Command::new(Exim::binary())
-            .arg("-C")
+        let mut cmd = Command::new(Exim::binary());
+        cmd.arg("-C")
             .arg(d.join("exim.conf"))
-            .args(["-bdf", "-oX", &port.to_string(), "-oP"])
-            .arg(d.join("exim.pid"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, &[port], "exim", &d.join("log/mainlog"));
-        Some(Exim {
-            dir,
-            port,
-            child: Some(child),
-        })
-    }
-}
-
-impl Drop for Exim {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c);
-        }
+            .args(["-bdf", "-oX", &daemon.ports[0].to_string(), "-oP"])
+            .arg(d.join("exim.pid"));
+        daemon.run(&mut cmd, "exim", "daemon.out", &d.join("log/mainlog"));
+        Some(Exim { daemon })
     }
 }
 
@@ -659,19 +659,16 @@ impl Mta for Exim {
         "exim"
     }
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.daemon.addr()
     }
     fn connections(&self) -> usize {
-        count_lines(
-            &self.dir.path().join("log/mainlog"),
-            "(TCP/IP connection count",
-        )
+        count_lines(&self.daemon.path("log/mainlog"), "(TCP/IP connection count")
     }
     fn messages(&self) -> Vec<Vec<u8>> {
-        read_all(&self.dir.path().join("mail/new"))
+        read_all(&self.daemon.path("mail/new"))
     }
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log/mainlog")).unwrap_or_default()
+        std::fs::read_to_string(self.daemon.path("log/mainlog")).unwrap_or_default()
     }
 }
 
@@ -685,9 +682,7 @@ impl Mta for Exim {
 /// mount points are made by `.ci/third-party`). Delivery is an `mda`
 /// script that writes each message to a file.
 pub struct OpenSmtpd {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl OpenSmtpd {
@@ -711,8 +706,8 @@ impl OpenSmtpd {
             skipped("opensmtpd (unpacked)");
             return None;
         }
-        let dir = open_tempdir();
-        let d = dir.path();
+        let mut daemon = Daemon::new(1);
+        let d = daemon.dir.path().to_path_buf();
         std::fs::create_dir_all(d.join("spool")).unwrap();
         std::fs::create_dir_all(d.join("run")).unwrap();
         mkdir_owned(&d.join("mail"), "nobody");
@@ -728,7 +723,7 @@ impl OpenSmtpd {
         )
         .unwrap();
         std::fs::set_permissions(&deliver, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let port = free_port();
+        let port = daemon.ports[0];
         let domains: Vec<String> = DOMAINS.iter().map(|x| format!("\"{x}\"")).collect();
         let conf = format!(
             "smtp limit max-mails {max_mails}\n\
@@ -749,28 +744,10 @@ impl OpenSmtpd {
             d = d.display(),
             root = OpenSmtpd::root().display(),
         );
-        let log = std::fs::File::create(d.join("smtpd.log")).unwrap();
-        let mut child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, &[port], "opensmtpd", &d.join("smtpd.log"));
-        Some(OpenSmtpd {
-            dir,
-            port,
-            child: Some(child),
-        })
-    }
-}
-
-impl Drop for OpenSmtpd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            stop_child(&mut c);
-        }
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+        daemon.run(&mut cmd, "opensmtpd", "smtpd.log", &d.join("smtpd.log"));
+        Some(OpenSmtpd { daemon })
     }
 }
 
@@ -779,20 +756,20 @@ impl Mta for OpenSmtpd {
         "opensmtpd"
     }
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.daemon.addr()
     }
     fn connections(&self) -> usize {
-        count_lines(&self.dir.path().join("smtpd.log"), "smtp connected ")
+        count_lines(&self.daemon.path("smtpd.log"), "smtp connected ")
     }
     fn messages(&self) -> Vec<Vec<u8>> {
-        files_under(&self.dir.path().join("mail"))
+        files_under(&self.daemon.path("mail"))
             .iter()
             .filter(|p| p.extension().is_some_and(|e| e == "eml"))
             .filter_map(|p| std::fs::read(p).ok())
             .collect()
     }
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("smtpd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.daemon.path("smtpd.log")).unwrap_or_default()
     }
 }
 
