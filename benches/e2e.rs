@@ -27,8 +27,9 @@
 //! `E2E_HALF=1` adds a run per round at half the load the relay just
 //! carried (the generator's sessions paced, open loop), for its latency;
 //! with `E2E_PROBE=1` too, a bare flush is timed beside that run and, for
-//! as long, alone before it (see [`FlushProbe`]): the disk's own latency
-//! under the load and without it, the floor under the relay's.
+//! as long, alone before it (see [`FlushProbe`]): the flush's own latency
+//! under the load and without it, a floor the relay's half-load p99 is
+//! not expected to go below.
 //! `E2E_BEFORE=PATH` adds a run per round of another `mm4relay` binary
 //! (an earlier build: copy `target/release/mm4relay` aside before the
 //! change), and reports this build's throughput as a ratio of that one's,
@@ -454,9 +455,12 @@ fn percentiles(l: &[Duration]) -> String {
 
 /// A bare flush: 4 KiB appended to a file of its own on the spool's file
 /// system and `fdatasync`ed, every [`PROBE_EVERY`], by a thread at
-/// real-time priority where it may have it, so that no other thread can
-/// delay it on the CPU: what it sees is the disk's latency, under whatever
-/// load runs beside it.
+/// real-time priority where it may have it, so that the thread itself does
+/// not wait for a CPU: what it sees is the flush's latency under whatever
+/// load runs beside it (the kernel's block-layer work for it, at normal
+/// priority, may still wait). Beside a run it adds a flush of its own to
+/// the disk every 5 ms, and its window takes in the relay's start and
+/// drain too: a run with the probe is compared with runs with it.
 struct FlushProbe {
     stop: Arc<AtomicBool>,
     handle: thread::JoinHandle<(Vec<Duration>, bool)>,
@@ -488,9 +492,14 @@ impl FlushProbe {
                 file.write_all(&block).unwrap();
                 file.sync_data().unwrap();
                 flushes.push(t.elapsed());
-                // A slow flush is not made up for by a burst of flushes.
-                next = (next + PROBE_EVERY).max(Instant::now());
-                thread::sleep(next.saturating_duration_since(Instant::now()));
+                // A slow flush is not made up for by a burst of flushes:
+                // the next comes a whole interval after it at the soonest.
+                let now = Instant::now();
+                next += PROBE_EVERY;
+                if next < now {
+                    next = now + PROBE_EVERY;
+                }
+                thread::sleep(next.saturating_duration_since(now));
             }
             (flushes, fifo)
         });
@@ -501,6 +510,9 @@ impl FlushProbe {
     fn stop(self) -> String {
         self.stop.store(true, Ordering::Release);
         let (mut l, fifo) = self.handle.join().unwrap();
+        if l.is_empty() {
+            return "no flush recorded".into();
+        }
         l.sort();
         let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
         format!(
@@ -509,7 +521,8 @@ impl FlushProbe {
             p(0.5),
             p(0.99),
             p(1.0),
-            100.0 * l.iter().filter(|d| d.as_millis() >= 2).count() as f64 / l.len() as f64,
+            100.0 * l.iter().filter(|d| **d > Duration::from_millis(2)).count() as f64
+                / l.len() as f64,
             if fifo {
                 ""
             } else {
@@ -704,6 +717,9 @@ fn main() {
     let before = std::env::var_os("E2E_BEFORE").map(PathBuf::from);
     let half = std::env::var_os("E2E_HALF").is_some();
     let probe = std::env::var_os("E2E_PROBE").is_some();
+    if probe && !half {
+        println!("E2E_PROBE=1 times flushes beside the E2E_HALF=1 run: without it, no probe");
+    }
     let mut before_ratios = Vec::new();
     // A run through the relay in front of `sims`, with this bench's load.
     let go = |sims: &[SimPeer; 3], v: Variant| {

@@ -260,9 +260,10 @@ print("sent")
 
 /// The start of the smtplib scripts that speak BDAT by hand: arguments
 /// port, recipient and message file; the message read and halved, and
-/// the session greeted.
+/// the session greeted. Tracebacks go to stdout, which the asserts show.
 const BDAT_HEAD: &str = r#"
 import smtplib, sys
+sys.stderr = sys.stdout
 port, rcpt, msg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 data = open(msg, "rb").read()
 half = len(data) // 2

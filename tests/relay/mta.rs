@@ -227,23 +227,23 @@ impl Daemon {
     /// it listens on every port; if it does not, panics with `log`.
     fn run(&mut self, cmd: &mut Command, what: &str, out: &str, log: &Path) {
         let out = std::fs::File::create(self.path(out)).unwrap();
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
-        wait_listening(&mut child, &self.ports, what, log);
-        self.child = Some(child);
+        // Kept before the wait: a server that does not come up is still
+        // stopped when this is dropped.
+        let child = self.child.insert(child);
+        wait_listening(child, &self.ports, what, log);
     }
 
-    /// Stops the process if it runs; whether it did.
-    fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
-        stop_child(&mut c);
-        true
+    /// Stops the process if it runs.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
     }
 }
 
@@ -533,7 +533,8 @@ impl SmtpSink {
             .args(flags)
             .arg(self.daemon.addr().to_string())
             .arg("64");
-        let (out, log) = (format!("counters.{n}"), d.join("counters"));
+        let out = format!("counters.{n}");
+        let log = d.join(&out);
         self.daemon.run(&mut cmd, "smtp-sink", &out, &log);
     }
 }
