@@ -279,7 +279,7 @@ impl Handler for SimHandler<'_> {
         ok
     }
 
-    fn message(&mut self, env: Envelope<()>, data: Vec<u8>) -> Reply {
+    fn message(&mut self, env: Envelope<()>, data: &mut Vec<u8>) -> Reply {
         let fault = *self.shared.fault.lock();
         match fault {
             Fault::TempFail => return Reply::new(451, "4.3.0 simulated temporary failure"),
@@ -297,7 +297,7 @@ impl Handler for SimHandler<'_> {
             received.push(Received {
                 from: env.from,
                 rcpts: env.rcpts.iter().map(|(r, _)| r.clone()).collect(),
-                data,
+                data: std::mem::take(data),
                 eight_bit: env.params.body == BodyType::EightBitMime,
                 at: Instant::now(),
                 tls: self.tls,

@@ -19,7 +19,7 @@ impl Handler for Accept {
             Err(Reply::new(550, "5.1.2 no"))
         }
     }
-    fn message(&mut self, _: Envelope<()>, data: Vec<u8>) -> Reply {
+    fn message(&mut self, _: Envelope<()>, data: &mut Vec<u8>) -> Reply {
         assert!(data.len() <= 4096);
         Reply::new(250, "2.0.0 ok")
     }

@@ -235,7 +235,7 @@ impl Handler for RelayHandler {
         }
     }
 
-    fn message(&mut self, mut env: Envelope<PeerId>, data: Vec<u8>) -> Reply {
+    fn message(&mut self, mut env: Envelope<PeerId>, data: &mut Vec<u8>) -> Reply {
         let inbound = self.inbound.clone();
         let tables = inbound.tables();
         // Numbers in national forms go out as `+` and digits to the peers
@@ -248,7 +248,7 @@ impl Handler for RelayHandler {
                 *r = international(r, numbering);
             }
         }
-        let info = match self.check(&env, &as_received, &data, &tables) {
+        let info = match self.check(&env, &as_received, data, &tables) {
             Ok(info) => info,
             Err(reply) => return reply,
         };
@@ -298,7 +298,7 @@ impl Handler for RelayHandler {
             &id,
             accepted,
         );
-        let data = with_trace(trace.as_bytes(), &data);
+        let data = with_trace(trace.as_bytes(), data);
         let by_peer = by_peer(fresh);
         // queue_lifetime is bounded by the configuration; the sender's
         // expiry may be anything, and only ever shortens the lifetime.

@@ -82,12 +82,23 @@ impl DataDecoder {
     /// A decoder that refuses messages over `max_size` octets (after
     /// unstuffing) without holding more than that in memory.
     pub fn new(max_size: usize) -> DataDecoder {
+        DataDecoder::reusing(max_size, Vec::new())
+    }
+
+    /// As [`DataDecoder::new`], writing the message into `buf` (emptied
+    /// first): a buffer kept from an earlier message is neither allocated
+    /// nor grown again.
+    pub fn reusing(max_size: usize, mut buf: Vec<u8>) -> DataDecoder {
+        buf.clear();
+        if buf.capacity() == 0 {
+            buf = Vec::with_capacity(max_size.min(16 * 1024));
+        }
         DataDecoder {
             dots: true,
             state: State::LineStart,
             line_len: 0,
             max_size,
-            out: Vec::with_capacity(max_size.min(16 * 1024)),
+            out: buf,
             fault: None,
         }
     }
@@ -97,9 +108,14 @@ impl DataDecoder {
     /// held to the same rules (CRLF lines of at most 998 octets, no NUL,
     /// at most `max_size`). [`DataDecoder::feed`] then never finds an end.
     pub fn chunks(max_size: usize) -> DataDecoder {
+        DataDecoder::chunks_reusing(max_size, Vec::new())
+    }
+
+    /// As [`DataDecoder::chunks`], into `buf` as [`DataDecoder::reusing`].
+    pub fn chunks_reusing(max_size: usize, buf: Vec<u8>) -> DataDecoder {
         DataDecoder {
             dots: false,
-            ..DataDecoder::new(max_size)
+            ..DataDecoder::reusing(max_size, buf)
         }
     }
 

@@ -47,8 +47,10 @@ pub trait Handler {
     type Route;
     /// Decides on one RCPT: a route, or the reply that refuses it.
     fn rcpt(&mut self, from: &str, rcpt: &str) -> Result<Self::Route, Reply>;
-    /// Takes a complete message and answers the end of DATA.
-    fn message(&mut self, envelope: Envelope<Self::Route>, data: Vec<u8>) -> Reply;
+    /// Takes a complete message and answers the end of DATA. A handler
+    /// that keeps `data` takes it (`std::mem::take`); what it leaves, the
+    /// session reuses for its next message.
+    fn message(&mut self, envelope: Envelope<Self::Route>, data: &mut Vec<u8>) -> Reply;
     /// Checks AUTH credentials; true if they are good.
     fn auth(&mut self, user: &str, password: &str) -> bool;
 }
@@ -146,7 +148,14 @@ pub struct Session<R> {
     refused_recipients: usize,
     /// Sent after the reply being answered, then the session closes.
     close_with: Option<Reply>,
+    /// The last message's buffer, for the next one: at most
+    /// [`KEPT_BUFFER`] octets, so that one large message does not hold
+    /// its memory for the rest of the session.
+    spare: Vec<u8>,
 }
+
+/// The largest message buffer a session keeps for its next message.
+const KEPT_BUFFER: usize = 128 * 1024;
 
 impl<R> Session<R> {
     /// A new session, before the greeting.
@@ -164,6 +173,7 @@ impl<R> Session<R> {
             bad_commands: 0,
             refused_recipients: 0,
             close_with: None,
+            spare: Vec::new(),
         }
     }
 
@@ -610,7 +620,8 @@ impl<R> Session<R> {
                     Reply::new(554, "5.5.1 no valid recipients")
                 }
                 Some(_) => {
-                    self.phase = Phase::Data(Box::new(DataDecoder::new(self.cfg.max_message_size)));
+                    let (max, buf) = (self.cfg.max_message_size, std::mem::take(&mut self.spare));
+                    self.phase = Phase::Data(Box::new(DataDecoder::reusing(max, buf)));
                     Reply::new(354, "end data with <CR><LF>.<CR><LF>")
                 }
             },
@@ -655,8 +666,10 @@ impl<R> Session<R> {
             }
             Some(_) => {
                 let max = self.cfg.max_message_size;
-                self.chunks
-                    .get_or_insert_with(|| Box::new(DataDecoder::chunks(max)));
+                if self.chunks.is_none() {
+                    let buf = std::mem::take(&mut self.spare);
+                    self.chunks = Some(Box::new(DataDecoder::chunks_reusing(max, buf)));
+                }
                 None
             }
         };
@@ -703,8 +716,11 @@ impl<R> Session<R> {
     ) -> Reply {
         let env = self.envelope.take().expect("DATA phase has an envelope");
         match data {
-            Ok(data) => {
-                let reply = handler.message(env, data);
+            Ok(mut data) => {
+                let reply = handler.message(env, &mut data);
+                if data.capacity() <= KEPT_BUFFER {
+                    self.spare = data;
+                }
                 if reply.code == 250 {
                     // Postfix's rule: errors count until mail is delivered.
                     self.refused_recipients = 0;
@@ -728,10 +744,12 @@ fn fault_reply(fault: DataFault) -> Reply {
 mod tests {
     use super::*;
 
-    /// Routes `*@ok` to 1, refuses everything else; keeps what it got.
+    /// Routes `*@ok` to 1, refuses everything else; keeps what it got
+    /// (a copy when `copy`, leaving the session its buffer).
     #[derive(Default)]
     struct Recorder {
         messages: Vec<(Envelope<u8>, Vec<u8>)>,
+        copy: bool,
     }
 
     impl Handler for Recorder {
@@ -743,7 +761,12 @@ mod tests {
                 Err(Reply::new(550, "5.1.2 unroutable"))
             }
         }
-        fn message(&mut self, envelope: Envelope<u8>, data: Vec<u8>) -> Reply {
+        fn message(&mut self, envelope: Envelope<u8>, data: &mut Vec<u8>) -> Reply {
+            let data = if self.copy {
+                data.clone()
+            } else {
+                std::mem::take(data)
+            };
             self.messages.push((envelope, data));
             Reply::new(250, "2.0.0 queued")
         }
@@ -753,9 +776,13 @@ mod tests {
     }
 
     fn session() -> Session<u8> {
+        session_of(100)
+    }
+
+    fn session_of(max_message_size: usize) -> Session<u8> {
         Session::new(SessionConfig {
             hostname: "relay.test".into(),
-            max_message_size: 100,
+            max_message_size,
             max_recipients: 2,
             starttls: false,
             auth: false,
@@ -784,6 +811,35 @@ mod tests {
             .filter(|l| l.as_bytes().get(3) == Some(&b' '))
             .map(|l| &l[..3])
             .collect()
+    }
+
+    /// A buffer the handler leaves is the next message's, emptied: DATA
+    /// after DATA, BDAT after DATA and DATA after BDAT each hold only
+    /// their own octets. One over KEPT_BUFFER is not kept.
+    #[test]
+    fn a_message_buffer_the_handler_leaves_is_reused_empty() {
+        let mut s = session_of(1 << 20);
+        let mut h = Recorder {
+            copy: true,
+            ..Recorder::default()
+        };
+        let mut out = Vec::new();
+        let long = "x".repeat(900) + "\r\n";
+        let big = long.repeat(KEPT_BUFFER / long.len() + 1);
+        let input = format!(
+            "EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\n{long}.\r\n\
+             MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nBDAT 3 LAST\r\nz\r\n\
+             MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\ny\r\n.\r\n"
+        );
+        s.feed(input.as_bytes(), &mut h, &mut out);
+        let got: Vec<&[u8]> = h.messages.iter().map(|(_, d)| &d[..]).collect();
+        assert_eq!(got, [long.as_bytes(), b"z\r\n", b"y\r\n"]);
+        assert!(s.spare.capacity() >= 16 * 1024, "kept for the next");
+        let input = format!("MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\n{big}.\r\n");
+        s.feed(input.as_bytes(), &mut h, &mut out);
+        assert_eq!(h.messages.len(), 4);
+        assert_eq!(h.messages[3].1, big.as_bytes());
+        assert_eq!(s.spare.capacity(), 0, "too large to keep");
     }
 
     #[test]

@@ -265,7 +265,7 @@ impl Handler for Collect<'_> {
     fn rcpt(&mut self, _: &str, _: &str) -> Result<(), Reply> {
         Ok(())
     }
-    fn message(&mut self, env: Envelope<()>, _: Vec<u8>) -> Reply {
+    fn message(&mut self, env: Envelope<()>, _: &mut Vec<u8>) -> Reply {
         let rcpts = env.rcpts.into_iter().map(|(r, _)| r).collect();
         self.got.lock().push((self.cn.clone(), rcpts));
         Reply::new(250, "2.0.0 ok")
