@@ -86,8 +86,8 @@ impl DataDecoder {
     }
 
     /// As [`DataDecoder::new`], writing the message into `buf` (emptied
-    /// first): a buffer kept from an earlier message is neither allocated
-    /// nor grown again.
+    /// first): a buffer kept from an earlier message is not allocated
+    /// again, and grows only past its capacity.
     pub fn reusing(max_size: usize, mut buf: Vec<u8>) -> DataDecoder {
         buf.clear();
         if buf.capacity() == 0 {

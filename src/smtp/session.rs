@@ -47,7 +47,7 @@ pub trait Handler {
     type Route;
     /// Decides on one RCPT: a route, or the reply that refuses it.
     fn rcpt(&mut self, from: &str, rcpt: &str) -> Result<Self::Route, Reply>;
-    /// Takes a complete message and answers the end of DATA. A handler
+    /// Is lent a complete message and answers the end of DATA. A handler
     /// that keeps `data` takes it (`std::mem::take`); what it leaves, the
     /// session reuses for its next message.
     fn message(&mut self, envelope: Envelope<Self::Route>, data: &mut Vec<u8>) -> Reply;
@@ -148,9 +148,9 @@ pub struct Session<R> {
     refused_recipients: usize,
     /// Sent after the reply being answered, then the session closes.
     close_with: Option<Reply>,
-    /// The last message's buffer, for the next one: at most
-    /// [`KEPT_BUFFER`] octets, so that one large message does not hold
-    /// its memory for the rest of the session.
+    /// The last message's buffer, emptied, for the next one: of at most
+    /// [`KEPT_BUFFER`] octets' capacity, so that one large message does
+    /// not hold its memory for the rest of the session.
     spare: Vec<u8>,
 }
 
@@ -719,6 +719,7 @@ impl<R> Session<R> {
             Ok(mut data) => {
                 let reply = handler.message(env, &mut data);
                 if data.capacity() <= KEPT_BUFFER {
+                    data.clear();
                     self.spare = data;
                 }
                 if reply.code == 250 {
@@ -834,11 +835,17 @@ mod tests {
         s.feed(input.as_bytes(), &mut h, &mut out);
         let got: Vec<&[u8]> = h.messages.iter().map(|(_, d)| &d[..]).collect();
         assert_eq!(got, [long.as_bytes(), b"z\r\n", b"y\r\n"]);
-        assert!(s.spare.capacity() >= 16 * 1024, "kept for the next");
+        // Kept, empty, and the very buffer the next message is read into.
+        assert!(s.spare.is_empty() && s.spare.capacity() >= 16 * 1024);
+        let kept = s.spare.as_ptr();
+        let input = b"MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\nw\r\n.\r\n";
+        s.feed(input, &mut h, &mut out);
+        assert_eq!(h.messages[3].1, b"w\r\n");
+        assert_eq!(s.spare.as_ptr(), kept, "the same buffer again");
         let input = format!("MAIL FROM:<a@b>\r\nRCPT TO:<x@ok>\r\nDATA\r\n{big}.\r\n");
         s.feed(input.as_bytes(), &mut h, &mut out);
-        assert_eq!(h.messages.len(), 4);
-        assert_eq!(h.messages[3].1, big.as_bytes());
+        assert_eq!(h.messages.len(), 5);
+        assert_eq!(h.messages[4].1, big.as_bytes());
         assert_eq!(s.spare.capacity(), 0, "too large to keep");
     }
 
