@@ -79,6 +79,56 @@ s.quit()
     assert!(h.sims[0].wait_for_recipients(1, DEADLINE));
 }
 
+/// smtplib sends three messages in one session: a long one, a short one,
+/// then one in a BDAT chunk by hand. Each reaches the peer as it was sent,
+/// behind only the relay's Received: line, though the session reads each
+/// into the buffer the one before left it.
+#[test]
+fn smtplib_sends_three_messages_in_one_session() {
+    if !have("python3", "--version") {
+        return;
+    }
+    let h = Harness::start();
+    let script = r#"
+import smtplib, sys
+sys.stderr = sys.stdout
+port, rcpt, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+long, short, chunked = [open(f, "rb").read() for f in files]
+s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+s.ehlo("python.test")
+frm = "+447700900001/TYPE=PLMN@mms.mnc010.mcc001.gprs"
+print("long", s.sendmail(frm, [rcpt], long))
+print("short", s.sendmail(frm, [rcpt], short))
+s.send(b"MAIL FROM:<" + frm.encode() + b">\r\nRCPT TO:<" + rcpt.encode() + b">\r\n"
+       + b"BDAT %d LAST\r\n" % len(chunked) + chunked)
+print("bdat", [s.getreply()[0] for _ in range(3)])
+s.quit()
+"#;
+    let bodies: Vec<Vec<u8>> = [(21, 40_000), (22, 600), (23, 1500)]
+        .iter()
+        .map(|&(seq, size)| mm4relay::sim::forward_req(seq, TO_A, size))
+        .collect();
+    let mut args = vec![h.addr.port().to_string(), TO_A.into()];
+    for (i, body) in bodies.iter().enumerate() {
+        let path = h.spool.path().join(format!("msg{i}.eml"));
+        std::fs::write(&path, body).unwrap();
+        args.push(path.display().to_string());
+    }
+    let (ok, out) = python(script, &args);
+    assert!(ok, "{out}");
+    assert!(out.contains("long {}") && out.contains("short {}"), "{out}");
+    assert!(out.contains("bdat [250, 250, 250]"), "{out}");
+    assert!(h.sims[0].wait_for_recipients(3, DEADLINE));
+    let got = h.sims[0].received();
+    for body in &bodies {
+        let same: Vec<_> = got.iter().filter(|m| m.data.ends_with(body)).collect();
+        assert_eq!(same.len(), 1, "{out}");
+        // Only the relay's Received: line comes before it.
+        let trace = &same[0].data[..same[0].data.len() - body.len()];
+        assert!(trace.starts_with(b"Received: ") && trace.len() < 1000);
+    }
+}
+
 /// openssl s_client completes the handshake on the implicit-TLS listener
 /// and runs a session; a second one that connects and never says hello is
 /// cut at the command deadline.
