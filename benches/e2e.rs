@@ -449,8 +449,12 @@ fn percentiles(l: &[Duration]) -> String {
     }
     let mut l = l.to_vec();
     l.sort();
-    let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
-    format!("{:.2}/{:.2}", p(0.5), p(0.99))
+    format!("{:.2}/{:.2}", quantile_ms(&l, 0.5), quantile_ms(&l, 0.99))
+}
+
+/// The `q` quantile of `sorted` (not empty), in milliseconds.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0
 }
 
 /// A bare flush: 4 KiB appended to a file of its own on the spool's file
@@ -514,7 +518,7 @@ impl FlushProbe {
             return "no flush recorded".into();
         }
         l.sort();
-        let p = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+        let p = |q: f64| quantile_ms(&l, q);
         format!(
             "{} flushes of 4 KiB, p50/p99/max {:.2}/{:.2}/{:.2} ms, {:.1}% over 2 ms{}",
             l.len(),
